@@ -1,0 +1,545 @@
+//! From a typed tract model to stages: which nodes form a stage, what kind it is, its
+//! geometry, cost and whether it splits by rows.
+
+use crate::probe::{RowRule, probe_rows};
+use crate::stage::{PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window};
+use anyhow::Context;
+use std::collections::{HashMap, HashSet};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::array::TypedConcat;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PoolSpec, SumPool};
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::identity::Identity;
+use tract_onnx::tract_core::ops::nn::{Reduce, Softmax};
+
+/// Stages of `model`, in topological order, and the tensors the model outputs.
+pub fn stages(
+    model: &TypedModel,
+    input_h_axis: Option<usize>,
+) -> TractResult<(Vec<Stage>, Vec<TensorRef>)> {
+    let mut b = Builder {
+        model,
+        drafts: vec![],
+        stage_of_node: HashMap::new(),
+        tensors: HashMap::new(),
+    };
+    let input = model.input_outlets()?[0];
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if node.inputs.is_empty() && node.outputs.iter().all(|o| o.fact.konst.is_some()) {
+            continue;
+        }
+        if OutletId::new(id, 0) == input {
+            let fact = model.outlet_fact(input)?;
+            b.tensors
+                .insert(input, (TensorRef::Input, input_h_axis, shape_of(fact)?));
+            continue;
+        }
+        if node.outputs.iter().all(|o| o.fact.konst.is_some()) {
+            continue; // constant folding material: copied as a constant wherever used
+        }
+        match b.absorbing_stage(id)? {
+            Some(s) => {
+                b.drafts[s].nodes.push(id);
+                b.drafts[s].tail = OutletId::new(id, 0);
+                b.stage_of_node.insert(id, s);
+            }
+            None => {
+                b.stage_of_node.insert(id, b.drafts.len());
+                b.drafts.push(Draft {
+                    nodes: vec![id],
+                    tail: OutletId::new(id, 0),
+                });
+            }
+        }
+    }
+    let mut stages = vec![];
+    for s in 0..b.drafts.len() {
+        let stage = b.finish(s)?;
+        let tail = b.drafts[s].tail;
+        b.tensors.insert(
+            tail,
+            (
+                TensorRef::Stage(stage.id),
+                stage.output.h_axis,
+                stage.output.shape.clone(),
+            ),
+        );
+        stages.push(stage);
+    }
+    let outputs = model
+        .output_outlets()?
+        .iter()
+        .map(|o| {
+            b.tensors.get(o).map(|t| t.0).with_context(|| {
+                format!(
+                    "model output {} is not the output of a stage",
+                    model.node(o.node).name
+                )
+            })
+        })
+        .collect::<TractResult<_>>()?;
+    Ok((stages, outputs))
+}
+
+/// Nodes of a stage being built; `tail` is the outlet the stage currently outputs.
+struct Draft {
+    nodes: Vec<usize>,
+    tail: OutletId,
+}
+
+struct Builder<'a> {
+    model: &'a TypedModel,
+    drafts: Vec<Draft>,
+    stage_of_node: HashMap<usize, usize>,
+    /// Finished tensors: producer, H axis, shape.
+    tensors: HashMap<OutletId, (TensorRef, Option<usize>, Vec<usize>)>,
+}
+
+fn shape_of(fact: &TypedFact) -> TractResult<Vec<usize>> {
+    Ok(fact
+        .shape
+        .as_concrete()
+        .with_context(|| format!("shape {:?} is not concrete", fact.shape))?
+        .to_vec())
+}
+
+impl Builder<'_> {
+    fn is_const(&self, o: OutletId) -> bool {
+        self.model
+            .outlet_fact(o)
+            .map(|f| f.konst.is_some())
+            .unwrap_or(false)
+    }
+
+    fn data_inputs(&self, id: usize) -> Vec<OutletId> {
+        self.model
+            .node(id)
+            .inputs
+            .iter()
+            .copied()
+            .filter(|o| !self.is_const(*o))
+            .collect()
+    }
+
+    /// True for ops that compute each output row from the same row of their inputs:
+    /// activations, per-channel affine ops (bias, BatchNorm), element-wise joins.
+    fn is_row_local(&self, id: usize) -> bool {
+        let node = self.model.node(id);
+        if node.outputs[1..].iter().any(|o| !o.successors.is_empty()) {
+            return false;
+        }
+        let op = &node.op;
+        if is_unary_row_local(op.as_ref()) {
+            return true;
+        }
+        if !op.is::<TypedBinOp>() {
+            return false;
+        }
+        let out = &node.outputs[0].fact.shape;
+        node.inputs.iter().all(|i| {
+            let fact = self.model.outlet_fact(*i).unwrap();
+            if fact.konst.is_some() {
+                // A constant operand must not vary along rows: size 1 on every axis
+                // where the output is taller than 1, except channels-like axes.
+                fact.rank() <= out.rank()
+            } else {
+                &fact.shape == out
+            }
+        }) && self.const_operands_flat_on_rows(id)
+    }
+
+    /// Constant operands of `id` have size 1 along the H axis of its data input.
+    fn const_operands_flat_on_rows(&self, id: usize) -> bool {
+        let node = self.model.node(id);
+        let Some(h) = self
+            .data_inputs(id)
+            .first()
+            .and_then(|o| self.h_axis_of(*o))
+        else {
+            return true;
+        };
+        let rank = node.outputs[0].fact.rank();
+        node.inputs.iter().filter(|o| self.is_const(**o)).all(|o| {
+            let fact = self.model.outlet_fact(*o).unwrap();
+            let offset = rank.saturating_sub(fact.rank());
+            h < offset || fact.shape.get(h - offset).is_none_or(|d| *d == 1.to_dim())
+        })
+    }
+
+    /// H axis of a data outlet: finished tensors know it; inside a stage being built it is
+    /// the H axis of the anchor's output when the anchor says (windows, row-preserving
+    /// ops), and unknown otherwise.
+    fn h_axis_of(&self, o: OutletId) -> Option<usize> {
+        if let Some(t) = self.tensors.get(&o) {
+            return t.1;
+        }
+        let s = *self.stage_of_node.get(&o.node)?;
+        let anchor = self.model.node(self.drafts[s].nodes[0]);
+        if let Some(pool_spec) = pool_spec(anchor) {
+            return Some(pool_spec.data_format.h_axis());
+        }
+        let keeps_rows = is_unary_row_local(anchor.op.as_ref())
+            || anchor.op.is::<TypedBinOp>()
+            || anchor.op.is::<TypedConcat>();
+        if !keeps_rows {
+            return None;
+        }
+        self.data_inputs(anchor.id)
+            .first()
+            .and_then(|i| self.h_axis_of(*i))
+    }
+
+    /// The stage that node `id` extends, if any: `id` is row-local (or continues a chain of
+    /// axis ops), reads only that stage's tensors including its tail, and nothing outside
+    /// the stage reads the tail once `id` takes it over.
+    fn absorbing_stage(&self, id: usize) -> TractResult<Option<usize>> {
+        let inputs = self.data_inputs(id);
+        let Some(&s) = inputs.first().and_then(|o| self.stage_of_node.get(&o.node)) else {
+            return Ok(None);
+        };
+        if !inputs
+            .iter()
+            .all(|o| self.stage_of_node.get(&o.node) == Some(&s))
+        {
+            return Ok(None);
+        }
+        let draft = &self.drafts[s];
+        if !inputs.contains(&draft.tail) || self.model.output_outlets()?.contains(&draft.tail) {
+            return Ok(None);
+        }
+        let node = self.model.node(id);
+        let anchor = self.model.node(draft.nodes[0]);
+        let axis_chain = node.op.is::<AxisOp>() && anchor.op.is::<AxisOp>();
+        if !axis_chain && !self.is_row_local(id) {
+            return Ok(None);
+        }
+        // Every other reader of the tail must be row-local and read only this stage and `id`.
+        let tail_readers = &self.model.node(draft.tail.node).outputs[draft.tail.slot].successors;
+        let ok = tail_readers.iter().all(|inlet| {
+            inlet.node == id
+                || (!axis_chain
+                    && self.is_row_local(inlet.node)
+                    && self
+                        .data_inputs(inlet.node)
+                        .iter()
+                        .all(|o| o.node == id || self.stage_of_node.get(&o.node) == Some(&s)))
+        });
+        Ok(ok.then_some(s))
+    }
+
+    /// Turns draft `s` into a stage: kind, geometry, flops, weights, split.
+    fn finish(&self, s: usize) -> TractResult<Stage> {
+        let draft = &self.drafts[s];
+        let model = self.model;
+        let anchor = model.node(draft.nodes[0]);
+        let inside: HashSet<usize> = draft.nodes.iter().copied().collect();
+        let mut inputs = vec![];
+        let mut input_shapes = vec![];
+        let mut input_outlets = vec![];
+        for &n in &draft.nodes {
+            for o in self.data_inputs(n) {
+                if inside.contains(&o.node) || input_outlets.contains(&o) {
+                    continue;
+                }
+                let (r, h, shape) = self.tensors.get(&o).with_context(|| {
+                    format!(
+                        "node {} reads {} from inside another stage",
+                        model.node(n).name,
+                        model.node(o.node).name
+                    )
+                })?;
+                input_outlets.push(o);
+                inputs.push(*r);
+                input_shapes.push(TensorInfo {
+                    shape: shape.clone(),
+                    h_axis: *h,
+                });
+            }
+        }
+        let out_shape = shape_of(model.outlet_fact(draft.tail)?)?;
+        let in_h = input_shapes.first().and_then(|t| t.h_axis);
+        let out_elems: u64 = out_shape.iter().product::<usize>() as u64;
+        let weight_bytes = draft
+            .nodes
+            .iter()
+            .flat_map(|n| &model.node(*n).inputs)
+            .filter_map(|o| model.outlet_fact(*o).ok()?.konst.clone())
+            .map(|t| (t.len() * t.datum_type().size_of()) as u64)
+            .sum();
+        let fused = draft.nodes[1..]
+            .iter()
+            .map(|n| model.node(*n).op.name().to_string())
+            .collect();
+        let (kind, flops, out_h, mut split) =
+            self.classify(draft, &input_outlets, &input_shapes, &out_shape, out_elems)?;
+        let output = TensorInfo {
+            shape: out_shape,
+            h_axis: out_h,
+        };
+        if split == Split::Rows {
+            if let Some(i) = input_shapes.iter().position(|t| t.h_axis.is_none()) {
+                let what = match inputs[i] {
+                    TensorRef::Input => "the model input".to_string(),
+                    TensorRef::Stage(p) => format!("stage {p}"),
+                };
+                split = Split::Barrier(format!("{what} has no row axis"));
+            } else if out_h.is_none() || in_h.is_none() {
+                split = Split::Barrier("output has no row axis".into());
+            }
+        }
+        Ok(Stage {
+            id: StageId(s as u32),
+            name: anchor.name.clone(),
+            kind,
+            inputs,
+            input_shapes,
+            output,
+            fused,
+            flops,
+            weight_bytes,
+            nodes: draft.nodes.clone(),
+            split,
+        })
+    }
+
+    /// Kind, flops, output H axis and split of a draft, from its anchor op.
+    fn classify(
+        &self,
+        draft: &Draft,
+        input_outlets: &[OutletId],
+        input_shapes: &[TensorInfo],
+        out_shape: &[usize],
+        out_elems: u64,
+    ) -> TractResult<(StageKind, u64, Option<usize>, Split)> {
+        let anchor = self.model.node(draft.nodes[0]);
+        let op = &anchor.op;
+        let in_h = input_shapes.first().and_then(|t| t.h_axis);
+        let rows = Split::Rows;
+        let barrier = |r: &str| Split::Barrier(r.to_string());
+        let first_in = input_shapes
+            .first()
+            .map(|t| t.shape.clone())
+            .unwrap_or_default();
+
+        if let Some(conv) = op.downcast_ref::<Conv>() {
+            let window = window(&conv.pool_spec, &first_in, false);
+            let ps = &conv.pool_spec;
+            let macs = out_elems
+                * (ps.input_channels / conv.group) as u64
+                * (window.kernel[0] * window.kernel[1]) as u64;
+            let kind = StageKind::Conv {
+                window,
+                group: conv.group,
+                in_channels: ps.input_channels,
+                out_channels: ps.output_channels,
+            };
+            let h = ps.data_format.h_axis();
+            let split = if in_h == Some(h) {
+                rows
+            } else {
+                barrier("conv input rows are not on its H axis")
+            };
+            return Ok((kind, 2 * macs, Some(h), split));
+        }
+        if let Some((ps, pool)) = op
+            .downcast_ref::<MaxPool>()
+            .map(|p| (&p.pool_spec, PoolOp::Max))
+            .or_else(|| {
+                op.downcast_ref::<SumPool>().map(|p| {
+                    let pool = if p.normalize {
+                        PoolOp::Avg {
+                            count_include_pad: p.count_include_pad,
+                        }
+                    } else {
+                        PoolOp::Sum
+                    };
+                    (&p.pool_spec, pool)
+                })
+            })
+        {
+            let ceil = matches!(
+                ps.padding,
+                tract_onnx::tract_core::ops::cnn::PaddingSpec::ExplicitOnnxPool(_, _, true)
+            );
+            let window = window(ps, &first_in, ceil);
+            let flops = out_elems * (window.kernel[0] * window.kernel[1]) as u64;
+            let h = ps.data_format.h_axis();
+            let split = if in_h == Some(h) {
+                rows
+            } else {
+                barrier("pool input rows are not on its H axis")
+            };
+            return Ok((StageKind::Pool { pool, window }, flops, Some(h), split));
+        }
+        if op.is::<TypedBinOp>() && input_outlets.len() >= 2 {
+            let name = op.name().to_string();
+            let same = input_shapes
+                .iter()
+                .all(|t| t.shape == out_shape && t.h_axis == in_h);
+            let split = if same {
+                rows
+            } else {
+                barrier(&format!("{name} broadcasts one input across rows"))
+            };
+            return Ok((StageKind::Join { name }, out_elems, in_h, split));
+        }
+        if op.is::<TypedBinOp>() || is_unary_row_local(op.as_ref()) {
+            let kind = StageKind::Elementwise {
+                name: op.name().to_string(),
+            };
+            let split = if self.const_operands_flat_on_rows(anchor.id) {
+                rows
+            } else {
+                barrier(&format!(
+                    "{} applies a constant that varies along rows",
+                    op.name()
+                ))
+            };
+            return Ok((kind, out_elems, in_h, split));
+        }
+        if let Some(concat) = op.downcast_ref::<TypedConcat>() {
+            let same_rows = input_shapes.iter().all(|t| t.h_axis == in_h);
+            let split = if Some(concat.axis) == in_h {
+                barrier("concatenates along rows")
+            } else if !same_rows {
+                barrier("inputs hold rows on different axes")
+            } else {
+                rows
+            };
+            return Ok((StageKind::Concat { axis: concat.axis }, 0, in_h, split));
+        }
+        if let Some(einsum) = op.downcast_ref::<EinSum>() {
+            let shapes: Vec<Vec<usize>> = anchor
+                .inputs
+                .iter()
+                .map(|o| shape_of(self.model.outlet_fact(*o)?))
+                .collect::<TractResult<_>>()?;
+            let macs: u64 = einsum
+                .axes
+                .iter_all_axes()
+                .map(|axis| {
+                    axis.inputs
+                        .iter()
+                        .enumerate()
+                        .find_map(|(i, pos)| pos.first().map(|p| shapes[i][*p]))
+                        .unwrap_or(1) as u64
+                })
+                .product();
+            return Ok((
+                StageKind::MatMul { macs },
+                2 * macs,
+                None,
+                barrier("matrix multiply over whole features"),
+            ));
+        }
+        if let Some(reduce) = op.downcast_ref::<Reduce>() {
+            let axes = reduce.axes.to_vec();
+            let flops = first_in.iter().product::<usize>() as u64;
+            let (out_h, split) = match in_h {
+                Some(h) if axes.contains(&h) => {
+                    (None, barrier("reduces over rows (global pooling)"))
+                }
+                h => (h, rows),
+            };
+            return Ok((StageKind::Reduce { axes }, flops, out_h, split));
+        }
+        if let Some(softmax) = op.downcast_ref::<Softmax>() {
+            let axes = softmax.axes.to_vec();
+            let split = match in_h {
+                Some(h) if axes.contains(&h) => barrier("normalises over rows"),
+                _ => rows,
+            };
+            return Ok((StageKind::Softmax { axes }, out_elems, in_h, split));
+        }
+        let movement = op.is::<AxisOp>() || op.name() == "Resize";
+        if movement && input_outlets.len() == 1 {
+            let probed = in_h.and_then(|h| {
+                probe_rows(
+                    self.model,
+                    &draft.nodes,
+                    input_outlets[0],
+                    &first_in,
+                    h,
+                    draft.tail,
+                )
+            });
+            let (kind, out_h, split) = match probed {
+                Some((axis, RowRule::Same)) if op.is::<AxisOp>() => {
+                    (StageKind::Layout, Some(axis), rows)
+                }
+                Some((axis, RowRule::Block(block))) => {
+                    (StageKind::SpaceToDepth { block }, Some(axis), rows)
+                }
+                Some((axis, RowRule::Repeat(factor))) => {
+                    (StageKind::Upsample { factor }, Some(axis), rows)
+                }
+                _ if op.is::<AxisOp>() => (
+                    StageKind::Reshape,
+                    None,
+                    barrier("reshape moves data across rows"),
+                ),
+                _ => (
+                    StageKind::Other {
+                        name: op.name().to_string(),
+                    },
+                    None,
+                    barrier("Resize is not a nearest integer upsampling along rows"),
+                ),
+            };
+            return Ok((kind, 0, out_h, split));
+        }
+        let name = op.name().to_string();
+        // An op we do not model keeps rows where they were if the shape says so, so the
+        // stages after it can still split.
+        let out_h = in_h
+            .filter(|&h| out_shape.len() == first_in.len() && out_shape.get(h) == first_in.get(h));
+        let reason = format!("op {name} is not modelled by Legion");
+        Ok((
+            StageKind::Other { name },
+            out_elems,
+            out_h,
+            Split::Barrier(reason),
+        ))
+    }
+}
+
+/// Unary ops that map each element to itself: activations, casts, Identity, inference Dropout.
+fn is_unary_row_local(op: &dyn TypedOp) -> bool {
+    op.is::<ElementWiseOp>() || op.is::<Identity>() || op.name() == "Dropout"
+}
+
+fn pool_spec(node: &TypedNode) -> Option<&PoolSpec> {
+    node.op_as::<Conv>()
+        .map(|c| &c.pool_spec)
+        .or_else(|| node.op_as::<MaxPool>().map(|p| &p.pool_spec))
+        .or_else(|| node.op_as::<SumPool>().map(|p| &p.pool_spec))
+}
+
+/// Window geometry along H and W, pads resolved against the input size.
+fn window(ps: &PoolSpec, input_shape: &[usize], ceil_mode: bool) -> Window {
+    let hw: Vec<usize> = ps
+        .data_format
+        .shape(input_shape.to_vec())
+        .map(|s| s.hw_dims().to_vec())
+        .unwrap_or_default();
+    let strides = ps.strides();
+    let dilations = ps.dilations();
+    let padded = ps
+        .padding
+        .compute(&hw, &ps.kernel_shape, &dilations, &strides);
+    let pair = |v: &[usize]| [v[0], *v.get(1).unwrap_or(&1)];
+    let before: Vec<usize> = padded.iter().map(|p| p.pad_before).collect();
+    let after: Vec<usize> = padded.iter().map(|p| p.pad_after).collect();
+    Window {
+        kernel: pair(&ps.kernel_shape),
+        stride: pair(&strides),
+        dilation: pair(&dilations),
+        pad_before: pair(&before),
+        pad_after: pair(&after),
+        ceil_mode,
+    }
+}

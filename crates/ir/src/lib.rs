@@ -1,0 +1,140 @@
+//! Legion's stage IR: an ONNX model imported with tract and cut into *stages*.
+//!
+//! A stage is one anchor op (conv, pool, concat, add, upsample, space-to-depth, ...) plus
+//! the row-local ops that follow it and read only its output (bias, BatchNorm,
+//! activations). Stages are what fused groups are made of. A stage whose output rows
+//! cannot be computed from a strip of its input rows is a *barrier* and runs whole.
+//!
+//! ```no_run
+//! let ir = legion_ir::import(std::path::Path::new("vgg16.onnx"), None)?;
+//! for stage in &ir.stages {
+//!     println!("{} {} {:?}", stage.id, stage.kind.short_name(), stage.output.shape);
+//! }
+//! # Ok::<(), legion_ir::ImportError>(())
+//! ```
+
+mod build;
+mod error;
+mod load;
+mod probe;
+mod stage;
+
+pub use error::ImportError;
+pub use stage::{PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window};
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use std::path::Path;
+use tract_onnx::prelude::TypedModel;
+
+/// An imported model: stages in topological order, their data-flow graph, and the typed
+/// tract model the stages point into (tiles are built from it).
+#[derive(Clone)]
+pub struct Ir {
+    /// sha256 of the ONNX file, lowercase hex.
+    pub sha256: String,
+    /// Name of the graph input.
+    pub input_name: String,
+    /// The model input.
+    pub input: TensorInfo,
+    /// Stages; `stages[i].id == StageId(i)`.
+    pub stages: Vec<Stage>,
+    /// The model outputs.
+    pub outputs: Vec<TensorRef>,
+    /// Data flow between stages: node `i` is stage `i`, an edge runs producer -> consumer.
+    pub graph: DiGraph<StageId, ()>,
+    /// The typed model (right after `into_typed()`), with the concrete input shape.
+    pub model: TypedModel,
+}
+
+impl std::fmt::Debug for Ir {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Ir")
+            .field("sha256", &self.sha256)
+            .field("input", &self.input)
+            .field("stages", &self.stages.len())
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+/// Imports an ONNX file. `input_shape` overrides (or fills in) the declared input shape.
+pub fn import(path: &Path, input_shape: Option<&[usize]>) -> Result<Ir, ImportError> {
+    let loaded = load::load(path, input_shape)?;
+    let input = TensorInfo {
+        h_axis: guess_h_axis(&loaded.input_shape),
+        shape: loaded.input_shape,
+    };
+    let (stages, outputs) =
+        build::stages(&loaded.typed, input.h_axis).map_err(|e| ImportError::Tract {
+            path: path.to_owned(),
+            detail: format!("{e:#}").replace('\n', " "),
+        })?;
+    let mut graph = DiGraph::new();
+    for s in &stages {
+        graph.add_node(s.id);
+    }
+    for s in &stages {
+        for r in &s.inputs {
+            if let TensorRef::Stage(p) = r {
+                graph.add_edge(NodeIndex::new(p.index()), NodeIndex::new(s.id.index()), ());
+            }
+        }
+    }
+    Ok(Ir {
+        sha256: loaded.sha256,
+        input_name: loaded.input_name,
+        input,
+        stages,
+        outputs,
+        graph,
+        model: loaded.typed,
+    })
+}
+
+impl Ir {
+    /// The stage with this id.
+    pub fn stage(&self, id: StageId) -> &Stage {
+        &self.stages[id.index()]
+    }
+
+    /// Shape and row axis of a tensor.
+    pub fn tensor(&self, r: TensorRef) -> &TensorInfo {
+        match r {
+            TensorRef::Input => &self.input,
+            TensorRef::Stage(s) => &self.stage(s).output,
+        }
+    }
+
+    /// Stages that read the output of `id`, in topological order.
+    pub fn consumers(&self, id: StageId) -> Vec<StageId> {
+        let mut c: Vec<StageId> = self
+            .graph
+            .neighbors(NodeIndex::new(id.index()))
+            .map(|n| self.graph[n])
+            .collect();
+        c.sort();
+        c.dedup();
+        c
+    }
+
+    /// Total FLOPs over all stages.
+    pub fn total_flops(&self) -> u64 {
+        self.stages.iter().map(|s| s.flops).sum()
+    }
+
+    /// Total weight bytes over all stages.
+    pub fn total_weight_bytes(&self) -> u64 {
+        self.stages.iter().map(|s| s.weight_bytes).sum()
+    }
+}
+
+/// H axis of a model input: rank-4 inputs are NCHW unless the last axis looks like
+/// channels (at most 4) and axis 1 does not (NHWC, as tf2onnx exports).
+fn guess_h_axis(shape: &[usize]) -> Option<usize> {
+    match shape {
+        [_, c, _, last] if *last <= 4 && *c > 4 => Some(1),
+        [_, _, _, _] => Some(2),
+        [_, _, _] => Some(1),
+        _ => None,
+    }
+}

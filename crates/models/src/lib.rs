@@ -1,0 +1,243 @@
+//! Deterministic ONNX test models for Legion, generated in pure Rust.
+//!
+//! Models (see [`catalog`]): `vgg16`, `vgg19` (224x224, with the FC head) and
+//! `vgg16-conv`, `vgg19-conv` (up to `pool5`); `yolov2` and `yolov2-tiny`
+//! (416x416, darknet VOC layouts, passthrough as Reshape/Transpose/Reshape);
+//! `resnet18`, `resnet50` and `mobilenetv2` (torchvision layouts, 224x224);
+//! and the tiny models committed under `testdata/models/`: `tiny-cnn`,
+//! `tiny-residual`, `tiny-yolo`, `tiny-mobile`, `tiny-nhwc`,
+//! `tiny-unknown-op` and `tiny-head`. [`dynamic_input_model`] and
+//! [`non_f32_model`] are error-case fixtures outside the catalog.
+//!
+//! Weights are uniform: He-scaled for convs and GEMMs, small non-zero biases,
+//! BatchNormalization statistics away from the identity. They come from a
+//! ChaCha8 stream keyed by model and tensor name, so the bytes of a model
+//! only change with [`GENERATOR_VERSION`]. Models use ONNX IR 8, opset 13,
+//! and name every node and tensor.
+
+mod builder;
+mod files;
+mod fixtures;
+mod tiny;
+mod weights;
+mod zoo;
+
+pub use builder::{Conv, GraphBuilder, IR_VERSION, OPSET, Pool, Tensor};
+pub use files::{cache_dir, committed_dir, ensure, test_model, workspace_root, write};
+pub use fixtures::{dynamic_input_model, non_f32_model};
+
+use anyhow::{Result, anyhow};
+use prost::Message;
+use tract_onnx::pb::ModelProto;
+
+/// Version of the generator; bump it whenever any model's bytes change.
+pub const GENERATOR_VERSION: u32 = 1;
+
+/// A model of the catalog.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelSpec {
+    /// Catalog name, also the file stem (`NAME.onnx`).
+    pub name: &'static str,
+    /// One line on what the model is and what it exercises.
+    pub description: &'static str,
+    /// The graph input's shape as declared in the ONNX file (NCHW except `tiny-nhwc`).
+    pub input_shape: [usize; 4],
+    /// Tiny (< 1 MB): committed under `testdata/models/`.
+    pub committed: bool,
+    /// Adds the layers to the builder, from the input to the output.
+    define: fn(&mut GraphBuilder, Tensor) -> Tensor,
+}
+
+const fn spec(
+    name: &'static str,
+    description: &'static str,
+    input_shape: [usize; 4],
+    committed: bool,
+    define: fn(&mut GraphBuilder, Tensor) -> Tensor,
+) -> ModelSpec {
+    ModelSpec {
+        name,
+        description,
+        input_shape,
+        committed,
+        define,
+    }
+}
+
+const IMAGENET: [usize; 4] = [1, 3, 224, 224];
+const DARKNET: [usize; 4] = [1, 3, 416, 416];
+const SMALL: [usize; 4] = [1, 3, 32, 32];
+
+static CATALOG: [ModelSpec; 16] = [
+    spec(
+        "vgg16",
+        "VGG-16 with the FC head, 15.35 G conv MACs",
+        IMAGENET,
+        false,
+        zoo::vgg16,
+    ),
+    spec(
+        "vgg19",
+        "VGG-19 with the FC head, 19.51 G conv MACs",
+        IMAGENET,
+        false,
+        zoo::vgg19,
+    ),
+    spec(
+        "vgg16-conv",
+        "VGG-16 up to pool5",
+        IMAGENET,
+        false,
+        zoo::vgg16_conv,
+    ),
+    spec(
+        "vgg19-conv",
+        "VGG-19 up to pool5",
+        IMAGENET,
+        false,
+        zoo::vgg19_conv,
+    ),
+    spec(
+        "yolov2",
+        "YOLOv2 VOC (darknet), passthrough reorg",
+        DARKNET,
+        false,
+        zoo::yolov2,
+    ),
+    spec(
+        "yolov2-tiny",
+        "YOLOv2-tiny VOC (darknet)",
+        DARKNET,
+        false,
+        zoo::yolov2_tiny,
+    ),
+    spec(
+        "resnet18",
+        "torchvision ResNet-18",
+        IMAGENET,
+        false,
+        zoo::resnet18,
+    ),
+    spec(
+        "resnet50",
+        "torchvision ResNet-50",
+        IMAGENET,
+        false,
+        zoo::resnet50,
+    ),
+    spec(
+        "mobilenetv2",
+        "torchvision MobileNetV2",
+        IMAGENET,
+        false,
+        zoo::mobilenetv2,
+    ),
+    spec(
+        "tiny-cnn",
+        "kernels 1/3/5, strides, dilation, asymmetric pads, ceil-mode and padded pools",
+        [1, 3, 48, 40],
+        true,
+        tiny::tiny_cnn,
+    ),
+    spec(
+        "tiny-residual",
+        "identity and projected residual Adds, Inception-like Concat",
+        SMALL,
+        true,
+        tiny::tiny_residual,
+    ),
+    spec(
+        "tiny-yolo",
+        "LeakyRelu, SpaceToDepth, reorg, Concat, nearest Resize x2",
+        SMALL,
+        true,
+        tiny::tiny_yolo,
+    ),
+    spec(
+        "tiny-mobile",
+        "depthwise and grouped convs, Clip, HardSigmoid, SiLU, inverted residual, Softmax head",
+        SMALL,
+        true,
+        tiny::tiny_mobile,
+    ),
+    spec(
+        "tiny-nhwc",
+        "NHWC input with Transposes around the convs (tf2onnx style)",
+        [1, 32, 32, 3],
+        true,
+        tiny::tiny_nhwc,
+    ),
+    spec(
+        "tiny-unknown-op",
+        "an LRN between convs: loadable by tract, not modelled by Legion",
+        SMALL,
+        true,
+        tiny::tiny_unknown_op,
+    ),
+    spec(
+        "tiny-head",
+        "conv, pool, Flatten, Gemm, Dropout, Identity, Softmax",
+        [1, 3, 16, 16],
+        true,
+        tiny::tiny_head,
+    ),
+];
+
+/// Every model, in a stable order.
+pub fn catalog() -> &'static [ModelSpec] {
+    &CATALOG
+}
+
+fn find(name: &str) -> Result<&'static ModelSpec> {
+    CATALOG.iter().find(|s| s.name == name).ok_or_else(|| {
+        let names: Vec<_> = CATALOG.iter().map(|s| s.name).collect();
+        anyhow!("unknown model {name:?}; valid names: {}", names.join(", "))
+    })
+}
+
+/// Builds model `name`; the error for an unknown name lists the valid ones.
+pub fn build(name: &str) -> Result<ModelProto> {
+    let spec = find(name)?;
+    let mut b = GraphBuilder::new(spec.name);
+    let x = b.input("input", &spec.input_shape);
+    let y = (spec.define)(&mut b, x);
+    Ok(b.finish(spec.description, &[&y]))
+}
+
+/// The encoded ONNX bytes of model `name`.
+pub fn bytes(name: &str) -> Result<Vec<u8>> {
+    Ok(build(name)?.encode_to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_name_lists_valid_ones() {
+        let err = build("vgg17").unwrap_err().to_string();
+        assert!(err.contains("vgg17") && err.contains("vgg16, vgg19") && err.contains("tiny-head"));
+    }
+
+    #[test]
+    fn names_are_unique_and_tiny_models_are_committed() {
+        for (i, s) in CATALOG.iter().enumerate() {
+            assert!(CATALOG[..i].iter().all(|t| t.name != s.name), "{}", s.name);
+            assert_eq!(s.committed, s.name.starts_with("tiny-"), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn tiny_models_are_deterministic_and_small() {
+        for s in CATALOG.iter().filter(|s| s.committed) {
+            let a = bytes(s.name).unwrap();
+            assert_eq!(a, bytes(s.name).unwrap(), "{}", s.name);
+            assert!(a.len() < 1 << 20, "{} is {} bytes", s.name, a.len());
+        }
+    }
+
+    #[test]
+    fn big_model_is_deterministic() {
+        assert_eq!(bytes("resnet18").unwrap(), bytes("resnet18").unwrap());
+    }
+}

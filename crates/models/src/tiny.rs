@@ -1,0 +1,142 @@
+//! Tiny models (committed under `testdata/models/`), each exercising a set of
+//! ops and geometries the compiler must handle.
+
+use crate::builder::{Conv, GraphBuilder, Pool, Tensor};
+use crate::zoo::inverted_residual;
+
+/// Conv + BN + Relu with names `conv{id}`, `bn{id}`, `relu{id}`.
+fn conv_bn_relu(b: &mut GraphBuilder, id: &str, x: &Tensor, c: Conv) -> Tensor {
+    let y = b.conv(&format!("conv{id}"), x, c.no_bias());
+    let y = b.batch_norm(&format!("bn{id}"), &y);
+    b.relu(&format!("relu{id}"), &y)
+}
+
+/// 48x40 input: kernels 1/3/5, strides 1/2, dilation 2, asymmetric pads,
+/// ceil-mode max pool, padded average pool without the pads in the divisor.
+/// Output `[1, 24, 6, 5]`.
+pub(crate) fn tiny_cnn(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let x = conv_bn_relu(b, "1", &x, Conv::new(8, 3));
+    let x = b.conv("conv2", &x, Conv::new(16, 5).stride(2));
+    let x = b.relu("relu2", &x);
+    let x = b.conv("conv3", &x, Conv::new(16, 3).dilation(2).pads([2; 4]));
+    let x = b.relu("relu3", &x);
+    let x = b.conv("conv4", &x, Conv::new(16, 1));
+    let x = b.relu("relu4", &x);
+    let x = b.max_pool("pool1", &x, Pool::new(3, 2).ceil_mode());
+    // TF "SAME" with stride 2: the extra pad goes bottom/right
+    let x = b.conv("conv5", &x, Conv::new(24, 3).stride(2).pads([0, 0, 1, 1]));
+    let x = b.relu("relu5", &x);
+    b.avg_pool("pool2", &x, Pool::new(3, 1).pads([1; 4]))
+}
+
+/// 32x32 input: an identity residual block, a projected (1x1 s2) one, and an
+/// Inception-like Concat of a 1x1 and a 3x3 branch. Output `[1, 32, 16, 16]`.
+pub(crate) fn tiny_residual(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let stem = conv_bn_relu(b, "0", &x, Conv::new(16, 3));
+
+    let y = conv_bn_relu(b, "1_1", &stem, Conv::new(16, 3));
+    let y = b.conv("conv1_2", &y, Conv::new(16, 3).no_bias());
+    let y = b.batch_norm("bn1_2", &y);
+    let y = b.add("add1", &stem, &y);
+    let block1 = b.relu("relu1", &y);
+
+    let y = conv_bn_relu(b, "2_1", &block1, Conv::new(32, 3).stride(2));
+    let y = b.conv("conv2_2", &y, Conv::new(32, 3).no_bias());
+    let y = b.batch_norm("bn2_2", &y);
+    let proj = b.conv("proj2", &block1, Conv::new(32, 1).stride(2).no_bias());
+    let proj = b.batch_norm("proj2_bn", &proj);
+    let y = b.add("add2", &proj, &y);
+    let block2 = b.relu("relu2", &y);
+
+    let a = b.conv("branch1x1", &block2, Conv::new(16, 1));
+    let a = b.relu("branch1x1_relu", &a);
+    let c = b.conv("branch3x3", &block2, Conv::new(16, 3));
+    let c = b.relu("branch3x3_relu", &c);
+    b.concat("mixed", &[&a, &c])
+}
+
+/// Darknet conv + BN + LeakyRelu(0.1).
+fn conv_leaky(b: &mut GraphBuilder, i: usize, x: &Tensor, filters: usize, k: usize) -> Tensor {
+    let y = b.conv(&format!("conv{i}"), x, Conv::new(filters, k).no_bias());
+    let y = b.batch_norm(&format!("bn{i}"), &y);
+    b.leaky_relu(&format!("leaky{i}"), &y, 0.1)
+}
+
+/// 32x32 input: SpaceToDepth on one path, the Reshape/Transpose/Reshape reorg
+/// on another, Concat, then a nearest x2 Resize concatenated with an earlier
+/// 16x16 tensor. Output `[1, 18, 16, 16]`.
+pub(crate) fn tiny_yolo(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let x = conv_leaky(b, 0, &x, 16, 3);
+    let x = b.max_pool("pool1", &x, Pool::new(2, 2));
+    let mid = conv_leaky(b, 2, &x, 32, 3);
+    let x = b.max_pool("pool3", &mid, Pool::new(2, 2));
+    let deep = conv_leaky(b, 4, &x, 64, 3);
+
+    let s2d = b.space_to_depth("s2d5", &mid, 2);
+    let pass = conv_leaky(b, 6, &mid, 8, 1);
+    let reorg = b.reorg("reorg7", &pass, 2);
+    let x = b.concat("concat8", &[&s2d, &reorg, &deep]);
+    let x = conv_leaky(b, 9, &x, 32, 1);
+
+    let up = b.upsample("upsample10", &x, 2);
+    let x = b.concat("concat11", &[&up, &mid]);
+    let x = conv_leaky(b, 12, &x, 32, 3);
+    b.conv("conv13", &x, Conv::new(18, 1))
+}
+
+/// 32x32 input: depthwise and grouped convs, ReLU6 as Clip, HardSigmoid,
+/// SiLU, an inverted residual Add, and a pooled Gemm + Softmax head.
+/// Output `[1, 10]`.
+pub(crate) fn tiny_mobile(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let x = b.conv("conv0", &x, Conv::new(16, 3).stride(2).no_bias());
+    let x = b.batch_norm("bn0", &x);
+    let x = b.clip("relu0", &x, 0.0, 6.0);
+    let x = b.conv("dw1", &x, Conv::new(16, 3).group(16));
+    let x = b.clip("relu1", &x, 0.0, 6.0);
+    let x = b.conv("gconv2", &x, Conv::new(32, 3).group(2));
+    let x = b.silu("silu2", &x);
+    let x = inverted_residual(b, "block3.", &x, 2, 32, 1);
+    let x = b.conv("dw4", &x, Conv::new(32, 3).stride(2).group(32));
+    let x = b.hard_sigmoid("hsig4", &x);
+    let x = b.conv("conv5", &x, Conv::new(64, 1));
+    let x = b.silu("silu5", &x);
+    let x = b.global_average_pool("gap", &x);
+    let x = b.flatten("flatten", &x);
+    let x = b.gemm("fc", &x, 10);
+    b.softmax("prob", &x)
+}
+
+/// NHWC `[1, 32, 32, 3]` input as tf2onnx exports it: Transpose to NCHW, two
+/// convs, Transpose back. Output `[1, 16, 16, 8]` (NHWC).
+pub(crate) fn tiny_nhwc(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let x = b.transpose("to_nchw", &x, &[0, 3, 1, 2]);
+    let x = b.conv("conv1", &x, Conv::new(8, 3));
+    let x = b.relu("relu1", &x);
+    let x = b.conv("conv2", &x, Conv::new(8, 3).stride(2).pads([0, 0, 1, 1]));
+    let x = b.relu("relu2", &x);
+    b.transpose("to_nhwc", &x, &[0, 2, 3, 1])
+}
+
+/// 32x32 input with an LRN between convs, an op tract loads but Legion does
+/// not model. Output `[1, 16, 16, 16]`.
+pub(crate) fn tiny_unknown_op(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let x = b.conv("conv1", &x, Conv::new(8, 3));
+    let x = b.relu("relu1", &x);
+    let x = b.lrn("lrn1", &x, 5);
+    let x = b.max_pool("pool1", &x, Pool::new(2, 2));
+    let x = b.conv("conv2", &x, Conv::new(16, 3));
+    b.relu("relu2", &x)
+}
+
+/// 16x16 input: conv, pool, Flatten, Gemm, Dropout, Identity, Softmax.
+/// Output `[1, 10]`.
+pub(crate) fn tiny_head(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+    let x = b.conv("conv1", &x, Conv::new(8, 3));
+    let x = b.relu("relu1", &x);
+    let x = b.max_pool("pool1", &x, Pool::new(2, 2));
+    let x = b.flatten("flatten", &x);
+    let x = b.gemm("fc", &x, 10);
+    let x = b.dropout("dropout", &x);
+    let x = b.identity("identity", &x);
+    b.softmax("prob", &x)
+}

@@ -1,0 +1,78 @@
+//! `legion`: compile a CNN into a plan that runs one inference across several edge boards.
+
+mod inspect;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "legion",
+    version,
+    about = "Split one CNN inference across heterogeneous edge boards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List a model's stages: shapes, geometry, FLOPs, weights, and which split by rows.
+    Inspect(inspect::Args),
+}
+
+/// Exit code for bad input (a model that cannot be imported, a bad argument).
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<legion_ir::ImportError>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A concrete input shape, as `--input-shape 1,3,224,224` gives it.
+#[derive(Clone, Debug)]
+struct Shape(Vec<usize>);
+
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    s.split(',')
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map(Shape)
+        .map_err(|_| {
+            format!("'{s}' is not a shape: expected comma-separated sizes such as 1,3,224,224")
+        })
+}
+
+/// A model path plus the optional input-shape override, shared by the commands that import.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Concrete input shape, e.g. 1,3,224,224 (required when the model's input is dynamic).
+    #[arg(long, value_parser = parse_shape)]
+    input_shape: Option<Shape>,
+}
+
+impl ModelArgs {
+    fn import(&self) -> anyhow::Result<legion_ir::Ir> {
+        Ok(legion_ir::import(
+            &self.model,
+            self.input_shape.as_ref().map(|s| &s.0[..]),
+        )?)
+    }
+}

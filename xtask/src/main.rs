@@ -1,0 +1,25 @@
+//! Project automation: `cargo xtask <task>` (see `cargo xtask --help`).
+
+mod gen_models;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Legion project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Generate the ONNX test models (legion-models).
+    GenModels(gen_models::Args),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::GenModels(args) => gen_models::run(&args),
+    }
+}
