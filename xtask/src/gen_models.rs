@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
-use legion_models::{ModelSpec, cache_dir, catalog, committed_dir, ensure, write};
+use anyhow::Result;
+use legion_models::{ModelSpec, cache_dir, catalog, committed_dir, ensure, spec, write};
 
 /// Which models to write, and where.
 #[derive(clap::Args)]
@@ -23,9 +23,8 @@ pub struct Args {
 }
 
 fn selected(args: &Args) -> Result<Vec<&'static ModelSpec>> {
-    let names: Vec<_> = catalog().iter().map(|s| s.name).collect();
-    if let Some(bad) = args.only.iter().find(|n| !names.contains(&n.as_str())) {
-        bail!("unknown model {bad:?}; valid names: {}", names.join(", "));
+    for name in &args.only {
+        spec(name)?;
     }
     Ok(catalog()
         .iter()
@@ -43,13 +42,13 @@ pub fn run(args: &Args) -> Result<()> {
         None if args.committed => committed_dir(),
         None => cache_dir(),
     };
-    for spec in specs {
+    for model in specs {
         let start = Instant::now();
         let (path, status) = if plain {
-            let (path, changed) = write(spec.name, &dir)?;
+            let (path, changed) = write(model.name, &dir)?;
             (path, if changed { "written" } else { "unchanged" })
         } else {
-            (ensure(spec.name, &dir)?, "ensured")
+            (ensure(model.name, &dir)?, "ensured")
         };
         let size = std::fs::metadata(&path)?.len();
         let secs = start.elapsed().as_secs_f64();

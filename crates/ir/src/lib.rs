@@ -17,9 +17,11 @@ mod build;
 mod error;
 mod load;
 mod probe;
+mod rows;
 mod stage;
 
 pub use error::ImportError;
+pub use rows::Rows;
 pub use stage::{PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window};
 
 use petgraph::graph::{DiGraph, NodeIndex};

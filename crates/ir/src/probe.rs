@@ -102,19 +102,21 @@ fn classify(out: ArrayViewD<f32>, rows_in: usize, prefer: usize) -> Option<(usiz
     let candidates = |axis: usize| {
         let rows_out = out.shape()[axis];
         let mut rules = vec![RowRule::Same];
-        if rows_out > rows_in && rows_in > 0 && rows_out % rows_in == 0 {
+        if rows_out > rows_in && rows_in > 0 && rows_out.is_multiple_of(rows_in) {
             rules.push(RowRule::Repeat(rows_out / rows_in));
         }
-        if rows_in > rows_out && rows_out > 0 && rows_in % rows_out == 0 {
+        if rows_in > rows_out && rows_out > 0 && rows_in.is_multiple_of(rows_out) {
             rules.push(RowRule::Block(rows_in / rows_out));
         }
         rules
     };
     for kind in 0..3 {
         for &axis in &axes {
-            let rule = candidates(axis).into_iter().find(|r| match (kind, r) {
-                (0, RowRule::Same) | (1, RowRule::Repeat(_)) | (2, RowRule::Block(_)) => true,
-                _ => false,
+            let rule = candidates(axis).into_iter().find(|r| {
+                matches!(
+                    (kind, r),
+                    (0, RowRule::Same) | (1, RowRule::Repeat(_)) | (2, RowRule::Block(_))
+                )
             });
             if let Some(rule) = rule
                 && rows_of(axis, rule)

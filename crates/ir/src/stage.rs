@@ -263,6 +263,11 @@ impl Stage {
         self.split == Split::Rows
     }
 
+    /// The tract outlet holding the stage's output in [`crate::Ir::model`].
+    pub fn output_outlet(&self) -> tract_onnx::prelude::OutletId {
+        tract_onnx::prelude::OutletId::new(*self.nodes.last().expect("a stage has nodes"), 0)
+    }
+
     /// Multiply-accumulates of the anchor op (convs and matmuls), 0 otherwise.
     pub fn macs(&self) -> u64 {
         match self.kind {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 
-use crate::{GENERATOR_VERSION, bytes, find};
+use crate::{GENERATOR_VERSION, bytes, spec};
 
 /// Writes `contents` to a fresh temporary file next to `path`, then renames
 /// it over `path`, so a concurrent reader sees the old file or the new one.
@@ -18,10 +18,12 @@ fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         .and_then(|f| f.to_str())
         .context("file name")?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_file_name(format!(".{file}.{}.{n}.tmp", std::process::id()));
-    fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    let tmp = path.with_file_name(format!(".{file}.tmp.{}.{n}", std::process::id()));
+    let written = fs::write(&tmp, contents).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {} (through {})", path.display(), tmp.display()))
 }
 
 fn stamp_text(len: u64) -> String {
@@ -36,7 +38,7 @@ fn is_fresh(model: &Path, stamp: &Path) -> bool {
 }
 
 fn model_path(name: &str, dir: &Path) -> Result<PathBuf> {
-    find(name)?;
+    spec(name)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir.join(format!("{name}.onnx")))
 }

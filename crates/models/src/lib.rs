@@ -13,7 +13,11 @@
 //! BatchNormalization statistics away from the identity. They come from a
 //! ChaCha8 stream keyed by model and tensor name, so the bytes of a model
 //! only change with [`GENERATOR_VERSION`]. Models use ONNX IR 8, opset 13,
-//! and name every node and tensor.
+//! a single input named `input`, and name every node and tensor.
+//!
+//! Tests get files through [`test_model`] (a stamped cache under `target/`);
+//! `cargo xtask gen-models` writes them by hand. [`GraphBuilder`] is public so
+//! that other crates' tests can build ad-hoc graphs the same way.
 
 mod builder;
 mod files;
@@ -22,7 +26,7 @@ mod tiny;
 mod weights;
 mod zoo;
 
-pub use builder::{Conv, GraphBuilder, IR_VERSION, OPSET, Pool, Tensor};
+pub use builder::{Conv, GraphBuilder, IR_VERSION, OPSET, Pool, Value};
 pub use files::{cache_dir, committed_dir, ensure, test_model, workspace_root, write};
 pub use fixtures::{dynamic_input_model, non_f32_model};
 
@@ -45,15 +49,15 @@ pub struct ModelSpec {
     /// Tiny (< 1 MB): committed under `testdata/models/`.
     pub committed: bool,
     /// Adds the layers to the builder, from the input to the output.
-    define: fn(&mut GraphBuilder, Tensor) -> Tensor,
+    define: fn(&mut GraphBuilder, Value) -> Value,
 }
 
-const fn spec(
+const fn entry(
     name: &'static str,
     description: &'static str,
     input_shape: [usize; 4],
     committed: bool,
-    define: fn(&mut GraphBuilder, Tensor) -> Tensor,
+    define: fn(&mut GraphBuilder, Value) -> Value,
 ) -> ModelSpec {
     ModelSpec {
         name,
@@ -69,112 +73,112 @@ const DARKNET: [usize; 4] = [1, 3, 416, 416];
 const SMALL: [usize; 4] = [1, 3, 32, 32];
 
 static CATALOG: [ModelSpec; 16] = [
-    spec(
+    entry(
         "vgg16",
         "VGG-16 with the FC head, 15.35 G conv MACs",
         IMAGENET,
         false,
         zoo::vgg16,
     ),
-    spec(
+    entry(
         "vgg19",
         "VGG-19 with the FC head, 19.51 G conv MACs",
         IMAGENET,
         false,
         zoo::vgg19,
     ),
-    spec(
+    entry(
         "vgg16-conv",
         "VGG-16 up to pool5",
         IMAGENET,
         false,
         zoo::vgg16_conv,
     ),
-    spec(
+    entry(
         "vgg19-conv",
         "VGG-19 up to pool5",
         IMAGENET,
         false,
         zoo::vgg19_conv,
     ),
-    spec(
+    entry(
         "yolov2",
         "YOLOv2 VOC (darknet), passthrough reorg",
         DARKNET,
         false,
         zoo::yolov2,
     ),
-    spec(
+    entry(
         "yolov2-tiny",
         "YOLOv2-tiny VOC (darknet)",
         DARKNET,
         false,
         zoo::yolov2_tiny,
     ),
-    spec(
+    entry(
         "resnet18",
         "torchvision ResNet-18",
         IMAGENET,
         false,
         zoo::resnet18,
     ),
-    spec(
+    entry(
         "resnet50",
         "torchvision ResNet-50",
         IMAGENET,
         false,
         zoo::resnet50,
     ),
-    spec(
+    entry(
         "mobilenetv2",
         "torchvision MobileNetV2",
         IMAGENET,
         false,
         zoo::mobilenetv2,
     ),
-    spec(
+    entry(
         "tiny-cnn",
         "kernels 1/3/5, strides, dilation, asymmetric pads, ceil-mode and padded pools",
         [1, 3, 48, 40],
         true,
         tiny::tiny_cnn,
     ),
-    spec(
+    entry(
         "tiny-residual",
         "identity and projected residual Adds, Inception-like Concat",
         SMALL,
         true,
         tiny::tiny_residual,
     ),
-    spec(
+    entry(
         "tiny-yolo",
         "LeakyRelu, SpaceToDepth, reorg, Concat, nearest Resize x2",
         SMALL,
         true,
         tiny::tiny_yolo,
     ),
-    spec(
+    entry(
         "tiny-mobile",
         "depthwise and grouped convs, Clip, HardSigmoid, SiLU, inverted residual, Softmax head",
         SMALL,
         true,
         tiny::tiny_mobile,
     ),
-    spec(
+    entry(
         "tiny-nhwc",
         "NHWC input with Transposes around the convs (tf2onnx style)",
         [1, 32, 32, 3],
         true,
         tiny::tiny_nhwc,
     ),
-    spec(
+    entry(
         "tiny-unknown-op",
         "an LRN between convs: loadable by tract, not modelled by Legion",
         SMALL,
         true,
         tiny::tiny_unknown_op,
     ),
-    spec(
+    entry(
         "tiny-head",
         "conv, pool, Flatten, Gemm, Dropout, Identity, Softmax",
         [1, 3, 16, 16],
@@ -188,7 +192,8 @@ pub fn catalog() -> &'static [ModelSpec] {
     &CATALOG
 }
 
-fn find(name: &str) -> Result<&'static ModelSpec> {
+/// The catalog entry `name`; the error for an unknown name lists the valid ones.
+pub fn spec(name: &str) -> Result<&'static ModelSpec> {
     CATALOG.iter().find(|s| s.name == name).ok_or_else(|| {
         let names: Vec<_> = CATALOG.iter().map(|s| s.name).collect();
         anyhow!("unknown model {name:?}; valid names: {}", names.join(", "))
@@ -197,7 +202,7 @@ fn find(name: &str) -> Result<&'static ModelSpec> {
 
 /// Builds model `name`; the error for an unknown name lists the valid ones.
 pub fn build(name: &str) -> Result<ModelProto> {
-    let spec = find(name)?;
+    let spec = spec(name)?;
     let mut b = GraphBuilder::new(spec.name);
     let x = b.input("input", &spec.input_shape);
     let y = (spec.define)(&mut b, x);
@@ -234,6 +239,28 @@ mod tests {
             assert_eq!(a, bytes(s.name).unwrap(), "{}", s.name);
             assert!(a.len() < 1 << 20, "{} is {} bytes", s.name, a.len());
         }
+    }
+
+    #[test]
+    fn models_carry_metadata_and_name_everything() {
+        let model = build("tiny-yolo").unwrap();
+        assert_eq!((model.ir_version, model.opset_import[0].version), (8, 13));
+        assert_eq!(model.producer_name, "legion-models");
+        let graph = model.graph.unwrap();
+        assert!(
+            graph
+                .node
+                .iter()
+                .all(|n| !n.name.is_empty() && n.output == [n.name.clone()])
+        );
+        assert!(
+            graph
+                .initializer
+                .iter()
+                .all(|t| !t.name.is_empty() && !t.raw_data.is_empty())
+        );
+        let names: Vec<_> = graph.node.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names[..4], ["conv0", "bn0", "leaky0", "pool1"]);
     }
 
     #[test]

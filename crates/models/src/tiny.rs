@@ -1,11 +1,11 @@
 //! Tiny models (committed under `testdata/models/`), each exercising a set of
 //! ops and geometries the compiler must handle.
 
-use crate::builder::{Conv, GraphBuilder, Pool, Tensor};
+use crate::builder::{Conv, GraphBuilder, Pool, Value};
 use crate::zoo::inverted_residual;
 
 /// Conv + BN + Relu with names `conv{id}`, `bn{id}`, `relu{id}`.
-fn conv_bn_relu(b: &mut GraphBuilder, id: &str, x: &Tensor, c: Conv) -> Tensor {
+fn conv_bn_relu(b: &mut GraphBuilder, id: &str, x: &Value, c: Conv) -> Value {
     let y = b.conv(&format!("conv{id}"), x, c.no_bias());
     let y = b.batch_norm(&format!("bn{id}"), &y);
     b.relu(&format!("relu{id}"), &y)
@@ -14,7 +14,7 @@ fn conv_bn_relu(b: &mut GraphBuilder, id: &str, x: &Tensor, c: Conv) -> Tensor {
 /// 48x40 input: kernels 1/3/5, strides 1/2, dilation 2, asymmetric pads,
 /// ceil-mode max pool, padded average pool without the pads in the divisor.
 /// Output `[1, 24, 6, 5]`.
-pub(crate) fn tiny_cnn(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_cnn(b: &mut GraphBuilder, x: Value) -> Value {
     let x = conv_bn_relu(b, "1", &x, Conv::new(8, 3));
     let x = b.conv("conv2", &x, Conv::new(16, 5).stride(2));
     let x = b.relu("relu2", &x);
@@ -31,7 +31,7 @@ pub(crate) fn tiny_cnn(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 
 /// 32x32 input: an identity residual block, a projected (1x1 s2) one, and an
 /// Inception-like Concat of a 1x1 and a 3x3 branch. Output `[1, 32, 16, 16]`.
-pub(crate) fn tiny_residual(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_residual(b: &mut GraphBuilder, x: Value) -> Value {
     let stem = conv_bn_relu(b, "0", &x, Conv::new(16, 3));
 
     let y = conv_bn_relu(b, "1_1", &stem, Conv::new(16, 3));
@@ -56,7 +56,7 @@ pub(crate) fn tiny_residual(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 }
 
 /// Darknet conv + BN + LeakyRelu(0.1).
-fn conv_leaky(b: &mut GraphBuilder, i: usize, x: &Tensor, filters: usize, k: usize) -> Tensor {
+fn conv_leaky(b: &mut GraphBuilder, i: usize, x: &Value, filters: usize, k: usize) -> Value {
     let y = b.conv(&format!("conv{i}"), x, Conv::new(filters, k).no_bias());
     let y = b.batch_norm(&format!("bn{i}"), &y);
     b.leaky_relu(&format!("leaky{i}"), &y, 0.1)
@@ -65,7 +65,7 @@ fn conv_leaky(b: &mut GraphBuilder, i: usize, x: &Tensor, filters: usize, k: usi
 /// 32x32 input: SpaceToDepth on one path, the Reshape/Transpose/Reshape reorg
 /// on another, Concat, then a nearest x2 Resize concatenated with an earlier
 /// 16x16 tensor. Output `[1, 18, 16, 16]`.
-pub(crate) fn tiny_yolo(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_yolo(b: &mut GraphBuilder, x: Value) -> Value {
     let x = conv_leaky(b, 0, &x, 16, 3);
     let x = b.max_pool("pool1", &x, Pool::new(2, 2));
     let mid = conv_leaky(b, 2, &x, 32, 3);
@@ -87,7 +87,7 @@ pub(crate) fn tiny_yolo(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 /// 32x32 input: depthwise and grouped convs, ReLU6 as Clip, HardSigmoid,
 /// SiLU, an inverted residual Add, and a pooled Gemm + Softmax head.
 /// Output `[1, 10]`.
-pub(crate) fn tiny_mobile(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_mobile(b: &mut GraphBuilder, x: Value) -> Value {
     let x = b.conv("conv0", &x, Conv::new(16, 3).stride(2).no_bias());
     let x = b.batch_norm("bn0", &x);
     let x = b.clip("relu0", &x, 0.0, 6.0);
@@ -108,7 +108,7 @@ pub(crate) fn tiny_mobile(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 
 /// NHWC `[1, 32, 32, 3]` input as tf2onnx exports it: Transpose to NCHW, two
 /// convs, Transpose back. Output `[1, 16, 16, 8]` (NHWC).
-pub(crate) fn tiny_nhwc(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_nhwc(b: &mut GraphBuilder, x: Value) -> Value {
     let x = b.transpose("to_nchw", &x, &[0, 3, 1, 2]);
     let x = b.conv("conv1", &x, Conv::new(8, 3));
     let x = b.relu("relu1", &x);
@@ -119,7 +119,7 @@ pub(crate) fn tiny_nhwc(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 
 /// 32x32 input with an LRN between convs, an op tract loads but Legion does
 /// not model. Output `[1, 16, 16, 16]`.
-pub(crate) fn tiny_unknown_op(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_unknown_op(b: &mut GraphBuilder, x: Value) -> Value {
     let x = b.conv("conv1", &x, Conv::new(8, 3));
     let x = b.relu("relu1", &x);
     let x = b.lrn("lrn1", &x, 5);
@@ -130,7 +130,7 @@ pub(crate) fn tiny_unknown_op(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 
 /// 16x16 input: conv, pool, Flatten, Gemm, Dropout, Identity, Softmax.
 /// Output `[1, 10]`.
-pub(crate) fn tiny_head(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn tiny_head(b: &mut GraphBuilder, x: Value) -> Value {
     let x = b.conv("conv1", &x, Conv::new(8, 3));
     let x = b.relu("relu1", &x);
     let x = b.max_pool("pool1", &x, Pool::new(2, 2));

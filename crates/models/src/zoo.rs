@@ -2,14 +2,14 @@
 //! MobileNetV2 (torchvision layouts). Each takes the builder and the graph
 //! input and returns the graph output.
 
-use crate::builder::{Conv, GraphBuilder, Pool, Tensor};
+use crate::builder::{Conv, GraphBuilder, Pool, Value};
 
 /// VGG-16 conv widths per block (each block ends with a 2x2 max pool).
 const VGG16: [&[usize]; 5] = [&[64, 64], &[128, 128], &[256; 3], &[512; 3], &[512; 3]];
 /// VGG-19 conv widths per block.
 const VGG19: [&[usize]; 5] = [&[64, 64], &[128, 128], &[256; 4], &[512; 4], &[512; 4]];
 
-fn vgg(b: &mut GraphBuilder, x: Tensor, blocks: &[&[usize]; 5], head: bool) -> Tensor {
+fn vgg(b: &mut GraphBuilder, x: Value, blocks: &[&[usize]; 5], head: bool) -> Value {
     let mut x = x;
     for (i, widths) in blocks.iter().enumerate() {
         for (j, &width) in widths.iter().enumerate() {
@@ -33,28 +33,28 @@ fn vgg(b: &mut GraphBuilder, x: Tensor, blocks: &[&[usize]; 5], head: bool) -> T
 }
 
 /// VGG-16 with the classifier head.
-pub(crate) fn vgg16(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn vgg16(b: &mut GraphBuilder, x: Value) -> Value {
     vgg(b, x, &VGG16, true)
 }
 
 /// VGG-19 with the classifier head.
-pub(crate) fn vgg19(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn vgg19(b: &mut GraphBuilder, x: Value) -> Value {
     vgg(b, x, &VGG19, true)
 }
 
 /// VGG-16 up to `pool5`.
-pub(crate) fn vgg16_conv(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn vgg16_conv(b: &mut GraphBuilder, x: Value) -> Value {
     vgg(b, x, &VGG16, false)
 }
 
 /// VGG-19 up to `pool5`.
-pub(crate) fn vgg19_conv(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn vgg19_conv(b: &mut GraphBuilder, x: Value) -> Value {
     vgg(b, x, &VGG19, false)
 }
 
 /// Darknet `[convolutional] batch_normalize=1 activation=leaky` layer number `i`:
 /// `conv{i}` (no bias), `bn{i}`, `leaky{i}`.
-fn darknet_conv(b: &mut GraphBuilder, i: usize, x: &Tensor, filters: usize, k: usize) -> Tensor {
+fn darknet_conv(b: &mut GraphBuilder, i: usize, x: &Value, filters: usize, k: usize) -> Value {
     let x = b.conv(&format!("conv{i}"), x, Conv::new(filters, k).no_bias());
     let x = b.batch_norm(&format!("bn{i}"), &x);
     b.leaky_relu(&format!("leaky{i}"), &x, 0.1)
@@ -72,8 +72,8 @@ use Layer::{Conv as C, Max as M};
 
 /// Runs `layers`, numbering them darknet-style from `first`; returns the
 /// output of every layer (indexed from `first`).
-fn darknet(b: &mut GraphBuilder, first: usize, x: Tensor, layers: &[Layer]) -> Vec<Tensor> {
-    let mut outs: Vec<Tensor> = vec![];
+fn darknet(b: &mut GraphBuilder, first: usize, x: Value, layers: &[Layer]) -> Vec<Value> {
+    let mut outs: Vec<Value> = vec![];
     for (offset, layer) in layers.iter().enumerate() {
         let i = first + offset;
         let x = outs.last().unwrap_or(&x);
@@ -87,7 +87,7 @@ fn darknet(b: &mut GraphBuilder, first: usize, x: Tensor, layers: &[Layer]) -> V
 }
 
 /// YOLOv2 (yolov2-voc.cfg) at 416x416: output `[1, 125, 13, 13]`.
-pub(crate) fn yolov2(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn yolov2(b: &mut GraphBuilder, x: Value) -> Value {
     #[rustfmt::skip]
     let backbone = [
         C(32, 3), M, C(64, 3), M, C(128, 3), C(64, 1), C(128, 3), M,
@@ -106,20 +106,9 @@ pub(crate) fn yolov2(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 }
 
 /// YOLOv2-tiny (yolov2-tiny-voc.cfg) at 416x416: output `[1, 125, 13, 13]`.
-pub(crate) fn yolov2_tiny(b: &mut GraphBuilder, x: Tensor) -> Tensor {
-    let head = [
-        C(16, 3),
-        M,
-        C(32, 3),
-        M,
-        C(64, 3),
-        M,
-        C(128, 3),
-        M,
-        C(256, 3),
-        M,
-        C(512, 3),
-    ];
+pub(crate) fn yolov2_tiny(b: &mut GraphBuilder, x: Value) -> Value {
+    #[rustfmt::skip]
+    let head = [C(16, 3), M, C(32, 3), M, C(64, 3), M, C(128, 3), M, C(256, 3), M, C(512, 3)];
     let x = darknet(b, 0, x, &head).pop().expect("layers");
     // darknet's size=2 stride=1 max pool keeps 13x13 by padding bottom/right
     let x = b.max_pool("pool11", &x, Pool::new(2, 1).pads([0, 0, 1, 1]));
@@ -130,27 +119,27 @@ pub(crate) fn yolov2_tiny(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 }
 
 /// torchvision conv (no bias) + BN, named `{prefix}conv{i}` / `{prefix}bn{i}`.
-fn conv_bn(b: &mut GraphBuilder, prefix: &str, i: usize, x: &Tensor, c: Conv) -> Tensor {
+fn conv_bn(b: &mut GraphBuilder, prefix: &str, i: usize, x: &Value, c: Conv) -> Value {
     let y = b.conv(&format!("{prefix}conv{i}"), x, c.no_bias());
     b.batch_norm(&format!("{prefix}bn{i}"), &y)
 }
 
 /// ResNet stem: conv 7x7 s2 + BN + Relu + max pool 3x3 s2 p1.
-fn resnet_stem(b: &mut GraphBuilder, x: &Tensor) -> Tensor {
+fn resnet_stem(b: &mut GraphBuilder, x: &Value) -> Value {
     let x = conv_bn(b, "", 1, x, Conv::new(64, 7).stride(2));
     let x = b.relu("relu", &x);
     b.max_pool("maxpool", &x, Pool::new(3, 2).pads([1; 4]))
 }
 
 /// ResNet head: GlobalAveragePool, Flatten, Gemm to 1000 classes.
-fn classifier(b: &mut GraphBuilder, x: &Tensor) -> Tensor {
+fn classifier(b: &mut GraphBuilder, x: &Value) -> Value {
     let x = b.global_average_pool("avgpool", x);
     let x = b.flatten("flatten", &x);
     b.gemm("fc", &x, 1000)
 }
 
 /// The residual tail of a block: optional projection of `x`, Add, Relu.
-fn residual(b: &mut GraphBuilder, p: &str, x: &Tensor, y: &Tensor, stride: usize) -> Tensor {
+fn residual(b: &mut GraphBuilder, p: &str, x: &Value, y: &Value, stride: usize) -> Value {
     let [_, in_ch, _, _] = x.shape().try_into().expect("4-D");
     let out_ch = y.shape()[1];
     let skip = if stride != 1 || in_ch != out_ch {
@@ -164,14 +153,14 @@ fn residual(b: &mut GraphBuilder, p: &str, x: &Tensor, y: &Tensor, stride: usize
     b.relu(&format!("{p}relu"), &sum)
 }
 
-fn basic_block(b: &mut GraphBuilder, p: &str, x: &Tensor, width: usize, stride: usize) -> Tensor {
+fn basic_block(b: &mut GraphBuilder, p: &str, x: &Value, width: usize, stride: usize) -> Value {
     let y = conv_bn(b, p, 1, x, Conv::new(width, 3).stride(stride));
     let y = b.relu(&format!("{p}relu1"), &y);
     let y = conv_bn(b, p, 2, &y, Conv::new(width, 3));
     residual(b, p, x, &y, stride)
 }
 
-fn bottleneck(b: &mut GraphBuilder, p: &str, x: &Tensor, width: usize, stride: usize) -> Tensor {
+fn bottleneck(b: &mut GraphBuilder, p: &str, x: &Value, width: usize, stride: usize) -> Value {
     let y = conv_bn(b, p, 1, x, Conv::new(width, 1));
     let y = b.relu(&format!("{p}relu1"), &y);
     let y = conv_bn(b, p, 2, &y, Conv::new(width, 3).stride(stride));
@@ -180,9 +169,9 @@ fn bottleneck(b: &mut GraphBuilder, p: &str, x: &Tensor, width: usize, stride: u
     residual(b, p, x, &y, stride)
 }
 
-type Block = fn(&mut GraphBuilder, &str, &Tensor, usize, usize) -> Tensor;
+type Block = fn(&mut GraphBuilder, &str, &Value, usize, usize) -> Value;
 
-fn resnet(b: &mut GraphBuilder, x: Tensor, block: Block, depths: [usize; 4]) -> Tensor {
+fn resnet(b: &mut GraphBuilder, x: Value, block: Block, depths: [usize; 4]) -> Value {
     let mut x = resnet_stem(b, &x);
     for (stage, &depth) in depths.iter().enumerate() {
         let width = 64 << stage;
@@ -195,23 +184,23 @@ fn resnet(b: &mut GraphBuilder, x: Tensor, block: Block, depths: [usize; 4]) -> 
 }
 
 /// torchvision ResNet-18 at 224x224: output `[1, 1000]` (logits).
-pub(crate) fn resnet18(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn resnet18(b: &mut GraphBuilder, x: Value) -> Value {
     resnet(b, x, basic_block, [2, 2, 2, 2])
 }
 
 /// torchvision ResNet-50 (v1.5: stride on the 3x3) at 224x224: output `[1, 1000]`.
-pub(crate) fn resnet50(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn resnet50(b: &mut GraphBuilder, x: Value) -> Value {
     resnet(b, x, bottleneck, [3, 4, 6, 3])
 }
 
 /// Conv (no bias) + BN + ReLU6 (`Clip(0, 6)`), named `{p}conv{i}`, `{p}bn{i}`, `{p}relu{i}`.
-fn conv_bn_relu6(b: &mut GraphBuilder, p: &str, i: usize, x: &Tensor, c: Conv) -> Tensor {
+fn conv_bn_relu6(b: &mut GraphBuilder, p: &str, i: usize, x: &Value, c: Conv) -> Value {
     let y = conv_bn(b, p, i, x, c);
     b.clip(&format!("{p}relu{i}"), &y, 0.0, 6.0)
 }
 
 /// torchvision MobileNetV2 at 224x224: output `[1, 1000]` (logits).
-pub(crate) fn mobilenetv2(b: &mut GraphBuilder, x: Tensor) -> Tensor {
+pub(crate) fn mobilenetv2(b: &mut GraphBuilder, x: Value) -> Value {
     // (expansion t, channels c, repeats n, first stride s)
     const SETTINGS: [(usize, usize, usize, usize); 7] = [
         (1, 16, 1, 1),
@@ -240,11 +229,11 @@ pub(crate) fn mobilenetv2(b: &mut GraphBuilder, x: Tensor) -> Tensor {
 pub(crate) fn inverted_residual(
     b: &mut GraphBuilder,
     p: &str,
-    x: &Tensor,
+    x: &Value,
     expansion: usize,
     out: usize,
     stride: usize,
-) -> Tensor {
+) -> Value {
     let in_ch = x.shape()[1];
     let hidden = in_ch * expansion;
     let mut y = x.clone();
@@ -265,7 +254,7 @@ pub(crate) fn inverted_residual(
 mod tests {
     use super::*;
 
-    fn macs(define: fn(&mut GraphBuilder, Tensor) -> Tensor, input: [usize; 4]) -> (u64, Tensor) {
+    fn macs(define: fn(&mut GraphBuilder, Value) -> Value, input: [usize; 4]) -> (u64, Value) {
         let mut b = GraphBuilder::new("macs");
         let x = b.input("input", &input);
         let y = define(&mut b, x);

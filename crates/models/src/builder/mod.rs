@@ -6,17 +6,22 @@
 //! GEMM input sizes. Misuse (a duplicate name, mismatched shapes) is a bug in
 //! the model definition and panics with a message naming the node.
 
+mod params;
+mod proto;
+
+pub use params::{Conv, Pool};
+
 use std::collections::HashSet;
 
-use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_proto::DataType;
-use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 use tract_onnx::pb::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, type_proto,
+    ValueInfoProto,
 };
 
 use crate::weights::uniform_le;
+use params::window_out;
+use proto::{attr_float, attr_int, attr_ints, attr_string, value_info};
 
 /// ONNX IR version written in every model.
 pub const IR_VERSION: i64 = 8;
@@ -25,14 +30,14 @@ pub const OPSET: i64 = 13;
 /// BatchNormalization epsilon.
 const BN_EPSILON: f32 = 1e-5;
 
-/// A tensor of the graph under construction: its name and (static) shape.
+/// A value (tensor) of the graph under construction: its name and static shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tensor {
+pub struct Value {
     name: String,
     shape: Vec<usize>,
 }
 
-impl Tensor {
+impl Value {
     /// The ONNX value name.
     pub fn name(&self) -> &str {
         &self.name
@@ -48,209 +53,6 @@ impl Tensor {
             .as_slice()
             .try_into()
             .unwrap_or_else(|_| panic!("{node}: input {} is not 4-D: {:?}", self.name, self.shape))
-    }
-}
-
-/// Convolution parameters; ONNX pads order `[top, left, bottom, right]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conv {
-    /// Output channels.
-    pub out_channels: usize,
-    /// Kernel `[kh, kw]`.
-    pub kernel: [usize; 2],
-    /// Strides `[sh, sw]`.
-    pub stride: [usize; 2],
-    /// Pads `[top, left, bottom, right]`.
-    pub pads: [usize; 4],
-    /// Dilations `[dh, dw]`.
-    pub dilation: [usize; 2],
-    /// Groups (input channels for a depthwise conv).
-    pub group: usize,
-    /// Whether the conv has a bias input.
-    pub bias: bool,
-}
-
-impl Conv {
-    /// A `k`x`k` conv, stride 1, "same" pads `k/2`, with bias.
-    pub fn new(out_channels: usize, k: usize) -> Self {
-        Conv {
-            out_channels,
-            kernel: [k, k],
-            stride: [1, 1],
-            pads: [k / 2; 4],
-            dilation: [1, 1],
-            group: 1,
-            bias: true,
-        }
-    }
-
-    /// Sets both strides.
-    pub fn stride(self, s: usize) -> Self {
-        Conv {
-            stride: [s, s],
-            ..self
-        }
-    }
-
-    /// Sets the pads `[top, left, bottom, right]`.
-    pub fn pads(self, pads: [usize; 4]) -> Self {
-        Conv { pads, ..self }
-    }
-
-    /// Sets both dilations (pads are left as they are).
-    pub fn dilation(self, d: usize) -> Self {
-        Conv {
-            dilation: [d, d],
-            ..self
-        }
-    }
-
-    /// Sets the group count.
-    pub fn group(self, group: usize) -> Self {
-        Conv { group, ..self }
-    }
-
-    /// Drops the bias input (for a conv followed by BatchNormalization).
-    pub fn no_bias(self) -> Self {
-        Conv {
-            bias: false,
-            ..self
-        }
-    }
-}
-
-/// MaxPool / AveragePool parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pool {
-    /// Kernel `[kh, kw]`.
-    pub kernel: [usize; 2],
-    /// Strides `[sh, sw]`.
-    pub stride: [usize; 2],
-    /// Pads `[top, left, bottom, right]`.
-    pub pads: [usize; 4],
-    /// Round output sizes up instead of down.
-    pub ceil_mode: bool,
-    /// AveragePool only: count padding cells in the divisor.
-    pub count_include_pad: bool,
-}
-
-impl Pool {
-    /// A `k`x`k` pool with stride `s`, no padding, floor mode.
-    pub fn new(k: usize, s: usize) -> Self {
-        Pool {
-            kernel: [k, k],
-            stride: [s, s],
-            pads: [0; 4],
-            ceil_mode: false,
-            count_include_pad: false,
-        }
-    }
-
-    /// Sets the pads `[top, left, bottom, right]`.
-    pub fn pads(self, pads: [usize; 4]) -> Self {
-        Pool { pads, ..self }
-    }
-
-    /// Sets `ceil_mode = 1`.
-    pub fn ceil_mode(self) -> Self {
-        Pool {
-            ceil_mode: true,
-            ..self
-        }
-    }
-
-    /// Sets `count_include_pad = 1`.
-    pub fn count_include_pad(self) -> Self {
-        Pool {
-            count_include_pad: true,
-            ..self
-        }
-    }
-}
-
-/// Output size of a window op along one axis (PyTorch/ONNX rule: with
-/// `ceil`, a last window starting inside the end padding is dropped).
-fn window_out(
-    size: usize,
-    k: usize,
-    s: usize,
-    d: usize,
-    pads: (usize, usize),
-    ceil: bool,
-) -> usize {
-    let span = d * (k - 1) + 1;
-    let padded = size + pads.0 + pads.1;
-    assert!(
-        padded >= span,
-        "window {span} larger than padded input {padded}"
-    );
-    let mut out = if ceil {
-        (padded - span).div_ceil(s) + 1
-    } else {
-        (padded - span) / s + 1
-    };
-    if ceil && (out - 1) * s >= size + pads.0 {
-        out -= 1;
-    }
-    out
-}
-
-fn attr(name: &str, kind: AttributeType) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: kind as i32,
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        i,
-        ..attr(name, AttributeType::Int)
-    }
-}
-
-fn attr_ints(name: &str, values: &[usize]) -> AttributeProto {
-    let ints = values.iter().map(|&v| v as i64).collect();
-    AttributeProto {
-        ints,
-        ..attr(name, AttributeType::Ints)
-    }
-}
-
-fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        f,
-        ..attr(name, AttributeType::Float)
-    }
-}
-
-fn attr_string(name: &str, s: &str) -> AttributeProto {
-    AttributeProto {
-        s: s.as_bytes().to_vec(),
-        ..attr(name, AttributeType::String)
-    }
-}
-
-/// A value info with a static shape.
-pub(crate) fn value_info(name: &str, elem_type: DataType, shape: &[usize]) -> ValueInfoProto {
-    let dim = shape
-        .iter()
-        .map(|&d| Dimension {
-            value: Some(dimension::Value::DimValue(d as i64)),
-            ..Default::default()
-        })
-        .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: elem_type as i32,
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
 
@@ -291,10 +93,10 @@ impl GraphBuilder {
     }
 
     /// Declares an f32 graph input.
-    pub fn input(&mut self, name: &str, shape: &[usize]) -> Tensor {
+    pub fn input(&mut self, name: &str, shape: &[usize]) -> Value {
         self.claim(name);
         self.inputs.push(value_info(name, DataType::Float, shape));
-        Tensor {
+        Value {
             name: name.into(),
             shape: shape.to_vec(),
         }
@@ -343,7 +145,7 @@ impl GraphBuilder {
         inputs: Vec<String>,
         attribute: Vec<AttributeProto>,
         shape: Vec<usize>,
-    ) -> Tensor {
+    ) -> Value {
         self.claim(name);
         self.nodes.push(NodeProto {
             input: inputs,
@@ -353,22 +155,22 @@ impl GraphBuilder {
             attribute,
             ..Default::default()
         });
-        Tensor {
+        Value {
             name: name.into(),
             shape,
         }
     }
 
     /// An elementwise op with one input and the input's shape.
-    fn unary(&mut self, op: &str, name: &str, x: &Tensor, attrs: Vec<AttributeProto>) -> Tensor {
+    fn unary(&mut self, op: &str, name: &str, x: &Value, attrs: Vec<AttributeProto>) -> Value {
         self.node(op, name, vec![x.name.clone()], attrs, x.shape.clone())
     }
 
     /// Conv with He-uniform weights (`±sqrt(6 / fan_in)`) and a small bias.
-    pub fn conv(&mut self, name: &str, x: &Tensor, c: Conv) -> Tensor {
+    pub fn conv(&mut self, name: &str, x: &Value, c: Conv) -> Value {
         let [n, cin, h, w] = x.nchw(name);
         assert!(
-            cin % c.group == 0 && c.out_channels % c.group == 0,
+            cin.is_multiple_of(c.group) && c.out_channels.is_multiple_of(c.group),
             "{name}: group {} does not divide {cin} -> {}",
             c.group,
             c.out_channels
@@ -415,7 +217,7 @@ impl GraphBuilder {
     }
 
     /// BatchNormalization (inference) with non-trivial random statistics.
-    pub fn batch_norm(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn batch_norm(&mut self, name: &str, x: &Value) -> Value {
         let c = [x.nchw(name)[1]];
         let inputs = vec![
             x.name.clone(),
@@ -429,17 +231,17 @@ impl GraphBuilder {
     }
 
     /// Relu.
-    pub fn relu(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn relu(&mut self, name: &str, x: &Value) -> Value {
         self.unary("Relu", name, x, vec![])
     }
 
     /// LeakyRelu with slope `alpha`.
-    pub fn leaky_relu(&mut self, name: &str, x: &Tensor, alpha: f32) -> Tensor {
+    pub fn leaky_relu(&mut self, name: &str, x: &Value, alpha: f32) -> Value {
         self.unary("LeakyRelu", name, x, vec![attr_float("alpha", alpha)])
     }
 
     /// Clip (opset 13: bounds as scalar initializers `NODE.min`, `NODE.max`).
-    pub fn clip(&mut self, name: &str, x: &Tensor, min: f32, max: f32) -> Tensor {
+    pub fn clip(&mut self, name: &str, x: &Value, min: f32, max: f32) -> Value {
         let inputs = vec![
             x.name.clone(),
             self.const_f32(name, "min", &[], &[min]),
@@ -449,18 +251,18 @@ impl GraphBuilder {
     }
 
     /// Sigmoid.
-    pub fn sigmoid(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn sigmoid(&mut self, name: &str, x: &Value) -> Value {
         self.unary("Sigmoid", name, x, vec![])
     }
 
     /// HardSigmoid as PyTorch exports it (alpha 1/6, beta 0.5).
-    pub fn hard_sigmoid(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn hard_sigmoid(&mut self, name: &str, x: &Value) -> Value {
         let attrs = vec![attr_float("alpha", 1.0 / 6.0), attr_float("beta", 0.5)];
         self.unary("HardSigmoid", name, x, attrs)
     }
 
     /// SiLU as `Mul(x, Sigmoid(x))`; the Sigmoid node is `NAME.sigmoid`.
-    pub fn silu(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn silu(&mut self, name: &str, x: &Value) -> Value {
         let s = self.sigmoid(&format!("{name}.sigmoid"), x);
         self.node(
             "Mul",
@@ -472,7 +274,7 @@ impl GraphBuilder {
     }
 
     /// LocalResponseNormalization across `size` channels (AlexNet constants).
-    pub fn lrn(&mut self, name: &str, x: &Tensor, size: usize) -> Tensor {
+    pub fn lrn(&mut self, name: &str, x: &Value, size: usize) -> Value {
         let attrs = vec![
             attr_int("size", size as i64),
             attr_float("alpha", 1e-4),
@@ -486,10 +288,10 @@ impl GraphBuilder {
         &mut self,
         op: &str,
         name: &str,
-        x: &Tensor,
+        x: &Value,
         p: Pool,
         extra: Vec<AttributeProto>,
-    ) -> Tensor {
+    ) -> Value {
         let [n, c, h, w] = x.nchw(name);
         let oh = window_out(
             h,
@@ -518,18 +320,18 @@ impl GraphBuilder {
     }
 
     /// MaxPool (`count_include_pad` is ignored).
-    pub fn max_pool(&mut self, name: &str, x: &Tensor, p: Pool) -> Tensor {
+    pub fn max_pool(&mut self, name: &str, x: &Value, p: Pool) -> Value {
         self.pool("MaxPool", name, x, p, vec![])
     }
 
     /// AveragePool.
-    pub fn avg_pool(&mut self, name: &str, x: &Tensor, p: Pool) -> Tensor {
+    pub fn avg_pool(&mut self, name: &str, x: &Value, p: Pool) -> Value {
         let extra = vec![attr_int("count_include_pad", p.count_include_pad.into())];
         self.pool("AveragePool", name, x, p, extra)
     }
 
     /// GlobalAveragePool: `[N, C, 1, 1]`.
-    pub fn global_average_pool(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn global_average_pool(&mut self, name: &str, x: &Value) -> Value {
         let [n, c, _, _] = x.nchw(name);
         self.node(
             "GlobalAveragePool",
@@ -541,7 +343,7 @@ impl GraphBuilder {
     }
 
     /// Elementwise Add of two tensors of the same shape.
-    pub fn add(&mut self, name: &str, a: &Tensor, b: &Tensor) -> Tensor {
+    pub fn add(&mut self, name: &str, a: &Value, b: &Value) -> Value {
         assert_eq!(a.shape, b.shape, "{name}: Add of {} and {}", a.name, b.name);
         self.node(
             "Add",
@@ -553,7 +355,7 @@ impl GraphBuilder {
     }
 
     /// Concat on the channel axis (1).
-    pub fn concat(&mut self, name: &str, parts: &[&Tensor]) -> Tensor {
+    pub fn concat(&mut self, name: &str, parts: &[&Value]) -> Value {
         let mut shape = parts[0].nchw(name);
         shape[1] = 0;
         for p in parts {
@@ -576,7 +378,7 @@ impl GraphBuilder {
     }
 
     /// Transpose with permutation `perm`.
-    pub fn transpose(&mut self, name: &str, x: &Tensor, perm: &[usize]) -> Tensor {
+    pub fn transpose(&mut self, name: &str, x: &Value, perm: &[usize]) -> Value {
         assert_eq!(perm.len(), x.shape.len(), "{name}: perm {perm:?}");
         let shape = perm.iter().map(|&p| x.shape[p]).collect();
         self.node(
@@ -588,7 +390,7 @@ impl GraphBuilder {
         )
     }
 
-    fn reshape(&mut self, name: &str, x: &Tensor, shape: &[usize]) -> Tensor {
+    fn reshape(&mut self, name: &str, x: &Value, shape: &[usize]) -> Value {
         assert_eq!(
             x.shape.iter().product::<usize>(),
             shape.iter().product::<usize>(),
@@ -606,10 +408,10 @@ impl GraphBuilder {
     }
 
     /// ONNX SpaceToDepth with `blocksize = block`.
-    pub fn space_to_depth(&mut self, name: &str, x: &Tensor, block: usize) -> Tensor {
+    pub fn space_to_depth(&mut self, name: &str, x: &Value, block: usize) -> Value {
         let [n, c, h, w] = x.nchw(name);
         assert!(
-            h % block == 0 && w % block == 0,
+            h.is_multiple_of(block) && w.is_multiple_of(block),
             "{name}: {h}x{w} not divisible by {block}"
         );
         let attrs = vec![attr_int("blocksize", block as i64)];
@@ -620,10 +422,10 @@ impl GraphBuilder {
     /// Darknet-style reorg (YOLOv2 passthrough) as three nodes:
     /// `NAME.split` Reshape `[N,C,H/b,b,W/b,b]`, `NAME.perm` Transpose
     /// `[0,3,5,1,2,4]`, and `NAME` Reshape `[N,C*b*b,H/b,W/b]`.
-    pub fn reorg(&mut self, name: &str, x: &Tensor, b: usize) -> Tensor {
+    pub fn reorg(&mut self, name: &str, x: &Value, b: usize) -> Value {
         let [n, c, h, w] = x.nchw(name);
         assert!(
-            h % b == 0 && w % b == 0,
+            h.is_multiple_of(b) && w.is_multiple_of(b),
             "{name}: {h}x{w} not divisible by {b}"
         );
         let split = self.reshape(&format!("{name}.split"), x, &[n, c, h / b, b, w / b, b]);
@@ -633,7 +435,7 @@ impl GraphBuilder {
 
     /// Nearest-neighbour upsampling by an integer `factor` via Resize with a
     /// `scales` input `NAME.scales` (as PyTorch's `nn.Upsample` exports it).
-    pub fn upsample(&mut self, name: &str, x: &Tensor, factor: usize) -> Tensor {
+    pub fn upsample(&mut self, name: &str, x: &Value, factor: usize) -> Value {
         let [n, c, h, w] = x.nchw(name);
         let f = factor as f32;
         let scales = self.const_f32(name, "scales", &[4], &[1.0, 1.0, f, f]);
@@ -653,7 +455,7 @@ impl GraphBuilder {
     }
 
     /// Flatten (axis 1): `[N, rest]`.
-    pub fn flatten(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn flatten(&mut self, name: &str, x: &Value) -> Value {
         let shape = vec![x.shape[0], x.shape[1..].iter().product()];
         self.node(
             "Flatten",
@@ -665,7 +467,7 @@ impl GraphBuilder {
     }
 
     /// Gemm `x * W^T + b` (transB = 1) with He-uniform weights; `x` is `[N, K]`.
-    pub fn gemm(&mut self, name: &str, x: &Tensor, out_features: usize) -> Tensor {
+    pub fn gemm(&mut self, name: &str, x: &Value, out_features: usize) -> Value {
         let [n, k] = x.shape[..] else {
             panic!("{name}: Gemm input {:?} is not 2-D", x.shape)
         };
@@ -685,23 +487,23 @@ impl GraphBuilder {
     }
 
     /// Identity.
-    pub fn identity(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn identity(&mut self, name: &str, x: &Value) -> Value {
         self.unary("Identity", name, x, vec![])
     }
 
     /// Dropout (a no-op at inference; default ratio).
-    pub fn dropout(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn dropout(&mut self, name: &str, x: &Value) -> Value {
         self.unary("Dropout", name, x, vec![])
     }
 
     /// Softmax over the last axis.
-    pub fn softmax(&mut self, name: &str, x: &Tensor) -> Tensor {
+    pub fn softmax(&mut self, name: &str, x: &Value) -> Value {
         let axis = attr_int("axis", x.shape.len() as i64 - 1);
         self.unary("Softmax", name, x, vec![axis])
     }
 
     /// The finished model; `outputs` become the graph outputs.
-    pub fn finish(self, doc: &str, outputs: &[&Tensor]) -> ModelProto {
+    pub fn finish(self, doc: &str, outputs: &[&Value]) -> ModelProto {
         let output = outputs
             .iter()
             .map(|t| value_info(&t.name, DataType::Float, &t.shape))
@@ -731,20 +533,6 @@ impl GraphBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn window_sizes() {
-        assert_eq!(window_out(224, 3, 1, 1, (1, 1), false), 224);
-        assert_eq!(window_out(224, 2, 2, 1, (0, 0), false), 112);
-        assert_eq!(window_out(112, 3, 2, 1, (1, 1), false), 56);
-        assert_eq!(window_out(13, 2, 1, 1, (0, 1), false), 13);
-        assert_eq!(window_out(24, 3, 2, 1, (0, 0), true), 12);
-        assert_eq!(window_out(24, 3, 2, 1, (0, 0), false), 11);
-        assert_eq!(window_out(24, 3, 1, 2, (2, 2), false), 24);
-        // ceil mode never starts a window in the end padding
-        assert_eq!(window_out(5, 2, 2, 1, (0, 1), true), 3);
-        assert_eq!(window_out(4, 2, 2, 1, (0, 1), true), 2);
-    }
 
     #[test]
     fn reorg_shapes_and_names() {

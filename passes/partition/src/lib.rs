@@ -1,0 +1,15 @@
+//! Partition pass: for a fused group of stages and a cut of its output rows into
+//! per-device strips, what every device computes, receives and sends (DESIGN.md
+//! section 4). Pure geometry: no profiling, no tract.
+
+mod rows;
+mod shares;
+mod tiling;
+
+pub use legion_ir::Rows;
+pub use rows::{InputRows, StageRows, row_map, window_rows};
+pub use shares::{cut, rebalance, strips_from_weights};
+pub use tiling::{
+    DeviceTile, Group, PartitionError, Received, StageTile, Tiling, boundary, check_group,
+    scale_cut, tile,
+};

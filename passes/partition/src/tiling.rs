@@ -1,0 +1,358 @@
+//! Tiling a fused group for a cut of its output rows: what each device computes,
+//! receives and sends, with pads and alpha.
+
+use crate::rows::{InputRows, row_map};
+use legion_ir::Rows;
+use legion_ir::{Ir, StageId, TensorRef};
+use legion_plan::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// A fused group: the contiguous stages `first..=last` in topological order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Group {
+    /// First stage.
+    pub first: StageId,
+    /// Last stage; its output rows are the ones cut into strips.
+    pub last: StageId,
+}
+
+impl Group {
+    /// Stages `first..=last`.
+    pub fn new(first: usize, last: usize) -> Group {
+        Group {
+            first: StageId(first as u32),
+            last: StageId(last as u32),
+        }
+    }
+
+    /// The stage ids, in order.
+    pub fn stages(self) -> impl DoubleEndedIterator<Item = StageId> {
+        (self.first.0..=self.last.0).map(StageId)
+    }
+
+    /// True when `s` is in the group.
+    pub fn contains(self, s: StageId) -> bool {
+        self.first <= s && s <= self.last
+    }
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}..{}", self.first, self.last)
+    }
+}
+
+/// Why a group or a cut cannot be tiled.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PartitionError {
+    /// The range is empty or runs past the model.
+    #[error("group {first}..{last} is not a range of stages 0..{count}")]
+    BadGroup {
+        /// First stage asked for.
+        first: usize,
+        /// Last stage asked for.
+        last: usize,
+        /// Number of stages in the model.
+        count: usize,
+    },
+    /// A barrier stage cannot be split.
+    #[error("stage {stage} ({name}) is a barrier ({reason}); it cannot be inside a split group")]
+    Barrier {
+        /// The stage.
+        stage: StageId,
+        /// Its name.
+        name: String,
+        /// Why it is a barrier.
+        reason: String,
+    },
+    /// The strips do not cut `[0, height)` into consecutive ranges.
+    #[error("strips {strips:?} do not cut the {height} output rows of stage {stage} in order")]
+    BadStrips {
+        /// The group's last stage.
+        stage: StageId,
+        /// Its output height.
+        height: usize,
+        /// The strips given.
+        strips: Vec<Rows>,
+    },
+}
+
+/// What one stage does on one device inside a group.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageTile {
+    /// The stage.
+    pub stage: StageId,
+    /// Output rows the device computes (its own strip plus the halo later stages need).
+    pub computed: Rows,
+    /// Rows and pads read from each data input (a slice of the producer's computed rows).
+    pub inputs: Vec<InputRows>,
+    /// Rows the device would compute if the stage ran alone at the same share.
+    pub alone: Rows,
+    /// Redundant rows: `computed - alone` (rows another device computes too).
+    pub halo_rows: usize,
+    /// `computed / alone` (DESIGN.md's alpha); `None` when the device owns no rows here.
+    pub alpha: Option<f64>,
+}
+
+/// A tensor entering the group and the strip of it a device receives.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Received {
+    /// The tensor.
+    pub tensor: TensorRef,
+    /// Rows received, halo included.
+    pub rows: Rows,
+    /// `rows / rows received were its first reader run alone at the same share`.
+    pub alpha_in: Option<f64>,
+}
+
+/// One device's part of a group.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceTile {
+    /// Index of the device in the cut given to [`tile`].
+    pub device: usize,
+    /// The device's strip of the group's last stage.
+    pub strip: Rows,
+    /// Strips of the tensors entering the group, in the group's input order.
+    pub received: Vec<Received>,
+    /// Per stage of the group, in order.
+    pub stages: Vec<StageTile>,
+    /// Strips of the tensors leaving the group, in the group's output order.
+    pub sent: Vec<(StageId, Rows)>,
+}
+
+impl DeviceTile {
+    /// The tile of stage `s`.
+    pub fn stage(&self, s: StageId) -> &StageTile {
+        self.stages
+            .iter()
+            .find(|t| t.stage == s)
+            .expect("stage of the group")
+    }
+
+    /// The program a worker runs for this tile.
+    pub fn spec(&self) -> TileSpec {
+        TileSpec {
+            inputs: self
+                .received
+                .iter()
+                .map(|r| TileInput {
+                    tensor: r.tensor,
+                    rows: r.rows,
+                })
+                .collect(),
+            stages: self
+                .stages
+                .iter()
+                .filter(|t| !t.computed.is_empty())
+                .map(|t| TileStage {
+                    stage: t.stage,
+                    computed: t.computed,
+                    reads: t
+                        .inputs
+                        .iter()
+                        .map(|i| TileRead {
+                            rows: i.rows,
+                            pad_top: i.pad_top,
+                            pad_bottom: i.pad_bottom,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            outputs: self
+                .sent
+                .iter()
+                .map(|(stage, rows)| TileOutput {
+                    stage: *stage,
+                    rows: *rows,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A group tiled for a cut of its output rows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Tiling {
+    /// The group.
+    pub group: Group,
+    /// Tensors read from outside the group, in first-use order.
+    pub inputs: Vec<TensorRef>,
+    /// Stages whose output is read after the group or is a model output; the last stage
+    /// is always one.
+    pub outputs: Vec<StageId>,
+    /// Devices with a non-empty strip, in device order.
+    pub devices: Vec<DeviceTile>,
+}
+
+/// Checks that `first..=last` is a group of splittable stages of `ir`.
+pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
+    if first > last || last >= ir.stages.len() {
+        return Err(PartitionError::BadGroup {
+            first,
+            last,
+            count: ir.stages.len(),
+        });
+    }
+    let group = Group::new(first, last);
+    for s in group.stages() {
+        let stage = ir.stage(s);
+        if let legion_ir::Split::Barrier(reason) = &stage.split {
+            return Err(PartitionError::Barrier {
+                stage: s,
+                name: stage.name.clone(),
+                reason: reason.clone(),
+            });
+        }
+    }
+    Ok(group)
+}
+
+/// Tensors the group reads from outside, and stages whose outputs leave it.
+pub fn boundary(ir: &Ir, group: Group) -> (Vec<TensorRef>, Vec<StageId>) {
+    let mut inputs = vec![];
+    for s in group.stages() {
+        for r in &ir.stage(s).inputs {
+            let outside = match r {
+                TensorRef::Input => true,
+                TensorRef::Stage(p) => !group.contains(*p),
+            };
+            if outside && !inputs.contains(r) {
+                inputs.push(*r);
+            }
+        }
+    }
+    let outputs = group
+        .stages()
+        .filter(|s| {
+            *s == group.last
+                || ir.outputs.contains(&TensorRef::Stage(*s))
+                || ir.consumers(*s).iter().any(|c| !group.contains(*c))
+        })
+        .collect();
+    (inputs, outputs)
+}
+
+/// Scales a cut of `from` rows to a tensor of `to` rows: cut points move proportionally
+/// (rounded down), so the strips still cover `[0, to)` in order.
+pub fn scale_cut(strips: &[Rows], from: usize, to: usize) -> Vec<Rows> {
+    let point = |r: usize| if r == from { to } else { r * to / from };
+    strips
+        .iter()
+        .map(|s| Rows::new(point(s.start), point(s.end)))
+        .collect()
+}
+
+/// Tiles `group` for `strips`, a cut of the last stage's output rows into one strip per
+/// device, in device order. Devices whose strip is empty are dropped.
+pub fn tile(ir: &Ir, group: Group, strips: &[Rows]) -> Result<Tiling, PartitionError> {
+    check_group(ir, group.first.index(), group.last.index())?;
+    let height = ir.stage(group.last).output.height().expect("splittable");
+    let in_order = strips.first().is_some_and(|s| s.start == 0)
+        && strips.last().is_some_and(|s| s.end == height)
+        && strips.windows(2).all(|w| w[0].end == w[1].start);
+    if !in_order {
+        return Err(PartitionError::BadStrips {
+            stage: group.last,
+            height,
+            strips: strips.to_vec(),
+        });
+    }
+    let (inputs, outputs) = boundary(ir, group);
+    let cut_of = |s: StageId| scale_cut(strips, height, ir.stage(s).output.height().unwrap());
+    let alone: BTreeMap<StageId, Vec<Rows>> = group.stages().map(|s| (s, cut_of(s))).collect();
+    let devices = strips
+        .iter()
+        .enumerate()
+        .filter(|(_, strip)| !strip.is_empty())
+        .map(|(d, strip)| {
+            let sent: Vec<(StageId, Rows)> = outputs.iter().map(|o| (*o, alone[o][d])).collect();
+            device_tile(ir, group, d, *strip, &inputs, sent, &alone)
+        })
+        .collect();
+    Ok(Tiling {
+        group,
+        inputs,
+        outputs,
+        devices,
+    })
+}
+
+fn ratio(num: usize, den: usize) -> Option<f64> {
+    (den > 0).then(|| num as f64 / den as f64)
+}
+
+/// The backward walk of DESIGN.md section 4 for one device.
+fn device_tile(
+    ir: &Ir,
+    group: Group,
+    device: usize,
+    strip: Rows,
+    inputs: &[TensorRef],
+    sent: Vec<(StageId, Rows)>,
+    alone: &BTreeMap<StageId, Vec<Rows>>,
+) -> DeviceTile {
+    let mut want: BTreeMap<StageId, Rows> = sent.iter().copied().collect();
+    let mut received: BTreeMap<TensorRef, Rows> = BTreeMap::new();
+    let mut received_alone: BTreeMap<TensorRef, Rows> = BTreeMap::new();
+    let mut stages = vec![];
+    for s in group.stages().rev() {
+        let stage = ir.stage(s);
+        let wanted = want.get(&s).copied().unwrap_or_default();
+        let map = if wanted.is_empty() {
+            crate::rows::StageRows {
+                computed: wanted,
+                inputs: vec![],
+            }
+        } else {
+            row_map(stage, wanted)
+        };
+        let own = alone[&s][device];
+        let own_map = (!own.is_empty()).then(|| row_map(stage, own));
+        for (i, r) in stage.inputs.iter().enumerate() {
+            let need = map.inputs.get(i).map(|n| n.rows).unwrap_or_default();
+            match r {
+                TensorRef::Stage(p) if group.contains(*p) => {
+                    let w = want.entry(*p).or_default();
+                    *w = w.hull(need);
+                }
+                _ => {
+                    let rcv = received.entry(*r).or_default();
+                    *rcv = rcv.hull(need);
+                    if let Some(m) = &own_map {
+                        let a = received_alone.entry(*r).or_default();
+                        *a = a.hull(m.inputs[i].rows);
+                    }
+                }
+            }
+        }
+        stages.push(StageTile {
+            stage: s,
+            computed: map.computed,
+            inputs: map.inputs,
+            alone: own,
+            halo_rows: map.computed.len().saturating_sub(own.len()),
+            alpha: ratio(map.computed.len(), own.len()),
+        });
+    }
+    stages.reverse();
+    let received = inputs
+        .iter()
+        .map(|t| {
+            let rows = received.get(t).copied().unwrap_or_default();
+            let alone = received_alone.get(t).copied().unwrap_or_default();
+            Received {
+                tensor: *t,
+                rows,
+                alpha_in: ratio(rows.len(), alone.len()),
+            }
+        })
+        .collect();
+    DeviceTile {
+        device,
+        strip,
+        received,
+        stages,
+        sent,
+    }
+}

@@ -1,0 +1,285 @@
+//! A tile's tract model: the group's stages copied from the imported model, reading
+//! strips, with tile-local pads (DESIGN.md section 4, "Running a tile with tract").
+
+use anyhow::{Context, Result, bail, ensure};
+use legion_ir::{Ir, Rows, Stage, TensorRef};
+use legion_plan::TileSpec;
+use std::collections::HashMap;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::DimLike;
+use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PaddingSpec, PoolSpec, SumPool};
+
+/// A runnable tile: feed the strips of [`TileSpec::inputs`], get those of [`TileSpec::outputs`].
+pub struct Tile {
+    plan: std::sync::Arc<TypedSimplePlan>,
+    spec: TileSpec,
+}
+
+impl Tile {
+    /// Builds and optimizes the tile's model.
+    pub fn build(ir: &Ir, spec: &TileSpec) -> Result<Tile> {
+        let model = TileBuilder::new(ir).build(spec)?;
+        let plan = model
+            .into_optimized()?
+            .into_runnable()
+            .context("optimizing the tile")?;
+        Ok(Tile {
+            plan,
+            spec: spec.clone(),
+        })
+    }
+
+    /// The program this tile runs.
+    pub fn spec(&self) -> &TileSpec {
+        &self.spec
+    }
+
+    /// Runs the tile on its input strips (in [`TileSpec::inputs`] order).
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        ensure!(
+            inputs.len() == self.spec.inputs.len(),
+            "the tile takes {} input strips, {} given",
+            self.spec.inputs.len(),
+            inputs.len()
+        );
+        let outputs = self
+            .plan
+            .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())?;
+        Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
+    }
+}
+
+/// Copies stages of the imported model into a new model over strips.
+struct TileBuilder<'a> {
+    ir: &'a Ir,
+    model: TypedModel,
+    /// Tensors available in the tile: outlet and the rows it holds.
+    tensors: HashMap<TensorRef, (OutletId, Rows)>,
+    /// Constants already copied, by source outlet.
+    consts: HashMap<OutletId, OutletId>,
+}
+
+impl<'a> TileBuilder<'a> {
+    fn new(ir: &'a Ir) -> Self {
+        let model = TypedModel {
+            symbols: ir.model.symbols.clone(),
+            ..TypedModel::default()
+        };
+        TileBuilder {
+            ir,
+            model,
+            tensors: HashMap::new(),
+            consts: HashMap::new(),
+        }
+    }
+
+    fn build(mut self, spec: &TileSpec) -> Result<TypedModel> {
+        for (i, input) in spec.inputs.iter().enumerate() {
+            let info = self.ir.tensor(input.tensor);
+            let h = info.h_axis.context("a tile input has no row axis")?;
+            let mut shape = info.shape.clone();
+            shape[h] = input.rows.len();
+            let src = self
+                .model
+                .add_source(format!("strip{i}"), f32::fact(&shape))?;
+            self.tensors.insert(input.tensor, (src, input.rows));
+        }
+        for st in &spec.stages {
+            let stage = self.ir.stage(st.stage);
+            self.copy_stage(stage, st).with_context(|| {
+                format!("building the tile of stage {} ({})", stage.id, stage.name)
+            })?;
+        }
+        let mut outputs = vec![];
+        for out in &spec.outputs {
+            let r = TensorRef::Stage(out.stage);
+            outputs.push(self.slice(r, out.rows)?);
+        }
+        self.model.select_output_outlets(&outputs)?;
+        Ok(self.model)
+    }
+
+    /// The outlet holding exactly `rows` of tensor `r`, slicing what the tile holds.
+    fn slice(&mut self, r: TensorRef, rows: Rows) -> Result<OutletId> {
+        let (outlet, held) = *self
+            .tensors
+            .get(&r)
+            .with_context(|| format!("{r:?} is not in the tile"))?;
+        ensure!(
+            held.contains(rows),
+            "{r:?}: rows {rows} wanted, the tile holds {held}"
+        );
+        if held == rows {
+            return Ok(outlet);
+        }
+        let h = self.ir.tensor(r).h_axis.context("no row axis")?;
+        let name = format!("{r:?}.rows{}_{}", rows.start, rows.end);
+        let op = Slice::new(h, rows.start - held.start, rows.end - held.start);
+        Ok(self.model.wire_node(name, op, &[outlet])?[0])
+    }
+
+    fn copy_stage(&mut self, stage: &Stage, st: &legion_plan::TileStage) -> Result<()> {
+        let src = &self.ir.model;
+        let model_input = src.input_outlets()?[0];
+        let mut mapped: HashMap<OutletId, OutletId> = HashMap::new();
+        for (n, &id) in stage.nodes.iter().enumerate() {
+            let node = src.node(id);
+            let mut inputs = tvec![];
+            for o in &node.inputs {
+                let wire = if let Some(w) = mapped.get(o) {
+                    *w
+                } else if let Some(k) = src.outlet_fact(*o)?.konst.clone() {
+                    self.konst(*o, k)?
+                } else {
+                    let r = if *o == model_input {
+                        TensorRef::Input
+                    } else {
+                        let producer = self
+                            .ir
+                            .stages
+                            .iter()
+                            .find(|s| s.output_outlet() == *o)
+                            .context("reads a tensor that is not a stage output")?;
+                        TensorRef::Stage(producer.id)
+                    };
+                    let i = stage
+                        .inputs
+                        .iter()
+                        .position(|x| *x == r)
+                        .context("undeclared stage input")?;
+                    self.slice(r, st.reads[i].rows)?
+                };
+                inputs.push(wire);
+            }
+            let op = if n == 0 {
+                self.retarget(stage, st, node, &inputs)?
+            } else {
+                node.op.clone()
+            };
+            let outs = self.model.wire_node(&node.name, op, &inputs)?;
+            for (slot, w) in outs.into_iter().enumerate() {
+                mapped.insert(OutletId::new(id, slot), w);
+            }
+        }
+        let out = mapped[&stage.output_outlet()];
+        let h = stage.output.h_axis.context("no row axis")?;
+        let got = self.model.outlet_fact(out)?.shape[h]
+            .to_usize()
+            .context("symbolic tile height")?;
+        ensure!(
+            got == st.computed.len(),
+            "the tile computes {got} rows where {} were planned ({})",
+            st.computed.len(),
+            stage.kind.short_name()
+        );
+        self.tensors
+            .insert(TensorRef::Stage(stage.id), (out, st.computed));
+        Ok(())
+    }
+
+    fn konst(&mut self, o: OutletId, k: std::sync::Arc<Tensor>) -> Result<OutletId> {
+        if let Some(w) = self.consts.get(&o) {
+            return Ok(*w);
+        }
+        let name = format!("{}.const{}", self.ir.model.node(o.node).name, o.slot);
+        let w = self.model.add_const(name, k)?;
+        self.consts.insert(o, w);
+        Ok(w)
+    }
+
+    /// The anchor op for a strip: windows get the tile's pads on H; reshapes get the
+    /// strip's height.
+    fn retarget(
+        &self,
+        stage: &Stage,
+        st: &legion_plan::TileStage,
+        node: &TypedNode,
+        inputs: &[OutletId],
+    ) -> Result<Box<dyn TypedOp>> {
+        let op = &node.op;
+        let read = st.reads.first().copied();
+        let pads = |ps: &PoolSpec| -> Result<PoolSpec> {
+            let read = read.context("a window stage reads one input")?;
+            let w = stage.kind.window().context("window geometry")?;
+            let before = tvec![read.pad_top, w.pad_before[1]];
+            let after = tvec![read.pad_bottom, w.pad_after[1]];
+            let padding = match ps.padding {
+                PaddingSpec::ExplicitOnnxPool(_, _, ceil) => {
+                    PaddingSpec::ExplicitOnnxPool(before, after, ceil)
+                }
+                _ => PaddingSpec::Explicit(before, after),
+            };
+            Ok(PoolSpec {
+                padding,
+                ..ps.clone()
+            })
+        };
+        if let Some(conv) = op.downcast_ref::<Conv>() {
+            return Ok(Box::new(Conv {
+                pool_spec: pads(&conv.pool_spec)?,
+                ..conv.clone()
+            }));
+        }
+        if let Some(pool) = op.downcast_ref::<MaxPool>() {
+            return Ok(Box::new(MaxPool {
+                pool_spec: pads(&pool.pool_spec)?,
+                ..pool.clone()
+            }));
+        }
+        if let Some(pool) = op.downcast_ref::<SumPool>() {
+            return Ok(Box::new(SumPool {
+                pool_spec: pads(&pool.pool_spec)?,
+                ..pool.clone()
+            }));
+        }
+        if let Some(AxisOp::Reshape(at, from, to)) = op.downcast_ref::<AxisOp>() {
+            let tile_in = self.model.outlet_fact(inputs[0])?.shape.to_tvec();
+            return Ok(Box::new(retarget_reshape(*at, from, to, &tile_in)?));
+        }
+        Ok(op.clone())
+    }
+}
+
+/// A reshape of `from` dims (at axis `at`) into `to` dims, rewritten for an input whose
+/// dims differ in one axis (the strip's height): the outermost `to` dim that the changed
+/// axis splits into scales with it.
+fn retarget_reshape(at: usize, from: &[TDim], to: &[TDim], input: &[TDim]) -> Result<AxisOp> {
+    let from_now: TVec<TDim> = input[at..at + from.len()].iter().cloned().collect();
+    let changed: Vec<usize> = (0..from.len())
+        .filter(|&i| from[i] != from_now[i])
+        .collect();
+    match changed[..] {
+        [] => Ok(AxisOp::Reshape(at, from.into(), to.into())),
+        [axis] => {
+            let dims = |v: &[TDim]| {
+                v.iter()
+                    .map(|d| d.to_usize().context("symbolic reshape dim"))
+                    .collect::<Result<Vec<usize>>>()
+            };
+            let (old_from, now, mut new_to) = (dims(from)?, dims(&from_now)?, dims(to)?);
+            // The `to` dim starting where the changed axis starts holds its outermost factor.
+            let before: usize = old_from[..axis].iter().product();
+            let mut prefix = 1;
+            let j = (0..new_to.len())
+                .find(|&j| {
+                    let hit = prefix == before;
+                    prefix *= new_to[j];
+                    hit && new_to[j] > 1
+                })
+                .context("reshape does not split the row axis on a dim boundary")?;
+            let (old, new) = (old_from[axis], now[axis]);
+            if (new_to[j] * new) % old != 0 {
+                bail!("a strip of {new} rows cannot be reshaped like {old} rows");
+            }
+            new_to[j] = new_to[j] * new / old;
+            Ok(AxisOp::Reshape(
+                at,
+                from_now,
+                new_to.into_iter().map(|d| d.to_dim()).collect(),
+            ))
+        }
+        _ => bail!("reshape over more than one changed axis"),
+    }
+}
