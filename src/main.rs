@@ -1,6 +1,7 @@
 //! `legion`: compile a CNN into a plan that runs one inference across several edge boards.
 
 mod inspect;
+mod split;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -21,19 +22,34 @@ struct Cli {
 enum Command {
     /// List a model's stages: shapes, geometry, FLOPs, weights, and which split by rows.
     Inspect(inspect::Args),
+    /// Tile groups of stages for N devices: strips, halos, pads, alpha; --check runs them.
+    Split(split::Args),
 }
 
 /// Exit code for bad input (a model that cannot be imported, a bad argument).
 const EXIT_BAD_INPUT: u8 = 2;
 
+/// A command-line argument that does not fit the model (reported with exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadArgument(String);
+
+fn is_bad_input(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<legion_ir::ImportError>().is_some()
+        || e.downcast_ref::<legion_partition::PartitionError>()
+            .is_some()
+        || e.downcast_ref::<BadArgument>().is_some()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Split(args) => split::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<legion_ir::ImportError>().is_some() => {
+        Err(e) if is_bad_input(&e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_BAD_INPUT)
         }

@@ -59,6 +59,8 @@ struct TileBuilder<'a> {
     tensors: HashMap<TensorRef, (OutletId, Rows)>,
     /// Constants already copied, by source outlet.
     consts: HashMap<OutletId, OutletId>,
+    /// Slices already wired, by tensor and rows.
+    slices: HashMap<(TensorRef, Rows), OutletId>,
 }
 
 impl<'a> TileBuilder<'a> {
@@ -72,6 +74,7 @@ impl<'a> TileBuilder<'a> {
             model,
             tensors: HashMap::new(),
             consts: HashMap::new(),
+            slices: HashMap::new(),
         }
     }
 
@@ -114,10 +117,15 @@ impl<'a> TileBuilder<'a> {
         if held == rows {
             return Ok(outlet);
         }
+        if let Some(w) = self.slices.get(&(r, rows)) {
+            return Ok(*w);
+        }
         let h = self.ir.tensor(r).h_axis.context("no row axis")?;
         let name = format!("{r:?}.rows{}_{}", rows.start, rows.end);
         let op = Slice::new(h, rows.start - held.start, rows.end - held.start);
-        Ok(self.model.wire_node(name, op, &[outlet])?[0])
+        let w = self.model.wire_node(name, op, &[outlet])?[0];
+        self.slices.insert((r, rows), w);
+        Ok(w)
     }
 
     fn copy_stage(&mut self, stage: &Stage, st: &legion_plan::TileStage) -> Result<()> {

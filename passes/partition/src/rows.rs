@@ -87,3 +87,79 @@ pub fn window_rows(w: &Window, want: Rows, height: usize) -> InputRows {
         pad_bottom: (hi - h).max(0) as usize,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn win(k: usize, s: usize, p: usize, d: usize, ceil_mode: bool) -> Window {
+        Window {
+            kernel: [k, k],
+            stride: [s, s],
+            dilation: [d, d],
+            pad_before: [p, p],
+            pad_after: [p, p],
+            ceil_mode,
+        }
+    }
+
+    fn need(w: &Window, a: usize, b: usize, h: usize) -> (Rows, usize, usize) {
+        let r = window_rows(w, Rows::new(a, b), h);
+        (r.rows, r.pad_top, r.pad_bottom)
+    }
+
+    #[test]
+    fn conv3x3_s1_p1_at_strip_boundaries() {
+        let w = win(3, 1, 1, 1, false);
+        // Interior strip: one halo row each side, no padding.
+        assert_eq!(need(&w, 3, 6, 10), (Rows::new(2, 7), 0, 0));
+        // Top strip keeps the top pad, bottom strip the bottom pad.
+        assert_eq!(need(&w, 0, 3, 10), (Rows::new(0, 4), 1, 0));
+        assert_eq!(need(&w, 6, 10, 10), (Rows::new(5, 10), 0, 1));
+        // The whole tensor: exactly the model's own pads.
+        assert_eq!(need(&w, 0, 10, 10), (Rows::new(0, 10), 1, 1));
+    }
+
+    #[test]
+    fn conv3x3_s2_p1() {
+        let w = win(3, 2, 1, 1, false);
+        assert_eq!(need(&w, 2, 4, 10), (Rows::new(3, 8), 0, 0));
+        assert_eq!(need(&w, 0, 1, 10), (Rows::new(0, 2), 1, 0));
+        // H=10: the last output row reads rows 7..10, no bottom pad needed.
+        assert_eq!(need(&w, 4, 5, 10), (Rows::new(7, 10), 0, 0));
+        // H=9 (still 5 output rows): the last window hangs one row below.
+        assert_eq!(need(&w, 4, 5, 9), (Rows::new(7, 9), 0, 1));
+    }
+
+    #[test]
+    fn pool2x2_s2() {
+        let w = win(2, 2, 0, 1, false);
+        assert_eq!(need(&w, 1, 3, 8), (Rows::new(2, 6), 0, 0));
+        assert_eq!(need(&w, 0, 4, 8), (Rows::new(0, 8), 0, 0));
+    }
+
+    #[test]
+    fn dilation_2() {
+        let w = win(3, 1, 2, 2, false);
+        assert_eq!(need(&w, 0, 2, 10), (Rows::new(0, 4), 2, 0));
+        assert_eq!(need(&w, 5, 10, 10), (Rows::new(3, 10), 0, 2));
+        assert_eq!(need(&w, 4, 5, 10), (Rows::new(2, 7), 0, 0));
+    }
+
+    #[test]
+    fn ceil_mode_pool_at_the_bottom_edge() {
+        // k3 s2 on 8 rows with ceil_mode: ceil((8-3)/2)+1 = 4 output rows; the last
+        // window starts at row 6 and hangs one row below the tensor.
+        let w = win(3, 2, 0, 1, true);
+        assert_eq!(need(&w, 3, 4, 8), (Rows::new(6, 8), 0, 1));
+        assert_eq!(need(&w, 0, 3, 8), (Rows::new(0, 7), 0, 0));
+    }
+
+    #[test]
+    fn rows_hull_and_contains() {
+        assert_eq!(Rows::new(2, 5).hull(Rows::new(4, 9)), Rows::new(2, 9));
+        assert_eq!(Rows::default().hull(Rows::new(4, 9)), Rows::new(4, 9));
+        assert!(Rows::new(2, 9).contains(Rows::new(3, 4)));
+        assert!(!Rows::new(2, 9).contains(Rows::new(1, 4)));
+    }
+}

@@ -90,3 +90,55 @@ pub fn rebalance(height: usize, devices: usize, cost: impl Fn(usize, Rows) -> f6
     }
     cut(&best)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_give_proportional_strips() {
+        let strips = strips_from_weights(10, &[3.0, 3.0, 2.0, 2.0]);
+        assert_eq!(
+            strips,
+            vec![
+                Rows::new(0, 3),
+                Rows::new(3, 6),
+                Rows::new(6, 8),
+                Rows::new(8, 10)
+            ]
+        );
+        // 7 rows over 3 equal devices: the remainder row goes to the first device.
+        let strips = strips_from_weights(7, &[1.0, 1.0, 1.0]);
+        assert_eq!(
+            strips,
+            vec![Rows::new(0, 3), Rows::new(3, 5), Rows::new(5, 7)]
+        );
+    }
+
+    #[test]
+    fn more_devices_than_rows_leaves_empty_strips() {
+        let strips = strips_from_weights(2, &[1.0; 4]);
+        assert_eq!(
+            strips.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            vec![1, 1, 0, 0]
+        );
+        assert_eq!(strips.last().unwrap().end, 2);
+    }
+
+    #[test]
+    fn rebalance_minimises_the_slowest_device() {
+        // Device 0 is twice as fast: 9 rows split 6/3.
+        let speeds = [2.0, 1.0];
+        let strips = rebalance(9, 2, |d, r| r.len() as f64 / speeds[d]);
+        assert_eq!(strips, vec![Rows::new(0, 6), Rows::new(6, 9)]);
+        // A fixed cost per strip (a transfer) makes a slow device worthless: it gets nothing.
+        let strips = rebalance(4, 2, |d, r| {
+            if d == 1 {
+                100.0 + r.len() as f64
+            } else {
+                r.len() as f64
+            }
+        });
+        assert_eq!(strips, vec![Rows::new(0, 4), Rows::new(4, 4)]);
+    }
+}

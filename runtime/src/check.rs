@@ -1,0 +1,75 @@
+//! Runs tiles on strips of a reference run and compares their outputs with the
+//! reference: the correctness check of every split.
+
+use crate::{Reference, Tile};
+use anyhow::{Context, Result};
+use legion_ir::{Ir, Rows, TensorRef};
+use legion_plan::TileSpec;
+use tract_onnx::prelude::*;
+
+/// Largest differences between tile outputs and the single-device run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Diff {
+    /// Largest absolute difference.
+    pub max_abs: f32,
+    /// Largest absolute difference over the largest magnitude of the reference tensor.
+    pub max_rel: f32,
+}
+
+impl Diff {
+    /// The worse of two diffs.
+    pub fn max(self, other: Diff) -> Diff {
+        Diff {
+            max_abs: self.max_abs.max(other.max_abs),
+            max_rel: self.max_rel.max(other.max_rel),
+        }
+    }
+}
+
+/// Rows `rows` of tensor `r` of the reference run.
+pub fn strip(ir: &Ir, reference: &Reference, r: TensorRef, rows: Rows) -> Result<Tensor> {
+    let h = ir.tensor(r).h_axis.context("tensor without a row axis")?;
+    reference.tensor(r).slice(h, rows.start, rows.end)
+}
+
+/// Builds and runs `spec` on strips of the reference and compares every output strip.
+pub fn check_tile(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<Diff> {
+    let tile = Tile::build(ir, spec)?;
+    let inputs = spec
+        .inputs
+        .iter()
+        .map(|i| strip(ir, reference, i.tensor, i.rows))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = tile.run(inputs)?;
+    let mut diff = Diff::default();
+    for (out, got) in spec.outputs.iter().zip(outputs) {
+        let r = TensorRef::Stage(out.stage);
+        let want = strip(ir, reference, r, out.rows)?;
+        diff = diff.max(compare(&got, &want, reference.tensor(r))?);
+    }
+    Ok(diff)
+}
+
+fn compare(got: &Tensor, want: &Tensor, whole: &Tensor) -> Result<Diff> {
+    anyhow::ensure!(
+        got.shape() == want.shape(),
+        "strip shape {:?}, expected {:?}",
+        got.shape(),
+        want.shape()
+    );
+    let got = got.to_plain_array_view::<f32>()?;
+    let want = want.to_plain_array_view::<f32>()?;
+    let scale = whole
+        .to_plain_array_view::<f32>()?
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let max_abs = got
+        .iter()
+        .zip(want.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Ok(Diff {
+        max_abs,
+        max_rel: max_abs / scale,
+    })
+}

@@ -1,0 +1,277 @@
+//! `legion split`: tile groups of a model for N devices, print strips, halos, pads and
+//! alpha, and optionally check the strips against a single-device run.
+
+use crate::{BadArgument, ModelArgs};
+use anyhow::{Context, Result, bail};
+use legion_ir::{Ir, TensorRef};
+use legion_partition::{Group, Tiling, check_group, strips_from_weights, tile};
+use legion_runtime::{Reference, check};
+use serde::Serialize;
+use std::fmt::Write;
+use tract_onnx::prelude::Tensor;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Number of devices.
+    #[arg(long)]
+    devices: usize,
+    /// Relative device speeds, one per device (default: all equal), e.g. 3,3,2,2.
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// One group of stages, e.g. 0..4 (inclusive).
+    #[arg(long, conflicts_with = "groups")]
+    group: Option<String>,
+    /// Several groups, e.g. 0..4,5..9 (default: every run of splittable stages).
+    #[arg(long)]
+    groups: Option<String>,
+    /// Run every strip with tract and compare with the single-device run.
+    #[arg(long)]
+    check: bool,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Relative error above which `--check` fails.
+const TOLERANCE: f32 = 1e-5;
+
+#[derive(Serialize)]
+struct GroupReport {
+    tiling: Tiling,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check: Option<CheckReport>,
+}
+
+#[derive(Serialize)]
+struct CheckReport {
+    max_abs: f32,
+    max_rel: f32,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let ir = args.model.import()?;
+    let weights = args
+        .weights
+        .clone()
+        .unwrap_or_else(|| vec![1.0; args.devices]);
+    let bad = |msg: String| Err(BadArgument(msg).into());
+    if args.devices == 0 {
+        return bad("--devices must be at least 1".into());
+    }
+    if weights.len() != args.devices {
+        return bad(format!(
+            "--weights gives {} speeds for {} devices",
+            weights.len(),
+            args.devices
+        ));
+    }
+    if weights.iter().any(|w| !w.is_finite() || *w <= 0.0) {
+        return bad(format!(
+            "--weights must be positive numbers, got {weights:?}"
+        ));
+    }
+    let groups = match (&args.group, &args.groups) {
+        (Some(g), _) | (None, Some(g)) => parse_groups(&ir, g)?,
+        (None, None) => splittable_runs(&ir),
+    };
+    let reference = if args.check {
+        Some(Reference::run(&ir, test_input(&ir.input.shape))?)
+    } else {
+        None
+    };
+    let mut reports = vec![];
+    for group in groups {
+        let height = ir
+            .stage(group.last)
+            .output
+            .height()
+            .context("group output has no rows")?;
+        if args.devices > height {
+            return bad(format!(
+                "group {group} ends with {height} rows, fewer than the {} devices; use fewer devices or a group that ends earlier",
+                args.devices
+            ));
+        }
+        let tiling = tile(&ir, group, &strips_from_weights(height, &weights))?;
+        let check = match &reference {
+            Some(reference) => {
+                let mut diff = check::Diff::default();
+                for d in &tiling.devices {
+                    let got = check::check_tile(&ir, reference, &d.spec())
+                        .with_context(|| format!("group {group}, device {}", d.device))?;
+                    diff = diff.max(got);
+                }
+                Some(CheckReport {
+                    max_abs: diff.max_abs,
+                    max_rel: diff.max_rel,
+                })
+            }
+            None => None,
+        };
+        reports.push(GroupReport { tiling, check });
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in &reports {
+            print!("{}", group_table(&ir, r));
+        }
+    }
+    let worst = reports
+        .iter()
+        .filter_map(|r| r.check.as_ref())
+        .map(|c| c.max_rel)
+        .fold(0f32, f32::max);
+    if args.check && worst > TOLERANCE {
+        bail!(
+            "split outputs differ from the single-device run: max relative error {worst:e} > {TOLERANCE:e}"
+        );
+    }
+    Ok(())
+}
+
+/// Parses `A..B` or `A..B,C..D` (inclusive stage ranges).
+fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
+    text.split(',')
+        .map(|g| {
+            let malformed =
+                || BadArgument(format!("'{g}' is not a stage range: write A..B, e.g. 0..4"));
+            let (a, b) = g.trim().split_once("..").ok_or_else(malformed)?;
+            let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| malformed());
+            Ok(check_group(ir, parse(a)?, parse(b)?)?)
+        })
+        .collect()
+}
+
+/// Every maximal run of splittable stages, as groups.
+fn splittable_runs(ir: &Ir) -> Vec<Group> {
+    let mut groups = vec![];
+    let mut start = None;
+    for s in &ir.stages {
+        match (s.is_splittable(), start) {
+            (true, None) => start = Some(s.id.index()),
+            (false, Some(a)) => {
+                groups.push(Group::new(a, s.id.index() - 1));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(a) = start {
+        groups.push(Group::new(a, ir.stages.len() - 1));
+    }
+    groups
+}
+
+/// A deterministic input with values spread over [-1, 1].
+pub fn test_input(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n as u64)
+        .map(|i| ((i.wrapping_mul(2654435761) % 2001) as f32 / 1000.0) - 1.0)
+        .collect();
+    Tensor::from_shape(shape, &values).expect("shape and length agree")
+}
+
+fn tensor_name(r: TensorRef) -> String {
+    match r {
+        TensorRef::Input => "input".into(),
+        TensorRef::Stage(s) => format!("s{s}"),
+    }
+}
+
+fn alpha(a: Option<f64>) -> String {
+    a.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into())
+}
+
+fn group_table(ir: &Ir, report: &GroupReport) -> String {
+    let t = &report.tiling;
+    let mut out = String::new();
+    let first = ir.stage(t.group.first);
+    let last = ir.stage(t.group.last);
+    let _ = writeln!(
+        out,
+        "group {} ({} .. {}), {} devices; inputs {}; outputs {}",
+        t.group,
+        first.name,
+        last.name,
+        t.devices.len(),
+        t.inputs
+            .iter()
+            .map(|r| tensor_name(*r))
+            .collect::<Vec<_>>()
+            .join(","),
+        t.outputs
+            .iter()
+            .map(|s| format!("s{s}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut rows: Vec<Vec<String>> = vec![];
+    let mut header = vec!["".to_string()];
+    header.extend(t.devices.iter().map(|d| format!("device {}", d.device)));
+    rows.push(header);
+    let mut line = vec!["strip".to_string()];
+    line.extend(t.devices.iter().map(|d| d.strip.to_string()));
+    rows.push(line);
+    for (i, input) in t.inputs.iter().enumerate() {
+        let mut line = vec![format!("recv {}", tensor_name(*input))];
+        line.extend(t.devices.iter().map(|d| {
+            let r = &d.received[i];
+            format!("{} a_in {}", r.rows, alpha(r.alpha_in))
+        }));
+        rows.push(line);
+    }
+    for s in t.group.stages() {
+        let stage = ir.stage(s);
+        let mut line = vec![format!("s{s} {}", stage.kind.short_name())];
+        line.extend(t.devices.iter().map(|d| {
+            let st = d.stage(s);
+            let pads = st
+                .inputs
+                .iter()
+                .filter(|i| i.pad_top + i.pad_bottom > 0)
+                .map(|i| format!(" pad {}/{}", i.pad_top, i.pad_bottom))
+                .next()
+                .unwrap_or_default();
+            format!(
+                "{} halo {} a {}{pads}",
+                st.computed,
+                st.halo_rows,
+                alpha(st.alpha)
+            )
+        }));
+        rows.push(line);
+    }
+    for (i, o) in t.outputs.iter().enumerate() {
+        let mut line = vec![format!("send s{o}")];
+        line.extend(t.devices.iter().map(|d| d.sent[i].1.to_string()));
+        rows.push(line);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "  {}", cells.join("  ").trim_end());
+    }
+    if let Some(c) = &report.check {
+        let verdict = if c.max_rel <= TOLERANCE {
+            "ok"
+        } else {
+            "MISMATCH"
+        };
+        let _ = writeln!(
+            out,
+            "  check: max abs {:e}, max rel {:e} ({verdict})",
+            c.max_abs, c.max_rel
+        );
+    }
+    out.push('\n');
+    out
+}

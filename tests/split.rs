@@ -1,0 +1,198 @@
+//! Split correctness on the generated models: every device's tile, run with tract,
+//! equals the single-device run (relative error < 1e-5); plus `legion split` output
+//! and its argument errors.
+
+use legion_ir::{Ir, StageKind, import};
+use legion_partition::{Group, strips_from_weights, tile};
+use legion_runtime::{Reference, check};
+use std::process::{Command, Output};
+use tract_onnx::prelude::Tensor;
+
+fn load(name: &str) -> Ir {
+    import(&legion_models::test_model(name).unwrap(), None).unwrap()
+}
+
+fn input(ir: &Ir) -> Tensor {
+    let n: usize = ir.input.shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::from_shape(&ir.input.shape, &values).unwrap()
+}
+
+/// Tiles `first..=last` for `weights` and checks every device against the reference.
+fn assert_split_equal(ir: &Ir, reference: &Reference, first: usize, last: usize, weights: &[f64]) {
+    let group = Group::new(first, last);
+    let height = ir.stage(group.last).output.height().unwrap();
+    let strips = strips_from_weights(height, weights);
+    let tiling = tile(ir, group, &strips).unwrap();
+    assert_eq!(
+        tiling.devices.len(),
+        strips.iter().filter(|s| !s.is_empty()).count()
+    );
+    for d in &tiling.devices {
+        let diff = check::check_tile(ir, reference, &d.spec()).unwrap();
+        assert!(
+            diff.max_rel < 1e-5,
+            "group {group} on {} devices, device {}: {diff:?}",
+            weights.len(),
+            d.device
+        );
+    }
+}
+
+#[test]
+fn vgg16_blocks_and_whole_conv_part() {
+    let ir = load("vgg16-conv");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let blocks = [(0, 2), (3, 5), (6, 9), (10, 13), (14, 17)];
+    for (i, &(first, last)) in blocks.iter().enumerate() {
+        assert!(
+            matches!(ir.stages[last].kind, StageKind::Pool { .. }),
+            "blocks end at a pool"
+        );
+        let devices = 2 + i; // 2..6 devices
+        let weights: Vec<f64> = (0..devices).map(|d| 1.0 + (d % 3) as f64).collect();
+        assert_split_equal(&ir, &reference, first, last, &weights);
+    }
+    assert_split_equal(&ir, &reference, 0, 17, &[3.0, 3.0, 2.0, 2.0, 2.0, 1.0]);
+    assert_split_equal(&ir, &reference, 0, 17, &[1.0, 1.0]);
+}
+
+#[test]
+fn resnet18_groups_inside_and_at_block_boundaries() {
+    let ir = load("resnet18");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    // Stages: 1 maxpool, 2-3 convs of layer1.0, 4 its Add, 8-11 layer2.0 with downsample.
+    assert!(matches!(&ir.stages[4].kind, StageKind::Join { name } if name == "Add"));
+    // Ends inside a block: the skip tensor (stage 1) leaves the group too.
+    assert_split_equal(&ir, &reference, 1, 3, &[1.0, 1.0, 1.0]);
+    // Ends at block boundaries, with the skip branch inside the group.
+    assert_split_equal(&ir, &reference, 1, 4, &[2.0, 1.0]);
+    assert_split_equal(&ir, &reference, 5, 11, &[3.0, 2.0, 2.0, 1.0]);
+    assert_split_equal(&ir, &reference, 0, 28, &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+}
+
+#[test]
+fn yolov2_group_spanning_reorg_and_concat() {
+    let ir = load("yolov2");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let reorg = ir
+        .stages
+        .iter()
+        .position(|s| matches!(s.kind, StageKind::SpaceToDepth { .. }))
+        .unwrap();
+    let concat = ir
+        .stages
+        .iter()
+        .position(|s| matches!(s.kind, StageKind::Concat { .. }))
+        .unwrap();
+    assert!(reorg < concat);
+    assert_split_equal(&ir, &reference, reorg - 2, concat + 1, &[2.0, 1.0, 1.0]);
+    assert_split_equal(
+        &ir,
+        &reference,
+        11,
+        ir.stages.len() - 1,
+        &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    );
+}
+
+#[test]
+fn mobilenetv2_depthwise_and_inverted_residuals() {
+    let ir = load("mobilenetv2");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let last_split = ir.stages.iter().rposition(|s| s.is_splittable()).unwrap();
+    assert_split_equal(&ir, &reference, 0, 12, &[1.0, 1.0, 1.0]);
+    assert_split_equal(&ir, &reference, 13, last_split, &[2.0, 1.0]);
+}
+
+fn legion(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_legion"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn split_table_of_vgg16_on_4_devices() {
+    let path = legion_models::test_model("vgg16").unwrap();
+    let out = legion(&[
+        "split",
+        path.to_str().unwrap(),
+        "--devices",
+        "4",
+        "--weights",
+        "3,3,2,2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    insta::assert_snapshot!(String::from_utf8(out.stdout).unwrap());
+}
+
+#[test]
+fn split_check_passes_on_tiny_models() {
+    for name in [
+        "tiny-cnn",
+        "tiny-residual",
+        "tiny-yolo",
+        "tiny-mobile",
+        "tiny-nhwc",
+    ] {
+        let path = legion_models::test_model(name).unwrap();
+        let out = legion(&[
+            "split",
+            path.to_str().unwrap(),
+            "--devices",
+            "3",
+            "--weights",
+            "3,2,1",
+            "--check",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("(ok)"), "{name}: {stdout}");
+    }
+}
+
+fn expect_bad_argument(args: &[&str], needle: &str) {
+    let path = legion_models::test_model("tiny-head").unwrap();
+    let mut all = vec!["split", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = legion(&all);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+}
+
+#[test]
+fn split_rejects_bad_groups_and_device_counts() {
+    // tiny-head: 0 conv, 1 pool, 2 flatten (barrier), 3 matmul, 4 softmax.
+    expect_bad_argument(
+        &["--devices", "2", "--group", "0..2"],
+        "stage 2 (flatten.0) is a barrier",
+    );
+    expect_bad_argument(
+        &["--devices", "2", "--group", "0-2"],
+        "'0-2' is not a stage range",
+    );
+    expect_bad_argument(
+        &["--devices", "2", "--group", "3..1"],
+        "is not a range of stages",
+    );
+    expect_bad_argument(
+        &["--devices", "9", "--group", "0..1"],
+        "ends with 8 rows, fewer than the 9 devices",
+    );
+    expect_bad_argument(
+        &["--devices", "2", "--weights", "1,2,3"],
+        "3 speeds for 2 devices",
+    );
+}
