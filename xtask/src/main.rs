@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask <task>` (see `cargo xtask --help`).
 
+mod bench;
 mod gen_models;
 
 use anyhow::Result;
@@ -16,10 +17,13 @@ struct Cli {
 enum Task {
     /// Generate the ONNX test models (legion-models).
     GenModels(gen_models::Args),
+    /// Run a benchmark and write its table under bench/.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::GenModels(args) => gen_models::run(&args),
+        Task::Bench(args) => bench::run(&args),
     }
 }

@@ -1,0 +1,193 @@
+//! `cargo xtask bench <what>`: benchmarks whose results are written as tables under bench/.
+
+use anyhow::{Context, Result};
+use legion_ir::Ir;
+use legion_partition::{Group, strips_from_weights, tile};
+use legion_runtime::{Reference, Tile};
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::Tensor;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which benchmark.
+    #[arg(value_enum)]
+    what: Bench,
+    /// Where to write the table (default bench/<what>.md).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// Tiling every candidate group; one strip's tract model against the whole group.
+    Partition,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let (name, table) = match args.what {
+        Bench::Partition => ("partition", partition()?),
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench/{name}.md")));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &table).with_context(|| format!("writing {}", out.display()))?;
+    print!("{table}");
+    eprintln!("written {}", out.display());
+    Ok(())
+}
+
+fn load(name: &str) -> Result<Ir> {
+    Ok(legion_ir::import(&legion_models::test_model(name)?, None)?)
+}
+
+/// Every contiguous range of splittable stages.
+fn candidate_groups(ir: &Ir) -> Vec<Group> {
+    let mut groups = vec![];
+    for first in 0..ir.stages.len() {
+        for last in first..ir.stages.len() {
+            if !ir.stages[last].is_splittable() {
+                break;
+            }
+            if ir.stages[first].is_splittable() {
+                groups.push(Group::new(first, last));
+            }
+        }
+    }
+    groups
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+/// Median of `n` timed runs of `f`.
+fn median(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let mut times = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f().map(|_| t.elapsed())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    times.sort();
+    Ok(times[n / 2])
+}
+
+fn partition() -> Result<String> {
+    let devices = 6;
+    let mut out = String::new();
+    writeln!(out, "# Partition pass benchmark\n")?;
+    writeln!(
+        out,
+        "Produced by `cargo xtask bench partition` (dev profile: tract optimized, Legion's crates not) on {}.\n",
+        host()
+    )?;
+    writeln!(
+        out,
+        "## Tiling every candidate group on {devices} equal devices\n"
+    )?;
+    writeln!(
+        out,
+        "| model | stages | candidate groups | total | per group |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    for name in ["vgg16", "resnet50"] {
+        let ir = load(name)?;
+        let groups = candidate_groups(&ir);
+        let total = median(3, || {
+            for g in &groups {
+                let height = ir.stage(g.last).output.height().context("rows")?;
+                tile(&ir, *g, &strips_from_weights(height, &vec![1.0; devices]))?;
+            }
+            Ok(())
+        })?;
+        writeln!(
+            out,
+            "| {name} | {} | {} | {} ms | {:.1} us |",
+            ir.stages.len(),
+            groups.len(),
+            ms(total),
+            total.as_secs_f64() * 1e6 / groups.len() as f64
+        )?;
+    }
+    writeln!(
+        out,
+        "\n## One strip's tract model against the same stages whole (VGG-16)\n"
+    )?;
+    writeln!(
+        out,
+        "Device 0's strip of {devices} equal strips; build = sub-model construction + `into_optimized`, run = median of 5.\n"
+    )?;
+    writeln!(
+        out,
+        "| group | build strip | run strip | build whole | run whole | strip / whole run |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+    let ir = load("vgg16")?;
+    let input = bench_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input)?;
+    for (first, last) in [(0, 2), (6, 9), (14, 17), (0, 17)] {
+        let group = Group::new(first, last);
+        let height = ir.stage(group.last).output.height().context("rows")?;
+        let mut row = format!(
+            "| {group} ({} .. {}) ",
+            ir.stage(group.first).name,
+            ir.stage(group.last).name
+        );
+        let mut runs = vec![];
+        for n in [devices, 1] {
+            let tiling = tile(&ir, group, &strips_from_weights(height, &vec![1.0; n]))?;
+            let spec = tiling.devices[0].spec();
+            let t = Instant::now();
+            let built = Tile::build(&ir, &spec)?;
+            let build = t.elapsed();
+            let inputs: Vec<Tensor> = spec
+                .inputs
+                .iter()
+                .map(|i| legion_runtime::check::strip(&ir, &reference, i.tensor, i.rows))
+                .collect::<Result<_>>()?;
+            let run = median(5, || built.run(inputs.clone()).map(|_| ()))?;
+            write!(row, "| {} ms | {} ms ", ms(build), ms(run))?;
+            runs.push(run);
+        }
+        writeln!(
+            row,
+            "| {:.2} |",
+            runs[0].as_secs_f64() / runs[1].as_secs_f64()
+        )?;
+        out.push_str(&row);
+    }
+    writeln!(
+        out,
+        "\nWith 6 equal strips a device would ideally run 1/6 = 0.17 of the whole; the excess is the halo rows it recomputes."
+    )?;
+    Ok(out)
+}
+
+fn bench_input(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::from_shape(shape, &values).expect("shape matches")
+}
+
+fn host() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!("{cpu}, {cores} cores")
+}
