@@ -139,17 +139,13 @@ impl Builder<'_> {
         if !op.is::<TypedBinOp>() {
             return false;
         }
+        // Data operands have the output's shape (no broadcast across rows); constant
+        // operands (bias, BN scale) must be flat along rows.
         let out = &node.outputs[0].fact.shape;
-        node.inputs.iter().all(|i| {
-            let fact = self.model.outlet_fact(*i).unwrap();
-            if fact.konst.is_some() {
-                // A constant operand must not vary along rows: size 1 on every axis
-                // where the output is taller than 1, except channels-like axes.
-                fact.rank() <= out.rank()
-            } else {
-                &fact.shape == out
-            }
-        }) && self.const_operands_flat_on_rows(id)
+        self.data_inputs(id)
+            .iter()
+            .all(|i| self.model.outlet_fact(*i).is_ok_and(|f| &f.shape == out))
+            && self.const_operands_flat_on_rows(id)
     }
 
     /// Constant operands of `id` have size 1 along the H axis of its data input.
@@ -164,7 +160,9 @@ impl Builder<'_> {
         };
         let rank = node.outputs[0].fact.rank();
         node.inputs.iter().filter(|o| self.is_const(**o)).all(|o| {
-            let fact = self.model.outlet_fact(*o).unwrap();
+            let Ok(fact) = self.model.outlet_fact(*o) else {
+                return false;
+            };
             let offset = rank.saturating_sub(fact.rank());
             h < offset || fact.shape.get(h - offset).is_none_or(|d| *d == 1.to_dim())
         })

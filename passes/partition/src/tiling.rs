@@ -259,7 +259,16 @@ pub fn tile(ir: &Ir, group: Group, strips: &[Rows]) -> Result<Tiling, PartitionE
         });
     }
     let (inputs, outputs) = boundary(ir, group);
-    let cut_of = |s: StageId| scale_cut(strips, height, ir.stage(s).output.height().unwrap());
+    let cut_of = |s: StageId| {
+        scale_cut(
+            strips,
+            height,
+            ir.stage(s)
+                .output
+                .height()
+                .expect("splittable stages have rows"),
+        )
+    };
     let alone: BTreeMap<StageId, Vec<Rows>> = group.stages().map(|s| (s, cut_of(s))).collect();
     let devices = strips
         .iter()

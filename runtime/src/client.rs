@@ -1,0 +1,233 @@
+//! The coordinator's side of the protocol: one connection to one worker, every call
+//! bounded by a deadline so that a dead worker gives an error naming its address.
+
+use crate::MAX_MESSAGE_BYTES;
+use crate::proto::worker_client::WorkerClient as Raw;
+use crate::proto::{
+    HealthRequest, InfoReply, InfoRequest, ModelChunk, ModelRef, ProbeRequest, RunTileRequest,
+};
+use crate::wire::{from_wire, sha256_hex, to_wire};
+use anyhow::{Context, Result, anyhow};
+use legion_plan::TileSpec;
+use std::future::Future;
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use tract_onnx::prelude::Tensor;
+
+/// Deadline of a call when none is configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Size of the chunks a model is uploaded in.
+const CHUNK_BYTES: usize = 1 << 20;
+
+type Interceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+
+/// A connection to one worker.
+#[derive(Clone)]
+pub struct WorkerClient {
+    addr: String,
+    raw: Raw<InterceptedService<Channel, Interceptor>>,
+    timeout: Duration,
+}
+
+/// A model as a worker knows it: content address and input shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelId {
+    /// Lowercase hex sha256 of the ONNX bytes.
+    pub sha256: String,
+    /// The input shape to import it with (empty: the one the file declares).
+    pub input_shape: Vec<usize>,
+}
+
+impl ModelId {
+    fn to_proto(&self) -> ModelRef {
+        ModelRef {
+            sha256: self.sha256.clone(),
+            input_shape: self.input_shape.iter().map(|&d| d as u64).collect(),
+        }
+    }
+}
+
+impl WorkerClient {
+    /// Connects to the worker at `addr` (`host:port`), sending `token` with every call;
+    /// every call, the connection included, fails after `timeout`.
+    pub async fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("bad worker address {addr:?}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = tokio::time::timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| anyhow!("worker {addr}: no connection after {timeout:?}"))?
+            .with_context(|| format!("worker {addr}: connecting"))?;
+        let auth = match token {
+            Some(t) => Some(
+                MetadataValue::try_from(format!("Bearer {t}"))
+                    .context("the token is not valid metadata")?,
+            ),
+            None => None,
+        };
+        let interceptor: Interceptor = Box::new(move |mut req: Request<()>| {
+            if let Some(v) = &auth {
+                req.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(req)
+        });
+        let raw = Raw::with_interceptor(channel, interceptor)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(WorkerClient {
+            addr: addr.to_string(),
+            raw,
+            timeout,
+        })
+    }
+
+    /// The worker's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Runs one call under the deadline, naming the worker and the call in errors. A
+    /// worker's refusal stays downcastable to [`Status`].
+    async fn call<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(timeout, f).await {
+            Err(_) => Err(anyhow!(
+                "worker {}: {what} got no answer within {timeout:?}",
+                self.addr
+            )),
+            Ok(Err(status)) => {
+                Err(anyhow::Error::new(status)
+                    .context(format!("worker {}: {what} failed", self.addr)))
+            }
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        }
+    }
+
+    /// Device name, arch, cores and version.
+    pub async fn info(&self) -> Result<InfoReply> {
+        let mut raw = self.raw.clone();
+        self.call("Info", self.timeout, raw.info(InfoRequest {}))
+            .await
+    }
+
+    /// Succeeds when the worker serves.
+    pub async fn health(&self) -> Result<()> {
+        let mut raw = self.raw.clone();
+        self.call("Health", self.timeout, raw.health(HealthRequest {}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Uploads an ONNX model unless the worker has it cached; returns its id and whether
+    /// bytes were sent. The deadline grows with the model (at least 50 MB/s).
+    pub async fn upload_model(
+        &self,
+        bytes: &[u8],
+        input_shape: &[usize],
+    ) -> Result<(ModelId, bool)> {
+        let id = ModelId {
+            sha256: sha256_hex(bytes),
+            input_shape: input_shape.to_vec(),
+        };
+        let mut raw = self.raw.clone();
+        let cached = self
+            .call("HasModel", self.timeout, raw.has_model(id.to_proto()))
+            .await?
+            .cached;
+        if cached {
+            return Ok((id, false));
+        }
+        self.upload_as(&id, bytes).await?;
+        Ok((id, true))
+    }
+
+    /// Streams `bytes` announced as model `id`, cached or not (the worker verifies).
+    pub async fn upload_as(&self, id: &ModelId, bytes: &[u8]) -> Result<u64> {
+        let chunks: Vec<ModelChunk> = bytes
+            .chunks(CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, c)| ModelChunk {
+                model: (i == 0).then(|| id.to_proto()),
+                data: c.to_vec(),
+            })
+            .collect();
+        let chunks = if chunks.is_empty() {
+            vec![ModelChunk {
+                model: Some(id.to_proto()),
+                data: vec![],
+            }]
+        } else {
+            chunks
+        };
+        let timeout = self.timeout + Duration::from_secs_f64(bytes.len() as f64 / 50e6);
+        let mut raw = self.raw.clone();
+        let mut req = Request::new(tokio_stream::iter(chunks));
+        req.set_timeout(timeout);
+        let reply = self
+            .call("UploadModel", timeout, raw.upload_model(req))
+            .await?;
+        Ok(reply.bytes)
+    }
+
+    /// Runs `spec` of `model` on input strips; returns the output strips and the compute
+    /// time the worker measured, in microseconds.
+    pub async fn run_tile(
+        &self,
+        model: &ModelId,
+        spec: &TileSpec,
+        inputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, u64)> {
+        let req = RunTileRequest {
+            model: Some(model.to_proto()),
+            tile_spec_json: serde_json::to_vec(spec)?,
+            inputs: inputs.iter().map(to_wire).collect::<Result<_>>()?,
+        };
+        self.run_tile_raw(req).await
+    }
+
+    /// Sends a RunTile request as built by the caller.
+    pub async fn run_tile_raw(&self, req: RunTileRequest) -> Result<(Vec<Tensor>, u64)> {
+        let mut raw = self.raw.clone();
+        let reply = self
+            .call("RunTile", self.timeout, raw.run_tile(req))
+            .await?;
+        let outputs = reply
+            .outputs
+            .iter()
+            .map(from_wire)
+            .collect::<Result<_>>()
+            .with_context(|| format!("worker {}: decoding RunTile outputs", self.addr))?;
+        Ok((outputs, reply.compute_us))
+    }
+
+    /// Sends `n` bytes and gets them back; returns the round-trip time.
+    pub async fn probe_transfer(&self, n: usize) -> Result<Duration> {
+        let mut raw = self.raw.clone();
+        let start = std::time::Instant::now();
+        let reply = self
+            .call(
+                "ProbeTransfer",
+                self.timeout,
+                raw.probe_transfer(ProbeRequest {
+                    payload: vec![0x5a; n],
+                }),
+            )
+            .await?;
+        anyhow::ensure!(
+            reply.payload.len() == n,
+            "worker {}: ProbeTransfer echoed {} bytes of {n}",
+            self.addr,
+            reply.payload.len()
+        );
+        Ok(start.elapsed())
+    }
+}

@@ -1,0 +1,353 @@
+//! The worker: serves the gRPC protocol of proto/legion.proto on a device. It caches
+//! uploaded models on disk by sha256, imports them once, and builds each tile once.
+
+use crate::proto::worker_server::{Worker as WorkerService, WorkerServer};
+use crate::proto::{
+    F32Tensor, HasModelReply, HealthReply, HealthRequest, InfoReply, InfoRequest, ModelChunk,
+    ModelRef, ProbeReply, ProbeRequest, RunTileReply, RunTileRequest, UploadReply,
+};
+use crate::wire::{from_wire, hex, is_sha256, to_wire};
+use crate::{MAX_MESSAGE_BYTES, Tile};
+use legion_ir::{Ir, TensorRef};
+use legion_plan::TileSpec;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status, Streaming};
+use tract_onnx::prelude::Tensor;
+
+/// How a worker presents itself and where it keeps models.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The device name reported by Info.
+    pub name: String,
+    /// Directory of cached models, `<sha256>.onnx`; created if missing.
+    pub cache_dir: PathBuf,
+    /// When set, every call must carry `authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// A worker's state: imported models and built tiles.
+pub struct Worker {
+    config: WorkerConfig,
+    /// Imported models, by sha256 and input shape.
+    models: Mutex<HashMap<(String, Vec<usize>), Arc<Ir>>>,
+    /// Built tiles, by model key and the TileSpec's canonical JSON.
+    tiles: Mutex<HashMap<(String, String), Arc<Tile>>>,
+    /// Numbers temporary upload files.
+    uploads: AtomicU64,
+}
+
+impl Worker {
+    /// A worker with an empty state; creates the cache directory.
+    pub fn new(config: WorkerConfig) -> anyhow::Result<Worker> {
+        std::fs::create_dir_all(&config.cache_dir).map_err(|e| {
+            anyhow::anyhow!("creating cache dir {}: {e}", config.cache_dir.display())
+        })?;
+        Ok(Worker {
+            config,
+            models: Mutex::default(),
+            tiles: Mutex::default(),
+            uploads: AtomicU64::new(0),
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops gracefully.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let token = self.config.token.clone();
+        let server = WorkerServer::new(Arc::new(self))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = InterceptedService::new(server, move |req: Request<()>| {
+            authorize(token.as_deref(), &req)?;
+            Ok(req)
+        });
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+
+    fn model_path(&self, sha: &str) -> PathBuf {
+        self.config.cache_dir.join(format!("{sha}.onnx"))
+    }
+
+    /// The imported model, importing it from the cache on first use.
+    fn model(&self, m: &ModelRef) -> Result<Arc<Ir>, Status> {
+        check_sha(&m.sha256)?;
+        let shape: Vec<usize> = m.input_shape.iter().map(|&d| d as usize).collect();
+        let key = (m.sha256.clone(), shape);
+        if let Some(ir) = lock(&self.models).get(&key) {
+            return Ok(ir.clone());
+        }
+        let path = self.model_path(&m.sha256);
+        if !path.exists() {
+            return Err(Status::failed_precondition(format!(
+                "model {} not uploaded; upload it first",
+                m.sha256
+            )));
+        }
+        let shape = (!key.1.is_empty()).then_some(&key.1[..]);
+        let ir = legion_ir::import(&path, shape)
+            .map_err(|e| Status::invalid_argument(format!("importing model {}: {e}", m.sha256)))?;
+        let ir = Arc::new(ir);
+        lock(&self.models).insert(key, ir.clone());
+        Ok(ir)
+    }
+
+    /// The built tile of `spec`, building it on first use.
+    fn tile(&self, m: &ModelRef, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
+        let canonical = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
+        let key = (format!("{}:{:?}", m.sha256, m.input_shape), canonical);
+        if let Some(t) = lock(&self.tiles).get(&key) {
+            return Ok(t.clone());
+        }
+        let tile = Tile::build(ir, spec)
+            .map_err(|e| Status::invalid_argument(format!("building the tile: {e:#}")))?;
+        let tile = Arc::new(tile);
+        lock(&self.tiles).insert(key, tile.clone());
+        Ok(tile)
+    }
+
+    /// Builds (once) and runs a tile; blocking, for `spawn_blocking`.
+    fn run_tile(&self, req: RunTileRequest) -> Result<RunTileReply, Status> {
+        let m = req
+            .model
+            .ok_or_else(|| Status::invalid_argument("RunTile without a model"))?;
+        let spec: TileSpec = serde_json::from_slice(&req.tile_spec_json)
+            .map_err(|e| Status::invalid_argument(format!("bad TileSpec JSON: {e}")))?;
+        let ir = self.model(&m)?;
+        validate(&ir, &spec)?;
+        let inputs = strips(&ir, &spec, &req.inputs)?;
+        let tile = self.tile(&m, &ir, &spec)?;
+        let start = Instant::now();
+        let outputs = tile
+            .run(inputs)
+            .map_err(|e| Status::internal(format!("running the tile: {e:#}")))?;
+        let compute_us = start.elapsed().as_micros() as u64;
+        let outputs = outputs
+            .iter()
+            .map(to_wire)
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| Status::internal(format!("encoding outputs: {e:#}")))?;
+        Ok(RunTileReply {
+            outputs,
+            compute_us,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Arc<Worker> {
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
+        Ok(Response::new(InfoReply {
+            name: self.config.name.clone(),
+            arch: std::env::consts::ARCH.to_string(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthReply>, Status> {
+        Ok(Response::new(HealthReply {}))
+    }
+
+    async fn has_model(&self, req: Request<ModelRef>) -> Result<Response<HasModelReply>, Status> {
+        let sha = &req.get_ref().sha256;
+        check_sha(sha)?;
+        let cached = self.model_path(sha).exists();
+        Ok(Response::new(HasModelReply { cached }))
+    }
+
+    async fn upload_model(
+        &self,
+        req: Request<Streaming<ModelChunk>>,
+    ) -> Result<Response<UploadReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+        let sha = first
+            .model
+            .as_ref()
+            .map(|m| m.sha256.clone())
+            .ok_or_else(|| {
+                Status::invalid_argument("the first chunk must carry the model's sha256")
+            })?;
+        check_sha(&sha)?;
+        let path = self.model_path(&sha);
+        if path.exists() {
+            return Ok(Response::new(UploadReply { bytes: 0 }));
+        }
+        let n = self.uploads.fetch_add(1, Ordering::Relaxed);
+        let part = path.with_extension(format!("part{n}.{}", std::process::id()));
+        let result = receive(&part, first.data, &mut stream).await;
+        let (bytes, digest) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(e);
+            }
+        };
+        if digest != sha {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(Status::invalid_argument(format!(
+                "model bytes hash to {digest}, not the announced {sha}"
+            )));
+        }
+        tokio::fs::rename(&part, &path)
+            .await
+            .map_err(|e| Status::internal(format!("caching the model: {e}")))?;
+        Ok(Response::new(UploadReply { bytes }))
+    }
+
+    async fn run_tile(
+        &self,
+        req: Request<RunTileRequest>,
+    ) -> Result<Response<RunTileReply>, Status> {
+        let worker = self.clone();
+        let req = req.into_inner();
+        tokio::task::spawn_blocking(move || worker.run_tile(req))
+            .await
+            .map_err(|e| Status::internal(format!("the tile task failed: {e}")))?
+            .map(Response::new)
+    }
+
+    async fn probe_transfer(
+        &self,
+        req: Request<ProbeRequest>,
+    ) -> Result<Response<ProbeReply>, Status> {
+        Ok(Response::new(ProbeReply {
+            payload: req.into_inner().payload,
+        }))
+    }
+}
+
+/// Writes the upload's chunks to `part`; returns the byte count and their sha256.
+async fn receive(
+    part: &std::path::Path,
+    first: Vec<u8>,
+    stream: &mut Streaming<ModelChunk>,
+) -> Result<(u64, String), Status> {
+    let io = |e: std::io::Error| Status::internal(format!("writing {}: {e}", part.display()));
+    let mut file = tokio::fs::File::create(part).await.map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut chunk = first;
+    loop {
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(io)?;
+        match stream.message().await? {
+            Some(c) => chunk = c.data,
+            None => break,
+        }
+    }
+    file.flush().await.map_err(io)?;
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
+/// Checks the bearer token of a call against the worker's.
+fn authorize(token: Option<&str>, req: &Request<()>) -> Result<(), Status> {
+    let Some(token) = token else { return Ok(()) };
+    let got = req
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization metadata (Bearer token)"))?;
+    let got = got
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization metadata is not `Bearer <token>`"))?;
+    if got != token {
+        return Err(Status::unauthenticated("wrong token"));
+    }
+    Ok(())
+}
+
+fn check_sha(sha: &str) -> Result<(), Status> {
+    if is_sha256(sha) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{sha:?} is not a sha256 (64 lowercase hex digits)"
+        )))
+    }
+}
+
+/// Rejects a spec naming stages or tensors the model does not have.
+fn validate(ir: &Ir, spec: &TileSpec) -> Result<(), Status> {
+    let n = ir.stages.len();
+    let bad = |what: String| Err(Status::invalid_argument(format!("bad TileSpec: {what}")));
+    let known = |r: TensorRef| match r {
+        TensorRef::Input => true,
+        TensorRef::Stage(s) => s.index() < n,
+    };
+    if let Some(i) = spec.inputs.iter().find(|i| !known(i.tensor)) {
+        return bad(format!(
+            "input {:?} is not in the model ({n} stages)",
+            i.tensor
+        ));
+    }
+    if let Some(s) = spec.stages.iter().find(|s| s.stage.index() >= n) {
+        return bad(format!(
+            "stage {} is not in the model ({n} stages)",
+            s.stage
+        ));
+    }
+    if let Some(o) = spec.outputs.iter().find(|o| o.stage.index() >= n) {
+        return bad(format!(
+            "output stage {} is not in the model ({n} stages)",
+            o.stage
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes the input strips, checking each against the shape the spec gives it.
+fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>, Status> {
+    if inputs.len() != spec.inputs.len() {
+        return Err(Status::invalid_argument(format!(
+            "the tile takes {} input strips, {} given",
+            spec.inputs.len(),
+            inputs.len()
+        )));
+    }
+    spec.inputs
+        .iter()
+        .zip(inputs)
+        .enumerate()
+        .map(|(i, (want, got))| {
+            let info = ir.tensor(want.tensor);
+            let mut shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+            if let Some(h) = info.h_axis {
+                shape[h] = want.rows.len() as u64;
+            }
+            if got.shape != shape {
+                return Err(Status::invalid_argument(format!(
+                    "input strip {i} ({:?} rows {}): expected shape {shape:?}, got {:?}",
+                    want.tensor, want.rows, got.shape
+                )));
+            }
+            from_wire(got).map_err(|e| Status::invalid_argument(format!("input strip {i}: {e:#}")))
+        })
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

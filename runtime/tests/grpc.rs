@@ -1,0 +1,333 @@
+//! The worker protocol end to end: in-process workers on 127.0.0.1, each on its own
+//! tokio runtime (so that shutting one down kills its connections like a dead board).
+
+use legion_ir::{Ir, TensorRef, import};
+use legion_partition::{Group, strips_from_weights, tile};
+use legion_runtime::proto::{F32Tensor, RunTileRequest};
+use legion_runtime::{ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tract_onnx::prelude::Tensor;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A worker serving on its own runtime; dropped, it dies like a killed process.
+struct TestWorker {
+    addr: String,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    rt: Option<Runtime>,
+}
+
+impl TestWorker {
+    fn start(token: Option<&str>) -> TestWorker {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let cache_dir =
+            std::env::temp_dir().join(format!("legion-grpc-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache_dir);
+        let config = WorkerConfig {
+            name: format!("worker{n}"),
+            cache_dir,
+            token: token.map(str::to_string),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let worker = Worker::new(config).unwrap();
+        let done = rt.spawn(worker.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        TestWorker {
+            addr,
+            stop: Some(stop),
+            done: Some(done),
+            rt: Some(rt),
+        }
+    }
+
+    async fn client(&self, token: Option<&str>) -> WorkerClient {
+        WorkerClient::connect(&self.addr, token, TIMEOUT)
+            .await
+            .unwrap()
+    }
+
+    /// Kills the worker: its runtime, the connections included, goes away at once.
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn model_bytes() -> (Vec<u8>, PathBuf) {
+    let path = legion_models::test_model("tiny-cnn").unwrap();
+    (std::fs::read(&path).unwrap(), path)
+}
+
+fn input(ir: &Ir) -> Tensor {
+    let n: usize = ir.input.shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::from_shape(&ir.input.shape, &values).unwrap()
+}
+
+/// The first tile of the longest splittable prefix of tiny-cnn, for 3 devices.
+fn three_tiles(ir: &Ir) -> Vec<legion_plan::TileSpec> {
+    let last = ir.stages.iter().take_while(|s| s.is_splittable()).count() - 1;
+    let group = Group::new(0, last);
+    let height = ir.stage(group.last).output.height().unwrap();
+    let strips = strips_from_weights(height, &[1.0, 2.0, 1.0]);
+    let tiling = tile(ir, group, &strips).unwrap();
+    assert_eq!(tiling.devices.len(), 3);
+    tiling.devices.iter().map(|d| d.spec()).collect()
+}
+
+fn status(e: &anyhow::Error) -> &tonic::Status {
+    e.downcast_ref::<tonic::Status>()
+        .unwrap_or_else(|| panic!("not a worker status: {e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_split_over_three_workers_equals_reference() {
+    let (bytes, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let workers: Vec<TestWorker> = (0..3).map(|_| TestWorker::start(None)).collect();
+    for (w, spec) in workers.iter().zip(three_tiles(&ir)) {
+        let client = w.client(None).await;
+        let (model, sent) = client.upload_model(&bytes, &ir.input.shape).await.unwrap();
+        assert!(sent);
+        assert_eq!(model.sha256, ir.sha256);
+        let inputs: Vec<Tensor> = spec
+            .inputs
+            .iter()
+            .map(|i| check::strip(&ir, &reference, i.tensor, i.rows).unwrap())
+            .collect();
+        for _ in 0..2 {
+            let (outputs, compute_us) = client.run_tile(&model, &spec, &inputs).await.unwrap();
+            assert!(compute_us > 0);
+            assert_eq!(outputs.len(), spec.outputs.len());
+            for (out, got) in spec.outputs.iter().zip(&outputs) {
+                let want =
+                    check::strip(&ir, &reference, TensorRef::Stage(out.stage), out.rows).unwrap();
+                assert_eq!(got.shape(), want.shape());
+                let (got, want) = (
+                    got.as_slice::<f32>().unwrap(),
+                    want.as_slice::<f32>().unwrap(),
+                );
+                let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err / scale < 1e-5,
+                    "worker {}: relative error {}",
+                    w.addr,
+                    err / scale
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn info_health_and_probe() {
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    client.health().await.unwrap();
+    let info = client.info().await.unwrap();
+    assert!(info.name.starts_with("worker"));
+    assert_eq!(info.arch, std::env::consts::ARCH);
+    assert!(info.cores >= 1);
+    client.probe_transfer(3 << 20).await.unwrap();
+}
+
+#[tokio::test]
+async fn second_upload_is_skipped() {
+    let (bytes, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    let (_, sent) = client.upload_model(&bytes, &ir.input.shape).await.unwrap();
+    assert!(sent);
+    let (_, sent) = client.upload_model(&bytes, &ir.input.shape).await.unwrap();
+    assert!(!sent, "the cached model was sent again");
+    // A forced re-upload is answered from the cache too.
+    let id = ModelId {
+        sha256: sha256_hex(&bytes),
+        input_shape: vec![],
+    };
+    assert_eq!(client.upload_as(&id, &bytes).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn wrong_hash_is_rejected_and_the_worker_serves_on() {
+    let (bytes, _) = model_bytes();
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    let id = ModelId {
+        sha256: sha256_hex(b"something else"),
+        input_shape: vec![],
+    };
+    let e = client.upload_as(&id, &bytes).await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::InvalidArgument, "{e:#}");
+    assert!(format!("{e:#}").contains(&id.sha256), "{e:#}");
+    assert!(format!("{e:#}").contains(&w.addr), "{e:#}");
+    // Not cached under the wrong name, and the right upload still works.
+    let (_, sent) = client.upload_model(&bytes, &[]).await.unwrap();
+    assert!(sent);
+}
+
+#[tokio::test]
+async fn run_tile_errors_name_the_problem() {
+    let (bytes, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let spec = three_tiles(&ir).remove(1);
+    let inputs: Vec<Tensor> = spec
+        .inputs
+        .iter()
+        .map(|i| check::strip(&ir, &reference, i.tensor, i.rows).unwrap())
+        .collect();
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    let model = ModelId {
+        sha256: ir.sha256.clone(),
+        input_shape: ir.input.shape.clone(),
+    };
+
+    let e = client.run_tile(&model, &spec, &inputs).await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::FailedPrecondition);
+    assert!(
+        status(&e)
+            .message()
+            .contains("not uploaded; upload it first"),
+        "{e:#}"
+    );
+
+    client.upload_model(&bytes, &ir.input.shape).await.unwrap();
+    let wrong = Tensor::zero::<f32>(&[1, 1, 1, 1]).unwrap();
+    let e = client.run_tile(&model, &spec, &[wrong]).await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::InvalidArgument);
+    let msg = status(&e).message();
+    assert!(
+        msg.contains("expected shape") && msg.contains("got [1, 1, 1, 1]"),
+        "{msg}"
+    );
+
+    let short = RunTileRequest {
+        model: Some(legion_runtime::proto::ModelRef {
+            sha256: model.sha256.clone(),
+            input_shape: vec![],
+        }),
+        tile_spec_json: serde_json::to_vec(&spec).unwrap(),
+        inputs: vec![F32Tensor {
+            shape: inputs[0].shape().iter().map(|&d| d as u64).collect(),
+            data: vec![0; 12],
+        }],
+    };
+    let e = client.run_tile_raw(short).await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::InvalidArgument);
+    assert!(status(&e).message().contains("bytes"), "{e:#}");
+
+    let garbage = RunTileRequest {
+        model: Some(legion_runtime::proto::ModelRef {
+            sha256: model.sha256.clone(),
+            input_shape: vec![],
+        }),
+        tile_spec_json: b"{not json".to_vec(),
+        inputs: vec![],
+    };
+    let e = client.run_tile_raw(garbage).await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::InvalidArgument);
+    assert!(status(&e).message().contains("bad TileSpec JSON"), "{e:#}");
+
+    let mut alien = spec.clone();
+    alien.stages[0].stage = legion_ir::StageId(999);
+    let e = client.run_tile(&model, &alien, &inputs).await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::InvalidArgument);
+    assert!(status(&e).message().contains("999"), "{e:#}");
+
+    // After all that, the worker still runs the tile.
+    let (outputs, _) = client.run_tile(&model, &spec, &inputs).await.unwrap();
+    assert_eq!(outputs.len(), spec.outputs.len());
+}
+
+#[tokio::test]
+async fn token_is_required_when_the_worker_has_one() {
+    let w = TestWorker::start(Some("s3cret"));
+    let e = w.client(None).await.health().await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::Unauthenticated);
+    assert!(status(&e).message().contains("missing"), "{e:#}");
+    let e = w.client(Some("guess")).await.info().await.unwrap_err();
+    assert_eq!(status(&e).code(), Code::Unauthenticated);
+    assert!(status(&e).message().contains("wrong token"), "{e:#}");
+    w.client(Some("s3cret")).await.health().await.unwrap();
+}
+
+#[tokio::test]
+async fn garbage_on_the_port_does_not_stop_the_worker() {
+    use tokio::io::AsyncWriteExt;
+    let w = TestWorker::start(None);
+    let mut s = tokio::net::TcpStream::connect(&w.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xff garbage \x13\x37")
+        .await
+        .unwrap();
+    drop(s);
+    w.client(None).await.health().await.unwrap();
+}
+
+#[tokio::test]
+async fn killed_worker_gives_a_timely_error_naming_it() {
+    let mut w = TestWorker::start(None);
+    let client = w.client(None).await;
+    client.health().await.unwrap();
+    w.kill();
+    let start = Instant::now();
+    let e = client.health().await.unwrap_err();
+    assert!(start.elapsed() < TIMEOUT + Duration::from_secs(1));
+    assert!(format!("{e:#}").contains(&w.addr), "{e:#}");
+}
+
+#[tokio::test]
+async fn hung_worker_times_out_naming_it() {
+    // Accepts connections (the kernel's backlog) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let timeout = Duration::from_millis(500);
+    let start = Instant::now();
+    let e = match WorkerClient::connect(&addr, None, timeout).await {
+        Err(e) => e,
+        Ok(client) => client.health().await.unwrap_err(),
+    };
+    assert!(start.elapsed() < 2 * timeout + Duration::from_secs(1));
+    assert!(format!("{e:#}").contains(&addr), "{e:#}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_ends_serve() {
+    let mut w = TestWorker::start(None);
+    w.client(None).await.health().await.unwrap();
+    w.stop.take().unwrap().send(()).unwrap();
+    w.done.take().unwrap().await.unwrap().unwrap();
+}
