@@ -11,7 +11,8 @@ use anyhow::{Context, Result, anyhow};
 use legion_plan::TileSpec;
 use std::future::Future;
 use std::time::Duration;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -23,13 +24,24 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Size of the chunks a model is uploaded in.
 const CHUNK_BYTES: usize = 1 << 20;
 
-type Interceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone)]
+struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// A connection to one worker.
 #[derive(Clone)]
 pub struct WorkerClient {
     addr: String,
-    raw: Raw<InterceptedService<Channel, Interceptor>>,
+    raw: Raw<InterceptedService<Channel, Auth>>,
     timeout: Duration,
 }
 
@@ -70,13 +82,7 @@ impl WorkerClient {
             ),
             None => None,
         };
-        let interceptor: Interceptor = Box::new(move |mut req: Request<()>| {
-            if let Some(v) = &auth {
-                req.metadata_mut().insert("authorization", v.clone());
-            }
-            Ok(req)
-        });
-        let raw = Raw::with_interceptor(channel, interceptor)
+        let raw = Raw::with_interceptor(channel, Auth(auth))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(WorkerClient {

@@ -35,13 +35,21 @@ pub struct WorkerConfig {
     pub token: Option<String>,
 }
 
+/// A model as imported: sha256 and input shape.
+type ModelKey = (String, Vec<usize>);
+
+fn model_key(m: &ModelRef) -> ModelKey {
+    let shape = m.input_shape.iter().map(|&d| d as usize).collect();
+    (m.sha256.clone(), shape)
+}
+
 /// A worker's state: imported models and built tiles.
 pub struct Worker {
     config: WorkerConfig,
     /// Imported models, by sha256 and input shape.
-    models: Mutex<HashMap<(String, Vec<usize>), Arc<Ir>>>,
+    models: Mutex<HashMap<ModelKey, Arc<Ir>>>,
     /// Built tiles, by model key and the TileSpec's canonical JSON.
-    tiles: Mutex<HashMap<(String, String), Arc<Tile>>>,
+    tiles: Mutex<HashMap<(ModelKey, String), Arc<Tile>>>,
     /// Numbers temporary upload files.
     uploads: AtomicU64,
 }
@@ -88,8 +96,7 @@ impl Worker {
     /// The imported model, importing it from the cache on first use.
     fn model(&self, m: &ModelRef) -> Result<Arc<Ir>, Status> {
         check_sha(&m.sha256)?;
-        let shape: Vec<usize> = m.input_shape.iter().map(|&d| d as usize).collect();
-        let key = (m.sha256.clone(), shape);
+        let key = model_key(m);
         if let Some(ir) = lock(&self.models).get(&key) {
             return Ok(ir.clone());
         }
@@ -111,7 +118,7 @@ impl Worker {
     /// The built tile of `spec`, building it on first use.
     fn tile(&self, m: &ModelRef, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
         let canonical = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
-        let key = (format!("{}:{:?}", m.sha256, m.input_shape), canonical);
+        let key = (model_key(m), canonical);
         if let Some(t) = lock(&self.tiles).get(&key) {
             return Ok(t.clone());
         }
@@ -123,7 +130,7 @@ impl Worker {
     }
 
     /// Builds (once) and runs a tile; blocking, for `spawn_blocking`.
-    fn run_tile(&self, req: RunTileRequest) -> Result<RunTileReply, Status> {
+    fn run_tile_blocking(&self, req: RunTileRequest) -> Result<RunTileReply, Status> {
         let m = req
             .model
             .ok_or_else(|| Status::invalid_argument("RunTile without a model"))?;
@@ -221,7 +228,7 @@ impl WorkerService for Arc<Worker> {
     ) -> Result<Response<RunTileReply>, Status> {
         let worker = self.clone();
         let req = req.into_inner();
-        tokio::task::spawn_blocking(move || worker.run_tile(req))
+        tokio::task::spawn_blocking(move || worker.run_tile_blocking(req))
             .await
             .map_err(|e| Status::internal(format!("the tile task failed: {e}")))?
             .map(Response::new)

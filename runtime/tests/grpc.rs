@@ -21,6 +21,7 @@ struct TestWorker {
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     rt: Option<Runtime>,
+    cache_dir: PathBuf,
 }
 
 impl TestWorker {
@@ -32,7 +33,7 @@ impl TestWorker {
         let _ = std::fs::remove_dir_all(&cache_dir);
         let config = WorkerConfig {
             name: format!("worker{n}"),
-            cache_dir,
+            cache_dir: cache_dir.clone(),
             token: token.map(str::to_string),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -40,9 +41,12 @@ impl TestWorker {
             .enable_all()
             .build()
             .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = {
+            let _in_rt = rt.enter();
+            tokio::net::TcpListener::from_std(listener).unwrap()
+        };
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = oneshot::channel::<()>();
         let worker = Worker::new(config).unwrap();
@@ -54,6 +58,7 @@ impl TestWorker {
             stop: Some(stop),
             done: Some(done),
             rt: Some(rt),
+            cache_dir,
         }
     }
 
@@ -74,6 +79,7 @@ impl TestWorker {
 impl Drop for TestWorker {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.cache_dir);
     }
 }
 
@@ -131,8 +137,8 @@ async fn group_split_over_three_workers_equals_reference() {
                     check::strip(&ir, &reference, TensorRef::Stage(out.stage), out.rows).unwrap();
                 assert_eq!(got.shape(), want.shape());
                 let (got, want) = (
-                    got.as_slice::<f32>().unwrap(),
-                    want.as_slice::<f32>().unwrap(),
+                    got.to_plain_array_view::<f32>().unwrap(),
+                    want.to_plain_array_view::<f32>().unwrap(),
                 );
                 let scale = want.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
                 let err = got
