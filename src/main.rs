@@ -2,6 +2,7 @@
 
 mod inspect;
 mod split;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Tile groups of stages for N devices: strips, halos, pads, alpha; --check runs them.
     Split(split::Args),
+    /// Serve tiles over gRPC on this board until SIGINT or SIGTERM.
+    Worker(worker::Args),
 }
 
 /// Exit code for bad input (a model that cannot be imported, a bad argument).
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Split(args) => split::run(&args),
+        Command::Worker(args) => worker::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
