@@ -17,6 +17,12 @@ pub struct Diff {
 }
 
 impl Diff {
+    /// True when the strips match the single-device run: relative error at most `rel`,
+    /// or an absolute error under 1e-6 (f32 rounding where the output nearly cancels).
+    pub fn within(self, rel: f32) -> bool {
+        self.max_rel <= rel || self.max_abs < 1e-6
+    }
+
     /// The worse of two diffs.
     pub fn max(self, other: Diff) -> Diff {
         Diff {

@@ -455,14 +455,24 @@ impl Builder<'_> {
         }
         let movement = op.is::<AxisOp>() || op.name() == "Resize";
         if movement && input_outlets.len() == 1 {
+            // Probe the data-movement prefix only: fused affine ops (a BatchNorm) would
+            // rescale the row indices. Row-local ops after it keep rows where they are.
+            let moves = draft
+                .nodes
+                .iter()
+                .take_while(|n| {
+                    let op = &self.model.node(**n).op;
+                    op.is::<AxisOp>() || op.name() == "Resize"
+                })
+                .count();
             let probed = in_h.and_then(|h| {
                 probe_rows(
                     self.model,
-                    &draft.nodes,
+                    &draft.nodes[..moves],
                     input_outlets[0],
                     &first_in,
                     h,
-                    draft.tail,
+                    OutletId::new(draft.nodes[moves - 1], 0),
                 )
             });
             let (kind, out_h, split) = match probed {

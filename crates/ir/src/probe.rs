@@ -60,9 +60,9 @@ pub fn probe_rows(
     )
 }
 
-/// Finds the output axis that carries the rows and how. Rules are tried in order (same
-/// rows, repeated rows, blocks of rows), each on the input's H position first, so that a
-/// size-1 batch axis never passes for a block of all rows.
+/// Finds the output axis that carries the rows and how. Every rule (same rows, repeated
+/// rows, blocks of rows) is tried on the input's H position before any other axis, so a
+/// size-1 batch axis or the channels never pass for the rows.
 fn classify(out: ArrayViewD<f32>, rows_in: usize, prefer: usize) -> Option<(usize, RowRule)> {
     let axes: Vec<usize> = std::iter::once(prefer)
         .filter(|&a| a < out.ndim())
@@ -110,8 +110,8 @@ fn classify(out: ArrayViewD<f32>, rows_in: usize, prefer: usize) -> Option<(usiz
         }
         rules
     };
-    for kind in 0..3 {
-        for &axis in &axes {
+    for &axis in &axes {
+        for kind in 0..3 {
             let rule = candidates(axis).into_iter().find(|r| {
                 matches!(
                     (kind, r),
