@@ -47,7 +47,7 @@ const AVOID_PROBE_WITH_FUSED_AFFINE: bool = false;
 const AVOID_PROBE_ONE_ROW: bool = false;
 /// AveragePool with ceil_mode and count_include_pad: the tile's bottom pad includes the
 /// ceil overhang, which the tile then counts in the divisor; the whole run does not.
-const AVOID_AVGPOOL_CEIL_COUNT_PAD: bool = true;
+const AVOID_AVGPOOL_CEIL_COUNT_PAD: bool = false;
 /// tract 0.23 fails to optimize a model where a strided conv's Downsample gets pulled up
 /// to a SpaceToDepth/reorg reshape ("Pulling Downsample over Reshape: Invalid axis"),
 /// also through 1x1 and unpadded convs in between; tiles hit it more often than whole
@@ -792,7 +792,6 @@ fn known_bug_space_to_depth_to_one_row() {
 }
 
 #[test]
-#[ignore = "known bug: the tile counts the ceil overhang as padding (AVOID_AVGPOOL_CEIL_COUNT_PAD)"]
 fn known_bug_avg_pool_ceil_count_include_pad() {
     check_model(
         [1, 1, 5, 4],

@@ -81,10 +81,19 @@ pub fn window_rows(w: &Window, want: Rows, height: usize) -> InputRows {
     let (a, b, h) = (want.start as i64, want.end as i64, height as i64);
     let lo = a * s - p;
     let hi = (b - 1) * s - p + (k - 1) * d + 1;
+    // With ceil_mode the last window may hang below the declared bottom pad; that
+    // overhang is not padding (an average pool must not count it), the tile's own
+    // ceil_mode produces that row, exactly as the whole model does.
+    let overhang = (hi - h).max(0) as usize;
+    let pad_bottom = if w.ceil_mode {
+        overhang.min(w.pad_after[0])
+    } else {
+        overhang
+    };
     InputRows {
         rows: Rows::new(lo.clamp(0, h) as usize, hi.clamp(0, h) as usize),
         pad_top: (-lo).max(0) as usize,
-        pad_bottom: (hi - h).max(0) as usize,
+        pad_bottom,
     }
 }
 
@@ -149,9 +158,10 @@ mod tests {
     #[test]
     fn ceil_mode_pool_at_the_bottom_edge() {
         // k3 s2 on 8 rows with ceil_mode: ceil((8-3)/2)+1 = 4 output rows; the last
-        // window starts at row 6 and hangs one row below the tensor.
+        // window starts at row 6 and hangs one row below the tensor. That row is not
+        // padding: the tile's ceil_mode makes the last row, as in the whole model.
         let w = win(3, 2, 0, 1, true);
-        assert_eq!(need(&w, 3, 4, 8), (Rows::new(6, 8), 0, 1));
+        assert_eq!(need(&w, 3, 4, 8), (Rows::new(6, 8), 0, 0));
         assert_eq!(need(&w, 0, 3, 8), (Rows::new(0, 7), 0, 0));
     }
 
