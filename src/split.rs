@@ -8,7 +8,6 @@ use legion_partition::{Group, Tiling, check_group, strips_from_weights, tile};
 use legion_runtime::{Reference, check};
 use serde::Serialize;
 use std::fmt::Write;
-use tract_onnx::prelude::Tensor;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -86,7 +85,7 @@ pub fn run(args: &Args) -> Result<()> {
         (None, None) => splittable_runs(&ir),
     };
     let reference = if args.check {
-        Some(Reference::run(&ir, test_input(&ir.input.shape))?)
+        Some(Reference::run(&ir, check::test_input(&ir.input.shape))?)
     } else {
         None
     };
@@ -173,15 +172,6 @@ fn splittable_runs(ir: &Ir) -> Vec<Group> {
         groups.push(Group::new(a, ir.stages.len() - 1));
     }
     groups
-}
-
-/// A deterministic input with values spread over [-1, 1].
-pub fn test_input(shape: &[usize]) -> Tensor {
-    let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n as u64)
-        .map(|i| ((i.wrapping_mul(2654435761) % 2001) as f32 / 1000.0) - 1.0)
-        .collect();
-    Tensor::from_shape(shape, &values).expect("shape and length agree")
 }
 
 fn tensor_name(r: TensorRef) -> String {

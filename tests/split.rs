@@ -13,11 +13,7 @@ fn load(name: &str) -> Ir {
 }
 
 fn input(ir: &Ir) -> Tensor {
-    let n: usize = ir.input.shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-        .collect();
-    Tensor::from_shape(&ir.input.shape, &values).unwrap()
+    legion_runtime::check::test_input(&ir.input.shape)
 }
 
 /// Tiles `first..=last` for `weights` and checks every device against the reference.

@@ -32,6 +32,15 @@ impl Diff {
     }
 }
 
+/// A deterministic input with values spread over [-1, 1], for checks and benchmarks.
+pub fn test_input(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::from_shape(shape, &values).expect("shape and length agree")
+}
+
 /// Rows `rows` of tensor `r` of the reference run.
 pub fn strip(ir: &Ir, reference: &Reference, r: TensorRef, rows: Rows) -> Result<Tensor> {
     let h = ir.tensor(r).h_axis.context("tensor without a row axis")?;

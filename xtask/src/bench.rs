@@ -129,7 +129,7 @@ fn partition() -> Result<String> {
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     let ir = load("vgg16")?;
-    let input = bench_input(&ir.input.shape);
+    let input = legion_runtime::check::test_input(&ir.input.shape);
     let reference = Reference::run(&ir, input)?;
     for (first, last) in [(0, 2), (6, 9), (14, 17), (0, 17)] {
         let group = Group::new(first, last);
@@ -167,14 +167,6 @@ fn partition() -> Result<String> {
         "\nWith 6 equal strips a device would ideally run 1/6 = 0.17 of the whole; the excess is the halo rows it recomputes."
     )?;
     Ok(out)
-}
-
-fn bench_input(shape: &[usize]) -> Tensor {
-    let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-        .collect();
-    Tensor::from_shape(shape, &values).expect("shape matches")
 }
 
 fn host() -> String {
