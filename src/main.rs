@@ -1,6 +1,8 @@
 //! `legion`: compile a CNN into a plan that runs one inference across several edge boards.
 
+mod cluster;
 mod inspect;
+mod profile;
 mod split;
 mod worker;
 
@@ -27,6 +29,10 @@ enum Command {
     Split(split::Args),
     /// Serve tiles over gRPC on this board until SIGINT or SIGTERM.
     Worker(worker::Args),
+    /// Start a cluster of workers on this host (`cluster up --local N`).
+    Cluster(cluster::Args),
+    /// Measure a model on a cluster: single stages (legion) or every group (fss).
+    Profile(profile::Args),
 }
 
 /// Exit code for bad input (a model that cannot be imported, a bad argument).
@@ -42,6 +48,18 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
         || e.downcast_ref::<legion_partition::PartitionError>()
             .is_some()
         || e.downcast_ref::<BadArgument>().is_some()
+        || e.downcast_ref::<legion_plan::ClusterError>().is_some()
+}
+
+/// Logs to stderr with tracing, at `info` unless RUST_LOG says otherwise.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -50,6 +68,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Split(args) => split::run(&args),
         Command::Worker(args) => worker::run(&args),
+        Command::Cluster(args) => cluster::run(&args),
+        Command::Profile(args) => profile::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,8 @@
 
 use crate::BadArgument;
 use anyhow::{Context, Result};
-use legion_runtime::{Worker, WorkerConfig};
+use legion_runtime::emulate::{Emulation, Emulator, measure_host_gflops};
+use legion_runtime::{Compute, Worker, WorkerConfig};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -19,16 +20,15 @@ pub struct Args {
     /// File holding the token the coordinator must present (first line, trimmed).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Emulate a board: a class (firefly-rk3399, odroid-xu4) or
+    /// `speed=GFLOPS,mbps=MBITS,latency_ms=MS`. Compute is measured on this host and
+    /// scaled to the board; emulated workers on one host take turns computing.
+    #[arg(long)]
+    emulate: Option<String>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::init_logging();
     let token = match &args.token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -52,10 +52,30 @@ pub fn run(args: &Args) -> Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "worker".into())
     });
+    let compute = match &args.emulate {
+        Some(spec) => {
+            let emulation: Emulation = spec
+                .parse()
+                .map_err(|e| BadArgument(format!("--emulate {spec}: {e:#}")))?;
+            tracing::info!(%emulation, "measuring the host's rate (holding the compute lock)");
+            Compute::Emulated(Emulator::start(emulation, None)?)
+        }
+        None => {
+            tracing::info!("measuring this device's rate on the calibration workload");
+            Compute::Real {
+                gflops: measure_host_gflops()?,
+            }
+        }
+    };
+    let (clock, gflops, host_gflops) = match &compute {
+        Compute::Real { gflops } => ("real", *gflops, *gflops),
+        Compute::Emulated(e) => ("emulated", e.emulation.gflops, e.host_gflops),
+    };
     let worker = Worker::new(WorkerConfig {
         name: name.clone(),
         cache_dir: args.cache.clone(),
         token: token.clone(),
+        compute,
     })?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -68,6 +88,9 @@ pub fn run(args: &Args) -> Result<()> {
             name,
             cache = %args.cache.display(),
             auth = if token.is_some() { "token" } else { "none" },
+            clock,
+            gflops = format!("{gflops:.1}"),
+            host_gflops = format!("{host_gflops:.1}"),
             version = env!("CARGO_PKG_VERSION"),
             "legion worker listening"
         );
@@ -81,7 +104,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (systemd stop).
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {

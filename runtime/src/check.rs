@@ -2,7 +2,7 @@
 //! reference: the correctness check of every split.
 
 use crate::{Reference, Tile};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_plan::TileSpec;
 use tract_onnx::prelude::*;
@@ -41,10 +41,12 @@ pub fn test_input(shape: &[usize]) -> Tensor {
     Tensor::from_shape(shape, &values).expect("shape and length agree")
 }
 
-/// Rows `rows` of tensor `r` of the reference run.
+/// Rows `rows` of tensor `r` of the reference run (all of it without a row axis).
 pub fn strip(ir: &Ir, reference: &Reference, r: TensorRef, rows: Rows) -> Result<Tensor> {
-    let h = ir.tensor(r).h_axis.context("tensor without a row axis")?;
-    reference.tensor(r).slice(h, rows.start, rows.end)
+    match ir.tensor(r).h_axis {
+        Some(h) => reference.tensor(r).slice(h, rows.start, rows.end),
+        None => Ok(reference.tensor(r).clone()),
+    }
 }
 
 /// Builds and runs `spec` on strips of the reference and compares every output strip.
@@ -65,7 +67,9 @@ pub fn check_tile(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<Dif
     Ok(diff)
 }
 
-fn compare(got: &Tensor, want: &Tensor, whole: &Tensor) -> Result<Diff> {
+/// The difference of `got` from `want`, relative to the largest magnitude in `whole`
+/// (the tensor `want` is a strip of).
+pub fn compare(got: &Tensor, want: &Tensor, whole: &Tensor) -> Result<Diff> {
     anyhow::ensure!(
         got.shape() == want.shape(),
         "strip shape {:?}, expected {:?}",

@@ -4,7 +4,8 @@
 use crate::MAX_MESSAGE_BYTES;
 use crate::proto::worker_client::WorkerClient as Raw;
 use crate::proto::{
-    HealthRequest, InfoReply, InfoRequest, ModelChunk, ModelRef, ProbeRequest, RunTileRequest,
+    HealthRequest, InfoReply, InfoRequest, ModelChunk, ModelRef, ProbeRequest, ProfileStageReply,
+    ProfileStageRequest, RunTileRequest,
 };
 use crate::wire::{from_wire, sha256_hex, to_wire};
 use anyhow::{Context, Result, anyhow};
@@ -43,6 +44,21 @@ pub struct WorkerClient {
     addr: String,
     raw: Raw<InterceptedService<Channel, Auth>>,
     timeout: Duration,
+    /// Deadline of one tile run (RunTile, and each run of ProfileStage).
+    compute_timeout: Duration,
+}
+
+/// The result of one RunTile call.
+#[derive(Debug)]
+pub struct TileRun {
+    /// Output strips in [`TileSpec::outputs`] order.
+    pub outputs: Vec<Tensor>,
+    /// Compute time on the worker's clock, µs.
+    pub compute_us: u64,
+    /// The same run as measured on the worker's host, µs.
+    pub host_us: u64,
+    /// Whether `compute_us` is on the emulated clock.
+    pub emulated: bool,
 }
 
 /// A model as a worker knows it: content address and input shape.
@@ -69,8 +85,7 @@ impl WorkerClient {
     pub async fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .with_context(|| format!("bad worker address {addr:?}"))?
-            .connect_timeout(timeout)
-            .timeout(timeout);
+            .connect_timeout(timeout);
         let channel = tokio::time::timeout(timeout, endpoint.connect())
             .await
             .map_err(|_| anyhow!("worker {addr}: no connection after {timeout:?}"))?
@@ -89,7 +104,14 @@ impl WorkerClient {
             addr: addr.to_string(),
             raw,
             timeout,
+            compute_timeout: timeout,
         })
+    }
+
+    /// Sets the deadline of one tile run (the connection's timeout by default).
+    pub fn with_compute_timeout(mut self, timeout: Duration) -> Self {
+        self.compute_timeout = timeout;
+        self
     }
 
     /// The worker's address.
@@ -185,13 +207,13 @@ impl WorkerClient {
     }
 
     /// Runs `spec` of `model` on input strips; returns the output strips and the compute
-    /// time the worker measured, in microseconds.
+    /// time the worker measured.
     pub async fn run_tile(
         &self,
         model: &ModelId,
         spec: &TileSpec,
         inputs: &[Tensor],
-    ) -> Result<(Vec<Tensor>, u64)> {
+    ) -> Result<TileRun> {
         let req = RunTileRequest {
             model: Some(model.to_proto()),
             tile_spec_json: serde_json::to_vec(spec)?,
@@ -201,10 +223,10 @@ impl WorkerClient {
     }
 
     /// Sends a RunTile request as built by the caller.
-    pub async fn run_tile_raw(&self, req: RunTileRequest) -> Result<(Vec<Tensor>, u64)> {
+    pub async fn run_tile_raw(&self, req: RunTileRequest) -> Result<TileRun> {
         let mut raw = self.raw.clone();
         let reply = self
-            .call("RunTile", self.timeout, raw.run_tile(req))
+            .call("RunTile", self.compute_timeout, raw.run_tile(req))
             .await?;
         let outputs = reply
             .outputs
@@ -212,7 +234,34 @@ impl WorkerClient {
             .map(from_wire)
             .collect::<Result<_>>()
             .with_context(|| format!("worker {}: decoding RunTile outputs", self.addr))?;
-        Ok((outputs, reply.compute_us))
+        Ok(TileRun {
+            outputs,
+            compute_us: reply.compute_us,
+            host_us: reply.host_us,
+            emulated: reply.emulated,
+        })
+    }
+
+    /// Runs `spec` of `model` `runs` times on inputs the worker makes up; returns the
+    /// times. The deadline allows `runs + 1` runs (with the warm-up), each within the
+    /// compute timeout.
+    pub async fn profile_stage(
+        &self,
+        model: &ModelId,
+        spec: &TileSpec,
+        runs: u32,
+    ) -> Result<ProfileStageReply> {
+        let req = ProfileStageRequest {
+            model: Some(model.to_proto()),
+            tile_spec_json: serde_json::to_vec(spec)?,
+            runs,
+        };
+        let timeout = self.compute_timeout * (runs + 1);
+        let mut raw = self.raw.clone();
+        let mut req = Request::new(req);
+        req.set_timeout(timeout);
+        self.call("ProfileStage", timeout, raw.profile_stage(req))
+            .await
     }
 
     /// Sends `n` bytes and gets them back; returns the round-trip time.

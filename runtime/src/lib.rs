@@ -1,7 +1,9 @@
 //! Legion's runtime: builds and runs the tract model of a tile (one device's part of a
-//! fused group) and runs whole models as the single-device reference.
+//! fused group), the worker that serves tiles over gRPC on a board (emulated or real),
+//! the coordinator that drives a cluster of workers, and the single-device reference.
 
 pub mod check;
+pub mod emulate;
 mod reference;
 mod tile;
 
@@ -12,9 +14,16 @@ pub mod proto;
 mod wire;
 mod worker;
 
-pub use client::{DEFAULT_TIMEOUT, ModelId, WorkerClient};
+mod coordinator;
+mod local;
+mod tensors;
+
+pub use client::{DEFAULT_TIMEOUT, ModelId, TileRun, WorkerClient};
+pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator, StepTile};
+pub use local::{LocalCluster, default_cache_dir, local_cluster};
+pub use tensors::Tensors;
 pub use wire::sha256_hex;
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{Compute, Worker, WorkerConfig};
 
 /// Largest gRPC message a worker or client accepts: strips of big layers exceed tonic's
 /// 4 MiB default.

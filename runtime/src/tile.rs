@@ -84,10 +84,12 @@ impl<'a> TileBuilder<'a> {
 
     fn build(mut self, spec: &TileSpec) -> Result<TypedModel> {
         for (i, input) in spec.inputs.iter().enumerate() {
+            // A tensor without a row axis (after a barrier) is always received whole.
             let info = self.ir.tensor(input.tensor);
-            let h = info.h_axis.context("a tile input has no row axis")?;
             let mut shape = info.shape.clone();
-            shape[h] = input.rows.len();
+            if let Some(h) = info.h_axis {
+                shape[h] = input.rows.len();
+            }
             let src = self
                 .model
                 .add_source(format!("strip{i}"), f32::fact(&shape))?;
@@ -114,6 +116,9 @@ impl<'a> TileBuilder<'a> {
             .tensors
             .get(&r)
             .with_context(|| format!("{r:?} is not in the tile"))?;
+        let Some(h) = self.ir.tensor(r).h_axis else {
+            return Ok(outlet);
+        };
         ensure!(
             held.contains(rows),
             "{r:?}: rows {rows} wanted, the tile holds {held}"
@@ -124,7 +129,6 @@ impl<'a> TileBuilder<'a> {
         if let Some(w) = self.slices.get(&(r, rows)) {
             return Ok(*w);
         }
-        let h = self.ir.tensor(r).h_axis.context("no row axis")?;
         let name = format!("{r:?}.rows{}_{}", rows.start, rows.end);
         let op = Slice::new(h, rows.start - held.start, rows.end - held.start);
         let w = self.model.wire_node(name, op, &[outlet])?[0];
@@ -181,16 +185,17 @@ impl<'a> TileBuilder<'a> {
             }
         }
         let out = mapped[&stage.output_outlet()];
-        let h = stage.output.h_axis.context("no row axis")?;
-        let got = self.model.outlet_fact(out)?.shape[h]
-            .to_usize()
-            .context("symbolic tile height")?;
-        ensure!(
-            got == st.computed.len(),
-            "the tile computes {got} rows where {} were planned ({})",
-            st.computed.len(),
-            stage.kind.short_name()
-        );
+        if let Some(h) = stage.output.h_axis {
+            let got = self.model.outlet_fact(out)?.shape[h]
+                .to_usize()
+                .context("symbolic tile height")?;
+            ensure!(
+                got == st.computed.len(),
+                "the tile computes {got} rows where {} were planned ({})",
+                st.computed.len(),
+                stage.kind.short_name()
+            );
+        }
         self.tensors
             .insert(TensorRef::Stage(stage.id), (out, st.computed));
         Ok(())

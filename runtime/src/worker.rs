@@ -1,10 +1,12 @@
 //! The worker: serves the gRPC protocol of proto/legion.proto on a device. It caches
 //! uploaded models on disk by sha256, imports them once, and builds each tile once.
 
+use crate::emulate::Emulator;
 use crate::proto::worker_server::{Worker as WorkerService, WorkerServer};
 use crate::proto::{
-    F32Tensor, HasModelReply, HealthReply, HealthRequest, InfoReply, InfoRequest, ModelChunk,
-    ModelRef, ProbeReply, ProbeRequest, RunTileReply, RunTileRequest, UploadReply,
+    self, F32Tensor, HasModelReply, HealthReply, HealthRequest, InfoReply, InfoRequest, ModelChunk,
+    ModelRef, ProbeReply, ProbeRequest, ProfileStageReply, ProfileStageRequest, RunTileReply,
+    RunTileRequest, UploadReply,
 };
 use crate::wire::{from_wire, hex, is_sha256, to_wire};
 use crate::{MAX_MESSAGE_BYTES, Tile};
@@ -15,8 +17,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -25,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tract_onnx::prelude::Tensor;
 
 /// How a worker presents itself and where it keeps models.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct WorkerConfig {
     /// The device name reported by Info.
     pub name: String,
@@ -33,6 +35,51 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     /// When set, every call must carry `authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// How compute is timed: a real device, or an emulated board.
+    pub compute: Compute,
+}
+
+/// How a worker times its compute.
+#[derive(Debug)]
+pub enum Compute {
+    /// A real device: times are wall-clock; `gflops` is its rate on the calibration
+    /// workload, measured at start ([`crate::emulate::measure_host_gflops`]).
+    Real {
+        /// GFLOP/s.
+        gflops: f64,
+    },
+    /// An emulated board: compute is serialized on the host and scaled to the board.
+    Emulated(Emulator),
+}
+
+impl Compute {
+    /// Runs `f`; returns its result, the host-measured time and the time on this
+    /// worker's clock.
+    fn run<T>(&self, f: impl FnOnce() -> T) -> Result<(T, Duration, Duration), Status> {
+        match self {
+            Compute::Real { .. } => {
+                let start = Instant::now();
+                let out = f();
+                let took = start.elapsed();
+                Ok((out, took, took))
+            }
+            Compute::Emulated(e) => e
+                .run(f)
+                .map_err(|e| Status::internal(format!("emulated compute: {e:#}"))),
+        }
+    }
+
+    /// The compute rate reported by Info, GFLOP/s.
+    pub fn gflops(&self) -> f64 {
+        match self {
+            Compute::Real { gflops } => *gflops,
+            Compute::Emulated(e) => e.emulation.gflops,
+        }
+    }
+
+    fn emulated(&self) -> bool {
+        matches!(self, Compute::Emulated(_))
+    }
 }
 
 /// A model as imported: sha256 and input shape.
@@ -107,10 +154,28 @@ impl Worker {
                 m.sha256
             )));
         }
-        let shape = (!key.1.is_empty()).then_some(&key.1[..]);
-        let ir = legion_ir::import(&path, shape)
-            .map_err(|e| Status::invalid_argument(format!("importing model {}: {e}", m.sha256)))?;
-        let ir = Arc::new(ir);
+        // Workers in one process (a local cluster) share imports: they are read-only,
+        // and a big model imported once per worker would multiply the memory.
+        static IMPORTED: Mutex<Vec<(ModelKey, Weak<Ir>)>> = Mutex::new(vec![]);
+        let mut imported = lock(&IMPORTED);
+        imported.retain(|(_, ir)| ir.strong_count() > 0);
+        let shared = imported
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, ir)| ir.upgrade());
+        let ir = match shared {
+            Some(ir) => ir,
+            None => {
+                let shape = (!key.1.is_empty()).then_some(&key.1[..]);
+                let ir = legion_ir::import(&path, shape).map_err(|e| {
+                    Status::invalid_argument(format!("importing model {}: {e}", m.sha256))
+                })?;
+                let ir = Arc::new(ir);
+                imported.push((key.clone(), Arc::downgrade(&ir)));
+                ir
+            }
+        };
+        drop(imported);
         lock(&self.models).insert(key, ir.clone());
         Ok(ir)
     }
@@ -140,11 +205,8 @@ impl Worker {
         validate(&ir, &spec)?;
         let inputs = strips(&ir, &spec, &req.inputs)?;
         let tile = self.tile(&m, &ir, &spec)?;
-        let start = Instant::now();
-        let outputs = tile
-            .run(inputs)
-            .map_err(|e| Status::internal(format!("running the tile: {e:#}")))?;
-        let compute_us = start.elapsed().as_micros() as u64;
+        let (outputs, host, device) = self.config.compute.run(|| tile.run(inputs))?;
+        let outputs = outputs.map_err(|e| Status::internal(format!("running the tile: {e:#}")))?;
         let outputs = outputs
             .iter()
             .map(to_wire)
@@ -152,8 +214,51 @@ impl Worker {
             .map_err(|e| Status::internal(format!("encoding outputs: {e:#}")))?;
         Ok(RunTileReply {
             outputs,
-            compute_us,
+            compute_us: device.as_micros() as u64,
+            host_us: host.as_micros() as u64,
+            emulated: self.config.compute.emulated(),
         })
+    }
+
+    /// Runs a tile `runs` times (after a warm-up run) on made-up inputs; blocking.
+    fn profile_blocking(&self, req: ProfileStageRequest) -> Result<ProfileStageReply, Status> {
+        let m = req
+            .model
+            .ok_or_else(|| Status::invalid_argument("ProfileStage without a model"))?;
+        let spec: TileSpec = serde_json::from_slice(&req.tile_spec_json)
+            .map_err(|e| Status::invalid_argument(format!("bad TileSpec JSON: {e}")))?;
+        if req.runs == 0 || req.runs > 1000 {
+            return Err(Status::invalid_argument(format!(
+                "runs must be 1..=1000, got {}",
+                req.runs
+            )));
+        }
+        let ir = self.model(&m)?;
+        validate(&ir, &spec)?;
+        let inputs: Vec<Tensor> = spec
+            .inputs
+            .iter()
+            .map(|i| crate::check::test_input(&strip_shape(&ir, i.tensor, i.rows)))
+            .collect();
+        let tile = self.tile(&m, &ir, &spec)?;
+        let run = || {
+            tile.run(inputs.clone())
+                .map_err(|e| Status::internal(format!("running the tile: {e:#}")))
+        };
+        let (out, _, warmup) = self.config.compute.run(run)?;
+        out?;
+        let mut reply = ProfileStageReply {
+            emulated: self.config.compute.emulated(),
+            warmup_us: warmup.as_micros() as u64,
+            ..Default::default()
+        };
+        for _ in 0..req.runs {
+            let (out, host, device) = self.config.compute.run(run)?;
+            out?;
+            reply.host_us.push(host.as_micros() as u64);
+            reply.compute_us.push(device.as_micros() as u64);
+        }
+        Ok(reply)
     }
 }
 
@@ -165,6 +270,17 @@ impl WorkerService for Arc<Worker> {
             arch: std::env::consts::ARCH.to_string(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            gflops: self.config.compute.gflops(),
+            emulation: match &self.config.compute {
+                Compute::Real { .. } => None,
+                Compute::Emulated(e) => Some(proto::Emulation {
+                    class: e.emulation.class.clone().unwrap_or_default(),
+                    gflops: e.emulation.gflops,
+                    mbps: e.emulation.mbps,
+                    latency_ms: e.emulation.latency_ms,
+                    host_gflops: e.host_gflops,
+                }),
+            },
         }))
     }
 
@@ -231,6 +347,18 @@ impl WorkerService for Arc<Worker> {
         tokio::task::spawn_blocking(move || worker.run_tile_blocking(req))
             .await
             .map_err(|e| Status::internal(format!("the tile task failed: {e}")))?
+            .map(Response::new)
+    }
+
+    async fn profile_stage(
+        &self,
+        req: Request<ProfileStageRequest>,
+    ) -> Result<Response<ProfileStageReply>, Status> {
+        let worker = self.clone();
+        let req = req.into_inner();
+        tokio::task::spawn_blocking(move || worker.profile_blocking(req))
+            .await
+            .map_err(|e| Status::internal(format!("the profiling task failed: {e}")))?
             .map(Response::new)
     }
 
@@ -339,11 +467,10 @@ fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>,
         .zip(inputs)
         .enumerate()
         .map(|(i, (want, got))| {
-            let info = ir.tensor(want.tensor);
-            let mut shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-            if let Some(h) = info.h_axis {
-                shape[h] = want.rows.len() as u64;
-            }
+            let shape: Vec<u64> = strip_shape(ir, want.tensor, want.rows)
+                .into_iter()
+                .map(|d| d as u64)
+                .collect();
             if got.shape != shape {
                 return Err(Status::invalid_argument(format!(
                     "input strip {i} ({:?} rows {}): expected shape {shape:?}, got {:?}",
@@ -353,6 +480,16 @@ fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>,
             from_wire(got).map_err(|e| Status::invalid_argument(format!("input strip {i}: {e:#}")))
         })
         .collect()
+}
+
+/// The shape of `rows` of tensor `r` (the whole tensor when it has no row axis).
+fn strip_shape(ir: &Ir, r: TensorRef, rows: legion_ir::Rows) -> Vec<usize> {
+    let info = ir.tensor(r);
+    let mut shape = info.shape.clone();
+    if let Some(h) = info.h_axis {
+        shape[h] = rows.len();
+    }
+    shape
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

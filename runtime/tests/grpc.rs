@@ -3,9 +3,13 @@
 
 use legion_ir::{Ir, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
+use legion_runtime::emulate::measure_host_gflops;
 use legion_runtime::proto::{F32Tensor, RunTileRequest};
-use legion_runtime::{ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex};
+use legion_runtime::{
+    Compute, ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex,
+};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -14,6 +18,12 @@ use tonic::Code;
 use tract_onnx::prelude::Tensor;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The host's rate, measured once for every worker of this test binary.
+fn host_gflops() -> f64 {
+    static RATE: OnceLock<f64> = OnceLock::new();
+    *RATE.get_or_init(|| measure_host_gflops().unwrap())
+}
 
 /// A worker serving on its own runtime; dropped, it dies like a killed process.
 struct TestWorker {
@@ -35,6 +45,9 @@ impl TestWorker {
             name: format!("worker{n}"),
             cache_dir: cache_dir.clone(),
             token: token.map(str::to_string),
+            compute: Compute::Real {
+                gflops: host_gflops(),
+            },
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -125,8 +138,14 @@ async fn group_split_over_three_workers_equals_reference() {
             .map(|i| check::strip(&ir, &reference, i.tensor, i.rows).unwrap())
             .collect();
         for _ in 0..2 {
-            let (outputs, compute_us) = client.run_tile(&model, &spec, &inputs).await.unwrap();
-            assert!(compute_us > 0);
+            let run = client.run_tile(&model, &spec, &inputs).await.unwrap();
+            assert!(run.compute_us > 0);
+            assert_eq!(
+                run.compute_us, run.host_us,
+                "a real worker's clock is the host's"
+            );
+            assert!(!run.emulated);
+            let outputs = run.outputs;
             assert_eq!(outputs.len(), spec.outputs.len());
             for (out, got) in spec.outputs.iter().zip(&outputs) {
                 let want =
@@ -271,8 +290,8 @@ async fn run_tile_errors_name_the_problem() {
     assert!(status(&e).message().contains("999"), "{e:#}");
 
     // After all that, the worker still runs the tile.
-    let (outputs, _) = client.run_tile(&model, &spec, &inputs).await.unwrap();
-    assert_eq!(outputs.len(), spec.outputs.len());
+    let run = client.run_tile(&model, &spec, &inputs).await.unwrap();
+    assert_eq!(run.outputs.len(), spec.outputs.len());
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! `vgg16-conv`, `vgg19-conv` (up to `pool5`); `yolov2` and `yolov2-tiny`
 //! (416x416, darknet VOC layouts, passthrough as Reshape/Transpose/Reshape);
 //! `resnet18`, `resnet50` and `mobilenetv2` (torchvision layouts, 224x224);
-//! and the tiny models committed under `testdata/models/`: `tiny-cnn`,
+//! `calibration` (a VGG-like conv chain on a 64x56x56 input, the workload the
+//! emulator times to measure a host's conv rate); and the tiny models committed under `testdata/models/`: `tiny-cnn`,
 //! `tiny-residual`, `tiny-yolo`, `tiny-mobile`, `tiny-nhwc`,
 //! `tiny-unknown-op` and `tiny-head`. [`dynamic_input_model`] and
 //! [`non_f32_model`] are error-case fixtures outside the catalog.
@@ -72,7 +73,7 @@ const IMAGENET: [usize; 4] = [1, 3, 224, 224];
 const DARKNET: [usize; 4] = [1, 3, 416, 416];
 const SMALL: [usize; 4] = [1, 3, 32, 32];
 
-static CATALOG: [ModelSpec; 16] = [
+static CATALOG: [ModelSpec; 17] = [
     entry(
         "vgg16",
         "VGG-16 with the FC head, 15.35 G conv MACs",
@@ -135,6 +136,13 @@ static CATALOG: [ModelSpec; 16] = [
         IMAGENET,
         false,
         zoo::mobilenetv2,
+    ),
+    entry(
+        "calibration",
+        "the emulator's fixed workload for measuring a host's conv rate",
+        [1, 64, 56, 56],
+        false,
+        zoo::calibration,
     ),
     entry(
         "tiny-cnn",

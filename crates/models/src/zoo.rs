@@ -52,6 +52,29 @@ pub(crate) fn vgg19_conv(b: &mut GraphBuilder, x: Value) -> Value {
     vgg(b, x, &VGG19, false)
 }
 
+/// The emulator's calibration workload on a `[1, 64, 56, 56]` input: a VGG-like
+/// chain of 3x3 convs (pad 1, with bias) each followed by a Relu, widths 64 @56,
+/// 128 (stride 2, to 28), 128, 256, 256 @28, then a 2x2 max pool and 512, 512
+/// @14. Output `[1, 512, 14, 14]`, 1.68 G conv MACs.
+pub(crate) fn calibration(b: &mut GraphBuilder, x: Value) -> Value {
+    let mut x = x;
+    let layers: [(usize, usize); 5] = [(64, 1), (128, 2), (128, 1), (256, 1), (256, 1)];
+    for (i, (width, stride)) in layers.into_iter().enumerate() {
+        x = b.conv(
+            &format!("conv{}", i + 1),
+            &x,
+            Conv::new(width, 3).stride(stride),
+        );
+        x = b.relu(&format!("relu{}", i + 1), &x);
+    }
+    x = b.max_pool("pool", &x, Pool::new(2, 2));
+    for i in [6, 7] {
+        x = b.conv(&format!("conv{i}"), &x, Conv::new(512, 3));
+        x = b.relu(&format!("relu{i}"), &x);
+    }
+    x
+}
+
 /// Darknet `[convolutional] batch_normalize=1 activation=leaky` layer number `i`:
 /// `conv{i}` (no bias), `bn{i}`, `leaky{i}`.
 fn darknet_conv(b: &mut GraphBuilder, i: usize, x: &Value, filters: usize, k: usize) -> Value {
@@ -280,6 +303,14 @@ mod tests {
         assert_eq!(giga(macs(resnet18, [1, 3, 224, 224]).0), 1.81);
         assert_eq!(giga(macs(resnet50, [1, 3, 224, 224]).0), 4.09);
         assert_eq!(giga(macs(mobilenetv2, [1, 3, 224, 224]).0), 0.30);
+    }
+
+    #[test]
+    fn calibration_macs_and_shape() {
+        let (m, y) = macs(calibration, [1, 64, 56, 56]);
+        // 56^2*64*64*9 + 28^2*9*(128*64 + 128*128 + 256*128 + 256*256) + 14^2*9*(512*256 + 512*512)
+        assert_eq!(m, 1_676_279_808);
+        assert_eq!(y.shape(), [1, 512, 14, 14]);
     }
 
     #[test]

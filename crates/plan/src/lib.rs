@@ -1,56 +1,17 @@
-//! Legion's file formats. A [`TileSpec`] is what one device runs for one fused group:
-//! everything the partition pass computed, so a worker needs no compiler pass.
+//! Legion's file formats: the tile program a worker runs ([`TileSpec`]), the cluster
+//! file that names the devices ([`Cluster`]), the profile measured on them
+//! ([`Profile`]) and the timings the runtime reports ([`StepTiming`]).
 
-use legion_ir::{Rows, StageId, TensorRef};
-use serde::{Deserialize, Serialize};
+mod cluster;
+pub mod network;
+mod profile;
+mod tile;
+mod timing;
 
-/// One device's program for one fused group: receive strips, run the stages, send strips.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TileSpec {
-    /// Strips received, one per tensor entering the group, in this order.
-    pub inputs: Vec<TileInput>,
-    /// Stages run, in topological order (stages with nothing to compute are left out).
-    pub stages: Vec<TileStage>,
-    /// Strips sent, one per tensor leaving the group, in this order.
-    pub outputs: Vec<TileOutput>,
-}
-
-/// A strip entering the tile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TileInput {
-    /// The tensor.
-    pub tensor: TensorRef,
-    /// Its rows received, halo included.
-    pub rows: Rows,
-}
-
-/// One stage of the tile.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TileStage {
-    /// The stage.
-    pub stage: StageId,
-    /// Output rows computed.
-    pub computed: Rows,
-    /// Per data input of the stage: rows read and the padding applied around them.
-    pub reads: Vec<TileRead>,
-}
-
-/// Rows a stage reads from one input, with its tile-local padding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TileRead {
-    /// Rows of the input tensor read.
-    pub rows: Rows,
-    /// Padding rows above (the tensor's top edge only).
-    pub pad_top: usize,
-    /// Padding rows below (the tensor's bottom edge only).
-    pub pad_bottom: usize,
-}
-
-/// A strip leaving the tile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TileOutput {
-    /// The stage whose output it is.
-    pub stage: StageId,
-    /// Its rows sent.
-    pub rows: Rows,
-}
+pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, Link};
+pub use profile::{
+    DeviceProfile, GroupMeasurement, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
+    StageProfile,
+};
+pub use tile::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
+pub use timing::{Clock, DeviceTiming, StepTiming};

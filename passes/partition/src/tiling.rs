@@ -1,7 +1,7 @@
 //! Tiling a fused group for a cut of its output rows: what each device computes,
 //! receives and sends, with pads and alpha.
 
-use crate::rows::{InputRows, row_map};
+use crate::rows::{InputRows, row_map, window_rows};
 use legion_ir::Rows;
 use legion_ir::{Ir, StageId, TensorRef};
 use legion_plan::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
@@ -363,5 +363,56 @@ fn device_tile(
         received,
         stages,
         sent,
+    }
+}
+
+/// The program that runs stage `s` whole on one device: every input whole, the stage's
+/// own padding, the whole output sent. Barrier stages run this way; so does any stage
+/// given to a single device.
+pub fn whole_stage(ir: &Ir, s: StageId) -> TileSpec {
+    let stage = ir.stage(s);
+    let all = |h: Option<usize>| Rows::new(0, h.unwrap_or(0));
+    let computed = all(stage.output.height());
+    let reads = stage
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let height = stage.input_shapes[i].height();
+            match (stage.kind.window(), height, computed.is_empty()) {
+                (Some(w), Some(h), false) => {
+                    let r = window_rows(w, computed, h);
+                    TileRead {
+                        rows: r.rows,
+                        pad_top: r.pad_top,
+                        pad_bottom: r.pad_bottom,
+                    }
+                }
+                _ => TileRead {
+                    rows: all(height),
+                    pad_top: 0,
+                    pad_bottom: 0,
+                },
+            }
+        })
+        .collect();
+    TileSpec {
+        inputs: stage
+            .inputs
+            .iter()
+            .map(|&tensor| TileInput {
+                tensor,
+                rows: all(ir.tensor(tensor).height()),
+            })
+            .collect(),
+        stages: vec![TileStage {
+            stage: s,
+            computed,
+            reads,
+        }],
+        outputs: vec![TileOutput {
+            stage: s,
+            rows: computed,
+        }],
     }
 }

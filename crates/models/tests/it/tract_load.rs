@@ -9,6 +9,7 @@ fn expected_output(name: &str) -> &'static [usize] {
     match name {
         "vgg16" | "vgg19" | "resnet18" | "resnet50" | "mobilenetv2" => &[1, 1000],
         "vgg16-conv" | "vgg19-conv" => &[1, 512, 7, 7],
+        "calibration" => &[1, 512, 14, 14],
         "yolov2" | "yolov2-tiny" => &[1, 125, 13, 13],
         "tiny-cnn" => &[1, 24, 6, 5],
         "tiny-residual" => &[1, 32, 16, 16],
@@ -71,7 +72,14 @@ fn load(name: &str) -> TypedModel {
 }
 
 /// Full-size models that also run (a few seconds each, weights optimised).
-const RUN: [&str; 5] = ["vgg16", "yolov2", "yolov2-tiny", "resnet18", "mobilenetv2"];
+const RUN: [&str; 6] = [
+    "vgg16",
+    "yolov2",
+    "yolov2-tiny",
+    "resnet18",
+    "mobilenetv2",
+    "calibration",
+];
 
 #[test]
 fn big_models_run_on_zeros() {

@@ -1,0 +1,294 @@
+//! Cluster files (TOML): the devices a plan runs on, their addresses, links and
+//! emulation, and the coordinator's own link. The format is documented in
+//! docs/cluster.md.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// A cluster: the coordinator's link and the devices, in the order strips are cut.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// The coordinator's own link; every strip sent or received crosses it.
+    #[serde(default)]
+    pub coordinator: CoordinatorLink,
+    /// A file holding the workers' bearer token (relative paths are relative to the
+    /// cluster file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The devices.
+    #[serde(rename = "device", default)]
+    pub devices: Vec<Device>,
+}
+
+/// The coordinator's link.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorLink {
+    /// Bandwidth in Mbit/s (1 Gbit/s unless the file says otherwise).
+    pub mbps: f64,
+}
+
+impl Default for CoordinatorLink {
+    fn default() -> Self {
+        CoordinatorLink { mbps: 1000.0 }
+    }
+}
+
+/// A device's network link to the switch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// Bandwidth in Mbit/s.
+    pub mbps: f64,
+    /// One-way latency in milliseconds.
+    pub latency_ms: f64,
+}
+
+impl Link {
+    /// Time to move `bytes` over this link alone: latency + bytes / bandwidth, in µs.
+    pub fn time_us(&self, bytes: u64) -> f64 {
+        self.latency_ms * 1e3 + bytes as f64 * 8.0 / self.mbps
+    }
+}
+
+/// One device (a worker).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// Its name in plans and reports.
+    pub name: String,
+    /// The worker's address, `host:port`.
+    pub address: String,
+    /// The board it emulates: a class name or `speed=X,mbps=Y,latency_ms=Z`, as given
+    /// to `legion worker --emulate`. Absent for a real board.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulate: Option<String>,
+    /// Link bandwidth in Mbit/s.
+    pub link_mbps: f64,
+    /// Link latency in milliseconds.
+    pub latency_ms: f64,
+    /// Memory available to tiles, in MiB (checked by the compiler when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
+impl Device {
+    /// The device's link.
+    pub fn link(&self) -> Link {
+        Link {
+            mbps: self.link_mbps,
+            latency_ms: self.latency_ms,
+        }
+    }
+}
+
+/// A cluster file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The file cannot be read.
+    #[error("{path}: cannot read the cluster file: {source}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid cluster file.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+impl Cluster {
+    /// Reads and validates a cluster file.
+    pub fn load(path: &Path) -> Result<Cluster, ClusterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| ClusterError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut cluster: Cluster = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        cluster.validate().map_err(invalid)?;
+        if let Some(t) = &cluster.token_file
+            && t.is_relative()
+        {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            cluster.token_file = Some(dir.join(t));
+        }
+        Ok(cluster)
+    }
+
+    /// The file's TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a cluster serializes to TOML")
+    }
+
+    /// Checks that the cluster can be used: devices exist, names and addresses are
+    /// unique, links are positive. The message names the device and what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.devices.is_empty() {
+            return Err("the cluster has no devices; add `[[device]]` tables".into());
+        }
+        positive("coordinator.mbps", self.coordinator.mbps)?;
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for d in &self.devices {
+            if d.name.is_empty() {
+                return Err(format!("device at {} has an empty name", d.address));
+            }
+            if !names.insert(&d.name) {
+                return Err(format!("two devices are named {:?}", d.name));
+            }
+            if !addresses.insert(&d.address) {
+                return Err(format!("two devices have the address {}", d.address));
+            }
+            if !d.address.contains(':') {
+                return Err(format!(
+                    "device {}: address {:?} is not host:port",
+                    d.name, d.address
+                ));
+            }
+            positive(&format!("device {}: link_mbps", d.name), d.link_mbps)?;
+            if !(d.latency_ms >= 0.0 && d.latency_ms.is_finite()) {
+                return Err(format!(
+                    "device {}: latency_ms must be a finite number >= 0, got {}",
+                    d.name, d.latency_ms
+                ));
+            }
+        }
+        let emulated = self.devices.iter().filter(|d| d.emulate.is_some()).count();
+        if emulated != 0 && emulated != self.devices.len() {
+            return Err(format!(
+                "{emulated} of {} devices are emulated; a cluster is either all emulated or \
+                 all real, since their times are on different clocks",
+                self.devices.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the devices are emulated (their times are on the emulated clock).
+    pub fn is_emulated(&self) -> bool {
+        self.devices.iter().all(|d| d.emulate.is_some())
+    }
+
+    /// The device named `name`.
+    pub fn device(&self, name: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+}
+
+fn positive(what: &str, v: f64) -> Result<(), String> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("{what} must be a positive number, got {v}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = r#"
+token_file = "token"
+[coordinator]
+mbps = 1000.0
+
+[[device]]
+name = "firefly-0"
+address = "127.0.0.1:50051"
+emulate = "firefly-rk3399"
+link_mbps = 100.0
+latency_ms = 0.2
+
+[[device]]
+name = "odroid-0"
+address = "127.0.0.1:50052"
+emulate = "odroid-xu4"
+link_mbps = 100.0
+latency_ms = 0.2
+memory_mb = 2048
+"#;
+
+    fn load_str(text: &str) -> Result<Cluster, ClusterError> {
+        let dir = std::env::temp_dir().join(format!("legion-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("c{}.toml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        Cluster::load(&path)
+    }
+
+    #[test]
+    fn loads_and_round_trips() {
+        let c = load_str(TWO).unwrap();
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[1].memory_mb, Some(2048));
+        assert!(c.is_emulated());
+        assert!(c.token_file.as_ref().unwrap().ends_with("token"));
+        assert!(c.token_file.as_ref().unwrap().is_absolute());
+        let again: Cluster = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+        // 1 MB over 100 Mbit/s: 80 ms plus 0.2 ms latency
+        assert_eq!(c.devices[0].link().time_us(1_000_000), 80_200.0);
+    }
+
+    #[test]
+    fn coordinator_defaults_to_1_gbit() {
+        let text = TWO.replace("[coordinator]\nmbps = 1000.0\n", "");
+        assert_eq!(load_str(&text).unwrap().coordinator.mbps, 1000.0);
+    }
+
+    #[test]
+    fn rejects_bad_files_naming_the_problem() {
+        let cases = [
+            (
+                TWO.replace("odroid-0", "firefly-0"),
+                "two devices are named",
+            ),
+            (
+                TWO.replace("50052", "50051"),
+                "two devices have the address",
+            ),
+            (
+                TWO.replace(
+                    "link_mbps = 100.0\nlatency_ms = 0.2\nmemory",
+                    "link_mbps = 0.0\nlatency_ms = 0.2\nmemory",
+                ),
+                "odroid-0: link_mbps must be a positive",
+            ),
+            (
+                TWO.replace("emulate = \"odroid-xu4\"\n", ""),
+                "1 of 2 devices are emulated",
+            ),
+            (
+                TWO.replace("address = \"127.0.0.1:50052\"", "address = \"nowhere\""),
+                "not host:port",
+            ),
+            (TWO.replace("memory_mb", "memroy_mb"), "unknown field"),
+            ("[coordinator]\nmbps = 1000.0\n".to_string(), "no devices"),
+        ];
+        for (text, want) in cases {
+            let err = load_str(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+            assert!(err.contains(".toml"), "{err:?} should name the file");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = Cluster::load(Path::new("/nonexistent/c.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/c.toml: cannot read")
+        );
+    }
+}

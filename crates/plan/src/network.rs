@@ -1,0 +1,189 @@
+//! The network model the emulator and the cost model share: a switched star. Each
+//! device has its own link to the switch, so device links do not contend; every strip
+//! also crosses the coordinator's link, which the transfers in flight share max-min
+//! fairly (each capped by its device's link). Latency is paid once per transfer.
+
+use crate::Link;
+
+/// A transfer between the coordinator and one device, in one direction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Flow {
+    /// When it starts, µs.
+    pub start_us: f64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// The device's link.
+    pub link: Link,
+}
+
+/// When each flow's last byte arrives, µs, for flows in one direction over a
+/// coordinator link of `hub_mbps`.
+///
+/// A flow alone arrives at `start + latency + bytes / min(device, hub bandwidth)`.
+pub fn arrival_times(flows: &[Flow], hub_mbps: f64) -> Vec<f64> {
+    // Bits left per flow; bandwidths in Mbit/s are bits per µs.
+    let mut left: Vec<f64> = flows.iter().map(|f| f.bytes as f64 * 8.0).collect();
+    let mut done: Vec<Option<f64>> = vec![None; flows.len()];
+    let mut now = flows
+        .iter()
+        .map(|f| f.start_us)
+        .fold(f64::INFINITY, f64::min);
+    while done.iter().any(Option::is_none) {
+        let active: Vec<usize> = (0..flows.len())
+            .filter(|&i| done[i].is_none() && flows[i].start_us <= now)
+            .collect();
+        for &i in &active {
+            if left[i] <= 0.0 {
+                done[i] = Some(now);
+            }
+        }
+        let active: Vec<usize> = active.into_iter().filter(|&i| done[i].is_none()).collect();
+        let rates = fair_rates(
+            &active
+                .iter()
+                .map(|&i| flows[i].link.mbps)
+                .collect::<Vec<_>>(),
+            hub_mbps,
+        );
+        let next_start = flows
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| done[*i].is_none() && f.start_us > now)
+            .map(|(_, f)| f.start_us)
+            .fold(f64::INFINITY, f64::min);
+        let next_finish = active
+            .iter()
+            .zip(&rates)
+            .map(|(&i, &r)| now + left[i] / r)
+            .fold(f64::INFINITY, f64::min);
+        let next = next_start.min(next_finish);
+        if !next.is_finite() {
+            break;
+        }
+        for (&i, &r) in active.iter().zip(&rates) {
+            left[i] -= r * (next - now);
+            // What is left is below one bit of rounding: the flow is done.
+            if left[i] < 1e-6 {
+                left[i] = 0.0;
+                done[i] = Some(next);
+            }
+        }
+        now = next;
+    }
+    flows
+        .iter()
+        .zip(done)
+        .map(|(f, d)| d.unwrap_or(f.start_us) + f.link.latency_ms * 1e3)
+        .collect()
+}
+
+/// Max-min fair rates of flows capped at `caps`, sharing `total`.
+fn fair_rates(caps: &[f64], total: f64) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..caps.len()).collect();
+    order.sort_by(|&a, &b| caps[a].total_cmp(&caps[b]));
+    let mut rates = vec![0.0; caps.len()];
+    let mut left = total;
+    for (k, &i) in order.iter().enumerate() {
+        let share = left / (caps.len() - k) as f64;
+        rates[i] = caps[i].min(share);
+        left -= rates[i];
+    }
+    rates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: Link = Link {
+        mbps: 100.0,
+        latency_ms: 0.2,
+    };
+
+    fn flow(start_us: f64, bytes: u64) -> Flow {
+        Flow {
+            start_us,
+            bytes,
+            link: FAST,
+        }
+    }
+
+    #[test]
+    fn a_lone_flow_pays_latency_and_bandwidth() {
+        // 1 MB at 100 Mbit/s = 80 ms, plus 0.2 ms
+        assert_eq!(
+            arrival_times(&[flow(10.0, 1_000_000)], 1000.0),
+            vec![80_210.0]
+        );
+        assert_eq!(
+            arrival_times(&[flow(0.0, 1_000_000)], 1000.0)[0],
+            FAST.time_us(1_000_000)
+        );
+    }
+
+    #[test]
+    fn device_links_do_not_contend_below_the_hub() {
+        // 6 x 100 Mbit/s fit in 1 Gbit/s: all arrive as if alone
+        let flows: Vec<Flow> = (0..6).map(|_| flow(0.0, 1_000_000)).collect();
+        for t in arrival_times(&flows, 1000.0) {
+            assert!((t - 80_200.0).abs() < 1e-6, "{t}");
+        }
+    }
+
+    #[test]
+    fn the_hub_bounds_the_bytes_in_flight() {
+        // 4 x 1 MB over a 200 Mbit/s hub: 50 Mbit/s each, 160 ms
+        let flows: Vec<Flow> = (0..4).map(|_| flow(0.0, 1_000_000)).collect();
+        for t in arrival_times(&flows, 200.0) {
+            assert!((t - 160_200.0).abs() < 1e-6, "{t}");
+        }
+    }
+
+    #[test]
+    fn a_finished_flow_frees_its_share() {
+        // hub 100: two flows share 50/50; the 0.5 MB one ends at 80 ms having sent
+        // 0.5 MB; the other then has 0.5 MB left at full 100 Mbit/s: 40 ms more.
+        let t = arrival_times(&[flow(0.0, 500_000), flow(0.0, 1_000_000)], 100.0);
+        assert!((t[0] - 80_200.0).abs() < 1e-6, "{t:?}");
+        assert!((t[1] - 120_200.0).abs() < 1e-6, "{t:?}");
+    }
+
+    #[test]
+    fn a_late_flow_joins_and_slows_the_others() {
+        // hub 100: flow 0 alone for 40 ms (0.5 MB), then shares with flow 1
+        let t = arrival_times(&[flow(0.0, 1_000_000), flow(40_000.0, 250_000)], 100.0);
+        // flow 1: 0.25 MB at 50 Mbit/s = 40 ms, done at 80 ms; flow 0 has sent
+        // 0.5 + 0.25 MB by then, 0.25 MB left at 100 Mbit/s = 20 ms: done at 100 ms
+        assert!((t[1] - 80_200.0).abs() < 1e-6, "{t:?}");
+        assert!((t[0] - 100_200.0).abs() < 1e-6, "{t:?}");
+    }
+
+    #[test]
+    fn a_slow_device_link_leaves_the_rest_to_others() {
+        let slow = Flow {
+            start_us: 0.0,
+            bytes: 1_000_000,
+            link: Link {
+                mbps: 10.0,
+                latency_ms: 0.0,
+            },
+        };
+        let fast = Flow {
+            link: Link {
+                mbps: 1000.0,
+                latency_ms: 0.0,
+            },
+            ..slow
+        };
+        // hub 100: slow gets its 10, fast gets the other 90
+        let t = arrival_times(&[slow, fast], 100.0);
+        assert!((t[0] - 800_000.0).abs() < 1e-6, "{t:?}");
+        assert!((t[1] - 8e6 / 90.0).abs() < 1e-6, "{t:?}");
+    }
+
+    #[test]
+    fn empty_flows_arrive_after_latency() {
+        assert_eq!(arrival_times(&[flow(5.0, 0)], 1000.0), vec![205.0]);
+        assert!(arrival_times(&[], 1000.0).is_empty());
+    }
+}

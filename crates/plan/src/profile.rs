@@ -1,0 +1,143 @@
+//! Profiles (JSON): what `legion profile` measured on a cluster for one model. In
+//! `legion` mode, single stages at a few row counts per device and link probes (what
+//! the cost model needs); in `fss` mode, every candidate group run whole across the
+//! cluster. The format is documented in docs/profile.md.
+
+use crate::timing::{Clock, DeviceTiming};
+use legion_ir::{Rows, StageId};
+use serde::{Deserialize, Serialize};
+
+/// Version of the profile format; readers reject other versions.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// How the profile was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileMode {
+    /// Single stages and link probes (the paper's profiler).
+    Legion,
+    /// Every candidate group measured directly (the Full Searching Scheme baseline).
+    Fss,
+}
+
+/// A profile of one model on one cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// [`PROFILE_VERSION`].
+    pub version: u32,
+    /// sha256 of the model's ONNX bytes.
+    pub model_sha256: String,
+    /// The model's input shape.
+    pub input_shape: Vec<usize>,
+    /// How it was measured.
+    pub mode: ProfileMode,
+    /// The clock of every time in the file.
+    pub clock: Clock,
+    /// The coordinator's link bandwidth, Mbit/s.
+    pub coordinator_mbps: f64,
+    /// The devices, in the cluster file's order.
+    pub devices: Vec<DeviceProfile>,
+    /// `legion` mode: single-stage times, one entry per stage in stage order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageProfile>,
+    /// `fss` mode: measured groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupMeasurement>,
+    /// `fss` mode: the longest group measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_group_len: Option<usize>,
+    /// Time the profiling took on `clock`, µs (devices measured in parallel count once).
+    pub profiling_us: u64,
+    /// Wall time the profiling took on the host, µs.
+    pub wall_us: u64,
+}
+
+/// One device as profiled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceProfile {
+    /// Its name in the cluster file.
+    pub name: String,
+    /// The emulated board class, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Its compute rate on the calibration workload, GFLOP/s (the emulated rate for an
+    /// emulated board); shares start proportional to it.
+    pub gflops: f64,
+    /// Its link as the cluster file gives it.
+    pub link: crate::Link,
+    /// Transfer probes: bytes each way and the times measured.
+    pub probes: Vec<LinkProbe>,
+}
+
+/// One transfer probe to a device and back.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkProbe {
+    /// Bytes sent and echoed.
+    pub bytes: u64,
+    /// Coordinator to device, µs.
+    pub send_us: u64,
+    /// Device to coordinator, µs.
+    pub recv_us: u64,
+}
+
+/// Single-stage times of one stage on every device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageProfile {
+    /// The stage.
+    pub stage: StageId,
+    /// Whether it runs whole on one device (a barrier); its samples then cover every row.
+    pub barrier: bool,
+    /// Per device (cluster order): the row counts measured, ascending.
+    pub samples: Vec<Vec<Sample>>,
+}
+
+/// The time of a stage run alone on a number of its output rows.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Output rows computed.
+    pub rows: usize,
+    /// Median over the runs, µs.
+    pub median_us: u64,
+    /// Fastest run, µs.
+    pub min_us: u64,
+    /// Runs measured.
+    pub runs: u32,
+}
+
+/// A candidate group measured across the cluster (FSS).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupMeasurement {
+    /// First stage of the group.
+    pub first: StageId,
+    /// Last stage of the group.
+    pub last: StageId,
+    /// Each device's strip of the last stage's output rows (devices with no rows are
+    /// left out).
+    pub strips: Vec<(String, Rows)>,
+    /// Median over the runs of the group's time, µs.
+    pub median_us: u64,
+    /// Runs measured.
+    pub runs: u32,
+    /// The per-device breakdown of the median run.
+    pub devices: Vec<DeviceTiming>,
+}
+
+impl Profile {
+    /// Parses a profile, rejecting other format versions.
+    pub fn from_json(text: &str) -> Result<Profile, String> {
+        let profile: Profile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if profile.version != PROFILE_VERSION {
+            return Err(format!(
+                "profile format version {} is not supported (this legion reads version \
+                 {PROFILE_VERSION}); profile the cluster again",
+                profile.version
+            ));
+        }
+        Ok(profile)
+    }
+
+    /// The profile as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a profile serializes")
+    }
+}

@@ -1,0 +1,54 @@
+//! Timings the runtime reports, each on a named clock.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Which clock a time is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clock {
+    /// Wall-clock time measured on real devices and links.
+    Real,
+    /// Emulated boards: compute measured on the host and scaled to the board's speed,
+    /// link times modelled from bytes, bandwidth and latency.
+    Emulated,
+}
+
+impl fmt::Display for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Clock::Real => "real",
+            Clock::Emulated => "emulated",
+        })
+    }
+}
+
+/// One device's part of a step: strips in, tile run, strips out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceTiming {
+    /// The device's name.
+    pub device: String,
+    /// Bytes of input strips sent to it.
+    pub bytes_in: u64,
+    /// Bytes of output strips it sent back.
+    pub bytes_out: u64,
+    /// Time until its input strips had arrived, µs from the step's start.
+    pub in_us: u64,
+    /// Its compute time, µs.
+    pub compute_us: u64,
+    /// Time its output strips took to come back, µs.
+    pub out_us: u64,
+    /// When its output had arrived, µs from the step's start.
+    pub done_us: u64,
+}
+
+/// One step (a fused group across devices, or a barrier stage on one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepTiming {
+    /// The clock of every time here.
+    pub clock: Clock,
+    /// From the first strip sent to the last strip received, µs.
+    pub total_us: u64,
+    /// Per device, in the order the step listed them.
+    pub devices: Vec<DeviceTiming>,
+}

@@ -1,0 +1,380 @@
+//! The profiler (the paper's "runtime evaluator"): the compiler driving the runtime to
+//! measure a model on a cluster.
+//!
+//! - [`ProfileMode::Legion`] measures what the cost model needs and no more: every
+//!   stage alone on each device at the device's expected share of rows and at
+//!   neighbouring row counts (fused groups compute a few halo rows more), barrier
+//!   stages whole, and transfer probes of a few sizes per link.
+//! - [`ProfileMode::Fss`] measures every candidate group directly across the cluster
+//!   (the Full Searching Scheme the paper compares against).
+//!
+//! Both report the time profiling took on the cluster's clock: in Legion mode devices
+//! profile in parallel, so it is the slowest device's total; FSS runs groups one after
+//! another on the whole cluster, so it is the sum.
+
+use anyhow::{Context, Result, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
+use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
+use legion_plan::{
+    DeviceProfile, GroupMeasurement, PROFILE_VERSION, Profile, ProfileMode, Sample, StageProfile,
+    StepTiming, TileSpec,
+};
+use legion_runtime::check::test_input;
+use legion_runtime::{Coordinator, Tensors};
+use std::time::Instant;
+
+/// How to profile.
+#[derive(Clone, Debug)]
+pub struct ProfileOptions {
+    /// Legion (single stages) or FSS (every candidate group).
+    pub mode: ProfileMode,
+    /// Timed runs per measurement (after one warm-up run); the median is kept.
+    pub runs: u32,
+    /// FSS: the longest group measured (all lengths when `None`).
+    pub max_group_len: Option<usize>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        ProfileOptions {
+            mode: ProfileMode::Legion,
+            runs: 3,
+            max_group_len: None,
+            progress: false,
+        }
+    }
+}
+
+/// Sizes of the transfer probes sent to every device, bytes.
+pub const PROBE_BYTES: [u64; 3] = [4 << 10, 64 << 10, 1 << 20];
+
+/// Profiles `ir` on the connected cluster, whose workers already have the model.
+pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
+    ensure!(
+        opts.runs > 0,
+        "profiling needs at least one run per measurement"
+    );
+    let model = coord.model()?.clone();
+    ensure!(
+        model.sha256 == ir.sha256,
+        "the cluster runs model {} but the profile is for {}",
+        model.sha256,
+        ir.sha256
+    );
+    let started = Instant::now();
+    let mut profile = Profile {
+        version: PROFILE_VERSION,
+        model_sha256: ir.sha256.clone(),
+        input_shape: ir.input.shape.clone(),
+        mode: opts.mode,
+        clock: coord.clock(),
+        coordinator_mbps: coord.cluster().coordinator.mbps,
+        devices: coord
+            .devices()
+            .iter()
+            .map(|d| DeviceProfile {
+                name: d.name().to_string(),
+                class: d
+                    .info
+                    .emulation
+                    .as_ref()
+                    .map(|e| e.class.clone())
+                    .filter(|c| !c.is_empty()),
+                gflops: d.gflops(),
+                link: d.device.link(),
+                probes: vec![],
+            })
+            .collect(),
+        stages: vec![],
+        groups: vec![],
+        max_group_len: None,
+        profiling_us: 0,
+        wall_us: 0,
+    };
+    match opts.mode {
+        ProfileMode::Legion => legion_mode(coord, ir, opts, &mut profile).await?,
+        ProfileMode::Fss => fss_mode(coord, ir, opts, &mut profile).await?,
+    }
+    profile.wall_us = started.elapsed().as_micros() as u64;
+    Ok(profile)
+}
+
+/// Relative compute rates of the devices: where strips start.
+fn weights(coord: &Coordinator) -> Vec<f64> {
+    coord.devices().iter().map(|d| d.gflops()).collect()
+}
+
+/// Row counts measured for a device whose share of a stage is `n` of `height` rows: the
+/// share, one step below and two above (halo rows of deeper groups), `step = n/4`.
+pub fn sample_rows(n: usize, height: usize) -> Vec<usize> {
+    if n == 0 {
+        return vec![1.min(height), 2.min(height)]
+            .into_iter()
+            .filter(|&r| r > 0)
+            .collect();
+    }
+    let step = n.div_ceil(4).max(1);
+    let mut rows: Vec<usize> = [n.saturating_sub(step), n, n + step, n + 2 * step]
+        .into_iter()
+        .map(|r| r.clamp(1, height))
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// The tile of stage `s` alone computing `n` rows, placed at `start` (moved up when it
+/// would run past the bottom).
+fn single_stage_spec(ir: &Ir, s: StageId, start: usize, n: usize) -> Result<TileSpec> {
+    let height = ir.stage(s).output.height().context("splittable stage")?;
+    let a = start.min(height - n);
+    let cut = [
+        Rows::new(0, a),
+        Rows::new(a, a + n),
+        Rows::new(a + n, height),
+    ];
+    let tiling = tile(ir, Group::new(s.index(), s.index()), &cut)?;
+    let t = tiling
+        .devices
+        .iter()
+        .find(|t| t.device == 1)
+        .context("the middle strip is not empty")?;
+    Ok(t.spec())
+}
+
+fn progress_bar(opts: &ProfileOptions, total: u64, what: &str) -> ProgressBar {
+    let bar = if opts.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed} {wide_msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+async fn legion_mode(
+    coord: &Coordinator,
+    ir: &Ir,
+    opts: &ProfileOptions,
+    profile: &mut Profile,
+) -> Result<()> {
+    let weights = weights(coord);
+    let devices = coord.devices().len();
+    // Per stage, per device: the specs to measure and their row counts.
+    let mut plan: Vec<Vec<Vec<(usize, TileSpec)>>> = vec![];
+    for stage in &ir.stages {
+        let mut per_device = vec![];
+        for d in 0..devices {
+            let specs = match (&stage.split, stage.output.height()) {
+                (Split::Rows, Some(height)) => {
+                    let strips = strips_from_weights(height, &weights);
+                    sample_rows(strips[d].len(), height)
+                        .into_iter()
+                        .map(|n| Ok((n, single_stage_spec(ir, stage.id, strips[d].start, n)?)))
+                        .collect::<Result<Vec<_>>>()
+                        .with_context(|| format!("stage {} ({})", stage.id, stage.name))?
+                }
+                _ => vec![(
+                    stage.output.height().unwrap_or(0),
+                    whole_stage(ir, stage.id),
+                )],
+            };
+            per_device.push(specs);
+        }
+        plan.push(per_device);
+    }
+    let total: usize =
+        plan.iter().flatten().map(Vec::len).sum::<usize>() + devices * PROBE_BYTES.len();
+    let bar = progress_bar(opts, total as u64, "profiling");
+    // Devices measure in parallel on a real cluster; every device's time counts once.
+    let mut device_us = vec![0u64; devices];
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![vec![]; devices]; ir.stages.len()];
+    for d in 0..devices {
+        let name = coord.devices()[d].name().to_string();
+        for (s, per_device) in plan.iter().enumerate() {
+            bar.set_message(format!("{name}: stage {s}"));
+            for (rows, spec) in &per_device[d] {
+                let (warmup, times) = coord
+                    .profile_tile(d, spec, opts.runs)
+                    .await
+                    .with_context(|| format!("profiling stage {s} on {rows} rows"))?;
+                device_us[d] += warmup + times.iter().sum::<u64>();
+                samples[s][d].push(sample(*rows, times));
+                bar.inc(1);
+            }
+        }
+        for &bytes in &PROBE_BYTES {
+            let probe = coord.probe(d, bytes).await?;
+            device_us[d] += probe.send_us + probe.recv_us;
+            profile.devices[d].probes.push(probe);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    profile.stages = ir
+        .stages
+        .iter()
+        .zip(samples)
+        .map(|(stage, samples)| StageProfile {
+            stage: stage.id,
+            barrier: !matches!(stage.split, Split::Rows) || stage.output.height().is_none(),
+            samples,
+        })
+        .collect();
+    profile.profiling_us = device_us.into_iter().max().unwrap_or(0);
+    Ok(())
+}
+
+fn sample(rows: usize, mut times: Vec<u64>) -> Sample {
+    times.sort_unstable();
+    Sample {
+        rows,
+        median_us: times[times.len() / 2],
+        min_us: times[0],
+        runs: times.len() as u32,
+    }
+}
+
+/// Every group FSS measures: splittable runs of stages up to `max_len` long, in order of
+/// their first stage, then barrier stages alone.
+pub fn candidate_groups(ir: &Ir, max_len: Option<usize>) -> Vec<Group> {
+    let n = ir.stages.len();
+    let max_len = max_len.unwrap_or(n).max(1);
+    let mut groups = vec![];
+    for first in 0..n {
+        for last in first..n.min(first + max_len) {
+            if check_group(ir, first, last).is_err() {
+                break;
+            }
+            groups.push(Group::new(first, last));
+        }
+    }
+    groups
+}
+
+async fn fss_mode(
+    coord: &Coordinator,
+    ir: &Ir,
+    opts: &ProfileOptions,
+    profile: &mut Profile,
+) -> Result<()> {
+    let weights = weights(coord);
+    let devices = coord.devices().len();
+    let groups = candidate_groups(ir, opts.max_group_len);
+    let barriers: Vec<StageId> = ir
+        .stages
+        .iter()
+        .filter(|s| check_group(ir, s.id.index(), s.id.index()).is_err())
+        .map(|s| s.id)
+        .collect();
+    let total = groups.len() + barriers.len() * devices;
+    let bar = progress_bar(opts, total as u64, "fss");
+    let mut profiling_us = 0;
+    for group in &groups {
+        bar.set_message(format!("group {}..{}", group.first, group.last));
+        let height = ir.stage(group.last).output.height().context("splittable")?;
+        let strips = strips_from_weights(height, &weights);
+        let tiling = tile(ir, *group, &strips)?;
+        let tiles: Vec<(usize, TileSpec)> = tiling
+            .devices
+            .iter()
+            .map(|t| (t.device, t.spec()))
+            .collect();
+        let (measured, spent) = measure(coord, ir, &tiling.inputs, &tiles, opts.runs)
+            .await
+            .with_context(|| format!("measuring group {}..{}", group.first, group.last))?;
+        profiling_us += spent;
+        profile.groups.push(GroupMeasurement {
+            first: group.first,
+            last: group.last,
+            strips: tiling
+                .devices
+                .iter()
+                .map(|t| (coord.devices()[t.device].name().to_string(), t.strip))
+                .collect(),
+            median_us: measured.total_us,
+            runs: opts.runs,
+            devices: measured.devices,
+        });
+        bar.inc(1);
+    }
+    for &s in &barriers {
+        let spec = whole_stage(ir, s);
+        let inputs: Vec<TensorRef> = ir.stage(s).inputs.clone();
+        for d in 0..devices {
+            bar.set_message(format!("stage {s} whole"));
+            let (measured, spent) = measure(coord, ir, &inputs, &[(d, spec.clone())], opts.runs)
+                .await
+                .with_context(|| format!("measuring barrier stage {s}"))?;
+            profiling_us += spent;
+            let rows = Rows::new(0, ir.stage(s).output.height().unwrap_or(0));
+            profile.groups.push(GroupMeasurement {
+                first: s,
+                last: s,
+                strips: vec![(coord.devices()[d].name().to_string(), rows)],
+                median_us: measured.total_us,
+                runs: opts.runs,
+                devices: measured.devices,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    profile.max_group_len = opts.max_group_len;
+    profile.profiling_us = profiling_us;
+    Ok(())
+}
+
+/// Runs a step once to warm up and `runs` times more on made-up inputs; returns the
+/// median run and the time all runs took on the cluster's clock.
+async fn measure(
+    coord: &Coordinator,
+    ir: &Ir,
+    inputs: &[TensorRef],
+    tiles: &[(usize, TileSpec)],
+    runs: u32,
+) -> Result<(StepTiming, u64)> {
+    // Inputs made up once; every run starts from them with no outputs stored.
+    let made_up: Vec<(StageId, Rows, tract_onnx::prelude::Tensor)> = inputs
+        .iter()
+        .filter_map(|r| match r {
+            TensorRef::Stage(s) => {
+                let info = ir.tensor(*r);
+                Some((
+                    *s,
+                    Rows::new(0, info.height().unwrap_or(0)),
+                    test_input(&info.shape),
+                ))
+            }
+            TensorRef::Input => None,
+        })
+        .collect();
+    let input = test_input(&ir.input.shape);
+    let fresh = || -> Result<Tensors<'_>> {
+        let mut tensors = Tensors::new(ir, input.clone())?;
+        for (s, rows, t) in &made_up {
+            tensors.put(*s, *rows, t.clone())?;
+        }
+        Ok(tensors)
+    };
+    let mut timings = vec![];
+    let mut spent = 0;
+    for run in 0..=runs {
+        let t = coord.run_step(tiles, &mut fresh()?).await?;
+        spent += t.total_us;
+        if run > 0 {
+            timings.push(t);
+        }
+    }
+    timings.sort_by_key(|t| t.total_us);
+    let median = timings.swap_remove(timings.len() / 2);
+    Ok((median, spent))
+}

@@ -1,0 +1,439 @@
+//! The coordinator: connects to every device of a cluster, uploads the model, and runs
+//! steps (a fused group split over devices, or a stage whole on one device): scatter
+//! the input strips, run the tiles, gather and assemble the output strips, and report
+//! per-device timings on the cluster's clock.
+//!
+//! On the emulated clock, compute times come from the workers (measured on the host,
+//! scaled to the board) and link times are modelled from the bytes that really moved
+//! ([`legion_plan::network`]). On the real clock, everything is wall time.
+
+use crate::client::{ModelId, TileRun, WorkerClient};
+use crate::emulate::Emulation;
+use crate::proto::InfoReply;
+use crate::tensors::Tensors;
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use legion_plan::network::{Flow, arrival_times};
+use legion_plan::{Clock, Cluster, Device, DeviceTiming, LinkProbe, StepTiming, TileSpec};
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::Tensor;
+
+/// Deadline of a tile run or a profiling call on one device.
+pub const COMPUTE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A device of the cluster, connected.
+#[derive(Clone)]
+pub struct ConnectedDevice {
+    /// As the cluster file gives it.
+    pub device: Device,
+    /// What the worker said about itself.
+    pub info: InfoReply,
+    client: WorkerClient,
+}
+
+impl ConnectedDevice {
+    /// Its name in the cluster file.
+    pub fn name(&self) -> &str {
+        &self.device.name
+    }
+
+    /// Its compute rate on the calibration workload, GFLOP/s.
+    pub fn gflops(&self) -> f64 {
+        self.info.gflops
+    }
+
+    /// The connection.
+    pub fn client(&self) -> &WorkerClient {
+        &self.client
+    }
+}
+
+/// A cluster, connected and checked against its file.
+pub struct Coordinator {
+    cluster: Cluster,
+    devices: Vec<ConnectedDevice>,
+    clock: Clock,
+    model: Option<ModelId>,
+}
+
+/// One device's part of a step: its index in the cluster and its tile.
+pub type StepTile = (usize, TileSpec);
+
+impl Coordinator {
+    /// Connects to every device (concurrently), reads its Info and checks that it runs
+    /// what the cluster file says: the same emulation, or none for a real board.
+    pub async fn connect(cluster: &Cluster, timeout: Duration) -> Result<Coordinator> {
+        cluster
+            .validate()
+            .map_err(|e| anyhow!("bad cluster: {e}"))?;
+        let token = match &cluster.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let mut pending = tokio::task::JoinSet::new();
+        for (i, d) in cluster.devices.iter().enumerate() {
+            let (d, token) = (d.clone(), token.clone());
+            pending.spawn(async move {
+                let connect = async {
+                    let client = WorkerClient::connect(&d.address, token.as_deref(), timeout)
+                        .await?
+                        .with_compute_timeout(COMPUTE_TIMEOUT);
+                    let info = client.info().await?;
+                    check_emulation(&d, &info)?;
+                    Ok::<_, anyhow::Error>(ConnectedDevice {
+                        device: d.clone(),
+                        info,
+                        client,
+                    })
+                };
+                let r = connect.await.with_context(|| format!("device {}", d.name));
+                (i, r)
+            });
+        }
+        let mut devices: Vec<Option<ConnectedDevice>> = vec![None; cluster.devices.len()];
+        while let Some(joined) = pending.join_next().await {
+            let (i, r) = joined.context("a connection task failed")?;
+            devices[i] = Some(r?);
+        }
+        let clock = if cluster.is_emulated() {
+            Clock::Emulated
+        } else {
+            Clock::Real
+        };
+        Ok(Coordinator {
+            cluster: cluster.clone(),
+            devices: devices.into_iter().map(|d| d.expect("joined")).collect(),
+            clock,
+            model: None,
+        })
+    }
+
+    /// The devices, in the cluster file's order.
+    pub fn devices(&self) -> &[ConnectedDevice] {
+        &self.devices
+    }
+
+    /// The clock every reported time is on.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// The cluster file.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Uploads the model to every device that does not have it cached (concurrently);
+    /// later steps run this model. Returns the bytes sent per device.
+    pub async fn upload(&mut self, onnx: &[u8], input_shape: &[usize]) -> Result<Vec<u64>> {
+        let onnx = std::sync::Arc::new(onnx.to_vec());
+        let mut pending = tokio::task::JoinSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let (client, name, onnx) = (d.client.clone(), d.device.name.clone(), onnx.clone());
+            let shape = input_shape.to_vec();
+            pending.spawn(async move {
+                let r = client
+                    .upload_model(&onnx, &shape)
+                    .await
+                    .with_context(|| format!("device {name}: uploading the model"));
+                (i, r)
+            });
+        }
+        let mut sent = vec![0; self.devices.len()];
+        let mut id = None;
+        while let Some(joined) = pending.join_next().await {
+            let (i, r) = joined.context("an upload task failed")?;
+            let (model, uploaded) = r?;
+            sent[i] = if uploaded { onnx.len() as u64 } else { 0 };
+            id = Some(model);
+        }
+        self.model = id;
+        Ok(sent)
+    }
+
+    /// The model uploaded last.
+    pub fn model(&self) -> Result<&ModelId> {
+        self.model
+            .as_ref()
+            .ok_or_else(|| anyhow!("no model uploaded to the cluster yet"))
+    }
+
+    /// Runs one step: every device's tile at once, strips cut from `tensors`, output
+    /// strips stored back into `tensors`. Returns the step's timing on the cluster's
+    /// clock.
+    pub async fn run_step(
+        &self,
+        tiles: &[StepTile],
+        tensors: &mut Tensors<'_>,
+    ) -> Result<StepTiming> {
+        let model = self.model()?.clone();
+        ensure!(!tiles.is_empty(), "a step needs at least one device");
+        let mut pending = tokio::task::JoinSet::new();
+        let mut bytes_in = vec![];
+        for (k, (d, spec)) in tiles.iter().enumerate() {
+            let device = self.devices.get(*d).with_context(|| {
+                format!("device index {d}: the cluster has {}", self.devices.len())
+            })?;
+            let inputs = spec
+                .inputs
+                .iter()
+                .map(|i| tensors.strip(i.tensor, i.rows))
+                .collect::<Result<Vec<Tensor>>>()
+                .with_context(|| format!("cutting the strips for device {}", device.name()))?;
+            bytes_in.push(inputs.iter().map(tensor_bytes).sum::<u64>());
+            let (client, spec, model) = (device.client.clone(), spec.clone(), model.clone());
+            let name = device.name().to_string();
+            pending.spawn(async move {
+                let start = Instant::now();
+                let r = client
+                    .run_tile(&model, &spec, &inputs)
+                    .await
+                    .with_context(|| format!("device {name}: running its tile"));
+                (k, r, start.elapsed())
+            });
+        }
+        let started = Instant::now();
+        let mut runs: Vec<Option<(TileRun, Duration)>> = (0..tiles.len()).map(|_| None).collect();
+        while let Some(joined) = pending.join_next().await {
+            let (k, r, wall) = joined.context("a tile task failed")?;
+            runs[k] = Some((r?, wall));
+        }
+        let wall = started.elapsed();
+        let runs: Vec<(TileRun, Duration)> = runs.into_iter().map(|r| r.expect("joined")).collect();
+        for ((d, spec), (run, _)) in tiles.iter().zip(&runs) {
+            if run.emulated != (self.clock == Clock::Emulated) {
+                bail!(
+                    "device {} answered on the {} clock, the cluster is on the {} clock",
+                    self.devices[*d].name(),
+                    if run.emulated { "emulated" } else { "real" },
+                    self.clock
+                );
+            }
+            ensure!(
+                run.outputs.len() == spec.outputs.len(),
+                "device {} returned {} strips for {} outputs",
+                self.devices[*d].name(),
+                run.outputs.len(),
+                spec.outputs.len()
+            );
+        }
+        let mut bytes_out = vec![];
+        for ((d, spec), (run, _)) in tiles.iter().zip(runs.iter()) {
+            bytes_out.push(run.outputs.iter().map(tensor_bytes).sum::<u64>());
+            for (out, strip) in spec.outputs.iter().zip(&run.outputs) {
+                tensors
+                    .put(out.stage, out.rows, strip.clone())
+                    .with_context(|| {
+                        format!("storing the output of device {}", self.devices[*d].name())
+                    })?;
+            }
+        }
+        let devices: Vec<DeviceTiming> = match self.clock {
+            Clock::Emulated => self.emulated_timings(tiles, &runs, &bytes_in, &bytes_out),
+            Clock::Real => tiles
+                .iter()
+                .zip(&runs)
+                .zip(bytes_in.iter().zip(&bytes_out))
+                .map(|(((d, _), (run, wall)), (&bin, &bout))| {
+                    real_timing(self.devices[*d].name(), run, *wall, bin, bout)
+                })
+                .collect(),
+        };
+        let total_us = match self.clock {
+            Clock::Emulated => devices.iter().map(|t| t.done_us).max().unwrap_or(0),
+            Clock::Real => wall.as_micros() as u64,
+        };
+        Ok(StepTiming {
+            clock: self.clock,
+            total_us,
+            devices,
+        })
+    }
+
+    /// Emulated step: scatter flows share the coordinator's link from time 0, each
+    /// device computes once its strips are in, gather flows start as devices finish.
+    fn emulated_timings(
+        &self,
+        tiles: &[StepTile],
+        runs: &[(TileRun, Duration)],
+        bytes_in: &[u64],
+        bytes_out: &[u64],
+    ) -> Vec<DeviceTiming> {
+        let hub = self.cluster.coordinator.mbps;
+        let link = |k: usize| self.devices[tiles[k].0].device.link();
+        let scatter: Vec<Flow> = (0..tiles.len())
+            .map(|k| Flow {
+                start_us: 0.0,
+                bytes: bytes_in[k],
+                link: link(k),
+            })
+            .collect();
+        let arrived = arrival_times(&scatter, hub);
+        let ready: Vec<f64> = (0..tiles.len())
+            .map(|k| arrived[k] + runs[k].0.compute_us as f64)
+            .collect();
+        let gather: Vec<Flow> = (0..tiles.len())
+            .map(|k| Flow {
+                start_us: ready[k],
+                bytes: bytes_out[k],
+                link: link(k),
+            })
+            .collect();
+        let done = arrival_times(&gather, hub);
+        (0..tiles.len())
+            .map(|k| DeviceTiming {
+                device: self.devices[tiles[k].0].name().to_string(),
+                bytes_in: bytes_in[k],
+                bytes_out: bytes_out[k],
+                in_us: arrived[k].round() as u64,
+                compute_us: runs[k].0.compute_us,
+                out_us: (done[k] - ready[k]).round() as u64,
+                done_us: done[k].round() as u64,
+            })
+            .collect()
+    }
+
+    /// Runs `spec` on device `d` once to warm up, then `runs` times, on inputs the worker
+    /// makes up; returns the warm-up time and the run times on the cluster's clock, µs.
+    pub async fn profile_tile(
+        &self,
+        d: usize,
+        spec: &TileSpec,
+        runs: u32,
+    ) -> Result<(u64, Vec<u64>)> {
+        let device = &self.devices[d];
+        let reply = device
+            .client
+            .profile_stage(self.model()?, spec, runs)
+            .await
+            .with_context(|| format!("device {}: profiling", device.name()))?;
+        ensure!(
+            reply.compute_us.len() == runs as usize,
+            "device {}: {} times for {runs} runs",
+            device.name(),
+            reply.compute_us.len()
+        );
+        Ok((reply.warmup_us, reply.compute_us))
+    }
+
+    /// Sends `bytes` to device `d` and back. The bytes really travel; on the emulated
+    /// clock the times are the link model's, on the real clock half the round trip each.
+    pub async fn probe(&self, d: usize, bytes: u64) -> Result<LinkProbe> {
+        let device = &self.devices[d];
+        let rtt = device
+            .client
+            .probe_transfer(bytes as usize)
+            .await
+            .with_context(|| format!("device {}: transfer probe", device.name()))?;
+        let (send_us, recv_us) = match self.clock {
+            Clock::Emulated => {
+                let flow = Flow {
+                    start_us: 0.0,
+                    bytes,
+                    link: device.device.link(),
+                };
+                let t = arrival_times(&[flow], self.cluster.coordinator.mbps)[0].round() as u64;
+                (t, t)
+            }
+            Clock::Real => {
+                let half = rtt.as_micros() as u64 / 2;
+                (half, half)
+            }
+        };
+        Ok(LinkProbe {
+            bytes,
+            send_us,
+            recv_us,
+        })
+    }
+}
+
+/// Real step: the call's wall time minus the compute is the transfer time, split
+/// between in and out by bytes.
+fn real_timing(name: &str, run: &TileRun, wall: Duration, bin: u64, bout: u64) -> DeviceTiming {
+    let wall_us = wall.as_micros() as u64;
+    let transfer = wall_us.saturating_sub(run.compute_us);
+    let in_us = if bin + bout == 0 {
+        transfer / 2
+    } else {
+        (transfer as f64 * bin as f64 / (bin + bout) as f64).round() as u64
+    };
+    DeviceTiming {
+        device: name.to_string(),
+        bytes_in: bin,
+        bytes_out: bout,
+        in_us,
+        compute_us: run.compute_us,
+        out_us: transfer - in_us,
+        done_us: wall_us,
+    }
+}
+
+/// Payload bytes of an f32 tensor on the wire.
+fn tensor_bytes(t: &Tensor) -> u64 {
+    t.len() as u64 * 4
+}
+
+/// Checks that the worker runs the emulation the cluster file gives the device, and
+/// that the file's link is the emulated board's.
+fn check_emulation(d: &Device, info: &InfoReply) -> Result<()> {
+    let start_with = |e: &str| format!("start it with `legion worker --emulate {e}`");
+    match (&d.emulate, &info.emulation) {
+        (None, None) => Ok(()),
+        (None, Some(e)) => bail!(
+            "the cluster file lists a real board but the worker at {} emulates {}; remove \
+             --emulate from the worker or add `emulate` to the device",
+            d.address,
+            describe(e.class.as_str(), e.gflops)
+        ),
+        (Some(want), None) => bail!(
+            "the cluster file says it emulates {want} but the worker at {} is a real board; {}",
+            d.address,
+            start_with(want)
+        ),
+        (Some(want), Some(got)) => {
+            let want_e: Emulation = want
+                .parse()
+                .with_context(|| format!("its `emulate = {want:?}`"))?;
+            let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+            let matches = want_e.class.clone().unwrap_or_default() == got.class
+                && same(want_e.gflops, got.gflops)
+                && same(want_e.mbps, got.mbps)
+                && same(want_e.latency_ms, got.latency_ms);
+            if !matches {
+                bail!(
+                    "the cluster file says it emulates {want} but the worker at {} emulates {} \
+                     ({} Mbit/s, {} ms); {}",
+                    d.address,
+                    describe(got.class.as_str(), got.gflops),
+                    got.mbps,
+                    got.latency_ms,
+                    start_with(want)
+                );
+            }
+            if !same(d.link_mbps, want_e.mbps) || !same(d.latency_ms, want_e.latency_ms) {
+                bail!(
+                    "its link in the cluster file ({} Mbit/s, {} ms) differs from the emulated \
+                     board's ({} Mbit/s, {} ms); make them agree",
+                    d.link_mbps,
+                    d.latency_ms,
+                    want_e.mbps,
+                    want_e.latency_ms
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn describe(class: &str, gflops: f64) -> String {
+    if class.is_empty() {
+        format!("a {gflops:.1} GFLOP/s board")
+    } else {
+        class.to_string()
+    }
+}

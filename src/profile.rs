@@ -1,0 +1,99 @@
+//! `legion profile`: measure a model on a cluster and write the profile (JSON).
+
+use crate::{BadArgument, ModelArgs};
+use anyhow::{Context, Result};
+use legion_plan::{Cluster, ProfileMode};
+use legion_profile::{ProfileOptions, profile};
+use legion_runtime::Coordinator;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The cluster file (TOML).
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Where to write the profile.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// legion: single stages and links (what the cost model needs); fss: every
+    /// candidate group run on the cluster (the baseline).
+    #[arg(long, value_enum, default_value_t = Mode::Legion)]
+    mode: Mode,
+    /// FSS: the longest group to measure.
+    #[arg(long)]
+    max_group_len: Option<usize>,
+    /// Timed runs per measurement, after one warm-up run; the median is kept.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    Legion,
+    Fss,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let mode = match args.mode {
+        Mode::Legion => ProfileMode::Legion,
+        Mode::Fss => ProfileMode::Fss,
+    };
+    if args.max_group_len.is_some() && mode == ProfileMode::Legion {
+        return Err(BadArgument("--max-group-len applies to --mode fss only".into()).into());
+    }
+    if args.runs == 0 || args.max_group_len == Some(0) {
+        return Err(BadArgument("--runs and --max-group-len must be at least 1".into()).into());
+    }
+    let cluster = Cluster::load(&args.cluster)?;
+    let ir = args.model.import()?;
+    let onnx = std::fs::read(&args.model.model)
+        .with_context(|| format!("reading {}", args.model.model.display()))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let profile = rt.block_on(async {
+        let mut coord = Coordinator::connect(&cluster, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("connecting to the cluster {}", args.cluster.display()))?;
+        eprintln!(
+            "uploading {} ({:.1} MB) to {} devices...",
+            args.model.model.display(),
+            onnx.len() as f64 / 1e6,
+            coord.devices().len()
+        );
+        coord.upload(&onnx, &ir.input.shape).await?;
+        let opts = ProfileOptions {
+            mode,
+            runs: args.runs,
+            max_group_len: args.max_group_len,
+            progress: true,
+        };
+        profile(&coord, &ir, &opts).await
+    })?;
+    std::fs::write(&args.output, profile.to_json())
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let measurements = match mode {
+        ProfileMode::Legion => profile
+            .stages
+            .iter()
+            .flat_map(|s| &s.samples)
+            .map(Vec::len)
+            .sum::<usize>(),
+        ProfileMode::Fss => profile.groups.len(),
+    };
+    println!(
+        "profiled {} stages on {} devices ({:?} mode): {measurements} measurements",
+        ir.stages.len(),
+        profile.devices.len(),
+        mode
+    );
+    println!(
+        "profiling time: {:.3} s on the {} clock ({:.1} s wall on this host)",
+        profile.profiling_us as f64 / 1e6,
+        profile.clock,
+        profile.wall_us as f64 / 1e6
+    );
+    println!("profile written to {}", args.output.display());
+    Ok(())
+}
