@@ -60,7 +60,8 @@ pub type StepTile = (usize, TileSpec);
 
 impl Coordinator {
     /// Connects to every device (concurrently), reads its Info and checks that it runs
-    /// what the cluster file says: the same emulation, or none for a real board.
+    /// what the cluster file says: the same emulation, or none for a real board. The
+    /// connections live on the tokio runtime that ran this: use the coordinator there.
     pub async fn connect(cluster: &Cluster, timeout: Duration) -> Result<Coordinator> {
         cluster
             .validate()

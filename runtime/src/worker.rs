@@ -97,8 +97,6 @@ pub struct Worker {
     models: Mutex<HashMap<ModelKey, Arc<Ir>>>,
     /// Built tiles, by model key and the TileSpec's canonical JSON.
     tiles: Mutex<HashMap<(ModelKey, String), Arc<Tile>>>,
-    /// Numbers temporary upload files.
-    uploads: AtomicU64,
 }
 
 impl Worker {
@@ -111,7 +109,6 @@ impl Worker {
             config,
             models: Mutex::default(),
             tiles: Mutex::default(),
-            uploads: AtomicU64::new(0),
         })
     }
 
@@ -316,7 +313,9 @@ impl WorkerService for Arc<Worker> {
         if path.exists() {
             return Ok(Response::new(UploadReply { bytes: 0 }));
         }
-        let n = self.uploads.fetch_add(1, Ordering::Relaxed);
+        // Unique in the process: local workers share a cache directory.
+        static UPLOADS: AtomicU64 = AtomicU64::new(0);
+        let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
         let part = path.with_extension(format!("part{n}.{}", std::process::id()));
         let result = receive(&part, first.data, &mut stream).await;
         let (bytes, digest) = match result {

@@ -1,0 +1,338 @@
+//! The runtime end to end on emulated local clusters: a coordinator drives in-process
+//! workers over gRPC on loopback. Groups split across 4 emulated boards equal the
+//! single-device run; a dead worker is named; emulated timings follow the link model;
+//! profiling in both modes measures what it says.
+
+use legion_ir::{Ir, StageId, TensorRef, import};
+use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
+use legion_plan::network::{Flow, arrival_times};
+use legion_plan::{Clock, Cluster, ProfileMode, StepTiming};
+use legion_profile::{ProfileOptions, candidate_groups, profile};
+use legion_runtime::check::{compare, test_input};
+use legion_runtime::{Coordinator, LocalCluster, Reference, StepTile, Tensors, local_cluster};
+use std::time::Duration;
+
+const CONNECT: Duration = Duration::from_secs(10);
+
+fn load(name: &str) -> (Ir, Vec<u8>) {
+    let path = legion_models::test_model(name).unwrap();
+    (import(&path, None).unwrap(), std::fs::read(&path).unwrap())
+}
+
+fn cache_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("legion-test-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// 2 emulated Fireflies and 2 Odroids on free ports.
+fn two_and_two() -> LocalCluster {
+    let classes = [
+        "firefly-rk3399",
+        "firefly-rk3399",
+        "odroid-xu4",
+        "odroid-xu4",
+    ];
+    let classes: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+    LocalCluster::start(&local_cluster(4, &classes, 0).unwrap(), cache_dir()).unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// The tiles of `group` over every device, strips proportional to the devices' rates.
+fn group_tiles(coord: &Coordinator, ir: &Ir, group: Group) -> Vec<StepTile> {
+    let weights: Vec<f64> = coord.devices().iter().map(|d| d.gflops()).collect();
+    let height = ir.stage(group.last).output.height().unwrap();
+    let tiling = tile(ir, group, &strips_from_weights(height, &weights)).unwrap();
+    tiling
+        .devices
+        .iter()
+        .map(|t| (t.device, t.spec()))
+        .collect()
+}
+
+/// Asserts that every stage output `tensors` holds in full equals the reference.
+fn assert_outputs_equal(ir: &Ir, reference: &Reference, tensors: &Tensors, stages: &[StageId]) {
+    for &s in stages {
+        let r = TensorRef::Stage(s);
+        let got = tensors.whole(r).unwrap();
+        let diff = compare(got, reference.tensor(r), reference.tensor(r)).unwrap();
+        assert!(
+            diff.within(1e-5),
+            "stage {s} ({}): {diff:?}",
+            ir.stage(s).name
+        );
+    }
+}
+
+/// Runs every candidate group of `name` across the 4 workers, each on the reference's
+/// inputs, and then a whole inference (maximal splittable groups, barriers whole on
+/// one device); everything must equal the single-device run.
+fn every_group_equals_the_reference(
+    rt: &tokio::runtime::Runtime,
+    coord: &mut Coordinator,
+    name: &str,
+) {
+    let (ir, onnx) = load(name);
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    rt.block_on(coord.upload(&onnx, &ir.input.shape)).unwrap();
+    let groups = candidate_groups(&ir, None);
+    assert!(!groups.is_empty(), "{name}");
+    for group in groups {
+        let tiles = group_tiles(coord, &ir, group);
+        let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
+        for r in legion_partition::boundary(&ir, group).0 {
+            if let TensorRef::Stage(s) = r {
+                let info = ir.tensor(r);
+                let rows = legion_ir::Rows::new(0, info.height().unwrap_or(0));
+                tensors.put(s, rows, reference.tensor(r).clone()).unwrap();
+            }
+        }
+        let timing = rt.block_on(coord.run_step(&tiles, &mut tensors)).unwrap();
+        assert_eq!(timing.devices.len(), tiles.len());
+        let outputs = legion_partition::boundary(&ir, group).1;
+        assert_outputs_equal(&ir, &reference, &tensors, &outputs);
+    }
+    // A whole inference, step after step on the coordinator's tensors.
+    let mut tensors = Tensors::new(&ir, input).unwrap();
+    let mut first = 0;
+    while first < ir.stages.len() {
+        let mut last = first;
+        if check_group(&ir, first, first).is_ok() {
+            while last + 1 < ir.stages.len() && check_group(&ir, first, last + 1).is_ok() {
+                last += 1;
+            }
+            let tiles = group_tiles(coord, &ir, Group::new(first, last));
+            rt.block_on(coord.run_step(&tiles, &mut tensors)).unwrap();
+        } else {
+            let spec = whole_stage(&ir, StageId(first as u32));
+            rt.block_on(coord.run_step(&[(0, spec)], &mut tensors))
+                .unwrap();
+        }
+        first = last + 1;
+    }
+    let outputs: Vec<StageId> = ir
+        .outputs
+        .iter()
+        .map(|r| match r {
+            TensorRef::Stage(s) => *s,
+            TensorRef::Input => panic!("{name}: the input is an output"),
+        })
+        .collect();
+    assert_outputs_equal(&ir, &reference, &tensors, &outputs);
+}
+
+#[test]
+fn four_emulated_boards_run_every_group_of_the_tiny_models() {
+    let cluster = two_and_two();
+    let rt = rt();
+    let mut coord = rt
+        .block_on(Coordinator::connect(cluster.cluster(), CONNECT))
+        .unwrap();
+    assert_eq!(coord.clock(), Clock::Emulated);
+    let rates: Vec<f64> = coord.devices().iter().map(|d| d.gflops()).collect();
+    assert!(rates[0] == rates[1] && rates[2] == rates[3] && rates[0] > rates[2]);
+    for name in [
+        "tiny-cnn",
+        "tiny-residual",
+        "tiny-yolo",
+        "tiny-mobile",
+        "tiny-head",
+    ] {
+        every_group_equals_the_reference(&rt, &mut coord, name);
+    }
+}
+
+#[test]
+fn the_first_two_vgg16_blocks_split_over_four_emulated_boards() {
+    let cluster = two_and_two();
+    let (ir, onnx) = load("vgg16-conv");
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    let rt = rt();
+    let mut coord = rt
+        .block_on(Coordinator::connect(cluster.cluster(), CONNECT))
+        .unwrap();
+    rt.block_on(coord.upload(&onnx, &ir.input.shape)).unwrap();
+    // conv1_1 conv1_2 pool1 conv2_1 conv2_2 pool2
+    assert_eq!(ir.stage(StageId(5)).output.shape, vec![1, 128, 56, 56]);
+    for groups in [
+        vec![(0, 5)],
+        vec![(0, 2), (3, 5)],
+        vec![(0, 1), (2, 4), (5, 5)],
+    ] {
+        let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
+        let mut timings: Vec<StepTiming> = vec![];
+        for &(first, last) in &groups {
+            let tiles = group_tiles(&coord, &ir, Group::new(first, last));
+            assert_eq!(tiles.len(), 4);
+            timings.push(rt.block_on(coord.run_step(&tiles, &mut tensors)).unwrap());
+        }
+        assert_outputs_equal(&ir, &reference, &tensors, &[StageId(5)]);
+        for t in &timings {
+            assert_eq!(t.clock, Clock::Emulated);
+            assert!(t.devices.iter().all(|d| d.compute_us > 0), "{t:?}");
+        }
+        // The first group receives the 3-channel input strips: 224 x 224 x 3 floats in
+        // all, plus halo rows.
+        let sent: u64 = timings[0].devices.iter().map(|d| d.bytes_in).sum();
+        assert!(sent >= 224 * 224 * 3 * 4, "{sent}");
+    }
+}
+
+#[test]
+fn emulated_step_times_follow_the_link_model() {
+    let cluster = two_and_two();
+    let (ir, onnx) = load("tiny-cnn");
+    let rt = rt();
+    let mut coord = rt
+        .block_on(Coordinator::connect(cluster.cluster(), CONNECT))
+        .unwrap();
+    rt.block_on(coord.upload(&onnx, &ir.input.shape)).unwrap();
+    let tiles = group_tiles(&coord, &ir, Group::new(0, 3));
+    let mut tensors = Tensors::new(&ir, test_input(&ir.input.shape)).unwrap();
+    let t = rt.block_on(coord.run_step(&tiles, &mut tensors)).unwrap();
+    let link = cluster.cluster().devices[0].link();
+    // Four 100 Mbit/s links fit in the 1 Gbit/s coordinator link: every transfer takes
+    // latency + bytes / bandwidth, as if alone.
+    for d in &t.devices {
+        let alone = |bytes| link.time_us(bytes).round() as u64;
+        assert_eq!(d.in_us, alone(d.bytes_in), "{d:?}");
+        assert_eq!(d.out_us, alone(d.bytes_out), "{d:?}");
+        let done = d.in_us + d.compute_us + d.out_us;
+        assert!(d.done_us.abs_diff(done) <= 2, "{d:?}");
+    }
+    assert_eq!(
+        t.total_us,
+        t.devices.iter().map(|d| d.done_us).max().unwrap()
+    );
+    // Over a 100 Mbit/s coordinator link the four scatters share it.
+    let flows: Vec<Flow> = t
+        .devices
+        .iter()
+        .map(|d| Flow {
+            start_us: 0.0,
+            bytes: d.bytes_in,
+            link,
+        })
+        .collect();
+    let shared = arrival_times(&flows, 100.0);
+    let total: u64 = t.devices.iter().map(|d| d.bytes_in).sum();
+    let last = shared.iter().copied().fold(0.0, f64::max);
+    assert!((last - (total as f64 * 8.0 / 100.0 + 200.0)).abs() < 1e-3);
+}
+
+#[test]
+fn a_dead_worker_is_named_and_a_mismatched_one_refused() {
+    let mut cluster = two_and_two();
+    let (ir, onnx) = load("tiny-cnn");
+    let rt = rt();
+    let mut coord = rt
+        .block_on(Coordinator::connect(cluster.cluster(), CONNECT))
+        .unwrap();
+    rt.block_on(coord.upload(&onnx, &ir.input.shape)).unwrap();
+    let dead = cluster.cluster().devices[2].name.clone();
+    cluster.kill(2);
+    let tiles = group_tiles(&coord, &ir, Group::new(0, 2));
+    let mut tensors = Tensors::new(&ir, test_input(&ir.input.shape)).unwrap();
+    let err = rt
+        .block_on(coord.run_step(&tiles, &mut tensors))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains(&dead), "{err:#}");
+    let err = rt
+        .block_on(Coordinator::connect(
+            cluster.cluster(),
+            Duration::from_secs(2),
+        ))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains(&dead), "{err:#}");
+
+    // A file that says odroid for a worker emulating a Firefly.
+    let mut wrong: Cluster = cluster.cluster().clone();
+    wrong.devices.remove(2);
+    wrong.devices[0].emulate = Some("odroid-xu4".into());
+    let err = rt
+        .block_on(Coordinator::connect(&wrong, CONNECT))
+        .err()
+        .unwrap();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&wrong.devices[0].name) && msg.contains("emulates odroid-xu4"),
+        "{msg}"
+    );
+    assert!(msg.contains("--emulate odroid-xu4"), "{msg}");
+}
+
+#[test]
+fn profiling_measures_stages_links_and_groups() {
+    let classes = vec!["firefly-rk3399".to_string(), "odroid-xu4".to_string()];
+    let cluster =
+        LocalCluster::start(&local_cluster(2, &classes, 0).unwrap(), cache_dir()).unwrap();
+    let (ir, onnx) = load("tiny-head");
+    let rt = rt();
+    let mut coord = rt
+        .block_on(Coordinator::connect(cluster.cluster(), CONNECT))
+        .unwrap();
+    rt.block_on(coord.upload(&onnx, &ir.input.shape)).unwrap();
+
+    let opts = ProfileOptions {
+        runs: 2,
+        ..ProfileOptions::default()
+    };
+    let legion = rt.block_on(profile(&coord, &ir, &opts)).unwrap();
+    assert_eq!(legion.mode, ProfileMode::Legion);
+    assert_eq!(legion.clock, Clock::Emulated);
+    assert_eq!(legion.model_sha256, ir.sha256);
+    assert_eq!(legion.stages.len(), ir.stages.len());
+    for (stage, p) in ir.stages.iter().zip(&legion.stages) {
+        assert_eq!(p.stage, stage.id);
+        assert_eq!(p.barrier, !stage.is_splittable());
+        assert_eq!(p.samples.len(), 2);
+        for samples in &p.samples {
+            assert!(!samples.is_empty());
+            assert!(samples.windows(2).all(|w| w[0].rows < w[1].rows));
+            for s in samples {
+                assert_eq!(s.runs, 2);
+                assert!(s.min_us <= s.median_us);
+                if let Some(h) = stage.output.height() {
+                    assert!(s.rows >= 1 && s.rows <= h, "{s:?}");
+                }
+            }
+        }
+    }
+    for d in &legion.devices {
+        let sizes: Vec<u64> = d.probes.iter().map(|p| p.bytes).collect();
+        assert_eq!(sizes, legion_profile::PROBE_BYTES);
+        for p in &d.probes {
+            assert_eq!(p.send_us, d.link.time_us(p.bytes).round() as u64);
+        }
+    }
+    assert!(legion.profiling_us > 0);
+    let again = legion_plan::Profile::from_json(&legion.to_json()).unwrap();
+    assert_eq!(again, legion);
+
+    let fss = rt
+        .block_on(profile(
+            &coord,
+            &ir,
+            &ProfileOptions {
+                mode: ProfileMode::Fss,
+                ..opts
+            },
+        ))
+        .unwrap();
+    let barriers = ir.stages.iter().filter(|s| !s.is_splittable()).count();
+    assert_eq!(
+        fss.groups.len(),
+        candidate_groups(&ir, None).len() + barriers * 2
+    );
+    for g in &fss.groups {
+        let slowest = g.devices.iter().map(|d| d.done_us).max().unwrap();
+        assert_eq!(g.median_us, slowest, "{g:?}");
+    }
+    assert!(fss.stages.is_empty() && !fss.groups.is_empty());
+}
