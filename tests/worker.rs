@@ -1,4 +1,6 @@
-//! `legion worker` as a process: it listens, answers, and stops cleanly on SIGTERM.
+//! `legion worker`, `legion cluster up` and `legion profile` as processes: workers
+//! listen, answer and stop cleanly; a cluster started from the command line is profiled
+//! from the command line; bad arguments exit 2 naming the problem.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -16,6 +18,8 @@ fn worker_serves_and_stops_on_sigterm() {
             "127.0.0.1:0",
             "--name",
             "board-a",
+            "--emulate",
+            "odroid-xu4",
             "--cache",
         ])
         .arg(&cache)
@@ -27,9 +31,13 @@ fn worker_serves_and_stops_on_sigterm() {
         .unwrap();
     let mut child = KillOnDrop(child);
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let listening = lines.next().unwrap().unwrap();
-    assert!(listening.contains("legion worker listening"), "{listening}");
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("legion worker listening"))
+        .expect("the worker announces its address");
     assert!(listening.contains("auth=\"token\""), "{listening}");
+    assert!(listening.contains("clock=\"emulated\""), "{listening}");
     let addr = listening
         .split_whitespace()
         .find_map(|w| w.strip_prefix("addr="))
@@ -42,7 +50,12 @@ fn worker_serves_and_stops_on_sigterm() {
         let client = legion_runtime::WorkerClient::connect(&addr, Some("s3cret"), timeout)
             .await
             .unwrap();
-        assert_eq!(client.info().await.unwrap().name, "board-a");
+        let info = client.info().await.unwrap();
+        assert_eq!(info.name, "board-a");
+        let emulation = info.emulation.expect("an emulated worker says so");
+        assert_eq!(emulation.class, "odroid-xu4");
+        assert_eq!(info.gflops, emulation.gflops);
+        assert!(emulation.host_gflops > 0.0);
         let wrong = legion_runtime::WorkerClient::connect(&addr, Some("nope"), timeout)
             .await
             .unwrap();
@@ -71,4 +84,87 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn a_cluster_started_from_the_command_line_is_profiled_from_it() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-cli");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster_file = dir.join("cluster.toml");
+    let child = Command::new(env!("CARGO_BIN_EXE_legion"))
+        .args(["cluster", "up", "--local", "2", "--port", "0"])
+        .args(["--emulate", "firefly-rk3399,odroid-xu4", "--out"])
+        .arg(&cluster_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("serving; press Ctrl-C"))
+        .expect("the cluster comes up");
+    let cluster = legion_plan::Cluster::load(&cluster_file).unwrap();
+    assert_eq!(cluster.devices.len(), 2);
+    assert_eq!(cluster.devices[1].emulate.as_deref(), Some("odroid-xu4"));
+
+    let model = legion_models::test_model("tiny-cnn").unwrap();
+    let profile_file = dir.join("profile.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_legion"))
+        .arg("profile")
+        .arg(&model)
+        .arg("--cluster")
+        .arg(&cluster_file)
+        .arg("-o")
+        .arg(&profile_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("on the emulated clock"), "{stdout}");
+    let profile =
+        legion_plan::Profile::from_json(&std::fs::read_to_string(&profile_file).unwrap()).unwrap();
+    assert_eq!(profile.devices.len(), 2);
+    assert_eq!(profile.devices[0].class.as_deref(), Some("firefly-rk3399"));
+
+    // Bad arguments: exit 2 with the reason.
+    let bad = |args: &[&str], want: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_legion"))
+            .arg("profile")
+            .arg(&model)
+            .args(args)
+            .arg("-o")
+            .arg(dir.join("unused.json"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    };
+    let cluster_arg = cluster_file.to_str().unwrap();
+    bad(
+        &["--cluster", cluster_arg, "--max-group-len", "3"],
+        "--max-group-len applies to --mode fss only",
+    );
+    bad(
+        &["--cluster", "/nonexistent/c.toml"],
+        "/nonexistent/c.toml: cannot read the cluster file",
+    );
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        child.0.wait().unwrap().success(),
+        "cluster up exits 0 on Ctrl-C"
+    );
 }

@@ -87,7 +87,8 @@ pub struct StageTile {
     pub computed: Rows,
     /// Rows and pads read from each data input (a slice of the producer's computed rows).
     pub inputs: Vec<InputRows>,
-    /// Rows the device would compute if the stage ran alone at the same share.
+    /// Rows the device would compute if the stage ran alone at the same share (its
+    /// strip, widened to whole blocks where the stage computes blocks).
     pub alone: Rows,
     /// Redundant rows: `computed - alone` (rows another device computes too).
     pub halo_rows: usize,
@@ -335,13 +336,15 @@ fn device_tile(
                 }
             }
         }
+        // Alone, the stage computes its own strip widened to whole blocks (upsampling).
+        let alone = own_map.as_ref().map_or(own, |m| m.computed);
         stages.push(StageTile {
             stage: s,
             computed: map.computed,
             inputs: map.inputs,
-            alone: own,
-            halo_rows: map.computed.len().saturating_sub(own.len()),
-            alpha: ratio(map.computed.len(), own.len()),
+            alone,
+            halo_rows: map.computed.len().saturating_sub(alone.len()),
+            alpha: ratio(map.computed.len(), alone.len()),
         });
     }
     stages.reverse();

@@ -1,0 +1,453 @@
+//! Cost pass: predicts the time of a fused group on a cluster from a `legion`-mode
+//! profile and the partition pass's tiles (DESIGN.md section 5). Three predictors:
+//!
+//! - [`Predictor::Legion`], the paper's formula as written:
+//!   `T_d(G) = alpha_in * S_d(in strip alone) + sum_l alpha_l * E_d(l, share) + R_d(out)`,
+//!   `T(G) = max_d T_d(G)`.
+//! - [`Predictor::Affine`]: E interpolated at the rows each stage really computes in the
+//!   group, and transfers that share the coordinator's link (the network model of
+//!   `legion_plan::network`), so scatter cannot beat total bytes / coordinator bandwidth.
+//! - [`Predictor::Aofl`]: the prior work's per-device linear regressions over layer
+//!   features (Zhou et al., SEC'19), fitted on the same single-stage samples.
+//!
+//! Barrier stages run whole on one device: their measured time plus the transfers.
+
+mod aofl;
+mod fit;
+
+pub use fit::{Affine, interpolate, least_squares};
+
+use anyhow::{Context, Result, bail, ensure};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
+use legion_partition::{DeviceTile, Group, rebalance, tile};
+use legion_plan::network::{Flow, arrival_times};
+use legion_plan::{Link, Profile, ProfileMode};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+/// Which formula predicts a group's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Predictor {
+    /// The paper's alpha-scaled formula.
+    Legion,
+    /// Interpolated at fused row counts, with a shared coordinator link.
+    Affine,
+    /// The AOFL baseline: per-device linear regression over layer features.
+    Aofl,
+}
+
+impl Predictor {
+    /// Every predictor, in a stable order.
+    pub const ALL: [Predictor; 3] = [Predictor::Legion, Predictor::Affine, Predictor::Aofl];
+}
+
+impl fmt::Display for Predictor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Predictor::Legion => "legion",
+            Predictor::Affine => "affine",
+            Predictor::Aofl => "aofl",
+        })
+    }
+}
+
+impl FromStr for Predictor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Predictor::ALL
+            .into_iter()
+            .find(|p| p.to_string() == s)
+            .ok_or_else(|| format!("unknown predictor {s:?}; valid: legion, affine, aofl"))
+    }
+}
+
+/// One device's predicted part of a group, µs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DevicePrediction {
+    /// Index of the device in the profile.
+    pub device: usize,
+    /// Its strip of the group's last stage.
+    pub strip: Rows,
+    /// Input strips arriving.
+    pub send_us: f64,
+    /// Per stage of the group.
+    pub compute_us: Vec<(StageId, f64)>,
+    /// Output strips coming back.
+    pub recv_us: f64,
+    /// From the step's start to its output's arrival.
+    pub total_us: f64,
+}
+
+/// A group's predicted time.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Prediction {
+    /// The predictor used.
+    pub predictor: Predictor,
+    /// First stage.
+    pub first: StageId,
+    /// Last stage.
+    pub last: StageId,
+    /// Per device with rows.
+    pub devices: Vec<DevicePrediction>,
+    /// `max` over devices of their totals.
+    pub total_us: f64,
+}
+
+/// Shares are cached per predictor, group and device subset.
+type SharesKey = (Predictor, Group, Vec<usize>);
+
+/// Predicts group times from one profile of one model.
+pub struct CostModel<'a> {
+    ir: &'a Ir,
+    profile: &'a Profile,
+    send: Vec<Affine>,
+    recv: Vec<Affine>,
+    aofl: Vec<aofl::Regressions>,
+    shares: Mutex<HashMap<SharesKey, Vec<(usize, Rows)>>>,
+}
+
+impl<'a> CostModel<'a> {
+    /// Checks that `profile` is a `legion`-mode profile of `ir` and fits the links and
+    /// the AOFL regressions.
+    pub fn new(ir: &'a Ir, profile: &'a Profile) -> Result<CostModel<'a>> {
+        if profile.model_sha256 != ir.sha256 {
+            bail!(
+                "the profile is of model {}, not of this model ({}); profile this model",
+                profile.model_sha256,
+                ir.sha256
+            );
+        }
+        ensure!(
+            profile.mode == ProfileMode::Legion,
+            "predictions need a legion-mode profile (this one is {:?}); run `legion profile \
+             --mode legion`",
+            profile.mode
+        );
+        ensure!(!profile.devices.is_empty(), "the profile has no devices");
+        ensure!(
+            profile.stages.len() == ir.stages.len()
+                && profile
+                    .stages
+                    .iter()
+                    .all(|s| s.samples.len() == profile.devices.len()),
+            "the profile's stages do not match the model's {} stages on {} devices",
+            ir.stages.len(),
+            profile.devices.len()
+        );
+        if let Some(dev) = profile.devices.iter().find(|d| d.probes.is_empty()) {
+            bail!("device {} has no transfer probes in the profile", dev.name);
+        }
+        let fit = |f: fn(&legion_plan::LinkProbe) -> u64| -> Vec<Affine> {
+            profile
+                .devices
+                .iter()
+                .map(|d| Affine::fit(&d.probes.iter().map(|p| (p.bytes, f(p))).collect::<Vec<_>>()))
+                .collect()
+        };
+        let send = fit(|p| p.send_us);
+        let recv = fit(|p| p.recv_us);
+        let aofl = (0..profile.devices.len())
+            .map(|d| aofl::Regressions::fit(ir, profile, d))
+            .collect();
+        Ok(CostModel {
+            ir,
+            profile,
+            send,
+            recv,
+            aofl,
+            shares: Mutex::default(),
+        })
+    }
+
+    /// The profile's devices.
+    pub fn device_count(&self) -> usize {
+        self.profile.devices.len()
+    }
+
+    /// The devices' names.
+    pub fn device_name(&self, d: usize) -> &str {
+        &self.profile.devices[d].name
+    }
+
+    /// E_d(l, rows): the single-stage time interpolated at `rows` output rows.
+    pub fn stage_time(&self, d: usize, s: StageId, rows: usize) -> f64 {
+        let points: Vec<(f64, f64)> = self.profile.stages[s.index()].samples[d]
+            .iter()
+            .map(|p| (p.rows as f64, p.median_us as f64))
+            .collect();
+        interpolate(&points, rows as f64)
+    }
+
+    /// Bytes of `rows` of tensor `r` (all of it without a row axis).
+    fn bytes(&self, r: TensorRef, rows: Rows) -> u64 {
+        let info = self.ir.tensor(r);
+        let per_row = match info.height() {
+            Some(h) if h > 0 => info.len() / h,
+            _ => return info.len() as u64 * 4,
+        };
+        (per_row * rows.len()) as u64 * 4
+    }
+
+    /// The predicted time of `group` with `strips`: per device (index into the
+    /// profile), its strip of the last stage's output, in order and covering it.
+    pub fn predict(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        strips: &[(usize, Rows)],
+    ) -> Result<Prediction> {
+        let cut: Vec<Rows> = strips.iter().map(|(_, r)| *r).collect();
+        let tiling = tile(self.ir, group, &cut)?;
+        let tiles: Vec<(usize, &DeviceTile)> = tiling
+            .devices
+            .iter()
+            .map(|t| (strips[t.device].0, t))
+            .collect();
+        let mut devices: Vec<DevicePrediction> = tiles
+            .iter()
+            .map(|(d, t)| self.device_alone(predictor, *d, t))
+            .collect();
+        if predictor == Predictor::Affine {
+            self.share_the_hub(&tiles, &mut devices);
+        }
+        let total_us = devices.iter().map(|d| d.total_us).fold(0.0, f64::max);
+        Ok(Prediction {
+            predictor,
+            first: group.first,
+            last: group.last,
+            devices,
+            total_us,
+        })
+    }
+
+    /// A device's prediction as if its transfers had the coordinator to themselves.
+    fn device_alone(&self, predictor: Predictor, d: usize, t: &DeviceTile) -> DevicePrediction {
+        let fused_in: u64 = t
+            .received
+            .iter()
+            .map(|r| self.bytes(r.tensor, r.rows))
+            .sum();
+        let out: u64 = t
+            .sent
+            .iter()
+            .map(|(s, r)| self.bytes(TensorRef::Stage(*s), *r))
+            .sum();
+        let (send_us, compute_us): (f64, Vec<(StageId, f64)>) = match predictor {
+            Predictor::Legion => {
+                // alpha_in * S(the strip the first reader would receive alone)
+                let alone_in: f64 = t
+                    .received
+                    .iter()
+                    .map(|r| match r.alpha_in {
+                        Some(a) if a > 0.0 => self.bytes(r.tensor, r.rows) as f64 / a,
+                        _ => 0.0,
+                    })
+                    .sum();
+                let alpha_in = if alone_in > 0.0 {
+                    fused_in as f64 / alone_in
+                } else {
+                    1.0
+                };
+                let send = alpha_in * self.send[d].time_us(alone_in.round() as u64);
+                let compute = t
+                    .stages
+                    .iter()
+                    .map(|st| {
+                        let e = match st.alpha {
+                            Some(alpha) => alpha * self.stage_time(d, st.stage, st.alone.len()),
+                            // Owns no rows of this stage alone: E at the rows computed.
+                            None if st.computed.is_empty() => 0.0,
+                            None => self.stage_time(d, st.stage, st.computed.len()),
+                        };
+                        (st.stage, e)
+                    })
+                    .collect();
+                (send, compute)
+            }
+            Predictor::Affine => {
+                let compute = t
+                    .stages
+                    .iter()
+                    .map(|st| {
+                        let e = if st.computed.is_empty() {
+                            0.0
+                        } else {
+                            self.stage_time(d, st.stage, st.computed.len())
+                        };
+                        (st.stage, e)
+                    })
+                    .collect();
+                (self.send[d].time_us(fused_in), compute)
+            }
+            Predictor::Aofl => {
+                let compute = t
+                    .stages
+                    .iter()
+                    .map(|st| (st.stage, self.aofl[d].predict(self.ir, st)))
+                    .collect();
+                (self.send[d].time_us(fused_in), compute)
+            }
+        };
+        let recv_us = self.recv[d].time_us(out);
+        let total_us = send_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + recv_us;
+        DevicePrediction {
+            device: d,
+            strip: t.strip,
+            send_us,
+            compute_us,
+            recv_us,
+            total_us,
+        }
+    }
+
+    /// Affine: scatters share the coordinator's link from time 0; each device computes
+    /// once its strips are in; gathers share it as devices finish.
+    fn share_the_hub(&self, tiles: &[(usize, &DeviceTile)], devices: &mut [DevicePrediction]) {
+        let hub = self.profile.coordinator_mbps;
+        let link = |a: &Affine| Link {
+            mbps: if a.us_per_byte > 0.0 {
+                8.0 / a.us_per_byte
+            } else {
+                f64::MAX
+            },
+            latency_ms: a.latency_us / 1e3,
+        };
+        let bytes_in: Vec<u64> = tiles
+            .iter()
+            .map(|(_, t)| {
+                t.received
+                    .iter()
+                    .map(|r| self.bytes(r.tensor, r.rows))
+                    .sum()
+            })
+            .collect();
+        let bytes_out: Vec<u64> = tiles
+            .iter()
+            .map(|(_, t)| {
+                t.sent
+                    .iter()
+                    .map(|(s, r)| self.bytes(TensorRef::Stage(*s), *r))
+                    .sum()
+            })
+            .collect();
+        let scatter: Vec<Flow> = tiles
+            .iter()
+            .enumerate()
+            .map(|(k, (d, _))| Flow {
+                start_us: 0.0,
+                bytes: bytes_in[k],
+                link: link(&self.send[*d]),
+            })
+            .collect();
+        let arrived = arrival_times(&scatter, hub);
+        let ready: Vec<f64> = devices
+            .iter()
+            .zip(&arrived)
+            .map(|(p, a)| a + p.compute_us.iter().map(|(_, e)| e).sum::<f64>())
+            .collect();
+        let gather: Vec<Flow> = tiles
+            .iter()
+            .enumerate()
+            .map(|(k, (d, _))| Flow {
+                start_us: ready[k],
+                bytes: bytes_out[k],
+                link: link(&self.recv[*d]),
+            })
+            .collect();
+        let done = arrival_times(&gather, hub);
+        for (k, p) in devices.iter_mut().enumerate() {
+            p.send_us = arrived[k];
+            p.recv_us = done[k] - ready[k];
+            p.total_us = done[k];
+        }
+    }
+
+    /// The predicted time of barrier (or any) stage `s` run whole on device `d`: its
+    /// measured whole-stage time (interpolated at its height for a splittable stage)
+    /// plus its inputs sent and its output received.
+    pub fn predict_whole(&self, s: StageId, d: usize) -> Result<DevicePrediction> {
+        let stage = self.ir.stage(s);
+        let all = |r: TensorRef| Rows::new(0, self.ir.tensor(r).height().unwrap_or(0));
+        let bytes_in: u64 = stage.inputs.iter().map(|r| self.bytes(*r, all(*r))).sum();
+        let out = TensorRef::Stage(s);
+        let compute = self.stage_time(d, s, stage.output.height().unwrap_or(0));
+        let send_us = self.send[d].time_us(bytes_in);
+        let recv_us = self.recv[d].time_us(self.bytes(out, all(out)));
+        Ok(DevicePrediction {
+            device: d,
+            strip: all(out),
+            send_us,
+            compute_us: vec![(s, compute)],
+            recv_us,
+            total_us: send_us + compute + recv_us,
+        })
+    }
+
+    /// Min-max shares of `group` over `devices` for `predictor` (DESIGN.md section 4):
+    /// strips that minimise the slowest device's predicted time, each device's time
+    /// taken as if its transfers were alone. Devices that only slow the group get no
+    /// rows and are left out. Cached per (predictor, group, devices).
+    pub fn shares(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        devices: &[usize],
+    ) -> Result<Vec<(usize, Rows)>> {
+        let key = (predictor, group, devices.to_vec());
+        if let Some(s) = self.shares.lock().expect("shares cache").get(&key) {
+            return Ok(s.clone());
+        }
+        ensure!(!devices.is_empty(), "a group needs at least one device");
+        legion_partition::check_group(self.ir, group.first.index(), group.last.index())?;
+        let height = self
+            .ir
+            .stage(group.last)
+            .output
+            .height()
+            .context("a splittable stage has rows")?;
+        let cost = |i: usize, strip: Rows| -> f64 {
+            let cut = [
+                Rows::new(0, strip.start),
+                strip,
+                Rows::new(strip.end, height),
+            ];
+            let Ok(tiling) = tile(self.ir, group, &cut) else {
+                return f64::INFINITY;
+            };
+            tiling
+                .devices
+                .iter()
+                .find(|t| t.device == 1)
+                .map_or(0.0, |t| {
+                    self.device_alone(predictor, devices[i], t).total_us
+                })
+        };
+        let strips = rebalance(height, devices.len(), cost);
+        let shares: Vec<(usize, Rows)> = devices
+            .iter()
+            .zip(strips)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(d, r)| (*d, r))
+            .collect();
+        self.shares
+            .lock()
+            .expect("shares cache")
+            .insert(key, shares.clone());
+        Ok(shares)
+    }
+
+    /// The group's predicted time at its min-max shares over `devices`.
+    pub fn group(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        devices: &[usize],
+    ) -> Result<Prediction> {
+        let shares = self.shares(predictor, group, devices)?;
+        self.predict(predictor, group, &shares)
+    }
+}

@@ -1,0 +1,289 @@
+//! The predictors on a hand-made profile of tiny-cnn, with every expected number worked
+//! out from the geometry; and properties of alpha.
+
+use legion_cost::{CostModel, Predictor};
+use legion_ir::{Ir, Rows, StageId, import};
+use legion_partition::{Group, scale_cut, strips_from_weights, tile};
+use legion_plan::{
+    Clock, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
+    StageProfile,
+};
+use proptest::prelude::*;
+
+fn tiny(name: &str) -> Ir {
+    import(&legion_models::test_model(name).unwrap(), None).unwrap()
+}
+
+/// A profile of `ir` where stage `l` takes `per_row(l) * rows` µs on every device and
+/// every link is 0.2 ms + 0.08 µs per byte (100 Mbit/s) both ways.
+fn linear_profile(ir: &Ir, devices: usize, per_row: impl Fn(usize) -> u64) -> Profile {
+    let probes = [1000u64, 100_000]
+        .iter()
+        .map(|&bytes| {
+            let t = 200 + bytes * 8 / 100;
+            LinkProbe {
+                bytes,
+                send_us: t,
+                recv_us: t,
+            }
+        })
+        .collect::<Vec<_>>();
+    Profile {
+        version: PROFILE_VERSION,
+        model_sha256: ir.sha256.clone(),
+        input_shape: ir.input.shape.clone(),
+        mode: ProfileMode::Legion,
+        clock: Clock::Emulated,
+        coordinator_mbps: 1000.0,
+        devices: (0..devices)
+            .map(|d| DeviceProfile {
+                name: format!("dev{d}"),
+                class: None,
+                gflops: 10.0,
+                link: Link {
+                    mbps: 100.0,
+                    latency_ms: 0.2,
+                },
+                probes: probes.clone(),
+            })
+            .collect(),
+        stages: ir
+            .stages
+            .iter()
+            .map(|s| {
+                let h = s.output.height().unwrap();
+                let sample = |rows: usize| Sample {
+                    rows,
+                    median_us: per_row(s.id.index()) * rows as u64,
+                    min_us: per_row(s.id.index()) * rows as u64,
+                    runs: 1,
+                };
+                StageProfile {
+                    stage: s.id,
+                    barrier: false,
+                    samples: vec![vec![sample(1), sample(h)]; devices],
+                }
+            })
+            .collect(),
+        groups: vec![],
+        max_group_len: None,
+        profiling_us: 0,
+        wall_us: 0,
+    }
+}
+
+fn close(got: f64, want: f64) {
+    assert!((got - want).abs() < 1e-6, "got {got}, want {want}");
+}
+
+/// tiny-cnn: conv1 (3x3 s1 p1, 3->8 ch, 48x40) then conv2 (5x5 s2 p2, 8->16 ch, 24x20).
+/// Group conv1..conv2 on two devices, conv2's rows cut [0,12) [12,24).
+///
+/// Device 0: conv2 rows [0,12) read conv1 rows [0,25); conv1 computes them from input
+/// rows [0,26). Alone at the same share conv1 computes [0,24) from input [0,25).
+/// So alpha(conv1) = 25/24, alpha(conv2) = 1, alpha_in = 26/25.
+/// Device 1: conv2 rows [12,24) read conv1 [22,48), from input [21,48); alone conv1
+/// computes [24,48) from input [23,48): alpha(conv1) = 26/24, alpha_in = 27/25.
+/// An input row is 3 x 40 x 4 = 480 bytes; a conv2 output row 16 x 20 x 4 = 1280.
+#[test]
+fn the_three_predictors_on_a_worked_example() {
+    let ir = tiny("tiny-cnn");
+    // E(conv1) = 100 µs per row, E(conv2) = 300 µs per row
+    let profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
+    let model = CostModel::new(&ir, &profile).unwrap();
+    let strips = [(0, Rows::new(0, 12)), (1, Rows::new(12, 24))];
+    let group = Group::new(0, 1);
+    let s = |bytes: f64| 200.0 + 0.08 * bytes;
+
+    let legion = model.predict(Predictor::Legion, group, &strips).unwrap();
+    let r = s(12.0 * 1280.0); // 12 output rows back: 1428.8
+    let d0 = 26.0 / 25.0 * s(25.0 * 480.0) + 25.0 / 24.0 * 2400.0 + 3600.0 + r;
+    let d1 = 27.0 / 25.0 * s(25.0 * 480.0) + 26.0 / 24.0 * 2400.0 + 3600.0 + r;
+    close(legion.devices[0].total_us, d0); // 8735.2
+    close(legion.devices[1].total_us, d1); // 8881.6
+    close(legion.total_us, 8881.6);
+    close(legion.devices[0].compute_us[0].1, 2500.0);
+    close(legion.devices[1].send_us, 1252.8);
+
+    // affine: E at the rows computed; transfers of the fused strips (two 100 Mbit/s
+    // flows fit in the 1 Gbit/s coordinator link, so they do not slow each other)
+    let affine = model.predict(Predictor::Affine, group, &strips).unwrap();
+    close(
+        affine.devices[0].total_us,
+        s(26.0 * 480.0) + 2500.0 + 3600.0 + r,
+    ); // 8727.2
+    close(
+        affine.devices[1].total_us,
+        s(27.0 * 480.0) + 2600.0 + 3600.0 + r,
+    ); // 8865.6
+    close(affine.total_us, 8865.6);
+
+    // aofl: the same transfers, compute from the fitted regressions
+    let aofl = model.predict(Predictor::Aofl, group, &strips).unwrap();
+    close(aofl.devices[0].send_us, s(26.0 * 480.0));
+    close(aofl.devices[0].recv_us, r);
+}
+
+#[test]
+fn a_shared_coordinator_link_slows_the_affine_scatter() {
+    let ir = tiny("tiny-cnn");
+    let mut profile = linear_profile(&ir, 2, |_| 100);
+    profile.coordinator_mbps = 100.0;
+    let model = CostModel::new(&ir, &profile).unwrap();
+    let strips = [(0, Rows::new(0, 24)), (1, Rows::new(24, 48))];
+    let p = model
+        .predict(Predictor::Affine, Group::new(0, 0), &strips)
+        .unwrap();
+    // Both devices receive 25 input rows (12000 bytes) through one 100 Mbit/s link:
+    // 24000 bytes at 0.08 µs/byte = 1920 µs, plus 200 µs latency.
+    close(p.devices[0].send_us, 2120.0);
+    close(p.devices[1].send_us, 2120.0);
+}
+
+#[test]
+fn aofl_recovers_a_conv_regression_it_was_fitted_on() {
+    let ir = tiny("tiny-cnn");
+    // Samples that follow AOFL's conv model exactly:
+    // t = 50 + 0.001 * (C_in W_in H_in) + 2 * (k^2 / s^2 * filters)
+    let mut profile = linear_profile(&ir, 1, |_| 1);
+    let aofl = |l: usize, rows: usize| -> u64 {
+        let (c_in, w_in, k, s, f) = match l {
+            0 => (3.0, 40.0, 9.0, 1.0, 8.0),
+            1 => (8.0, 40.0, 25.0, 4.0, 16.0),
+            2 => (16.0, 20.0, 9.0, 1.0, 16.0),
+            3 => (16.0, 20.0, 1.0, 1.0, 16.0),
+            _ => (16.0, 10.0, 9.0, 4.0, 24.0),
+        };
+        let (kh, stride, dil) = [
+            (3, 1, 1),
+            (5, 2, 1),
+            (3, 1, 2),
+            (1, 1, 1),
+            (0, 0, 0),
+            (3, 2, 1),
+        ][l];
+        let h_in = ((rows - 1) * stride + (kh - 1) * dil + 1) as f64;
+        (50.0 + 0.001 * c_in * w_in * h_in * 1000.0 + 2.0 * k / s * f).round() as u64
+    };
+    for l in [0, 1, 2, 3, 5] {
+        let h = ir.stage(StageId(l as u32)).output.height().unwrap();
+        profile.stages[l].samples[0] = [1, h / 2, h]
+            .iter()
+            .map(|&rows| Sample {
+                rows,
+                median_us: aofl(l, rows),
+                min_us: aofl(l, rows),
+                runs: 1,
+            })
+            .collect();
+    }
+    let model = CostModel::new(&ir, &profile).unwrap();
+    let p = model
+        .predict(Predictor::Aofl, Group::new(0, 0), &[(0, Rows::new(0, 48))])
+        .unwrap();
+    assert!(
+        (p.devices[0].compute_us[0].1 - aofl(0, 48) as f64).abs() < 1.0,
+        "{p:?}"
+    );
+}
+
+#[test]
+fn min_max_shares_follow_device_speed() {
+    let ir = tiny("tiny-cnn");
+    let mut profile = linear_profile(&ir, 2, |_| 100);
+    // device 1 computes three times slower
+    for s in &mut profile.stages {
+        for sample in &mut s.samples[1] {
+            sample.median_us *= 3;
+        }
+    }
+    let model = CostModel::new(&ir, &profile).unwrap();
+    let group = Group::new(0, 0);
+    let shares = model.shares(Predictor::Legion, group, &[0, 1]).unwrap();
+    assert_eq!(shares.len(), 2);
+    let fast = shares[0].1.len();
+    assert!(fast > 48 - fast, "{shares:?}");
+    // Min-max: moving the cut one row either way does not lower the slowest device.
+    let worst = |cut: usize| {
+        let strips = [(0, Rows::new(0, cut)), (1, Rows::new(cut, 48))];
+        model
+            .predict(Predictor::Legion, group, &strips)
+            .unwrap()
+            .total_us
+    };
+    let best = worst(fast);
+    assert!(
+        worst(fast - 1) >= best && worst(fast + 1) >= best,
+        "{shares:?}"
+    );
+    close(
+        model
+            .group(Predictor::Legion, group, &[0, 1])
+            .unwrap()
+            .total_us,
+        best,
+    );
+}
+
+#[test]
+fn profiles_of_other_models_are_refused() {
+    let ir = tiny("tiny-cnn");
+    let mut profile = linear_profile(&ir, 1, |_| 1);
+    profile.model_sha256 = "0".repeat(64);
+    let err = CostModel::new(&ir, &profile).err().unwrap().to_string();
+    assert!(err.contains("not of this model"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// alpha of a group's last stage is 1, and alpha of a stage never decreases as its
+    /// group grows by later stages. The cut is the same, scaled to each stage; where
+    /// scaling through a smaller height rounds a device's own rows of a stage
+    /// differently, the shares differ and the alphas are not comparable, so only stages
+    /// with the same own rows in both groups are compared.
+    #[test]
+    fn alpha_is_one_at_the_end_and_grows_with_the_group(
+        model in prop::sample::select(vec!["tiny-cnn", "tiny-yolo", "tiny-residual", "tiny-mobile"]),
+        weights in prop::collection::vec(1.0f64..4.0, 2..5),
+        first in 0usize..100,
+        len in 1usize..8,
+    ) {
+        let ir = tiny(model);
+        let n = ir.stages.len();
+        let first = first % n;
+        let mut last = first;
+        while last + 1 < n && last + 1 < first + len
+            && legion_partition::check_group(&ir, first, last + 1).is_ok() {
+            last += 1;
+        }
+        prop_assume!(legion_partition::check_group(&ir, first, last).is_ok());
+        let h_last = ir.stage(StageId(last as u32)).output.height().unwrap();
+        let strips = strips_from_weights(h_last, &weights);
+        let big = tile(&ir, Group::new(first, last), &strips).unwrap();
+        for t in &big.devices {
+            prop_assert_eq!(t.stage(StageId(last as u32)).alpha, Some(1.0));
+        }
+        for j in first..last {
+            let h_j = ir.stage(StageId(j as u32)).output.height().unwrap();
+            let small = tile(&ir, Group::new(first, j), &scale_cut(&strips, h_last, h_j)).unwrap();
+            for t in &small.devices {
+                let Some(b) = big.devices.iter().find(|b| b.device == t.device) else { continue };
+                for st in &t.stages {
+                    let wide = b.stage(st.stage);
+                    if wide.alone != st.alone {
+                        continue;
+                    }
+                    prop_assert!(wide.computed.contains(st.computed) || st.computed.is_empty());
+                    if let (Some(a_small), Some(a_big)) = (st.alpha, wide.alpha) {
+                        prop_assert!(
+                            a_big >= a_small - 1e-12,
+                            "{} stage {} device {}: alpha {} in {}..={} < {} in {}..={}",
+                            model, st.stage, t.device, a_big, first, last, a_small, first, j
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
