@@ -2,6 +2,7 @@
 
 mod cluster;
 mod inspect;
+mod predict;
 mod profile;
 mod split;
 mod worker;
@@ -33,6 +34,8 @@ enum Command {
     Cluster(cluster::Args),
     /// Measure a model on a cluster: single stages (legion) or every group (fss).
     Profile(profile::Args),
+    /// Predicted times of candidate groups from a profile.
+    Predict(predict::Args),
 }
 
 /// Exit code for bad input (a model that cannot be imported, a bad argument).
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker::run(&args),
         Command::Cluster(args) => cluster::run(&args),
         Command::Profile(args) => profile::run(&args),
+        Command::Predict(args) => predict::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -142,7 +142,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Parses `A..B` or `A..B,C..D` (inclusive stage ranges).
-fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
+pub(crate) fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
     text.split(',')
         .map(|g| {
             let malformed =

@@ -209,6 +209,23 @@ pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, Partitio
     Ok(group)
 }
 
+/// Every candidate group: runs of splittable stages up to `max_len` long (any length
+/// when `None`), ordered by first stage, then length.
+pub fn candidate_groups(ir: &Ir, max_len: Option<usize>) -> Vec<Group> {
+    let n = ir.stages.len();
+    let max_len = max_len.unwrap_or(n).max(1);
+    let mut groups = vec![];
+    for first in 0..n {
+        for last in first..n.min(first + max_len) {
+            if check_group(ir, first, last).is_err() {
+                break;
+            }
+            groups.push(Group::new(first, last));
+        }
+    }
+    groups
+}
+
 /// Tensors the group reads from outside, and stages whose outputs leave it.
 pub fn boundary(ir: &Ir, group: Group) -> (Vec<TensorRef>, Vec<StageId>) {
     let mut inputs = vec![];

@@ -15,6 +15,7 @@
 use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
+pub use legion_partition::candidate_groups;
 use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
 use legion_plan::{
     DeviceProfile, GroupMeasurement, PROFILE_VERSION, Profile, ProfileMode, Sample, StageProfile,
@@ -241,23 +242,6 @@ fn sample(rows: usize, mut times: Vec<u64>) -> Sample {
         min_us: times[0],
         runs: times.len() as u32,
     }
-}
-
-/// Every group FSS measures: splittable runs of stages up to `max_len` long, in order of
-/// their first stage, then barrier stages alone.
-pub fn candidate_groups(ir: &Ir, max_len: Option<usize>) -> Vec<Group> {
-    let n = ir.stages.len();
-    let max_len = max_len.unwrap_or(n).max(1);
-    let mut groups = vec![];
-    for first in 0..n {
-        for last in first..n.min(first + max_len) {
-            if check_group(ir, first, last).is_err() {
-                break;
-            }
-            groups.push(Group::new(first, last));
-        }
-    }
-    groups
 }
 
 async fn fss_mode(

@@ -1,0 +1,148 @@
+//! `legion predict`: predicted group times from a profile, without running anything.
+
+use crate::{BadArgument, ModelArgs};
+use anyhow::{Context, Result};
+use legion_cost::{CostModel, DevicePrediction, Predictor};
+use legion_ir::StageId;
+use legion_partition::candidate_groups;
+use legion_plan::{Cluster, Profile};
+use std::fmt::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The cluster file the profile was measured on.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// The profile (`legion profile --mode legion`).
+    #[arg(long)]
+    profile: PathBuf,
+    /// legion (the paper's formula), affine (interpolated, shared coordinator link) or
+    /// aofl (the prior work's regressions).
+    #[arg(long, default_value = "legion")]
+    predictor: String,
+    /// Only this group, e.g. 0..4 (default: every candidate group and every barrier).
+    #[arg(long)]
+    group: Option<String>,
+    /// Add each device's strip and send / compute / receive times.
+    #[arg(long)]
+    verbose: bool,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let predictor: Predictor = args.predictor.parse().map_err(BadArgument)?;
+    let cluster = Cluster::load(&args.cluster)?;
+    let text = std::fs::read_to_string(&args.profile).map_err(|e| {
+        BadArgument(format!(
+            "{}: cannot read the profile: {e}",
+            args.profile.display()
+        ))
+    })?;
+    let profile = Profile::from_json(&text)
+        .map_err(|e| BadArgument(format!("{}: {e}", args.profile.display())))?;
+    let names: Vec<&str> = cluster.devices.iter().map(|d| d.name.as_str()).collect();
+    let profiled: Vec<&str> = profile.devices.iter().map(|d| d.name.as_str()).collect();
+    if names != profiled {
+        return Err(BadArgument(format!(
+            "{} lists devices {names:?} but the profile {} was measured on {profiled:?}; \
+             profile this cluster",
+            args.cluster.display(),
+            args.profile.display()
+        ))
+        .into());
+    }
+    let ir = args.model.import()?;
+    let model = CostModel::new(&ir, &profile)
+        .map_err(|e| BadArgument(format!("{}: {e:#}", args.profile.display())))?;
+    let all: Vec<usize> = (0..model.device_count()).collect();
+    let groups = match &args.group {
+        Some(g) => crate::split::parse_groups(&ir, g)?,
+        None => candidate_groups(&ir, None),
+    };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{} on {} devices, {} clock profile, predictor {predictor}",
+        args.model.model.display(),
+        all.len(),
+        profile.clock
+    )?;
+    writeln!(
+        out,
+        "{:<10} {:>6} {:>8} {:>13}",
+        "group", "stages", "devices", "predicted ms"
+    )?;
+    for group in groups {
+        let p = model
+            .group(predictor, group, &all)
+            .with_context(|| format!("predicting group {group}"))?;
+        writeln!(
+            out,
+            "{:<10} {:>6} {:>8} {:>13.3}",
+            group.to_string(),
+            group.last.index() - group.first.index() + 1,
+            p.devices.len(),
+            p.total_us / 1e3
+        )?;
+        if args.verbose {
+            for d in &p.devices {
+                device_line(&mut out, &model, d)?;
+            }
+        }
+    }
+    if args.group.is_none() {
+        let fastest = (0..profile.devices.len())
+            .max_by(|&a, &b| {
+                profile.devices[a]
+                    .gflops
+                    .total_cmp(&profile.devices[b].gflops)
+            })
+            .expect("a profile has devices");
+        let barriers: Vec<StageId> = ir
+            .stages
+            .iter()
+            .filter(|s| !s.is_splittable())
+            .map(|s| s.id)
+            .collect();
+        if !barriers.is_empty() {
+            writeln!(
+                out,
+                "barrier stages, whole on {}:",
+                model.device_name(fastest)
+            )?;
+            for s in barriers {
+                let d = model.predict_whole(s, fastest)?;
+                writeln!(
+                    out,
+                    "{:<10} {:>6} {:>8} {:>13.3}",
+                    format!("{s} {}", ir.stage(s).kind.short_name()),
+                    1,
+                    1,
+                    d.total_us / 1e3
+                )?;
+                if args.verbose {
+                    device_line(&mut out, &model, &d)?;
+                }
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn device_line(out: &mut String, model: &CostModel, d: &DevicePrediction) -> Result<()> {
+    let compute: f64 = d.compute_us.iter().map(|(_, e)| e).sum();
+    writeln!(
+        out,
+        "    {:<18} rows {:<9} send {:>9.3}  compute {:>9.3}  recv {:>9.3}  total {:>9.3} ms",
+        model.device_name(d.device),
+        d.strip.to_string(),
+        d.send_us / 1e3,
+        compute / 1e3,
+        d.recv_us / 1e3,
+        d.total_us / 1e3
+    )?;
+    Ok(())
+}
