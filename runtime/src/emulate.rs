@@ -3,7 +3,7 @@
 //! An emulated device has a compute rate ([`Emulation::gflops`]) and a link (bandwidth
 //! and latency). Compute times are *measured and scaled*: the worker runs its tiles on
 //! the host with tract, times them, and multiplies the measured time by the
-//! [`Emulator::slowdown`], the host's conv rate over the device's. The host rate is
+//! [`Emulator::slowdown`], the host's rate over the device's. The host rate is
 //! measured once at start ([`measure_host_gflops`], on the fixed `calibration` model of
 //! legion-models); a board class's rate comes from its published VGG-16 time
 //! ([`BOARD_CLASSES`]), so Firefly-class and Odroid-class devices keep their ratio on
@@ -72,11 +72,11 @@ pub const BOARD_CLASSES: &[BoardClass] = &[
 /// the import in `tests/emulate.rs`.
 pub const VGG16_FLOPS: f64 = 30_946_651_112.0;
 
-/// FLOPs of one run of the `calibration` model of legion-models, counted like
-/// [`VGG16_FLOPS`] (2 x 1,676,279,808 conv MACs plus the 2x2 max pool's 200,704 window
-/// elements; the Relus fuse into the convs). Checked against the import in
-/// `tests/emulate.rs`, so host and board rates are on the same scale.
-pub const CALIBRATION_FLOPS: f64 = 3_352_760_320.0;
+/// FLOPs of one run of the `calibration` model of legion-models (VGG-16 at 112x112),
+/// counted like [`VGG16_FLOPS`]: 2 per conv and FC MAC (3,876,405,248 MACs), window
+/// elements for the pools. Checked against the import in `tests/emulate.rs`, so host
+/// and board rates are on the same scale.
+pub const CALIBRATION_FLOPS: f64 = 7_754_335_208.0;
 
 /// Name of the legion-models model that [`measure_host_gflops`] times.
 pub const CALIBRATION_MODEL: &str = "calibration";
@@ -212,7 +212,7 @@ impl fmt::Display for Emulation {
     }
 }
 
-/// Measures the host's conv rate in GFLOP/s: imports the `calibration` model with
+/// Measures the host's rate in GFLOP/s: imports the `calibration` model with
 /// tract, optimizes it, runs it 3 times to warm up and 5 more times on a fixed input,
 /// and divides [`CALIBRATION_FLOPS`] by the fastest of the 5 timed runs.
 ///
@@ -334,7 +334,7 @@ impl ComputeLock {
 pub struct Emulator {
     /// What is emulated.
     pub emulation: Emulation,
-    /// The host's conv rate, GFLOP/s, as measured by [`measure_host_gflops`].
+    /// The host's rate, GFLOP/s, as measured by [`measure_host_gflops`].
     pub host_gflops: f64,
     lock: ComputeLock,
 }
@@ -348,7 +348,7 @@ impl Emulator {
         let lock = ComputeLock::open(lock_path.unwrap_or_else(ComputeLock::default_path))?;
         let host_gflops = {
             let _guard = lock.hold()?;
-            measure_host_gflops().context("measuring the host's conv rate")?
+            measure_host_gflops().context("measuring the host's rate")?
         };
         let emulator = Emulator::with_lock(emulation, host_gflops, lock)?;
         tracing::info!(

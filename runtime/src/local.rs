@@ -195,5 +195,5 @@ pub fn default_cache_dir() -> PathBuf {
 fn measure_with_lock() -> Result<f64> {
     let lock = ComputeLock::open(ComputeLock::default_path())?;
     let _held = lock.hold()?;
-    measure_host_gflops().context("measuring the host's conv rate")
+    measure_host_gflops().context("measuring the host's rate")
 }

@@ -4,8 +4,8 @@
 //! `vgg16-conv`, `vgg19-conv` (up to `pool5`); `yolov2` and `yolov2-tiny`
 //! (416x416, darknet VOC layouts, passthrough as Reshape/Transpose/Reshape);
 //! `resnet18`, `resnet50` and `mobilenetv2` (torchvision layouts, 224x224);
-//! `calibration` (a VGG-like conv chain on a 64x56x56 input, the workload the
-//! emulator times to measure a host's conv rate); and the tiny models committed under `testdata/models/`: `tiny-cnn`,
+//! `calibration` (VGG-16 at 112x112, the workload the emulator times to measure a
+//! host's rate); and the tiny models committed under `testdata/models/`: `tiny-cnn`,
 //! `tiny-residual`, `tiny-yolo`, `tiny-mobile`, `tiny-nhwc`,
 //! `tiny-unknown-op` and `tiny-head`. [`dynamic_input_model`] and
 //! [`non_f32_model`] are error-case fixtures outside the catalog.
@@ -36,7 +36,7 @@ use prost::Message;
 use tract_onnx::pb::ModelProto;
 
 /// Version of the generator; bump it whenever any model's bytes change.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 2;
 
 /// A model of the catalog.
 #[derive(Clone, Copy, Debug)]
@@ -139,8 +139,8 @@ static CATALOG: [ModelSpec; 17] = [
     ),
     entry(
         "calibration",
-        "the emulator's fixed workload for measuring a host's conv rate",
-        [1, 64, 56, 56],
+        "the emulator's fixed workload for a host's rate: VGG-16 at 112x112",
+        [1, 3, 112, 112],
         false,
         zoo::calibration,
     ),

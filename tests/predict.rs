@@ -1,0 +1,91 @@
+//! `legion predict` on a committed profile of tiny-cnn measured on the emulated 2F+2O
+//! cluster: snapshots of the tables, and the bad-input errors.
+
+use std::process::{Command, Output};
+
+const PROFILE: &str = "testdata/profiles/tiny-cnn-2f2o.json";
+const CLUSTER: &str = "testdata/clusters/2f2o.toml";
+
+fn legion(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_legion"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn predict(model: &str, extra: &[&str]) -> Output {
+    let model = legion_models::test_model(model).unwrap();
+    let mut args = vec!["predict", model.to_str().unwrap(), "--cluster", CLUSTER];
+    args.extend(["--profile", PROFILE]);
+    args.extend(extra);
+    legion(&args)
+}
+
+fn stdout(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The model path differs between machines; the table does not.
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let (_, tail) = first.split_once(" on ").unwrap();
+    format!("tiny-cnn.onnx on {tail}\n{rest}")
+}
+
+#[test]
+fn every_group_with_the_paper_predictor() {
+    insta::assert_snapshot!(stdout(predict("tiny-cnn", &["--verbose"])));
+}
+
+#[test]
+fn one_group_with_each_other_predictor() {
+    for p in ["affine", "aofl"] {
+        let out = predict(
+            "tiny-cnn",
+            &["--predictor", p, "--group", "0..3", "--verbose"],
+        );
+        insta::assert_snapshot!(format!("predict_{p}"), stdout(out));
+    }
+}
+
+fn fails_with(out: Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+}
+
+#[test]
+fn bad_input_is_named() {
+    fails_with(
+        predict("tiny-cnn", &["--predictor", "oracle"]),
+        "unknown predictor \"oracle\"; valid: legion, affine, aofl",
+    );
+    fails_with(predict("tiny-residual", &[]), "not of this model");
+    let model = legion_models::test_model("tiny-cnn").unwrap();
+    let model = model.to_str().unwrap();
+    fails_with(
+        legion(&[
+            "predict",
+            model,
+            "--cluster",
+            "testdata/clusters/1f1o.toml",
+            "--profile",
+            PROFILE,
+        ]),
+        "profile this cluster",
+    );
+    fails_with(
+        legion(&[
+            "predict",
+            model,
+            "--cluster",
+            CLUSTER,
+            "--profile",
+            "nope.json",
+        ]),
+        "nope.json: cannot read the profile",
+    );
+}
