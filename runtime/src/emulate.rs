@@ -87,7 +87,7 @@ pub const CALIBRATION_MODEL: &str = "calibration";
 const WARMUP_RUNS: usize = 3;
 
 /// Timed runs of the calibration model (after the warm-up runs); the fastest counts.
-const CALIBRATION_RUNS: usize = 5;
+const CALIBRATION_RUNS: usize = 10;
 
 /// What a worker emulates: a compute rate and a link.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -213,8 +213,8 @@ impl fmt::Display for Emulation {
 }
 
 /// Measures the host's rate in GFLOP/s: imports the `calibration` model with
-/// tract, optimizes it, runs it 3 times to warm up and 5 more times on a fixed input,
-/// and divides [`CALIBRATION_FLOPS`] by the fastest of the 5 timed runs.
+/// tract, optimizes it, runs it 3 times to warm up and 10 more times on a fixed input,
+/// and divides [`CALIBRATION_FLOPS`] by the fastest of the 10 timed runs.
 ///
 /// The rate is that of tract's current default executor (single-threaded unless the
 /// process set a multithreaded one), the same one the worker's tiles run on. Takes a

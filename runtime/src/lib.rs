@@ -23,7 +23,7 @@ pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator, StepTile};
 pub use local::{LocalCluster, default_cache_dir, local_cluster};
 pub use tensors::Tensors;
 pub use wire::sha256_hex;
-pub use worker::{Compute, Worker, WorkerConfig};
+pub use worker::{Compute, TILE_CACHE, Worker, WorkerConfig};
 
 /// Largest gRPC message a worker or client accepts: strips of big layers exceed tonic's
 /// 4 MiB default.

@@ -82,6 +82,14 @@ impl Compute {
     }
 }
 
+/// Tiles a worker keeps built: more than a plan's groups on one device, few enough
+/// that profiling every group (whose tiles each hold their own packed weights) does not
+/// fill the board's memory.
+pub const TILE_CACHE: usize = 32;
+
+/// A built tile: its model and the TileSpec's canonical JSON.
+type TileKey = (ModelKey, String);
+
 /// A model as imported: sha256 and input shape.
 type ModelKey = (String, Vec<usize>);
 
@@ -95,8 +103,9 @@ pub struct Worker {
     config: WorkerConfig,
     /// Imported models, by sha256 and input shape.
     models: Mutex<HashMap<ModelKey, Arc<Ir>>>,
-    /// Built tiles, by model key and the TileSpec's canonical JSON.
-    tiles: Mutex<HashMap<(ModelKey, String), Arc<Tile>>>,
+    /// Built tiles, by model key and the TileSpec's canonical JSON, least recently
+    /// used first; at most [`TILE_CACHE`].
+    tiles: Mutex<Vec<(TileKey, Arc<Tile>)>>,
 }
 
 impl Worker {
@@ -181,13 +190,21 @@ impl Worker {
     fn tile(&self, m: &ModelRef, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
         let canonical = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
         let key = (model_key(m), canonical);
-        if let Some(t) = lock(&self.tiles).get(&key) {
-            return Ok(t.clone());
+        {
+            let mut tiles = lock(&self.tiles);
+            if let Some(i) = tiles.iter().position(|(k, _)| *k == key) {
+                let hit = tiles.remove(i);
+                let tile = hit.1.clone();
+                tiles.push(hit);
+                return Ok(tile);
+            }
         }
-        let tile = Tile::build(ir, spec)
-            .map_err(|e| Status::invalid_argument(format!("building the tile: {e:#}")))?;
-        let tile = Arc::new(tile);
-        lock(&self.tiles).insert(key, tile.clone());
+        let tile = Arc::new(build_tile(ir, spec)?);
+        let mut tiles = lock(&self.tiles);
+        if tiles.len() >= TILE_CACHE {
+            tiles.remove(0);
+        }
+        tiles.push((key, tile.clone()));
         Ok(tile)
     }
 
@@ -237,7 +254,8 @@ impl Worker {
             .iter()
             .map(|i| crate::check::test_input(&strip_shape(&ir, i.tensor, i.rows)))
             .collect();
-        let tile = self.tile(&m, &ir, &spec)?;
+        // Profiling builds each tile once and runs it a few times: not worth caching.
+        let tile = build_tile(&ir, &spec)?;
         let run = || {
             tile.run(inputs.clone())
                 .map_err(|e| Status::internal(format!("running the tile: {e:#}")))
@@ -479,6 +497,10 @@ fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>,
             from_wire(got).map_err(|e| Status::invalid_argument(format!("input strip {i}: {e:#}")))
         })
         .collect()
+}
+
+fn build_tile(ir: &Ir, spec: &TileSpec) -> Result<Tile, Status> {
+    Tile::build(ir, spec).map_err(|e| Status::invalid_argument(format!("building the tile: {e:#}")))
 }
 
 /// The shape of `rows` of tensor `r` (the whole tensor when it has no row axis).

@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
+mod accuracy;
+mod calibration;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Which benchmark.
@@ -17,17 +20,44 @@ pub struct Args {
     /// Where to write the table (default bench/<what>.md).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// accuracy: clusters under testdata/clusters, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = accuracy::CLUSTERS.map(String::from))]
+    clusters: Vec<String>,
+    /// accuracy: models, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = accuracy::MODELS.map(String::from))]
+    models: Vec<String>,
+    /// accuracy: timed runs per measurement.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// accuracy: reuse the profiles kept under target/bench-profiles by an earlier run.
+    #[arg(long)]
+    reuse: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
     /// Tiling every candidate group; one strip's tract model against the whole group.
     Partition,
+    /// VGG-16 on this host scaled to each board class against its published time.
+    Calibration,
+    /// Predicted against FSS-measured group times on emulated clusters, and the
+    /// profiling time of both modes.
+    Accuracy,
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let (name, table) = match args.what {
         Bench::Partition => ("partition", partition()?),
+        Bench::Calibration => ("calibration", calibration::calibration()?),
+        Bench::Accuracy => (
+            "accuracy",
+            accuracy::run(&accuracy::Options {
+                clusters: args.clusters.clone(),
+                models: args.models.clone(),
+                runs: args.runs,
+                reuse: args.reuse,
+            })?,
+        ),
     };
     let out = args
         .out

@@ -1,0 +1,304 @@
+//! `cargo xtask bench accuracy`: every predictor against FSS's measurements. For each
+//! emulated cluster and model, profile in `legion` mode and in `fss` mode on a local
+//! cluster, then predict every group FSS measured, at the strips FSS ran it with.
+
+use anyhow::{Context, Result, bail};
+use legion_cost::{CostModel, Predictor};
+use legion_ir::Ir;
+use legion_partition::{Group, check_group};
+use legion_plan::{Cluster, Profile, ProfileMode};
+use legion_profile::{ProfileOptions, profile};
+use legion_runtime::{Coordinator, LocalCluster, default_cache_dir};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Clusters of the benchmark (files under testdata/clusters).
+pub const CLUSTERS: [&str; 3] = ["firefly-x6", "odroid-x3", "3f3o"];
+/// Models of the benchmark.
+pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
+/// The longest YOLOv2 group FSS measures (VGG: all groups).
+pub const YOLO_MAX_GROUP_LEN: usize = 6;
+
+/// What to run.
+pub struct Options {
+    /// Clusters (names under testdata/clusters).
+    pub clusters: Vec<String>,
+    /// Models.
+    pub models: Vec<String>,
+    /// Timed runs per measurement.
+    pub runs: u32,
+    /// Reuse profiles measured earlier (kept under target/bench-profiles).
+    pub reuse: bool,
+}
+
+/// One group: measured by FSS and predicted.
+struct Case {
+    setup: String,
+    group: Group,
+    measured_us: f64,
+    predicted_us: [f64; 3],
+}
+
+struct Timing {
+    setup: String,
+    legion_us: u64,
+    fss_us: u64,
+    legion_wall_us: u64,
+    fss_wall_us: u64,
+    groups: usize,
+}
+
+fn profile_path(setup: &str, mode: &str) -> PathBuf {
+    legion_models::workspace_root()
+        .join("target/bench-profiles")
+        .join(format!("{setup}-{mode}.json"))
+}
+
+/// Profiles `model` on `cluster` in both modes (or reads the profiles kept earlier).
+fn profiles(cluster_name: &str, model: &str, opts: &Options) -> Result<(Ir, Profile, Profile)> {
+    let setup = format!("{cluster_name}-{model}");
+    let path = legion_models::test_model(model)?;
+    let ir = legion_ir::import(&path, None)?;
+    let (lp, fp) = (profile_path(&setup, "legion"), profile_path(&setup, "fss"));
+    if opts.reuse && lp.exists() && fp.exists() {
+        let read = |p: &Path| -> Result<Profile> {
+            Profile::from_json(&std::fs::read_to_string(p)?).map_err(anyhow::Error::msg)
+        };
+        let (l, f) = (read(&lp)?, read(&fp)?);
+        if l.model_sha256 == ir.sha256 && f.model_sha256 == ir.sha256 {
+            eprintln!("{setup}: reusing {} and {}", lp.display(), fp.display());
+            return Ok((ir, l, f));
+        }
+    }
+    let file = legion_models::workspace_root()
+        .join("testdata/clusters")
+        .join(format!("{cluster_name}.toml"));
+    let mut cluster = Cluster::load(&file)?;
+    for d in &mut cluster.devices {
+        d.address = "127.0.0.1:0".into();
+    }
+    let local = LocalCluster::start(&cluster, default_cache_dir())?;
+    let onnx = std::fs::read(&path)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (legion, fss) = rt.block_on(async {
+        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
+        coord.upload(&onnx, &ir.input.shape).await?;
+        eprintln!("{setup}: profiling in legion mode");
+        let legion = profile(
+            &coord,
+            &ir,
+            &ProfileOptions {
+                mode: ProfileMode::Legion,
+                runs: opts.runs,
+                max_group_len: None,
+                progress: true,
+            },
+        )
+        .await?;
+        eprintln!("{setup}: profiling in fss mode");
+        let fss = profile(
+            &coord,
+            &ir,
+            &ProfileOptions {
+                mode: ProfileMode::Fss,
+                runs: opts.runs,
+                max_group_len: (model == "yolov2").then_some(YOLO_MAX_GROUP_LEN),
+                progress: true,
+            },
+        )
+        .await?;
+        anyhow::Ok((legion, fss))
+    })?;
+    drop(local);
+    std::fs::create_dir_all(lp.parent().expect("a directory"))?;
+    std::fs::write(&lp, legion.to_json())?;
+    std::fs::write(&fp, fss.to_json())?;
+    Ok((ir, legion, fss))
+}
+
+/// Absolute percentage errors of one predictor.
+fn errors(cases: &[Case], p: usize) -> Vec<f64> {
+    cases
+        .iter()
+        .map(|c| (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0)
+        .collect()
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// Runs the benchmark and returns the markdown.
+pub fn run(opts: &Options) -> Result<String> {
+    let mut cases: Vec<Case> = vec![];
+    let mut timings: Vec<Timing> = vec![];
+    for cluster in &opts.clusters {
+        for model in &opts.models {
+            let setup = format!("{cluster}-{model}");
+            let (ir, legion, fss) = profiles(cluster, model, opts)?;
+            let cost = CostModel::new(&ir, &legion)?;
+            let mut groups = 0;
+            for g in &fss.groups {
+                let group = Group::new(g.first.index(), g.last.index());
+                if check_group(&ir, g.first.index(), g.last.index()).is_err() {
+                    continue;
+                }
+                let strips = g
+                    .strips
+                    .iter()
+                    .map(|(name, rows)| {
+                        let d = legion
+                            .devices
+                            .iter()
+                            .position(|d| &d.name == name)
+                            .with_context(|| format!("{setup}: device {name} not profiled"))?;
+                        Ok((d, *rows))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mut predicted_us = [0.0; 3];
+                for (i, p) in Predictor::ALL.iter().enumerate() {
+                    predicted_us[i] = cost.predict(*p, group, &strips)?.total_us;
+                }
+                cases.push(Case {
+                    setup: setup.clone(),
+                    group,
+                    measured_us: g.median_us as f64,
+                    predicted_us,
+                });
+                groups += 1;
+            }
+            timings.push(Timing {
+                setup,
+                legion_us: legion.profiling_us,
+                fss_us: fss.profiling_us,
+                legion_wall_us: legion.wall_us,
+                fss_wall_us: fss.wall_us,
+                groups,
+            });
+        }
+    }
+    if cases.is_empty() {
+        bail!("no groups were measured");
+    }
+    report(opts, &cases, &timings)
+}
+
+fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "# Predicted vs measured group times\n")?;
+    writeln!(
+        md,
+        "Measured by `cargo xtask bench accuracy` (runs per measurement: {}), on emulated \
+         clusters started in-process (testdata/clusters; compute measured on this host \
+         and scaled to the boards, links modelled). Every group FSS measured is predicted \
+         from the legion-mode profile at the strips FSS ran it with (devices' shares \
+         proportional to their rates). YOLOv2: groups up to {YOLO_MAX_GROUP_LEN} stages; \
+         VGG: all groups. Errors are |predicted - measured| / measured.\n",
+        opts.runs
+    )?;
+    writeln!(md, "Host: {}\n", host())?;
+    writeln!(md, "## Accuracy over all {} groups\n", cases.len())?;
+    writeln!(
+        md,
+        "| predictor | MAPE % | median APE % | p90 APE % | max APE % |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    for (i, p) in Predictor::ALL.iter().enumerate() {
+        let mut e = errors(cases, i);
+        e.sort_by(f64::total_cmp);
+        let mape = e.iter().sum::<f64>() / e.len() as f64;
+        writeln!(
+            md,
+            "| {p} | {mape:.2} | {:.2} | {:.2} | {:.2} |",
+            quantile(&e, 0.5),
+            quantile(&e, 0.9),
+            e.last().copied().unwrap_or(f64::NAN)
+        )?;
+    }
+    writeln!(md, "\n## Per setup (MAPE %)\n")?;
+    writeln!(md, "| setup | groups | legion | affine | aofl |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    for t in timings {
+        let mine: Vec<&Case> = cases.iter().filter(|c| c.setup == t.setup).collect();
+        let mape = |i: usize| {
+            mine.iter()
+                .map(|c| (c.predicted_us[i] - c.measured_us).abs() / c.measured_us * 100.0)
+                .sum::<f64>()
+                / mine.len().max(1) as f64
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.2} | {:.2} |",
+            t.setup,
+            t.groups,
+            mape(0),
+            mape(1),
+            mape(2)
+        )?;
+    }
+    for (i, p) in Predictor::ALL.iter().enumerate() {
+        writeln!(md, "\n## Ten worst groups, {p}\n")?;
+        writeln!(md, "| setup | group | measured ms | predicted ms | APE % |")?;
+        writeln!(md, "|---|---|---:|---:|---:|")?;
+        let mut order: Vec<usize> = (0..cases.len()).collect();
+        let e = errors(cases, i);
+        order.sort_by(|&a, &b| e[b].total_cmp(&e[a]));
+        for &k in order.iter().take(10) {
+            let c = &cases[k];
+            writeln!(
+                md,
+                "| {} | {} | {:.2} | {:.2} | {:.1} |",
+                c.setup,
+                c.group,
+                c.measured_us / 1e3,
+                c.predicted_us[i] / 1e3,
+                e[k]
+            )?;
+        }
+    }
+    writeln!(md, "\n## Profiling time, legion mode against fss mode\n")?;
+    writeln!(
+        md,
+        "Emulated clock: legion mode counts the slowest device's runs (devices profile in \
+         parallel) plus its link probes; fss counts every run of every group. Wall: this \
+         host, where all emulated devices share the cores.\n"
+    )?;
+    writeln!(
+        md,
+        "| setup | legion s (emulated) | fss s (emulated) | fss / legion | legion wall s | fss wall s |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+    for t in timings {
+        writeln!(
+            md,
+            "| {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
+            t.setup,
+            t.legion_us as f64 / 1e6,
+            t.fss_us as f64 / 1e6,
+            t.fss_us as f64 / t.legion_us.max(1) as f64,
+            t.legion_wall_us as f64 / 1e6,
+            t.fss_wall_us as f64 / 1e6
+        )?;
+    }
+    Ok(md)
+}
+
+/// The host's CPU model and core count.
+pub fn host() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {cores} cores")
+}
