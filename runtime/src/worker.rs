@@ -208,15 +208,24 @@ impl Worker {
         Ok(tile)
     }
 
-    /// Builds (once) and runs a tile; blocking, for `spawn_blocking`.
-    fn run_tile_blocking(&self, req: RunTileRequest) -> Result<RunTileReply, Status> {
-        let m = req
-            .model
-            .ok_or_else(|| Status::invalid_argument("RunTile without a model"))?;
-        let spec: TileSpec = serde_json::from_slice(&req.tile_spec_json)
+    /// The model and the checked TileSpec of a RunTile or ProfileStage request.
+    fn tile_request(
+        &self,
+        call: &str,
+        model: Option<ModelRef>,
+        spec_json: &[u8],
+    ) -> Result<(ModelRef, Arc<Ir>, TileSpec), Status> {
+        let m = model.ok_or_else(|| Status::invalid_argument(format!("{call} without a model")))?;
+        let spec: TileSpec = serde_json::from_slice(spec_json)
             .map_err(|e| Status::invalid_argument(format!("bad TileSpec JSON: {e}")))?;
         let ir = self.model(&m)?;
         validate(&ir, &spec)?;
+        Ok((m, ir, spec))
+    }
+
+    /// Builds (once) and runs a tile; blocking, for `spawn_blocking`.
+    fn run_tile_blocking(&self, req: RunTileRequest) -> Result<RunTileReply, Status> {
+        let (m, ir, spec) = self.tile_request("RunTile", req.model, &req.tile_spec_json)?;
         let inputs = strips(&ir, &spec, &req.inputs)?;
         let tile = self.tile(&m, &ir, &spec)?;
         let (outputs, host, device) = self.config.compute.run(|| tile.run(inputs))?;
@@ -236,19 +245,13 @@ impl Worker {
 
     /// Runs a tile `runs` times (after a warm-up run) on made-up inputs; blocking.
     fn profile_blocking(&self, req: ProfileStageRequest) -> Result<ProfileStageReply, Status> {
-        let m = req
-            .model
-            .ok_or_else(|| Status::invalid_argument("ProfileStage without a model"))?;
-        let spec: TileSpec = serde_json::from_slice(&req.tile_spec_json)
-            .map_err(|e| Status::invalid_argument(format!("bad TileSpec JSON: {e}")))?;
         if req.runs == 0 || req.runs > 1000 {
             return Err(Status::invalid_argument(format!(
                 "runs must be 1..=1000, got {}",
                 req.runs
             )));
         }
-        let ir = self.model(&m)?;
-        validate(&ir, &spec)?;
+        let (_, ir, spec) = self.tile_request("ProfileStage", req.model, &req.tile_spec_json)?;
         let inputs: Vec<Tensor> = spec
             .inputs
             .iter()

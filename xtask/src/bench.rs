@@ -199,6 +199,7 @@ fn partition() -> Result<String> {
     Ok(out)
 }
 
+/// The host's CPU model and core count.
 fn host() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -201,7 +201,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
          VGG: all groups. Errors are |predicted - measured| / measured.\n",
         opts.runs
     )?;
-    writeln!(md, "Host: {}\n", host())?;
+    writeln!(md, "Host: {}\n", super::host())?;
     writeln!(md, "## Accuracy over all {} groups\n", cases.len())?;
     writeln!(
         md,
@@ -286,19 +286,4 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         )?;
     }
     Ok(md)
-}
-
-/// The host's CPU model and core count.
-pub fn host() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{model}, {cores} cores")
 }
