@@ -1,7 +1,9 @@
 //! `legion`: compile a CNN into a plan that runs one inference across several edge boards.
 
 mod cluster;
+mod compile;
 mod inspect;
+mod plan;
 mod predict;
 mod profile;
 mod split;
@@ -36,6 +38,10 @@ enum Command {
     Profile(profile::Args),
     /// Predicted times of candidate groups from a profile.
     Predict(predict::Args),
+    /// Pick the fused groups and their devices, and write the plan (JSON).
+    Compile(compile::Args),
+    /// Work with plans: `plan validate`.
+    Plan(plan::Args),
 }
 
 /// Exit code for bad input (a model that cannot be imported, a bad argument).
@@ -74,6 +80,8 @@ fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(&args),
         Command::Profile(args) => profile::run(&args),
         Command::Predict(args) => predict::run(&args),
+        Command::Compile(args) => compile::run(&args),
+        Command::Plan(args) => plan::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

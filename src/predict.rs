@@ -4,10 +4,10 @@ use crate::{BadArgument, ModelArgs};
 use anyhow::{Context, Result};
 use legion_cost::{CostModel, DevicePrediction, Predictor};
 use legion_ir::StageId;
-use legion_partition::candidate_groups;
+use legion_partition::{Group, candidate_groups};
 use legion_plan::{Cluster, Profile};
 use std::fmt::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -34,25 +34,7 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let predictor: Predictor = args.predictor.parse().map_err(BadArgument)?;
     let cluster = Cluster::load(&args.cluster)?;
-    let text = std::fs::read_to_string(&args.profile).map_err(|e| {
-        BadArgument(format!(
-            "{}: cannot read the profile: {e}",
-            args.profile.display()
-        ))
-    })?;
-    let profile = Profile::from_json(&text)
-        .map_err(|e| BadArgument(format!("{}: {e}", args.profile.display())))?;
-    let names: Vec<&str> = cluster.devices.iter().map(|d| d.name.as_str()).collect();
-    let profiled: Vec<&str> = profile.devices.iter().map(|d| d.name.as_str()).collect();
-    if names != profiled {
-        return Err(BadArgument(format!(
-            "{} lists devices {names:?} but the profile {} was measured on {profiled:?}; \
-             profile this cluster",
-            args.cluster.display(),
-            args.profile.display()
-        ))
-        .into());
-    }
+    let profile = load_profile(&args.profile, &cluster, &args.cluster)?;
     let ir = args.model.import()?;
     let model = CostModel::new(&ir, &profile)
         .map_err(|e| BadArgument(format!("{}: {e:#}", args.profile.display())))?;
@@ -113,7 +95,7 @@ pub fn run(args: &Args) -> Result<()> {
                 model.device_name(fastest)
             )?;
             for s in barriers {
-                let d = model.predict_whole(s, fastest)?;
+                let d = model.predict_one(Group { first: s, last: s }, fastest);
                 writeln!(
                     out,
                     "{:<10} {:>6} {:>8} {:>13.3}",
@@ -145,4 +127,24 @@ fn device_line(out: &mut String, model: &CostModel, d: &DevicePrediction) -> Res
         d.total_us / 1e3
     )?;
     Ok(())
+}
+
+/// Reads a profile and checks it was measured on `cluster`'s devices.
+pub(crate) fn load_profile(path: &Path, cluster: &Cluster, cluster_path: &Path) -> Result<Profile> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadArgument(format!("{}: cannot read the profile: {e}", path.display())))?;
+    let profile =
+        Profile::from_json(&text).map_err(|e| BadArgument(format!("{}: {e}", path.display())))?;
+    let names: Vec<&str> = cluster.devices.iter().map(|d| d.name.as_str()).collect();
+    let profiled: Vec<&str> = profile.devices.iter().map(|d| d.name.as_str()).collect();
+    if names != profiled {
+        return Err(BadArgument(format!(
+            "{} lists devices {names:?} but the profile {} was measured on {profiled:?}; \
+             profile this cluster",
+            cluster_path.display(),
+            path.display()
+        ))
+        .into());
+    }
+    Ok(profile)
 }

@@ -15,11 +15,13 @@ mod wire;
 mod worker;
 
 mod coordinator;
+mod execute;
 mod local;
 mod tensors;
 
 pub use client::{DEFAULT_TIMEOUT, ModelId, TileRun, WorkerClient};
 pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator, StepTile};
+pub use execute::{PlanRun, run_candidate};
 pub use local::{LocalCluster, default_cache_dir, local_cluster};
 pub use tensors::Tensors;
 pub use wire::sha256_hex;

@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_partition::{Group, strips_from_weights, tile};
-use legion_runtime::{Reference, Tile};
+use legion_plan::{Cluster, Profile, ProfileMode};
+use legion_profile::{ProfileOptions, profile};
+use legion_runtime::{Coordinator, LocalCluster, Reference, Tile, default_cache_dir};
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use tract_onnx::prelude::Tensor;
 
 mod accuracy;
 mod calibration;
+mod compile;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,7 +32,8 @@ pub struct Args {
     /// accuracy: timed runs per measurement.
     #[arg(long, default_value_t = 3)]
     runs: u32,
-    /// accuracy: reuse the profiles kept under target/bench-profiles by an earlier run.
+    /// accuracy, compile: reuse the profiles kept under target/bench-profiles by an
+    /// earlier run.
     #[arg(long)]
     reuse: bool,
 }
@@ -43,12 +47,16 @@ enum Bench {
     /// Predicted against FSS-measured group times on emulated clusters, and the
     /// profiling time of both modes.
     Accuracy,
+    /// Compile time given a profile: cost table, egg against the dynamic program,
+    /// codegen.
+    Compile,
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let (name, table) = match args.what {
         Bench::Partition => ("partition", partition()?),
         Bench::Calibration => ("calibration", calibration::calibration()?),
+        Bench::Compile => ("compile", compile::run(args.reuse)?),
         Bench::Accuracy => (
             "accuracy",
             accuracy::run(&accuracy::Options {
@@ -70,6 +78,61 @@ pub fn run(args: &Args) -> Result<()> {
     print!("{table}");
     eprintln!("written {}", out.display());
     Ok(())
+}
+
+/// A profile of `model` on the testdata cluster `cluster_name` in `mode`, measured on a
+/// local emulated cluster started here, or read back from target/bench-profiles when
+/// `reuse` is set and a profile of this model is kept there.
+fn kept_profile(
+    cluster_name: &str,
+    model: &str,
+    ir: &Ir,
+    mode: ProfileMode,
+    runs: u32,
+    max_group_len: Option<usize>,
+    reuse: bool,
+) -> Result<Profile> {
+    let setup = format!("{cluster_name}-{model}");
+    let tag = match mode {
+        ProfileMode::Legion => "legion",
+        ProfileMode::Fss => "fss",
+    };
+    let path = legion_models::workspace_root()
+        .join("target/bench-profiles")
+        .join(format!("{setup}-{tag}.json"));
+    if reuse && path.exists() {
+        let p = Profile::from_json(&std::fs::read_to_string(&path)?).map_err(anyhow::Error::msg)?;
+        if p.model_sha256 == ir.sha256 {
+            eprintln!("{setup}: reusing {}", path.display());
+            return Ok(p);
+        }
+    }
+    let file = legion_models::workspace_root()
+        .join("testdata/clusters")
+        .join(format!("{cluster_name}.toml"));
+    let mut cluster = Cluster::load(&file)?;
+    for d in &mut cluster.devices {
+        d.address = "127.0.0.1:0".into();
+    }
+    let local = LocalCluster::start(&cluster, default_cache_dir())?;
+    let onnx = std::fs::read(legion_models::test_model(model)?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let profile = rt.block_on(async {
+        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
+        coord.upload(&onnx, &ir.input.shape).await?;
+        eprintln!("{setup}: profiling in {tag} mode");
+        let opts = ProfileOptions {
+            mode,
+            runs,
+            max_group_len,
+            progress: true,
+        };
+        profile(&coord, ir, &opts).await
+    })?;
+    drop(local);
+    std::fs::create_dir_all(path.parent().expect("a directory"))?;
+    std::fs::write(&path, profile.to_json())?;
+    Ok(profile)
 }
 
 fn load(name: &str) -> Result<Ir> {

@@ -1,14 +1,17 @@
 //! Legion's file formats: the tile program a worker runs ([`TileSpec`]), the cluster
 //! file that names the devices ([`Cluster`]), the profile measured on them
-//! ([`Profile`]) and the timings the runtime reports ([`StepTiming`]).
+//! ([`Profile`]), the plan compiled for them ([`Plan`]) and the timings the runtime
+//! reports ([`StepTiming`]).
 
 mod cluster;
 pub mod network;
+mod plan;
 mod profile;
 mod tile;
 mod timing;
 
 pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, Link};
+pub use plan::{Candidate, DeviceProgram, PLAN_VERSION, Plan, PlanGroup, PlanTile, Step};
 pub use profile::{
     DeviceProfile, GroupMeasurement, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
     StageProfile,

@@ -19,7 +19,7 @@ pub use fit::{Affine, interpolate, least_squares};
 
 use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_partition::{DeviceTile, Group, rebalance, tile};
+use legion_partition::{DeviceTile, Group, boundary, rebalance, tile};
 use legion_plan::network::{Flow, arrival_times};
 use legion_plan::{Link, Profile, ProfileMode};
 use serde::Serialize;
@@ -366,25 +366,39 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    /// The predicted time of barrier (or any) stage `s` run whole on device `d`: its
-    /// measured whole-stage time (interpolated at its height for a splittable stage)
-    /// plus its inputs sent and its output received.
-    pub fn predict_whole(&self, s: StageId, d: usize) -> Result<DevicePrediction> {
-        let stage = self.ir.stage(s);
+    /// The predicted time of the stages of `group` run whole on device `d` (barriers
+    /// allowed: nothing is split): each stage's measured whole-stage time (interpolated
+    /// at its height for a splittable stage), the tensors entering the group sent whole
+    /// and the tensors leaving it received whole. The same for every predictor.
+    pub fn predict_one(&self, group: Group, d: usize) -> DevicePrediction {
         let all = |r: TensorRef| Rows::new(0, self.ir.tensor(r).height().unwrap_or(0));
-        let bytes_in: u64 = stage.inputs.iter().map(|r| self.bytes(*r, all(*r))).sum();
-        let out = TensorRef::Stage(s);
-        let compute = self.stage_time(d, s, stage.output.height().unwrap_or(0));
+        let (inputs, outputs) = boundary(self.ir, group);
+        let bytes_in: u64 = inputs.iter().map(|r| self.bytes(*r, all(*r))).sum();
+        let bytes_out: u64 = outputs
+            .iter()
+            .map(|s| {
+                let r = TensorRef::Stage(*s);
+                self.bytes(r, all(r))
+            })
+            .sum();
+        let compute_us: Vec<(StageId, f64)> = group
+            .stages()
+            .map(|s| {
+                let rows = self.ir.stage(s).output.height().unwrap_or(0);
+                (s, self.stage_time(d, s, rows))
+            })
+            .collect();
         let send_us = self.send[d].time_us(bytes_in);
-        let recv_us = self.recv[d].time_us(self.bytes(out, all(out)));
-        Ok(DevicePrediction {
+        let recv_us = self.recv[d].time_us(bytes_out);
+        let total_us = send_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + recv_us;
+        DevicePrediction {
             device: d,
-            strip: all(out),
+            strip: all(TensorRef::Stage(group.last)),
             send_us,
-            compute_us: vec![(s, compute)],
+            compute_us,
             recv_us,
-            total_us: send_us + compute + recv_us,
-        })
+            total_us,
+        }
     }
 
     /// Min-max shares of `group` over `devices` for `predictor` (DESIGN.md section 4):

@@ -387,52 +387,66 @@ fn device_tile(
 }
 
 /// The program that runs stage `s` whole on one device: every input whole, the stage's
-/// own padding, the whole output sent. Barrier stages run this way; so does any stage
-/// given to a single device.
+/// own padding, the whole output sent. Barrier stages run this way.
 pub fn whole_stage(ir: &Ir, s: StageId) -> TileSpec {
-    let stage = ir.stage(s);
+    whole_group(ir, Group { first: s, last: s })
+}
+
+/// The program that runs the stages of `group` whole on one device: every tensor
+/// entering the group whole, each stage with its own padding, every tensor leaving the
+/// group whole. Barrier stages may be inside: nothing is split.
+pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
     let all = |h: Option<usize>| Rows::new(0, h.unwrap_or(0));
-    let computed = all(stage.output.height());
-    let reads = stage
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
-            let height = stage.input_shapes[i].height();
-            match (stage.kind.window(), height, computed.is_empty()) {
-                (Some(w), Some(h), false) => {
-                    let r = window_rows(w, computed, h);
-                    TileRead {
-                        rows: r.rows,
-                        pad_top: r.pad_top,
-                        pad_bottom: r.pad_bottom,
+    let (inputs, outputs) = boundary(ir, group);
+    let stages = group
+        .stages()
+        .map(|s| {
+            let stage = ir.stage(s);
+            let computed = all(stage.output.height());
+            let reads = stage
+                .input_shapes
+                .iter()
+                .map(|shape| {
+                    let height = shape.height();
+                    match (stage.kind.window(), height, computed.is_empty()) {
+                        (Some(w), Some(h), false) => {
+                            let r = window_rows(w, computed, h);
+                            TileRead {
+                                rows: r.rows,
+                                pad_top: r.pad_top,
+                                pad_bottom: r.pad_bottom,
+                            }
+                        }
+                        _ => TileRead {
+                            rows: all(height),
+                            pad_top: 0,
+                            pad_bottom: 0,
+                        },
                     }
-                }
-                _ => TileRead {
-                    rows: all(height),
-                    pad_top: 0,
-                    pad_bottom: 0,
-                },
+                })
+                .collect();
+            TileStage {
+                stage: s,
+                computed,
+                reads,
             }
         })
         .collect();
     TileSpec {
-        inputs: stage
-            .inputs
-            .iter()
-            .map(|&tensor| TileInput {
+        inputs: inputs
+            .into_iter()
+            .map(|tensor| TileInput {
                 tensor,
                 rows: all(ir.tensor(tensor).height()),
             })
             .collect(),
-        stages: vec![TileStage {
-            stage: s,
-            computed,
-            reads,
-        }],
-        outputs: vec![TileOutput {
-            stage: s,
-            rows: computed,
-        }],
+        stages,
+        outputs: outputs
+            .into_iter()
+            .map(|stage| TileOutput {
+                stage,
+                rows: all(ir.stage(stage).output.height()),
+            })
+            .collect(),
     }
 }

@@ -6,12 +6,8 @@ use anyhow::{Context, Result, bail};
 use legion_cost::{CostModel, Predictor};
 use legion_ir::Ir;
 use legion_partition::{Group, check_group};
-use legion_plan::{Cluster, Profile, ProfileMode};
-use legion_profile::{ProfileOptions, profile};
-use legion_runtime::{Coordinator, LocalCluster, default_cache_dir};
+use legion_plan::{Profile, ProfileMode};
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Clusters of the benchmark (files under testdata/clusters).
 pub const CLUSTERS: [&str; 3] = ["firefly-x6", "odroid-x3", "3f3o"];
@@ -49,71 +45,28 @@ struct Timing {
     groups: usize,
 }
 
-fn profile_path(setup: &str, mode: &str) -> PathBuf {
-    legion_models::workspace_root()
-        .join("target/bench-profiles")
-        .join(format!("{setup}-{mode}.json"))
-}
-
 /// Profiles `model` on `cluster` in both modes (or reads the profiles kept earlier).
 fn profiles(cluster_name: &str, model: &str, opts: &Options) -> Result<(Ir, Profile, Profile)> {
-    let setup = format!("{cluster_name}-{model}");
-    let path = legion_models::test_model(model)?;
-    let ir = legion_ir::import(&path, None)?;
-    let (lp, fp) = (profile_path(&setup, "legion"), profile_path(&setup, "fss"));
-    if opts.reuse && lp.exists() && fp.exists() {
-        let read = |p: &Path| -> Result<Profile> {
-            Profile::from_json(&std::fs::read_to_string(p)?).map_err(anyhow::Error::msg)
-        };
-        let (l, f) = (read(&lp)?, read(&fp)?);
-        if l.model_sha256 == ir.sha256 && f.model_sha256 == ir.sha256 {
-            eprintln!("{setup}: reusing {} and {}", lp.display(), fp.display());
-            return Ok((ir, l, f));
-        }
-    }
-    let file = legion_models::workspace_root()
-        .join("testdata/clusters")
-        .join(format!("{cluster_name}.toml"));
-    let mut cluster = Cluster::load(&file)?;
-    for d in &mut cluster.devices {
-        d.address = "127.0.0.1:0".into();
-    }
-    let local = LocalCluster::start(&cluster, default_cache_dir())?;
-    let onnx = std::fs::read(&path)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let (legion, fss) = rt.block_on(async {
-        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
-        coord.upload(&onnx, &ir.input.shape).await?;
-        eprintln!("{setup}: profiling in legion mode");
-        let legion = profile(
-            &coord,
-            &ir,
-            &ProfileOptions {
-                mode: ProfileMode::Legion,
-                runs: opts.runs,
-                max_group_len: None,
-                progress: true,
-            },
-        )
-        .await?;
-        eprintln!("{setup}: profiling in fss mode");
-        let fss = profile(
-            &coord,
-            &ir,
-            &ProfileOptions {
-                mode: ProfileMode::Fss,
-                runs: opts.runs,
-                max_group_len: (model == "yolov2").then_some(YOLO_MAX_GROUP_LEN),
-                progress: true,
-            },
-        )
-        .await?;
-        anyhow::Ok((legion, fss))
-    })?;
-    drop(local);
-    std::fs::create_dir_all(lp.parent().expect("a directory"))?;
-    std::fs::write(&lp, legion.to_json())?;
-    std::fs::write(&fp, fss.to_json())?;
+    let ir = super::load(model)?;
+    let legion = super::kept_profile(
+        cluster_name,
+        model,
+        &ir,
+        ProfileMode::Legion,
+        opts.runs,
+        None,
+        opts.reuse,
+    )?;
+    let max_len = (model == "yolov2").then_some(YOLO_MAX_GROUP_LEN);
+    let fss = super::kept_profile(
+        cluster_name,
+        model,
+        &ir,
+        ProfileMode::Fss,
+        opts.runs,
+        max_len,
+        opts.reuse,
+    )?;
     Ok((ir, legion, fss))
 }
 
@@ -193,12 +146,15 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(md, "# Predicted vs measured group times\n")?;
     writeln!(
         md,
-        "Measured by `cargo xtask bench accuracy` (runs per measurement: {}), on emulated \
+        "Measured by `cargo xtask bench accuracy --clusters {} --models {}` (runs per \
+         measurement: {}; profiles kept under target/bench-profiles), on emulated \
          clusters started in-process (testdata/clusters; compute measured on this host \
          and scaled to the boards, links modelled). Every group FSS measured is predicted \
          from the legion-mode profile at the strips FSS ran it with (devices' shares \
          proportional to their rates). YOLOv2: groups up to {YOLO_MAX_GROUP_LEN} stages; \
          VGG: all groups. Errors are |predicted - measured| / measured.\n",
+        opts.clusters.join(","),
+        opts.models.join(","),
         opts.runs
     )?;
     writeln!(md, "Host: {}\n", super::host())?;

@@ -1,0 +1,260 @@
+//! Codegen pass: turns a fused-layer configuration (from the fusion pass) and the
+//! partition pass's tilings into a [`Candidate`] of a [`Plan`]: per group, each
+//! device's strip, halo, tile program (rows and pads) and predicted times; per device,
+//! its ordered program (receive strips, run the group's tile, send strips).
+//! [`validate`] checks a plan against its model and cluster by deriving it again.
+
+use anyhow::{Context, Result, bail, ensure};
+use legion_fusion::{CostTable, Flc};
+use legion_ir::{Ir, Rows};
+use legion_partition::{Group, check_group, tile, whole_group};
+use legion_plan::{Candidate, DeviceProgram, Plan, PlanGroup, PlanTile, Step};
+
+/// Rounds a time to whole microseconds for the plan.
+fn us(t: f64) -> u64 {
+    if t.is_finite() && t > 0.0 {
+        t.round() as u64
+    } else {
+        0
+    }
+}
+
+/// The candidate named `name` for `flc`, its groups costed by `table`; `devices` are
+/// the names of the table's devices, in its order.
+pub fn candidate(
+    ir: &Ir,
+    table: &CostTable,
+    devices: &[String],
+    name: &str,
+    flc: &Flc,
+) -> Result<Candidate> {
+    let mut groups = vec![];
+    for choice in &flc.groups {
+        let entry = table
+            .entry(*choice)
+            .with_context(|| format!("codegen: group {choice} is not a legal choice"))?;
+        let group = Group::new(choice.first, choice.last);
+        let specs: Vec<(usize, Rows, usize, legion_plan::TileSpec)> = if entry.whole {
+            let d = &entry.devices[0];
+            vec![(d.device, d.strip, 0, whole_group(ir, group))]
+        } else {
+            let cut: Vec<Rows> = entry.devices.iter().map(|d| d.strip).collect();
+            let tiling =
+                tile(ir, group, &cut).with_context(|| format!("codegen: tiling group {choice}"))?;
+            tiling
+                .devices
+                .iter()
+                .map(|t| {
+                    let halo = t.stages.iter().map(|s| s.halo_rows).sum();
+                    (entry.devices[t.device].device, t.strip, halo, t.spec())
+                })
+                .collect()
+        };
+        let tiles = specs
+            .into_iter()
+            .map(|(d, strip, halo_rows, spec)| {
+                let cost = entry
+                    .devices
+                    .iter()
+                    .find(|c| c.device == d)
+                    .expect("a tiled device has a cost");
+                PlanTile {
+                    device: devices[d].clone(),
+                    strip,
+                    halo_rows,
+                    send_us: us(cost.send_us),
+                    compute_us: us(cost.compute_us),
+                    recv_us: us(cost.recv_us),
+                    tile: spec,
+                }
+            })
+            .collect();
+        groups.push(PlanGroup {
+            first: group.first,
+            last: group.last,
+            split: !entry.whole,
+            predicted_us: us(entry.cost.us()),
+            tiles,
+        });
+    }
+    let programs = programs(devices, &groups);
+    Ok(Candidate {
+        name: name.to_string(),
+        predicted_us: us(flc.cost.us()),
+        measured_us: None,
+        groups,
+        programs,
+    })
+}
+
+/// Per device (in `devices` order) that takes part in some group: receive, run, send
+/// for each of its groups in order.
+fn programs(devices: &[String], groups: &[PlanGroup]) -> Vec<DeviceProgram> {
+    devices
+        .iter()
+        .filter_map(|device| {
+            let steps: Vec<Step> = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, group)| {
+                    let t = group.tiles.iter().find(|t| &t.device == device)?;
+                    Some([
+                        Step::Receive {
+                            group: g,
+                            strips: t.tile.inputs.clone(),
+                        },
+                        Step::Run { group: g },
+                        Step::Send {
+                            group: g,
+                            strips: t.tile.outputs.clone(),
+                        },
+                    ])
+                })
+                .flatten()
+                .collect();
+            (!steps.is_empty()).then(|| DeviceProgram {
+                device: device.clone(),
+                steps,
+            })
+        })
+        .collect()
+}
+
+/// Checks `plan` against `ir` and, when given, the cluster's device names: the model's
+/// hash, input shape and stage count; that every candidate's groups cover the stages in
+/// order; that every tile is exactly what the partition pass derives for its strips;
+/// that every device's program matches its tiles.
+pub fn validate(plan: &Plan, ir: &Ir, cluster_devices: Option<&[String]>) -> Result<()> {
+    ensure!(
+        plan.model_sha256 == ir.sha256,
+        "the plan is for model {}, not for this model ({}); compile this model",
+        plan.model_sha256,
+        ir.sha256
+    );
+    ensure!(
+        plan.input_shape == ir.input.shape,
+        "the plan is for input shape {:?}, the model's is {:?}",
+        plan.input_shape,
+        ir.input.shape
+    );
+    ensure!(
+        plan.stages == ir.stages.len(),
+        "the plan covers {} stages, the model has {}",
+        plan.stages,
+        ir.stages.len()
+    );
+    if let Some(names) = cluster_devices {
+        ensure!(
+            plan.devices == names,
+            "the plan is for devices {:?}, the cluster file has {:?}; compile for this cluster",
+            plan.devices,
+            names
+        );
+    }
+    ensure!(!plan.candidates.is_empty(), "the plan has no candidates");
+    ensure!(
+        plan.chosen < plan.candidates.len(),
+        "the plan chooses candidate {} of {}",
+        plan.chosen,
+        plan.candidates.len()
+    );
+    for c in &plan.candidates {
+        validate_candidate(plan, ir, c).with_context(|| format!("candidate {}", c.name))?;
+    }
+    Ok(())
+}
+
+fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
+    let mut next = 0;
+    for (g, group) in c.groups.iter().enumerate() {
+        let (first, last) = (group.first.index(), group.last.index());
+        ensure!(
+            first == next && first <= last && last < ir.stages.len(),
+            "group {g} ({first}..{last}) does not start where the previous one ended ({next})"
+        );
+        next = last + 1;
+        let range = Group::new(first, last);
+        for t in &group.tiles {
+            ensure!(
+                plan.devices.contains(&t.device),
+                "group {g} runs on device {}, which is not in the plan's devices",
+                t.device
+            );
+        }
+        let mut names: Vec<&String> = group.tiles.iter().map(|t| &t.device).collect();
+        names.sort();
+        names.dedup();
+        ensure!(
+            names.len() == group.tiles.len(),
+            "group {g} lists a device twice"
+        );
+        if group.split {
+            check_group(ir, first, last).with_context(|| format!("group {g}"))?;
+            let cut: Vec<Rows> = group.tiles.iter().map(|t| t.strip).collect();
+            let tiling = tile(ir, range, &cut).with_context(|| format!("group {g}"))?;
+            ensure!(
+                tiling.devices.len() == group.tiles.len(),
+                "group {g}: a device has an empty strip"
+            );
+            for (t, want) in group.tiles.iter().zip(&tiling.devices) {
+                if t.tile != want.spec() {
+                    bail!(
+                        "group {g}: the tile of device {} is not the one its strip {} needs",
+                        t.device,
+                        t.strip
+                    );
+                }
+            }
+        } else {
+            ensure!(
+                group.tiles.len() == 1,
+                "group {g} runs whole, so on exactly one device, not {}",
+                group.tiles.len()
+            );
+            ensure!(
+                group.tiles[0].tile == whole_group(ir, range),
+                "group {g}: the tile on device {} is not the group run whole",
+                group.tiles[0].device
+            );
+        }
+    }
+    ensure!(
+        next == ir.stages.len(),
+        "the groups end at stage {next}, the model has {} stages",
+        ir.stages.len()
+    );
+    ensure!(
+        c.programs == programs(&plan.devices, &c.groups),
+        "the device programs do not match the groups' tiles"
+    );
+    Ok(())
+}
+
+/// The choice of a candidate, as the plan records it.
+pub struct Chosen {
+    /// Index into the candidates.
+    pub index: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// Assembles a plan.
+pub fn plan(
+    ir: &Ir,
+    devices: &[String],
+    costed_by: &str,
+    candidates: Vec<Candidate>,
+    chosen: Chosen,
+) -> Plan {
+    Plan {
+        version: legion_plan::PLAN_VERSION,
+        model_sha256: ir.sha256.clone(),
+        input_shape: ir.input.shape.clone(),
+        stages: ir.stages.len(),
+        devices: devices.to_vec(),
+        costed_by: costed_by.to_string(),
+        candidates,
+        chosen: chosen.index,
+        reason: chosen.reason,
+    }
+}

@@ -1,0 +1,95 @@
+//! Fusion pass: picks the fused-layer configuration (FLC) of a model on a cluster
+//! (DESIGN.md section 6).
+//!
+//! On entry: a [`GroupCosts`] table, the cost of every candidate group `first..=last`
+//! for every device option (1 = the best single device, which may run barrier stages
+//! and whole runs of stages; `k >= 2` = the `k` fastest devices splitting the group's
+//! rows), with [`Cost::INFINITY`] for an illegal choice. [`CostTable`] builds one from
+//! the cost pass's predictions or from an FSS profile's measurements.
+//!
+//! On exit: an [`Flc`], groups covering the stages in order, each with its device
+//! option, and its total cost. [`search_egg`] finds it with an e-graph (the rules are in
+//! `rules.rs`), [`search_dp`] with a shortest-path dynamic program over the same costs;
+//! both reach the same optimum. [`wild_card`] merges the adjacent pair of groups that
+//! raises the cost least.
+
+mod cost;
+mod dp;
+mod rules;
+mod table;
+mod wildcard;
+
+pub use cost::Cost;
+pub use dp::search_dp;
+pub use rules::{EggStats, Fused, Fusion, search_egg};
+pub use table::{CostTable, DeviceCost, Entry, Legality, device_order};
+pub use wildcard::{WildCard, wild_card};
+
+use std::fmt;
+
+/// The cost of every candidate group under every device option.
+pub trait GroupCosts {
+    /// Stages of the model, in topological order.
+    fn stages(&self) -> usize;
+    /// Device options: 1 ..= this.
+    fn options(&self) -> usize;
+    /// The cost of stages `first..=last` under device option `devices`;
+    /// [`Cost::INFINITY`] when illegal.
+    fn cost(&self, first: usize, last: usize, devices: usize) -> Cost;
+}
+
+/// One group of an FLC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Choice {
+    /// First stage.
+    pub first: usize,
+    /// Last stage.
+    pub last: usize,
+    /// Device option: 1 = the best single device, `k` = the `k` fastest.
+    pub devices: usize,
+}
+
+impl fmt::Display for Choice {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}..{} x{}", self.first, self.last, self.devices)
+    }
+}
+
+/// A fused-layer configuration: groups covering stages `0..n` in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flc {
+    /// The groups, in stage order.
+    pub groups: Vec<Choice>,
+    /// The sum of their costs.
+    pub cost: Cost,
+}
+
+impl Flc {
+    /// Builds an FLC from its groups, costed by `table`.
+    pub fn new(table: &impl GroupCosts, groups: Vec<Choice>) -> Flc {
+        let cost = groups.iter().fold(Cost::ZERO, |sum, g| {
+            sum + table.cost(g.first, g.last, g.devices)
+        });
+        Flc { groups, cost }
+    }
+
+    /// True when the groups cover `0..stages` in order with legal choices.
+    pub fn is_valid(&self, table: &impl GroupCosts) -> bool {
+        let mut next = 0;
+        for g in &self.groups {
+            if g.first != next || g.last < g.first || g.devices == 0 || g.devices > table.options()
+            {
+                return false;
+            }
+            next = g.last + 1;
+        }
+        next == table.stages() && self.cost.is_finite()
+    }
+}
+
+impl fmt::Display for Flc {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let groups: Vec<String> = self.groups.iter().map(Choice::to_string).collect();
+        write!(f, "[{}] {}", groups.join(", "), self.cost)
+    }
+}

@@ -1,0 +1,412 @@
+//! The e-graph search (DESIGN.md section 6). An e-class stands for a run of stages
+//! `first..=last` computed in some way; the analysis records that span. The start is
+//! the unfused chain `(seq g0 (seq g1 (... g(n-1))))` with every legal device option of
+//! every single stage; two one-way rules in suffix form fuse adjacent groups, adding
+//! every legal device option of the fused group; extraction reads the cost table.
+//!
+//! Rules (a fused group gets every device option that makes it legal; a span with none
+//! gets the infinite placeholder `x0`, so longer legal groups stay reachable):
+//!
+//! | name        | law                                              |
+//! |-------------|--------------------------------------------------|
+//! | `fuse-head` | `(seq ?a (seq ?b ?rest)) => (seq (g a..b) ?rest)` |
+//! | `fuse-tail` | `(seq ?a ?b) => (g a..b)`, when `?b` holds a group |
+//!
+//! The associativity form `(seq a (seq b c)) <=> (seq (seq a b) c)` is never used: it
+//! grows O(n^3) nodes.
+
+use crate::{Choice, Cost, Flc, GroupCosts};
+use anyhow::{Result, bail};
+use egg::{
+    Analysis, Applier, CostFunction, DidMerge, EGraph, Extractor, Id, Language, PatternAst,
+    RecExpr, Rewrite, Runner, SimpleScheduler, StopReason, Subst, Symbol, Var, define_language,
+    rewrite,
+};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A group: stages `first..=last` under a device option, written `g3-7x2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fused(pub Choice);
+
+impl fmt::Display for Fused {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "g{}-{}x{}", self.0.first, self.0.last, self.0.devices)
+    }
+}
+
+impl FromStr for Fused {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fused, String> {
+        let bad = || format!("`{s}` is not a group like g3-7x2");
+        let rest = s.strip_prefix('g').ok_or_else(bad)?;
+        let (span, devices) = rest.split_once('x').ok_or_else(bad)?;
+        let (first, last) = span.split_once('-').ok_or_else(bad)?;
+        let num = |t: &str| t.parse::<usize>().map_err(|_| bad());
+        Ok(Fused(Choice {
+            first: num(first)?,
+            last: num(last)?,
+            devices: num(devices)?,
+        }))
+    }
+}
+
+define_language! {
+    /// FLCs as terms: `(seq group rest)` and group leaves.
+    pub enum Fusion {
+        "seq" = Seq([Id; 2]),
+        Group(Fused),
+    }
+}
+
+type FusionGraph = EGraph<Fusion, Spans>;
+
+/// The analysis: every e-class's span of stages, plus the legal device options of
+/// every span (a bit per option) for the rules' conditions.
+#[derive(Default)]
+struct Spans {
+    /// `legal[first][last - first]`: bit `k` set when option `k` is legal.
+    legal: Vec<Vec<u64>>,
+}
+
+impl Spans {
+    fn options(&self, first: usize, last: usize) -> impl Iterator<Item = usize> + use<> {
+        let mask = self.legal[first][last - first];
+        (1..64).filter(move |k| mask & (1 << k) != 0)
+    }
+}
+
+impl Analysis<Fusion> for Spans {
+    type Data = (usize, usize);
+
+    fn make(egraph: &mut FusionGraph, enode: &Fusion, _id: Id) -> (usize, usize) {
+        match enode {
+            Fusion::Group(Fused(c)) => (c.first, c.last),
+            Fusion::Seq([a, b]) => (egraph[*a].data.0, egraph[*b].data.1),
+        }
+    }
+
+    fn merge(&mut self, to: &mut (usize, usize), from: (usize, usize)) -> DidMerge {
+        assert_eq!(*to, from, "only equal spans of stages are ever merged");
+        DidMerge(false, false)
+    }
+}
+
+/// Adds every legal option of `first..=last` into one e-class. A span no option makes
+/// legal gets the placeholder `x0` instead, which costs infinity: it is never
+/// extracted, but longer legal groups built from it stay reachable (legality is not
+/// monotone: a halo or memory limit can fail for a short group and pass for a longer
+/// one whose shares differ).
+fn add_group(egraph: &mut FusionGraph, first: usize, last: usize) -> Id {
+    let mut options: Vec<usize> = egraph.analysis.options(first, last).collect();
+    if options.is_empty() {
+        options.push(0);
+    }
+    let mut class: Option<Id> = None;
+    for devices in options {
+        let id = egraph.add(Fusion::Group(Fused(Choice {
+            first,
+            last,
+            devices,
+        })));
+        class = Some(match class {
+            Some(c) => {
+                egraph.union(c, id);
+                egraph.find(c)
+            }
+            None => id,
+        });
+    }
+    class.expect("at least one node")
+}
+
+/// `fuse-head`: `(seq ?a (seq ?b ?rest)) => (seq (g a..b) ?rest)`.
+struct FuseHead {
+    a: Var,
+    b: Var,
+    rest: Var,
+}
+
+impl Applier<Fusion, Spans> for FuseHead {
+    fn apply_one(
+        &self,
+        egraph: &mut FusionGraph,
+        matched: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Fusion>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (first, last) = (egraph[subst[self.a]].data.0, egraph[subst[self.b]].data.1);
+        let group = add_group(egraph, first, last);
+        let seq = egraph.add(Fusion::Seq([group, subst[self.rest]]));
+        if egraph.union(matched, seq) {
+            vec![seq]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// `fuse-tail`: `(seq ?a ?b) => (g a..b)` when `?b` holds a group.
+struct FuseTail {
+    a: Var,
+    b: Var,
+}
+
+impl Applier<Fusion, Spans> for FuseTail {
+    fn apply_one(
+        &self,
+        egraph: &mut FusionGraph,
+        matched: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Fusion>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let holds_group = egraph[subst[self.b]]
+            .nodes
+            .iter()
+            .any(|n| matches!(n, Fusion::Group(_)));
+        if !holds_group {
+            return vec![];
+        }
+        let (first, last) = (egraph[subst[self.a]].data.0, egraph[subst[self.b]].data.1);
+        let group = add_group(egraph, first, last);
+        if egraph.union(matched, group) {
+            vec![group]
+        } else {
+            vec![]
+        }
+    }
+}
+
+fn var(name: &str) -> Var {
+    name.parse().expect("a pattern variable")
+}
+
+/// The rules, one way each.
+fn rules() -> Vec<Rewrite<Fusion, Spans>> {
+    let (a, b, rest) = (var("?a"), var("?b"), var("?rest"));
+    vec![
+        rewrite!("fuse-head"; "(seq ?a (seq ?b ?rest))" => { FuseHead { a, b, rest } }),
+        rewrite!("fuse-tail"; "(seq ?a ?b)"             => { FuseTail { a, b } }),
+    ]
+}
+
+/// Extraction cost: a group's cost from the table; a sequence adds its parts.
+struct TableCost<'a, T>(&'a T);
+
+impl<T: GroupCosts> CostFunction<Fusion> for TableCost<'_, T> {
+    type Cost = Cost;
+    fn cost<C>(&mut self, enode: &Fusion, mut costs: C) -> Cost
+    where
+        C: FnMut(Id) -> Cost,
+    {
+        match enode {
+            Fusion::Seq([a, b]) => costs(*a) + costs(*b),
+            Fusion::Group(Fused(c)) if c.devices == 0 => Cost::INFINITY,
+            Fusion::Group(Fused(c)) => self.0.cost(c.first, c.last, c.devices),
+        }
+    }
+}
+
+/// What the e-graph search did.
+#[derive(Clone, Debug)]
+pub struct EggStats {
+    /// Rule iterations until saturation.
+    pub iterations: usize,
+    /// E-nodes at the end.
+    pub nodes: usize,
+    /// E-classes at the end.
+    pub classes: usize,
+}
+
+/// Limits raised well above egg's defaults (10k nodes): the suffix form holds
+/// O(n^2 * options) nodes.
+const NODE_LIMIT: usize = 5_000_000;
+const ITER_LIMIT: usize = 100_000;
+const TIME_LIMIT: Duration = Duration::from_secs(600);
+
+/// The cheapest FLC found by saturating the e-graph and extracting once.
+pub fn search_egg(table: &impl GroupCosts) -> Result<(Flc, EggStats)> {
+    let n = table.stages();
+    if n == 0 {
+        bail!("the model has no stages");
+    }
+    if table.options() >= 64 {
+        bail!("at most 63 device options are supported");
+    }
+    let legal = (0..n)
+        .map(|first| {
+            (first..n)
+                .map(|last| {
+                    (1..=table.options())
+                        .filter(|&k| table.cost(first, last, k).is_finite())
+                        .fold(0u64, |m, k| m | 1 << k)
+                })
+                .collect()
+        })
+        .collect();
+    let mut egraph = FusionGraph::new(Spans { legal });
+    let mut chain: Option<Id> = None;
+    for s in (0..n).rev() {
+        if egraph.analysis.options(s, s).next().is_none() {
+            bail!("stage {s} fits no device under any option");
+        }
+        let group = add_group(&mut egraph, s, s);
+        chain = Some(match chain {
+            None => group,
+            Some(rest) => egraph.add(Fusion::Seq([group, rest])),
+        });
+    }
+    let root = chain.expect("at least one stage");
+    egraph.rebuild();
+    let runner = Runner::default()
+        .with_egraph(egraph)
+        .with_node_limit(NODE_LIMIT)
+        .with_iter_limit(ITER_LIMIT)
+        .with_time_limit(TIME_LIMIT)
+        .with_scheduler(SimpleScheduler)
+        .run(&rules());
+    match &runner.stop_reason {
+        Some(StopReason::Saturated) => {}
+        other => bail!("the e-graph search stopped before saturating: {other:?}"),
+    }
+    let stats = EggStats {
+        iterations: runner.iterations.len(),
+        nodes: runner.egraph.total_number_of_nodes(),
+        classes: runner.egraph.number_of_classes(),
+    };
+    let extractor = Extractor::new(&runner.egraph, TableCost(table));
+    let (cost, expr) = extractor.find_best(root);
+    if !cost.is_finite() {
+        bail!("no legal fused-layer configuration");
+    }
+    let flc = Flc {
+        groups: groups_of(&expr),
+        cost,
+    };
+    Ok((flc, stats))
+}
+
+/// The groups of an extracted term, in stage order.
+fn groups_of(expr: &RecExpr<Fusion>) -> Vec<Choice> {
+    fn walk(expr: &RecExpr<Fusion>, id: Id, out: &mut Vec<Choice>) {
+        match &expr[id] {
+            Fusion::Group(Fused(c)) => out.push(*c),
+            node => node.for_each(|child| walk(expr, child, out)),
+        }
+    }
+    let mut out = vec![];
+    let root = Id::from(expr.as_ref().len() - 1);
+    walk(expr, root, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cost table from a closure.
+    struct Table<F>(usize, usize, F);
+    impl<F: Fn(usize, usize, usize) -> Cost> GroupCosts for Table<F> {
+        fn stages(&self) -> usize {
+            self.0
+        }
+        fn options(&self) -> usize {
+            self.1
+        }
+        fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
+            (self.2)(first, last, devices)
+        }
+    }
+
+    fn c(first: usize, last: usize, devices: usize) -> Choice {
+        Choice {
+            first,
+            last,
+            devices,
+        }
+    }
+
+    #[test]
+    fn groups_print_and_parse() {
+        let g: Fused = "g3-7x2".parse().unwrap();
+        assert_eq!(g.0, c(3, 7, 2));
+        assert_eq!(g.to_string(), "g3-7x2");
+        assert!("g3x2".parse::<Fused>().is_err());
+        assert!("h3-7x2".parse::<Fused>().is_err());
+    }
+
+    /// fuse-head: `(seq g0 (seq g1 g2))` reaches `(seq g0-1 g2)` when fusing is cheaper.
+    #[test]
+    fn fuse_head_fuses_a_cheap_pair() {
+        let t = Table(3, 1, |f, l, _| match (f, l) {
+            (0, 1) => Cost::from_us(1.0),
+            (a, b) if a == b => Cost::from_us(10.0),
+            _ => Cost::INFINITY,
+        });
+        let (flc, stats) = search_egg(&t).unwrap();
+        assert_eq!(flc.groups, vec![c(0, 1, 1), c(2, 2, 1)]);
+        assert_eq!(flc.cost, Cost::from_us(11.0));
+        assert!(stats.iterations >= 1);
+    }
+
+    /// fuse-tail: `(seq g1 g2)` reaches `(g 1-2)`.
+    #[test]
+    fn fuse_tail_fuses_the_last_pair() {
+        let t = Table(3, 1, |f, l, _| match (f, l) {
+            (1, 2) => Cost::from_us(1.0),
+            (a, b) if a == b => Cost::from_us(10.0),
+            _ => Cost::INFINITY,
+        });
+        let (flc, _) = search_egg(&t).unwrap();
+        assert_eq!(flc.groups, vec![c(0, 0, 1), c(1, 2, 1)]);
+    }
+
+    /// An illegal fusion is never produced, however cheap it would be: stage 1 is a
+    /// barrier, so nothing spanning it is legal with 2 devices, and only option 1 exists
+    /// for it.
+    #[test]
+    fn illegal_fusions_are_never_found() {
+        let t = Table(3, 2, |f, l, k| {
+            let spans_barrier = f <= 1 && 1 <= l;
+            match (spans_barrier, k) {
+                (true, 2) => Cost::INFINITY,
+                (_, 2) => Cost::from_us(2.0),
+                (_, _) => Cost::from_us(5.0 * (l - f + 1) as f64),
+            }
+        });
+        let (flc, stats) = search_egg(&t).unwrap();
+        assert_eq!(flc.groups, vec![c(0, 0, 2), c(1, 1, 1), c(2, 2, 2)]);
+        assert_eq!(flc.cost, Cost::from_us(9.0));
+        assert!(stats.nodes > 0);
+    }
+
+    /// A legal group whose sub-groups are all illegal is still reached (through the
+    /// `x0` placeholders).
+    #[test]
+    fn a_legal_group_of_illegal_parts_is_reached() {
+        let t = Table(3, 1, |f, l, _| match (f, l) {
+            (0, 2) => Cost::from_us(1.0),
+            (a, b) if a == b => Cost::from_us(10.0),
+            _ => Cost::INFINITY,
+        });
+        let (flc, _) = search_egg(&t).unwrap();
+        assert_eq!(flc.groups, vec![c(0, 2, 1)]);
+    }
+
+    /// A stage with no legal option is an error naming the stage.
+    #[test]
+    fn a_stage_that_fits_nowhere_is_an_error() {
+        let t = Table(2, 1, |f, _, _| {
+            if f == 1 {
+                Cost::INFINITY
+            } else {
+                Cost::from_us(1.0)
+            }
+        });
+        let err = search_egg(&t).unwrap_err().to_string();
+        assert!(err.contains("stage 1 fits no device"), "{err}");
+    }
+}

@@ -1,0 +1,302 @@
+//! Cost tables: the cost of every candidate group under every device option, from the
+//! cost pass's predictions ([`CostTable::predicted`]) or from an FSS profile's
+//! measurements ([`CostTable::measured`]), with the legality rules applied.
+
+use crate::{Choice, Cost, GroupCosts};
+use anyhow::{Context, Result, bail, ensure};
+use legion_cost::{CostModel, DevicePrediction, Predictor};
+use legion_ir::{Ir, Rows, TensorRef};
+use legion_partition::{Group, check_group, tile, whole_group};
+use legion_plan::{DeviceTiming, Profile, ProfileMode, TileSpec};
+use std::collections::HashMap;
+
+/// How one group runs under one device option.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// Predicted (or measured) time.
+    pub cost: Cost,
+    /// Per device, in strip order: its strip and time breakdown.
+    pub devices: Vec<DeviceCost>,
+    /// True when one device runs the stages whole (nothing is split).
+    pub whole: bool,
+}
+
+/// One device's part of an [`Entry`], µs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceCost {
+    /// The device (profile order).
+    pub device: usize,
+    /// Its strip of the last stage's output rows.
+    pub strip: Rows,
+    /// Until its input strips have arrived.
+    pub send_us: f64,
+    /// Computing.
+    pub compute_us: f64,
+    /// Getting its output strips back.
+    pub recv_us: f64,
+}
+
+impl DeviceCost {
+    fn predicted(p: &DevicePrediction) -> DeviceCost {
+        DeviceCost {
+            device: p.device,
+            strip: p.strip,
+            send_us: p.send_us,
+            compute_us: p.compute_us.iter().map(|(_, e)| e).sum(),
+            recv_us: p.recv_us,
+        }
+    }
+}
+
+/// What bounds the legal choices besides geometry.
+#[derive(Clone, Debug, Default)]
+pub struct Legality {
+    /// Per device (profile order): bytes a tile may hold (weights, strips received and
+    /// every stage's output rows); `None` for no limit.
+    pub memory_bytes: Vec<Option<u64>>,
+}
+
+impl Legality {
+    fn fits(&self, ir: &Ir, device: usize, spec: &TileSpec) -> bool {
+        match self.memory_bytes.get(device).copied().flatten() {
+            Some(limit) => tile_bytes(ir, spec) <= limit,
+            None => true,
+        }
+    }
+}
+
+/// Bytes a tile holds at once, counted without reuse: its stages' weights, the strips it
+/// receives and every stage's computed rows.
+fn tile_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
+    let rows_bytes = |r: TensorRef, rows: Rows| -> u64 {
+        let t = ir.tensor(r);
+        match t.height() {
+            Some(h) if h > 0 => (t.len() / h * rows.len()) as u64 * 4,
+            _ => t.len() as u64 * 4,
+        }
+    };
+    let weights: u64 = spec
+        .stages
+        .iter()
+        .map(|s| ir.stage(s.stage).weight_bytes)
+        .sum();
+    let received: u64 = spec
+        .inputs
+        .iter()
+        .map(|i| rows_bytes(i.tensor, i.rows))
+        .sum();
+    let computed: u64 = spec
+        .stages
+        .iter()
+        .map(|s| rows_bytes(TensorRef::Stage(s.stage), s.computed))
+        .sum();
+    weights + received + computed
+}
+
+/// Profile device indices, fastest first (by measured GFLOP/s, then cluster order).
+pub fn device_order(profile: &Profile) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..profile.devices.len()).collect();
+    order.sort_by(|&a, &b| {
+        profile.devices[b]
+            .gflops
+            .total_cmp(&profile.devices[a].gflops)
+            .then(a.cmp(&b))
+    });
+    order
+}
+
+/// The cost of every group under every option, as a lookup table.
+#[derive(Clone, Debug)]
+pub struct CostTable {
+    stages: usize,
+    options: usize,
+    entries: HashMap<Choice, Entry>,
+}
+
+impl GroupCosts for CostTable {
+    fn stages(&self) -> usize {
+        self.stages
+    }
+    fn options(&self) -> usize {
+        self.options
+    }
+    fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
+        self.entries
+            .get(&Choice {
+                first,
+                last,
+                devices,
+            })
+            .map_or(Cost::INFINITY, |e| e.cost)
+    }
+}
+
+impl CostTable {
+    /// How `choice` runs; `None` when it is illegal.
+    pub fn entry(&self, choice: Choice) -> Option<&Entry> {
+        self.entries.get(&choice)
+    }
+
+    /// Legal choices in the table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no choice is legal.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Predicted costs. Option 1 runs the group whole on the device predicted fastest
+    /// for it (any run of stages, barriers included). Option `k >= 2` splits a run of
+    /// splittable stages over the `k` fastest devices at the predictor's min-max shares;
+    /// it is legal when every device's halo stays smaller than its own rows at every
+    /// stage and every device's tile fits its memory.
+    pub fn predicted(
+        ir: &Ir,
+        model: &CostModel,
+        predictor: Predictor,
+        profile: &Profile,
+        legality: &Legality,
+    ) -> Result<CostTable> {
+        let n = ir.stages.len();
+        let order = device_order(profile);
+        let mut entries = HashMap::new();
+        for first in 0..n {
+            let mut splittable = true;
+            for last in first..n {
+                let group = Group::new(first, last);
+                let whole = whole_group(ir, group);
+                let best_one = (0..order.len())
+                    .filter(|&d| legality.fits(ir, d, &whole))
+                    .map(|d| model.predict_one(group, d))
+                    .min_by(|a, b| a.total_us.total_cmp(&b.total_us));
+                if let Some(p) = best_one {
+                    entries.insert(
+                        Choice {
+                            first,
+                            last,
+                            devices: 1,
+                        },
+                        Entry {
+                            cost: Cost::from_us(p.total_us),
+                            devices: vec![DeviceCost::predicted(&p)],
+                            whole: true,
+                        },
+                    );
+                }
+                splittable = splittable && check_group(ir, last, last).is_ok();
+                if !splittable {
+                    continue;
+                }
+                for k in 2..=order.len() {
+                    let shares = model
+                        .shares(predictor, group, &order[..k])
+                        .with_context(|| format!("shares of group {group} on {k} devices"))?;
+                    let cut: Vec<Rows> = shares.iter().map(|(_, r)| *r).collect();
+                    let tiling = tile(ir, group, &cut)?;
+                    let legal = tiling.devices.iter().all(|t| {
+                        t.stages
+                            .iter()
+                            .all(|s| s.halo_rows == 0 || s.halo_rows < s.alone.len())
+                            && legality.fits(ir, shares[t.device].0, &t.spec())
+                    });
+                    if !legal {
+                        continue;
+                    }
+                    let prediction = model.predict(predictor, group, &shares)?;
+                    entries.insert(
+                        Choice {
+                            first,
+                            last,
+                            devices: k,
+                        },
+                        Entry {
+                            cost: Cost::from_us(prediction.total_us),
+                            devices: prediction
+                                .devices
+                                .iter()
+                                .map(DeviceCost::predicted)
+                                .collect(),
+                            whole: false,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(CostTable {
+            stages: n,
+            options: order.len(),
+            entries,
+        })
+    }
+
+    /// Measured costs from an FSS profile: every group FSS ran across the cluster under
+    /// the option of all devices, and every barrier stage under option 1 on the device
+    /// that ran it fastest. FSS measures nothing else, so nothing else is legal.
+    pub fn measured(ir: &Ir, profile: &Profile) -> Result<CostTable> {
+        ensure!(
+            profile.mode == ProfileMode::Fss,
+            "searching measured costs needs an fss-mode profile (this one is {:?}); run \
+             `legion profile --mode fss`",
+            profile.mode
+        );
+        if profile.model_sha256 != ir.sha256 {
+            bail!(
+                "the profile is of model {}, not of this model ({}); profile this model",
+                profile.model_sha256,
+                ir.sha256
+            );
+        }
+        let all = profile.devices.len();
+        let index = |name: &str| -> Result<usize> {
+            profile
+                .devices
+                .iter()
+                .position(|d| d.name == name)
+                .with_context(|| format!("device {name} of a measurement is not in the profile"))
+        };
+        let mut entries: HashMap<Choice, Entry> = HashMap::new();
+        for g in &profile.groups {
+            let (first, last) = (g.first.index(), g.last.index());
+            ensure!(
+                first <= last && last < ir.stages.len(),
+                "the profile measured group {first}..{last}, which is not in this model"
+            );
+            let devices = g
+                .strips
+                .iter()
+                .map(|(name, strip)| {
+                    let timing = g.devices.iter().find(|t| &t.device == name);
+                    let us = |f: fn(&DeviceTiming) -> u64| timing.map_or(0.0, |t| f(t) as f64);
+                    Ok(DeviceCost {
+                        device: index(name)?,
+                        strip: *strip,
+                        send_us: us(|t| t.in_us),
+                        compute_us: us(|t| t.compute_us),
+                        recv_us: us(|t| t.out_us),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let barrier = check_group(ir, first, last).is_err();
+            let choice = Choice {
+                first,
+                last,
+                devices: if barrier { 1 } else { all },
+            };
+            let entry = Entry {
+                cost: Cost::from_us(g.median_us as f64),
+                devices,
+                whole: barrier || all == 1,
+            };
+            if entries.get(&choice).is_none_or(|e| entry.cost < e.cost) {
+                entries.insert(choice, entry);
+            }
+        }
+        Ok(CostTable {
+            stages: ir.stages.len(),
+            options: all,
+            entries,
+        })
+    }
+}

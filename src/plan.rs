@@ -1,0 +1,72 @@
+//! `legion plan validate`: check a plan against its model and cluster.
+
+use crate::{BadArgument, ModelArgs};
+use anyhow::Result;
+use legion_plan::{Cluster, Plan};
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Check a plan against its model (hash, shape, every tile derived again) and,
+    /// with --cluster, the cluster's devices.
+    Validate(ValidateArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    /// The plan (JSON).
+    plan: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The cluster file the plan should run on.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Reads a plan file; errors name the file.
+pub(crate) fn load(path: &std::path::Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadArgument(format!("{}: cannot read the plan: {e}", path.display())))?;
+    Ok(Plan::from_json(&text).map_err(|e| BadArgument(format!("{}: {e}", path.display())))?)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    match &args.command {
+        Command::Validate(a) => validate(a),
+    }
+}
+
+fn validate(args: &ValidateArgs) -> Result<()> {
+    let plan = load(&args.plan)?;
+    let ir = args.model.import()?;
+    let names = match &args.cluster {
+        Some(path) => Some(
+            Cluster::load(path)?
+                .devices
+                .iter()
+                .map(|d| d.name.clone())
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    legion_codegen::validate(&plan, &ir, names.as_deref())
+        .map_err(|e| BadArgument(format!("{}: {e:#}", args.plan.display())))?;
+    let c = plan.chosen();
+    println!(
+        "{}: valid plan for {} on {} devices; {} candidates, chosen {} ({} groups, predicted {:.3} ms)",
+        args.plan.display(),
+        args.model.model.display(),
+        plan.devices.len(),
+        plan.candidates.len(),
+        c.name,
+        c.groups.len(),
+        c.predicted_us as f64 / 1e3
+    );
+    Ok(())
+}

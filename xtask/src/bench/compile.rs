@@ -1,0 +1,76 @@
+//! `cargo xtask bench compile`: how long `legion compile` takes given a profile, per
+//! pass, with the e-graph search against the dynamic program over the same costs.
+
+use super::{host, kept_profile, load, median, ms};
+use anyhow::{Result, ensure};
+use legion_cost::{CostModel, Predictor};
+use legion_fusion::{CostTable, Legality, search_dp, search_egg};
+use legion_plan::ProfileMode;
+use std::fmt::Write;
+
+/// (cluster, model) pairs measured: 6 devices each.
+const SETUPS: [(&str, &str); 4] = [
+    ("firefly-x6", "vgg16"),
+    ("3f3o", "vgg16"),
+    ("firefly-x6", "resnet50"),
+    ("3f3o", "resnet50"),
+];
+const RUNS: usize = 5;
+
+pub fn run(reuse: bool) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "# Compile time given a profile\n")?;
+    writeln!(
+        md,
+        "Measured by `cargo xtask bench compile` on {} (dev profile; Legion's passes \
+         built with opt-level 3). Legion-mode profiles measured on local emulated \
+         clusters (kept under target/bench-profiles; `--reuse` reads them back). Each \
+         time is the median of {RUNS} runs. *Table*: every candidate group under every \
+         device option costed by the `legion` predictor at min-max shares, with the \
+         legality checks. *egg*: saturate the e-graph and extract. *DP*: the dynamic \
+         program over the same table. Targets (issue #6, whole compile given a \
+         profile): VGG-16 < 50 ms, ResNet-50 < 500 ms.\n",
+        host()
+    )?;
+    writeln!(
+        md,
+        "| cluster | model | stages | legal choices | table ms | egg ms | e-nodes | DP ms | same optimum | table + egg ms |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|")?;
+    for (cluster, model) in SETUPS {
+        let ir = load(model)?;
+        let profile = kept_profile(cluster, model, &ir, ProfileMode::Legion, 3, None, reuse)?;
+        let cost = CostModel::new(&ir, &profile)?;
+        let legality = Legality::default();
+        let build = || CostTable::predicted(&ir, &cost, Predictor::Legion, &profile, &legality);
+        // A fresh cost model per run: the min-max shares are cached inside it.
+        let t_table = median(RUNS, || {
+            let fresh = CostModel::new(&ir, &profile)?;
+            CostTable::predicted(&ir, &fresh, Predictor::Legion, &profile, &legality)?;
+            Ok(())
+        })?;
+        let table = build()?;
+        let (egg, stats) = search_egg(&table)?;
+        let dp = search_dp(&table)?;
+        ensure!(
+            egg.cost == dp.cost,
+            "{cluster} {model}: egg {egg} against dp {dp}"
+        );
+        let t_egg = median(RUNS, || search_egg(&table).map(|_| ()))?;
+        let t_dp = median(RUNS, || search_dp(&table).map(|_| ()))?;
+        writeln!(
+            md,
+            "| {cluster} | {model} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            ir.stages.len(),
+            table.len(),
+            ms(t_table),
+            ms(t_egg),
+            stats.nodes,
+            ms(t_dp),
+            if egg.cost == dp.cost { "yes" } else { "no" },
+            ms(t_table + t_egg)
+        )?;
+        eprintln!("{cluster} {model}: done");
+    }
+    Ok(md)
+}
