@@ -56,17 +56,31 @@ enum Mode {
 }
 
 /// Wall time of each pass, printed at the end.
-struct PassTimes(Vec<(&'static str, Duration, String)>);
+#[derive(Default)]
+pub(crate) struct PassTimes(Vec<(&'static str, Duration, String)>);
 
 impl PassTimes {
-    fn time<T>(&mut self, pass: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// One line per pass, like `-time-passes`.
+    pub(crate) fn report(&self) -> String {
+        let mut out = String::from("time per pass:\n");
+        for (pass, t, note) in &self.0 {
+            out += &format!("  {pass:<8} {:>10.3} ms  {note}\n", t.as_secs_f64() * 1e3);
+        }
+        out
+    }
+
+    pub(crate) fn time<T>(
+        &mut self,
+        pass: &'static str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let start = Instant::now();
         let r = f()?;
         self.0.push((pass, start.elapsed(), String::new()));
         Ok(r)
     }
 
-    fn note(&mut self, note: String) {
+    pub(crate) fn note(&mut self, note: String) {
         if let Some(last) = self.0.last_mut() {
             last.2 = note;
         }
@@ -83,7 +97,7 @@ pub fn run(args: &Args) -> Result<()> {
         Mode::Fss => ProfileMode::Fss,
     };
     let cluster = Cluster::load(&args.cluster)?;
-    let mut times = PassTimes(vec![]);
+    let mut times = PassTimes::default();
     let ir = times.time("import", || args.model.import())?;
     let live = args.profile.is_none() || args.measure;
     let rt = tokio::runtime::Runtime::new()?;
@@ -125,15 +139,59 @@ pub fn run(args: &Args) -> Result<()> {
         ))
         .into());
     }
-    let profile_name = || {
-        args.profile
-            .as_ref()
-            .map_or("the profile".to_string(), |p| p.display().to_string())
+    let profile_name = args
+        .profile
+        .as_ref()
+        .map_or("the profile".to_string(), |p| p.display().to_string());
+    let options = PlanOptions {
+        predictor,
+        mode: profile_mode,
+        wildcard: !args.no_wildcard,
+        runs: args.runs,
+        profile_name,
     };
+    let (plan, report) = build_plan(
+        &ir,
+        &profile,
+        &cluster,
+        &options,
+        coord.as_ref().map(|c| (c, &rt)),
+        &mut times,
+    )?;
+    std::fs::write(&args.output, plan.to_json())
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    print!("{report}{}", times.report());
+    println!("plan written to {}", args.output.display());
+    Ok(())
+}
+
+/// What [`build_plan`] needs besides the model, profile and cluster.
+pub(crate) struct PlanOptions {
+    pub predictor: Predictor,
+    pub mode: ProfileMode,
+    pub wildcard: bool,
+    /// Runs per candidate when measuring them.
+    pub runs: u32,
+    /// How errors name the profile.
+    pub profile_name: String,
+}
+
+/// Costs, searches, adds the Wild Card, emits the candidates and chooses one (by
+/// measuring both on `live` when given). Returns the plan and the FLC report.
+pub(crate) fn build_plan(
+    ir: &Ir,
+    profile: &Profile,
+    cluster: &Cluster,
+    options: &PlanOptions,
+    live: Option<(&Coordinator, &tokio::runtime::Runtime)>,
+    times: &mut PassTimes,
+) -> Result<(Plan, String)> {
+    let (predictor, profile_mode) = (options.predictor, options.mode);
+    let profile_name = || options.profile_name.clone();
     let names: Vec<String> = profile.devices.iter().map(|d| d.name.clone()).collect();
     let (table, costed_by) = times.time("cost", || match profile_mode {
         ProfileMode::Legion => {
-            let model = CostModel::new(&ir, &profile)
+            let model = CostModel::new(ir, profile)
                 .map_err(|e| BadArgument(format!("{}: {e:#}", profile_name())))?;
             let legality = Legality {
                 memory_bytes: cluster
@@ -142,37 +200,35 @@ pub fn run(args: &Args) -> Result<()> {
                     .map(|d| d.memory_mb.map(|mb| mb << 20))
                     .collect(),
             };
-            let table = CostTable::predicted(&ir, &model, predictor, &profile, &legality)?;
+            let table = CostTable::predicted(ir, &model, predictor, profile, &legality)?;
             Ok((table, predictor.to_string()))
         }
         ProfileMode::Fss => {
-            let table = CostTable::measured(&ir, &profile)
+            let table = CostTable::measured(ir, profile)
                 .map_err(|e| BadArgument(format!("{}: {e:#}", profile_name())))?;
             Ok((table, "fss".to_string()))
         }
     })?;
     times.note(format!("{} legal choices", table.len()));
     let (flc, stats) = times.time("fusion", || search_egg(&table))?;
-    let wild = (!args.no_wildcard)
-        .then(|| wild_card(&table, &flc))
-        .flatten();
+    let wild = options.wildcard.then(|| wild_card(&table, &flc)).flatten();
     times.note(format!(
         "egg: {} iterations, {} e-nodes, {} e-classes",
         stats.iterations, stats.nodes, stats.classes
     ));
     let mut candidates = times.time("codegen", || {
-        let mut c = vec![candidate(&ir, &table, &names, "extracted", &flc)?];
+        let mut c = vec![candidate(ir, &table, &names, "extracted", &flc)?];
         if let Some(w) = &wild {
-            c.push(candidate(&ir, &table, &names, "wild-card", &w.flc)?);
+            c.push(candidate(ir, &table, &names, "wild-card", &w.flc)?);
         }
         Ok(c)
     })?;
-    let chosen = match (&coord, candidates.len()) {
-        (Some(coord), 2) => {
+    let chosen = match (live, candidates.len()) {
+        (Some((coord, rt)), 2) => {
             let c = times.time("measure", || {
-                rt.block_on(measure(coord, &ir, &mut candidates, args.runs))
+                rt.block_on(measure(coord, ir, &mut candidates, options.runs))
             })?;
-            times.note(format!("{} runs per candidate", args.runs));
+            times.note(format!("{} runs per candidate", options.runs));
             c
         }
         (_, 2) => Chosen {
@@ -183,7 +239,7 @@ pub fn run(args: &Args) -> Result<()> {
         },
         _ => Chosen {
             index: 0,
-            reason: if args.no_wildcard {
+            reason: if !options.wildcard {
                 "the only candidate (--no-wildcard)".into()
             } else if flc.groups.len() == 1 {
                 "the only candidate (one group: nothing for Wild Card to merge)".into()
@@ -192,15 +248,9 @@ pub fn run(args: &Args) -> Result<()> {
             },
         },
     };
-    let plan = plan(&ir, &names, &costed_by, candidates, chosen);
-    std::fs::write(&args.output, plan.to_json())
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    print!(
-        "{}",
-        report(&ir, &plan, &table, &flc, &times, wild.map(|w| w.merged))?
-    );
-    println!("plan written to {}", args.output.display());
-    Ok(())
+    let plan = plan(ir, &names, &costed_by, candidates, chosen);
+    let report = report(ir, &plan, &table, &flc, wild.map(|w| w.merged))?;
+    Ok((plan, report))
 }
 
 /// Connects to the cluster and uploads the model.
@@ -263,7 +313,6 @@ fn report(
     plan: &Plan,
     table: &CostTable,
     flc: &Flc,
-    times: &PassTimes,
     merged: Option<usize>,
 ) -> Result<String> {
     let mut out = String::new();
@@ -322,18 +371,10 @@ fn report(
         )?;
     }
     writeln!(out, "chosen: {} ({})", chosen.name, plan.reason)?;
-    writeln!(out, "time per pass:")?;
-    for (pass, t, note) in &times.0 {
-        writeln!(
-            out,
-            "  {pass:<8} {:>10.3} ms  {note}",
-            t.as_secs_f64() * 1e3
-        )?;
-    }
     Ok(out)
 }
 
-fn truncate(s: &str, n: usize) -> String {
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

@@ -2,10 +2,12 @@
 
 mod cluster;
 mod compile;
+mod demo;
 mod inspect;
 mod plan;
 mod predict;
 mod profile;
+mod run;
 mod split;
 mod worker;
 
@@ -42,6 +44,10 @@ enum Command {
     Compile(compile::Args),
     /// Work with plans: `plan validate`.
     Plan(plan::Args),
+    /// Execute a plan on the cluster: per-group timings, latency, speedup, --check.
+    Run(run::Args),
+    /// The whole job on an emulated local cluster of 4 boards, no setup needed.
+    Demo(demo::Args),
 }
 
 /// Exit code for bad input (a model that cannot be imported, a bad argument).
@@ -82,6 +88,8 @@ fn main() -> ExitCode {
         Command::Predict(args) => predict::run(&args),
         Command::Compile(args) => compile::run(&args),
         Command::Plan(args) => plan::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,4 +17,4 @@ pub use profile::{
     StageProfile,
 };
 pub use tile::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
-pub use timing::{Clock, DeviceTiming, StepTiming};
+pub use timing::{Clock, DeviceTiming, RunResults, StepTiming};

@@ -52,3 +52,23 @@ pub struct StepTiming {
     /// Per device, in the order the step listed them.
     pub devices: Vec<DeviceTiming>,
 }
+
+/// What `legion run --save` writes: the measured timings of a plan's runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunResults {
+    /// sha256 of the model the plan is for.
+    pub model_sha256: String,
+    /// The candidate run (its name in the plan).
+    pub candidate: String,
+    /// The clock of every time here.
+    pub clock: Clock,
+    /// End-to-end latency of every run, µs, in order.
+    pub runs_us: Vec<u64>,
+    /// Their median, µs.
+    pub median_us: u64,
+    /// Per group of the candidate, the step timings of the median run.
+    pub groups: Vec<StepTiming>,
+    /// The fastest device running the whole model alone, and its time, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_single_device: Option<(String, u64)>,
+}

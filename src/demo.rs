@@ -1,0 +1,125 @@
+//! `legion demo`: the whole job on an emulated local cluster, with no setup: generate
+//! VGG-16, start 2 Firefly + 2 Odroid workers at 100 Mbit/s in this process, profile,
+//! compile, run, check against one device, and report.
+
+use crate::compile::{PassTimes, PlanOptions, build_plan};
+use anyhow::{Context, Result};
+use legion_cost::Predictor;
+use legion_plan::ProfileMode;
+use legion_profile::{ProfileOptions, profile};
+use legion_runtime::check::test_input;
+use legion_runtime::{Coordinator, LocalCluster, default_cache_dir, local_cluster};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+const CLASSES: [&str; 4] = [
+    "firefly-rk3399",
+    "firefly-rk3399",
+    "odroid-xu4",
+    "odroid-xu4",
+];
+const STEPS: usize = 6;
+
+pub fn run(_args: &Args) -> Result<()> {
+    let start = Instant::now();
+    let step = |n: usize, what: &str| {
+        eprintln!(
+            "[{n}/{STEPS}] {what} ({:.0} s elapsed)",
+            start.elapsed().as_secs_f64()
+        );
+    };
+    let out_dir = legion_models::workspace_root().join("target/legion-demo");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    step(1, "generating VGG-16 (224x224, with its FC head)");
+    let model = legion_models::ensure("vgg16", &legion_models::cache_dir())?;
+    let ir = legion_ir::import(&model, None)?;
+    let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+
+    step(
+        2,
+        "starting 2 emulated Firefly-RK3399 + 2 Odroid-XU4 workers at 100 Mbit/s",
+    );
+    let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
+    let cluster = local_cluster(CLASSES.len(), &classes, 0)?;
+    let local = LocalCluster::start(&cluster, default_cache_dir())?;
+    let cluster_file = out_dir.join("cluster.toml");
+    std::fs::write(&cluster_file, local.cluster().to_toml())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let coord = rt.block_on(async {
+        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
+        coord.upload(&onnx, &ir.input.shape).await?;
+        anyhow::Ok(coord)
+    })?;
+
+    step(3, "profiling single stages and links (legion mode)");
+    let mut times = PassTimes::default();
+    let opts = ProfileOptions {
+        mode: ProfileMode::Legion,
+        runs: 3,
+        max_group_len: None,
+        progress: true,
+    };
+    let measured = times.time("profile", || rt.block_on(profile(&coord, &ir, &opts)))?;
+    times.note(format!(
+        "{:.3} s on the {} clock",
+        measured.profiling_us as f64 / 1e6,
+        measured.clock
+    ));
+    std::fs::write(out_dir.join("profile.json"), measured.to_json())?;
+
+    step(
+        4,
+        "compiling: cost, egg search, Wild Card, both candidates run",
+    );
+    let options = PlanOptions {
+        predictor: Predictor::Legion,
+        mode: ProfileMode::Legion,
+        wildcard: true,
+        runs: 3,
+        profile_name: "the demo's profile".into(),
+    };
+    let (plan, flc) = build_plan(
+        &ir,
+        &measured,
+        local.cluster(),
+        &options,
+        Some((&coord, &rt)),
+        &mut times,
+    )?;
+    let plan_file = out_dir.join("plan.json");
+    std::fs::write(&plan_file, plan.to_json())?;
+
+    step(
+        5,
+        "running the plan and every device alone; checking the output",
+    );
+    let input = test_input(&ir.input.shape);
+    let ((results, _), run) =
+        rt.block_on(crate::run::execute(&coord, &ir, &plan, input, 3, true))?;
+    let results_file = out_dir.join("run.json");
+    std::fs::write(
+        &results_file,
+        serde_json::to_string_pretty(&results)? + "\n",
+    )?;
+
+    step(6, "done");
+    drop(coord);
+    local.stop();
+    println!("{flc}");
+    print!("{run}");
+    print!("{}", times.report());
+    println!("files in {}:", out_dir.display());
+    for f in [
+        &cluster_file,
+        &out_dir.join("profile.json"),
+        &plan_file,
+        &results_file,
+    ] {
+        println!("  {}", f.display());
+    }
+    println!("demo finished in {:.0} s", start.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! `legion run`: execute a plan on a cluster's workers, timed, and compare it with the
+//! best single device.
+
+use crate::{BadArgument, ModelArgs};
+use anyhow::{Context, Result};
+use legion_ir::Ir;
+use legion_partition::{Group, whole_group};
+use legion_plan::{Cluster, Plan, RunResults};
+use legion_runtime::check::{compare, test_input};
+use legion_runtime::{Coordinator, PlanRun, Tensors, run_candidate};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tract_onnx::prelude::*;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The plan (`legion compile`).
+    plan: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The cluster file; its workers must be running.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Input tensor (.npy, f32, the model's input shape); default: a fixed made-up input.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Write the model's output here (.npy).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Compare the output with a single-device run; fail above 1e-5 relative error.
+    #[arg(long)]
+    check: bool,
+    /// Timed runs (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Write the measured timings (JSON) for `legion plan show --run`.
+    #[arg(long)]
+    save: Option<PathBuf>,
+}
+
+/// The relative error `--check` accepts.
+pub const CHECK_REL: f32 = 1e-5;
+
+pub fn run(args: &Args) -> Result<()> {
+    if args.repeat == 0 {
+        return Err(BadArgument("--repeat must be at least 1".into()).into());
+    }
+    let plan = crate::plan::load(&args.plan)?;
+    let ir = args.model.import()?;
+    let cluster = Cluster::load(&args.cluster)?;
+    let names: Vec<String> = cluster.devices.iter().map(|d| d.name.clone()).collect();
+    legion_codegen::validate(&plan, &ir, Some(&names))
+        .map_err(|e| BadArgument(format!("{}: {e:#}", args.plan.display())))?;
+    let input = match &args.input {
+        Some(path) => read_input(path, &ir)?,
+        None => test_input(&ir.input.shape),
+    };
+    let onnx = std::fs::read(&args.model.model)
+        .with_context(|| format!("reading {}", args.model.model.display()))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (results, report) = rt.block_on(async {
+        let mut coord = Coordinator::connect(&cluster, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("connecting to the cluster {}", args.cluster.display()))?;
+        coord.upload(&onnx, &ir.input.shape).await?;
+        execute(&coord, &ir, &plan, input, args.repeat, args.check).await
+    })?;
+    print!("{report}");
+    if let Some(path) = &args.output {
+        write_output(path, &results.1)?;
+        println!("output written to {}", path.display());
+    }
+    if let Some(path) = &args.save {
+        std::fs::write(path, serde_json::to_string_pretty(&results.0)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("timings written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs the plan's chosen candidate `repeat` times (after a warm-up) and the whole
+/// model on every device; returns the results, the model's outputs and the report.
+/// With `check`, fails when the output differs from the best single device's by more
+/// than [`CHECK_REL`].
+pub(crate) async fn execute(
+    coord: &Coordinator,
+    ir: &Ir,
+    plan: &Plan,
+    input: Tensor,
+    repeat: u32,
+    check: bool,
+) -> Result<((RunResults, Vec<Tensor>), String)> {
+    let candidate = plan.chosen();
+    let mut runs: Vec<PlanRun> = vec![];
+    for i in 0..=repeat {
+        let r = run_candidate(coord, ir, candidate, input.clone()).await?;
+        if i > 0 {
+            runs.push(r);
+        }
+    }
+    runs.sort_by_key(|r| r.total_us);
+    let runs_us: Vec<u64> = runs.iter().map(|r| r.total_us).collect();
+    let median = runs.swap_remove(runs.len() / 2);
+    let (single_name, single_us, single_out) = best_single_device(coord, ir, &input).await?;
+    let clock = median.clock;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{} (candidate {}) on {} devices, times on the {clock} clock",
+        plan.model_sha256.get(..16).unwrap_or(&plan.model_sha256),
+        candidate.name,
+        coord.devices().len()
+    )?;
+    writeln!(
+        out,
+        "{:<8} {:<40} {:>13} {:>12}",
+        "group", "devices", "predicted ms", "measured ms"
+    )?;
+    for (g, t) in candidate.groups.iter().zip(&median.groups) {
+        let devices: Vec<&str> = g.tiles.iter().map(|t| t.device.as_str()).collect();
+        writeln!(
+            out,
+            "{:<8} {:<40} {:>13.3} {:>12.3}",
+            format!("{}..{}", g.first.index(), g.last.index()),
+            crate::compile::truncate(&devices.join(","), 40),
+            g.predicted_us as f64 / 1e3,
+            t.total_us as f64 / 1e3
+        )?;
+    }
+    writeln!(
+        out,
+        "latency: {:.3} ms measured (median of {repeat}), {:.3} ms predicted",
+        median.total_us as f64 / 1e3,
+        candidate.predicted_us as f64 / 1e3
+    )?;
+    writeln!(
+        out,
+        "best single device: {single_name}, {:.3} ms; speedup {:.2}x",
+        single_us as f64 / 1e3,
+        single_us as f64 / median.total_us.max(1) as f64
+    )?;
+    if check {
+        let mut worst = legion_runtime::check::Diff::default();
+        for (got, want) in median.outputs.iter().zip(&single_out) {
+            worst = worst.max(compare(got, want, want)?);
+        }
+        writeln!(
+            out,
+            "check against {single_name} alone: max abs error {:.3e}, relative {:.3e}",
+            worst.max_abs, worst.max_rel
+        )?;
+        anyhow::ensure!(
+            worst.within(CHECK_REL),
+            "{out}the distributed output differs from the single-device output by {:.3e} \
+             relative (limit {CHECK_REL:e})",
+            worst.max_rel
+        );
+    }
+    let results = RunResults {
+        model_sha256: plan.model_sha256.clone(),
+        candidate: candidate.name.clone(),
+        clock,
+        runs_us,
+        median_us: median.total_us,
+        groups: median.groups,
+        best_single_device: Some((single_name, single_us)),
+    };
+    Ok(((results, median.outputs), out))
+}
+
+/// Runs the whole model on every device (a warm-up, then once timed) and returns the
+/// fastest: its name, time and outputs.
+async fn best_single_device(
+    coord: &Coordinator,
+    ir: &Ir,
+    input: &Tensor,
+) -> Result<(String, u64, Vec<Tensor>)> {
+    let spec = whole_group(ir, Group::new(0, ir.stages.len() - 1));
+    let mut best: Option<(String, u64, Vec<Tensor>)> = None;
+    for d in 0..coord.devices().len() {
+        // A warm-up run, then the timed one.
+        let mut last = None;
+        for _ in 0..2 {
+            let mut tensors = Tensors::new(ir, input.clone())?;
+            let step = coord
+                .run_step(&[(d, spec.clone())], &mut tensors)
+                .await
+                .with_context(|| {
+                    format!("running the whole model on {}", coord.devices()[d].name())
+                })?;
+            last = Some((step.total_us, tensors));
+        }
+        let (total, tensors) = last.expect("two runs");
+        if best.as_ref().is_none_or(|b| total < b.1) {
+            let outputs = ir
+                .outputs
+                .iter()
+                .map(|r| tensors.whole(*r).cloned())
+                .collect::<Result<Vec<_>>>()?;
+            best = Some((coord.devices()[d].name().to_string(), total, outputs));
+        }
+    }
+    best.context("the cluster has no devices")
+}
+
+/// Reads an f32 .npy of the model's input shape.
+fn read_input(path: &Path, ir: &Ir) -> Result<Tensor> {
+    let array: tract_ndarray::ArrayD<f32> = ndarray_npy::read_npy(path).map_err(|e| {
+        BadArgument(format!(
+            "{}: not an f32 .npy file the model can take: {e}",
+            path.display()
+        ))
+    })?;
+    if array.shape() != ir.input.shape.as_slice() {
+        return Err(BadArgument(format!(
+            "{}: shape {:?}, but model input {:?} takes {:?}",
+            path.display(),
+            array.shape(),
+            ir.input_name,
+            ir.input.shape
+        ))
+        .into());
+    }
+    Ok(array.into_tensor())
+}
+
+/// Writes the first output to `path` and any further ones to `path.1.npy`, ...
+fn write_output(path: &Path, outputs: &[Tensor]) -> Result<()> {
+    for (k, t) in outputs.iter().enumerate() {
+        let file = if k == 0 {
+            path.to_path_buf()
+        } else {
+            path.with_extension(format!("{k}.npy"))
+        };
+        let view = t.to_plain_array_view::<f32>()?;
+        ndarray_npy::write_npy(&file, &view)
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    Ok(())
+}
