@@ -105,6 +105,9 @@ pub fn run(_args: &Args) -> Result<()> {
         serde_json::to_string_pretty(&results)? + "\n",
     )?;
 
+    let picture = out_dir.join("timeline.svg");
+    crate::timeline::draw(&plan, Some(&results), &picture)?;
+
     step(6, "done");
     drop(coord);
     local.stop();

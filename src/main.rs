@@ -9,6 +9,7 @@ mod predict;
 mod profile;
 mod run;
 mod split;
+mod timeline;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -42,7 +43,7 @@ enum Command {
     Predict(predict::Args),
     /// Pick the fused groups and their devices, and write the plan (JSON).
     Compile(compile::Args),
-    /// Work with plans: `plan validate`.
+    /// Work with plans: `plan validate`, `plan show`.
     Plan(plan::Args),
     /// Execute a plan on the cluster: per-group timings, latency, speedup, --check.
     Run(run::Args),

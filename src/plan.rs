@@ -10,6 +10,21 @@ pub enum Command {
     /// Check a plan against its model (hash, shape, every tile derived again) and,
     /// with --cluster, the cluster's devices.
     Validate(ValidateArgs),
+    /// Draw the plan's timeline (SVG): devices' receive / compute / send bars per group,
+    /// the FLC over the stages, and a run's measured bars with --run.
+    Show(ShowArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ShowArgs {
+    /// The plan (JSON).
+    plan: PathBuf,
+    /// Measured timings from `legion run --save`, drawn beside the predicted ones.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// Where to write the picture.
+    #[arg(short, long, default_value = "timeline.svg")]
+    output: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -39,7 +54,42 @@ pub(crate) fn load(path: &std::path::Path) -> Result<Plan> {
 pub fn run(args: &Args) -> Result<()> {
     match &args.command {
         Command::Validate(a) => validate(a),
+        Command::Show(a) => show(a),
     }
+}
+
+fn show(args: &ShowArgs) -> Result<()> {
+    let plan = load(&args.plan)?;
+    let run = match &args.run {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                BadArgument(format!(
+                    "{}: cannot read the run's timings: {e}",
+                    path.display()
+                ))
+            })?;
+            let r: legion_plan::RunResults = serde_json::from_str(&text).map_err(|e| {
+                BadArgument(format!(
+                    "{}: not a `legion run --save` file: {e}",
+                    path.display()
+                ))
+            })?;
+            if r.model_sha256 != plan.model_sha256 {
+                return Err(BadArgument(format!(
+                    "{} was measured for model {}, the plan is for {}",
+                    path.display(),
+                    r.model_sha256,
+                    plan.model_sha256
+                ))
+                .into());
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    crate::timeline::draw(&plan, run.as_ref(), &args.output)?;
+    println!("timeline written to {}", args.output.display());
+    Ok(())
 }
 
 fn validate(args: &ValidateArgs) -> Result<()> {

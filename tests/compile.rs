@@ -318,3 +318,57 @@ fn validate_rejects_a_tampered_plan() {
         "the plan is for model",
     );
 }
+
+#[test]
+fn plan_show_draws_every_device_and_group() {
+    let tiny = model("tiny-cnn");
+    let dir = out_dir();
+    let (plan, svg) = (dir.join("show-plan.json"), dir.join("show.svg"));
+    let profile = fast_links_profile();
+    let out = legion(&[
+        "compile",
+        &tiny,
+        "--cluster",
+        "testdata/clusters/2f2o.toml",
+        "--profile",
+        profile.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = legion(&[
+        "plan",
+        "show",
+        plan.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let chosen = &plan["candidates"][plan["chosen"].as_u64().unwrap() as usize];
+    for d in ["firefly-0", "firefly-1", "odroid-0", "odroid-1"] {
+        assert!(picture.contains(d), "{d} has no row");
+    }
+    let groups = chosen["groups"].as_array().unwrap();
+    for k in 0..groups.len() {
+        assert!(
+            picture.contains(&format!("g{k}: ")),
+            "group {k} is not drawn"
+        );
+    }
+    // Three bars (receive, compute, send) per device and group, at least.
+    let tiles: usize = groups
+        .iter()
+        .map(|g| g["tiles"].as_array().unwrap().len())
+        .sum();
+    assert!(picture.matches("<rect").count() >= 3 * tiles);
+}
