@@ -19,7 +19,7 @@ pub use fit::{Affine, interpolate, least_squares};
 
 use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_partition::{DeviceTile, Group, boundary, rebalance, tile};
+use legion_partition::{DeviceTile, Group, boundary, rebalance, tile, tile_device};
 use legion_plan::network::{Flow, arrival_times};
 use legion_plan::{Link, Profile, ProfileMode};
 use serde::Serialize;
@@ -429,16 +429,11 @@ impl<'a> CostModel<'a> {
                 strip,
                 Rows::new(strip.end, height),
             ];
-            let Ok(tiling) = tile(self.ir, group, &cut) else {
-                return f64::INFINITY;
-            };
-            tiling
-                .devices
-                .iter()
-                .find(|t| t.device == 1)
-                .map_or(0.0, |t| {
-                    self.device_alone(predictor, devices[i], t).total_us
-                })
+            match tile_device(self.ir, group, &cut, 1) {
+                Ok(Some(t)) => self.device_alone(predictor, devices[i], &t).total_us,
+                Ok(None) => 0.0,
+                Err(_) => f64::INFINITY,
+            }
         };
         let strips = rebalance(height, devices.len(), cost);
         let shares: Vec<(usize, Rows)> = devices

@@ -264,45 +264,96 @@ pub fn scale_cut(strips: &[Rows], from: usize, to: usize) -> Vec<Rows> {
 /// Tiles `group` for `strips`, a cut of the last stage's output rows into one strip per
 /// device, in device order. Devices whose strip is empty are dropped.
 pub fn tile(ir: &Ir, group: Group, strips: &[Rows]) -> Result<Tiling, PartitionError> {
-    check_group(ir, group.first.index(), group.last.index())?;
-    let height = ir.stage(group.last).output.height().expect("splittable");
-    let in_order = strips.first().is_some_and(|s| s.start == 0)
-        && strips.last().is_some_and(|s| s.end == height)
-        && strips.windows(2).all(|w| w[0].end == w[1].start);
-    if !in_order {
-        return Err(PartitionError::BadStrips {
-            stage: group.last,
-            height,
-            strips: strips.to_vec(),
-        });
-    }
-    let (inputs, outputs) = boundary(ir, group);
-    let cut_of = |s: StageId| {
-        scale_cut(
-            strips,
-            height,
-            ir.stage(s)
-                .output
-                .height()
-                .expect("splittable stages have rows"),
-        )
-    };
-    let alone: BTreeMap<StageId, Vec<Rows>> = group.stages().map(|s| (s, cut_of(s))).collect();
+    let cut = Cut::new(ir, group, strips)?;
     let devices = strips
         .iter()
         .enumerate()
         .filter(|(_, strip)| !strip.is_empty())
-        .map(|(d, strip)| {
-            let sent: Vec<(StageId, Rows)> = outputs.iter().map(|o| (*o, alone[o][d])).collect();
-            device_tile(ir, group, d, *strip, &inputs, sent, &alone)
-        })
+        .map(|(d, _)| cut.device(ir, d))
         .collect();
     Ok(Tiling {
         group,
-        inputs,
-        outputs,
+        inputs: cut.inputs,
+        outputs: cut.outputs,
         devices,
     })
+}
+
+/// Like [`tile`], for device `device` of the cut only (`None` when its strip is empty):
+/// what the shares search asks for, without tiling the other devices.
+pub fn tile_device(
+    ir: &Ir,
+    group: Group,
+    strips: &[Rows],
+    device: usize,
+) -> Result<Option<DeviceTile>, PartitionError> {
+    let cut = Cut::new(ir, group, strips)?;
+    Ok(strips
+        .get(device)
+        .filter(|s| !s.is_empty())
+        .map(|_| cut.device(ir, device)))
+}
+
+/// A checked cut of a group's output rows, with each stage's rows alone.
+struct Cut<'s> {
+    group: Group,
+    strips: &'s [Rows],
+    inputs: Vec<TensorRef>,
+    outputs: Vec<StageId>,
+    alone: BTreeMap<StageId, Vec<Rows>>,
+}
+
+impl<'s> Cut<'s> {
+    fn new(ir: &Ir, group: Group, strips: &'s [Rows]) -> Result<Cut<'s>, PartitionError> {
+        check_group(ir, group.first.index(), group.last.index())?;
+        let height = ir.stage(group.last).output.height().expect("splittable");
+        let in_order = strips.first().is_some_and(|s| s.start == 0)
+            && strips.last().is_some_and(|s| s.end == height)
+            && strips.windows(2).all(|w| w[0].end == w[1].start);
+        if !in_order {
+            return Err(PartitionError::BadStrips {
+                stage: group.last,
+                height,
+                strips: strips.to_vec(),
+            });
+        }
+        let (inputs, outputs) = boundary(ir, group);
+        let cut_of = |s: StageId| {
+            scale_cut(
+                strips,
+                height,
+                ir.stage(s)
+                    .output
+                    .height()
+                    .expect("splittable stages have rows"),
+            )
+        };
+        let alone = group.stages().map(|s| (s, cut_of(s))).collect();
+        Ok(Cut {
+            group,
+            strips,
+            inputs,
+            outputs,
+            alone,
+        })
+    }
+
+    fn device(&self, ir: &Ir, d: usize) -> DeviceTile {
+        let sent: Vec<(StageId, Rows)> = self
+            .outputs
+            .iter()
+            .map(|o| (*o, self.alone[o][d]))
+            .collect();
+        device_tile(
+            ir,
+            self.group,
+            d,
+            self.strips[d],
+            &self.inputs,
+            sent,
+            &self.alone,
+        )
+    }
 }
 
 fn ratio(num: usize, den: usize) -> Option<f64> {
