@@ -132,7 +132,8 @@ pub fn run(args: &Args) -> Result<()> {
             ProfileMode::Fss => "fss",
         };
         return Err(BadArgument(format!(
-            "the profile was measured in {} mode; --mode {} needs an {}-mode profile",
+            "the profile was measured in {} mode; --mode {} needs a profile from \
+             `legion profile --mode {}`",
             name(profile.mode),
             name(profile_mode),
             name(profile_mode)
@@ -328,12 +329,16 @@ fn report(
         "group", "stages", "split", "devices", "predicted ms"
     )?;
     for g in &chosen.groups {
-        let names = format!("{} .. {}", ir.stage(g.first).name, ir.stage(g.last).name);
+        let names = if g.first == g.last {
+            ir.stage(g.first).name.clone()
+        } else {
+            format!("{} .. {}", ir.stage(g.first).name, ir.stage(g.last).name)
+        };
         let devices: Vec<&str> = g.tiles.iter().map(|t| t.device.as_str()).collect();
         writeln!(
             out,
             "{:<8} {:<32} {:<6} {:<40} {:>12.3}",
-            format!("{}..{}", g.first.index(), g.last.index()),
+            group_label(g),
             truncate(&names, 32),
             if g.split { "yes" } else { "no" },
             truncate(&devices.join(","), 40),
@@ -372,6 +377,15 @@ fn report(
     }
     writeln!(out, "chosen: {} ({})", chosen.name, plan.reason)?;
     Ok(out)
+}
+
+/// `3..7`, or `3` for a one-stage group.
+pub(crate) fn group_label(g: &legion_plan::PlanGroup) -> String {
+    if g.first == g.last {
+        g.first.index().to_string()
+    } else {
+        format!("{}..{}", g.first.index(), g.last.index())
+    }
 }
 
 pub(crate) fn truncate(s: &str, n: usize) -> String {

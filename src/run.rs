@@ -122,7 +122,7 @@ pub(crate) async fn execute(
         writeln!(
             out,
             "{:<8} {:<40} {:>13.3} {:>12.3}",
-            format!("{}..{}", g.first.index(), g.last.index()),
+            crate::compile::group_label(g),
             crate::compile::truncate(&devices.join(","), 40),
             g.predicted_us as f64 / 1e3,
             t.total_us as f64 / 1e3

@@ -242,7 +242,7 @@ fn bad_input_gets_a_clear_error() {
             "-o",
             plan,
         ]),
-        "needs an fss-mode profile",
+        "needs a profile from `legion profile --mode fss`",
     );
 }
 
