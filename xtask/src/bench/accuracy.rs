@@ -16,6 +16,14 @@ pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
 /// The longest YOLOv2 group FSS measures (VGG: all groups).
 pub const YOLO_MAX_GROUP_LEN: usize = 6;
 
+/// Group-length buckets of the report: (label, shortest, longest).
+const LENGTHS: [(&str, usize, usize); 4] = [
+    ("1", 1, 1),
+    ("2-3", 2, 3),
+    ("4-7", 4, 7),
+    ("8+", 8, usize::MAX),
+];
+
 /// What to run.
 pub struct Options {
     /// Clusters (names under testdata/clusters).
@@ -76,6 +84,15 @@ fn errors(cases: &[Case], p: usize) -> Vec<f64> {
         .iter()
         .map(|c| (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0)
         .collect()
+}
+
+/// MAPE of predictor `p` over `cases`, %.
+fn mean_ape(cases: &[&Case], p: usize) -> f64 {
+    cases
+        .iter()
+        .map(|c| (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0)
+        .sum::<f64>()
+        / cases.len().max(1) as f64
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -181,17 +198,39 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(md, "|---|---:|---:|---:|---:|")?;
     for t in timings {
         let mine: Vec<&Case> = cases.iter().filter(|c| c.setup == t.setup).collect();
-        let mape = |i: usize| {
-            mine.iter()
-                .map(|c| (c.predicted_us[i] - c.measured_us).abs() / c.measured_us * 100.0)
-                .sum::<f64>()
-                / mine.len().max(1) as f64
-        };
+        let mape = |i: usize| mean_ape(&mine, i);
         writeln!(
             md,
             "| {} | {} | {:.2} | {:.2} | {:.2} |",
             t.setup,
             t.groups,
+            mape(0),
+            mape(1),
+            mape(2)
+        )?;
+    }
+    writeln!(md, "\n## By group length (MAPE %)\n")?;
+    writeln!(
+        md,
+        "Single-stage groups involve no fusion: every predictor reads the very stage \
+         profiled alone, so their error is the repeatability of two measurements of the \
+         same work on this host.\n"
+    )?;
+    writeln!(md, "| stages | groups | legion | affine | aofl |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    for (label, lo, hi) in LENGTHS {
+        let mine: Vec<&Case> = cases
+            .iter()
+            .filter(|c| (lo..=hi).contains(&c.group.stages().count()))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let mape = |i: usize| mean_ape(&mine, i);
+        writeln!(
+            md,
+            "| {label} | {} | {:.2} | {:.2} | {:.2} |",
+            mine.len(),
             mape(0),
             mape(1),
             mape(2)
