@@ -17,9 +17,9 @@ mod fit;
 
 pub use fit::{Affine, interpolate, least_squares};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_partition::{DeviceTile, Group, boundary, rebalance, tile, tile_device};
+use legion_partition::{DeviceTile, Group, GroupTiler, boundary, rebalance, tile};
 use legion_plan::network::{Flow, arrival_times};
 use legion_plan::{Link, Profile, ProfileMode};
 use serde::Serialize;
@@ -107,6 +107,8 @@ pub struct CostModel<'a> {
     send: Vec<Affine>,
     recv: Vec<Affine>,
     aofl: Vec<aofl::Regressions>,
+    /// Per stage, per device: the profile's (rows, median µs) samples.
+    samples: Vec<Vec<Vec<(f64, f64)>>>,
     shares: Mutex<HashMap<SharesKey, Vec<(usize, Rows)>>>,
 }
 
@@ -153,12 +155,28 @@ impl<'a> CostModel<'a> {
         let aofl = (0..profile.devices.len())
             .map(|d| aofl::Regressions::fit(ir, profile, d))
             .collect();
+        let samples = profile
+            .stages
+            .iter()
+            .map(|s| {
+                s.samples
+                    .iter()
+                    .map(|points| {
+                        points
+                            .iter()
+                            .map(|p| (p.rows as f64, p.median_us as f64))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
         Ok(CostModel {
             ir,
             profile,
             send,
             recv,
             aofl,
+            samples,
             shares: Mutex::default(),
         })
     }
@@ -175,11 +193,7 @@ impl<'a> CostModel<'a> {
 
     /// E_d(l, rows): the single-stage time interpolated at `rows` output rows.
     pub fn stage_time(&self, d: usize, s: StageId, rows: usize) -> f64 {
-        let points: Vec<(f64, f64)> = self.profile.stages[s.index()].samples[d]
-            .iter()
-            .map(|p| (p.rows as f64, p.median_us as f64))
-            .collect();
-        interpolate(&points, rows as f64)
+        interpolate(&self.samples[s.index()][d], rows as f64)
     }
 
     /// Bytes of `rows` of tensor `r` (all of it without a row axis).
@@ -416,20 +430,15 @@ impl<'a> CostModel<'a> {
             return Ok(s.clone());
         }
         ensure!(!devices.is_empty(), "a group needs at least one device");
-        legion_partition::check_group(self.ir, group.first.index(), group.last.index())?;
-        let height = self
-            .ir
-            .stage(group.last)
-            .output
-            .height()
-            .context("a splittable stage has rows")?;
+        let tiler = GroupTiler::new(self.ir, group)?;
+        let height = tiler.height();
         let cost = |i: usize, strip: Rows| -> f64 {
             let cut = [
                 Rows::new(0, strip.start),
                 strip,
                 Rows::new(strip.end, height),
             ];
-            match tile_device(self.ir, group, &cut, 1) {
+            match tiler.tile_device(&cut, 1) {
                 Ok(Some(t)) => self.device_alone(predictor, devices[i], &t).total_us,
                 Ok(None) => 0.0,
                 Err(_) => f64::INFINITY,

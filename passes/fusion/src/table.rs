@@ -161,69 +161,32 @@ impl CostTable {
     ) -> Result<CostTable> {
         let n = ir.stages.len();
         let order = device_order(profile);
-        let mut entries = HashMap::new();
-        for first in 0..n {
-            let mut splittable = true;
-            for last in first..n {
-                let group = Group::new(first, last);
-                let whole = whole_group(ir, group);
-                let best_one = (0..order.len())
-                    .filter(|&d| legality.fits(ir, d, &whole))
-                    .map(|d| model.predict_one(group, d))
-                    .min_by(|a, b| a.total_us.total_cmp(&b.total_us));
-                if let Some(p) = best_one {
-                    entries.insert(
-                        Choice {
-                            first,
-                            last,
-                            devices: 1,
-                        },
-                        Entry {
-                            cost: Cost::from_us(p.total_us),
-                            devices: vec![DeviceCost::predicted(&p)],
-                            whole: true,
-                        },
-                    );
-                }
-                splittable = splittable && check_group(ir, last, last).is_ok();
-                if !splittable {
-                    continue;
-                }
-                for k in 2..=order.len() {
-                    let shares = model
-                        .shares(predictor, group, &order[..k])
-                        .with_context(|| format!("shares of group {group} on {k} devices"))?;
-                    let cut: Vec<Rows> = shares.iter().map(|(_, r)| *r).collect();
-                    let tiling = tile(ir, group, &cut)?;
-                    let legal = tiling.devices.iter().all(|t| {
-                        t.stages
-                            .iter()
-                            .all(|s| s.halo_rows == 0 || s.halo_rows < s.alone.len())
-                            && legality.fits(ir, shares[t.device].0, &t.spec())
-                    });
-                    if !legal {
-                        continue;
-                    }
-                    let prediction = model.predict(predictor, group, &shares)?;
-                    entries.insert(
-                        Choice {
-                            first,
-                            last,
-                            devices: k,
-                        },
-                        Entry {
-                            cost: Cost::from_us(prediction.total_us),
-                            devices: prediction
-                                .devices
-                                .iter()
-                                .map(DeviceCost::predicted)
-                                .collect(),
-                            whole: false,
-                        },
-                    );
-                }
-            }
-        }
+        // Groups starting at different stages are independent: spread them over the
+        // host's cores, round-robin (long groups start early).
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(n.max(1));
+        let rows: Vec<Vec<(Choice, Entry)>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let order = &order;
+                    scope.spawn(move || -> Result<Vec<(Choice, Entry)>> {
+                        let mut mine = vec![];
+                        for first in (t..n).step_by(threads) {
+                            mine.extend(entries_from(
+                                ir, model, predictor, legality, order, first,
+                            )?);
+                        }
+                        Ok(mine)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a cost-table thread panicked"))
+                .collect::<Result<_>>()
+        })?;
+        let entries = rows.into_iter().flatten().collect();
         Ok(CostTable {
             stages: n,
             options: order.len(),
@@ -299,4 +262,79 @@ impl CostTable {
             entries,
         })
     }
+}
+
+/// The legal entries of every group starting at stage `first` (see
+/// [`CostTable::predicted`]).
+fn entries_from(
+    ir: &Ir,
+    model: &CostModel,
+    predictor: Predictor,
+    legality: &Legality,
+    order: &[usize],
+    first: usize,
+) -> Result<Vec<(Choice, Entry)>> {
+    let n = ir.stages.len();
+    let mut entries = vec![];
+    let mut splittable = true;
+    for last in first..n {
+        let group = Group::new(first, last);
+        let whole = whole_group(ir, group);
+        let best_one = (0..order.len())
+            .filter(|&d| legality.fits(ir, d, &whole))
+            .map(|d| model.predict_one(group, d))
+            .min_by(|a, b| a.total_us.total_cmp(&b.total_us));
+        if let Some(p) = best_one {
+            entries.push((
+                Choice {
+                    first,
+                    last,
+                    devices: 1,
+                },
+                Entry {
+                    cost: Cost::from_us(p.total_us),
+                    devices: vec![DeviceCost::predicted(&p)],
+                    whole: true,
+                },
+            ));
+        }
+        splittable = splittable && check_group(ir, last, last).is_ok();
+        if !splittable {
+            continue;
+        }
+        for k in 2..=order.len() {
+            let shares = model
+                .shares(predictor, group, &order[..k])
+                .with_context(|| format!("shares of group {group} on {k} devices"))?;
+            let cut: Vec<Rows> = shares.iter().map(|(_, r)| *r).collect();
+            let tiling = tile(ir, group, &cut)?;
+            let legal = tiling.devices.iter().all(|t| {
+                t.stages
+                    .iter()
+                    .all(|s| s.halo_rows == 0 || s.halo_rows < s.alone.len())
+                    && legality.fits(ir, shares[t.device].0, &t.spec())
+            });
+            if !legal {
+                continue;
+            }
+            let prediction = model.predict(predictor, group, &shares)?;
+            entries.push((
+                Choice {
+                    first,
+                    last,
+                    devices: k,
+                },
+                Entry {
+                    cost: Cost::from_us(prediction.total_us),
+                    devices: prediction
+                        .devices
+                        .iter()
+                        .map(DeviceCost::predicted)
+                        .collect(),
+                    whole: false,
+                },
+            ));
+        }
+    }
+    Ok(entries)
 }

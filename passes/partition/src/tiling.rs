@@ -6,7 +6,6 @@ use legion_ir::Rows;
 use legion_ir::{Ir, StageId, TensorRef};
 use legion_plan::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 /// A fused group: the contiguous stages `first..=last` in topological order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -254,187 +253,194 @@ pub fn boundary(ir: &Ir, group: Group) -> (Vec<TensorRef>, Vec<StageId>) {
 /// Scales a cut of `from` rows to a tensor of `to` rows: cut points move proportionally
 /// (rounded down), so the strips still cover `[0, to)` in order.
 pub fn scale_cut(strips: &[Rows], from: usize, to: usize) -> Vec<Rows> {
+    strips.iter().map(|s| scale_rows(*s, from, to)).collect()
+}
+
+/// One strip of [`scale_cut`].
+fn scale_rows(strip: Rows, from: usize, to: usize) -> Rows {
     let point = |r: usize| if r == from { to } else { r * to / from };
-    strips
-        .iter()
-        .map(|s| Rows::new(point(s.start), point(s.end)))
-        .collect()
+    Rows::new(point(strip.start), point(strip.end))
 }
 
 /// Tiles `group` for `strips`, a cut of the last stage's output rows into one strip per
 /// device, in device order. Devices whose strip is empty are dropped.
 pub fn tile(ir: &Ir, group: Group, strips: &[Rows]) -> Result<Tiling, PartitionError> {
-    let cut = Cut::new(ir, group, strips)?;
-    let devices = strips
-        .iter()
-        .enumerate()
-        .filter(|(_, strip)| !strip.is_empty())
-        .map(|(d, _)| cut.device(ir, d))
-        .collect();
-    Ok(Tiling {
-        group,
-        inputs: cut.inputs,
-        outputs: cut.outputs,
-        devices,
-    })
+    GroupTiler::new(ir, group)?.tile(strips)
 }
 
-/// Like [`tile`], for device `device` of the cut only (`None` when its strip is empty):
-/// what the shares search asks for, without tiling the other devices.
-pub fn tile_device(
-    ir: &Ir,
+/// A group checked once and its boundary found, ready to tile any cut of its output:
+/// what the shares search keeps while it tries many strips of one group.
+pub struct GroupTiler<'a> {
+    ir: &'a Ir,
     group: Group,
-    strips: &[Rows],
-    device: usize,
-) -> Result<Option<DeviceTile>, PartitionError> {
-    let cut = Cut::new(ir, group, strips)?;
-    Ok(strips
-        .get(device)
-        .filter(|s| !s.is_empty())
-        .map(|_| cut.device(ir, device)))
-}
-
-/// A checked cut of a group's output rows, with each stage's rows alone.
-struct Cut<'s> {
-    group: Group,
-    strips: &'s [Rows],
+    height: usize,
     inputs: Vec<TensorRef>,
     outputs: Vec<StageId>,
-    alone: BTreeMap<StageId, Vec<Rows>>,
 }
 
-impl<'s> Cut<'s> {
-    fn new(ir: &Ir, group: Group, strips: &'s [Rows]) -> Result<Cut<'s>, PartitionError> {
+impl<'a> GroupTiler<'a> {
+    /// Checks that `group` is a run of splittable stages of `ir`.
+    pub fn new(ir: &'a Ir, group: Group) -> Result<GroupTiler<'a>, PartitionError> {
         check_group(ir, group.first.index(), group.last.index())?;
         let height = ir.stage(group.last).output.height().expect("splittable");
-        let in_order = strips.first().is_some_and(|s| s.start == 0)
-            && strips.last().is_some_and(|s| s.end == height)
-            && strips.windows(2).all(|w| w[0].end == w[1].start);
-        if !in_order {
-            return Err(PartitionError::BadStrips {
-                stage: group.last,
-                height,
-                strips: strips.to_vec(),
-            });
-        }
         let (inputs, outputs) = boundary(ir, group);
-        let cut_of = |s: StageId| {
-            scale_cut(
-                strips,
-                height,
-                ir.stage(s)
-                    .output
-                    .height()
-                    .expect("splittable stages have rows"),
-            )
-        };
-        let alone = group.stages().map(|s| (s, cut_of(s))).collect();
-        Ok(Cut {
+        Ok(GroupTiler {
+            ir,
             group,
-            strips,
+            height,
             inputs,
             outputs,
-            alone,
         })
     }
 
-    fn device(&self, ir: &Ir, d: usize) -> DeviceTile {
+    /// Output rows of the group's last stage.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Tiles every device of the cut `strips` (see [`tile`]).
+    pub fn tile(&self, strips: &[Rows]) -> Result<Tiling, PartitionError> {
+        self.check_cut(strips)?;
+        let devices = strips
+            .iter()
+            .enumerate()
+            .filter(|(_, strip)| !strip.is_empty())
+            .map(|(d, strip)| self.device(d, *strip))
+            .collect();
+        Ok(Tiling {
+            group: self.group,
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            devices,
+        })
+    }
+
+    /// Tiles device `device` of the cut `strips` only (`None` when its strip is empty).
+    pub fn tile_device(
+        &self,
+        strips: &[Rows],
+        device: usize,
+    ) -> Result<Option<DeviceTile>, PartitionError> {
+        self.check_cut(strips)?;
+        Ok(strips
+            .get(device)
+            .filter(|s| !s.is_empty())
+            .map(|strip| self.device(device, *strip)))
+    }
+
+    fn check_cut(&self, strips: &[Rows]) -> Result<(), PartitionError> {
+        let in_order = strips.first().is_some_and(|s| s.start == 0)
+            && strips.last().is_some_and(|s| s.end == self.height)
+            && strips.windows(2).all(|w| w[0].end == w[1].start);
+        if in_order {
+            Ok(())
+        } else {
+            Err(PartitionError::BadStrips {
+                stage: self.group.last,
+                height: self.height,
+                strips: strips.to_vec(),
+            })
+        }
+    }
+
+    /// Rows of stage `s` a device with `strip` of the last stage owns alone: the strip's
+    /// cut points scaled to the stage's height.
+    fn alone(&self, s: StageId, strip: Rows) -> Rows {
+        let rows = self
+            .ir
+            .stage(s)
+            .output
+            .height()
+            .expect("splittable stages have rows");
+        scale_rows(strip, self.height, rows)
+    }
+
+    /// The backward walk of DESIGN.md section 4 for one device.
+    fn device(&self, device: usize, strip: Rows) -> DeviceTile {
+        let (ir, group) = (self.ir, self.group);
+        let first = group.first.index();
         let sent: Vec<(StageId, Rows)> = self
             .outputs
             .iter()
-            .map(|o| (*o, self.alone[o][d]))
+            .map(|o| (*o, self.alone(*o, strip)))
             .collect();
-        device_tile(
-            ir,
-            self.group,
-            d,
-            self.strips[d],
-            &self.inputs,
+        // Per stage of the group (by offset from `first`): rows later stages want.
+        let mut want = vec![Rows::default(); group.last.index() + 1 - first];
+        for (s, rows) in &sent {
+            want[s.index() - first] = *rows;
+        }
+        // Per tensor entering the group (in `inputs` order): rows received, fused and
+        // alone.
+        let mut received = vec![Rows::default(); self.inputs.len()];
+        let mut received_alone = vec![Rows::default(); self.inputs.len()];
+        let mut stages = Vec::with_capacity(want.len());
+        for s in group.stages().rev() {
+            let stage = ir.stage(s);
+            let wanted = want[s.index() - first];
+            let map = if wanted.is_empty() {
+                crate::rows::StageRows {
+                    computed: wanted,
+                    inputs: vec![],
+                }
+            } else {
+                row_map(stage, wanted)
+            };
+            let own = self.alone(s, strip);
+            let own_map = (!own.is_empty()).then(|| row_map(stage, own));
+            for (i, r) in stage.inputs.iter().enumerate() {
+                let need = map.inputs.get(i).map(|n| n.rows).unwrap_or_default();
+                match r {
+                    TensorRef::Stage(p) if group.contains(*p) => {
+                        let w = &mut want[p.index() - first];
+                        *w = w.hull(need);
+                    }
+                    _ => {
+                        let k = self
+                            .inputs
+                            .iter()
+                            .position(|t| t == r)
+                            .expect("the boundary lists every tensor read from outside");
+                        received[k] = received[k].hull(need);
+                        if let Some(m) = &own_map {
+                            received_alone[k] = received_alone[k].hull(m.inputs[i].rows);
+                        }
+                    }
+                }
+            }
+            // Alone, the stage computes its own strip widened to whole blocks (upsampling).
+            let alone = own_map.as_ref().map_or(own, |m| m.computed);
+            stages.push(StageTile {
+                stage: s,
+                computed: map.computed,
+                inputs: map.inputs,
+                alone,
+                halo_rows: map.computed.len().saturating_sub(alone.len()),
+                alpha: ratio(map.computed.len(), alone.len()),
+            });
+        }
+        stages.reverse();
+        let received = self
+            .inputs
+            .iter()
+            .zip(received.iter().zip(&received_alone))
+            .map(|(t, (rows, alone))| Received {
+                tensor: *t,
+                rows: *rows,
+                alpha_in: ratio(rows.len(), alone.len()),
+            })
+            .collect();
+        DeviceTile {
+            device,
+            strip,
+            received,
+            stages,
             sent,
-            &self.alone,
-        )
+        }
     }
 }
 
 fn ratio(num: usize, den: usize) -> Option<f64> {
     (den > 0).then(|| num as f64 / den as f64)
-}
-
-/// The backward walk of DESIGN.md section 4 for one device.
-fn device_tile(
-    ir: &Ir,
-    group: Group,
-    device: usize,
-    strip: Rows,
-    inputs: &[TensorRef],
-    sent: Vec<(StageId, Rows)>,
-    alone: &BTreeMap<StageId, Vec<Rows>>,
-) -> DeviceTile {
-    let mut want: BTreeMap<StageId, Rows> = sent.iter().copied().collect();
-    let mut received: BTreeMap<TensorRef, Rows> = BTreeMap::new();
-    let mut received_alone: BTreeMap<TensorRef, Rows> = BTreeMap::new();
-    let mut stages = vec![];
-    for s in group.stages().rev() {
-        let stage = ir.stage(s);
-        let wanted = want.get(&s).copied().unwrap_or_default();
-        let map = if wanted.is_empty() {
-            crate::rows::StageRows {
-                computed: wanted,
-                inputs: vec![],
-            }
-        } else {
-            row_map(stage, wanted)
-        };
-        let own = alone[&s][device];
-        let own_map = (!own.is_empty()).then(|| row_map(stage, own));
-        for (i, r) in stage.inputs.iter().enumerate() {
-            let need = map.inputs.get(i).map(|n| n.rows).unwrap_or_default();
-            match r {
-                TensorRef::Stage(p) if group.contains(*p) => {
-                    let w = want.entry(*p).or_default();
-                    *w = w.hull(need);
-                }
-                _ => {
-                    let rcv = received.entry(*r).or_default();
-                    *rcv = rcv.hull(need);
-                    if let Some(m) = &own_map {
-                        let a = received_alone.entry(*r).or_default();
-                        *a = a.hull(m.inputs[i].rows);
-                    }
-                }
-            }
-        }
-        // Alone, the stage computes its own strip widened to whole blocks (upsampling).
-        let alone = own_map.as_ref().map_or(own, |m| m.computed);
-        stages.push(StageTile {
-            stage: s,
-            computed: map.computed,
-            inputs: map.inputs,
-            alone,
-            halo_rows: map.computed.len().saturating_sub(alone.len()),
-            alpha: ratio(map.computed.len(), alone.len()),
-        });
-    }
-    stages.reverse();
-    let received = inputs
-        .iter()
-        .map(|t| {
-            let rows = received.get(t).copied().unwrap_or_default();
-            let alone = received_alone.get(t).copied().unwrap_or_default();
-            Received {
-                tensor: *t,
-                rows,
-                alpha_in: ratio(rows.len(), alone.len()),
-            }
-        })
-        .collect();
-    DeviceTile {
-        device,
-        strip,
-        received,
-        stages,
-        sent,
-    }
 }
 
 /// The program that runs stage `s` whole on one device: every input whole, the stage's

@@ -26,7 +26,8 @@ pub fn run(reuse: bool) -> Result<String> {
          built with opt-level 3). Legion-mode profiles measured on local emulated \
          clusters (kept under target/bench-profiles; `--reuse` reads them back). Each \
          time is the median of {RUNS} runs. *Table*: every candidate group under every \
-         device option costed by the `legion` predictor at min-max shares, with the \
+         device option costed by the `legion` predictor at min-max shares (spread over \
+         the host's cores), with the \
          legality checks. *egg*: saturate the e-graph and extract. *DP*: the dynamic \
          program over the same table. Targets (issue #6, whole compile given a \
          profile): VGG-16 < 50 ms, ResNet-50 < 500 ms.\n",
