@@ -78,7 +78,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     eprintln!("serving; press Ctrl-C to stop");
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(crate::worker::shutdown_signal());
+    rt.block_on(legion_runtime::serve::shutdown_signal());
     local.stop();
     Ok(())
 }

@@ -10,9 +10,9 @@ mod profile;
 mod run;
 mod split;
 mod timeline;
-mod worker;
 
 use clap::{Parser, Subcommand};
+use legion_runtime::serve::init_logging;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,7 +34,7 @@ enum Command {
     /// Tile groups of stages for N devices: strips, halos, pads, alpha; --check runs them.
     Split(split::Args),
     /// Serve tiles over gRPC on this board until SIGINT or SIGTERM.
-    Worker(worker::Args),
+    Worker(legion_runtime::serve::WorkerArgs),
     /// Start a cluster of workers on this host (`cluster up --local N`).
     Cluster(cluster::Args),
     /// Measure a model on a cluster: single stages (legion) or every group (fss).
@@ -65,17 +65,8 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
             .is_some()
         || e.downcast_ref::<BadArgument>().is_some()
         || e.downcast_ref::<legion_plan::ClusterError>().is_some()
-}
-
-/// Logs to stderr with tracing, at `info` unless RUST_LOG says otherwise.
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        || e.downcast_ref::<legion_runtime::serve::BadWorkerOption>()
+            .is_some()
 }
 
 fn main() -> ExitCode {
@@ -83,7 +74,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Split(args) => split::run(&args),
-        Command::Worker(args) => worker::run(&args),
+        Command::Worker(args) => {
+            init_logging();
+            legion_runtime::serve::run_worker(&args)
+        }
         Command::Cluster(args) => cluster::run(&args),
         Command::Profile(args) => profile::run(&args),
         Command::Predict(args) => predict::run(&args),

@@ -10,7 +10,9 @@ mod tile;
 pub use reference::Reference;
 pub use tile::Tile;
 mod client;
+pub mod process;
 pub mod proto;
+pub mod serve;
 mod wire;
 mod worker;
 

@@ -14,6 +14,7 @@ use tract_onnx::prelude::Tensor;
 mod accuracy;
 mod calibration;
 mod compile;
+mod workers;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,6 +51,9 @@ enum Bench {
     /// Compile time given a profile: cost table, egg against the dynamic program,
     /// codegen.
     Compile,
+    /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
+    /// memory under qemu serving VGG-16's first block.
+    Workers,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -57,6 +61,7 @@ pub fn run(args: &Args) -> Result<()> {
         Bench::Partition => ("partition", partition()?),
         Bench::Calibration => ("calibration", calibration::calibration()?),
         Bench::Compile => ("compile", compile::run(args.reuse)?),
+        Bench::Workers => ("workers", workers::run()?),
         Bench::Accuracy => (
             "accuracy",
             accuracy::run(&accuracy::Options {

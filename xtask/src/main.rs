@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <task>` (see `cargo xtask --help`).
 
 mod bench;
+mod cross;
 mod gen_models;
 
 use anyhow::Result;
@@ -19,11 +20,14 @@ enum Task {
     GenModels(gen_models::Args),
     /// Run a benchmark and write its table under bench/.
     Bench(bench::Args),
+    /// Cross-build the worker for a board: aarch64 (Firefly) or armv7 (Odroid).
+    Cross(cross::Args),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::GenModels(args) => gen_models::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Cross(args) => cross::run(&args),
     }
 }

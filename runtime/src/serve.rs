@@ -1,0 +1,156 @@
+//! The worker as a program: `legion worker` and the worker-only `legion-worker` binary
+//! (what a board runs, built without the compiler passes) share these options and
+//! this entry point.
+
+use crate::emulate::{Emulation, Emulator, measure_host_gflops};
+use crate::{Compute, Worker, WorkerConfig};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+/// An option that cannot be used as given (the CLI reports it as bad input).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadWorkerOption(pub String);
+
+/// Options of a worker.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7070 (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Device name reported to the coordinator (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Directory for uploaded models (content-addressed by sha256).
+    #[arg(long, default_value = "legion-cache")]
+    pub cache: PathBuf,
+    /// File holding the token the coordinator must present (first line, trimmed).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Emulate a board: a class (firefly-rk3399, odroid-xu4) or
+    /// `speed=GFLOPS,mbps=MBITS,latency_ms=MS`. Compute is measured on this host and
+    /// scaled to the board; emulated workers on one host take turns computing.
+    #[arg(long)]
+    pub emulate: Option<String>,
+    /// This machine's rate on the calibration workload, GFLOP/s, as an earlier start
+    /// printed it. Skips the measurement at start (a few seconds on a board).
+    #[arg(long)]
+    pub host_gflops: Option<f64>,
+}
+
+/// Logs to stderr with tracing, at `info` unless RUST_LOG says otherwise.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, BadWorkerOption> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        BadWorkerOption(format!(
+            "{}: cannot read the token file ({e})",
+            path.display()
+        ))
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(BadWorkerOption(format!(
+            "{}: the token file is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
+/// Serves tiles until SIGINT or SIGTERM.
+pub fn run_worker(args: &WorkerArgs) -> Result<()> {
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into())
+    });
+    if let Some(g) = args.host_gflops
+        && !(g.is_finite() && g > 0.0)
+    {
+        return Err(BadWorkerOption(format!(
+            "--host-gflops {g}: give the positive rate an earlier start printed"
+        ))
+        .into());
+    }
+    let compute = match &args.emulate {
+        Some(spec) => {
+            let emulation: Emulation = spec
+                .parse()
+                .map_err(|e| BadWorkerOption(format!("--emulate {spec}: {e:#}")))?;
+            match args.host_gflops {
+                Some(host) => Compute::Emulated(Emulator::with_host_rate(emulation, host, None)?),
+                None => {
+                    tracing::info!(
+                        %emulation,
+                        "measuring the host's rate (holding the compute lock)"
+                    );
+                    Compute::Emulated(Emulator::start(emulation, None)?)
+                }
+            }
+        }
+        None => Compute::Real {
+            gflops: match args.host_gflops {
+                Some(g) => g,
+                None => {
+                    tracing::info!("measuring this device's rate on the calibration workload");
+                    measure_host_gflops()?
+                }
+            },
+        },
+    };
+    let (clock, gflops, host_gflops) = match &compute {
+        Compute::Real { gflops } => ("real", *gflops, *gflops),
+        Compute::Emulated(e) => ("emulated", e.emulation.gflops, e.host_gflops),
+    };
+    let worker = Worker::new(WorkerConfig {
+        name: name.clone(),
+        cache_dir: args.cache.clone(),
+        token: token.clone(),
+        compute,
+    })?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| BadWorkerOption(format!("cannot listen on {}: {e}", args.listen)))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            %addr,
+            name,
+            cache = %args.cache.display(),
+            auth = if token.is_some() { "token" } else { "none" },
+            clock,
+            gflops = format!("{gflops:.1}"),
+            host_gflops = format!("{host_gflops:.1}"),
+            arch = std::env::consts::ARCH,
+            version = env!("CARGO_PKG_VERSION"),
+            "legion worker listening"
+        );
+        worker
+            .serve(listener, shutdown_signal())
+            .await
+            .context("serving")?;
+        tracing::info!("legion worker stopped");
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (systemd stop).
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

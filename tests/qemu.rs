@@ -1,0 +1,201 @@
+//! The worker cross-built for the boards, run under qemu-user: an aarch64 worker
+//! (Firefly-RK3399 class) and an armv7 worker (Odroid-XU4 class) serve tiles next to an
+//! x86 worker, and groups split across the three equal the x86 single-device run.
+//!
+//! Needs the cross-built workers (`cargo xtask cross aarch64` and `armv7`) and
+//! qemu-user-static; `.ci/run` installs both and runs this test with `--ignored`.
+
+use legion_ir::{Ir, StageId, TensorRef, import};
+use legion_partition::{Group, strips_from_weights, tile};
+use legion_plan::{Cluster, CoordinatorLink, Device};
+use legion_runtime::check::{compare, test_input};
+use legion_runtime::process::WorkerProcess;
+use legion_runtime::{Coordinator, Reference, StepTile, Tensors};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// (target triple, qemu runner, its sysroot, emulated class, arch the worker reports).
+const BOARDS: [(&str, &str, &str, &str, &str); 2] = [
+    (
+        "aarch64-unknown-linux-gnu",
+        "qemu-aarch64-static",
+        "/usr/aarch64-linux-gnu",
+        "firefly-rk3399",
+        "aarch64",
+    ),
+    (
+        "armv7-unknown-linux-gnueabihf",
+        "qemu-arm-static",
+        "/usr/arm-linux-gnueabihf",
+        "odroid-xu4",
+        "arm",
+    ),
+];
+
+/// Across architectures the kernels accumulate in other orders (DESIGN.md section 7).
+const REL_TOLERANCE: f32 = 1e-4;
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts the cross-built worker for `triple` under qemu on a free loopback port.
+fn arm_worker(triple: &str, qemu: &str, sysroot: &str, class: &str) -> WorkerProcess {
+    let binary = target_dir()
+        .join(triple)
+        .join("release")
+        .join("legion-worker");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo xtask cross {}`",
+        binary.display(),
+        triple.split('-').next().unwrap()
+    );
+    let mut command = Command::new(qemu);
+    command
+        .args(["-L", sysroot])
+        .arg(&binary)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            class,
+            "--emulate",
+            class,
+        ])
+        // The calibration run would take minutes under qemu; the rate only scales
+        // emulated times, which this test does not check.
+        .args(["--host-gflops", "100"])
+        .arg("--cache")
+        .arg(scratch(&format!("qemu-cache-{triple}")));
+    WorkerProcess::spawn(command, triple, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{triple} worker under {qemu}: {e:#}"))
+}
+
+fn x86_worker() -> WorkerProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_legion"));
+    command
+        .args(["worker", "--listen", "127.0.0.1:0", "--name", "x86"])
+        .args(["--emulate", "firefly-rk3399"])
+        .args(["--host-gflops", "100", "--cache"])
+        .arg(scratch("qemu-cache-x86"));
+    WorkerProcess::spawn(command, "x86", Duration::from_secs(60)).unwrap()
+}
+
+/// The cluster of `workers`: (name, emulated class, process).
+fn cluster(workers: &[(&str, &str, &WorkerProcess)]) -> Cluster {
+    Cluster {
+        coordinator: CoordinatorLink::default(),
+        token_file: None,
+        devices: workers
+            .iter()
+            .map(|(name, class, w)| Device {
+                name: name.to_string(),
+                address: w.addr.clone(),
+                emulate: Some(class.to_string()),
+                link_mbps: 100.0,
+                latency_ms: 0.2,
+                memory_mb: None,
+            })
+            .collect(),
+    }
+}
+
+/// Runs `groups` of `model` split in equal strips over the coordinator's devices and
+/// returns the worst relative error of each group's last output against the x86 run.
+fn split_run(
+    rt: &tokio::runtime::Runtime,
+    coord: &mut Coordinator,
+    model: &str,
+    groups: &[(usize, usize)],
+) -> f32 {
+    let path = legion_models::test_model(model).unwrap();
+    let ir: Ir = import(&path, None).unwrap();
+    rt.block_on(coord.upload(&std::fs::read(&path).unwrap(), &ir.input.shape))
+        .unwrap();
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    let mut tensors = Tensors::new(&ir, input).unwrap();
+    let devices = coord.devices().len();
+    let mut worst = 0.0f32;
+    for &(first, last) in groups {
+        let group = Group::new(first, last);
+        let height = ir.stage(group.last).output.height().unwrap();
+        let tiling = tile(
+            &ir,
+            group,
+            &strips_from_weights(height, &vec![1.0; devices]),
+        )
+        .unwrap();
+        assert_eq!(
+            tiling.devices.len(),
+            devices,
+            "{model} {group}: every device works"
+        );
+        let tiles: Vec<StepTile> = tiling
+            .devices
+            .iter()
+            .map(|t| (t.device, t.spec()))
+            .collect();
+        rt.block_on(coord.run_step(&tiles, &mut tensors))
+            .unwrap_or_else(|e| panic!("{model} group {group}: {e:#}"));
+        let r = TensorRef::Stage(StageId(last as u32));
+        let diff = compare(
+            tensors.whole(r).unwrap(),
+            reference.tensor(r),
+            reference.tensor(r),
+        )
+        .unwrap();
+        eprintln!(
+            "{model} group {group} over aarch64 + armv7 + x86: max abs error {:.3e}, relative {:.3e}",
+            diff.max_abs, diff.max_rel
+        );
+        assert!(
+            diff.within(REL_TOLERANCE),
+            "{model} group {group}: {diff:?} against the x86 run"
+        );
+        worst = worst.max(diff.max_rel);
+    }
+    worst
+}
+
+#[test]
+#[ignore = "needs `cargo xtask cross aarch64|armv7` and qemu-user-static; .ci/run runs it"]
+fn arm_workers_under_qemu_match_the_x86_run() {
+    let arm: Vec<WorkerProcess> = BOARDS
+        .iter()
+        .map(|&(triple, qemu, sysroot, class, arch)| {
+            let w = arm_worker(triple, qemu, sysroot, class);
+            assert!(
+                w.start_line.contains(&format!("arch=\"{arch}\""))
+                    && w.start_line.contains("clock=\"emulated\""),
+                "{triple}: {}",
+                w.start_line
+            );
+            w
+        })
+        .collect();
+    let x86 = x86_worker();
+    let cluster = cluster(&[
+        ("firefly-aarch64", BOARDS[0].3, &arm[0]),
+        ("odroid-armv7", BOARDS[1].3, &arm[1]),
+        ("x86", "firefly-rk3399", &x86),
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut coord = rt
+        .block_on(Coordinator::connect(&cluster, Duration::from_secs(60)))
+        .unwrap();
+    // tiny-cnn whole in two groups; VGG-16's first block (conv1_1, conv1_2, pool1) as one.
+    let tiny = split_run(&rt, &mut coord, "tiny-cnn", &[(0, 3), (4, 6)]);
+    let vgg = split_run(&rt, &mut coord, "vgg16-conv", &[(0, 2)]);
+    eprintln!("worst relative error: tiny-cnn {tiny:.3e}, VGG-16 block 1 {vgg:.3e}");
+}
