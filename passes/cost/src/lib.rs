@@ -4,8 +4,8 @@
 //! - [`Predictor::Legion`], the paper's formula as written:
 //!   `T_d(G) = alpha_in * S_d(in strip alone) + sum_l alpha_l * E_d(l, share) + R_d(out)`,
 //!   `T(G) = max_d T_d(G)`.
-//! - [`Predictor::Affine`]: E interpolated at the rows each stage really computes in the
-//!   group, and transfers that share the coordinator's link (the network model of
+//! - [`Predictor::Affine`]: E at the rows each stage really computes in the group, on the
+//!   least-squares line through the stage's samples (affine in rows), and transfers that share the coordinator's link (the network model of
 //!   `legion_plan::network`), so scatter cannot beat total bytes / coordinator bandwidth.
 //! - [`Predictor::Aofl`]: the prior work's per-device linear regressions over layer
 //!   features (Zhou et al., SEC'19), fitted on the same single-stage samples.
@@ -34,7 +34,8 @@ use std::sync::Mutex;
 pub enum Predictor {
     /// The paper's alpha-scaled formula.
     Legion,
-    /// Interpolated at fused row counts, with a shared coordinator link.
+    /// E on a line fitted to the samples, at fused row counts, with a shared
+    /// coordinator link.
     Affine,
     /// The AOFL baseline: per-device linear regression over layer features.
     Aofl,
@@ -97,6 +98,20 @@ pub struct Prediction {
     pub total_us: f64,
 }
 
+/// The least-squares line `(intercept, slope)` through `(x, y)` points (one point: flat).
+fn line(points: &[(f64, f64)]) -> (f64, f64) {
+    match points {
+        [] => (0.0, 0.0),
+        [(_, y)] => (*y, 0.0),
+        _ => {
+            let xs: Vec<Vec<f64>> = points.iter().map(|&(x, _)| vec![1.0, x]).collect();
+            let ys: Vec<f64> = points.iter().map(|&(_, y)| y).collect();
+            let c = least_squares(&xs, &ys);
+            (c[0], c[1])
+        }
+    }
+}
+
 /// Shares are cached per predictor, group and device subset.
 type SharesKey = (Predictor, Group, Vec<usize>);
 
@@ -109,6 +124,8 @@ pub struct CostModel<'a> {
     aofl: Vec<aofl::Regressions>,
     /// Per stage, per device: the profile's (rows, median µs) samples.
     samples: Vec<Vec<Vec<(f64, f64)>>>,
+    /// Per stage, per device: (intercept µs, µs per row) of the line through them.
+    lines: Vec<Vec<(f64, f64)>>,
     shares: Mutex<HashMap<SharesKey, Vec<(usize, Rows)>>>,
 }
 
@@ -155,7 +172,7 @@ impl<'a> CostModel<'a> {
         let aofl = (0..profile.devices.len())
             .map(|d| aofl::Regressions::fit(ir, profile, d))
             .collect();
-        let samples = profile
+        let samples: Vec<Vec<Vec<(f64, f64)>>> = profile
             .stages
             .iter()
             .map(|s| {
@@ -170,6 +187,10 @@ impl<'a> CostModel<'a> {
                     .collect()
             })
             .collect();
+        let lines = samples
+            .iter()
+            .map(|per_device| per_device.iter().map(|p| line(p)).collect())
+            .collect();
         Ok(CostModel {
             ir,
             profile,
@@ -177,6 +198,7 @@ impl<'a> CostModel<'a> {
             recv,
             aofl,
             samples,
+            lines,
             shares: Mutex::default(),
         })
     }
@@ -194,6 +216,14 @@ impl<'a> CostModel<'a> {
     /// E_d(l, rows): the single-stage time interpolated at `rows` output rows.
     pub fn stage_time(&self, d: usize, s: StageId, rows: usize) -> f64 {
         interpolate(&self.samples[s.index()][d], rows as f64)
+    }
+
+    /// E_d(l, rows) on the least-squares line through the stage's samples: what
+    /// [`Predictor::Affine`] uses, since fused row counts often lie past the samples,
+    /// where the last segment's noisy slope would be extended.
+    pub fn stage_time_fitted(&self, d: usize, s: StageId, rows: usize) -> f64 {
+        let (intercept, slope) = self.lines[s.index()][d];
+        (intercept + slope * rows as f64).max(0.0)
     }
 
     /// Bytes of `rows` of tensor `r` (all of it without a row axis).
@@ -290,7 +320,7 @@ impl<'a> CostModel<'a> {
                         let e = if st.computed.is_empty() {
                             0.0
                         } else {
-                            self.stage_time(d, st.stage, st.computed.len())
+                            self.stage_time_fitted(d, st.stage, st.computed.len())
                         };
                         (st.stage, e)
                     })
@@ -467,5 +497,24 @@ impl<'a> CostModel<'a> {
     ) -> Result<Prediction> {
         let shares = self.shares(predictor, group, devices)?;
         self.predict(predictor, group, &shares)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fitted_line_extends_all_samples_not_the_last_segment() {
+        // x mean 43, y mean 170; Sxx = 500, Sxy = 2500: slope 5, intercept 170 - 5 * 43.
+        let samples = [(28.0, 100.0), (38.0, 150.0), (48.0, 170.0), (58.0, 260.0)];
+        let (intercept, slope) = line(&samples);
+        assert!((slope - 5.0).abs() < 1e-9, "{slope}");
+        assert!((intercept + 45.0).abs() < 1e-9, "{intercept}");
+        // At 120 rows the line gives 555 µs; the last segment (9 µs per row) would give
+        // 170 + 9 * 72 = 818.
+        assert!((intercept + slope * 120.0 - 555.0).abs() < 1e-9);
+        assert_eq!(interpolate(&samples, 120.0), 818.0);
+        assert_eq!(line(&[(30.0, 70.0)]), (70.0, 0.0));
     }
 }
