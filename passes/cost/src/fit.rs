@@ -78,6 +78,20 @@ pub fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Vec<f64> {
     solved
 }
 
+/// The least-squares line `(intercept, slope)` through `(x, y)` points (one point: flat).
+pub(crate) fn line(points: &[(f64, f64)]) -> (f64, f64) {
+    match points {
+        [] => (0.0, 0.0),
+        [(_, y)] => (*y, 0.0),
+        _ => {
+            let xs: Vec<Vec<f64>> = points.iter().map(|&(x, _)| vec![1.0, x]).collect();
+            let ys: Vec<f64> = points.iter().map(|&(_, y)| y).collect();
+            let c = least_squares(&xs, &ys);
+            (c[0], c[1])
+        }
+    }
+}
+
 /// An affine time model `latency + bytes * per_byte`, in µs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Affine {
@@ -168,5 +182,19 @@ mod tests {
         assert!((f.latency_us - 200.0).abs() < 1.0, "{f:?}");
         assert!((f.us_per_byte - 0.08).abs() < 1e-5, "{f:?}");
         assert_eq!(f.time_us(0), 0.0);
+    }
+
+    #[test]
+    fn the_fitted_line_extends_all_samples_not_the_last_segment() {
+        // x mean 43, y mean 170; Sxx = 500, Sxy = 2500: slope 5, intercept 170 - 5 * 43.
+        let samples = [(28.0, 100.0), (38.0, 150.0), (48.0, 170.0), (58.0, 260.0)];
+        let (intercept, slope) = line(&samples);
+        assert!((slope - 5.0).abs() < 1e-9, "{slope}");
+        assert!((intercept + 45.0).abs() < 1e-9, "{intercept}");
+        // At 120 rows the line gives 555 µs; the last segment (9 µs per row) would give
+        // 170 + 9 * 72 = 818.
+        assert!((intercept + slope * 120.0 - 555.0).abs() < 1e-9);
+        assert_eq!(interpolate(&samples, 120.0), 818.0);
+        assert_eq!(line(&[(30.0, 70.0)]), (70.0, 0.0));
     }
 }

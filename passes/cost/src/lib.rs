@@ -5,8 +5,9 @@
 //!   `T_d(G) = alpha_in * S_d(in strip alone) + sum_l alpha_l * E_d(l, share) + R_d(out)`,
 //!   `T(G) = max_d T_d(G)`.
 //! - [`Predictor::Affine`]: E at the rows each stage really computes in the group, on the
-//!   least-squares line through the stage's samples (affine in rows), and transfers that share the coordinator's link (the network model of
-//!   `legion_plan::network`), so scatter cannot beat total bytes / coordinator bandwidth.
+//!   least-squares line through the stage's samples (affine in rows), and transfers that
+//!   share the coordinator's link (the network model of `legion_plan::network`), so
+//!   scatter cannot beat total bytes / coordinator bandwidth.
 //! - [`Predictor::Aofl`]: the prior work's per-device linear regressions over layer
 //!   features (Zhou et al., SEC'19), fitted on the same single-stage samples.
 //!
@@ -15,6 +16,7 @@
 mod aofl;
 mod fit;
 
+use fit::line;
 pub use fit::{Affine, interpolate, least_squares};
 
 use anyhow::{Result, bail, ensure};
@@ -96,20 +98,6 @@ pub struct Prediction {
     pub devices: Vec<DevicePrediction>,
     /// `max` over devices of their totals.
     pub total_us: f64,
-}
-
-/// The least-squares line `(intercept, slope)` through `(x, y)` points (one point: flat).
-fn line(points: &[(f64, f64)]) -> (f64, f64) {
-    match points {
-        [] => (0.0, 0.0),
-        [(_, y)] => (*y, 0.0),
-        _ => {
-            let xs: Vec<Vec<f64>> = points.iter().map(|&(x, _)| vec![1.0, x]).collect();
-            let ys: Vec<f64> = points.iter().map(|&(_, y)| y).collect();
-            let c = least_squares(&xs, &ys);
-            (c[0], c[1])
-        }
-    }
 }
 
 /// Shares are cached per predictor, group and device subset.
@@ -221,7 +209,7 @@ impl<'a> CostModel<'a> {
     /// E_d(l, rows) on the least-squares line through the stage's samples: what
     /// [`Predictor::Affine`] uses, since fused row counts often lie past the samples,
     /// where the last segment's noisy slope would be extended.
-    pub fn stage_time_fitted(&self, d: usize, s: StageId, rows: usize) -> f64 {
+    fn stage_time_fitted(&self, d: usize, s: StageId, rows: usize) -> f64 {
         let (intercept, slope) = self.lines[s.index()][d];
         (intercept + slope * rows as f64).max(0.0)
     }
@@ -497,24 +485,5 @@ impl<'a> CostModel<'a> {
     ) -> Result<Prediction> {
         let shares = self.shares(predictor, group, devices)?;
         self.predict(predictor, group, &shares)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_fitted_line_extends_all_samples_not_the_last_segment() {
-        // x mean 43, y mean 170; Sxx = 500, Sxy = 2500: slope 5, intercept 170 - 5 * 43.
-        let samples = [(28.0, 100.0), (38.0, 150.0), (48.0, 170.0), (58.0, 260.0)];
-        let (intercept, slope) = line(&samples);
-        assert!((slope - 5.0).abs() < 1e-9, "{slope}");
-        assert!((intercept + 45.0).abs() < 1e-9, "{intercept}");
-        // At 120 rows the line gives 555 µs; the last segment (9 µs per row) would give
-        // 170 + 9 * 72 = 818.
-        assert!((intercept + slope * 120.0 - 555.0).abs() < 1e-9);
-        assert_eq!(interpolate(&samples, 120.0), 818.0);
-        assert_eq!(line(&[(30.0, 70.0)]), (70.0, 0.0));
     }
 }
