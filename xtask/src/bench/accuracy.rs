@@ -78,21 +78,19 @@ fn profiles(cluster_name: &str, model: &str, opts: &Options) -> Result<(Ir, Prof
     Ok((ir, legion, fss))
 }
 
+/// Absolute percentage error of predictor `p` on one case, %.
+fn ape(c: &Case, p: usize) -> f64 {
+    (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0
+}
+
 /// Absolute percentage errors of one predictor.
 fn errors(cases: &[Case], p: usize) -> Vec<f64> {
-    cases
-        .iter()
-        .map(|c| (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0)
-        .collect()
+    cases.iter().map(|c| ape(c, p)).collect()
 }
 
 /// MAPE of predictor `p` over `cases`, %.
 fn mean_ape(cases: &[&Case], p: usize) -> f64 {
-    cases
-        .iter()
-        .map(|c| (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0)
-        .sum::<f64>()
-        / cases.len().max(1) as f64
+    cases.iter().map(|c| ape(c, p)).sum::<f64>() / cases.len().max(1) as f64
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -212,9 +210,9 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(md, "\n## By group length (MAPE %)\n")?;
     writeln!(
         md,
-        "Single-stage groups involve no fusion: every predictor reads the very stage \
-         profiled alone, so their error is the repeatability of two measurements of the \
-         same work on this host.\n"
+        "Single-stage groups involve no fusion: legion predicts them from the samples of \
+         that very stage, so its error there is the repeatability of two measurements of \
+         the same work on this host.\n"
     )?;
     writeln!(md, "| stages | groups | legion | affine | aofl |")?;
     writeln!(md, "|---|---:|---:|---:|---:|")?;
