@@ -95,11 +95,13 @@ pub fn import(path: &Path, input_shape: Option<&[usize]>) -> Result<Ir, ImportEr
 
 impl Ir {
     /// The stage with this id.
+    #[inline]
     pub fn stage(&self, id: StageId) -> &Stage {
         &self.stages[id.index()]
     }
 
     /// Shape and row axis of a tensor.
+    #[inline]
     pub fn tensor(&self, r: TensorRef) -> &TensorInfo {
         match r {
             TensorRef::Input => &self.input,

@@ -15,6 +15,7 @@ pub struct Rows {
 
 impl Rows {
     /// `[start, end)`.
+    #[inline]
     pub fn new(start: usize, end: usize) -> Rows {
         Rows {
             start,
@@ -23,16 +24,19 @@ impl Rows {
     }
 
     /// Number of rows.
+    #[inline]
     pub fn len(self) -> usize {
         self.end - self.start
     }
 
     /// True when there are no rows.
+    #[inline]
     pub fn is_empty(self) -> bool {
         self.end == self.start
     }
 
     /// The smallest range holding both (an empty range is neutral).
+    #[inline]
     pub fn hull(self, other: Rows) -> Rows {
         match (self.is_empty(), other.is_empty()) {
             (true, _) => other,

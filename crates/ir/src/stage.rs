@@ -10,6 +10,7 @@ pub struct StageId(pub u32);
 
 impl StageId {
     /// The stage's position in [`crate::Ir::stages`].
+    #[inline]
     pub fn index(self) -> usize {
         self.0 as usize
     }
@@ -57,11 +58,13 @@ pub struct TensorInfo {
 
 impl TensorInfo {
     /// Number of rows (the size of the H axis), if the tensor has an H axis.
+    #[inline]
     pub fn height(&self) -> Option<usize> {
         self.h_axis.map(|h| self.shape[h])
     }
 
     /// Number of f32 elements.
+    #[inline]
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }

@@ -21,12 +21,15 @@ pub use fit::{Affine, interpolate, least_squares};
 
 use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_partition::{DeviceTile, Group, GroupTiler, boundary, rebalance, tile};
+use legion_partition::{Group, SuffixTiler, TileView, boundary, rebalance, tile};
 use legion_plan::network::{Flow, arrival_times};
 use legion_plan::{Link, Profile, ProfileMode};
+use rustc_hash::FxHasher;
 use serde::Serialize;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::str::FromStr;
 use std::sync::Mutex;
 
@@ -234,30 +237,40 @@ impl<'a> CostModel<'a> {
     ) -> Result<Prediction> {
         let cut: Vec<Rows> = strips.iter().map(|(_, r)| *r).collect();
         let tiling = tile(self.ir, group, &cut)?;
-        let tiles: Vec<(usize, &DeviceTile)> = tiling
+        let views: Vec<(usize, TileView)> = tiling
             .devices
             .iter()
-            .map(|t| (strips[t.device].0, t))
+            .map(|t| (strips[t.device].0, t.view()))
             .collect();
+        Ok(self.predict_views(predictor, group, &views))
+    }
+
+    /// [`CostModel::predict`] of the tiles of `group`, per device (profile index).
+    fn predict_views(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        tiles: &[(usize, TileView)],
+    ) -> Prediction {
         let mut devices: Vec<DevicePrediction> = tiles
             .iter()
             .map(|(d, t)| self.device_alone(predictor, *d, t))
             .collect();
         if predictor == Predictor::Affine {
-            self.share_the_hub(&tiles, &mut devices);
+            self.share_the_hub(tiles, &mut devices);
         }
         let total_us = devices.iter().map(|d| d.total_us).fold(0.0, f64::max);
-        Ok(Prediction {
+        Prediction {
             predictor,
             first: group.first,
             last: group.last,
             devices,
             total_us,
-        })
+        }
     }
 
     /// A device's prediction as if its transfers had the coordinator to themselves.
-    fn device_alone(&self, predictor: Predictor, d: usize, t: &DeviceTile) -> DevicePrediction {
+    fn device_alone(&self, predictor: Predictor, d: usize, t: &TileView) -> DevicePrediction {
         let fused_in: u64 = t
             .received
             .iter()
@@ -338,7 +351,7 @@ impl<'a> CostModel<'a> {
 
     /// Affine: scatters share the coordinator's link from time 0; each device computes
     /// once its strips are in; gathers share it as devices finish.
-    fn share_the_hub(&self, tiles: &[(usize, &DeviceTile)], devices: &mut [DevicePrediction]) {
+    fn share_the_hub(&self, tiles: &[(usize, TileView)], devices: &mut [DevicePrediction]) {
         let hub = self.profile.coordinator_mbps;
         let link = |a: &Affine| Link {
             mbps: if a.us_per_byte > 0.0 {
@@ -443,37 +456,8 @@ impl<'a> CostModel<'a> {
         group: Group,
         devices: &[usize],
     ) -> Result<Vec<(usize, Rows)>> {
-        let key = (predictor, group, devices.to_vec());
-        if let Some(s) = self.shares.lock().expect("shares cache").get(&key) {
-            return Ok(s.clone());
-        }
-        ensure!(!devices.is_empty(), "a group needs at least one device");
-        let tiler = GroupTiler::new(self.ir, group)?;
-        let height = tiler.height();
-        let cost = |i: usize, strip: Rows| -> f64 {
-            let cut = [
-                Rows::new(0, strip.start),
-                strip,
-                Rows::new(strip.end, height),
-            ];
-            match tiler.tile_device(&cut, 1) {
-                Ok(Some(t)) => self.device_alone(predictor, devices[i], &t).total_us,
-                Ok(None) => 0.0,
-                Err(_) => f64::INFINITY,
-            }
-        };
-        let strips = rebalance(height, devices.len(), cost);
-        let shares: Vec<(usize, Rows)> = devices
-            .iter()
-            .zip(strips)
-            .filter(|(_, r)| !r.is_empty())
-            .map(|(d, r)| (*d, r))
-            .collect();
-        self.shares
-            .lock()
-            .expect("shares cache")
-            .insert(key, shares.clone());
-        Ok(shares)
+        let tiler = SuffixTiler::new(self.ir, group.last)?;
+        GroupShares::new(self, &tiler, predictor, group)?.over(devices)
     }
 
     /// The group's predicted time at its min-max shares over `devices`.
@@ -485,5 +469,108 @@ impl<'a> CostModel<'a> {
     ) -> Result<Prediction> {
         let shares = self.shares(predictor, group, devices)?;
         self.predict(predictor, group, &shares)
+    }
+}
+
+/// The min-max shares search of one group under one predictor (see
+/// [`CostModel::shares`]). A device's predicted time for a strip does not depend on
+/// which other devices share the group, so the searches over the `k` fastest devices
+/// for every `k` ask many of the same questions; the answers are kept here. The tiles
+/// come from a [`SuffixTiler`] shared by every group ending at the same stage.
+pub struct GroupShares<'m, 'a> {
+    model: &'m CostModel<'a>,
+    tiler: &'m SuffixTiler<'a>,
+    predictor: Predictor,
+    group: Group,
+    /// (device, strip) -> predicted µs with its transfers alone.
+    memo: RefCell<HashMap<(usize, Rows), f64, BuildHasherDefault<FxHasher>>>,
+}
+
+impl<'m, 'a> GroupShares<'m, 'a> {
+    /// The search for `group`, which must end at `tiler`'s last stage and lie in its
+    /// longest group.
+    pub fn new(
+        model: &'m CostModel<'a>,
+        tiler: &'m SuffixTiler<'a>,
+        predictor: Predictor,
+        group: Group,
+    ) -> Result<GroupShares<'m, 'a>> {
+        let longest = tiler.longest();
+        ensure!(
+            group.last == longest.last && group.first >= longest.first,
+            "group {group} is not a suffix of {longest}"
+        );
+        Ok(GroupShares {
+            model,
+            tiler,
+            predictor,
+            group,
+            memo: RefCell::default(),
+        })
+    }
+
+    /// Min-max shares over `devices`, in that order; devices given no rows are left
+    /// out. Cached in the cost model per (predictor, group, devices).
+    pub fn over(&self, devices: &[usize]) -> Result<Vec<(usize, Rows)>> {
+        ensure!(!devices.is_empty(), "a group needs at least one device");
+        let model = self.model;
+        let key = (self.predictor, self.group, devices.to_vec());
+        if let Some(s) = model.shares.lock().expect("shares cache").get(&key) {
+            return Ok(s.clone());
+        }
+        let cost = |i: usize, strip: Rows| -> f64 {
+            let d = devices[i];
+            if let Some(c) = self.memo.borrow().get(&(d, strip)) {
+                return *c;
+            }
+            let c = match self.tiler.walk(strip) {
+                Ok(walk) => {
+                    let t = walk.view(model.ir, self.group.first, strip);
+                    model.device_alone(self.predictor, d, &t).total_us
+                }
+                Err(_) => f64::INFINITY,
+            };
+            self.memo.borrow_mut().insert((d, strip), c);
+            c
+        };
+        let strips = rebalance(self.tiler.height(), devices.len(), cost);
+        let shares: Vec<(usize, Rows)> = devices
+            .iter()
+            .zip(strips)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(d, r)| (*d, r))
+            .collect();
+        model
+            .shares
+            .lock()
+            .expect("shares cache")
+            .insert(key, shares.clone());
+        Ok(shares)
+    }
+
+    /// [`CostModel::predict`] at `shares` (from [`GroupShares::over`]), from the kept
+    /// walks; `None` when `legal` rejects a device's tile (device, tile).
+    pub fn predict_if(
+        &self,
+        shares: &[(usize, Rows)],
+        legal: impl Fn(usize, &TileView) -> bool,
+    ) -> Result<Option<Prediction>> {
+        let walks = shares
+            .iter()
+            .map(|(_, strip)| self.tiler.walk(*strip))
+            .collect::<Result<Vec<_>, _>>()?;
+        let views: Vec<(usize, TileView)> = shares
+            .iter()
+            .zip(&walks)
+            .map(|((d, strip), w)| (*d, w.view(self.model.ir, self.group.first, *strip)))
+            .collect();
+        if !views.iter().all(|(d, t)| legal(*d, t)) {
+            return Ok(None);
+        }
+        Ok(Some(self.model.predict_views(
+            self.predictor,
+            self.group,
+            &views,
+        )))
     }
 }

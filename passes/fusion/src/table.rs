@@ -4,9 +4,9 @@
 
 use crate::{Choice, Cost, GroupCosts};
 use anyhow::{Context, Result, bail, ensure};
-use legion_cost::{CostModel, DevicePrediction, Predictor};
-use legion_ir::{Ir, Rows, TensorRef};
-use legion_partition::{Group, check_group, tile, whole_group};
+use legion_cost::{CostModel, DevicePrediction, GroupShares, Predictor};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
+use legion_partition::{Group, SuffixTiler, TileView, check_group, whole_group};
 use legion_plan::{DeviceTiming, Profile, ProfileMode, TileSpec};
 use std::collections::HashMap;
 
@@ -161,8 +161,8 @@ impl CostTable {
     ) -> Result<CostTable> {
         let n = ir.stages.len();
         let order = device_order(profile);
-        // Groups starting at different stages are independent: spread them over the
-        // host's cores, round-robin (long groups start early).
+        // Groups ending at different stages are independent: spread them over the
+        // host's cores, round-robin.
         let threads = std::thread::available_parallelism()
             .map_or(1, |t| t.get())
             .min(n.max(1));
@@ -172,10 +172,8 @@ impl CostTable {
                     let order = &order;
                     scope.spawn(move || -> Result<Vec<(Choice, Entry)>> {
                         let mut mine = vec![];
-                        for first in (t..n).step_by(threads) {
-                            mine.extend(entries_from(
-                                ir, model, predictor, legality, order, first,
-                            )?);
+                        for last in (t..n).step_by(threads) {
+                            mine.extend(entries_to(ir, model, predictor, legality, order, last)?);
                         }
                         Ok(mine)
                     })
@@ -264,20 +262,22 @@ impl CostTable {
     }
 }
 
-/// The legal entries of every group starting at stage `first` (see
-/// [`CostTable::predicted`]).
-fn entries_from(
+/// The legal entries of every group ending at stage `last` (see
+/// [`CostTable::predicted`]). The groups share one [`SuffixTiler`].
+fn entries_to(
     ir: &Ir,
     model: &CostModel,
     predictor: Predictor,
     legality: &Legality,
     order: &[usize],
-    first: usize,
+    last: usize,
 ) -> Result<Vec<(Choice, Entry)>> {
-    let n = ir.stages.len();
     let mut entries = vec![];
-    let mut splittable = true;
-    for last in first..n {
+    let tiler = match check_group(ir, last, last) {
+        Ok(_) => Some(SuffixTiler::new(ir, StageId(last as u32))?),
+        Err(_) => None,
+    };
+    for first in 0..=last {
         let group = Group::new(first, last);
         let whole = whole_group(ir, group);
         let best_one = (0..order.len())
@@ -298,26 +298,23 @@ fn entries_from(
                 },
             ));
         }
-        splittable = splittable && check_group(ir, last, last).is_ok();
-        if !splittable {
+        let Some(tiler) = tiler.as_ref().filter(|t| t.longest().first <= group.first) else {
             continue;
-        }
+        };
+        let search = GroupShares::new(model, tiler, predictor, group)?;
         for k in 2..=order.len() {
-            let shares = model
-                .shares(predictor, group, &order[..k])
+            let shares = search
+                .over(&order[..k])
                 .with_context(|| format!("shares of group {group} on {k} devices"))?;
-            let cut: Vec<Rows> = shares.iter().map(|(_, r)| *r).collect();
-            let tiling = tile(ir, group, &cut)?;
-            let legal = tiling.devices.iter().all(|t| {
+            let legal = |device: usize, t: &TileView| {
                 t.stages
                     .iter()
                     .all(|s| s.halo_rows == 0 || s.halo_rows < s.alone.len())
-                    && legality.fits(ir, shares[t.device].0, &t.spec())
-            });
-            if !legal {
+                    && legality.fits(ir, device, &t.spec())
+            };
+            let Some(prediction) = search.predict_if(&shares, legal)? else {
                 continue;
-            }
-            let prediction = model.predict(predictor, group, &shares)?;
+            };
             entries.push((
                 Choice {
                     first,

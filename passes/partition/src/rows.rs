@@ -2,6 +2,7 @@
 
 use legion_ir::{Rows, Stage, StageKind, Window};
 use serde::{Deserialize, Serialize};
+use smallvec::{SmallVec, smallvec};
 
 /// Rows of one input a stage needs, plus the padding its tile must apply around them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,8 +21,9 @@ pub struct StageRows {
     /// Output rows computed: the wanted range, widened where the stage can only produce
     /// whole blocks (upsampling computes whole repeats).
     pub computed: Rows,
-    /// One entry per data input of the stage, in order.
-    pub inputs: Vec<InputRows>,
+    /// One entry per data input of the stage, in order (inline: the walk over a group
+    /// maps every stage for every strip the shares search tries).
+    pub inputs: SmallVec<[InputRows; 2]>,
 }
 
 /// The row map of a splittable stage: output rows `want` -> input rows and pads.
@@ -41,19 +43,19 @@ pub fn row_map(stage: &Stage, want: Rows) -> StageRows {
     match &stage.kind {
         StageKind::Conv { window, .. } | StageKind::Pool { window, .. } => StageRows {
             computed: want,
-            inputs: vec![window_rows(window, want, in_height(0))],
+            inputs: smallvec![window_rows(window, want, in_height(0))],
         },
         StageKind::Upsample { factor } => {
             let f = *factor;
             let rows = Rows::new(want.start / f, want.end.div_ceil(f));
             StageRows {
                 computed: Rows::new(rows.start * f, rows.end * f),
-                inputs: vec![same(rows)],
+                inputs: smallvec![same(rows)],
             }
         }
         StageKind::SpaceToDepth { block } => StageRows {
             computed: want,
-            inputs: vec![same(Rows::new(want.start * block, want.end * block))],
+            inputs: smallvec![same(Rows::new(want.start * block, want.end * block))],
         },
         _ => StageRows {
             computed: want,

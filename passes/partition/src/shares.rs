@@ -44,18 +44,9 @@ pub fn cut(counts: &[usize]) -> Vec<Rows> {
 /// Min-max shares: strips for `devices` devices over `height` rows that minimise the
 /// largest `cost(device, strip)`. `cost` must not decrease when a strip grows; it may
 /// depend on where the strip lies (edge strips have smaller halos). An empty strip costs
-/// nothing, so a device that only slows the group down gets none.
+/// nothing, so a device that only slows the group down gets none. The search asks for
+/// the same (device, strip) many times: memoize `cost` when it is dear.
 pub fn rebalance(height: usize, devices: usize, cost: impl Fn(usize, Rows) -> f64) -> Vec<Rows> {
-    // The bisection asks for the same (device, strip) many times: remember the answers.
-    let memo = std::cell::RefCell::new(std::collections::HashMap::new());
-    let cost = |d: usize, r: Rows| -> f64 {
-        if let Some(c) = memo.borrow().get(&(d, r.start, r.end)) {
-            return *c;
-        }
-        let c = cost(d, r);
-        memo.borrow_mut().insert((d, r.start, r.end), c);
-        c
-    };
     // Greedy fill for a time budget: each device in order takes as many rows as fit.
     let fill = |budget: f64| -> Option<Vec<usize>> {
         let mut start = 0;

@@ -5,7 +5,13 @@ use crate::rows::{InputRows, row_map, window_rows};
 use legion_ir::Rows;
 use legion_ir::{Ir, StageId, TensorRef};
 use legion_plan::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
+use rustc_hash::FxHasher;
 use serde::Serialize;
+use smallvec::SmallVec;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::rc::Rc;
 
 /// A fused group: the contiguous stages `first..=last` in topological order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -85,7 +91,7 @@ pub struct StageTile {
     /// Output rows the device computes (its own strip plus the halo later stages need).
     pub computed: Rows,
     /// Rows and pads read from each data input (a slice of the producer's computed rows).
-    pub inputs: Vec<InputRows>,
+    pub inputs: SmallVec<[InputRows; 2]>,
     /// Rows the device would compute if the stage ran alone at the same share (its
     /// strip, widened to whole blocks where the stage computes blocks).
     pub alone: Rows,
@@ -132,42 +138,7 @@ impl DeviceTile {
 
     /// The program a worker runs for this tile.
     pub fn spec(&self) -> TileSpec {
-        TileSpec {
-            inputs: self
-                .received
-                .iter()
-                .map(|r| TileInput {
-                    tensor: r.tensor,
-                    rows: r.rows,
-                })
-                .collect(),
-            stages: self
-                .stages
-                .iter()
-                .filter(|t| !t.computed.is_empty())
-                .map(|t| TileStage {
-                    stage: t.stage,
-                    computed: t.computed,
-                    reads: t
-                        .inputs
-                        .iter()
-                        .map(|i| TileRead {
-                            rows: i.rows,
-                            pad_top: i.pad_top,
-                            pad_bottom: i.pad_bottom,
-                        })
-                        .collect(),
-                })
-                .collect(),
-            outputs: self
-                .sent
-                .iter()
-                .map(|(stage, rows)| TileOutput {
-                    stage: *stage,
-                    rows: *rows,
-                })
-                .collect(),
-        }
+        self.view().spec()
     }
 }
 
@@ -315,19 +286,6 @@ impl<'a> GroupTiler<'a> {
         })
     }
 
-    /// Tiles device `device` of the cut `strips` only (`None` when its strip is empty).
-    pub fn tile_device(
-        &self,
-        strips: &[Rows],
-        device: usize,
-    ) -> Result<Option<DeviceTile>, PartitionError> {
-        self.check_cut(strips)?;
-        Ok(strips
-            .get(device)
-            .filter(|s| !s.is_empty())
-            .map(|strip| self.device(device, *strip)))
-    }
-
     fn check_cut(&self, strips: &[Rows]) -> Result<(), PartitionError> {
         let in_order = strips.first().is_some_and(|s| s.start == 0)
             && strips.last().is_some_and(|s| s.end == self.height)
@@ -357,6 +315,20 @@ impl<'a> GroupTiler<'a> {
 
     /// The backward walk of DESIGN.md section 4 for one device.
     fn device(&self, device: usize, strip: Rows) -> DeviceTile {
+        let (stages, sent) = self.walk(strip);
+        DeviceTile {
+            device,
+            strip,
+            received: received(self.ir, &stages),
+            stages,
+            sent,
+        }
+    }
+
+    /// The stage tiles (in stage order) and the strips sent of a device with `strip`.
+    /// A stage's tile depends only on the stages after it in the group, so the tiles of
+    /// a group's suffix are those of the suffix tiled alone ([`SuffixTiler`]).
+    fn walk(&self, strip: Rows) -> (Vec<StageTile>, Vec<(StageId, Rows)>) {
         let (ir, group) = (self.ir, self.group);
         let first = group.first.index();
         let sent: Vec<(StageId, Rows)> = self
@@ -369,10 +341,6 @@ impl<'a> GroupTiler<'a> {
         for (s, rows) in &sent {
             want[s.index() - first] = *rows;
         }
-        // Per tensor entering the group (in `inputs` order): rows received, fused and
-        // alone.
-        let mut received = vec![Rows::default(); self.inputs.len()];
-        let mut received_alone = vec![Rows::default(); self.inputs.len()];
         let mut stages = Vec::with_capacity(want.len());
         for s in group.stages().rev() {
             let stage = ir.stage(s);
@@ -380,35 +348,27 @@ impl<'a> GroupTiler<'a> {
             let map = if wanted.is_empty() {
                 crate::rows::StageRows {
                     computed: wanted,
-                    inputs: vec![],
+                    inputs: SmallVec::new(),
                 }
             } else {
                 row_map(stage, wanted)
             };
-            let own = self.alone(s, strip);
-            let own_map = (!own.is_empty()).then(|| row_map(stage, own));
             for (i, r) in stage.inputs.iter().enumerate() {
-                let need = map.inputs.get(i).map(|n| n.rows).unwrap_or_default();
-                match r {
-                    TensorRef::Stage(p) if group.contains(*p) => {
-                        let w = &mut want[p.index() - first];
-                        *w = w.hull(need);
-                    }
-                    _ => {
-                        let k = self
-                            .inputs
-                            .iter()
-                            .position(|t| t == r)
-                            .expect("the boundary lists every tensor read from outside");
-                        received[k] = received[k].hull(need);
-                        if let Some(m) = &own_map {
-                            received_alone[k] = received_alone[k].hull(m.inputs[i].rows);
-                        }
-                    }
+                if let TensorRef::Stage(p) = r
+                    && group.contains(*p)
+                {
+                    let need = map.inputs.get(i).map(|n| n.rows).unwrap_or_default();
+                    let w = &mut want[p.index() - first];
+                    *w = w.hull(need);
                 }
             }
             // Alone, the stage computes its own strip widened to whole blocks (upsampling).
-            let alone = own_map.as_ref().map_or(own, |m| m.computed);
+            let own = self.alone(s, strip);
+            let alone = if own.is_empty() {
+                own
+            } else {
+                row_map(stage, own).computed
+            };
             stages.push(StageTile {
                 stage: s,
                 computed: map.computed,
@@ -419,23 +379,192 @@ impl<'a> GroupTiler<'a> {
             });
         }
         stages.reverse();
-        let received = self
-            .inputs
-            .iter()
-            .zip(received.iter().zip(&received_alone))
-            .map(|(t, (rows, alone))| Received {
-                tensor: *t,
-                rows: *rows,
-                alpha_in: ratio(rows.len(), alone.len()),
-            })
-            .collect();
-        DeviceTile {
-            device,
-            strip,
-            received,
-            stages,
-            sent,
+        (stages, sent)
+    }
+}
+
+/// The tensors entering the group made of `stages` (consecutive, in order) and the
+/// strips of them the tiles read, in the group's input order ([`boundary`]).
+fn received(ir: &Ir, stages: &[StageTile]) -> Vec<Received> {
+    let Some(first) = stages.first().map(|t| t.stage) else {
+        return vec![];
+    };
+    // (tensor, rows read, rows its readers would read alone)
+    let mut entering: SmallVec<[(TensorRef, Rows, Rows); 4]> = SmallVec::new();
+    for t in stages {
+        let stage = ir.stage(t.stage);
+        for (i, r) in stage.inputs.iter().enumerate() {
+            let outside = match r {
+                TensorRef::Input => true,
+                TensorRef::Stage(p) => *p < first,
+            };
+            if !outside {
+                continue;
+            }
+            let need = t.inputs.get(i).map(|n| n.rows).unwrap_or_default();
+            // A tile's alone rows are its own rows widened to whole blocks, which map to
+            // the same input rows as its own rows.
+            let alone = if t.alone.is_empty() {
+                Rows::default()
+            } else {
+                row_map(stage, t.alone).inputs[i].rows
+            };
+            match entering.iter_mut().find(|(tensor, _, _)| tensor == r) {
+                Some((_, rows, alone_rows)) => {
+                    *rows = rows.hull(need);
+                    *alone_rows = alone_rows.hull(alone);
+                }
+                None => entering.push((*r, need, alone)),
+            }
         }
+    }
+    entering
+        .into_iter()
+        .map(|(tensor, rows, alone)| Received {
+            tensor,
+            rows,
+            alpha_in: ratio(rows.len(), alone.len()),
+        })
+        .collect()
+}
+
+/// One device's tile of a group, borrowed: what the cost pass reads.
+#[derive(Clone, Debug)]
+pub struct TileView<'t> {
+    /// The device's strip of the group's last stage.
+    pub strip: Rows,
+    /// Strips of the tensors entering the group, in the group's input order.
+    pub received: Vec<Received>,
+    /// Per stage of the group, in order.
+    pub stages: &'t [StageTile],
+    /// Strips of the tensors leaving the group, in the group's output order.
+    pub sent: &'t [(StageId, Rows)],
+}
+
+impl TileView<'_> {
+    /// The program a worker runs for this tile.
+    pub fn spec(&self) -> TileSpec {
+        TileSpec {
+            inputs: self
+                .received
+                .iter()
+                .map(|r| TileInput {
+                    tensor: r.tensor,
+                    rows: r.rows,
+                })
+                .collect(),
+            stages: self
+                .stages
+                .iter()
+                .filter(|t| !t.computed.is_empty())
+                .map(|t| TileStage {
+                    stage: t.stage,
+                    computed: t.computed,
+                    reads: t
+                        .inputs
+                        .iter()
+                        .map(|i| TileRead {
+                            rows: i.rows,
+                            pad_top: i.pad_top,
+                            pad_bottom: i.pad_bottom,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            outputs: self
+                .sent
+                .iter()
+                .map(|(stage, rows)| TileOutput {
+                    stage: *stage,
+                    rows: *rows,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl DeviceTile {
+    /// The tile, borrowed.
+    pub fn view(&self) -> TileView<'_> {
+        TileView {
+            strip: self.strip,
+            received: self.received.clone(),
+            stages: &self.stages,
+            sent: &self.sent,
+        }
+    }
+}
+
+/// Tiles of every group ending at one stage, for one strip at a time: the walk is done
+/// once for the longest such group and kept, and a shorter group's tile is its suffix
+/// (the shares search of every group ending there asks for the same strips).
+pub struct SuffixTiler<'a> {
+    tiler: GroupTiler<'a>,
+    walks: RefCell<HashMap<Rows, Rc<Walk>, BuildHasherDefault<FxHasher>>>,
+}
+
+/// One strip's walk of a [`SuffixTiler`]'s longest group.
+#[derive(Debug)]
+pub struct Walk {
+    stages: Vec<StageTile>,
+    sent: Vec<(StageId, Rows)>,
+}
+
+impl Walk {
+    /// The tile of the group of the walk's stages from `first` on, for `strip`.
+    pub fn view(&self, ir: &Ir, first: StageId, strip: Rows) -> TileView<'_> {
+        let from = self.stages.partition_point(|t| t.stage < first);
+        let stages = &self.stages[from..];
+        TileView {
+            strip,
+            received: received(ir, stages),
+            stages,
+            sent: &self.sent[self.sent.partition_point(|(s, _)| *s < first)..],
+        }
+    }
+}
+
+impl<'a> SuffixTiler<'a> {
+    /// Tiles for the groups ending at `last`: the longest is the run of splittable
+    /// stages ending there.
+    pub fn new(ir: &'a Ir, last: StageId) -> Result<SuffixTiler<'a>, PartitionError> {
+        let mut first = last.index();
+        while first > 0 && check_group(ir, first - 1, first - 1).is_ok() {
+            first -= 1;
+        }
+        Ok(SuffixTiler {
+            tiler: GroupTiler::new(ir, Group::new(first, last.index()))?,
+            walks: RefCell::default(),
+        })
+    }
+
+    /// The longest group ending at the last stage.
+    pub fn longest(&self) -> Group {
+        self.tiler.group
+    }
+
+    /// Output rows of the last stage.
+    pub fn height(&self) -> usize {
+        self.tiler.height
+    }
+
+    /// The walk of the longest group for `strip`, a non-empty range of the last stage's
+    /// rows; walk it once, then view any group ending at the last stage through it.
+    pub fn walk(&self, strip: Rows) -> Result<Rc<Walk>, PartitionError> {
+        if strip.is_empty() || strip.end > self.tiler.height {
+            return Err(PartitionError::BadStrips {
+                stage: self.tiler.group.last,
+                height: self.tiler.height,
+                strips: vec![strip],
+            });
+        }
+        if let Some(w) = self.walks.borrow().get(&strip) {
+            return Ok(w.clone());
+        }
+        let (stages, sent) = self.tiler.walk(strip);
+        let walk = Rc::new(Walk { stages, sent });
+        self.walks.borrow_mut().insert(strip, walk.clone());
+        Ok(walk)
     }
 }
 
