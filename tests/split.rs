@@ -192,3 +192,36 @@ fn split_rejects_bad_groups_and_device_counts() {
         "3 speeds for 2 devices",
     );
 }
+
+/// The shares search reads a group's tiles from the walk of the longest group ending at
+/// the same stage: every suffix of that walk must be exactly the group tiled alone.
+#[test]
+fn a_suffix_of_a_walk_is_the_group_tiled_alone() {
+    use legion_partition::SuffixTiler;
+    for name in ["tiny-residual", "tiny-yolo", "resnet18"] {
+        let ir = load(name);
+        let mut compared = 0;
+        for last in 0..ir.stages.len() {
+            if !ir.stages[last].is_splittable() {
+                continue;
+            }
+            let tiler = SuffixTiler::new(&ir, legion_ir::StageId(last as u32)).unwrap();
+            let height = tiler.height();
+            let strips = strips_from_weights(height, &[1.0, 2.0, 1.0]);
+            for first in tiler.longest().first.index()..=last {
+                let tiling = tile(&ir, Group::new(first, last), &strips).unwrap();
+                for alone in &tiling.devices {
+                    let walk = tiler.walk(alone.strip).unwrap();
+                    let view = walk.view(&ir, legion_ir::StageId(first as u32), alone.strip);
+                    let whole = alone.view();
+                    let at = format!("{name} group {first}..{last} strip {:?}", alone.strip);
+                    assert_eq!(view.stages, whole.stages, "{at}: stages");
+                    assert_eq!(view.received, whole.received, "{at}: received");
+                    assert_eq!(view.sent, whole.sent, "{at}: sent");
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared > 50, "{name}: only {compared} tiles compared");
+    }
+}

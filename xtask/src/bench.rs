@@ -14,6 +14,7 @@ use tract_onnx::prelude::Tensor;
 mod accuracy;
 mod calibration;
 mod compile;
+mod paper;
 mod workers;
 
 #[derive(clap::Args)]
@@ -24,17 +25,18 @@ pub struct Args {
     /// Where to write the table (default bench/<what>.md).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// accuracy: clusters under testdata/clusters, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = accuracy::CLUSTERS.map(String::from))]
-    clusters: Vec<String>,
-    /// accuracy: models, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = accuracy::MODELS.map(String::from))]
-    models: Vec<String>,
-    /// accuracy: timed runs per measurement.
+    /// accuracy, paper: clusters under testdata/clusters, comma-separated (default: the
+    /// benchmark's own list).
+    #[arg(long, value_delimiter = ',')]
+    clusters: Option<Vec<String>>,
+    /// accuracy, paper: models, comma-separated (default: the benchmark's own list).
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// accuracy, paper: timed runs per measurement.
     #[arg(long, default_value_t = 3)]
     runs: u32,
-    /// accuracy, compile: reuse the profiles kept under target/bench-profiles by an
-    /// earlier run.
+    /// accuracy, compile, paper: reuse the profiles kept under target/bench-profiles by
+    /// an earlier run.
     #[arg(long)]
     reuse: bool,
 }
@@ -51,6 +53,9 @@ enum Bench {
     /// Compile time given a profile: cost table, egg against the dynamic program,
     /// codegen.
     Compile,
+    /// The paper's experiment: Legion, Legion + Wild Card, FSS, no fusion and one fused
+    /// block run on the 14 emulated clusters with VGG-16, VGG-19 and YOLOv2.
+    Paper,
     /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
     /// memory under qemu serving VGG-16's first block.
     Workers,
@@ -62,11 +67,20 @@ pub fn run(args: &Args) -> Result<()> {
         Bench::Calibration => ("calibration", calibration::calibration()?),
         Bench::Compile => ("compile", compile::run(args.reuse)?),
         Bench::Workers => ("workers", workers::run()?),
+        Bench::Paper => (
+            "paper",
+            paper::run(&paper::Options {
+                clusters: list(&args.clusters, &paper::CLUSTERS),
+                models: list(&args.models, &paper::MODELS),
+                runs: args.runs,
+                reuse: args.reuse,
+            })?,
+        ),
         Bench::Accuracy => (
             "accuracy",
             accuracy::run(&accuracy::Options {
-                clusters: args.clusters.clone(),
-                models: args.models.clone(),
+                clusters: list(&args.clusters, &accuracy::CLUSTERS),
+                models: list(&args.models, &accuracy::MODELS),
                 runs: args.runs,
                 reuse: args.reuse,
             })?,
@@ -83,6 +97,13 @@ pub fn run(args: &Args) -> Result<()> {
     print!("{table}");
     eprintln!("written {}", out.display());
     Ok(())
+}
+
+/// The names given, or the benchmark's own list.
+fn list(given: &Option<Vec<String>>, default: &[&str]) -> Vec<String> {
+    given
+        .clone()
+        .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
 }
 
 /// A profile of `model` on the testdata cluster `cluster_name` in `mode`, measured on a
