@@ -39,6 +39,10 @@ pub struct Args {
     /// an earlier run.
     #[arg(long)]
     reuse: bool,
+    /// paper: measure nothing; write bench/paper.md and the figure again from
+    /// bench/paper.json.
+    #[arg(long)]
+    replot: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -74,6 +78,7 @@ pub fn run(args: &Args) -> Result<()> {
                 models: list(&args.models, &paper::MODELS),
                 runs: args.runs,
                 reuse: args.reuse,
+                replot: args.replot,
             })?,
         ),
         Bench::Accuracy => (

@@ -47,11 +47,13 @@ pub struct Options {
     /// Timed runs per plan (after one warm-up); the fastest is kept.
     pub runs: u32,
     pub reuse: bool,
+    /// Measure nothing: write the table and the figure again from the kept results.
+    pub replot: bool,
 }
 
 /// One model on one cluster.
 #[derive(Serialize, Deserialize)]
-pub struct Row {
+struct Row {
     model: String,
     cluster: String,
     devices: usize,
@@ -79,7 +81,7 @@ impl Row {
 /// 1-device plan of it run by the coordinator on a local host worker (no emulation),
 /// both timed on this host's wall clock, fastest of the runs after a warm-up.
 #[derive(Serialize, Deserialize)]
-pub struct Overhead {
+struct Overhead {
     model: String,
     tract_us: u64,
     plan_us: u64,
@@ -151,6 +153,10 @@ pub fn run(opts: &Options) -> Result<String> {
         std::fs::write(ROWS, serde_json::to_string_pretty(results)?)?;
         figure(&results.rows, std::path::Path::new(FIGURE))
     };
+    if opts.replot {
+        save(&results)?;
+        return report(opts, &results);
+    }
     for model in &opts.models {
         let ir = load(model)?;
         let onnx_path = legion_models::test_model(model)?;
@@ -186,10 +192,10 @@ pub fn run(opts: &Options) -> Result<String> {
 }
 
 /// The measured results, as JSON.
-pub const ROWS: &str = "bench/paper.json";
+const ROWS: &str = "bench/paper.json";
 
 /// Where [`figure`] is drawn.
-pub const FIGURE: &str = "bench/paper.svg";
+const FIGURE: &str = "bench/paper.svg";
 
 fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options) -> Result<Row> {
     let file = legion_models::workspace_root()
@@ -591,12 +597,23 @@ fn args_label(opts: &Options) -> String {
     if opts.reuse {
         s += " --reuse";
     }
+    if opts.replot {
+        s += " --replot";
+    }
     s
+}
+
+/// `firefly-x3` -> `F3`, `odroid-x2` -> `O2`, `2f1o` -> `2F1O`.
+fn short_name(cluster: &str) -> String {
+    match cluster.split_once("-x") {
+        Some((class, n)) => format!("{}{n}", class[..1].to_uppercase()),
+        None => cluster.to_uppercase(),
+    }
 }
 
 /// Speedup bars per configuration, one panel per model side by side, one bar per plan
 /// (the paper's Fig. 6 layout), as SVG.
-pub fn figure(rows: &[Row], out: &std::path::Path) -> Result<()> {
+fn figure(rows: &[Row], out: &std::path::Path) -> Result<()> {
     use plotters::prelude::*;
     let models: Vec<&str> = MODELS
         .iter()
@@ -626,11 +643,11 @@ pub fn figure(rows: &[Row], out: &std::path::Path) -> Result<()> {
         let mut chart = ChartBuilder::on(panel)
             .caption(*model, ("sans-serif", 18))
             .margin(10)
-            .x_label_area_size(60)
+            .x_label_area_size(40)
             .y_label_area_size(45)
-            .build_cartesian_2d(0f64..mine.len() as f64, 0f64..top * 1.1)
+            .build_cartesian_2d(0f64..mine.len() as f64, 0f64..top * 1.45)
             .map_err(err)?;
-        let labels: Vec<String> = mine.iter().map(|r| r.cluster.clone()).collect();
+        let labels: Vec<String> = mine.iter().map(|r| short_name(&r.cluster)).collect();
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -643,11 +660,8 @@ pub fn figure(rows: &[Row], out: &std::path::Path) -> Result<()> {
                     String::new()
                 }
             })
-            .x_label_style(
-                ("sans-serif", 11)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
+            .x_label_style(("sans-serif", 11))
+            .x_desc("boards (F: Firefly, O: Odroid)")
             .y_desc("speedup over one board")
             .draw()
             .map_err(err)?;
