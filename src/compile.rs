@@ -194,13 +194,7 @@ pub(crate) fn build_plan(
         ProfileMode::Legion => {
             let model = CostModel::new(ir, profile)
                 .map_err(|e| BadArgument(format!("{}: {e:#}", profile_name())))?;
-            let legality = Legality {
-                memory_bytes: cluster
-                    .devices
-                    .iter()
-                    .map(|d| d.memory_mb.map(|mb| mb << 20))
-                    .collect(),
-            };
+            let legality = Legality::of_cluster(cluster);
             let table = CostTable::predicted(ir, &model, predictor, profile, &legality)?;
             Ok((table, predictor.to_string()))
         }

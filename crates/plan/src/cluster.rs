@@ -3,6 +3,25 @@
 //! docs/cluster.md.
 
 use serde::{Deserialize, Serialize};
+
+/// The paper's 14 emulated setups (its Fig. 6), as files `testdata/clusters/<name>.toml`:
+/// 1-6 Fireflies, 1-3 Odroids, and mixes of the two.
+pub const PAPER_SETUPS: [&str; 14] = [
+    "firefly-x1",
+    "firefly-x2",
+    "firefly-x3",
+    "firefly-x4",
+    "firefly-x5",
+    "firefly-x6",
+    "odroid-x1",
+    "odroid-x2",
+    "odroid-x3",
+    "1f1o",
+    "2f1o",
+    "2f2o",
+    "3f2o",
+    "3f3o",
+];
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 

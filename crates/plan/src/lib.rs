@@ -10,7 +10,7 @@ mod profile;
 mod tile;
 mod timing;
 
-pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, Link};
+pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, Link, PAPER_SETUPS};
 pub use plan::{Candidate, DeviceProgram, PLAN_VERSION, Plan, PlanGroup, PlanTile, Step};
 pub use profile::{
     DeviceProfile, GroupMeasurement, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,

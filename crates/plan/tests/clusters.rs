@@ -1,7 +1,7 @@
 //! The paper's 14 emulated setups under testdata/clusters: every file loads, and each
 //! holds the boards its name says, on 100 Mbit/s links with 0.2 ms latency.
 
-use legion_plan::Cluster;
+use legion_plan::{Cluster, PAPER_SETUPS as SETUPS};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -9,23 +9,6 @@ use std::path::{Path, PathBuf};
 /// depend on the runtime that defines them).
 const FIREFLY: &str = "firefly-rk3399";
 const ODROID: &str = "odroid-xu4";
-
-const SETUPS: [&str; 14] = [
-    "firefly-x1",
-    "firefly-x2",
-    "firefly-x3",
-    "firefly-x4",
-    "firefly-x5",
-    "firefly-x6",
-    "odroid-x1",
-    "odroid-x2",
-    "odroid-x3",
-    "1f1o",
-    "2f1o",
-    "2f2o",
-    "3f2o",
-    "3f3o",
-];
 
 fn clusters_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/clusters")

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 use legion_cost::{CostModel, DevicePrediction, GroupShares, Predictor};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{Group, SuffixTiler, TileView, check_group, whole_group};
-use legion_plan::{DeviceTiming, Profile, ProfileMode, TileSpec};
+use legion_plan::{Cluster, DeviceTiming, Profile, ProfileMode, TileSpec};
 use std::collections::HashMap;
 
 /// How one group runs under one device option.
@@ -57,6 +57,17 @@ pub struct Legality {
 }
 
 impl Legality {
+    /// The limits a cluster file sets: each device's `memory_mb`.
+    pub fn of_cluster(cluster: &Cluster) -> Legality {
+        Legality {
+            memory_bytes: cluster
+                .devices
+                .iter()
+                .map(|d| d.memory_mb.map(|mb| mb << 20))
+                .collect(),
+        }
+    }
+
     fn fits(&self, ir: &Ir, device: usize, spec: &TileSpec) -> bool {
         match self.memory_bytes.get(device).copied().flatten() {
             Some(limit) => tile_bytes(ir, spec) <= limit,

@@ -18,22 +18,7 @@ use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 /// The paper's 14 configurations (Fig. 6), under testdata/clusters.
-pub const CLUSTERS: [&str; 14] = [
-    "firefly-x1",
-    "firefly-x2",
-    "firefly-x3",
-    "firefly-x4",
-    "firefly-x5",
-    "firefly-x6",
-    "odroid-x1",
-    "odroid-x2",
-    "odroid-x3",
-    "1f1o",
-    "2f1o",
-    "2f2o",
-    "3f2o",
-    "3f3o",
-];
+pub const CLUSTERS: [&str; 14] = legion_plan::PAPER_SETUPS;
 
 /// The paper's models.
 pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
@@ -167,10 +152,8 @@ pub fn run(opts: &Options) -> Result<String> {
         results.overheads.push(o);
         save(&results)?;
         for cluster in &opts.clusters {
-            let t = Instant::now();
-            let mut row = measure(&ir, &onnx, model, cluster, opts)
+            let row = measure(&ir, &onnx, model, cluster, opts)
                 .with_context(|| format!("{cluster} {model}"))?;
-            row.wall = t.elapsed();
             eprintln!(
                 "{cluster} {model}: single {:.1} ms, legion+wc {:.2}x ({:.0} s)",
                 row.single.1 as f64 / 1e3,
@@ -198,6 +181,7 @@ const ROWS: &str = "bench/paper.json";
 const FIGURE: &str = "bench/paper.svg";
 
 fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options) -> Result<Row> {
+    let start = Instant::now();
     let file = legion_models::workspace_root()
         .join("testdata/clusters")
         .join(format!("{cluster_name}.toml"));
@@ -223,13 +207,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         d.address = "127.0.0.1:0".into();
     }
     let names: Vec<String> = profile.devices.iter().map(|d| d.name.clone()).collect();
-    let legality = Legality {
-        memory_bytes: cluster
-            .devices
-            .iter()
-            .map(|d| d.memory_mb.map(|mb| mb << 20))
-            .collect(),
-    };
+    let legality = Legality::of_cluster(&cluster);
     let cost = CostModel::new(ir, &profile)?;
     let table = CostTable::predicted(ir, &cost, Predictor::Legion, &profile, &legality)?;
     let (flc, _) = search_egg(&table)?;
@@ -319,7 +297,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             legion_profiling_us: profile.profiling_us,
             profiled_on,
             fss_profiling_us: fss.as_ref().map(|p| p.profiling_us),
-            wall: Duration::ZERO,
+            wall: start.elapsed(),
         })
     })
 }
