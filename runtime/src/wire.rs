@@ -24,10 +24,14 @@ pub(crate) fn is_sha256(s: &str) -> bool {
 
 /// Encodes an f32 tensor: its shape and little-endian values.
 pub fn to_wire(t: &Tensor) -> Result<F32Tensor> {
-    let values = t.to_plain_array_view::<f32>()?;
+    let view = t.to_plain_array_view::<f32>()?;
+    let data = match view.as_slice() {
+        Some(values) => le_bytes(values),
+        None => le_bytes(&view.iter().copied().collect::<Vec<f32>>()),
+    };
     Ok(F32Tensor {
         shape: t.shape().iter().map(|&d| d as u64).collect(),
-        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        data,
     })
 }
 
@@ -45,10 +49,63 @@ pub fn from_wire(t: &F32Tensor) -> Result<Tensor> {
         n * 4,
         t.data.len()
     );
-    let values: Vec<f32> = t
-        .data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Tensor::from_shape(&shape, &values)
+    let mut values = vec![0f32; n];
+    read_le_bytes(&t.data, &mut values);
+    Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
+}
+
+// Strips are megabytes: on little-endian hosts (x86-64, aarch64, armv7) the wire
+// format is the memory layout, so encoding and decoding are one copy each.
+
+#[cfg(target_endian = "little")]
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    zerocopy::IntoBytes::as_bytes(values).to_vec()
+}
+
+#[cfg(target_endian = "little")]
+fn read_le_bytes(bytes: &[u8], values: &mut [f32]) {
+    zerocopy::IntoBytes::as_mut_bytes(values).copy_from_slice(bytes);
+}
+
+#[cfg(target_endian = "big")]
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(target_endian = "big")]
+fn read_le_bytes(bytes: &[u8], values: &mut [f32]) {
+    for (v, c) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+        *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_survives_the_wire_bit_for_bit() {
+        let values: Vec<f32> = (0..2 * 3 * 5)
+            .map(|i| (i as f32 - 7.5) * 0.3)
+            .chain([f32::MIN_POSITIVE, -0.0])
+            .collect();
+        let t = Tensor::from_shape(&[2, 4, 4], &values).unwrap();
+        let wire = to_wire(&t).unwrap();
+        assert_eq!(wire.shape, [2, 4, 4]);
+        assert_eq!(&wire.data[4..8], &values[1].to_le_bytes());
+        let back = from_wire(&wire).unwrap();
+        assert_eq!(back.shape(), [2, 4, 4]);
+        let got = back.to_plain_array_view::<f32>().unwrap();
+        assert!(got.iter().zip(&values).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn bytes_that_do_not_fill_the_shape_are_refused() {
+        let wire = F32Tensor {
+            shape: vec![1, 2, 3],
+            data: vec![0; 23],
+        };
+        let e = format!("{:#}", from_wire(&wire).unwrap_err());
+        assert!(e.contains("needs 24 bytes, got 23"), "{e}");
+    }
 }
