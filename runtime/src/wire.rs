@@ -96,7 +96,11 @@ mod tests {
         let back = from_wire(&wire).unwrap();
         assert_eq!(back.shape(), [2, 4, 4]);
         let got = back.to_plain_array_view::<f32>().unwrap();
-        assert!(got.iter().zip(&values).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            got.iter()
+                .zip(&values)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 
     #[test]
