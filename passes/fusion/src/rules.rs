@@ -96,8 +96,8 @@ impl Analysis<Fusion> for Spans {
 /// Adds every legal option of `first..=last` into one e-class. A span no option makes
 /// legal gets the placeholder `x0` instead, which costs infinity: it is never
 /// extracted, but longer legal groups built from it stay reachable (legality is not
-/// monotone: a halo or memory limit can fail for a short group and pass for a longer
-/// one whose shares differ).
+/// monotone: a memory limit can fail for a short group and pass for a longer one
+/// whose shares differ).
 fn add_group(egraph: &mut FusionGraph, first: usize, last: usize) -> Id {
     let mut options: Vec<usize> = egraph.analysis.options(first, last).collect();
     if options.is_empty() {

@@ -441,12 +441,14 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          links at the cluster file's rates. Each plan ran once to warm up, then {} \
          times, in rounds over all plans and the single board (so that a slow spell of \
          the host falls on all); the fastest run is kept, since interference on this \
-         host only adds time (identical whole-model runs varied by up to 1.8x). *single*: the whole model on the fastest board of \
-         the cluster, measured the same way. Speedup = single / plan. *legion*: the FLC egg \
+         host only adds time (emulated compute is the computing thread's CPU time, \
+         which leaves cache and memory contention). *single*: the whole model on the \
+         fastest board of the cluster, measured the same way. Speedup = single / plan. *legion*: the FLC egg \
          extracts from the legion predictor's table. *legion+wc*: that and its Wild Card \
          both run, the faster kept. *fss*: the same search over FSS-measured group \
          times, where an fss-mode profile is kept (`cargo xtask bench accuracy` made \
-         them; FSS profiling takes 20-30 min per setup, so it ran on 9 of the 42). *no \
+         them; FSS profiling takes 10-30 min of wall time per setup here, so it ran on \
+         {} of the {}). *no \
          fusion*: every stage its own group. *one block*: every run of splittable \
          stages one group (DeepThings). Both split over the most devices the legality \
          rules allow. Profiling times are emulated. Where a cluster was not profiled \
@@ -454,7 +456,9 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          used (*cut from*): a legion profile measures each board alone.\n",
         super::host(),
         args_label(opts),
-        opts.runs
+        opts.runs,
+        rows.iter().filter(|r| r.fss_profiling_us.is_some()).count(),
+        rows.len()
     )?;
     write!(md, "| model | cluster | boards | single ms |")?;
     for p in PLANS {
