@@ -82,10 +82,14 @@ impl Compute {
     }
 }
 
-/// Tiles a worker keeps built: more than a plan's groups on one device, few enough
-/// that profiling every group (whose tiles each hold their own packed weights) does not
-/// fill the board's memory.
+/// Tiles a worker keeps built: more than a plan's groups on one device.
 pub const TILE_CACHE: usize = 32;
+
+/// Weight bytes the kept tiles may hold together (each tile packs its own copy of its
+/// stages' weights); the least recently used go first, the newest always stays. FSS
+/// profiling runs every group once: 32 YOLOv2 groups of up to 6 stages held about 3.5
+/// GB per worker, and six workers in one process ran this 24 GB host out of memory.
+pub const TILE_CACHE_WEIGHT_BYTES: u64 = 1 << 30;
 
 /// A built tile: its model and the TileSpec's canonical JSON.
 type TileKey = (ModelKey, String);
@@ -98,14 +102,56 @@ fn model_key(m: &ModelRef) -> ModelKey {
     (m.sha256.clone(), shape)
 }
 
+/// A least-recently-used cache bounded by a count and a total weight; the newest entry
+/// always stays, however heavy.
+struct Lru<K, V> {
+    /// Key, value and weight; least recently used first.
+    entries: Vec<(K, V, u64)>,
+    max_len: usize,
+    max_weight: u64,
+}
+
+impl<K: PartialEq, V: Clone> Lru<K, V> {
+    fn new(max_len: usize, max_weight: u64) -> Lru<K, V> {
+        Lru {
+            entries: vec![],
+            max_len,
+            max_weight,
+        }
+    }
+
+    /// The value of `key`, now the most recently used.
+    fn get(&mut self, key: &K) -> Option<V> {
+        let i = self.entries.iter().position(|(k, _, _)| k == key)?;
+        let hit = self.entries.remove(i);
+        let value = hit.1.clone();
+        self.entries.push(hit);
+        Some(value)
+    }
+
+    /// Keeps `value` as the most recently used, dropping the least recently used
+    /// entries until both bounds hold again (or only this one is left).
+    fn insert(&mut self, key: K, value: V, weight: u64) {
+        self.entries.retain(|(k, _, _)| *k != key);
+        self.entries.push((key, value, weight));
+        let mut held: u64 = self.entries.iter().map(|(_, _, w)| w).sum();
+        while self.entries.len() > 1
+            && (self.entries.len() > self.max_len || held > self.max_weight)
+        {
+            held -= self.entries.remove(0).2;
+        }
+    }
+}
+
 /// A worker's state: imported models and built tiles.
 pub struct Worker {
     config: WorkerConfig,
     /// Imported models, by sha256 and input shape.
     models: Mutex<HashMap<ModelKey, Arc<Ir>>>,
-    /// Built tiles, by model key and the TileSpec's canonical JSON, least recently
-    /// used first; at most [`TILE_CACHE`].
-    tiles: Mutex<Vec<(TileKey, Arc<Tile>)>>,
+    /// Built tiles, by model key and the TileSpec's canonical JSON, with their weight
+    /// bytes, least recently used first; at most [`TILE_CACHE`] tiles and
+    /// [`TILE_CACHE_WEIGHT_BYTES`].
+    tiles: Mutex<Lru<TileKey, Arc<Tile>>>,
 }
 
 impl Worker {
@@ -117,7 +163,7 @@ impl Worker {
         Ok(Worker {
             config,
             models: Mutex::default(),
-            tiles: Mutex::default(),
+            tiles: Mutex::new(Lru::new(TILE_CACHE, TILE_CACHE_WEIGHT_BYTES)),
         })
     }
 
@@ -190,21 +236,16 @@ impl Worker {
     fn tile(&self, m: &ModelRef, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
         let canonical = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
         let key = (model_key(m), canonical);
-        {
-            let mut tiles = lock(&self.tiles);
-            if let Some(i) = tiles.iter().position(|(k, _)| *k == key) {
-                let hit = tiles.remove(i);
-                let tile = hit.1.clone();
-                tiles.push(hit);
-                return Ok(tile);
-            }
+        if let Some(tile) = lock(&self.tiles).get(&key) {
+            return Ok(tile);
         }
         let tile = Arc::new(build_tile(ir, spec)?);
-        let mut tiles = lock(&self.tiles);
-        if tiles.len() >= TILE_CACHE {
-            tiles.remove(0);
-        }
-        tiles.push((key, tile.clone()));
+        let weights: u64 = spec
+            .stages
+            .iter()
+            .map(|s| ir.stage(s.stage).weight_bytes)
+            .sum();
+        lock(&self.tiles).insert(key, tile.clone(), weights);
         Ok(tile)
     }
 
@@ -518,4 +559,42 @@ fn strip_shape(ir: &Ir, r: TensorRef, rows: legion_ir::Rows) -> Vec<usize> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lru;
+
+    fn keys(lru: &Lru<&'static str, u32>) -> Vec<&'static str> {
+        lru.entries.iter().map(|(k, _, _)| *k).collect()
+    }
+
+    #[test]
+    fn the_least_recently_used_go_first_when_the_count_is_full() {
+        let mut lru = Lru::new(2, u64::MAX);
+        lru.insert("a", 1, 0);
+        lru.insert("b", 2, 0);
+        assert_eq!(lru.get(&"a"), Some(1));
+        lru.insert("c", 3, 0);
+        assert_eq!(keys(&lru), ["a", "c"]);
+        assert_eq!(lru.get(&"b"), None);
+    }
+
+    #[test]
+    fn heavy_entries_are_dropped_down_to_the_weight_bound() {
+        let mut lru = Lru::new(32, 100);
+        lru.insert("a", 1, 40);
+        lru.insert("b", 2, 40);
+        lru.insert("c", 3, 40);
+        assert_eq!(keys(&lru), ["b", "c"]);
+        // One entry over the bound on its own stays: the tile is in use.
+        lru.insert("huge", 4, 500);
+        assert_eq!(keys(&lru), ["huge"]);
+        assert_eq!(lru.get(&"huge"), Some(4));
+        // Inserting a key again replaces it rather than counting it twice.
+        lru.insert("huge", 5, 60);
+        lru.insert("d", 6, 30);
+        assert_eq!(keys(&lru), ["huge", "d"]);
+        assert_eq!(lru.get(&"huge"), Some(5));
+    }
 }
