@@ -540,7 +540,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
     {
         writeln!(
             md,
-            "- Lowest Legion + Wild Card speedup: {s:.2}x ({} on {}); target ≥ 1.0 everywhere.",
+            "- Lowest Legion + Wild Card speedup: {s:.3}x ({} on {}); target ≥ 1.0 everywhere.",
             r.model, r.cluster
         )?;
     }
