@@ -447,7 +447,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          extracts from the legion predictor's table. *legion+wc*: that and its Wild Card \
          both run, the faster kept. *fss*: the same search over FSS-measured group \
          times, where an fss-mode profile is kept (`cargo xtask bench accuracy` made \
-         them; FSS profiling took 2-11 min of wall time per setup here, so it ran on \
+         them; FSS profiling took 1-11 min of wall time per setup here, so it ran on \
          {} of the {}). *no \
          fusion*: every stage its own group. *one block*: every run of splittable \
          stages one group (DeepThings). Both split over the most devices the legality \
