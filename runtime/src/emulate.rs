@@ -237,11 +237,11 @@ pub fn measure_host_gflops() -> Result<f64> {
     let input = crate::check::test_input(&shape).into_tvalue();
     let mut times = Vec::with_capacity(CALIBRATION_RUNS);
     for run in 0..WARMUP_RUNS + CALIBRATION_RUNS {
-        let start = thread_cpu_time();
+        let start = thread_cpu_time()?;
         plan.run(tvec!(input.clone()))
             .context("running the calibration model")?;
         if run >= WARMUP_RUNS {
-            times.push(thread_cpu_time().saturating_sub(start).as_secs_f64());
+            times.push(thread_cpu_time()?.saturating_sub(start).as_secs_f64());
         }
     }
     // The fastest run: on a shared host, slow runs come in bursts that a median of 5
@@ -415,9 +415,9 @@ impl Emulator {
     /// (measured x [`Emulator::slowdown`]).
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<(T, Duration, Duration)> {
         let guard = self.lock.hold()?;
-        let start = thread_cpu_time();
+        let start = thread_cpu_time()?;
         let out = f();
-        let measured = thread_cpu_time().saturating_sub(start);
+        let measured = thread_cpu_time()?.saturating_sub(start);
         drop(guard);
         Ok((out, measured, self.emulated(measured)))
     }
@@ -429,7 +429,7 @@ impl Emulator {
 }
 
 /// The CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
-pub fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Result<Duration> {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -437,8 +437,13 @@ pub fn thread_cpu_time() -> Duration {
     // SAFETY: `t` is a valid timespec to write to, and the clock id is a constant the
     // kernel knows; clock_gettime writes nothing else.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    ensure!(
+        rc == 0,
+        "this system cannot time a thread's CPU use (clock_gettime(CLOCK_THREAD_CPUTIME_ID): \
+         {}), which emulated compute is timed on; run the worker without --emulate",
+        std::io::Error::last_os_error()
+    );
+    Ok(Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
 }
 
 #[cfg(test)]
