@@ -3,6 +3,8 @@
 //! docs/cluster.md.
 
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 /// The paper's 14 emulated setups (its Fig. 6), as files `testdata/clusters/<name>.toml`:
 /// 1-6 Fireflies, 1-3 Odroids, and mixes of the two.
@@ -22,8 +24,6 @@ pub const PAPER_SETUPS: [&str; 14] = [
     "3f2o",
     "3f3o",
 ];
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 
 /// A cluster: the coordinator's link and the devices, in the order strips are cut.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -150,20 +150,23 @@ pub fn run(opts: &Options) -> Result<String> {
     // The overheads first, all together: they are on the host's wall clock, so the
     // host should be quiet while they run (the clusters' emulated clock is the
     // computing thread's CPU time, which other work on the host does not inflate).
-    for model in &opts.models {
-        let ir = load(model)?;
-        let onnx_path = legion_models::test_model(model)?;
+    // Each model is imported once, for both loops.
+    let models: Vec<(&String, Ir, std::path::PathBuf)> = opts
+        .models
+        .iter()
+        .map(|m| Ok((m, load(m)?, legion_models::test_model(m)?)))
+        .collect::<Result<_>>()?;
+    for (model, ir, onnx_path) in &models {
         eprintln!("{model}: runtime overhead against plain tract");
-        let o = overhead(&ir, &onnx_path, model, OVERHEAD_RUNS)?;
+        let o = overhead(ir, onnx_path, model, OVERHEAD_RUNS)?;
         results.overheads.retain(|x| x.model != o.model);
         results.overheads.push(o);
         save(&results)?;
     }
-    for model in &opts.models {
-        let ir = load(model)?;
-        let onnx = std::fs::read(legion_models::test_model(model)?)?;
+    for (model, ir, onnx_path) in &models {
+        let onnx = std::fs::read(onnx_path)?;
         for cluster in &opts.clusters {
-            let row = measure(&ir, &onnx, model, cluster, opts)
+            let row = measure(ir, &onnx, model, cluster, opts)
                 .with_context(|| format!("{cluster} {model}"))?;
             eprintln!(
                 "{cluster} {model}: single {:.1} ms, legion+wc {:.2}x ({:.0} s)",
