@@ -43,6 +43,11 @@ pub struct Args {
     /// bench/paper.json.
     #[arg(long)]
     replot: bool,
+    /// paper: measure the clusters only and keep the runtime overheads of an earlier
+    /// run (those are timed on the host's wall clock and want a quiet host; the
+    /// clusters' emulated clock does not).
+    #[arg(long)]
+    keep_overheads: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -79,6 +84,7 @@ pub fn run(args: &Args) -> Result<()> {
                 runs: args.runs,
                 reuse: args.reuse,
                 replot: args.replot,
+                keep_overheads: args.keep_overheads,
             })?,
         ),
         Bench::Accuracy => (

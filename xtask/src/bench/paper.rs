@@ -34,6 +34,8 @@ pub struct Options {
     pub reuse: bool,
     /// Measure nothing: write the table and the figure again from the kept results.
     pub replot: bool,
+    /// Measure the clusters only; the overheads of an earlier run stay.
+    pub keep_overheads: bool,
 }
 
 /// One model on one cluster.
@@ -44,6 +46,9 @@ struct Row {
     devices: usize,
     /// Best single board: its name and emulated µs.
     single: (String, u64),
+    /// Timed runs of each plan and of the single board (after one warm-up).
+    #[serde(default = "three_runs")]
+    runs: u32,
     /// Per plan of [`PLANS`]: measured emulated µs and the FLC, when it was run.
     plans: Vec<Option<(u64, String)>>,
     legion_profiling_us: u64,
@@ -52,6 +57,11 @@ struct Row {
     profiled_on: Option<String>,
     fss_profiling_us: Option<u64>,
     wall: Duration,
+}
+
+/// Rows kept before [`Row::runs`] was recorded were all measured with 3 runs.
+fn three_runs() -> u32 {
+    3
 }
 
 impl Row {
@@ -156,7 +166,7 @@ pub fn run(opts: &Options) -> Result<String> {
         .iter()
         .map(|m| Ok((m, load(m)?, legion_models::test_model(m)?)))
         .collect::<Result<_>>()?;
-    for (model, ir, onnx_path) in &models {
+    for (model, ir, onnx_path) in models.iter().filter(|_| !opts.keep_overheads) {
         eprintln!("{model}: runtime overhead against plain tract");
         let o = overhead(ir, onnx_path, model, OVERHEAD_RUNS)?;
         results.overheads.retain(|x| x.model != o.model);
@@ -307,6 +317,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             cluster: cluster_name.to_string(),
             devices: cluster.devices.len(),
             single,
+            runs: opts.runs,
             plans: measured,
             legion_profiling_us: profile.profiling_us,
             profiled_on,
@@ -436,13 +447,30 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
     let rows = &results.rows;
     let mut md = String::new();
     writeln!(md, "# The paper's experiment on emulated clusters\n")?;
+    let mut run_counts: Vec<u32> = rows.iter().map(|r| r.runs).collect();
+    run_counts.sort_unstable();
+    run_counts.dedup();
+    let more_runs: Vec<String> = rows
+        .iter()
+        .filter(|r| r.runs != run_counts[0])
+        .map(|r| format!("{} on {}: {}", r.model, r.cluster, r.runs))
+        .collect();
+    let runs = if more_runs.is_empty() {
+        format!("{} times", run_counts.first().copied().unwrap_or(opts.runs))
+    } else {
+        format!(
+            "{} times (other counts: {})",
+            run_counts[0],
+            more_runs.join(", ")
+        )
+    };
     writeln!(
         md,
         "Measured by `cargo xtask bench paper` on {}; rows are kept in {ROWS} across \
          runs, and this file was last written by `cargo xtask bench paper{}`. Every time is on the emulated \
          clock (DESIGN.md section 7): compute scaled from this host to the board class, \
-         links at the cluster file's rates. Each plan ran once to warm up, then {} \
-         times, in rounds over all plans and the single board (so that a slow spell of \
+         links at the cluster file's rates. Each plan ran once to warm up, then {runs}, \
+         in rounds over all plans and the single board (so that a slow spell of \
          the host falls on all); the fastest run is kept, since interference on this \
          host only adds time (emulated compute is the computing thread's CPU time, \
          which leaves cache and memory contention). *single*: the whole model on the \
@@ -450,8 +478,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          extracts from the legion predictor's table. *legion+wc*: that and its Wild Card \
          both run, the faster kept. *fss*: the same search over FSS-measured group \
          times, where an fss-mode profile is kept (`cargo xtask bench accuracy` made \
-         them; FSS profiling took 1-11 min of wall time per setup here, so it ran on \
-         {} of the {}). *no \
+         them; {} of the {} setups have one). *no \
          fusion*: every stage its own group. *one block*: every run of splittable \
          stages one group (DeepThings). Both split over the most devices the legality \
          rules allow. Profiling times are emulated. Where a cluster was not profiled \
@@ -459,7 +486,6 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          used (*cut from*): a legion profile measures each board alone.\n",
         super::host(),
         args_label(opts),
-        opts.runs,
         rows.iter().filter(|r| r.fss_profiling_us.is_some()).count(),
         rows.len()
     )?;
