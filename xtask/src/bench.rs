@@ -17,6 +17,9 @@ mod compile;
 mod paper;
 mod workers;
 
+/// Timed runs per measurement unless `--runs` says otherwise.
+const DEFAULT_RUNS: u32 = 3;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Which benchmark.
@@ -33,7 +36,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
     /// accuracy, paper: timed runs per measurement.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
     /// accuracy, compile, paper: reuse the profiles kept under target/bench-profiles by
     /// an earlier run.

@@ -54,6 +54,10 @@ pub struct Legality {
     /// Per device (profile order): bytes a tile may hold (weights, strips received and
     /// every stage's output rows); `None` for no limit.
     pub memory_bytes: Vec<Option<u64>>,
+    /// The most stages a group may hold; `None` for no limit. An fss profile taken with
+    /// a group-length limit measured nothing longer, so a search meant to be compared
+    /// with it on the same candidates takes the same limit.
+    pub max_group_len: Option<usize>,
 }
 
 impl Legality {
@@ -65,6 +69,7 @@ impl Legality {
                 .iter()
                 .map(|d| d.memory_mb.map(|mb| mb << 20))
                 .collect(),
+            max_group_len: None,
         }
     }
 
@@ -292,7 +297,10 @@ fn entries_to(
         Ok(_) => Some(SuffixTiler::new(ir, StageId(last as u32))?),
         Err(_) => None,
     };
-    for first in 0..=last {
+    let shortest_first = legality
+        .max_group_len
+        .map_or(0, |len| (last + 1).saturating_sub(len.max(1)));
+    for first in shortest_first..=last {
         let group = Group::new(first, last);
         let whole = whole_group(ir, group);
         let best_one = (0..order.len())

@@ -126,3 +126,49 @@ fn egg_and_dp_agree_on_every_generated_model() {
         );
     }
 }
+
+#[test]
+fn a_group_length_limit_keeps_exactly_the_short_groups() {
+    let path = legion_models::test_model("tiny-yolo").unwrap();
+    let ir = legion_ir::import(&path, None).unwrap();
+    let profile = synthetic_profile(&ir);
+    let model = CostModel::new(&ir, &profile).unwrap();
+    let table = |max_group_len| {
+        let legality = Legality {
+            max_group_len,
+            ..Legality::default()
+        };
+        CostTable::predicted(&ir, &model, Predictor::Legion, &profile, &legality).unwrap()
+    };
+    let (all, short) = (table(None), table(Some(3)));
+    let n = ir.stages.len();
+    let mut kept = 0;
+    for first in 0..n {
+        for last in first..n {
+            for devices in 1..=all.options() {
+                let (full, limited) = (
+                    all.cost(first, last, devices),
+                    short.cost(first, last, devices),
+                );
+                if last - first < 3 {
+                    assert_eq!(limited, full, "{first}..{last}/{devices}");
+                    kept += usize::from(full.is_finite());
+                } else {
+                    assert!(
+                        !limited.is_finite(),
+                        "{first}..{last}/{devices} is too long"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(short.len(), kept);
+    assert!(
+        kept < all.len(),
+        "tiny-yolo has groups longer than 3 stages"
+    );
+    // The limited search still covers the model, at no lower cost.
+    let (limited, _) = search_egg(&short).unwrap();
+    assert!(limited.is_valid(&short));
+    assert!(limited.cost >= search_egg(&all).unwrap().0.cost);
+}
