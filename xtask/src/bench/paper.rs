@@ -247,17 +247,23 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     let legality = Legality::of_cluster(&cluster);
     let cost = CostModel::new(ir, &profile)?;
     let table = CostTable::predicted(ir, &cost, Predictor::Legion, &profile, &legality)?;
-    let (flc, _) = search_egg(&table)?;
     // Candidates in PLANS order, then the Wild Card of the search in FSS's groups;
     // each Wild Card is folded into the slot before it once measured.
     let mut candidates: Vec<Option<Candidate>> = vec![None; PLANS.len() + 1];
     let emit = |table: &CostTable, name: &str, flc: &Flc| {
         legion_codegen::candidate(ir, table, &names, name, flc)
     };
-    candidates[0] = Some(emit(&table, "legion", &flc)?);
-    candidates[1] = wild_card(&table, &flc)
-        .map(|w| emit(&table, "wild-card", &w.flc))
-        .transpose()?;
+    // Legion's extracted FLC and its Wild Card, from a predicted table.
+    let legion_and_wild_card = |table: &CostTable| -> Result<(Candidate, Option<Candidate>)> {
+        let (flc, _) = search_egg(table)?;
+        let extracted = emit(table, "legion", &flc)?;
+        let merged = wild_card(table, &flc)
+            .map(|w| emit(table, "wild-card", &w.flc))
+            .transpose()?;
+        Ok((extracted, merged))
+    };
+    let (extracted, merged) = legion_and_wild_card(&table)?;
+    (candidates[0], candidates[1]) = (Some(extracted), merged);
     let fss_table = fss
         .as_ref()
         .map(|p| CostTable::measured(ir, p))
@@ -273,11 +279,8 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             ..legality.clone()
         };
         let table = CostTable::predicted(ir, &cost, Predictor::Legion, &profile, &legality)?;
-        let (flc, _) = search_egg(&table)?;
-        candidates[IN_FSS_GROUPS] = Some(emit(&table, "legion", &flc)?);
-        candidates[IN_FSS_GROUPS + 1] = wild_card(&table, &flc)
-            .map(|w| emit(&table, "wild-card", &w.flc))
-            .transpose()?;
+        let (extracted, merged) = legion_and_wild_card(&table)?;
+        (candidates[IN_FSS_GROUPS], candidates[IN_FSS_GROUPS + 1]) = (Some(extracted), merged);
     }
 
     let local = LocalCluster::start(&cluster, default_cache_dir())?;
