@@ -68,7 +68,8 @@ pub struct RunResults {
     pub median_us: u64,
     /// Per group of the candidate, the step timings of the median run.
     pub groups: Vec<StepTiming>,
-    /// The fastest device running the whole model alone, and its time, µs.
+    /// The fastest device running the whole model alone, and its median time, µs, over
+    /// as many runs as the plan's, each run after one of the plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_single_device: Option<(String, u64)>,
 }
