@@ -35,7 +35,8 @@ pub struct Args {
     /// accuracy, paper: models, comma-separated (default: the benchmark's own list).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    /// accuracy, paper: timed runs per measurement.
+    /// accuracy, paper: timed runs per measurement (paper: at least 10 on 1-board
+    /// clusters).
     #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
     /// accuracy, compile, paper: reuse the profiles kept under target/bench-profiles by

@@ -63,6 +63,11 @@ struct Row {
     runs: u32,
     /// Per plan of [`PLANS`]: measured emulated µs and the FLC, when it was run.
     plans: Vec<Option<(u64, String)>>,
+    /// Per plan of [`PLANS`]: the predicted µs of the FLC that ran (FSS's from its
+    /// measured group times, the others' from the legion predictor). Empty in rows kept
+    /// from before it was recorded.
+    #[serde(default)]
+    predicted: Vec<Option<u64>>,
     legion_profiling_us: u64,
     /// The cluster whose legion profile was cut down to this one's boards (see
     /// [`legion_profile`]); `None` when this cluster was profiled itself.
@@ -70,6 +75,11 @@ struct Row {
     fss_profiling_us: Option<u64>,
     wall: Duration,
 }
+
+/// Timed runs on a 1-board cluster at least: there every plan that keeps the whole
+/// model on the board runs the baseline's own program, and identical runs differ by a
+/// few percent on this host, so the fastest of more runs is wanted to compare them.
+const SINGLE_BOARD_RUNS: u32 = 10;
 
 /// Rows kept before [`Row::runs`] was recorded were all measured with 3 runs.
 fn three_runs() -> u32 {
@@ -299,6 +309,10 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     let local = LocalCluster::start(&cluster, default_cache_dir())?;
     let rt = tokio::runtime::Runtime::new()?;
     let input = test_input(&ir.input.shape);
+    let runs = match cluster.devices.len() {
+        1 => opts.runs.max(SINGLE_BOARD_RUNS),
+        _ => opts.runs,
+    };
     rt.block_on(async {
         let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
         coord.upload(onnx, &ir.input.shape).await?;
@@ -317,7 +331,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         }
         let mut board_times: Vec<Vec<u64>> = vec![vec![]; boards.len()];
         let mut plan_times: Vec<Vec<u64>> = vec![vec![]; candidates.len()];
-        for round in 0..=opts.runs {
+        for round in 0..=runs {
             for (k, &d) in boards.iter().enumerate() {
                 let mut tensors = Tensors::new(ir, input.clone())?;
                 let us = coord
@@ -343,27 +357,40 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             .map(|(&d, t)| (cluster.devices[d].name.clone(), fastest(t)))
             .min_by_key(|(_, us)| *us)
             .context("the cluster has no devices")?;
-        let mut measured: Vec<Option<(u64, String)>> = candidates
+        // Per candidate: measured µs, FLC and predicted µs.
+        type Ran = Option<(u64, String, u64)>;
+        let mut ran: Vec<Ran> = candidates
             .iter()
             .zip(plan_times)
-            .map(|(c, t)| c.as_ref().map(|c| (fastest(t), flc_label(c))))
+            .map(|(c, t)| {
+                c.as_ref()
+                    .map(|c| (fastest(t), flc_label(c), c.predicted_us))
+            })
             .collect();
         // Legion + Wild Card: both candidates measured, the faster kept (compile does the
         // same with a live cluster). Without a merge it is Legion's FLC.
-        let faster = |l: &Option<(u64, String)>, w: &Option<(u64, String)>| match (l, w) {
+        let faster = |l: &Ran, w: &Ran| match (l, w) {
             (Some(l), Some(w)) if w.0 < l.0 => Some(w.clone()),
             (l, _) => l.clone(),
         };
-        measured[1] = faster(&measured[0], &measured[1]);
-        measured[IN_FSS_GROUPS] = faster(&measured[IN_FSS_GROUPS], &measured[IN_FSS_GROUPS + 1]);
-        measured.truncate(PLANS.len());
+        ran[1] = faster(&ran[0], &ran[1]);
+        ran[IN_FSS_GROUPS] = faster(&ran[IN_FSS_GROUPS], &ran[IN_FSS_GROUPS + 1]);
+        ran.truncate(PLANS.len());
+        let (plans, predicted) = ran
+            .into_iter()
+            .map(|r| match r {
+                Some((us, flc, predicted)) => (Some((us, flc)), Some(predicted)),
+                None => (None, None),
+            })
+            .unzip();
         Ok(Row {
             model: model.to_string(),
             cluster: cluster_name.to_string(),
             devices: cluster.devices.len(),
             single,
-            runs: opts.runs,
-            plans: measured,
+            runs,
+            plans,
+            predicted,
             legion_profiling_us: profile.profiling_us,
             profiled_on,
             fss_profiling_us: fss.as_ref().map(|p| p.profiling_us),
@@ -671,6 +698,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
             (o.plan_us as f64 / o.tract_us as f64 - 1.0) * 100.0
         )?;
     }
+    predicted_against_measured(&mut md, rows)?;
     writeln!(md, "\n## FLCs run\n")?;
     writeln!(
         md,
@@ -691,6 +719,52 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
         }
     }
     Ok(md)
+}
+
+/// How far each plan's predicted latency was from its measured one, per plan of
+/// [`PLANS`], over the rows that recorded it.
+fn predicted_against_measured(md: &mut String, rows: &[Row]) -> Result<()> {
+    let errors = |p: usize| -> Vec<f64> {
+        rows.iter()
+            .filter_map(|r| {
+                let predicted = (*r.predicted.get(p)?)? as f64;
+                let (measured, _) = r.plans.get(p)?.as_ref()?;
+                Some((predicted / (*measured).max(1) as f64 - 1.0) * 100.0)
+            })
+            .collect()
+    };
+    if (0..PLANS.len()).all(|p| errors(p).is_empty()) {
+        return Ok(());
+    }
+    writeln!(md, "\n## Predicted against measured\n")?;
+    writeln!(
+        md,
+        "Each plan's latency as the search predicted it (FSS from its measured group \
+         times, the others from the legion predictor's table), against the measured \
+         latency above. Error = predicted / measured - 1: negative is under-predicted.\n"
+    )?;
+    writeln!(
+        md,
+        "| plan | setups | mean abs error % | mean error % | min % | max % |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+    for (p, plan) in PLANS.iter().enumerate() {
+        let e = errors(p);
+        if e.is_empty() {
+            continue;
+        }
+        let n = e.len() as f64;
+        writeln!(
+            md,
+            "| {plan} | {} | {:.2} | {:+.2} | {:+.1} | {:+.1} |",
+            e.len(),
+            e.iter().map(|x| x.abs()).sum::<f64>() / n,
+            e.iter().sum::<f64>() / n,
+            e.iter().copied().fold(f64::INFINITY, f64::min),
+            e.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        )?;
+    }
+    Ok(())
 }
 
 fn args_label(opts: &Options) -> String {
