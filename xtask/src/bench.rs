@@ -50,8 +50,12 @@ pub struct Args {
     /// paper: measure the clusters only and keep the runtime overheads of an earlier
     /// run (those are timed on the host's wall clock and want a quiet host; the
     /// clusters' emulated clock does not).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overheads_only")]
     keep_overheads: bool,
+    /// paper: measure the runtime overheads only and keep the clusters' rows of an
+    /// earlier run.
+    #[arg(long)]
+    overheads_only: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -89,6 +93,7 @@ pub fn run(args: &Args) -> Result<()> {
                 reuse: args.reuse,
                 replot: args.replot,
                 keep_overheads: args.keep_overheads,
+                overheads_only: args.overheads_only,
             })?,
         ),
         Bench::Accuracy => (

@@ -48,6 +48,8 @@ pub struct Options {
     pub replot: bool,
     /// Measure the clusters only; the overheads of an earlier run stay.
     pub keep_overheads: bool,
+    /// Measure the overheads only; the rows of an earlier run stay.
+    pub overheads_only: bool,
 }
 
 /// One model on one cluster.
@@ -209,7 +211,7 @@ pub fn run(opts: &Options) -> Result<String> {
         results.overheads.push(o);
         save(&results)?;
     }
-    for (model, ir, onnx_path) in &models {
+    for (model, ir, onnx_path) in models.iter().filter(|_| !opts.overheads_only) {
         let onnx = std::fs::read(onnx_path)?;
         for cluster in &opts.clusters {
             let row = measure(ir, &onnx, model, cluster, opts)
@@ -783,6 +785,9 @@ fn args_label(opts: &Options) -> String {
     }
     if opts.keep_overheads {
         s += " --keep-overheads";
+    }
+    if opts.overheads_only {
+        s += " --overheads-only";
     }
     if opts.replot {
         s += " --replot";
