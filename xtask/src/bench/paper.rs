@@ -41,7 +41,8 @@ const IN_FSS_GROUPS: usize = 5;
 pub struct Options {
     pub clusters: Vec<String>,
     pub models: Vec<String>,
-    /// Timed runs per plan (after one warm-up); the fastest is kept.
+    /// Timed runs per plan (after one warm-up; at least [`SINGLE_BOARD_RUNS`] on a
+    /// 1-board cluster); the fastest is kept.
     pub runs: u32,
     pub reuse: bool,
     /// Measure nothing: write the table and the figure again from the kept results.
