@@ -168,3 +168,85 @@ fn a_cluster_started_from_the_command_line_is_profiled_from_it() {
         "cluster up exits 0 on Ctrl-C"
     );
 }
+
+#[test]
+fn a_real_worker_computes_on_several_threads_and_matches_one() {
+    let cache = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-threads-cache");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_legion"));
+    command
+        .args(["worker", "--listen", "127.0.0.1:0", "--name", "host"])
+        .args(["--threads", "2", "--host-gflops", "30", "--cache"])
+        .arg(&cache);
+    let worker =
+        legion_runtime::process::WorkerProcess::spawn(command, "threads", Duration::from_secs(60))
+            .unwrap();
+    assert!(
+        worker.start_line.contains("threads=2"),
+        "{}",
+        worker.start_line
+    );
+    assert!(
+        worker.start_line.contains("clock=\"real\""),
+        "{}",
+        worker.start_line
+    );
+    let cluster = legion_plan::Cluster {
+        coordinator: legion_plan::CoordinatorLink::default(),
+        token_file: None,
+        devices: vec![legion_plan::Device {
+            name: "host".into(),
+            address: worker.addr.clone(),
+            emulate: None,
+            link_mbps: 100.0,
+            latency_ms: 0.2,
+            memory_mb: None,
+        }],
+    };
+    // VGG-16's first block (conv1_1, conv1_2, pool1) at 224x224: matrix products large
+    // enough for tract to share them out over the threads.
+    let path = legion_models::test_model("vgg16-conv").unwrap();
+    let ir = legion_ir::import(&path, None).unwrap();
+    let input = legion_runtime::check::test_input(&ir.input.shape);
+    let reference = legion_runtime::Reference::run(&ir, input.clone()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut tensors = legion_runtime::Tensors::new(&ir, input).unwrap();
+    rt.block_on(async {
+        let mut coord = legion_runtime::Coordinator::connect(&cluster, Duration::from_secs(10))
+            .await
+            .unwrap();
+        coord
+            .upload(&std::fs::read(&path).unwrap(), &ir.input.shape)
+            .await
+            .unwrap();
+        let spec = legion_partition::whole_group(&ir, legion_partition::Group::new(0, 2));
+        coord.run_step(&[(0, spec)], &mut tensors).await.unwrap();
+    });
+    let block1 = legion_ir::TensorRef::Stage(legion_ir::StageId(2));
+    let diff = legion_runtime::check::compare(
+        tensors.whole(block1).unwrap(),
+        reference.tensor(block1),
+        reference.tensor(block1),
+    )
+    .unwrap();
+    assert!(
+        diff.within(1e-5),
+        "2 threads against this process's 1: {diff:?}"
+    );
+
+    // Bad thread counts: exit 2 with the reason.
+    let bad = |args: &[&str], want: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_legion"))
+            .arg("worker")
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    };
+    bad(&["--threads", "0"], "--threads 0: give at least 1 thread");
+    bad(
+        &["--threads", "2", "--emulate", "odroid-xu4"],
+        "an emulated worker computes on one thread",
+    );
+}

@@ -222,11 +222,34 @@ impl fmt::Display for Emulation {
 /// and divides [`CALIBRATION_FLOPS`] by the fastest of the 10 timed runs, timed in the
 /// thread's CPU time like [`Emulator::run`].
 ///
-/// The rate is that of tract's current default executor (single-threaded unless the
-/// process set a multithreaded one), the same one the worker's tiles run on. Takes a
-/// few seconds; callers that share the host should hold the [`ComputeLock`]
+/// The rate is that of tract's current default executor, single-threaded in the
+/// emulating processes (their work happens on the calling thread). Takes a few
+/// seconds; callers that share the host should hold the [`ComputeLock`]
 /// ([`Emulator::start`] does).
 pub fn measure_host_gflops() -> Result<f64> {
+    calibration_rate(|| {
+        let start = thread_cpu_time()?;
+        Ok(Box::new(move || {
+            Ok(thread_cpu_time()?.saturating_sub(start))
+        }))
+    })
+}
+
+/// The rate of a real worker, GFLOP/s: [`measure_host_gflops`]'s runs timed on the
+/// wall clock, as the worker times its tiles. It covers every thread of tract's
+/// current default executor.
+pub fn measure_device_gflops() -> Result<f64> {
+    calibration_rate(|| {
+        let start = std::time::Instant::now();
+        Ok(Box::new(move || Ok(start.elapsed())))
+    })
+}
+
+/// A started timer: called once, it gives the time since it started.
+type Stopwatch = Box<dyn FnOnce() -> Result<Duration>>;
+
+/// The calibration runs of [`measure_host_gflops`], each timed by a `start`ed timer.
+fn calibration_rate(start: impl Fn() -> Result<Stopwatch>) -> Result<f64> {
     let bytes = legion_models::bytes(CALIBRATION_MODEL)?;
     let shape = legion_models::spec(CALIBRATION_MODEL)?.input_shape;
     let plan = tract_onnx::onnx()
@@ -237,11 +260,12 @@ pub fn measure_host_gflops() -> Result<f64> {
     let input = crate::check::test_input(&shape).into_tvalue();
     let mut times = Vec::with_capacity(CALIBRATION_RUNS);
     for run in 0..WARMUP_RUNS + CALIBRATION_RUNS {
-        let start = thread_cpu_time()?;
+        let stop = start()?;
         plan.run(tvec!(input.clone()))
             .context("running the calibration model")?;
+        let took = stop()?;
         if run >= WARMUP_RUNS {
-            times.push(thread_cpu_time()?.saturating_sub(start).as_secs_f64());
+            times.push(took.as_secs_f64());
         }
     }
     // The fastest run: on a shared host, slow runs come in bursts that a median of 5

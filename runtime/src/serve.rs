@@ -2,10 +2,11 @@
 //! (what a board runs, built without the compiler passes) share these options and
 //! this entry point.
 
-use crate::emulate::{Emulation, Emulator, measure_host_gflops};
+use crate::emulate::{Emulation, Emulator, measure_device_gflops};
 use crate::{Compute, Worker, WorkerConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
+use tract_linalg::multithread::{Executor, set_default_executor};
 
 /// An option that cannot be used as given (the CLI reports it as bad input).
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +34,31 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub emulate: Option<String>,
     /// This machine's rate on the calibration workload, GFLOP/s, as an earlier start
-    /// printed it. Skips the measurement at start (a few seconds on a board).
+    /// printed it (with the same --threads). Skips the measurement at start (a few
+    /// seconds on a board).
     #[arg(long)]
     pub host_gflops: Option<f64>,
+    /// Threads tract computes with (default: every core of this machine). An emulated
+    /// worker computes on one: its times are the computing thread's CPU time.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// The threads a worker computes with: `--threads`, else every core; one when
+/// emulating, where time is the computing thread's CPU time.
+fn compute_threads(args: &WorkerArgs) -> Result<usize, BadWorkerOption> {
+    match (args.threads, &args.emulate) {
+        (Some(0), _) => Err(BadWorkerOption(
+            "--threads 0: give at least 1 thread".into(),
+        )),
+        (Some(n), Some(_)) if n > 1 => Err(BadWorkerOption(format!(
+            "--threads {n} with --emulate: an emulated worker computes on one thread, \
+             since its times are that thread's CPU time; drop --threads"
+        ))),
+        (_, Some(_)) => Ok(1),
+        (Some(n), None) => Ok(n),
+        (None, None) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
 }
 
 /// Logs to stderr with tracing, at `info` unless RUST_LOG says otherwise.
@@ -82,6 +105,11 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         ))
         .into());
     }
+    let threads = compute_threads(args)?;
+    if threads > 1 {
+        // Set before the rate is measured, so that the rate is this executor's.
+        set_default_executor(Executor::multithread(threads));
+    }
     let compute = match &args.emulate {
         Some(spec) => {
             let emulation: Emulation = spec
@@ -102,8 +130,11 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             gflops: match args.host_gflops {
                 Some(g) => g,
                 None => {
-                    tracing::info!("measuring this device's rate on the calibration workload");
-                    measure_host_gflops()?
+                    tracing::info!(
+                        threads,
+                        "measuring this device's rate on the calibration workload"
+                    );
+                    measure_device_gflops()?
                 }
             },
         },
@@ -132,6 +163,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             clock,
             gflops = format!("{gflops:.1}"),
             host_gflops = format!("{host_gflops:.1}"),
+            threads,
             arch = std::env::consts::ARCH,
             version = env!("CARGO_PKG_VERSION"),
             "legion worker listening"
