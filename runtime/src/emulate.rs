@@ -227,29 +227,20 @@ impl fmt::Display for Emulation {
 /// seconds; callers that share the host should hold the [`ComputeLock`]
 /// ([`Emulator::start`] does).
 pub fn measure_host_gflops() -> Result<f64> {
-    calibration_rate(|| {
-        let start = thread_cpu_time()?;
-        Ok(Box::new(move || {
-            Ok(thread_cpu_time()?.saturating_sub(start))
-        }))
-    })
+    calibration_rate(thread_cpu_time)
 }
 
 /// The rate of a real worker, GFLOP/s: [`measure_host_gflops`]'s runs timed on the
 /// wall clock, as the worker times its tiles. It covers every thread of tract's
 /// current default executor.
 pub fn measure_device_gflops() -> Result<f64> {
-    calibration_rate(|| {
-        let start = std::time::Instant::now();
-        Ok(Box::new(move || Ok(start.elapsed())))
-    })
+    let origin = std::time::Instant::now();
+    calibration_rate(|| Ok(origin.elapsed()))
 }
 
-/// A started timer: called once, it gives the time since it started.
-type Stopwatch = Box<dyn FnOnce() -> Result<Duration>>;
-
-/// The calibration runs of [`measure_host_gflops`], each timed by a `start`ed timer.
-fn calibration_rate(start: impl Fn() -> Result<Stopwatch>) -> Result<f64> {
+/// The calibration runs of [`measure_host_gflops`], each timed by two readings of
+/// `clock`.
+fn calibration_rate(clock: impl Fn() -> Result<Duration>) -> Result<f64> {
     let bytes = legion_models::bytes(CALIBRATION_MODEL)?;
     let shape = legion_models::spec(CALIBRATION_MODEL)?.input_shape;
     let plan = tract_onnx::onnx()
@@ -260,10 +251,10 @@ fn calibration_rate(start: impl Fn() -> Result<Stopwatch>) -> Result<f64> {
     let input = crate::check::test_input(&shape).into_tvalue();
     let mut times = Vec::with_capacity(CALIBRATION_RUNS);
     for run in 0..WARMUP_RUNS + CALIBRATION_RUNS {
-        let stop = start()?;
+        let start = clock()?;
         plan.run(tvec!(input.clone()))
             .context("running the calibration model")?;
-        let took = stop()?;
+        let took = clock()?.saturating_sub(start);
         if run >= WARMUP_RUNS {
             times.push(took.as_secs_f64());
         }

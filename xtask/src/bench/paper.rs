@@ -736,7 +736,8 @@ fn predicted_against_measured(md: &mut String, rows: &[Row]) -> Result<()> {
             })
             .collect()
     };
-    if (0..PLANS.len()).all(|p| errors(p).is_empty()) {
+    let per_plan: Vec<Vec<f64>> = (0..PLANS.len()).map(errors).collect();
+    if per_plan.iter().all(Vec::is_empty) {
         return Ok(());
     }
     writeln!(md, "\n## Predicted against measured\n")?;
@@ -751,8 +752,7 @@ fn predicted_against_measured(md: &mut String, rows: &[Row]) -> Result<()> {
         "| plan | setups | mean abs error % | mean error % | min % | max % |"
     )?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
-    for (p, plan) in PLANS.iter().enumerate() {
-        let e = errors(p);
+    for (plan, e) in PLANS.iter().zip(per_plan) {
         if e.is_empty() {
             continue;
         }
