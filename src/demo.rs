@@ -12,7 +12,11 @@ use legion_runtime::{Coordinator, LocalCluster, default_cache_dir, local_cluster
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Where the demo writes its model, cluster, profile, plan, timings and timeline.
+    #[arg(long, default_value = "legion-demo")]
+    out: std::path::PathBuf,
+}
 
 const CLASSES: [&str; 4] = [
     "firefly-rk3399",
@@ -22,7 +26,7 @@ const CLASSES: [&str; 4] = [
 ];
 const STEPS: usize = 6;
 
-pub fn run(_args: &Args) -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
     let start = Instant::now();
     let step = |n: usize, what: &str| {
         eprintln!(
@@ -30,11 +34,16 @@ pub fn run(_args: &Args) -> Result<()> {
             start.elapsed().as_secs_f64()
         );
     };
-    let out_dir = legion_models::workspace_root().join("target/legion-demo");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = &args.out;
+    std::fs::create_dir_all(out_dir).with_context(|| {
+        format!(
+            "creating the demo's directory {}; pass another with --out",
+            out_dir.display()
+        )
+    })?;
 
     step(1, "generating VGG-16 (224x224, with its FC head)");
-    let model = legion_models::ensure("vgg16", &legion_models::cache_dir())?;
+    let model = legion_models::ensure("vgg16", out_dir)?;
     let ir = legion_ir::import(&model, None)?;
     let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
 
@@ -116,10 +125,12 @@ pub fn run(_args: &Args) -> Result<()> {
     print!("{}", times.report());
     println!("files in {}:", out_dir.display());
     for f in [
+        &model,
         &cluster_file,
         &out_dir.join("profile.json"),
         &plan_file,
         &results_file,
+        &picture,
     ] {
         println!("  {}", f.display());
     }

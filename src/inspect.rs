@@ -188,6 +188,8 @@ fn kind_label(kind: &StageKind) -> String {
     match kind {
         StageKind::Conv { group, .. } if *group > 1 => format!("{} g{group}", kind.short_name()),
         StageKind::Upsample { factor } => format!("upsample x{factor}"),
+        StageKind::Flatten { factor } => format!("flatten rows x{factor}"),
+        StageKind::Slice { axis } => format!("slice axis {axis}"),
         StageKind::SpaceToDepth { block } => format!("space2depth {block}"),
         StageKind::Pool { window, .. } if window.ceil_mode => format!("{} ceil", kind.short_name()),
         _ => kind.short_name(),

@@ -36,7 +36,14 @@ pub struct ValidateArgs {
     /// The cluster file the plan should run on.
     #[arg(long)]
     cluster: Option<PathBuf>,
+    /// Also run every tile of every candidate locally, barriers included, and compare
+    /// its output strips with a single run of the whole model.
+    #[arg(long)]
+    run: bool,
 }
+
+/// Relative error above which `plan validate --run` fails.
+const RUN_TOLERANCE: f32 = 1e-5;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -107,6 +114,10 @@ fn validate(args: &ValidateArgs) -> Result<()> {
     };
     legion_codegen::validate(&plan, &ir, names.as_deref())
         .map_err(|e| BadArgument(format!("{}: {e:#}", args.plan.display())))?;
+    if args.run {
+        run_tiles(&plan, &ir)
+            .map_err(|e| BadArgument(format!("{}: {e:#}", args.plan.display())))?;
+    }
     let c = plan.chosen();
     println!(
         "{}: valid plan for {} on {} devices; {} candidates, chosen {} ({} groups, predicted {:.3} ms)",
@@ -118,5 +129,59 @@ fn validate(args: &ValidateArgs) -> Result<()> {
         c.groups.len(),
         c.predicted_us as f64 / 1e3
     );
+    Ok(())
+}
+
+/// Runs every tile of every candidate on strips of a single-device run of the model and
+/// fails on the first one whose outputs differ from it.
+fn run_tiles(plan: &Plan, ir: &legion_ir::Ir) -> Result<()> {
+    use anyhow::Context;
+    use legion_runtime::{Reference, check};
+    let reference = Reference::run(ir, check::test_input(&ir.input.shape))?;
+    let total: usize = plan
+        .candidates
+        .iter()
+        .flat_map(|c| &c.groups)
+        .map(|g| g.tiles.len())
+        .sum();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("tiles");
+    for c in &plan.candidates {
+        let mut worst = check::Diff::default();
+        for g in &c.groups {
+            for t in &g.tiles {
+                let what = || {
+                    format!(
+                        "candidate {}, group {}..{}, device {}",
+                        c.name, g.first, g.last, t.device
+                    )
+                };
+                let diff = check::check_tile(ir, &reference, &t.tile).with_context(what)?;
+                anyhow::ensure!(
+                    diff.within(RUN_TOLERANCE),
+                    "{}: the tile's output differs from the single-device run (max abs {:e}, max rel {:e} > {RUN_TOLERANCE:e})",
+                    what(),
+                    diff.max_abs,
+                    diff.max_rel
+                );
+                worst = worst.max(diff);
+                bar.inc(1);
+            }
+        }
+        bar.suspend(|| {
+            println!(
+                "candidate {}: {} groups run, every tile matches the single-device run (max rel {:e})",
+                c.name,
+                c.groups.len(),
+                worst.max_rel
+            )
+        });
+    }
+    bar.finish_and_clear();
     Ok(())
 }

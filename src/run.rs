@@ -148,6 +148,7 @@ pub(crate) async fn execute(
         single_us as f64 / 1e3,
         single_us as f64 / median.total_us.max(1) as f64
     )?;
+    let mut checked = None;
     if check {
         let mut worst = legion_runtime::check::Diff::default();
         for (got, want) in median.outputs.iter().zip(&single_out) {
@@ -164,6 +165,7 @@ pub(crate) async fn execute(
              relative (limit {CHECK_REL:e})",
             worst.max_rel
         );
+        checked = Some(worst.max_rel);
     }
     let results = RunResults {
         model_sha256: plan.model_sha256.clone(),
@@ -173,6 +175,7 @@ pub(crate) async fn execute(
         median_us: median.total_us,
         groups: median.groups,
         best_single_device: Some((single_name, single_us)),
+        check_max_rel: checked,
     };
     Ok(((results, median.outputs), out))
 }

@@ -3,8 +3,8 @@
 
 use crate::{BadArgument, ModelArgs};
 use anyhow::{Context, Result, bail};
-use legion_ir::{Ir, TensorRef};
-use legion_partition::{Group, Tiling, check_group, strips_from_weights, tile};
+use legion_ir::{Ir, Split, StageId, TensorRef};
+use legion_partition::{Group, Tiling, check_group, strips_from_weights, tile, whole_stage};
 use legion_runtime::{Reference, check};
 use serde::Serialize;
 use std::fmt::Write;
@@ -36,11 +36,31 @@ pub struct Args {
 /// Relative error above which `--check` fails.
 const TOLERANCE: f32 = 1e-5;
 
+/// What `split` tiles: a group of splittable stages cut over the devices, or a barrier
+/// stage that runs whole on one device.
+enum Piece {
+    Split(Group),
+    Whole(StageId),
+}
+
 #[derive(Serialize)]
 struct GroupReport {
-    tiling: Tiling,
+    /// The group's tiles, for a group of splittable stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tiling: Option<Tiling>,
+    /// The barrier stage run whole, for a barrier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    whole: Option<WholeReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     check: Option<CheckReport>,
+}
+
+/// A barrier stage: it runs whole, on one device, as the model declares it.
+#[derive(Serialize)]
+struct WholeReport {
+    stage: StageId,
+    name: String,
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -80,9 +100,12 @@ pub fn run(args: &Args) -> Result<()> {
             "--weights must be positive numbers, got {weights:?}"
         ));
     }
-    let groups = match (&args.group, &args.groups) {
-        (Some(g), _) | (None, Some(g)) => parse_groups(&ir, g)?,
-        (None, None) => splittable_runs(&ir),
+    let pieces = match (&args.group, &args.groups) {
+        (Some(g), _) | (None, Some(g)) => parse_groups(&ir, g)?
+            .into_iter()
+            .map(Piece::Split)
+            .collect(),
+        (None, None) => default_pieces(&ir),
     };
     let reference = if args.check {
         Some(Reference::run(&ir, check::test_input(&ir.input.shape))?)
@@ -90,25 +113,48 @@ pub fn run(args: &Args) -> Result<()> {
         None
     };
     let mut reports = vec![];
-    for group in groups {
-        let height = ir
-            .stage(group.last)
-            .output
-            .height()
-            .context("group output has no rows")?;
-        if args.devices > height {
-            return bad(format!(
-                "group {group} ends with {height} rows, fewer than the {} devices; use fewer devices or a group that ends earlier",
-                args.devices
-            ));
-        }
-        let tiling = tile(&ir, group, &strips_from_weights(height, &weights))?;
+    for piece in pieces {
+        let (specs, tiling, whole) = match piece {
+            Piece::Split(group) => {
+                let height = ir
+                    .stage(group.last)
+                    .output
+                    .height()
+                    .context("group output has no rows")?;
+                // Devices beyond the group's rows get empty strips and drop out.
+                let tiling = tile(&ir, group, &strips_from_weights(height, &weights))?;
+                let specs = tiling
+                    .devices
+                    .iter()
+                    .map(|d| (format!("group {group}, device {}", d.device), d.spec()))
+                    .collect::<Vec<_>>();
+                (specs, Some(tiling), None)
+            }
+            Piece::Whole(s) => {
+                let stage = ir.stage(s);
+                let reason = match &stage.split {
+                    Split::Barrier(reason) => reason.clone(),
+                    Split::Rows => unreachable!("only barriers run whole"),
+                };
+                let whole = WholeReport {
+                    stage: s,
+                    name: stage.name.clone(),
+                    reason,
+                };
+                let spec = whole_stage(&ir, s);
+                (
+                    vec![(format!("barrier stage {s}"), spec)],
+                    None,
+                    Some(whole),
+                )
+            }
+        };
         let check = match &reference {
             Some(reference) => {
                 let mut diff = check::Diff::default();
-                for d in &tiling.devices {
-                    let got = check::check_tile(&ir, reference, &d.spec())
-                        .with_context(|| format!("group {group}, device {}", d.device))?;
+                for (what, spec) in &specs {
+                    let got =
+                        check::check_tile(&ir, reference, spec).with_context(|| what.clone())?;
                     diff = diff.max(got);
                 }
                 Some(CheckReport {
@@ -118,7 +164,11 @@ pub fn run(args: &Args) -> Result<()> {
             }
             None => None,
         };
-        reports.push(GroupReport { tiling, check });
+        reports.push(GroupReport {
+            tiling,
+            whole,
+            check,
+        });
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -154,24 +204,27 @@ pub(crate) fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
         .collect()
 }
 
-/// Every maximal run of splittable stages, as groups.
-fn splittable_runs(ir: &Ir) -> Vec<Group> {
-    let mut groups = vec![];
+/// Every maximal run of splittable stages, as groups, and every barrier stage on its
+/// own, in stage order.
+fn default_pieces(ir: &Ir) -> Vec<Piece> {
+    let mut pieces = vec![];
     let mut start = None;
     for s in &ir.stages {
         match (s.is_splittable(), start) {
             (true, None) => start = Some(s.id.index()),
-            (false, Some(a)) => {
-                groups.push(Group::new(a, s.id.index() - 1));
-                start = None;
+            (false, _) => {
+                if let Some(a) = start.take() {
+                    pieces.push(Piece::Split(Group::new(a, s.id.index() - 1)));
+                }
+                pieces.push(Piece::Whole(s.id));
             }
             _ => {}
         }
     }
     if let Some(a) = start {
-        groups.push(Group::new(a, ir.stages.len() - 1));
+        pieces.push(Piece::Split(Group::new(a, ir.stages.len() - 1)));
     }
-    groups
+    pieces
 }
 
 fn tensor_name(r: TensorRef) -> String {
@@ -186,8 +239,23 @@ fn alpha(a: Option<f64>) -> String {
 }
 
 fn group_table(ir: &Ir, report: &GroupReport) -> String {
-    let t = &report.tiling;
     let mut out = String::new();
+    let Some(t) = &report.tiling else {
+        if let Some(w) = &report.whole {
+            let stage = ir.stage(w.stage);
+            let _ = writeln!(
+                out,
+                "stage {} ({}, {}): barrier, runs whole on one device: {}",
+                w.stage,
+                w.name,
+                stage.kind.short_name(),
+                w.reason
+            );
+        }
+        push_check(&mut out, report);
+        out.push('\n');
+        return out;
+    };
     let first = ir.stage(t.group.first);
     let last = ir.stage(t.group.last);
     let _ = writeln!(
@@ -260,6 +328,13 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
             .collect();
         let _ = writeln!(out, "  {}", cells.join("  ").trim_end());
     }
+    push_check(&mut out, report);
+    out.push('\n');
+    out
+}
+
+/// The `check:` line of a report that was checked.
+fn push_check(out: &mut String, report: &GroupReport) {
     if let Some(c) = &report.check {
         let verdict = if c.diff().within(TOLERANCE) {
             "ok"
@@ -272,6 +347,4 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
             c.max_abs, c.max_rel
         );
     }
-    out.push('\n');
-    out
 }

@@ -86,6 +86,19 @@ fn compile_and_run(model: &str) {
         plan.to_str().unwrap(),
     ]));
     assert!(compiled.contains("fused-layer configuration"), "{compiled}");
+    let validated = ok(legion(&[
+        "plan",
+        "validate",
+        plan.to_str().unwrap(),
+        m,
+        "--cluster",
+        c,
+        "--run",
+    ]));
+    assert!(
+        validated.contains("every tile matches the single-device run"),
+        "{validated}"
+    );
     let out = dir.join("out.npy");
     let results = dir.join("run.json");
     let ran = ok(legion(&[
@@ -124,6 +137,24 @@ fn compile_and_run(model: &str) {
 #[test]
 fn tiny_models_match_one_device() {
     for model in ["tiny-cnn", "tiny-residual", "tiny-yolo"] {
+        compile_and_run(model);
+    }
+}
+
+/// Today's architectures at small sizes: C2f channel splits, SPPF and a DFL head over
+/// anchors (YOLOv8), 7x7 depthwise convs with channels-last LayerNorm and MatMuls
+/// (ConvNeXt), squeeze-excitation (EfficientNet), channel split and shuffle
+/// (ShuffleNetV2), a Focus of strided slices (YOLOX), a conv after an H<->W transpose.
+#[test]
+fn todays_architectures_match_one_device() {
+    for model in [
+        "tiny-yolov8",
+        "tiny-convnext",
+        "tiny-effnet",
+        "tiny-shuffle",
+        "tiny-focus",
+        "tiny-transposed",
+    ] {
         compile_and_run(model);
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
 use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PaddingSpec, PoolSpec, SumPool};
 
@@ -169,9 +170,15 @@ impl<'a> TileBuilder<'a> {
                 };
                 inputs.push(wire);
             }
+            if stage.is_splittable() && node.op.is::<TypedBinOp>() {
+                self.slice_row_constants(node, &mut inputs, st.computed)?;
+            }
             // The anchor gets the tile's pads; every reshape of the stage (stacked
-            // space-to-depth ops fuse into one stage) gets the strip's height.
-            let op = if n == 0 {
+            // space-to-depth ops fuse into one stage) gets the strip's height. A barrier
+            // runs whole, so its ops stay exactly as the model has them.
+            let op = if !stage.is_splittable() {
+                node.op.clone()
+            } else if n == 0 {
                 self.retarget(stage, st, node, &inputs)?
             } else if let Some(AxisOp::Reshape(at, from, to)) = node.op.downcast_ref::<AxisOp>() {
                 let tile_in = self.model.outlet_fact(inputs[0])?.shape.to_tvec();
@@ -201,6 +208,48 @@ impl<'a> TileBuilder<'a> {
         Ok(())
     }
 
+    /// A constant operand of a row-local binary op that holds one value per row of the
+    /// whole tensor (YOLO's anchor grid) is sliced to the rows the tile computes: the
+    /// axis where a data operand's strip is shorter than the whole tensor.
+    fn slice_row_constants(
+        &mut self,
+        node: &TypedNode,
+        inputs: &mut TVec<OutletId>,
+        computed: Rows,
+    ) -> Result<()> {
+        let src = &self.ir.model;
+        let facts = node
+            .inputs
+            .iter()
+            .map(|o| src.outlet_fact(*o))
+            .collect::<TractResult<Vec<_>>>()?;
+        let strip_axis = (0..inputs.len())
+            .filter(|&j| facts[j].konst.is_none())
+            .find_map(|j| {
+                let tile = self.model.outlet_fact(inputs[j]).ok()?.shape.to_tvec();
+                let whole = &facts[j].shape;
+                let differ: Vec<usize> = (0..whole.rank())
+                    .filter(|&a| tile.get(a) != Some(&whole[a]))
+                    .collect();
+                match differ[..] {
+                    [a] => Some((a, whole[a].clone(), whole.rank())),
+                    _ => None,
+                }
+            });
+        let Some((axis, height, rank)) = strip_axis else {
+            return Ok(());
+        };
+        for (i, fact) in facts.iter().enumerate() {
+            if fact.konst.is_none() || fact.rank() != rank || fact.shape[axis] != height {
+                continue;
+            }
+            let name = format!("{}.rows{}_{}", node.name, computed.start, computed.end);
+            let op = Slice::new(axis, computed.start, computed.end);
+            inputs[i] = self.model.wire_node(name, op, &[inputs[i]])?[0];
+        }
+        Ok(())
+    }
+
     fn konst(&mut self, o: OutletId, k: std::sync::Arc<Tensor>) -> Result<OutletId> {
         if let Some(w) = self.consts.get(&o) {
             return Ok(*w);
@@ -225,8 +274,20 @@ impl<'a> TileBuilder<'a> {
         let pads = |ps: &PoolSpec| -> Result<PoolSpec> {
             let read = read.context("a window stage reads one input")?;
             let w = stage.kind.window().context("window geometry")?;
-            let before = tvec![read.pad_top, w.pad_before[1]];
-            let after = tvec![read.pad_bottom, w.pad_after[1]];
+            // Index 0 of the stage's window is the rows' axis: H, or W for a conv whose
+            // rows are on its W axis.
+            let rows_on_w = stage.input_shapes[0].h_axis == Some(ps.data_format.h_axis() + 1);
+            let (before, after) = if rows_on_w {
+                (
+                    tvec![w.pad_before[1], read.pad_top],
+                    tvec![w.pad_after[1], read.pad_bottom],
+                )
+            } else {
+                (
+                    tvec![read.pad_top, w.pad_before[1]],
+                    tvec![read.pad_bottom, w.pad_after[1]],
+                )
+            };
             let padding = match ps.padding {
                 PaddingSpec::ExplicitOnnxPool(_, _, ceil) => {
                     PaddingSpec::ExplicitOnnxPool(before, after, ceil)

@@ -13,7 +13,6 @@ use crate::{MAX_MESSAGE_BYTES, Tile};
 use legion_ir::{Ir, TensorRef};
 use legion_plan::TileSpec;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +90,14 @@ pub const TILE_CACHE: usize = 32;
 /// GB per worker, and six workers in one process ran this 24 GB host out of memory.
 pub const TILE_CACHE_WEIGHT_BYTES: u64 = 1 << 30;
 
+/// Imported models a worker keeps: a coordinator switching between a few models
+/// (benchmarks, FSS) does not import them again, and a long-lived worker that has seen
+/// many models does not keep them all (a local cluster grew to 8 GB over a few dozen).
+pub const MODEL_CACHE: usize = 4;
+
+/// Weight bytes the kept models may hold together; the newest always stays.
+pub const MODEL_CACHE_WEIGHT_BYTES: u64 = 2 << 30;
+
 /// A built tile: its model and the TileSpec's canonical JSON.
 type TileKey = (ModelKey, String);
 
@@ -146,8 +153,9 @@ impl<K: PartialEq, V: Clone> Lru<K, V> {
 /// A worker's state: imported models and built tiles.
 pub struct Worker {
     config: WorkerConfig,
-    /// Imported models, by sha256 and input shape.
-    models: Mutex<HashMap<ModelKey, Arc<Ir>>>,
+    /// Imported models, by sha256 and input shape, with their weight bytes, least
+    /// recently used first; at most [`MODEL_CACHE`] and [`MODEL_CACHE_WEIGHT_BYTES`].
+    models: Mutex<Lru<ModelKey, Arc<Ir>>>,
     /// Built tiles, by model key and the TileSpec's canonical JSON, with their weight
     /// bytes, least recently used first; at most [`TILE_CACHE`] tiles and
     /// [`TILE_CACHE_WEIGHT_BYTES`].
@@ -162,7 +170,7 @@ impl Worker {
         })?;
         Ok(Worker {
             config,
-            models: Mutex::default(),
+            models: Mutex::new(Lru::new(MODEL_CACHE, MODEL_CACHE_WEIGHT_BYTES)),
             tiles: Mutex::new(Lru::new(TILE_CACHE, TILE_CACHE_WEIGHT_BYTES)),
         })
     }
@@ -197,7 +205,7 @@ impl Worker {
         check_sha(&m.sha256)?;
         let key = model_key(m);
         if let Some(ir) = lock(&self.models).get(&key) {
-            return Ok(ir.clone());
+            return Ok(ir);
         }
         let path = self.model_path(&m.sha256);
         if !path.exists() {
@@ -228,7 +236,8 @@ impl Worker {
             }
         };
         drop(imported);
-        lock(&self.models).insert(key, ir.clone());
+        let weights = ir.stages.iter().map(|s| s.weight_bytes).sum();
+        lock(&self.models).insert(key, ir.clone(), weights);
         Ok(ir)
     }
 
@@ -563,7 +572,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use super::Lru;
+    use super::*;
+
+    #[test]
+    fn a_worker_keeps_a_bounded_number_of_imported_models() {
+        let dir = std::env::temp_dir().join(format!("legion-model-lru-{}", std::process::id()));
+        let worker = Worker::new(WorkerConfig {
+            name: "lru".into(),
+            cache_dir: dir.clone(),
+            token: None,
+            compute: Compute::Real { gflops: 1.0 },
+        })
+        .unwrap();
+        let onnx = legion_models::bytes("tiny-cnn").unwrap();
+        let sha = hex(&Sha256::digest(&onnx));
+        std::fs::write(worker.model_path(&sha), &onnx).unwrap();
+        // The same file imported at another input shape is another model to keep.
+        let sizes = 32..32 + MODEL_CACHE as u64 + 3;
+        for side in sizes.clone() {
+            let m = ModelRef {
+                sha256: sha.clone(),
+                input_shape: vec![1, 3, side, side],
+            };
+            assert_eq!(worker.model(&m).unwrap().input.shape[2], side as usize);
+        }
+        let kept: Vec<u64> = lock(&worker.models)
+            .entries
+            .iter()
+            .map(|(k, _, _)| k.1[2] as u64)
+            .collect();
+        let newest: Vec<u64> = sizes.skip(3).collect();
+        assert_eq!(kept, newest);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     fn keys(lru: &Lru<&'static str, u32>) -> Vec<&'static str> {
         lru.entries.iter().map(|(k, _, _)| *k).collect()

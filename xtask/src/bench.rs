@@ -14,6 +14,7 @@ use tract_onnx::prelude::Tensor;
 mod accuracy;
 mod calibration;
 mod compile;
+mod models;
 mod paper;
 mod workers;
 
@@ -28,15 +29,16 @@ pub struct Args {
     /// Where to write the table (default bench/<what>.md).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// accuracy, paper: clusters under testdata/clusters, comma-separated (default: the
-    /// benchmark's own list).
+    /// accuracy, models, paper: clusters under testdata/clusters, comma-separated
+    /// (default: the benchmark's own list).
     #[arg(long, value_delimiter = ',')]
     clusters: Option<Vec<String>>,
-    /// accuracy, paper: models, comma-separated (default: the benchmark's own list).
+    /// accuracy, models, paper: models, comma-separated (default: the benchmark's own
+    /// list).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    /// accuracy, paper: timed runs per measurement (paper: at least 10 on 1-board
-    /// clusters).
+    /// accuracy, models, paper: timed runs per measurement (paper: at least 10 on
+    /// 1-board clusters).
     #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
     /// accuracy, compile, paper: reuse the profiles kept under target/bench-profiles by
@@ -76,6 +78,10 @@ enum Bench {
     /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
     /// memory under qemu serving VGG-16's first block.
     Workers,
+    /// Today's architectures (YOLOv8, ConvNeXt, EfficientNet, ShuffleNetV2) through
+    /// `legion split --check`, `legion compile` and `legion run --check` on emulated
+    /// clusters: barrier share, errors, speedup, predicted against measured.
+    Models,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -94,6 +100,14 @@ pub fn run(args: &Args) -> Result<()> {
                 replot: args.replot,
                 keep_overheads: args.keep_overheads,
                 overheads_only: args.overheads_only,
+            })?,
+        ),
+        Bench::Models => (
+            "models",
+            models::run(&models::Options {
+                clusters: list(&args.clusters, &models::CLUSTERS),
+                models: list(&args.models, &models::MODELS),
+                runs: args.runs,
             })?,
         ),
         Bench::Accuracy => (

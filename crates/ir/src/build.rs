@@ -6,8 +6,9 @@ use crate::stage::{PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorR
 use anyhow::Context;
 use std::collections::{HashMap, HashSet};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::array::TypedConcat;
+use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PoolSpec, SumPool};
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -136,35 +137,83 @@ impl Builder<'_> {
         if is_unary_row_local(op.as_ref()) {
             return true;
         }
+        let h = self
+            .data_inputs(id)
+            .first()
+            .and_then(|o| self.h_axis_of(*o));
+        if let Some(slice) = op.downcast_ref::<Slice>() {
+            return h.is_some_and(|h| h != slice.axis);
+        }
         if !op.is::<TypedBinOp>() {
             return false;
         }
-        // Data operands have the output's shape (no broadcast across rows); constant
-        // operands (bias, BN scale) must be flat along rows.
+        // Data operands have the output's rows (they may broadcast along other axes, as
+        // a LayerNorm's mean does over channels); constant operands (bias, BN scale)
+        // must be flat along rows.
         let out = &node.outputs[0].fact.shape;
-        self.data_inputs(id)
-            .iter()
-            .all(|i| self.model.outlet_fact(*i).is_ok_and(|f| &f.shape == out))
-            && self.const_operands_flat_on_rows(id)
+        self.data_inputs(id).iter().all(|i| {
+            self.model.outlet_fact(*i).is_ok_and(|f| match h {
+                Some(h) => f.rank() == out.rank() && f.shape[h] == out[h],
+                None => &f.shape == out,
+            })
+        }) && self.const_operands_fit_rows(id)
     }
 
-    /// Constant operands of `id` have size 1 along the H axis of its data input.
-    fn const_operands_flat_on_rows(&self, id: usize) -> bool {
+    /// Constant operands of `id` fit a strip: flat along the rows of its data input (a
+    /// bias, a BN scale), or holding one value per row of the whole tensor (YOLO's anchor
+    /// grid), which a tile slices to its rows.
+    fn const_operands_fit_rows(&self, id: usize) -> bool {
         let node = self.model.node(id);
-        let Some(h) = self
-            .data_inputs(id)
-            .first()
-            .and_then(|o| self.h_axis_of(*o))
-        else {
-            return true;
+        let data = self.data_inputs(id);
+        let Some(h) = data.first().and_then(|o| self.h_axis_of(*o)) else {
+            // No rows (after a barrier that drops them): nothing to split. Rows moved by
+            // reshapes in this stage are unknown: refuse.
+            return !data
+                .first()
+                .is_some_and(|o| self.rows_moved_inside_stage(*o));
         };
-        let rank = node.outputs[0].fact.rank();
+        let out = &node.outputs[0].fact.shape;
+        let rank = out.rank();
         node.inputs.iter().filter(|o| self.is_const(**o)).all(|o| {
             let Ok(fact) = self.model.outlet_fact(*o) else {
                 return false;
             };
             let offset = rank.saturating_sub(fact.rank());
-            h < offset || fact.shape.get(h - offset).is_none_or(|d| *d == 1.to_dim())
+            h < offset
+                || fact
+                    .shape
+                    .get(h - offset)
+                    .is_none_or(|d| *d == 1.to_dim() || (offset == 0 && *d == out[h]))
+        })
+    }
+
+    /// The output axis holding the rows of an einsum whose one data input has its rows
+    /// on axis `h`, when they are a free axis of the product (a channels-last Linear:
+    /// `[1,H,W,C] x [C,N]`), so each output row reads the same input row.
+    fn einsum_row_axis(&self, node: &TypedNode, einsum: &EinSum, h: usize) -> Option<usize> {
+        let data: Vec<usize> = (0..node.inputs.len())
+            .filter(|&i| !self.is_const(node.inputs[i]))
+            .collect();
+        let [slot] = data[..] else {
+            return None;
+        };
+        let shapes: Vec<&ShapeFact> = node
+            .inputs
+            .iter()
+            .map(|o| self.model.outlet_fact(*o).map(|f| &f.shape))
+            .collect::<TractResult<_>>()
+            .ok()?;
+        einsum.axes.iter_all_axes().find_map(|axis| {
+            // Other inputs lack the axis or broadcast along it.
+            let only_data = axis
+                .inputs
+                .iter()
+                .enumerate()
+                .all(|(i, pos)| i == slot || pos.iter().all(|p| shapes[i][*p] == 1.to_dim()));
+            match (&axis.inputs[slot][..], &axis.outputs[0][..]) {
+                ([p], [out]) if *p == h && only_data => Some(*out),
+                _ => None,
+            }
         })
     }
 
@@ -177,18 +226,45 @@ impl Builder<'_> {
         }
         let s = *self.stage_of_node.get(&o.node)?;
         let anchor = self.model.node(self.drafts[s].nodes[0]);
+        let anchor_in = self.data_inputs(anchor.id).first().copied();
         if let Some(pool_spec) = pool_spec(anchor) {
-            return Some(pool_spec.data_format.h_axis());
+            // As `classify` says: a conv's rows may be on its W axis.
+            let h = pool_spec.data_format.h_axis();
+            let in_h = anchor_in.and_then(|i| self.h_axis_of(i));
+            return Some(if anchor.op.is::<Conv>() && in_h == Some(h + 1) {
+                h + 1
+            } else {
+                h
+            });
         }
-        let keeps_rows = is_unary_row_local(anchor.op.as_ref())
-            || anchor.op.is::<TypedBinOp>()
-            || anchor.op.is::<TypedConcat>();
-        if !keeps_rows {
-            return None;
+        let in_h = anchor_in.and_then(|i| self.h_axis_of(i))?;
+        if let Some(einsum) = anchor.op_as::<EinSum>() {
+            return self.einsum_row_axis(anchor, einsum, in_h);
         }
-        self.data_inputs(anchor.id)
-            .first()
-            .and_then(|i| self.h_axis_of(*i))
+        let op = &anchor.op;
+        let keeps_rows = is_unary_row_local(op.as_ref())
+            || op.is::<TypedBinOp>()
+            || op.is::<TypedConcat>()
+            || op.is::<Slice>()
+            || op
+                .downcast_ref::<Reduce>()
+                .is_some_and(|r| !r.axes.contains(&in_h))
+            || op
+                .downcast_ref::<Softmax>()
+                .is_some_and(|s| !s.axes.contains(&in_h));
+        keeps_rows.then_some(in_h)
+    }
+
+    /// True when the rows of data outlet `o` are unknown because it is inside a stage
+    /// of data movement (reshapes, transposes, resizes), which only the probe can map.
+    fn rows_moved_inside_stage(&self, o: OutletId) -> bool {
+        if self.tensors.contains_key(&o) {
+            return false;
+        }
+        self.stage_of_node.get(&o.node).is_some_and(|&s| {
+            let anchor = &self.model.node(self.drafts[s].nodes[0]).op;
+            anchor.is::<AxisOp>() || anchor.name() == "Resize"
+        })
     }
 
     /// The stage that node `id` extends, if any: `id` is row-local (or continues a chain of
@@ -215,14 +291,18 @@ impl Builder<'_> {
         if !axis_chain && !self.is_row_local(id) {
             return Ok(None);
         }
-        // Every other reader of the tail must be row-local and read only this stage and `id`.
+        // Every other reader of the tail must be row-local, read `id` and otherwise only
+        // this stage (SiLU's Mul of x and Sigmoid(x)), so that it joins the stage later.
+        // Two readers that do not meet again (the halves of a channel Split) cannot both
+        // be absorbed: the second would read from inside the stage.
         let tail_readers = &self.model.node(draft.tail.node).outputs[draft.tail.slot].successors;
         let ok = tail_readers.iter().all(|inlet| {
+            let inputs = self.data_inputs(inlet.node);
             inlet.node == id
                 || (!axis_chain
                     && self.is_row_local(inlet.node)
-                    && self
-                        .data_inputs(inlet.node)
+                    && inputs.iter().any(|o| o.node == id)
+                    && inputs
                         .iter()
                         .all(|o| o.node == id || self.stage_of_node.get(&o.node) == Some(&s)))
         });
@@ -336,12 +416,20 @@ impl Builder<'_> {
                 out_channels: ps.output_channels,
             };
             let h = ps.data_format.h_axis();
-            let split = if in_h == Some(h) {
-                rows
+            // Rows on the W axis (a YOLOv8 DFL conv over anchors): the window is stored
+            // with W first, so that index 0 is always the rows' axis.
+            let (kind, out_h, split) = if in_h == Some(h) {
+                (kind, Some(h), rows)
+            } else if in_h == Some(h + 1) && ps.kernel_shape.len() == 2 {
+                (transposed(kind), Some(h + 1), rows)
             } else {
-                barrier("conv input rows are not on its H axis")
+                (
+                    kind,
+                    Some(h),
+                    barrier("conv input rows are on neither of its window axes"),
+                )
             };
-            return Ok((kind, 2 * macs, Some(h), split));
+            return Ok((kind, 2 * macs, out_h, split));
         }
         if let Some((ps, pool)) = op
             .downcast_ref::<MaxPool>()
@@ -375,13 +463,21 @@ impl Builder<'_> {
         }
         if op.is::<TypedBinOp>() && input_outlets.len() >= 2 {
             let name = op.name().to_string();
-            let same = input_shapes
-                .iter()
-                .all(|t| t.shape == out_shape && t.h_axis == in_h);
-            let split = if same {
+            // Inputs may broadcast along any axis but the rows; a one-row input (a
+            // squeeze-excitation scale) is read whole by every strip.
+            let rows_agree = input_shapes.iter().all(|t| {
+                t.h_axis == in_h
+                    && t.shape.len() == out_shape.len()
+                    && in_h.is_some_and(|h| t.shape[h] == out_shape[h] || t.shape[h] == 1)
+            });
+            let split = if rows_agree {
                 rows
+            } else if input_shapes.iter().any(|t| t.h_axis != in_h) {
+                barrier(&format!(
+                    "{name} reads inputs whose rows are on different axes"
+                ))
             } else {
-                barrier(&format!("{name} broadcasts one input across rows"))
+                barrier(&format!("{name} broadcasts one input along rows"))
             };
             return Ok((StageKind::Join { name }, out_elems, in_h, split));
         }
@@ -389,8 +485,8 @@ impl Builder<'_> {
             let kind = StageKind::Elementwise {
                 name: op.name().to_string(),
             };
-            let split = if self.const_operands_flat_on_rows(anchor.id) {
-                rows
+            let split = if in_h.is_none() || self.const_operands_fit_rows(anchor.id) {
+                rows // without rows, `finish` makes it a barrier saying so
             } else {
                 barrier(&format!(
                     "{} applies a constant that varies along rows",
@@ -398,6 +494,14 @@ impl Builder<'_> {
                 ))
             };
             return Ok((kind, out_elems, in_h, split));
+        }
+        if let Some(slice) = op.downcast_ref::<Slice>() {
+            let split = if in_h == Some(slice.axis) {
+                barrier("slices along rows")
+            } else {
+                rows
+            };
+            return Ok((StageKind::Slice { axis: slice.axis }, 0, in_h, split));
         }
         if let Some(concat) = op.downcast_ref::<TypedConcat>() {
             let same_rows = input_shapes.iter().all(|t| t.h_axis == in_h);
@@ -427,19 +531,25 @@ impl Builder<'_> {
                         .unwrap_or(1) as u64
                 })
                 .product();
-            return Ok((
-                StageKind::MatMul { macs },
-                2 * macs,
-                None,
-                barrier("matrix multiply over whole features"),
-            ));
+            let row_axis = in_h.and_then(|h| self.einsum_row_axis(anchor, einsum, h));
+            let split = match row_axis {
+                Some(_) => rows,
+                None => barrier("matrix multiply over whole features"),
+            };
+            return Ok((StageKind::MatMul { macs }, 2 * macs, row_axis, split));
         }
         if let Some(reduce) = op.downcast_ref::<Reduce>() {
             let axes = reduce.axes.to_vec();
             let flops = first_in.iter().product::<usize>() as u64;
+            // tract's Reduce keeps the reduced axes with size 1: a global pool's output
+            // keeps a row axis of one row, which later stages can read whole.
             let (out_h, split) = match in_h {
                 Some(h) if axes.contains(&h) => {
-                    (None, barrier("reduces over rows (global pooling)"))
+                    let kept = out_shape.len() == first_in.len() && out_shape[h] == 1;
+                    (
+                        kept.then_some(h),
+                        barrier("reduces over rows (global pooling)"),
+                    )
                 }
                 h => (h, rows),
             };
@@ -482,6 +592,11 @@ impl Builder<'_> {
                 Some((axis, RowRule::Block(block))) => {
                     (StageKind::SpaceToDepth { block }, Some(axis), rows)
                 }
+                // Axis ops copy no data: rows "repeated" through them were merged with
+                // the axes after them (a flatten), not upsampled.
+                Some((axis, RowRule::Repeat(factor))) if op.is::<AxisOp>() => {
+                    (StageKind::Flatten { factor }, Some(axis), rows)
+                }
                 Some((axis, RowRule::Repeat(factor))) => {
                     (StageKind::Upsample { factor }, Some(axis), rows)
                 }
@@ -501,10 +616,10 @@ impl Builder<'_> {
             return Ok((kind, 0, out_h, split));
         }
         let name = op.name().to_string();
-        // An op we do not model keeps rows where they were if the shape says so, so the
-        // stages after it can still split.
-        let out_h = in_h
-            .filter(|&h| out_shape.len() == first_in.len() && out_shape.get(h) == first_in.get(h));
+        // An op we do not model runs whole; when it keeps the rank, its output's rows are
+        // taken on the same axis (perhaps fewer of them, as after a strided slice), so
+        // the stages after it can still split: each checks its own row map on that axis.
+        let out_h = in_h.filter(|_| out_shape.len() == first_in.len());
         let reason = format!("op {name} is not modelled by Legion");
         Ok((
             StageKind::Other { name },
@@ -515,9 +630,35 @@ impl Builder<'_> {
     }
 }
 
+/// A conv whose window geometry is read with its two spatial axes swapped.
+fn transposed(kind: StageKind) -> StageKind {
+    let swap = |v: [usize; 2]| [v[1], v[0]];
+    match kind {
+        StageKind::Conv {
+            window,
+            group,
+            in_channels,
+            out_channels,
+        } => StageKind::Conv {
+            window: Window {
+                kernel: swap(window.kernel),
+                stride: swap(window.stride),
+                dilation: swap(window.dilation),
+                pad_before: swap(window.pad_before),
+                pad_after: swap(window.pad_after),
+                ceil_mode: window.ceil_mode,
+            },
+            group,
+            in_channels,
+            out_channels,
+        },
+        other => other,
+    }
+}
+
 /// Unary ops that map each element to itself: activations, casts, Identity, inference Dropout.
 fn is_unary_row_local(op: &dyn TypedOp) -> bool {
-    op.is::<ElementWiseOp>() || op.is::<Identity>() || op.name() == "Dropout"
+    op.is::<ElementWiseOp>() || op.is::<Identity>() || op.is::<Cast>() || op.name() == "Dropout"
 }
 
 fn pool_spec(node: &TypedNode) -> Option<&PoolSpec> {

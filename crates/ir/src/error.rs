@@ -78,7 +78,22 @@ pub enum ImportError {
         /// What is wrong.
         why: String,
     },
-    /// tract rejected the model (an op it cannot load, inconsistent shapes).
+    /// A node's op has no implementation in tract (a contrib or quantized op).
+    #[error(
+        "{path}: node '{node}' is a {op} op (domain {domain}), which tract cannot run; {}",
+        unsupported_hint(.op, .domain)
+    )]
+    UnsupportedOp {
+        /// The file.
+        path: PathBuf,
+        /// Name of the node.
+        node: String,
+        /// Its ONNX op type.
+        op: String,
+        /// Its ONNX domain (`ai.onnx` for the default one).
+        domain: String,
+    },
+    /// tract rejected the model (inconsistent shapes, an attribute it does not take).
     #[error("{path}: tract cannot load the model: {detail}")]
     Tract {
         /// The file.
@@ -86,4 +101,22 @@ pub enum ImportError {
         /// tract's error chain, one line.
         detail: String,
     },
+}
+
+/// What to do about an op tract cannot run.
+fn unsupported_hint(op: &str, domain: &str) -> String {
+    let quantized = op.contains("Quantize") || op.starts_with("QLinear") || op.contains("Integer");
+    if quantized {
+        "it is a quantized op: give Legion the float32 model (before quantization)".into()
+    } else if domain != "ai.onnx" {
+        format!(
+            "ops of the {domain} domain are runtime-specific contrib ops: export the model \
+             with standard ONNX ops only (save an onnxruntime-optimized model before its \
+             optimizations)"
+        )
+    } else {
+        "export the model at another opset, or replace the op with standard ones tract \
+         supports"
+            .into()
+    }
 }

@@ -26,7 +26,8 @@ pub fn load(path: &Path, input_shape: Option<&[usize]>) -> Result<LoadedModel, I
         path: path.to_owned(),
         source,
     })?;
-    let proto = decode(path, &bytes)?;
+    let mut proto = decode(path, &bytes)?;
+    forget_stored_shapes(&mut proto);
     let graph = proto.graph.as_ref().expect("decode checks the graph");
     let initializers: std::collections::HashSet<&str> =
         graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -58,9 +59,9 @@ pub fn load(path: &Path, input_shape: Option<&[usize]>) -> Result<LoadedModel, I
         detail: format!("{e:#}").replace('\n', " "),
     };
     let dir = path.parent().and_then(|p| p.to_str());
-    let typed = tract_onnx::onnx()
-        .parse(&proto, dir)
-        .map_err(tract_err)?
+    let parsed = tract_onnx::onnx().parse(&proto, dir).map_err(tract_err)?;
+    unsupported_ops(path, &proto, &parsed.model)?;
+    let typed = parsed
         .model
         .with_input_fact(0, f32::fact(&shape).into())
         .and_then(|m| m.into_typed())
@@ -108,6 +109,58 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<pb::ModelProto, ImportError> {
             detail: "no graph in the protobuf".into(),
         }),
     }
+}
+
+/// Drops the shapes the file stores for intermediate values and outputs (ONNX shape
+/// inference writes them into `value_info`): they were derived for the exported input
+/// shape and a symbolic batch, so they contradict any other input shape. tract derives
+/// every shape again from the input; element types are kept.
+fn forget_stored_shapes(proto: &mut pb::ModelProto) {
+    let graph = proto.graph.as_mut().expect("decode checks the graph");
+    graph.value_info.clear();
+    for output in &mut graph.output {
+        if let Some(type_proto::Value::TensorType(t)) =
+            output.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+    }
+}
+
+/// Fails on the first node tract has no implementation for, naming it, its op and
+/// domain, and what to do.
+fn unsupported_ops(
+    path: &Path,
+    proto: &pb::ModelProto,
+    model: &InferenceModel,
+) -> Result<(), ImportError> {
+    let graph = proto.graph.as_ref().expect("decode checks the graph");
+    for node in model.nodes() {
+        let name = node.op.name();
+        let Some(op) = name
+            .strip_prefix("Unimplemented(")
+            .and_then(|n| n.strip_suffix(')'))
+        else {
+            continue;
+        };
+        let domain = graph
+            .node
+            .iter()
+            .find(|n| n.name == node.name && n.op_type == op)
+            .map(|n| n.domain.clone())
+            .unwrap_or_default();
+        return Err(ImportError::UnsupportedOp {
+            path: path.to_owned(),
+            node: node.name.clone(),
+            op: op.to_owned(),
+            domain: if domain.is_empty() {
+                "ai.onnx".into()
+            } else {
+                domain
+            },
+        });
+    }
+    Ok(())
 }
 
 /// A declared dimension: a size, a symbol, or nothing.
@@ -158,10 +211,13 @@ fn resolve_shape(
                 example: "1,3,224,224".into(),
             });
         }
+        // A symbolic batch alone is a batch of one: Legion runs one inference at a time.
         return dims
             .iter()
-            .map(|d| match d {
+            .enumerate()
+            .map(|(i, d)| match d {
                 Dim::Fixed(v) => Some(*v),
+                Dim::Symbol(_) if i == 0 && dims.len() == 4 => Some(1),
                 Dim::Symbol(_) => None,
             })
             .collect::<Option<Vec<_>>>()

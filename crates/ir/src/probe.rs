@@ -63,10 +63,12 @@ pub fn probe_rows(
 /// Finds the output axis that carries the rows and how. Every rule (same rows, repeated
 /// rows, blocks of rows) is tried on the input's H position before any other axis, so a
 /// size-1 batch axis or the channels never pass for the rows.
+/// A single row (a global pool's output) would pass for the rows on any size-1 axis: it
+/// only stays on its own position.
 fn classify(out: ArrayViewD<f32>, rows_in: usize, prefer: usize) -> Option<(usize, RowRule)> {
     let axes: Vec<usize> = std::iter::once(prefer)
         .filter(|&a| a < out.ndim())
-        .chain((0..out.ndim()).filter(|&a| a != prefer))
+        .chain((0..out.ndim()).filter(|&a| a != prefer && rows_in > 1))
         .collect();
     let ranges = |axis: usize| -> Vec<(f32, f32)> {
         out.axis_iter(Axis(axis))

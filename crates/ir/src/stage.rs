@@ -75,7 +75,9 @@ impl TensorInfo {
     }
 }
 
-/// Geometry of a sliding window (conv or pool) along H and W.
+/// Geometry of a sliding window (conv or pool): index 0 along the rows' axis, index 1
+/// along the other spatial axis. That is H then W, except for a conv whose rows are on
+/// its W axis (a YOLOv8 DFL conv over anchors), where it is W then H.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
     /// Kernel size `[h, w]`.
@@ -149,6 +151,18 @@ pub enum StageKind {
         /// Output rows per input row.
         factor: usize,
     },
+    /// A reshape that merges the rows with the axes after them (row-major, e.g. NCHW
+    /// `[1, C, H, W] -> [1, C, H*W]` or an NHWC flatten): input row r becomes positions
+    /// `[r*factor, (r+1)*factor)` of the output's row axis.
+    Flatten {
+        /// Output positions per input row.
+        factor: usize,
+    },
+    /// A slice along a non-row axis (a channel split): rows stay where they are.
+    Slice {
+        /// The sliced axis.
+        axis: usize,
+    },
     /// Space-to-depth (also darknet's reorg): each output row reads `block` input rows.
     SpaceToDepth {
         /// Block size along H.
@@ -203,6 +217,8 @@ impl StageKind {
             StageKind::Join { name } => name.to_lowercase(),
             StageKind::Concat { .. } => "concat".into(),
             StageKind::Upsample { .. } => "upsample".into(),
+            StageKind::Flatten { .. } => "flatten".into(),
+            StageKind::Slice { .. } => "slice".into(),
             StageKind::SpaceToDepth { .. } => "space2depth".into(),
             StageKind::Layout => "layout".into(),
             StageKind::Reshape => "reshape".into(),

@@ -224,3 +224,86 @@ fn stages_are_topologically_ordered() {
         assert!(!petgraph::algo::is_cyclic_directed(&ir.graph));
     }
 }
+
+/// Writes `model` under the test's scratch directory and imports it.
+#[allow(clippy::result_large_err)] // the error under test, as `import` returns it
+fn import_proto(
+    file: &str,
+    model: &tract_onnx::pb::ModelProto,
+    shape: Option<&[usize]>,
+) -> Result<Ir, legion_ir::ImportError> {
+    use prost::Message;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(file);
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    import(&path, shape)
+}
+
+#[test]
+fn a_contrib_quantized_op_is_named_with_what_to_do() {
+    use legion_models::{Conv, GraphBuilder};
+    use tract_onnx::pb::NodeProto;
+    let mut b = GraphBuilder::new("contrib-op");
+    let x = b.input("input", &[1, 3, 8, 8]);
+    let y = b.conv("conv1", &x, Conv::new(4, 3));
+    let mut model = b.finish("an onnxruntime contrib op after a conv", &[&y]);
+    let graph = model.graph.as_mut().unwrap();
+    graph.node.push(NodeProto {
+        name: "lstm1".into(),
+        op_type: "DynamicQuantizeLSTM".into(),
+        domain: "com.microsoft".into(),
+        input: vec![y.name().into()],
+        output: vec!["lstm1".into(), "lstm1_h".into(), "lstm1_c".into()],
+        ..Default::default()
+    });
+    graph.output[0].name = "lstm1".into();
+    let err = import_proto("contrib-op.onnx", &model, None)
+        .expect_err("tract cannot run DynamicQuantizeLSTM")
+        .to_string();
+    for needle in [
+        "contrib-op.onnx",
+        "node 'lstm1'",
+        "DynamicQuantizeLSTM",
+        "com.microsoft",
+        "float32 model",
+    ] {
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    }
+    assert!(!err.contains("Wrong number of outputs"), "{err}");
+}
+
+#[test]
+fn an_nhwc_flatten_is_a_flatten_not_an_upsample() {
+    use legion_models::{Conv, GraphBuilder};
+    let mut b = GraphBuilder::new("nhwc-flatten");
+    let x = b.input("input", &[1, 3, 8, 8]);
+    let y = b.conv("conv1", &x, Conv::new(4, 3));
+    let y = b.transpose("to_nhwc", &y, &[0, 2, 3, 1]);
+    let y = b.flatten("flatten", &y);
+    let y = b.gemm("fc", &y, 10);
+    let model = b.finish("conv, NHWC transpose, flatten, gemm", &[&y]);
+    let ir = import_proto("nhwc-flatten.onnx", &model, None).unwrap();
+    let kinds: Vec<_> = ir.stages.iter().map(|s| s.kind.short_name()).collect();
+    assert_eq!(kinds, ["conv", "flatten", "matmul"], "{kinds:?}");
+    // Each of the 8 rows of [1, 8, 8, 4] is 32 consecutive features.
+    assert_eq!(ir.stages[1].kind, StageKind::Flatten { factor: 32 });
+    assert_eq!(ir.stages[1].output.h_axis, Some(1));
+    assert!(
+        !ir.stages[2].is_splittable(),
+        "the gemm reads every feature"
+    );
+}
+
+#[test]
+fn stored_intermediate_shapes_do_not_block_another_input_shape() {
+    let bytes = legion_models::value_info_model();
+    let model = <tract_onnx::pb::ModelProto as prost::Message>::decode(&bytes[..]).unwrap();
+    assert!(!model.graph.as_ref().unwrap().value_info.is_empty());
+    // The declared shape has a symbolic batch: a batch of one.
+    let ir = import_proto("value-info.onnx", &model, None).unwrap();
+    assert_eq!(ir.input.shape, [1, 3, 32, 32]);
+    let ir = import_proto("value-info.onnx", &model, Some(&[1, 3, 48, 40])).unwrap();
+    assert_eq!(ir.input.shape, [1, 3, 48, 40]);
+    let last = ir.stages.last().unwrap();
+    assert_eq!(last.output.shape[2..], [24, 20], "{:?}", last.output);
+}

@@ -6,7 +6,7 @@ use tract_onnx::pb::tensor_shape_proto::dimension::Value;
 use tract_onnx::pb::{ModelProto, ValueInfoProto, type_proto};
 use tract_onnx::prelude::f16;
 
-use crate::builder::{Conv, GraphBuilder};
+use crate::builder::{Conv, GraphBuilder, Pool, value_info};
 
 /// Conv 3x3 (3 -> 8 channels) + Relu on a `[1, 3, 8, 8]` input.
 fn conv_relu(name: &str, doc: &str) -> ModelProto {
@@ -47,6 +47,34 @@ pub fn dynamic_input_model() -> Vec<u8> {
         &mut graph.output[0],
         [Some("N"), None, Some("H"), Some("W")],
     );
+    model.encode_to_vec()
+}
+
+/// Conv + Relu + Conv + Relu + MaxPool on a `[batch, 3, 32, 32]` input whose
+/// `graph.value_info` lists every intermediate tensor with its shape, as ONNX
+/// shape inference writes it (`batch` symbolic, the rest for 32x32). It checks
+/// that stored intermediate shapes do not block an import at another input
+/// shape.
+pub fn value_info_model() -> Vec<u8> {
+    let mut b = GraphBuilder::new("value-info");
+    let x = b.input("input", &[1, 3, 32, 32]);
+    let conv1 = b.conv("conv1", &x, Conv::new(8, 3));
+    let relu1 = b.relu("relu1", &conv1);
+    let conv2 = b.conv("conv2", &relu1, Conv::new(16, 3));
+    let relu2 = b.relu("relu2", &conv2);
+    let y = b.max_pool("pool", &relu2, Pool::new(2, 2));
+    let doc = "Fixture: symbolic batch, inferred intermediate shapes in value_info.";
+    let mut model = b.finish(doc, &[&y]);
+    let graph = model.graph.as_mut().expect("graph");
+    graph.value_info = [&conv1, &relu1, &conv2, &relu2]
+        .iter()
+        .map(|v| value_info(v.name(), DataType::Float, v.shape()))
+        .collect();
+    let batch = [Some("batch"), None, None, None];
+    let values = graph.input.iter_mut().chain(&mut graph.output);
+    for value in values.chain(&mut graph.value_info) {
+        symbolize(value, batch);
+    }
     model.encode_to_vec()
 }
 

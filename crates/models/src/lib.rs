@@ -5,10 +5,15 @@
 //! (416x416, darknet VOC layouts, passthrough as Reshape/Transpose/Reshape);
 //! `resnet18`, `resnet50` and `mobilenetv2` (torchvision layouts, 224x224);
 //! `calibration` (VGG-16 at 112x112, the workload the emulator times to measure a
-//! host's rate); and the tiny models committed under `testdata/models/`: `tiny-cnn`,
-//! `tiny-residual`, `tiny-yolo`, `tiny-mobile`, `tiny-nhwc`,
-//! `tiny-unknown-op` and `tiny-head`. [`dynamic_input_model`] and
-//! [`non_f32_model`] are error-case fixtures outside the catalog.
+//! host's rate); today's architectures as their PyTorch exports look at opset 13:
+//! `yolov8n` (ultralytics, 640x640, with the DFL head), `convnext-tiny`,
+//! `efficientnet-b0` and `shufflenetv2` (torchvision, 224x224); and the tiny
+//! models committed under `testdata/models/`: `tiny-cnn`, `tiny-residual`,
+//! `tiny-yolo`, `tiny-mobile`, `tiny-nhwc`, `tiny-unknown-op`, `tiny-head`, the
+//! miniatures `tiny-yolov8`, `tiny-convnext`, `tiny-effnet`, `tiny-shuffle` and
+//! `tiny-focus` (YOLOX's strided-Slice stem), and `tiny-transposed` (a conv
+//! after an H/W Transpose). [`dynamic_input_model`], [`value_info_model`] and
+//! [`non_f32_model`] are fixtures outside the catalog.
 //!
 //! Weights are uniform: He-scaled for convs and GEMMs, small non-zero biases,
 //! BatchNormalization statistics away from the identity. They come from a
@@ -27,9 +32,9 @@ mod tiny;
 mod weights;
 mod zoo;
 
-pub use builder::{Conv, GraphBuilder, IR_VERSION, OPSET, Pool, Value};
+pub use builder::{Conv, GraphBuilder, IR_VERSION, OPSET, Operand, Pool, Value};
 pub use files::{cache_dir, committed_dir, ensure, test_model, workspace_root, write};
-pub use fixtures::{dynamic_input_model, non_f32_model};
+pub use fixtures::{dynamic_input_model, non_f32_model, value_info_model};
 
 use anyhow::{Result, anyhow};
 use prost::Message;
@@ -72,8 +77,9 @@ const fn entry(
 const IMAGENET: [usize; 4] = [1, 3, 224, 224];
 const DARKNET: [usize; 4] = [1, 3, 416, 416];
 const SMALL: [usize; 4] = [1, 3, 32, 32];
+const SMALL64: [usize; 4] = [1, 3, 64, 64];
 
-static CATALOG: [ModelSpec; 17] = [
+static CATALOG: [ModelSpec; 27] = [
     entry(
         "vgg16",
         "VGG-16 with the FC head, 15.35 G conv MACs",
@@ -138,6 +144,34 @@ static CATALOG: [ModelSpec; 17] = [
         zoo::mobilenetv2,
     ),
     entry(
+        "yolov8n",
+        "ultralytics YOLOv8n (80 classes), three scales, export-time DFL head",
+        [1, 3, 640, 640],
+        false,
+        zoo::yolov8n,
+    ),
+    entry(
+        "convnext-tiny",
+        "torchvision ConvNeXt-Tiny, LayerNorm and GELU decomposed as at opset 13",
+        IMAGENET,
+        false,
+        zoo::convnext_tiny,
+    ),
+    entry(
+        "efficientnet-b0",
+        "torchvision EfficientNet-B0: MBConv, SiLU, squeeze-excitation",
+        IMAGENET,
+        false,
+        zoo::efficientnet_b0,
+    ),
+    entry(
+        "shufflenetv2",
+        "torchvision ShuffleNetV2 x1.0: channel Split, Concat, shuffle",
+        IMAGENET,
+        false,
+        zoo::shufflenetv2,
+    ),
+    entry(
         "calibration",
         "the emulator's fixed workload for a host's rate: VGG-16 at 112x112",
         [1, 3, 112, 112],
@@ -192,6 +226,48 @@ static CATALOG: [ModelSpec; 17] = [
         [1, 3, 16, 16],
         true,
         tiny::tiny_head,
+    ),
+    entry(
+        "tiny-yolov8",
+        "YOLOv8 miniature: C2f Split, SPPF, Resize FPN, two scales, DFL head",
+        SMALL64,
+        true,
+        tiny::tiny_yolov8,
+    ),
+    entry(
+        "tiny-convnext",
+        "ConvNeXt miniature: 7x7 depthwise, Cast, LayerNorm, MatMul, GELU (Erf)",
+        SMALL64,
+        true,
+        tiny::tiny_convnext,
+    ),
+    entry(
+        "tiny-effnet",
+        "EfficientNet miniature: MBConv, SiLU, squeeze-excitation Mul",
+        SMALL64,
+        true,
+        tiny::tiny_effnet,
+    ),
+    entry(
+        "tiny-shuffle",
+        "ShuffleNetV2 miniature: channel Split, Concat, 5-D Reshape/Transpose shuffle",
+        SMALL64,
+        true,
+        tiny::tiny_shuffle,
+    ),
+    entry(
+        "tiny-focus",
+        "YOLOX Focus stem: four stride-2 Slice pairs on H and W, Concat",
+        SMALL64,
+        true,
+        tiny::tiny_focus,
+    ),
+    entry(
+        "tiny-transposed",
+        "convs and a pool after a Transpose that swaps H and W of a non-square map",
+        [1, 3, 24, 40],
+        true,
+        tiny::tiny_transposed,
     ),
 ];
 

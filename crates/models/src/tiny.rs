@@ -2,7 +2,9 @@
 //! ops and geometries the compiler must handle.
 
 use crate::builder::{Conv, GraphBuilder, Pool, Value};
-use crate::zoo::inverted_residual;
+use crate::zoo::{
+    MbConv, Yolov8, convnext, efficientnet, inverted_residual, shufflenet_v2, yolov8,
+};
 
 /// Conv + BN + Relu with names `conv{id}`, `bn{id}`, `relu{id}`.
 fn conv_bn_relu(b: &mut GraphBuilder, id: &str, x: &Value, c: Conv) -> Value {
@@ -139,4 +141,83 @@ pub(crate) fn tiny_head(b: &mut GraphBuilder, x: Value) -> Value {
     let x = b.dropout("dropout", &x);
     let x = b.identity("identity", &x);
     b.softmax("prob", &x)
+}
+
+/// 64x64 input: YOLOv8 at two scales (P3/8, P4/16) with widths 8..32, one
+/// bottleneck per C2f, SPPF, a one-step FPN/PAN, and the export-time Detect
+/// head (Split into 64 box and 4 class channels, DFL, dist2bbox, Sigmoid).
+/// Output `[1, 8, 80]` (xywh + 4 class scores for 8x8 + 4x4 anchors).
+pub(crate) fn tiny_yolov8(b: &mut GraphBuilder, x: Value) -> Value {
+    let cfg = Yolov8 {
+        widths: &[8, 16, 24, 32],
+        depths: &[1, 1, 1],
+        box_width: 16,
+        class_width: 16,
+        classes: 4,
+    };
+    yolov8(b, x, &cfg)
+}
+
+/// 64x64 input: ConvNeXt with a 4x4 patchify stem, two blocks of width 16,
+/// a LayerNorm2d + 2x2 stride-2 downsample, one block of width 32; each block
+/// casts to float before its LayerNorm. Output `[1, 32, 8, 8]`.
+pub(crate) fn tiny_convnext(b: &mut GraphBuilder, x: Value) -> Value {
+    convnext(b, x, &[2, 1], &[16, 32], true)
+}
+
+/// 64x64 input: EfficientNet with a stride-2 stem, an unexpanded MBConv with
+/// a residual, expanded 3x3 and 5x5 MBConvs (two of them stride 2, one with a
+/// residual), squeeze-excitation in each, and a 1x1 head conv.
+/// Output `[1, 64, 8, 8]`.
+pub(crate) fn tiny_effnet(b: &mut GraphBuilder, x: Value) -> Value {
+    #[rustfmt::skip]
+    let stages = [
+        MbConv { expand: 1, kernel: 3, stride: 1, out: 8, repeats: 1 },
+        MbConv { expand: 4, kernel: 3, stride: 2, out: 16, repeats: 1 },
+        MbConv { expand: 4, kernel: 5, stride: 2, out: 24, repeats: 2 },
+    ];
+    efficientnet(b, x, 8, &stages, 64)
+}
+
+/// 64x64 input: ShuffleNetV2 with an 8-wide stem and max pool, then stages
+/// of (stride-2 unit, stride-1 units) at 24 and 48 channels, each unit
+/// ending in a channel shuffle, and a 1x1 conv5. Output `[1, 64, 4, 4]`.
+pub(crate) fn tiny_shuffle(b: &mut GraphBuilder, x: Value) -> Value {
+    shufflenet_v2(b, x, 8, &[(3, 24), (2, 48)], 64)
+}
+
+/// 64x64 input: the YOLOX Focus stem (four stride-2 Slice pairs, on H then
+/// W, concatenated top-left, bottom-left, top-right, bottom-right), then
+/// conv 3x3 + SiLU, a stride-2 conv 3x3 + SiLU and a 1x1 conv + SiLU.
+/// Output `[1, 32, 16, 16]`.
+pub(crate) fn tiny_focus(b: &mut GraphBuilder, x: Value) -> Value {
+    let patch = |b: &mut GraphBuilder, name: &str, row: usize, col: usize| {
+        let y = b.slice(&format!("focus.{name}.rows"), &x, 2, row, None, 2);
+        b.slice(&format!("focus.{name}"), &y, 3, col, None, 2)
+    };
+    let top_left = patch(b, "top_left", 0, 0);
+    let bottom_left = patch(b, "bottom_left", 1, 0);
+    let top_right = patch(b, "top_right", 0, 1);
+    let bottom_right = patch(b, "bottom_right", 1, 1);
+    let parts = [&top_left, &bottom_left, &top_right, &bottom_right];
+    let y = b.concat("focus.concat", &parts);
+    let y = b.conv("focus.conv", &y, Conv::new(16, 3));
+    let y = b.silu("focus.act", &y);
+    let y = b.conv("dark2.0.conv", &y, Conv::new(32, 3).stride(2));
+    let y = b.silu("dark2.0.act", &y);
+    let y = b.conv("dark2.1.conv", &y, Conv::new(32, 1));
+    b.silu("dark2.1.act", &y)
+}
+
+/// `[1, 3, 24, 40]` input: a conv, a Transpose swapping H and W, then a 3x3
+/// conv, a stride-2 3x3 conv and a padded 3x3 max pool on the transposed map,
+/// whose rows were the first conv's columns. Output `[1, 16, 10, 6]`.
+pub(crate) fn tiny_transposed(b: &mut GraphBuilder, x: Value) -> Value {
+    let y = b.conv("conv1", &x, Conv::new(8, 3));
+    let y = b.relu("relu1", &y);
+    let y = b.transpose("swap_hw", &y, &[0, 1, 3, 2]);
+    let y = b.conv("conv2", &y, Conv::new(16, 3));
+    let y = b.relu("relu2", &y);
+    let y = b.conv("conv3", &y, Conv::new(16, 3).stride(2));
+    b.max_pool("pool4", &y, Pool::new(3, 2).pads([1; 4]))
 }

@@ -72,4 +72,8 @@ pub struct RunResults {
     /// as many runs as the plan's, each run after one of the plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_single_device: Option<(String, u64)>,
+    /// With `--check`: the largest difference of the median run's outputs from the best
+    /// single device's, relative to the largest magnitude of each output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_max_rel: Option<f32>,
 }

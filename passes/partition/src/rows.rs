@@ -45,7 +45,7 @@ pub fn row_map(stage: &Stage, want: Rows) -> StageRows {
             computed: want,
             inputs: smallvec![window_rows(window, want, in_height(0))],
         },
-        StageKind::Upsample { factor } => {
+        StageKind::Upsample { factor } | StageKind::Flatten { factor } => {
             let f = *factor;
             let rows = Rows::new(want.start / f, want.end.div_ceil(f));
             StageRows {
@@ -57,9 +57,16 @@ pub fn row_map(stage: &Stage, want: Rows) -> StageRows {
             computed: want,
             inputs: smallvec![same(Rows::new(want.start * block, want.end * block))],
         },
+        // A one-row input broadcast along the rows (a squeeze-excitation scale) is read
+        // whole by every strip.
         _ => StageRows {
             computed: want,
-            inputs: stage.inputs.iter().map(|_| same(want)).collect(),
+            inputs: (0..stage.inputs.len())
+                .map(|i| match in_height(i) {
+                    1 if stage.output.height() != Some(1) => same(Rows::new(0, 1)),
+                    _ => same(want),
+                })
+                .collect(),
         },
     }
 }

@@ -580,7 +580,9 @@ pub fn whole_stage(ir: &Ir, s: StageId) -> TileSpec {
 
 /// The program that runs the stages of `group` whole on one device: every tensor
 /// entering the group whole, each stage with its own padding, every tensor leaving the
-/// group whole. Barrier stages may be inside: nothing is split.
+/// group whole. Barrier stages may be inside: nothing is split. A barrier reads its
+/// inputs whole with no tile pads: its ops run exactly as the model declares them
+/// (its input's row axis, if any, need not be its window's H axis).
 pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
     let all = |h: Option<usize>| Rows::new(0, h.unwrap_or(0));
     let (inputs, outputs) = boundary(ir, group);
@@ -594,7 +596,8 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
                 .iter()
                 .map(|shape| {
                     let height = shape.height();
-                    match (stage.kind.window(), height, computed.is_empty()) {
+                    let window = stage.kind.window().filter(|_| stage.is_splittable());
+                    match (window, height, computed.is_empty()) {
                         (Some(w), Some(h), false) => {
                             let r = window_rows(w, computed, h);
                             TileRead {

@@ -117,6 +117,29 @@ impl Pool {
     }
 }
 
+/// The constant second operand of [`GraphBuilder::add_const`],
+/// [`GraphBuilder::mul_const`] and [`GraphBuilder::div_const`].
+///
+/// [`GraphBuilder::add_const`]: super::GraphBuilder::add_const
+/// [`GraphBuilder::mul_const`]: super::GraphBuilder::mul_const
+/// [`GraphBuilder::div_const`]: super::GraphBuilder::div_const
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Operand<'a> {
+    /// A fixed 0-D value, the initializer `NODE.value` (an epsilon, a GELU constant).
+    Scalar(f32),
+    /// Learned values uniform in `[lo, hi)` of a shape that broadcasts against
+    /// the input (`[C]` channels-last, `[C, 1, 1]` channels-first): the
+    /// initializer `NODE.weight` of a Mul or Div, `NODE.bias` of an Add.
+    Learned {
+        /// The constant's shape.
+        shape: &'a [usize],
+        /// Lower bound of the values.
+        lo: f32,
+        /// Upper bound of the values (excluded).
+        hi: f32,
+    },
+}
+
 /// Output size of a window op along one axis (PyTorch/ONNX rule: with
 /// `ceil`, a last window starting inside the end padding is dropped).
 pub(super) fn window_out(

@@ -43,7 +43,7 @@ pub(super) fn attr_string(name: &str, s: &str) -> AttributeProto {
 }
 
 /// A value info with a static shape.
-pub(super) fn value_info(name: &str, elem_type: DataType, shape: &[usize]) -> ValueInfoProto {
+pub(crate) fn value_info(name: &str, elem_type: DataType, shape: &[usize]) -> ValueInfoProto {
     let dim = shape
         .iter()
         .map(|&d| Dimension {

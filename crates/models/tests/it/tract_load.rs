@@ -1,5 +1,5 @@
 //! Every catalog model loads in tract with the expected output shape; all but
-//! four big ones also run on zeros.
+//! three big ones also run on zeros.
 
 use legion_models::{bytes, catalog, spec, test_model};
 use tract_onnx::prelude::*;
@@ -8,6 +8,8 @@ use tract_onnx::prelude::*;
 fn expected_output(name: &str) -> &'static [usize] {
     match name {
         "vgg16" | "vgg19" | "resnet18" | "resnet50" | "mobilenetv2" => &[1, 1000],
+        "convnext-tiny" | "efficientnet-b0" | "shufflenetv2" => &[1, 1000],
+        "yolov8n" => &[1, 84, 8400],
         "vgg16-conv" | "vgg19-conv" => &[1, 512, 7, 7],
         "calibration" => &[1, 1000],
         "yolov2" | "yolov2-tiny" => &[1, 125, 13, 13],
@@ -17,6 +19,12 @@ fn expected_output(name: &str) -> &'static [usize] {
         "tiny-mobile" | "tiny-head" => &[1, 10],
         "tiny-nhwc" => &[1, 16, 16, 8],
         "tiny-unknown-op" => &[1, 16, 16, 16],
+        "tiny-yolov8" => &[1, 8, 80],
+        "tiny-convnext" => &[1, 32, 8, 8],
+        "tiny-effnet" => &[1, 64, 8, 8],
+        "tiny-shuffle" => &[1, 64, 4, 4],
+        "tiny-focus" => &[1, 32, 16, 16],
+        "tiny-transposed" => &[1, 16, 10, 6],
         other => panic!("no expected output shape for {other}"),
     }
 }
@@ -72,13 +80,17 @@ fn load(name: &str) -> TypedModel {
 }
 
 /// Full-size models that also run (a few seconds each, weights optimised).
-const RUN: [&str; 6] = [
+const RUN: [&str; 10] = [
     "vgg16",
     "yolov2",
     "yolov2-tiny",
     "resnet18",
     "mobilenetv2",
     "calibration",
+    "yolov8n",
+    "convnext-tiny",
+    "efficientnet-b0",
+    "shufflenetv2",
 ];
 
 #[test]
