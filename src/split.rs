@@ -40,7 +40,8 @@ const TOLERANCE: f32 = 1e-5;
 /// stage that runs whole on one device.
 enum Piece {
     Split(Group),
-    Whole(StageId),
+    /// The barrier and why it is one.
+    Whole(StageId, String),
 }
 
 #[derive(Serialize)]
@@ -130,15 +131,10 @@ pub fn run(args: &Args) -> Result<()> {
                     .collect::<Vec<_>>();
                 (specs, Some(tiling), None)
             }
-            Piece::Whole(s) => {
-                let stage = ir.stage(s);
-                let reason = match &stage.split {
-                    Split::Barrier(reason) => reason.clone(),
-                    Split::Rows => unreachable!("only barriers run whole"),
-                };
+            Piece::Whole(s, reason) => {
                 let whole = WholeReport {
                     stage: s,
-                    name: stage.name.clone(),
+                    name: ir.stage(s).name.clone(),
                     reason,
                 };
                 let spec = whole_stage(&ir, s);
@@ -210,15 +206,15 @@ fn default_pieces(ir: &Ir) -> Vec<Piece> {
     let mut pieces = vec![];
     let mut start = None;
     for s in &ir.stages {
-        match (s.is_splittable(), start) {
-            (true, None) => start = Some(s.id.index()),
-            (false, _) => {
+        match (&s.split, start) {
+            (Split::Rows, None) => start = Some(s.id.index()),
+            (Split::Barrier(reason), _) => {
                 if let Some(a) = start.take() {
                     pieces.push(Piece::Split(Group::new(a, s.id.index() - 1)));
                 }
-                pieces.push(Piece::Whole(s.id));
+                pieces.push(Piece::Whole(s.id, reason.clone()));
             }
-            _ => {}
+            (Split::Rows, Some(_)) => {}
         }
     }
     if let Some(a) = start {

@@ -232,13 +232,18 @@ impl<'a> TileBuilder<'a> {
                     .filter(|&a| tile.get(a) != Some(&whole[a]))
                     .collect();
                 match differ[..] {
-                    [a] => Some((a, whole[a].clone(), whole.rank())),
+                    [a] => Some((a, whole[a].clone(), whole.rank(), tile[a].clone())),
                     _ => None,
                 }
             });
-        let Some((axis, height, rank)) = strip_axis else {
+        let Some((axis, height, rank, rows)) = strip_axis else {
             return Ok(());
         };
+        ensure!(
+            rows == computed.len().to_dim(),
+            "{}: a strip of {rows} rows where the stage computes {computed}",
+            node.name
+        );
         for (i, fact) in facts.iter().enumerate() {
             if fact.konst.is_none() || fact.rank() != rank || fact.shape[axis] != height {
                 continue;

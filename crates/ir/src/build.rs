@@ -174,17 +174,24 @@ impl Builder<'_> {
         };
         let out = &node.outputs[0].fact.shape;
         let rank = out.rank();
-        node.inputs.iter().filter(|o| self.is_const(**o)).all(|o| {
-            let Ok(fact) = self.model.outlet_fact(*o) else {
-                return false;
-            };
-            let offset = rank.saturating_sub(fact.rank());
-            h < offset
-                || fact
-                    .shape
-                    .get(h - offset)
-                    .is_none_or(|d| *d == 1.to_dim() || (offset == 0 && *d == out[h]))
-        })
+        // A data operand of one row broadcast against a per-row constant is not a strip.
+        let data_has_rows = data.iter().all(|o| {
+            self.model
+                .outlet_fact(*o)
+                .is_ok_and(|f| f.rank() != rank || f.shape[h] == out[h])
+        });
+        data_has_rows
+            && node.inputs.iter().filter(|o| self.is_const(**o)).all(|o| {
+                let Ok(fact) = self.model.outlet_fact(*o) else {
+                    return false;
+                };
+                let offset = rank.saturating_sub(fact.rank());
+                h < offset
+                    || fact
+                        .shape
+                        .get(h - offset)
+                        .is_none_or(|d| *d == 1.to_dim() || (offset == 0 && *d == out[h]))
+            })
     }
 
     /// The output axis holding the rows of an einsum whose one data input has its rows
@@ -409,25 +416,22 @@ impl Builder<'_> {
             let macs = out_elems
                 * (ps.input_channels / conv.group) as u64
                 * (window.kernel[0] * window.kernel[1]) as u64;
+            let h = ps.data_format.h_axis();
+            // Rows on the W axis (a YOLOv8 DFL conv over anchors): the window is stored
+            // with W first, so that index 0 is always the rows' axis.
+            let (window, out_h, split) = if in_h == Some(h) {
+                (window, Some(h), rows)
+            } else if in_h == Some(h + 1) && ps.kernel_shape.len() == 2 {
+                (transposed(window), Some(h + 1), rows)
+            } else {
+                let why = "conv input rows are on neither of its window axes";
+                (window, Some(h), barrier(why))
+            };
             let kind = StageKind::Conv {
                 window,
                 group: conv.group,
                 in_channels: ps.input_channels,
                 out_channels: ps.output_channels,
-            };
-            let h = ps.data_format.h_axis();
-            // Rows on the W axis (a YOLOv8 DFL conv over anchors): the window is stored
-            // with W first, so that index 0 is always the rows' axis.
-            let (kind, out_h, split) = if in_h == Some(h) {
-                (kind, Some(h), rows)
-            } else if in_h == Some(h + 1) && ps.kernel_shape.len() == 2 {
-                (transposed(kind), Some(h + 1), rows)
-            } else {
-                (
-                    kind,
-                    Some(h),
-                    barrier("conv input rows are on neither of its window axes"),
-                )
             };
             return Ok((kind, 2 * macs, out_h, split));
         }
@@ -630,29 +634,16 @@ impl Builder<'_> {
     }
 }
 
-/// A conv whose window geometry is read with its two spatial axes swapped.
-fn transposed(kind: StageKind) -> StageKind {
+/// A window read with its two spatial axes swapped.
+fn transposed(w: Window) -> Window {
     let swap = |v: [usize; 2]| [v[1], v[0]];
-    match kind {
-        StageKind::Conv {
-            window,
-            group,
-            in_channels,
-            out_channels,
-        } => StageKind::Conv {
-            window: Window {
-                kernel: swap(window.kernel),
-                stride: swap(window.stride),
-                dilation: swap(window.dilation),
-                pad_before: swap(window.pad_before),
-                pad_after: swap(window.pad_after),
-                ceil_mode: window.ceil_mode,
-            },
-            group,
-            in_channels,
-            out_channels,
-        },
-        other => other,
+    Window {
+        kernel: swap(w.kernel),
+        stride: swap(w.stride),
+        dilation: swap(w.dilation),
+        pad_before: swap(w.pad_before),
+        pad_after: swap(w.pad_after),
+        ceil_mode: w.ceil_mode,
     }
 }
 

@@ -143,10 +143,12 @@ fn unsupported_ops(
         else {
             continue;
         };
+        // tract names unnamed nodes itself: then the first node of that op says.
         let domain = graph
             .node
             .iter()
             .find(|n| n.name == node.name && n.op_type == op)
+            .or_else(|| graph.node.iter().find(|n| n.op_type == op))
             .map(|n| n.domain.clone())
             .unwrap_or_default();
         return Err(ImportError::UnsupportedOp {
