@@ -27,7 +27,10 @@ impl Tile {
         // model runs the same computation unoptimized, only slower.
         let plan = match model.clone().into_optimized() {
             Ok(optimized) => optimized.into_runnable(),
-            Err(_) => model.into_runnable(),
+            Err(e) => {
+                tracing::warn!("tract could not optimize a tile ({e:#}); it runs unoptimized");
+                model.into_runnable()
+            }
         }
         .context("optimizing the tile")?;
         Ok(Tile {
