@@ -190,6 +190,7 @@ fn kind_label(kind: &StageKind) -> String {
         StageKind::Upsample { factor } => format!("upsample x{factor}"),
         StageKind::Flatten { factor } => format!("flatten rows x{factor}"),
         StageKind::Slice { axis } => format!("slice axis {axis}"),
+        StageKind::Subsample { step, offset } => format!("rows {offset}::{step}"),
         StageKind::SpaceToDepth { block } => format!("space2depth {block}"),
         StageKind::Pool { window, .. } if window.ceil_mode => format!("{} ceil", kind.short_name()),
         _ => kind.short_name(),

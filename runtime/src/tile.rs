@@ -2,7 +2,7 @@
 //! strips, with tile-local pads (DESIGN.md section 4, "Running a tile with tract").
 
 use anyhow::{Context, Result, bail, ensure};
-use legion_ir::{Ir, Rows, Stage, TensorRef};
+use legion_ir::{Ir, Rows, Stage, StageKind, TensorRef};
 use legion_plan::TileSpec;
 use std::collections::HashMap;
 use tract_onnx::prelude::*;
@@ -11,6 +11,7 @@ use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PaddingSpec, PoolSpec, SumPool};
+use tract_onnx::tract_core::ops::downsample::Downsample;
 
 /// A runnable tile: feed the strips of [`TileSpec::inputs`], get those of [`TileSpec::outputs`].
 pub struct Tile {
@@ -181,6 +182,19 @@ impl<'a> TileBuilder<'a> {
             // runs whole, so its ops stay exactly as the model has them.
             let op = if !stage.is_splittable() {
                 node.op.clone()
+            } else if let (0, StageKind::Subsample { step, .. }) = (n, &stage.kind) {
+                // The strip starts at the first row taken: every step-th row of it.
+                let h = stage.input_shapes[0]
+                    .h_axis
+                    .context("a subsample has rows")?;
+                let data = (0..node.inputs.len())
+                    .find(|&i| {
+                        src.outlet_fact(node.inputs[i])
+                            .is_ok_and(|f| f.konst.is_none())
+                    })
+                    .context("a subsample reads one tensor")?;
+                inputs = tvec![inputs[data]];
+                Box::new(Downsample::new(h, *step as isize, 0))
             } else if n == 0 {
                 self.retarget(stage, st, node, &inputs)?
             } else if let Some(AxisOp::Reshape(at, from, to)) = node.op.downcast_ref::<AxisOp>() {

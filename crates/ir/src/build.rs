@@ -6,7 +6,7 @@ use crate::stage::{PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorR
 use anyhow::Context;
 use std::collections::{HashMap, HashSet};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
+use tract_onnx::tract_core::ops::array::{Slice, StridedSlice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
@@ -567,6 +567,9 @@ impl Builder<'_> {
             };
             return Ok((StageKind::Softmax { axes }, out_elems, in_h, split));
         }
+        if op.is::<StridedSlice>() && input_outlets.len() == 1 {
+            return Ok(self.strided_slice(draft, input_outlets[0], &first_in, out_shape, in_h));
+        }
         let movement = op.is::<AxisOp>() || op.name() == "Resize";
         if movement && input_outlets.len() == 1 {
             // Probe the data-movement prefix only: fused affine ops (a BatchNorm) would
@@ -631,6 +634,58 @@ impl Builder<'_> {
             out_h,
             Split::Barrier(reason),
         ))
+    }
+}
+
+impl Builder<'_> {
+    /// A strided slice (ONNX Slice with steps), probed on its rows: rows untouched (it
+    /// slices other axes), a strided slice of the rows alone, or a barrier.
+    fn strided_slice(
+        &self,
+        draft: &Draft,
+        input: OutletId,
+        first_in: &[usize],
+        out_shape: &[usize],
+        in_h: Option<usize>,
+    ) -> (StageKind, u64, Option<usize>, Split) {
+        let anchor = draft.nodes[0];
+        let same_rank = out_shape.len() == first_in.len();
+        let probed = in_h.filter(|_| same_rank).and_then(|h| {
+            let rule = probe_rows(
+                self.model,
+                &[anchor],
+                input,
+                first_in,
+                h,
+                OutletId::new(anchor, 0),
+            )?;
+            (rule.0 == h).then_some((h, rule.1))
+        });
+        let sliced: Vec<usize> = (0..out_shape.len())
+            .filter(|&a| same_rank && out_shape[a] != first_in[a])
+            .collect();
+        match (probed, &sliced[..]) {
+            // Rows untouched: the slice is along the first axis that shrank (none when
+            // it keeps everything).
+            (Some((h, RowRule::Same)), _) => {
+                let axis = sliced.first().copied().unwrap_or(h);
+                (StageKind::Slice { axis }, 0, Some(h), Split::Rows)
+            }
+            (Some((h, RowRule::Subsample { step, offset })), [axis]) if *axis == h => (
+                StageKind::Subsample { step, offset },
+                0,
+                Some(h),
+                Split::Rows,
+            ),
+            _ => (
+                StageKind::Other {
+                    name: "StridedSlice".into(),
+                },
+                0,
+                in_h.filter(|_| same_rank),
+                Split::Barrier("strided slice of the rows and other axes at once".into()),
+            ),
+        }
     }
 }
 

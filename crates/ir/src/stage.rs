@@ -158,6 +158,14 @@ pub enum StageKind {
         /// Output positions per input row.
         factor: usize,
     },
+    /// A strided slice of the rows alone (a YOLOX Focus takes every other row): output
+    /// row r is input row `offset + r*step`.
+    Subsample {
+        /// Input rows per output row.
+        step: usize,
+        /// The first input row taken.
+        offset: usize,
+    },
     /// A slice along a non-row axis (a channel split): rows stay where they are.
     Slice {
         /// The sliced axis.
@@ -219,6 +227,7 @@ impl StageKind {
             StageKind::Upsample { .. } => "upsample".into(),
             StageKind::Flatten { .. } => "flatten".into(),
             StageKind::Slice { .. } => "slice".into(),
+            StageKind::Subsample { .. } => "subsample".into(),
             StageKind::SpaceToDepth { .. } => "space2depth".into(),
             StageKind::Layout => "layout".into(),
             StageKind::Reshape => "reshape".into(),

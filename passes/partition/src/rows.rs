@@ -53,6 +53,17 @@ pub fn row_map(stage: &Stage, want: Rows) -> StageRows {
                 inputs: smallvec![same(rows)],
             }
         }
+        StageKind::Subsample { step, offset } => StageRows {
+            computed: want,
+            inputs: smallvec![same(if want.is_empty() {
+                Rows::default()
+            } else {
+                Rows::new(
+                    offset + want.start * step,
+                    offset + (want.end - 1) * step + 1,
+                )
+            })],
+        },
         StageKind::SpaceToDepth { block } => StageRows {
             computed: want,
             inputs: smallvec![same(Rows::new(want.start * block, want.end * block))],

@@ -1,7 +1,7 @@
 //! Tiling a fused group for a cut of its output rows: what each device computes,
 //! receives and sends, with pads and alpha.
 
-use crate::rows::{InputRows, row_map, window_rows};
+use crate::rows::{InputRows, row_map};
 use legion_ir::Rows;
 use legion_ir::{Ir, StageId, TensorRef};
 use legion_plan::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
@@ -591,29 +591,29 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
         .map(|s| {
             let stage = ir.stage(s);
             let computed = all(stage.output.height());
-            let reads = stage
-                .input_shapes
-                .iter()
-                .map(|shape| {
-                    let height = shape.height();
-                    let window = stage.kind.window().filter(|_| stage.is_splittable());
-                    match (window, height, computed.is_empty()) {
-                        (Some(w), Some(h), false) => {
-                            let r = window_rows(w, computed, h);
-                            TileRead {
-                                rows: r.rows,
-                                pad_top: r.pad_top,
-                                pad_bottom: r.pad_bottom,
-                            }
-                        }
-                        _ => TileRead {
-                            rows: all(height),
-                            pad_top: 0,
-                            pad_bottom: 0,
-                        },
-                    }
-                })
-                .collect();
+            // A splittable stage reads what its row map says for all its rows (a
+            // window's own pads, a strided slice's first row); a barrier reads whole.
+            let reads = if stage.is_splittable() && !computed.is_empty() {
+                row_map(stage, computed)
+                    .inputs
+                    .iter()
+                    .map(|r| TileRead {
+                        rows: r.rows,
+                        pad_top: r.pad_top,
+                        pad_bottom: r.pad_bottom,
+                    })
+                    .collect()
+            } else {
+                stage
+                    .input_shapes
+                    .iter()
+                    .map(|shape| TileRead {
+                        rows: all(shape.height()),
+                        pad_top: 0,
+                        pad_bottom: 0,
+                    })
+                    .collect()
+            };
             TileStage {
                 stage: s,
                 computed,
