@@ -307,3 +307,27 @@ fn stored_intermediate_shapes_do_not_block_another_input_shape() {
     let last = ir.stages.last().unwrap();
     assert_eq!(last.output.shape[2..], [24, 20], "{:?}", last.output);
 }
+
+/// Today's architectures split almost everywhere: what remains a barrier is named.
+#[test]
+fn todays_architectures_keep_few_barriers() {
+    let barriers = |name: &str| -> Vec<String> {
+        load(name)
+            .stages
+            .iter()
+            .filter(|s| !s.is_splittable())
+            .map(|s| s.kind.short_name())
+            .collect()
+    };
+    // Channels-last LayerNorm, MatMuls, GELU, layer scale and a Cast: all row-local.
+    assert_eq!(barriers("tiny-convnext"), Vec::<String>::new());
+    // Channel splits and shuffles.
+    assert_eq!(barriers("tiny-shuffle"), Vec::<String>::new());
+    // Strided slices of rows and columns.
+    assert_eq!(barriers("tiny-focus"), Vec::<String>::new());
+    // C2f splits, SPPF, the DFL conv over anchors and the anchor grid split; only the
+    // concat of the three scales along the anchors is a barrier.
+    assert_eq!(barriers("tiny-yolov8"), ["concat"]);
+    // Squeeze-excitation: the global pools remain; their 1x1 convs and the scaling split.
+    assert_eq!(barriers("tiny-effnet"), ["reduce"; 4]);
+}
