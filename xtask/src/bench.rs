@@ -167,14 +167,7 @@ fn kept_profile(
             return Ok(p);
         }
     }
-    let file = legion_models::workspace_root()
-        .join("testdata/clusters")
-        .join(format!("{cluster_name}.toml"));
-    let mut cluster = Cluster::load(&file)?;
-    for d in &mut cluster.devices {
-        d.address = "127.0.0.1:0".into();
-    }
-    let local = LocalCluster::start(&cluster, default_cache_dir())?;
+    let local = start_local(cluster_name)?;
     let onnx = std::fs::read(legion_models::test_model(model)?)?;
     let rt = tokio::runtime::Runtime::new()?;
     let profile = rt.block_on(async {
@@ -193,6 +186,19 @@ fn kept_profile(
     std::fs::create_dir_all(path.parent().expect("a directory"))?;
     std::fs::write(&path, profile.to_json())?;
     Ok(profile)
+}
+
+/// Starts the workers of the testdata cluster `cluster_name` in this process, on ports
+/// the system picks.
+fn start_local(cluster_name: &str) -> Result<LocalCluster> {
+    let file = legion_models::workspace_root()
+        .join("testdata/clusters")
+        .join(format!("{cluster_name}.toml"));
+    let mut cluster = Cluster::load(&file)?;
+    for d in &mut cluster.devices {
+        d.address = "127.0.0.1:0".into();
+    }
+    LocalCluster::start(&cluster, default_cache_dir())
 }
 
 fn load(name: &str) -> Result<Ir> {

@@ -4,11 +4,10 @@
 //! measured) then `legion run --check`: predicted and measured latency, speedup over the
 //! best single board and the end-to-end error.
 
-use super::host;
+use super::{host, start_local};
 use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Split};
-use legion_plan::{Cluster, Plan, RunResults};
-use legion_runtime::{LocalCluster, default_cache_dir};
+use legion_plan::{Plan, RunResults};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -184,14 +183,7 @@ fn end_to_end(
     cluster_name: &str,
     runs: u32,
 ) -> Result<Measured> {
-    let file = legion_models::workspace_root()
-        .join("testdata/clusters")
-        .join(format!("{cluster_name}.toml"));
-    let mut cluster = Cluster::load(&file)?;
-    for d in &mut cluster.devices {
-        d.address = "127.0.0.1:0".into();
-    }
-    let local = LocalCluster::start(&cluster, default_cache_dir())?;
+    let local = start_local(cluster_name)?;
     let setup = format!("{name}-{cluster_name}");
     let cluster_file = scratch.join(format!("{setup}.toml"));
     std::fs::write(&cluster_file, local.cluster().to_toml())?;
