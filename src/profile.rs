@@ -94,6 +94,17 @@ pub fn run(args: &Args) -> Result<()> {
         profile.clock,
         profile.wall_us as f64 / 1e6
     );
+    if let Some(h) = profile.host_gflops {
+        println!("emulated clock: {h} over the measurements");
+        if h.drifted() {
+            println!(
+                "warning: the host's rate moved more than {:.0}% while profiling; the emulator \
+                 scales by the rate it follows, but profile again on a quieter host if the \
+                 plan's predictions miss",
+                legion_plan::HOST_DRIFT_LIMIT * 100.0
+            );
+        }
+    }
     println!("profile written to {}", args.output.display());
     Ok(())
 }

@@ -5,7 +5,7 @@ use crate::{BadArgument, ModelArgs};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_partition::{Group, whole_group};
-use legion_plan::{Cluster, Plan, RunResults};
+use legion_plan::{Cluster, HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::{Coordinator, PlanRun, Tensors, run_candidate};
 use std::fmt::Write;
@@ -80,7 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Picks the best single device (each runs the whole model once after a warm-up), then
+/// Runs the whole model on every device (once after a warm-up) and picks the fastest, then
 /// runs the plan's chosen candidate `repeat` times after a warm-up, each run followed by
 /// one of the whole model on that device, so both medians see the same spells of the
 /// host. Returns the results, the model's outputs and the report. With `check`, fails
@@ -94,15 +94,20 @@ pub(crate) async fn execute(
     check: bool,
 ) -> Result<((RunResults, Vec<Tensor>), String)> {
     let candidate = plan.chosen();
-    let (single, single_out) = best_single_device(coord, ir, &input).await?;
+    let alone = every_device_alone(coord, ir, &input).await?;
+    let (single, single_out) = (alone.best, alone.outputs);
     let single_name = coord.devices()[single].name().to_string();
+    let mut host = alone.host_gflops;
     let mut runs: Vec<PlanRun> = vec![];
     let mut single_runs: Vec<u64> = vec![];
     for i in 0..=repeat {
         let r = run_candidate(coord, ir, candidate, input.clone()).await?;
         if i > 0 {
+            host = HostRates::union(host, HostRates::of_steps(&r.groups));
             runs.push(r);
-            single_runs.push(run_whole(coord, ir, single, &input).await?.0);
+            let (step, _) = run_whole(coord, ir, single, &input).await?;
+            host = HostRates::union(host, HostRates::of_steps([&step]));
+            single_runs.push(step.total_us);
         }
     }
     runs.sort_by_key(|r| r.total_us);
@@ -148,6 +153,28 @@ pub(crate) async fn execute(
         single_us as f64 / 1e3,
         single_us as f64 / median.total_us.max(1) as f64
     )?;
+    let alone_list: Vec<String> = alone
+        .times
+        .iter()
+        .map(|(name, us)| format!("{name} {:.1}", *us as f64 / 1e3))
+        .collect();
+    writeln!(
+        out,
+        "every device alone, compute ms (one run after a warm-up): {}",
+        alone_list.join(", ")
+    )?;
+    if let Some(h) = host {
+        writeln!(out, "emulated clock: {h} over these runs")?;
+        if h.drifted() {
+            writeln!(
+                out,
+                "warning: the host's rate moved more than {:.0}% during these runs; the \
+                 emulator scales by the rate it follows, but compare these times with care \
+                 and run again on a quieter host",
+                HOST_DRIFT_LIMIT * 100.0
+            )?;
+        }
+    }
     let mut checked = None;
     if check {
         let mut worst = legion_runtime::check::Diff::default();
@@ -175,22 +202,41 @@ pub(crate) async fn execute(
         median_us: median.total_us,
         groups: median.groups,
         best_single_device: Some((single_name, single_us)),
+        devices_alone: alone.times,
         check_max_rel: checked,
+        host_gflops: host,
     };
     Ok(((results, median.outputs), out))
 }
 
-/// Runs the whole model on every device (a warm-up, then once timed) and returns the
-/// fastest: its index and outputs.
-async fn best_single_device(
-    coord: &Coordinator,
-    ir: &Ir,
-    input: &Tensor,
-) -> Result<(usize, Vec<Tensor>)> {
+/// Every device running the whole model alone.
+struct Alone {
+    /// The fastest device's index.
+    best: usize,
+    /// Its outputs.
+    outputs: Vec<Tensor>,
+    /// Per device, its name and compute time, µs.
+    times: Vec<(String, u64)>,
+    /// On the emulated clock: the host's rates over these runs.
+    host_gflops: Option<HostRates>,
+}
+
+/// Runs the whole model on every device: a warm-up on each, then once timed on each.
+async fn every_device_alone(coord: &Coordinator, ir: &Ir, input: &Tensor) -> Result<Alone> {
     let mut best: Option<(usize, u64, Tensors)> = None;
+    let mut times = vec![];
+    let mut host = None;
+    // Every warm-up first: emulated boards sharing a host then all time the model
+    // with the host's estimate of it refined by every warm-up.
     for d in 0..coord.devices().len() {
         run_whole(coord, ir, d, input).await?;
-        let (us, tensors) = run_whole(coord, ir, d, input).await?;
+    }
+    for d in 0..coord.devices().len() {
+        let (step, tensors) = run_whole(coord, ir, d, input).await?;
+        host = HostRates::union(host, HostRates::of_steps([&step]));
+        let us = step.total_us;
+        let compute = step.devices.iter().map(|t| t.compute_us).sum();
+        times.push((coord.devices()[d].name().to_string(), compute));
         if best.as_ref().is_none_or(|b| us < b.1) {
             best = Some((d, us, tensors));
         }
@@ -201,23 +247,28 @@ async fn best_single_device(
         .iter()
         .map(|r| tensors.whole(*r).cloned())
         .collect::<Result<Vec<_>>>()?;
-    Ok((d, outputs))
+    Ok(Alone {
+        best: d,
+        outputs,
+        times,
+        host_gflops: host,
+    })
 }
 
-/// Runs the whole model on device `d` once: its time and the tensors it left.
+/// Runs the whole model on device `d` once: its step's timing and the tensors it left.
 async fn run_whole<'a>(
     coord: &Coordinator,
     ir: &'a Ir,
     d: usize,
     input: &Tensor,
-) -> Result<(u64, Tensors<'a>)> {
+) -> Result<(StepTiming, Tensors<'a>)> {
     let spec = whole_group(ir, Group::new(0, ir.stages.len() - 1));
     let mut tensors = Tensors::new(ir, input.clone())?;
     let step = coord
         .run_step(&[(d, spec)], &mut tensors)
         .await
         .with_context(|| format!("running the whole model on {}", coord.devices()[d].name()))?;
-    Ok((step.total_us, tensors))
+    Ok((step, tensors))
 }
 
 /// Reads an f32 .npy of the model's input shape.

@@ -1,14 +1,16 @@
 //! The runtime end to end on emulated local clusters: a coordinator drives in-process
 //! workers over gRPC on loopback. Groups split across 4 emulated boards equal the
 //! single-device run; a dead worker is named; emulated timings follow the link model;
-//! profiling in both modes measures what it says.
+//! identical work gets identical emulated time; profiling in both modes measures what
+//! it says.
 
 use legion_ir::{Ir, StageId, TensorRef, import};
-use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
+use legion_partition::{Group, check_group, strips_from_weights, tile, whole_group, whole_stage};
 use legion_plan::network::{Flow, arrival_times};
 use legion_plan::{Clock, Cluster, ProfileMode, StepTiming};
 use legion_profile::{ProfileOptions, candidate_groups, profile};
 use legion_runtime::check::{compare, test_input};
+use legion_runtime::emulate::HostRate;
 use legion_runtime::{Coordinator, LocalCluster, Reference, StepTile, Tensors, local_cluster};
 use std::time::Duration;
 
@@ -223,6 +225,50 @@ fn emulated_step_times_follow_the_link_model() {
     let total: u64 = t.devices.iter().map(|d| d.bytes_in).sum();
     let last = shared.iter().copied().fold(0.0, f64::max);
     assert!((last - (total as f64 * 8.0 / 100.0 + 200.0)).abs() < 1e-3);
+}
+
+/// The emulator's mechanism for "identical work, identical time": a tile's time is the
+/// sum of its nodes' fastest times over its runs, scaled at a host rate that does not
+/// move here (fixed). The single-board path (the whole model as one program) and a
+/// 1-board plan's tile run in turn and end within 3% of each other, and a tile's time
+/// never grows with more runs.
+#[test]
+fn identical_work_gets_the_same_emulated_time() {
+    let path = legion_models::test_model("vgg16-conv").unwrap();
+    let ir = import(&path, Some(&[1, 3, 64, 64])).unwrap();
+    let onnx = std::fs::read(&path).unwrap();
+    let host = std::sync::Arc::new(HostRate::fixed(30.0).unwrap());
+    let cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
+    let local = LocalCluster::start_on(&cluster, cache_dir(), Some(host)).unwrap();
+    let rt = rt();
+    let mut coord = rt
+        .block_on(Coordinator::connect(local.cluster(), CONNECT))
+        .unwrap();
+    rt.block_on(coord.upload(&onnx, &ir.input.shape)).unwrap();
+    let all = Group::new(0, ir.stages.len() - 1);
+    let height = ir.stage(all.last).output.height().unwrap();
+    let single = whole_group(&ir, all);
+    let plan_tile = tile(&ir, all, &[legion_ir::Rows::new(0, height)])
+        .unwrap()
+        .devices[0]
+        .spec();
+    let input = test_input(&ir.input.shape);
+    let mut times: [Vec<u64>; 2] = [vec![], vec![]];
+    for _ in 0..4 {
+        for (k, spec) in [&single, &plan_tile].into_iter().enumerate() {
+            let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
+            let step = rt
+                .block_on(coord.run_step(&[(0, spec.clone())], &mut tensors))
+                .unwrap();
+            assert_eq!(step.devices[0].host_gflops, Some(30.0));
+            times[k].push(step.devices[0].compute_us);
+        }
+    }
+    for t in &times {
+        assert!(t.windows(2).all(|w| w[1] <= w[0]), "{times:?}");
+    }
+    let (a, b) = (times[0][3] as f64, times[1][3] as f64);
+    assert!((a / b - 1.0).abs() < 0.03, "{times:?}");
 }
 
 #[test]

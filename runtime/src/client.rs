@@ -59,6 +59,8 @@ pub struct TileRun {
     pub host_us: u64,
     /// Whether `compute_us` is on the emulated clock.
     pub emulated: bool,
+    /// On the emulated clock: the host's rate `compute_us` was scaled with, GFLOP/s.
+    pub host_gflops: Option<f64>,
 }
 
 /// A model as a worker knows it: content address and input shape.
@@ -239,6 +241,7 @@ impl WorkerClient {
             compute_us: reply.compute_us,
             host_us: reply.host_us,
             emulated: reply.emulated,
+            host_gflops: (reply.emulated && reply.host_gflops > 0.0).then_some(reply.host_gflops),
         })
     }
 

@@ -13,7 +13,9 @@ use crate::proto::InfoReply;
 use crate::tensors::Tensors;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use legion_plan::network::{Flow, arrival_times};
-use legion_plan::{Clock, Cluster, Device, DeviceTiming, LinkProbe, StepTiming, TileSpec};
+use legion_plan::{
+    Clock, Cluster, Device, DeviceTiming, HostRates, LinkProbe, StepTiming, TileSpec,
+};
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
@@ -294,18 +296,20 @@ impl Coordinator {
                 compute_us: runs[k].0.compute_us,
                 out_us: (done[k] - ready[k]).round() as u64,
                 done_us: done[k].round() as u64,
+                host_gflops: runs[k].0.host_gflops,
             })
             .collect()
     }
 
     /// Runs `spec` on device `d` once to warm up, then `runs` times, on inputs the worker
-    /// makes up; returns the warm-up time and the run times on the cluster's clock, µs.
+    /// makes up; returns the warm-up time and the run times on the cluster's clock, µs,
+    /// and on the emulated clock the range of the host's rates they were scaled with.
     pub async fn profile_tile(
         &self,
         d: usize,
         spec: &TileSpec,
         runs: u32,
-    ) -> Result<(u64, Vec<u64>)> {
+    ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
         let device = &self.devices[d];
         let reply = device
             .client
@@ -318,7 +322,8 @@ impl Coordinator {
             device.name(),
             reply.compute_us.len()
         );
-        Ok((reply.warmup_us, reply.compute_us))
+        let host = HostRates::of(reply.host_gflops.iter().copied());
+        Ok((reply.warmup_us, reply.compute_us, host))
     }
 
     /// Sends `bytes` to device `d` and back. The bytes really travel; on the emulated
@@ -371,6 +376,7 @@ fn real_timing(name: &str, run: &TileRun, wall: Duration, bin: u64, bout: u64) -
         compute_us: run.compute_us,
         out_us: transfer - in_us,
         done_us: wall_us,
+        host_gflops: None,
     }
 }
 

@@ -2,11 +2,12 @@
 //! not. `legion cluster up --local N`, the demo and the tests use them; each worker is
 //! the same [`Worker`] a board runs, reached over gRPC on loopback.
 
-use crate::emulate::{ComputeLock, Emulation, Emulator, measure_host_gflops};
+use crate::emulate::{ComputeLock, Emulation, Emulator, HostRate};
 use crate::worker::{Compute, Worker, WorkerConfig};
 use anyhow::{Context, Result, bail};
 use legion_plan::{Cluster, CoordinatorLink, Device};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 
@@ -81,17 +82,27 @@ struct Running {
 
 impl LocalCluster {
     /// Starts a worker for every device of `cluster`, which must all be on this host
-    /// (127.0.0.1 or localhost). A port of 0 is replaced by the port bound. Emulated
-    /// workers measure the host's rate first, one at a time. Models are cached in
-    /// `cache_dir` (shared: it is content-addressed).
+    /// (127.0.0.1 or localhost). A port of 0 is replaced by the port bound. The host is
+    /// calibrated first ([`HostRate::calibrate`]), once for all workers. Models are
+    /// cached in `cache_dir` (shared: it is content-addressed).
     pub fn start(cluster: &Cluster, cache_dir: PathBuf) -> Result<LocalCluster> {
+        LocalCluster::start_on(cluster, cache_dir, None)
+    }
+
+    /// [`LocalCluster::start`] on a given host rate (for tests that need times
+    /// independent of the host: [`HostRate::fixed`]) instead of a calibration.
+    pub fn start_on(
+        cluster: &Cluster,
+        cache_dir: PathBuf,
+        host: Option<Arc<HostRate>>,
+    ) -> Result<LocalCluster> {
         let mut started = LocalCluster {
             cluster: cluster.clone(),
             workers: vec![],
         };
-        // The host rate is measured once for all workers, so that emulated boards of one
-        // class keep exactly the same speed.
-        let mut host_gflops = None;
+        // The host is calibrated once for all workers, so that emulated boards of one
+        // class keep exactly the same speed, and followed by one tracker.
+        let mut host_rate = host;
         for i in 0..started.cluster.devices.len() {
             let device = &started.cluster.devices[i];
             let host = device.address.rsplit_once(':').map(|(h, _)| h);
@@ -102,25 +113,32 @@ impl LocalCluster {
                     device.address
                 );
             }
-            let host = match host_gflops {
-                Some(g) => g,
-                None => *host_gflops.insert(measure_with_lock()?),
+            let host = match &host_rate {
+                Some(h) => h.clone(),
+                None => host_rate
+                    .insert(HostRate::shared(&ComputeLock::open(
+                        ComputeLock::default_path(),
+                    )?)?)
+                    .clone(),
             };
             let compute = match &device.emulate {
                 Some(spec) => {
                     let emulation: Emulation = spec
                         .parse()
                         .with_context(|| format!("device {}", device.name))?;
-                    let emulator = Emulator::with_host_rate(emulation, host, None)?;
+                    let emulator = Emulator::new(emulation, host, None)?;
                     tracing::info!(
                         device = %device.name,
-                        "emulating {}: host {host:.1} GFLOP/s, slowdown x{:.2}",
+                        "emulating {}: host {:.1} GFLOP/s, slowdown x{:.2}",
                         emulator.emulation,
+                        emulator.host().base_gflops(),
                         emulator.slowdown()
                     );
                     Compute::Emulated(emulator)
                 }
-                None => Compute::Real { gflops: host },
+                None => Compute::Real {
+                    gflops: host.base_gflops(),
+                },
             };
             let worker = Worker::new(WorkerConfig {
                 name: device.name.clone(),
@@ -188,12 +206,4 @@ impl Drop for LocalCluster {
 /// The model cache local workers share by default.
 pub fn default_cache_dir() -> PathBuf {
     std::env::temp_dir().join("legion-worker-cache")
-}
-
-/// Measures the host's rate holding the compute lock, so that emulated workers of other
-/// processes on this host do not disturb the measurement.
-fn measure_with_lock() -> Result<f64> {
-    let lock = ComputeLock::open(ComputeLock::default_path())?;
-    let _held = lock.hold()?;
-    measure_host_gflops().context("measuring the host's rate")
 }

@@ -2,7 +2,7 @@
 //! (what a board runs, built without the compiler passes) share these options and
 //! this entry point.
 
-use crate::emulate::{Emulation, Emulator, measure_device_gflops};
+use crate::emulate::{Emulation, Emulator, HostRate, measure_device_gflops};
 use crate::{Compute, Worker, WorkerConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -33,9 +33,10 @@ pub struct WorkerArgs {
     /// scaled to the board; emulated workers on one host take turns computing.
     #[arg(long)]
     pub emulate: Option<String>,
-    /// This machine's rate on the calibration workload, GFLOP/s, as an earlier start
-    /// printed it (with the same --threads). Skips the measurement at start (a few
-    /// seconds on a board).
+    /// This machine's rate, GFLOP/s, as an earlier start printed it (with the same
+    /// --threads): a real worker's rate on the device-rate workload, or an emulating
+    /// host's calibrated rate on VGG-16 (followed from there as the host moves). Skips
+    /// the measurement at start (several seconds).
     #[arg(long)]
     pub host_gflops: Option<f64>,
     /// Threads tract computes with (default: every core of this machine). An emulated
@@ -116,7 +117,11 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
                 .parse()
                 .map_err(|e| BadWorkerOption(format!("--emulate {spec}: {e:#}")))?;
             match args.host_gflops {
-                Some(host) => Compute::Emulated(Emulator::with_host_rate(emulation, host, None)?),
+                Some(host) => Compute::Emulated(Emulator::new(
+                    emulation,
+                    std::sync::Arc::new(HostRate::from_rate(host)?),
+                    None,
+                )?),
                 None => {
                     tracing::info!(
                         %emulation,
@@ -141,7 +146,7 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
     };
     let (clock, gflops, host_gflops) = match &compute {
         Compute::Real { gflops } => ("real", *gflops, *gflops),
-        Compute::Emulated(e) => ("emulated", e.emulation.gflops, e.host_gflops),
+        Compute::Emulated(e) => ("emulated", e.emulation.gflops, e.host().base_gflops()),
     };
     let worker = Worker::new(WorkerConfig {
         name: name.clone(),

@@ -58,6 +58,28 @@ impl Tile {
             .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())?;
         Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
     }
+
+    /// Runs the tile like [`Tile::run`], timing every node of its tract plan on `clock`:
+    /// returns the outputs and, per node, the time its evaluation took
+    /// ([`crate::emulate::run_nodes_timed`]).
+    pub fn run_timed(
+        &self,
+        inputs: Vec<Tensor>,
+        clock: fn() -> Result<std::time::Duration>,
+    ) -> Result<(Vec<Tensor>, Vec<std::time::Duration>)> {
+        ensure!(
+            inputs.len() == self.spec.inputs.len(),
+            "the tile takes {} input strips, {} given",
+            self.spec.inputs.len(),
+            inputs.len()
+        );
+        let inputs = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let (outputs, times) = crate::emulate::run_nodes_timed(&self.plan, inputs, clock)?;
+        Ok((
+            outputs.into_iter().map(|v| v.into_tensor()).collect(),
+            times,
+        ))
+    }
 }
 
 /// Copies stages of the imported model into a new model over strips.

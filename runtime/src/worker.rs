@@ -1,7 +1,7 @@
 //! The worker: serves the gRPC protocol of proto/legion.proto on a device. It caches
 //! uploaded models on disk by sha256, imports them once, and builds each tile once.
 
-use crate::emulate::Emulator;
+use crate::emulate::{Emulator, thread_cpu_time};
 use crate::proto::worker_server::{Worker as WorkerService, WorkerServer};
 use crate::proto::{
     self, F32Tensor, HasModelReply, HealthReply, HealthRequest, InfoReply, InfoRequest, ModelChunk,
@@ -41,8 +41,8 @@ pub struct WorkerConfig {
 /// How a worker times its compute.
 #[derive(Debug)]
 pub enum Compute {
-    /// A real device: times are wall-clock; `gflops` is its rate on the calibration
-    /// workload, measured at start ([`crate::emulate::measure_host_gflops`]).
+    /// A real device: times are wall-clock; `gflops` is its rate on the device-rate
+    /// workload, measured at start ([`crate::emulate::measure_device_gflops`]).
     Real {
         /// GFLOP/s.
         gflops: f64,
@@ -52,19 +52,43 @@ pub enum Compute {
 }
 
 impl Compute {
-    /// Runs `f`; returns its result, the host-measured time and the time on this
-    /// worker's clock.
-    fn run<T>(&self, f: impl FnOnce() -> T) -> Result<(T, Duration, Duration), Status> {
+    /// Runs `tile` on `inputs`; returns its outputs and how long it took: on the real
+    /// clock one run on the wall clock, on the emulated clock the emulator's time for
+    /// the tile named `key` ([`Emulator::run_tile`]).
+    fn run_tile(
+        &self,
+        key: &str,
+        tile: &Tile,
+        inputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, TileTime), Status> {
+        let failed = |e: anyhow::Error| Status::internal(format!("running the tile: {e:#}"));
         match self {
             Compute::Real { .. } => {
                 let start = Instant::now();
-                let out = f();
+                let out = tile.run(inputs.to_vec()).map_err(failed)?;
                 let took = start.elapsed();
-                Ok((out, took, took))
+                Ok((
+                    out,
+                    TileTime {
+                        compute: took,
+                        host: took,
+                        host_gflops: None,
+                    },
+                ))
             }
-            Compute::Emulated(e) => e
-                .run(f)
-                .map_err(|e| Status::internal(format!("emulated compute: {e:#}"))),
+            Compute::Emulated(e) => {
+                let (out, t) = e
+                    .run_tile(key, || tile.run_timed(inputs.to_vec(), thread_cpu_time))
+                    .map_err(failed)?;
+                Ok((
+                    out,
+                    TileTime {
+                        compute: t.emulated,
+                        host: t.host,
+                        host_gflops: Some(t.host_gflops),
+                    },
+                ))
+            }
         }
     }
 
@@ -79,6 +103,16 @@ impl Compute {
     fn emulated(&self) -> bool {
         matches!(self, Compute::Emulated(_))
     }
+}
+
+/// A tile run's times.
+struct TileTime {
+    /// On the worker's clock.
+    compute: Duration,
+    /// As measured on the host.
+    host: Duration,
+    /// On the emulated clock: the host's rate the time was scaled with, GFLOP/s.
+    host_gflops: Option<f64>,
 }
 
 /// Tiles a worker keeps built: more than a plan's groups on one device.
@@ -107,6 +141,12 @@ type ModelKey = (String, Vec<usize>);
 fn model_key(m: &ModelRef) -> ModelKey {
     let shape = m.input_shape.iter().map(|&d| d as usize).collect();
     (m.sha256.clone(), shape)
+}
+
+/// A tile's name for the emulator's node times: the model and the TileSpec's JSON.
+fn tile_key_text(m: &ModelRef, spec: &TileSpec) -> Result<String, Status> {
+    let spec = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(format!("{} {:?} {spec}", m.sha256, m.input_shape))
 }
 
 /// A least-recently-used cache bounded by a count and a total weight; the newest entry
@@ -278,8 +318,10 @@ impl Worker {
         let (m, ir, spec) = self.tile_request("RunTile", req.model, &req.tile_spec_json)?;
         let inputs = strips(&ir, &spec, &req.inputs)?;
         let tile = self.tile(&m, &ir, &spec)?;
-        let (outputs, host, device) = self.config.compute.run(|| tile.run(inputs))?;
-        let outputs = outputs.map_err(|e| Status::internal(format!("running the tile: {e:#}")))?;
+        let (outputs, time) =
+            self.config
+                .compute
+                .run_tile(&tile_key_text(&m, &spec)?, &tile, &inputs)?;
         let outputs = outputs
             .iter()
             .map(to_wire)
@@ -287,9 +329,10 @@ impl Worker {
             .map_err(|e| Status::internal(format!("encoding outputs: {e:#}")))?;
         Ok(RunTileReply {
             outputs,
-            compute_us: device.as_micros() as u64,
-            host_us: host.as_micros() as u64,
+            compute_us: time.compute.as_micros() as u64,
+            host_us: time.host.as_micros() as u64,
             emulated: self.config.compute.emulated(),
+            host_gflops: time.host_gflops.unwrap_or(0.0),
         })
     }
 
@@ -301,30 +344,29 @@ impl Worker {
                 req.runs
             )));
         }
-        let (_, ir, spec) = self.tile_request("ProfileStage", req.model, &req.tile_spec_json)?;
+        let (m, ir, spec) = self.tile_request("ProfileStage", req.model, &req.tile_spec_json)?;
         let inputs: Vec<Tensor> = spec
             .inputs
             .iter()
             .map(|i| crate::check::test_input(&strip_shape(&ir, i.tensor, i.rows)))
             .collect();
         // Profiling builds each tile once and runs it a few times: not worth caching.
+        // An emulator keeps the tile's node times all the same: profiling the same
+        // work again, or running it in a plan, gets the same time.
         let tile = build_tile(&ir, &spec)?;
-        let run = || {
-            tile.run(inputs.clone())
-                .map_err(|e| Status::internal(format!("running the tile: {e:#}")))
-        };
-        let (out, _, warmup) = self.config.compute.run(run)?;
-        out?;
+        let key = tile_key_text(&m, &spec)?;
+        let compute = &self.config.compute;
+        let (_, warmup) = compute.run_tile(&key, &tile, &inputs)?;
         let mut reply = ProfileStageReply {
-            emulated: self.config.compute.emulated(),
-            warmup_us: warmup.as_micros() as u64,
+            emulated: compute.emulated(),
+            warmup_us: warmup.compute.as_micros() as u64,
             ..Default::default()
         };
         for _ in 0..req.runs {
-            let (out, host, device) = self.config.compute.run(run)?;
-            out?;
-            reply.host_us.push(host.as_micros() as u64);
-            reply.compute_us.push(device.as_micros() as u64);
+            let (_, time) = compute.run_tile(&key, &tile, &inputs)?;
+            reply.host_us.push(time.host.as_micros() as u64);
+            reply.compute_us.push(time.compute.as_micros() as u64);
+            reply.host_gflops.extend(time.host_gflops);
         }
         Ok(reply)
     }
@@ -346,7 +388,7 @@ impl WorkerService for Arc<Worker> {
                     gflops: e.emulation.gflops,
                     mbps: e.emulation.mbps,
                     latency_ms: e.emulation.latency_ms,
-                    host_gflops: e.host_gflops,
+                    host_gflops: e.host().base_gflops(),
                 }),
             },
         }))

@@ -1,7 +1,7 @@
 //! The FLOP counts behind emulated compute rates are Legion's own: the sums of stage
 //! FLOPs of the imported models (what `legion inspect` reports).
 
-use legion_runtime::emulate::{CALIBRATION_FLOPS, CALIBRATION_MODEL, VGG16_FLOPS};
+use legion_runtime::emulate::{DEVICE_RATE_FLOPS, DEVICE_RATE_MODEL, VGG16_FLOPS};
 
 fn total_flops(name: &str) -> u64 {
     let path = legion_models::test_model(name).unwrap();
@@ -15,6 +15,6 @@ fn vgg16_flops_is_the_imported_total() {
 }
 
 #[test]
-fn calibration_flops_is_the_imported_total() {
-    assert_eq!(total_flops(CALIBRATION_MODEL) as f64, CALIBRATION_FLOPS);
+fn device_rate_flops_is_the_imported_total() {
+    assert_eq!(total_flops(DEVICE_RATE_MODEL) as f64, DEVICE_RATE_FLOPS);
 }

@@ -3,7 +3,7 @@
 
 use legion_ir::{Ir, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
-use legion_runtime::emulate::measure_host_gflops;
+use legion_runtime::emulate::measure_device_gflops;
 use legion_runtime::proto::{F32Tensor, RunTileRequest};
 use legion_runtime::{
     Compute, ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex,
@@ -22,7 +22,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// The host's rate, measured once for every worker of this test binary.
 fn host_gflops() -> f64 {
     static RATE: OnceLock<f64> = OnceLock::new();
-    *RATE.get_or_init(|| measure_host_gflops().unwrap())
+    *RATE.get_or_init(|| measure_device_gflops().unwrap())
 }
 
 /// A worker serving on its own runtime; dropped, it dies like a killed process.

@@ -18,6 +18,26 @@ mod models;
 mod paper;
 mod workers;
 
+/// The `legion` binary next to this xtask (built here, in the same profile).
+fn legion_binary() -> Result<PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--bin", "legion"])
+        .status()
+        .context("running cargo build --bin legion")?;
+    anyhow::ensure!(status.success(), "cargo build --bin legion failed");
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .context("xtask has a directory")?
+        .join(format!("legion{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found after building it",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 /// Timed runs per measurement unless `--runs` says otherwise.
 const DEFAULT_RUNS: u32 = 3;
 
@@ -58,13 +78,21 @@ pub struct Args {
     /// earlier run.
     #[arg(long)]
     overheads_only: bool,
+    /// calibration: rows of the stability table (separate `legion demo` runs); the
+    /// fourth runs beside two busy loops, the fifth during a build.
+    #[arg(long, default_value_t = 5)]
+    rows: usize,
+    /// calibration: minutes from the first row's start to the last's.
+    #[arg(long, default_value_t = 30.0)]
+    spread_minutes: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
     /// Tiling every candidate group; one strip's tract model against the whole group.
     Partition,
-    /// VGG-16 on this host scaled to each board class against its published time.
+    /// Emulated boards against their classes' VGG-16 times on every run: what moves on
+    /// this host, and a stability table of `legion demo` runs over half an hour.
     Calibration,
     /// Predicted against FSS-measured group times on emulated clusters, and the
     /// profiling time of both modes.
@@ -87,7 +115,13 @@ enum Bench {
 pub fn run(args: &Args) -> Result<()> {
     let (name, table) = match args.what {
         Bench::Partition => ("partition", partition()?),
-        Bench::Calibration => ("calibration", calibration::calibration()?),
+        Bench::Calibration => (
+            "calibration",
+            calibration::run(&calibration::Options {
+                rows: args.rows,
+                spread_minutes: args.spread_minutes,
+            })?,
+        ),
         Bench::Compile => ("compile", compile::run(args.reuse)?),
         Bench::Workers => ("workers", workers::run()?),
         Bench::Paper => (

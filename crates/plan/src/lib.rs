@@ -17,4 +17,4 @@ pub use profile::{
     StageProfile,
 };
 pub use tile::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
-pub use timing::{Clock, DeviceTiming, RunResults, StepTiming};
+pub use timing::{Clock, DeviceTiming, HOST_DRIFT_LIMIT, HostRates, RunResults, StepTiming};

@@ -3,7 +3,7 @@
 //! the cost model needs); in `fss` mode, every candidate group run whole across the
 //! cluster. The format is documented in docs/profile.md.
 
-use crate::timing::{Clock, DeviceTiming};
+use crate::timing::{Clock, DeviceTiming, HostRates};
 use legion_ir::{Rows, StageId};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,10 @@ pub struct Profile {
     pub profiling_us: u64,
     /// Wall time the profiling took on the host, µs.
     pub wall_us: u64,
+    /// On the emulated clock: the range of the host's rates the measurements were
+    /// scaled with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_gflops: Option<HostRates>,
 }
 
 /// One device as profiled.

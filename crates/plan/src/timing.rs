@@ -40,6 +40,9 @@ pub struct DeviceTiming {
     pub out_us: u64,
     /// When its output had arrived, µs from the step's start.
     pub done_us: u64,
+    /// On the emulated clock: the host's rate its compute was scaled with, GFLOP/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_gflops: Option<f64>,
 }
 
 /// One step (a fused group across devices, or a barrier stage on one).
@@ -72,8 +75,81 @@ pub struct RunResults {
     /// as many runs as the plan's, each run after one of the plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_single_device: Option<(String, u64)>,
+    /// Every device running the whole model alone (once, after a warm-up): its name and
+    /// compute time (without the transfers), µs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices_alone: Vec<(String, u64)>,
     /// With `--check`: the largest difference of the median run's outputs from the best
     /// single device's, relative to the largest magnitude of each output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_max_rel: Option<f32>,
+    /// On the emulated clock: the range of the host's rate over every run here, the
+    /// plan's and the single device's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_gflops: Option<HostRates>,
+}
+
+/// How far the host's rate may move during one measurement on the emulated clock
+/// before the measurement says so: 5%.
+pub const HOST_DRIFT_LIMIT: f64 = 0.05;
+
+/// The range of the host's rate over a measurement on the emulated clock, GFLOP/s.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRates {
+    /// The slowest rate seen.
+    pub min: f64,
+    /// The fastest rate seen.
+    pub max: f64,
+}
+
+impl HostRates {
+    /// The range of `rates`; `None` when there are none (the real clock).
+    pub fn of(rates: impl IntoIterator<Item = f64>) -> Option<HostRates> {
+        rates.into_iter().fold(None, |range, r| {
+            Some(match range {
+                None => HostRates { min: r, max: r },
+                Some(h) => HostRates {
+                    min: h.min.min(r),
+                    max: h.max.max(r),
+                },
+            })
+        })
+    }
+
+    /// The range of the host rates of every device of `steps`.
+    pub fn of_steps<'a>(steps: impl IntoIterator<Item = &'a StepTiming>) -> Option<HostRates> {
+        HostRates::of(
+            steps
+                .into_iter()
+                .flat_map(|s| s.devices.iter().filter_map(|d| d.host_gflops)),
+        )
+    }
+
+    /// Both ranges together.
+    pub fn union(a: Option<HostRates>, b: Option<HostRates>) -> Option<HostRates> {
+        HostRates::of([a, b].into_iter().flatten().flat_map(|h| [h.min, h.max]))
+    }
+
+    /// How far the rate moved: the fastest over the slowest, minus 1.
+    pub fn moved(&self) -> f64 {
+        self.max / self.min - 1.0
+    }
+
+    /// Whether it moved more than [`HOST_DRIFT_LIMIT`].
+    pub fn drifted(&self) -> bool {
+        self.moved() > HOST_DRIFT_LIMIT
+    }
+}
+
+impl fmt::Display for HostRates {
+    /// `host 30.1-31.0 GFLOP/s (moved 3.0%)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "host {:.1}-{:.1} GFLOP/s (moved {:.1}%)",
+            self.min,
+            self.max,
+            self.moved() * 100.0
+        )
+    }
 }

@@ -96,6 +96,7 @@ fn synthetic_profile(ir: &Ir) -> Profile {
         max_group_len: None,
         profiling_us: 0,
         wall_us: 0,
+        host_gflops: None,
     }
 }
 

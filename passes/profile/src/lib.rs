@@ -18,8 +18,8 @@ use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
 pub use legion_partition::candidate_groups;
 use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
 use legion_plan::{
-    DeviceProfile, GroupMeasurement, PROFILE_VERSION, Profile, ProfileMode, Sample, StageProfile,
-    StepTiming, TileSpec,
+    DeviceProfile, GroupMeasurement, HostRates, PROFILE_VERSION, Profile, ProfileMode, Sample,
+    StageProfile, StepTiming, TileSpec,
 };
 use legion_runtime::check::test_input;
 use legion_runtime::{Coordinator, Tensors};
@@ -94,6 +94,7 @@ pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Res
         max_group_len: None,
         profiling_us: 0,
         wall_us: 0,
+        host_gflops: None,
     };
     match opts.mode {
         ProfileMode::Legion => legion_mode(coord, ir, opts, &mut profile).await?,
@@ -203,10 +204,11 @@ async fn legion_mode(
         for (s, per_device) in plan.iter().enumerate() {
             bar.set_message(format!("{name}: stage {s}"));
             for (rows, spec) in &per_device[d] {
-                let (warmup, times) = coord
+                let (warmup, times, host) = coord
                     .profile_tile(d, spec, opts.runs)
                     .await
                     .with_context(|| format!("profiling stage {s} on {rows} rows"))?;
+                profile.host_gflops = HostRates::union(profile.host_gflops, host);
                 device_us[d] += warmup + times.iter().sum::<u64>();
                 samples[s][d].push(sample(*rows, times));
                 bar.inc(1);
@@ -272,10 +274,11 @@ async fn fss_mode(
             .iter()
             .map(|t| (t.device, t.spec()))
             .collect();
-        let (measured, spent) = measure(coord, ir, &tiling.inputs, &tiles, opts.runs)
+        let (measured, spent, host) = measure(coord, ir, &tiling.inputs, &tiles, opts.runs)
             .await
             .with_context(|| format!("measuring group {}..{}", group.first, group.last))?;
         profiling_us += spent;
+        profile.host_gflops = HostRates::union(profile.host_gflops, host);
         profile.groups.push(GroupMeasurement {
             first: group.first,
             last: group.last,
@@ -295,10 +298,12 @@ async fn fss_mode(
         let inputs: Vec<TensorRef> = ir.stage(s).inputs.clone();
         for d in 0..devices {
             bar.set_message(format!("stage {s} whole"));
-            let (measured, spent) = measure(coord, ir, &inputs, &[(d, spec.clone())], opts.runs)
-                .await
-                .with_context(|| format!("measuring barrier stage {s}"))?;
+            let (measured, spent, host) =
+                measure(coord, ir, &inputs, &[(d, spec.clone())], opts.runs)
+                    .await
+                    .with_context(|| format!("measuring barrier stage {s}"))?;
             profiling_us += spent;
+            profile.host_gflops = HostRates::union(profile.host_gflops, host);
             let rows = Rows::new(0, ir.stage(s).output.height().unwrap_or(0));
             profile.groups.push(GroupMeasurement {
                 first: s,
@@ -318,14 +323,15 @@ async fn fss_mode(
 }
 
 /// Runs a step once to warm up and `runs` times more on made-up inputs; returns the
-/// median run and the time all runs took on the cluster's clock.
+/// median run, the time all runs took on the cluster's clock and the host's rates
+/// over them (on the emulated clock).
 async fn measure(
     coord: &Coordinator,
     ir: &Ir,
     inputs: &[TensorRef],
     tiles: &[(usize, TileSpec)],
     runs: u32,
-) -> Result<(StepTiming, u64)> {
+) -> Result<(StepTiming, u64, Option<HostRates>)> {
     // Inputs made up once; every run starts from them with no outputs stored.
     let made_up: Vec<(StageId, Rows, tract_onnx::prelude::Tensor)> = inputs
         .iter()
@@ -351,14 +357,16 @@ async fn measure(
     };
     let mut timings = vec![];
     let mut spent = 0;
+    let mut host = None;
     for run in 0..=runs {
         let t = coord.run_step(tiles, &mut fresh()?).await?;
         spent += t.total_us;
+        host = HostRates::union(host, HostRates::of_steps([&t]));
         if run > 0 {
             timings.push(t);
         }
     }
     timings.sort_by_key(|t| t.total_us);
     let median = timings.swap_remove(timings.len() / 2);
-    Ok((median, spent))
+    Ok((median, spent, host))
 }

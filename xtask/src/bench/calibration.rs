@@ -1,426 +1,509 @@
-//! `cargo xtask bench calibration`: does the emulator's calibration hold for VGG-16?
+//! `cargo xtask bench calibration`: does an emulated board run at its class's speed on
+//! every run, whatever the host does?
 //!
-//! An emulated board's compute time is the host's measured time x host rate / board
-//! rate, the host rate measured on the `calibration` model and the board rate derived
-//! from its published VGG-16 time. Running VGG-16 whole on the host and scaling it that
-//! way should give back the published time; the gap is how far VGG-16's own FLOP rate
-//! on the host is from the calibration model's. VGG-16's stages are also timed one by
-//! one, to show which of them the gap comes from.
+//! Two parts. **What moves**: VGG-16 and the emulator's reference kernel timed in
+//! rounds on this host, quiet and beside two busy loops, with the steal time the kernel
+//! reports: how far one run strays, and how well the emulator's estimate (each node's
+//! fastest time) holds. **Stability**: `legion demo` run several times over half an hour
+//! (one run beside two busy loops, one during a cold build); each row gives the
+//! emulated boards' VGG-16 time against their class and the demo's predicted and
+//! measured latency.
 
+use super::host;
+use super::models::legion_cmd;
 use anyhow::{Context, Result};
-use legion_partition::whole_stage;
-use legion_runtime::check::{strip, test_input};
+use legion_plan::{HostRates, Plan, RunResults};
+use legion_runtime::check::test_input;
 use legion_runtime::emulate::{
-    BOARD_CLASSES, CALIBRATION_FLOPS, CALIBRATION_MODEL, ComputeLock, VGG16_FLOPS,
-    measure_host_gflops,
+    BOARD_CLASSES, CALIBRATION_MODEL, HostRate, NodeTimes, run_nodes_timed, thread_cpu_time,
 };
-use legion_runtime::{Reference, Tile};
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tract_onnx::prelude::{IntoRunnable, IntoTValue, tvec};
+use tract_onnx::prelude::*;
 
-/// Untimed runs of a whole model before the timed ones.
-const WARMUP_RUNS: usize = 1;
-/// Timed runs of a whole model.
-const TIMED_RUNS: usize = 5;
-/// Timed runs of one stage alone (after one warm-up run); the fastest counts.
-const STAGE_RUNS: usize = 5;
-/// Largest gap between an emulated VGG-16 time and its target that counts as calibrated.
-const TOLERANCE: f64 = 0.05;
+/// How far an emulated VGG-16 time may be from its class's.
+const CLASS_TOLERANCE: f64 = 0.05;
+/// How far the demo's predicted latency may be from its measured one.
+const PREDICTION_TOLERANCE: f64 = 0.10;
+/// Rounds of the host study in each condition.
+const STUDY_ROUNDS: usize = 20;
 
-/// A whole model timed on the host.
-struct WholeRun {
-    /// Stages of the import.
-    stages: usize,
-    /// Sum of the imported stages' FLOPs.
-    flops: u64,
-    /// The timed runs, in order.
-    times: Vec<Duration>,
+/// What the benchmark runs.
+pub struct Options {
+    /// Rows of the stability table.
+    pub rows: usize,
+    /// Minutes from the first row's start to the last's.
+    pub spread_minutes: f64,
 }
 
-impl WholeRun {
-    fn median(&self) -> Duration {
-        let mut t = self.times.clone();
-        t.sort();
-        t[t.len() / 2]
-    }
-
-    fn min(&self) -> Duration {
-        *self.times.iter().min().expect("timed runs")
-    }
+pub fn run(opts: &Options) -> Result<String> {
+    anyhow::ensure!(opts.rows >= 1, "--rows must be at least 1");
+    // A copy, so that a build during the half hour does not swap the binary under it.
+    let legion = PathBuf::from("target/calibration-demo/legion");
+    std::fs::create_dir_all("target/calibration-demo")?;
+    std::fs::copy(super::legion_binary()?, &legion).context("copying the legion binary")?;
+    let date = today();
+    let load = load_average();
+    let study = study_the_host()?;
+    let rows = stability(&legion, opts)?;
+    render(&date, &load, &study, &rows, opts)
 }
 
-/// Imports `name` like the worker does (legion-ir's import, tract's optimized typed
-/// model), then runs it whole on tract's default (single-threaded) executor: warm-up
-/// runs, then timed ones, holding the emulated-compute lock so that emulated workers on
-/// this host do not run meanwhile.
-fn time_whole(name: &str, lock: &ComputeLock) -> Result<WholeRun> {
-    eprintln!("{name}: importing and optimizing...");
-    let ir = super::load(name)?;
-    let flops = ir.stages.iter().map(|s| s.flops).sum();
-    let plan = ir
-        .model
-        .clone()
-        .into_optimized()
-        .and_then(|m| m.into_runnable())
-        .with_context(|| format!("optimizing {name} with tract"))?;
-    let input = test_input(&ir.input.shape).into_tvalue();
-    eprintln!("{name}: {WARMUP_RUNS} warm-up + {TIMED_RUNS} timed runs...");
-    let _held = lock.hold()?;
-    let mut times = vec![];
-    for run in 0..WARMUP_RUNS + TIMED_RUNS {
-        let start = Instant::now();
-        plan.run(tvec!(input.clone()))
-            .with_context(|| format!("running {name}"))?;
-        if run >= WARMUP_RUNS {
-            times.push(start.elapsed());
+/// One condition of the host study.
+struct Phase {
+    name: &'static str,
+    /// VGG-16 whole-run times, ms, in order.
+    runs: Vec<f64>,
+    /// The emulator's estimate after each round: the sum of each node's fastest time.
+    estimates: Vec<f64>,
+    /// Reference kernel readings, ms.
+    reference: Vec<f64>,
+    /// Steal time the kernel reported over the phase, ms.
+    steal_ms: f64,
+}
+
+/// The host study: calibration, then VGG-16 and the reference kernel in rounds, quiet
+/// and beside two busy loops.
+struct Study {
+    calibration_s: f64,
+    base_gflops: f64,
+    phases: Vec<Phase>,
+}
+
+fn study_the_host() -> Result<Study> {
+    eprintln!("calibrating the host (VGG-16 in rounds)...");
+    let start = Instant::now();
+    let host = HostRate::calibrate()?;
+    let calibration_s = start.elapsed().as_secs_f64();
+    let bytes = legion_models::bytes(CALIBRATION_MODEL)?;
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])?
+        .into_optimized()?
+        .into_runnable()?;
+    let input = test_input(&legion_models::spec(CALIBRATION_MODEL)?.input_shape);
+    let mut phases = vec![];
+    for (name, busy) in [("quiet", 0), ("two busy loops", 2)] {
+        eprintln!("host study: {STUDY_ROUNDS} rounds, {name}...");
+        let load = BusyLoops::start(busy);
+        let steal = steal_ms();
+        let mut phase = Phase {
+            name,
+            runs: vec![],
+            estimates: vec![],
+            reference: vec![],
+            steal_ms: 0.0,
+        };
+        let mut nodes = NodeTimes::default();
+        for _ in 0..STUDY_ROUNDS {
+            if let Some(r) = host.read_reference()? {
+                phase.reference.push(ms(r));
+            }
+            let (_, times) =
+                run_nodes_timed(&plan, tvec!(input.clone().into_tvalue()), thread_cpu_time)?;
+            phase.runs.push(ms(times.iter().sum()));
+            nodes.merge(&times, 1.0);
+            phase.estimates.push(ms(nodes.total()));
         }
+        phase.steal_ms = steal_ms() - steal;
+        drop(load);
+        phases.push(phase);
     }
-    Ok(WholeRun {
-        stages: ir.stages.len(),
-        flops,
-        times,
+    Ok(Study {
+        calibration_s,
+        base_gflops: host.base_gflops(),
+        phases,
     })
 }
 
-/// One stage of a model run alone on the host.
-struct StageRun {
-    name: String,
-    flops: u64,
-    weight_bytes: u64,
-    min: Duration,
+/// Threads spinning until dropped.
+struct BusyLoops {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Every stage of `name` alone (its whole output, inputs from a single-device run) as
-/// the worker runs a tile: 1 warm-up + [`STAGE_RUNS`] timed runs, the fastest kept.
-fn time_stages(name: &str, lock: &ComputeLock) -> Result<Vec<StageRun>> {
-    eprintln!("{name}: every stage alone...");
-    let ir = super::load(name)?;
-    let reference = Reference::run(&ir, test_input(&ir.input.shape))?;
-    let mut runs = vec![];
-    for stage in &ir.stages {
-        let spec = whole_stage(&ir, stage.id);
-        let tile = Tile::build(&ir, &spec)
-            .with_context(|| format!("building stage {} ({})", stage.id, stage.name))?;
-        let inputs = spec
-            .inputs
-            .iter()
-            .map(|i| strip(&ir, &reference, i.tensor, i.rows))
-            .collect::<Result<Vec<_>>>()?;
-        let _held = lock.hold()?;
-        let mut min = Duration::MAX;
-        for run in 0..1 + STAGE_RUNS {
-            let start = Instant::now();
-            tile.run(inputs.clone())
-                .with_context(|| format!("running stage {} ({})", stage.id, stage.name))?;
-            if run > 0 {
-                min = min.min(start.elapsed());
-            }
-        }
-        runs.push(StageRun {
-            name: stage.name.clone(),
-            flops: stage.flops,
-            weight_bytes: stage.weight_bytes,
-            min,
-        });
+impl BusyLoops {
+    fn start(n: usize) -> BusyLoops {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        BusyLoops { stop, threads }
     }
-    Ok(runs)
 }
 
-fn host_rate(lock: &ComputeLock) -> Result<f64> {
-    eprintln!("measuring the host rate on the {CALIBRATION_MODEL} model...");
-    let _held = lock.hold()?;
-    measure_host_gflops()
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What runs beside a row of the stability table.
+#[derive(Clone, Copy, PartialEq)]
+enum Beside {
+    Nothing,
+    BusyLoops,
+    Build,
+}
+
+impl Beside {
+    fn of_row(i: usize) -> Beside {
+        match i {
+            3 => Beside::BusyLoops,
+            4 => Beside::Build,
+            _ => Beside::Nothing,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Beside::Nothing => "quiet",
+            Beside::BusyLoops => "two busy loops",
+            Beside::Build => "cold `cargo build --release -p legion-ir`",
+        }
+    }
+}
+
+/// A load that runs beside a row until dropped.
+enum Load {
+    None,
+    Busy { _spinning: BusyLoops },
+    Build(Child),
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Load::Build(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_load(beside: Beside) -> Result<Load> {
+    Ok(match beside {
+        Beside::Nothing => Load::None,
+        Beside::BusyLoops => Load::Busy {
+            _spinning: BusyLoops::start(2),
+        },
+        Beside::Build => {
+            let dir = PathBuf::from("target/calibration-build");
+            let _ = std::fs::remove_dir_all(&dir);
+            let child = Command::new(env!("CARGO"))
+                .args(["build", "--release", "-p", "legion-ir", "--target-dir"])
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting a cold build beside the demo")?;
+            // Let the build get going before the demo starts.
+            std::thread::sleep(Duration::from_secs(10));
+            Load::Build(child)
+        }
+    })
+}
+
+/// One `legion demo` run of the stability table.
+struct Row {
+    /// Minutes after the first row's start.
+    at_minutes: f64,
+    beside: Beside,
+    /// Per class in [`BOARD_CLASSES`] order, the emulated VGG-16 compute times, ms.
+    classes: Vec<Vec<f64>>,
+    predicted_ms: f64,
+    measured_ms: f64,
+    speedup: f64,
+    host: Option<HostRates>,
+    /// Whether the build was still running when the demo finished.
+    load_lasted: bool,
+}
+
+fn stability(legion: &Path, opts: &Options) -> Result<Vec<Row>> {
+    let origin = Instant::now();
+    let gap = if opts.rows > 1 {
+        opts.spread_minutes * 60.0 / (opts.rows - 1) as f64
+    } else {
+        0.0
+    };
+    let mut rows = vec![];
+    for i in 0..opts.rows {
+        let due = Duration::from_secs_f64(gap * i as f64);
+        if let Some(wait) = due.checked_sub(origin.elapsed()) {
+            eprintln!(
+                "stability row {}: waiting {:.0} s",
+                i + 1,
+                wait.as_secs_f64()
+            );
+            std::thread::sleep(wait);
+        }
+        let beside = Beside::of_row(i);
+        let at_minutes = origin.elapsed().as_secs_f64() / 60.0;
+        eprintln!("stability row {}: legion demo, {}", i + 1, beside.name());
+        let mut load = start_load(beside)?;
+        let out = PathBuf::from(format!("target/calibration-demo/row-{}", i + 1));
+        let text = legion_cmd(legion, &["demo", "--out", &out.to_string_lossy()])?;
+        let load_lasted = match &mut load {
+            Load::Build(child) => child.try_wait()?.is_none(),
+            _ => true,
+        };
+        drop(load);
+        let row = read_row(&out, at_minutes, beside, load_lasted)
+            .with_context(|| format!("reading the demo's files in {}:\n{text}", out.display()))?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn read_row(out: &Path, at_minutes: f64, beside: Beside, load_lasted: bool) -> Result<Row> {
+    let results: RunResults =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
+    let plan = Plan::from_json(&std::fs::read_to_string(out.join("plan.json"))?)
+        .map_err(anyhow::Error::msg)?;
+    let classes = BOARD_CLASSES
+        .iter()
+        .map(|c| {
+            let stem = c.name.split('-').next().unwrap_or(c.name);
+            results
+                .devices_alone
+                .iter()
+                .filter(|(name, _)| name.starts_with(stem))
+                .map(|(_, us)| *us as f64 / 1e3)
+                .collect()
+        })
+        .collect();
+    let (_, single_us) = results
+        .best_single_device
+        .clone()
+        .context("run.json has no best single device")?;
+    Ok(Row {
+        at_minutes,
+        beside,
+        classes,
+        predicted_ms: plan.chosen().predicted_us as f64 / 1e3,
+        measured_ms: results.median_us as f64 / 1e3,
+        speedup: single_us as f64 / results.median_us.max(1) as f64,
+        host: results.host_gflops,
+        load_lasted,
+    })
+}
+
+fn render(date: &str, load: &str, study: &Study, rows: &[Row], opts: &Options) -> Result<String> {
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Emulator calibration: do emulated boards keep their class's speed?\n"
+    )?;
+    writeln!(
+        md,
+        "Produced by `cargo xtask bench calibration` (dev profile: tract optimized) on \
+         {date}, {}, load average {load} at the start.\n",
+        host()
+    )?;
+    writeln!(
+        md,
+        "An emulated board's compute time is its tiles' host time x (host GFLOP/s / board \
+         GFLOP/s). A board class's rate is `VGG16_FLOPS` over its published VGG-16 time; \
+         the host's is calibrated on VGG-16 itself (`HostRate::calibrate`: VGG-16 in \
+         rounds, every node timed, each node's fastest time summed; this run: {:.2} \
+         GFLOP/s, in {:.0} s). A tile's host time is estimated the same way over its runs, \
+         and a reference kernel of a few ms, read beside the tiles, follows the host's \
+         speed from the calibration on (the fastest reading of the last 30 s counts).\n",
+        study.base_gflops, study.calibration_s
+    )?;
+    writeln!(md, "## What moves on this host\n")?;
+    writeln!(
+        md,
+        "VGG-16 (224x224) run {STUDY_ROUNDS} times on one thread in each condition, in \
+         thread CPU time, with a reading of the reference kernel (fastest of 3 runs) \
+         before each run. \"Within 5%\" counts the runs within 5% of the condition's \
+         fastest. The estimate is the emulator's: each node's fastest time over the \
+         runs so far, summed.\n"
+    )?;
+    writeln!(
+        md,
+        "| condition | VGG-16 run min / median / max ms | runs within 5% | estimate after 3 / 6 / {STUDY_ROUNDS} runs ms | reference min / median / max ms | steal ms |"
+    )?;
+    writeln!(md, "|---|---|---:|---|---|---:|")?;
+    for p in &study.phases {
+        let (min, med, max) = spread(&p.runs);
+        let within = p.runs.iter().filter(|&&r| r <= min * 1.05).count();
+        let (rmin, rmed, rmax) = spread(&p.reference);
+        let est = |k: usize| p.estimates.get(k - 1).copied().unwrap_or(f64::NAN);
+        writeln!(
+            md,
+            "| {} | {min:.0} / {med:.0} / {max:.0} | {within} of {} | {:.0} / {:.0} / {:.0} | {rmin:.2} / {rmed:.2} / {rmax:.2} | {:.0} |",
+            p.name,
+            p.runs.len(),
+            est(3),
+            est(6),
+            est(STUDY_ROUNDS),
+            p.steal_ms
+        )?;
+    }
+    writeln!(
+        md,
+        "\nVGG-16 runs, ms: {}.\n",
+        study
+            .phases
+            .iter()
+            .map(|p| format!("{}: {}", p.name, list(&p.runs)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )?;
+
+    writeln!(
+        md,
+        "## Stability: `legion demo`, {} separate runs over {:.0} minutes\n",
+        rows.len(),
+        opts.spread_minutes
+    )?;
+    writeln!(
+        md,
+        "Each row is one `legion demo` (its own process: a new local cluster of 2 \
+         emulated Firefly-RK3399 and 2 Odroid-XU4, calibrated at its start; VGG-16 \
+         profiled, compiled and run). The class columns are the compute time of each \
+         board running VGG-16 whole (`run.json`'s `devices_alone`: once, after a \
+         warm-up); the targets are {}. Latency is the plan's median of 3 against its \
+         predicted latency; the host column is the range of rates the boards scaled \
+         with during the runs.\n",
+        BOARD_CLASSES
+            .iter()
+            .map(|c| format!("{} ms for `{}`", c.vgg16_ms, c.name))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    )?;
+    write!(md, "| # | minute | beside |")?;
+    for c in BOARD_CLASSES {
+        write!(md, " `{}` VGG-16 ms | error |", c.name)?;
+    }
+    writeln!(
+        md,
+        " predicted ms | measured ms | error | speedup | host GFLOP/s |"
+    )?;
+    write!(md, "|---:|---:|---|")?;
+    for _ in BOARD_CLASSES {
+        write!(md, "---|---:|")?;
+    }
+    writeln!(md, "---:|---:|---:|---:|---|")?;
+    let mut failures = vec![];
+    for (i, r) in rows.iter().enumerate() {
+        let beside = if r.load_lasted {
+            r.beside.name().to_string()
+        } else {
+            format!("{} (ended before the demo did)", r.beside.name())
+        };
+        write!(md, "| {} | {:.1} | {beside} |", i + 1, r.at_minutes)?;
+        for (c, times) in BOARD_CLASSES.iter().zip(&r.classes) {
+            let worst = times
+                .iter()
+                .map(|t| t / c.vgg16_ms - 1.0)
+                .fold(0.0f64, |a, e| if e.abs() > a.abs() { e } else { a });
+            if worst.abs() > CLASS_TOLERANCE {
+                failures.push(format!(
+                    "row {}: `{}` {:+.1}%",
+                    i + 1,
+                    c.name,
+                    worst * 100.0
+                ));
+            }
+            write!(md, " {} | {} |", list(times), pct(worst))?;
+        }
+        let error = r.predicted_ms / r.measured_ms - 1.0;
+        if error.abs() > PREDICTION_TOLERANCE {
+            failures.push(format!("row {}: predicted {}", i + 1, pct(error)));
+        }
+        let host = r.host.map_or("-".to_string(), |h| {
+            format!("{:.1}-{:.1} ({:+.1}%)", h.min, h.max, h.moved() * 100.0)
+        });
+        writeln!(
+            md,
+            " {:.0} | {:.0} | {} | {:.2}x | {host} |",
+            r.predicted_ms,
+            r.measured_ms,
+            pct(error),
+            r.speedup
+        )?;
+    }
+    writeln!(md, "\n## Verdict\n")?;
+    if failures.is_empty() {
+        writeln!(
+            md,
+            "Every row holds: each emulated board within ±{:.0}% of its class's VGG-16 \
+             time, and the demo's predicted latency within ±{:.0}% of its measured one.",
+            CLASS_TOLERANCE * 100.0,
+            PREDICTION_TOLERANCE * 100.0
+        )?;
+    } else {
+        writeln!(
+            md,
+            "**Out of bounds** (±{:.0}% on a class, ±{:.0}% on the prediction): {}.",
+            CLASS_TOLERANCE * 100.0,
+            PREDICTION_TOLERANCE * 100.0,
+            failures.join("; ")
+        )?;
+    }
+    Ok(md)
+}
+
+/// Min, median and max.
+fn spread(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => (f64::NAN, f64::NAN, f64::NAN),
+        n => (v[0], v[n / 2], v[n - 1]),
+    }
+}
+
+fn list(xs: &[f64]) -> String {
+    xs.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn gflops(flops: f64, d: Duration) -> f64 {
-    flops / d.as_secs_f64() / 1e9
-}
-
 fn pct(x: f64) -> String {
     format!("{:+.1}%", x * 100.0)
 }
 
-pub fn calibration() -> Result<String> {
-    let calibration_spec = legion_models::spec(CALIBRATION_MODEL)?;
-    let lock = ComputeLock::open(ComputeLock::default_path())?;
-    let load = load_average();
-    let host = host_rate(&lock)?;
-    let vgg = time_whole("vgg16", &lock)?;
-    let conv = time_whole("vgg16-conv", &lock)?;
-    let stages = time_stages("vgg16", &lock)?;
-    let host_after = host_rate(&lock)?;
-    anyhow::ensure!(
-        vgg.flops as f64 == VGG16_FLOPS,
-        "the imported vgg16 counts {} FLOPs, VGG16_FLOPS says {VGG16_FLOPS}",
-        vgg.flops
-    );
-
-    let mut out = String::new();
-    writeln!(
-        out,
-        "# Emulator calibration: VGG-16 on this host against the board classes\n"
-    )?;
-    writeln!(
-        out,
-        "Produced by `cargo xtask bench calibration` (dev profile: tract optimized) on {}, {} \
-         (load average {load} at the start).\n",
-        today(),
-        super::host()
-    )?;
-    writeln!(
-        out,
-        "An emulated board's compute time is the time measured on the host x (host GFLOP/s / \
-         board GFLOP/s). The host rate is `measure_host_gflops()` on the `{CALIBRATION_MODEL}` \
-         model ({}; input {:?}; {:.3} GFLOP): 3 warm-up runs, the fastest of 10. A board \
-         class's rate is `VGG16_FLOPS` ({:.3} GFLOP, Legion's count) over its VGG-16 time. \
-         Scaling the host's own VGG-16 time that way should give back each class's VGG-16 \
-         time.\n",
-        calibration_spec.description,
-        calibration_spec.input_shape,
-        CALIBRATION_FLOPS / 1e9,
-        VGG16_FLOPS / 1e9
-    )?;
-    writeln!(out, "## Host\n")?;
-    writeln!(
-        out,
-        "Whole models imported like the worker does (legion-ir, tract's optimized typed model), \
-         run single-threaded on a fixed input: {WARMUP_RUNS} warm-up + {TIMED_RUNS} timed \
-         runs. Every measurement holds the emulated-compute lock.\n"
-    )?;
-    writeln!(
-        out,
-        "| workload | GFLOP | median ms | min ms | GFLOP/s (min) |"
-    )?;
-    writeln!(out, "|---|---:|---:|---:|---:|")?;
-    writeln!(
-        out,
-        "| `calibration` (host rate, `measure_host_gflops`) | {:.3} | | {:.1} | **{host:.2}** |",
-        CALIBRATION_FLOPS / 1e9,
-        CALIBRATION_FLOPS / host / 1e6
-    )?;
-    for (label, run) in [
-        ("`vgg16` whole (224x224, with the FC head)", &vgg),
-        ("`vgg16-conv` (convs and pools, up to pool5)", &conv),
-    ] {
-        writeln!(
-            out,
-            "| {label} | {:.3} | {:.1} | {:.1} | {:.2} |",
-            run.flops as f64 / 1e9,
-            ms(run.median()),
-            ms(run.min()),
-            gflops(run.flops as f64, run.min())
-        )?;
-    }
-    let head_flops = (vgg.flops - conv.flops) as f64;
-    let head_min = vgg.min().saturating_sub(conv.min());
-    // A difference of two noisy times: the medians' can come out negative.
-    let head_median_ms = ms(vgg.median()) - ms(conv.median());
-    writeln!(
-        out,
-        "| FC head (`vgg16` - `vgg16-conv`) | {:.3} | {head_median_ms:.1} | {:.1} | {} |",
-        head_flops / 1e9,
-        ms(vgg.min()) - ms(conv.min()),
-        if head_min.is_zero() {
-            "n/a".to_string()
-        } else {
-            format!("{:.2}", gflops(head_flops, head_min))
-        }
-    )?;
-    writeln!(
-        out,
-        "\nTimed runs, ms: `vgg16` {}; `vgg16-conv` {}. The host rate measured again after \
-         them: {host_after:.2} GFLOP/s ({} from the first).\n",
-        list_ms(&vgg.times),
-        list_ms(&conv.times),
-        pct(host_after / host - 1.0)
-    )?;
-    if (host_after / host - 1.0).abs() > TOLERANCE {
-        writeln!(
-            out,
-            "**The host rate moved by {} during the run: something else ran on the host. The \
-             numbers below are not reliable; run again on a quiet host.**\n",
-            pct(host_after / host - 1.0)
-        )?;
-    }
-
-    writeln!(out, "## Board classes\n")?;
-    writeln!(
-        out,
-        "Emulated VGG-16 = host VGG-16 ms x (host GFLOP/s / class GFLOP/s), from the fastest \
-         host run (the host rate is a fastest run too) and from the median.\n"
-    )?;
-    writeln!(
-        out,
-        "| class | target VGG-16 ms | class GFLOP/s | host / class | emulated ms (min) | error | emulated ms (median) | error |"
-    )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
-    let mut worst: f64 = 0.0;
-    for class in BOARD_CLASSES {
-        let slowdown = host / class.gflops();
-        let from_min = ms(vgg.min()) * slowdown;
-        let from_median = ms(vgg.median()) * slowdown;
-        let err_min = from_min / class.vgg16_ms - 1.0;
-        let err_median = from_median / class.vgg16_ms - 1.0;
-        worst = worst.max(err_min.abs());
-        writeln!(
-            out,
-            "| `{}` | {:.0} | {:.2} | {slowdown:.3} | {from_min:.0} | {} | {from_median:.0} | {} |",
-            class.name,
-            class.vgg16_ms,
-            class.gflops(),
-            pct(err_min),
-            pct(err_median)
-        )?;
-    }
-    let vgg_rate = gflops(VGG16_FLOPS, vgg.min());
-    let conv_rate = gflops(conv.flops as f64, conv.min());
-    let head_rate = gflops(head_flops, head_min);
-    writeln!(
-        out,
-        "\nCheck: the error is the same for every class, since emulated / target = host \
-         GFLOP/s / VGG-16's effective GFLOP/s on the host = {host:.2} / {vgg_rate:.2} \
-         (`VGG16_FLOPS` / fastest host run) = {:.3}.\n",
-        host / vgg_rate
-    )?;
-
-    writeln!(out, "## Verdict\n")?;
-    if worst > TOLERANCE {
-        writeln!(
-            out,
-            "**The emulated VGG-16 misses its target by more than {:.0}%: {} on every class** \
-             ({:.0} ms emulated against {:.0} ms for `{}`). Emulated boards run VGG-16 {} \
-             than the classes' published times say.\n",
-            TOLERANCE * 100.0,
-            pct(host / vgg_rate - 1.0),
-            ms(vgg.min()) * host / BOARD_CLASSES[0].gflops(),
-            BOARD_CLASSES[0].vgg16_ms,
-            BOARD_CLASSES[0].name,
-            if host > vgg_rate { "slower" } else { "faster" }
-        )?;
-    } else {
-        writeln!(
-            out,
-            "The emulated VGG-16 is within {:.0}% of its target on every class ({}).\n",
-            TOLERANCE * 100.0,
-            pct(host / vgg_rate - 1.0)
-        )?;
-    }
-    // Per stage: the time above what the calibration rate predicts for its FLOPs.
-    let excess = |r: &StageRun| ms(r.min) - r.flops as f64 / host / 1e6;
-    let (body, head) = stages.split_at(conv.stages.min(stages.len()));
-    let sum_ms = |rs: &[StageRun]| rs.iter().map(|r| ms(r.min)).sum::<f64>();
-    let sum_excess = |rs: &[StageRun]| rs.iter().map(excess).sum::<f64>();
-    let mut worst_convs: Vec<&StageRun> = body.iter().collect();
-    worst_convs.sort_by(|a, b| excess(b).total_cmp(&excess(a)));
-    let named = |rs: &[&StageRun]| {
-        rs.iter()
-            .map(|r| {
-                format!(
-                    "{} ({:.1} GFLOP/s, {:+.0} ms)",
-                    r.name,
-                    gflops(r.flops as f64, r.min),
-                    excess(r)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    writeln!(
-        out,
-        "Where the gap comes from: emulated / target = host rate / VGG-16's own rate on the \
-         host, so the gap is how much slower (or faster) per FLOP VGG-16 at 224x224 runs than \
-         the `{CALIBRATION_MODEL}` model. Run whole, VGG-16's conv part (`vgg16-conv`) reaches \
-         {conv_rate:.2} GFLOP/s ({} against the host rate of {host:.2}); its FC head ({:.1}% \
-         of the FLOPs) reaches {head_rate:.2} GFLOP/s and takes {:.1}% of the time ({:.0} of \
-         {:.0} ms). The FC layers are matrix-vector products at batch 1: each of their {:.0} \
-         MB of weights is read once per inference for one multiply-add, so they are bound by \
-         memory bandwidth, not by the FLOP rate of convs. Scaled the same way, `vgg16-conv` \
-         alone comes out {} off the time its FLOPs take at a class's rate. Stage by stage \
-         (below), the stages furthest above the time the host rate gives them: {}.\n",
-        pct(conv_rate / host - 1.0),
-        head_flops / VGG16_FLOPS * 100.0,
-        ms(head_min) / ms(vgg.min()) * 100.0,
-        ms(head_min),
-        ms(vgg.min()),
-        head.iter().map(|r| r.weight_bytes).sum::<u64>() as f64 / 1e6,
-        pct(host / conv_rate - 1.0),
-        named(&worst_convs[..3.min(worst_convs.len())]),
-    )?;
-
-    writeln!(
-        out,
-        "## VGG-16 stage by stage
-"
-    )?;
-    writeln!(
-        out,
-        "Each stage alone over its whole output, as a worker runs a tile (its own optimized \
-         tract model, inputs from a single-device run): 1 warm-up + {STAGE_RUNS} timed runs, \
-         the fastest. \"Above calibration\" is its time minus its FLOPs at the host rate \
-         ({host:.2} GFLOP/s).\n"
-    )?;
-    writeln!(
-        out,
-        "| # | stage | GFLOP | weights MB | min ms | GFLOP/s | above calibration ms |"
-    )?;
-    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|")?;
-    for (i, r) in stages.iter().enumerate() {
-        writeln!(
-            out,
-            "| {i} | {} | {:.3} | {:.1} | {:.1} | {:.2} | {:+.1} |",
-            r.name,
-            r.flops as f64 / 1e9,
-            r.weight_bytes as f64 / 1e6,
-            ms(r.min),
-            gflops(r.flops as f64, r.min),
-            excess(r)
-        )?;
-    }
-    for (label, rs) in [
-        ("conv part", body),
-        ("FC head", head),
-        ("all stages", &stages[..]),
-    ] {
-        let flops: u64 = rs.iter().map(|r| r.flops).sum();
-        writeln!(
-            out,
-            "| | **{label}** | {:.3} | {:.1} | {:.1} | {:.2} | {:+.1} |",
-            flops as f64 / 1e9,
-            rs.iter().map(|r| r.weight_bytes).sum::<u64>() as f64 / 1e6,
-            sum_ms(rs),
-            flops as f64 / sum_ms(rs) / 1e6,
-            sum_excess(rs)
-        )?;
-    }
-    writeln!(
-        out,
-        "\nThe stages alone add up to {:.0} ms against {:.0} ms for the whole model's fastest \
-         run.",
-        sum_ms(&stages),
-        ms(vgg.min())
-    )?;
-    Ok(out)
+/// Steal time of all CPUs so far, ms (`/proc/stat`, USER_HZ = 100).
+fn steal_ms() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(8).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(f64::NAN, |jiffies| jiffies * 10.0)
 }
 
-/// The 1-minute load average, as /proc/loadavg gives it.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
-}
-
-fn list_ms(times: &[Duration]) -> String {
-    times
-        .iter()
-        .map(|t| format!("{:.1}", ms(*t)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Today's date (UTC), `YYYY-MM-DD`.

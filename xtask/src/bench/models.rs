@@ -5,12 +5,12 @@
 //! best single board and the end-to-end error.
 
 use super::{host, start_local};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use legion_ir::{Ir, Split};
-use legion_plan::{Plan, RunResults};
+use legion_plan::{HostRates, Plan, RunResults};
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// Models measured unless `--models` says otherwise.
@@ -46,10 +46,12 @@ struct Measured {
     median_us: u64,
     single_us: u64,
     check_max_rel: f32,
+    /// The range of the host's rates over the runs.
+    host: Option<HostRates>,
 }
 
 pub fn run(opts: &Options) -> Result<String> {
-    let legion = legion_binary()?;
+    let legion = super::legion_binary()?;
     let scratch = legion_models::workspace_root().join("target/bench-models");
     std::fs::create_dir_all(&scratch)?;
     let mut md = String::new();
@@ -62,8 +64,9 @@ pub fn run(opts: &Options) -> Result<String> {
          model), then on local emulated clusters (testdata/clusters) `legion compile` \
          (legion-mode profile, both candidates measured, the faster kept) and `legion run \
          --check --repeat {}`. Times are on the emulated clock; *speedup* is the best \
-         single board's median over the plan's, run in turn. *Barrier share* is barrier \
-         stages over all stages.\n",
+         single board's median over the plan's, run in turn, flagged where the host's \
+         rate moved more than 5% over the runs. *Barrier share* is barrier stages over \
+         all stages.\n",
         host(),
         opts.runs
     )?;
@@ -96,9 +99,14 @@ pub fn run(opts: &Options) -> Result<String> {
         for cluster in &opts.clusters {
             eprintln!("{name} on {cluster}");
             let m = end_to_end(&legion, &scratch, name, &path, cluster, opts.runs)?;
+            // A run over which the host's rate moved past the limit is flagged.
+            let moved = match m.host {
+                Some(h) if h.drifted() => format!(" (host moved {:.0}%)", h.moved() * 100.0),
+                _ => String::new(),
+            };
             write!(
                 md,
-                " {:.3} | {:.3} | {:.2}x | {:.1e} |",
+                " {:.3} | {:.3} | {:.2}x{moved} | {:.1e} |",
                 m.predicted_us as f64 / 1e3,
                 m.median_us as f64 / 1e3,
                 m.single_us as f64 / m.median_us.max(1) as f64,
@@ -113,28 +121,8 @@ pub fn run(opts: &Options) -> Result<String> {
     Ok(md)
 }
 
-/// The `legion` binary next to this xtask (built here, in the same profile).
-fn legion_binary() -> Result<PathBuf> {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--bin", "legion"])
-        .status()
-        .context("running cargo build --bin legion")?;
-    ensure!(status.success(), "cargo build --bin legion failed");
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("xtask has a directory")?
-        .join(format!("legion{}", std::env::consts::EXE_SUFFIX));
-    ensure!(
-        bin.exists(),
-        "{} not found after building it",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 /// Runs `legion ARGS`, failing with its output when it fails.
-fn legion_cmd(legion: &Path, args: &[&str]) -> Result<String> {
+pub(super) fn legion_cmd(legion: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(legion).args(args).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
@@ -230,6 +218,7 @@ fn end_to_end(
         check_max_rel: results
             .check_max_rel
             .context("legion run --check recorded no error")?,
+        host: results.host_gflops,
     })
 }
 

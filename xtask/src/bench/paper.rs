@@ -10,7 +10,7 @@ use legion_cost::{CostModel, Predictor};
 use legion_fusion::{Choice, CostTable, Flc, GroupCosts, Legality, search_egg, wild_card};
 use legion_ir::Ir;
 use legion_partition::{Group, whole_group};
-use legion_plan::{Candidate, Cluster, Profile, ProfileMode};
+use legion_plan::{Candidate, Cluster, HostRates, Profile, ProfileMode};
 use legion_runtime::check::test_input;
 use legion_runtime::{Coordinator, LocalCluster, Tensors, default_cache_dir, run_candidate};
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,10 @@ struct Row {
     profiled_on: Option<String>,
     fss_profiling_us: Option<u64>,
     wall: Duration,
+    /// The range of the host's rate the boards scaled with over this row's runs;
+    /// `None` in rows kept from before it was recorded.
+    #[serde(default)]
+    host_gflops: Option<HostRates>,
 }
 
 /// Timed runs on a 1-board cluster at least: there every plan that keeps the whole
@@ -333,23 +337,23 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             }
         }
         let mut board_times: Vec<Vec<u64>> = vec![vec![]; boards.len()];
+        let mut host = None;
         let mut plan_times: Vec<Vec<u64>> = vec![vec![]; candidates.len()];
         for round in 0..=runs {
             for (k, &d) in boards.iter().enumerate() {
                 let mut tensors = Tensors::new(ir, input.clone())?;
-                let us = coord
-                    .run_step(&[(d, spec.clone())], &mut tensors)
-                    .await?
-                    .total_us;
+                let step = coord.run_step(&[(d, spec.clone())], &mut tensors).await?;
+                host = HostRates::union(host, HostRates::of_steps([&step]));
                 if round > 0 {
-                    board_times[k].push(us);
+                    board_times[k].push(step.total_us);
                 }
             }
             for (k, c) in candidates.iter().enumerate() {
                 if let Some(c) = c {
-                    let us = run_candidate(&coord, ir, c, input.clone()).await?.total_us;
+                    let run = run_candidate(&coord, ir, c, input.clone()).await?;
+                    host = HostRates::union(host, HostRates::of_steps(&run.groups));
                     if round > 0 {
-                        plan_times[k].push(us);
+                        plan_times[k].push(run.total_us);
                     }
                 }
             }
@@ -398,6 +402,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             profiled_on,
             fss_profiling_us: fss.as_ref().map(|p| p.profiling_us),
             wall: start.elapsed(),
+            host_gflops: host,
         })
     })
 }
@@ -561,7 +566,10 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          stages one group (DeepThings). Both split over the most devices the legality \
          rules allow. Profiling times are emulated. Where a cluster was not profiled \
          itself, its boards' part of the profile of a larger cluster holding them is \
-         used (*cut from*): a legion profile measures each board alone.\n",
+         used (*cut from*): a legion profile measures each board alone. *host \
+         GFLOP/s*: the range of the host's rate the emulated boards scaled with over the \
+         row's runs (**moved** past 5%; \"-\": measured before the emulator followed the \
+         host).\n",
         super::host(),
         args_label(opts),
         rows.iter().filter(|r| r.fss_profiling_us.is_some()).count(),
@@ -571,10 +579,10 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
     for p in PLANS {
         write!(md, " {p} ms (x) |")?;
     }
-    writeln!(md, " legion profiling s | fss profiling s |")?;
+    writeln!(md, " legion profiling s | fss profiling s | host GFLOP/s |")?;
     writeln!(
         md,
-        "|---|---|---:|---:|{}---:|---:|",
+        "|---|---|---:|---:|{}---:|---:|---|",
         "---:|".repeat(PLANS.len())
     )?;
     for r in rows {
@@ -601,9 +609,19 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
             None => format!("{:.1}", r.legion_profiling_us as f64 / 1e6),
             Some(big) => format!("cut from {big}"),
         };
+        // Rows measured before the host's rate was followed show "-".
+        let host = r.host_gflops.map_or("-".into(), |h| {
+            let flag = if h.drifted() { " **moved**" } else { "" };
+            format!(
+                "{:.1}-{:.1} ({:+.1}%){flag}",
+                h.min,
+                h.max,
+                h.moved() * 100.0
+            )
+        });
         writeln!(
             md,
-            " {legion} | {} |",
+            " {legion} | {} | {host} |",
             r.fss_profiling_us
                 .map_or("-".into(), |us| format!("{:.1}", us as f64 / 1e6))
         )?;

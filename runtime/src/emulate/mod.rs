@@ -2,30 +2,41 @@
 //!
 //! An emulated device has a compute rate ([`Emulation::gflops`]) and a link (bandwidth
 //! and latency). Compute times are *measured and scaled*: the worker runs its tiles on
-//! the host with tract, times them, and multiplies the measured time by the
-//! [`Emulator::slowdown`], the host's rate over the device's. The host rate is
-//! measured once at start ([`measure_host_gflops`], on the fixed `calibration` model of
-//! legion-models); a board class's rate comes from its published VGG-16 time
-//! ([`BOARD_CLASSES`]), so Firefly-class and Odroid-class devices keep their ratio on
-//! any host. Link times are *modelled*, not measured: the coordinator accounts them
-//! from bytes, [`Emulation::mbps`] and [`Emulation::latency_ms`].
+//! the host with tract, times every node of them, and scales the host time to the
+//! device by the host's rate over the device's. A board class's rate comes from its
+//! published VGG-16 time ([`BOARD_CLASSES`]) and the host's from timing VGG-16 itself
+//! ([`HostRate::calibrate`]), so an emulated board runs VGG-16 in its class's time and
+//! Firefly-class and Odroid-class devices keep their ratio on any host. Link times are
+//! *modelled*, not measured: the coordinator accounts them from bytes,
+//! [`Emulation::mbps`] and [`Emulation::latency_ms`].
+//!
+//! The host's speed moves (bursts of a neighbour's load, a floor that drifts over
+//! minutes; see [`host`]), so a tile's host time is not one measurement: the emulator
+//! keeps each node's fastest time over the tile's runs, scaled to the host's rate at
+//! calibration by a reference kernel read beside the tiles ([`Emulator::run_tile`]).
+//! Identical work then gets the same emulated time, whatever the host did meanwhile.
 //!
 //! Emulated compute is serialized on the host ([`ComputeLock`], an advisory file lock
 //! shared by every emulator on the machine), so that N emulated workers on a few cores
 //! do not slow each other down and distort their measured times. The measured time is
 //! the computing thread's CPU time ([`thread_cpu_time`]), not the wall clock: tract
 //! runs a tile on the calling thread, and whatever else the host runs (the coordinator,
-//! other workers' decoding, a build) preempts it without adding to its CPU time. With
-//! two busy loops on this 2-core host, VGG-16 tiles took 1.4-2x longer on the wall
-//! clock and 0-5% longer in CPU time.
+//! other workers' decoding, a build) preempts it without adding to its CPU time.
+
+mod clock;
+pub mod host;
+mod lock;
+
+pub use clock::{run_nodes_timed, thread_cpu_time};
+pub use host::{CALIBRATION_MODEL, HostRate, NodeTimes};
+pub use lock::{COMPUTE_LOCK_ENV, ComputeGuard, ComputeLock};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use tract_onnx::prelude::*;
 
@@ -79,20 +90,19 @@ pub const VGG16_FLOPS: f64 = 30_946_651_112.0;
 
 /// FLOPs of one run of the `calibration` model of legion-models (VGG-16 at 112x112),
 /// counted like [`VGG16_FLOPS`]: 2 per conv and FC MAC (3,876,405,248 MACs), window
-/// elements for the pools. Checked against the import in `tests/emulate.rs`, so host
-/// and board rates are on the same scale.
-pub const CALIBRATION_FLOPS: f64 = 7_754_335_208.0;
+/// elements for the pools. Checked against the import in `tests/emulate.rs`.
+pub const DEVICE_RATE_FLOPS: f64 = 7_754_335_208.0;
 
-/// Name of the legion-models model that [`measure_host_gflops`] times.
-pub const CALIBRATION_MODEL: &str = "calibration";
+/// Name of the legion-models model that [`measure_device_gflops`] times: a quarter of
+/// VGG-16's work, light enough for a 2 GB board.
+pub const DEVICE_RATE_MODEL: &str = "calibration";
 
-/// Untimed runs of the calibration model before the timed ones: in a fresh process the
-/// first two or three runs are up to 50% slower (allocation, page faults), so one is
-/// not enough.
+/// Untimed runs of the device-rate model before the timed ones: in a fresh process the
+/// first two or three runs are up to 50% slower (allocation, page faults).
 const WARMUP_RUNS: usize = 3;
 
-/// Timed runs of the calibration model (after the warm-up runs); the fastest counts.
-const CALIBRATION_RUNS: usize = 10;
+/// Timed runs of the device-rate model (after the warm-up runs); the fastest counts.
+const DEVICE_RATE_RUNS: usize = 10;
 
 /// What a worker emulates: a compute rate and a link.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -217,185 +227,95 @@ impl fmt::Display for Emulation {
     }
 }
 
-/// Measures the host's rate in GFLOP/s: imports the `calibration` model with
-/// tract, optimizes it, runs it 3 times to warm up and 10 more times on a fixed input,
-/// and divides [`CALIBRATION_FLOPS`] by the fastest of the 10 timed runs, timed in the
-/// thread's CPU time like [`Emulator::run`].
-///
-/// The rate is that of tract's current default executor, single-threaded in the
-/// emulating processes (their work happens on the calling thread). Takes a few
-/// seconds; callers that share the host should hold the [`ComputeLock`]
-/// ([`Emulator::start`] does).
-pub fn measure_host_gflops() -> Result<f64> {
-    calibration_rate(thread_cpu_time)
-}
-
-/// The rate of a real worker, GFLOP/s: [`measure_host_gflops`]'s runs timed on the
-/// wall clock, as the worker times its tiles. It covers every thread of tract's
-/// current default executor.
+/// The rate of a real worker, GFLOP/s: [`DEVICE_RATE_MODEL`] run 3 times to warm up and
+/// 10 more times on a fixed input, [`DEVICE_RATE_FLOPS`] over the fastest, on the wall
+/// clock as the worker times its tiles. It covers every thread of tract's current
+/// default executor.
 pub fn measure_device_gflops() -> Result<f64> {
-    let origin = std::time::Instant::now();
-    calibration_rate(|| Ok(origin.elapsed()))
-}
-
-/// The calibration runs of [`measure_host_gflops`], each timed by two readings of
-/// `clock`.
-fn calibration_rate(clock: impl Fn() -> Result<Duration>) -> Result<f64> {
-    let bytes = legion_models::bytes(CALIBRATION_MODEL)?;
-    let shape = legion_models::spec(CALIBRATION_MODEL)?.input_shape;
+    let bytes = legion_models::bytes(DEVICE_RATE_MODEL)?;
+    let shape = legion_models::spec(DEVICE_RATE_MODEL)?.input_shape;
     let plan = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .and_then(|m| m.into_optimized())
         .and_then(|m| m.into_runnable())
-        .context("building the calibration model with tract")?;
+        .context("building the device-rate model with tract")?;
     let input = crate::check::test_input(&shape).into_tvalue();
-    let mut times = Vec::with_capacity(CALIBRATION_RUNS);
-    for run in 0..WARMUP_RUNS + CALIBRATION_RUNS {
-        let start = clock()?;
+    let mut fastest = f64::INFINITY;
+    for run in 0..WARMUP_RUNS + DEVICE_RATE_RUNS {
+        let start = std::time::Instant::now();
         plan.run(tvec!(input.clone()))
-            .context("running the calibration model")?;
-        let took = clock()?.saturating_sub(start);
+            .context("running the device-rate model")?;
         if run >= WARMUP_RUNS {
-            times.push(took.as_secs_f64());
+            fastest = fastest.min(start.elapsed().as_secs_f64());
         }
     }
-    // The fastest run: on a shared host, slow runs come in bursts that a median of 5
-    // does not always filter out (19-32 GFLOP/s were seen on one host).
-    let fastest = times.iter().copied().fold(f64::INFINITY, f64::min);
-    Ok(CALIBRATION_FLOPS / fastest / 1e9)
+    Ok(DEVICE_RATE_FLOPS / fastest / 1e9)
 }
 
-/// Environment variable that overrides [`ComputeLock::default_path`].
-pub const COMPUTE_LOCK_ENV: &str = "LEGION_COMPUTE_LOCK";
+/// A tile's first runs on a host: it runs at least this often before its time is
+/// reported, and more until two runs in a row lower the estimate by less than
+/// [`host::CONVERGED`].
+pub const FIRST_RUNS: u32 = 3;
 
-/// The host-wide lock that serializes emulated compute: an exclusive advisory lock
-/// (`flock`) on a file, plus a mutex for callers sharing one `ComputeLock` in a process.
-///
-/// A file lock belongs to an open file description, so every `ComputeLock` opens the
-/// file itself: two locks on the same path exclude each other whether they live in two
-/// processes or in one.
-#[derive(Debug)]
-pub struct ComputeLock {
-    path: PathBuf,
-    file: File,
-    local: Mutex<()>,
+/// Runs of a tile after which one run per call is enough.
+pub const SETTLED_RUNS: u32 = 8;
+
+/// The emulated time of a tile run, and what it rests on.
+#[derive(Clone, Copy, Debug)]
+pub struct EmulatedTime {
+    /// The tile's time on the emulated board.
+    pub emulated: Duration,
+    /// This call's last run as measured on the host (thread CPU time over its nodes).
+    pub host: Duration,
+    /// The host's rate at this call, GFLOP/s ([`HostRate::now`]).
+    pub host_gflops: f64,
+    /// Runs this call made (more than one while the tile's time settles).
+    pub runs: u32,
 }
 
-/// Holds a [`ComputeLock`] until dropped.
-#[must_use = "the lock is released when the guard is dropped"]
-pub struct ComputeGuard<'a> {
-    file: &'a File,
-    _local: MutexGuard<'a, ()>,
-}
-
-impl Drop for ComputeGuard<'_> {
-    fn drop(&mut self) {
-        // Closing the file would release it too; unlocking here frees it for the next
-        // holder now. The mutex is released after this body, when the fields drop.
-        if let Err(e) = self.file.unlock() {
-            tracing::warn!("releasing the emulated-compute lock: {e}");
-        }
-    }
-}
-
-impl ComputeLock {
-    /// `$LEGION_COMPUTE_LOCK` if set, else `legion-emulated-compute.lock` in the
-    /// system's temporary directory.
-    pub fn default_path() -> PathBuf {
-        std::env::var_os(COMPUTE_LOCK_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::temp_dir().join("legion-emulated-compute.lock"))
-    }
-
-    /// Opens (creating it if needed) the lock file at `path`; does not lock it.
-    pub fn open(path: impl AsRef<Path>) -> Result<ComputeLock> {
-        let path = path.as_ref().to_path_buf();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| {
-                format!(
-                    "opening the emulated-compute lock {} (set {COMPUTE_LOCK_ENV} to move it)",
-                    path.display()
-                )
-            })?;
-        Ok(ComputeLock {
-            path,
-            file,
-            local: Mutex::new(()),
-        })
-    }
-
-    /// The lock file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Blocks until this process's thread holds the lock exclusively; released when the
-    /// guard drops.
-    pub fn hold(&self) -> Result<ComputeGuard<'_>> {
-        // The mutex guards no data, so a panic while holding it leaves nothing broken.
-        let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        self.file.lock().with_context(|| {
-            format!("locking the emulated-compute lock {}", self.path.display())
-        })?;
-        Ok(ComputeGuard {
-            file: &self.file,
-            _local: local,
-        })
-    }
-}
-
-/// An emulated device on this host: its [`Emulation`], the measured host rate, and the
-/// lock that serializes its compute with every other emulator's.
+/// An emulated device on this host: its [`Emulation`], the host's rate (shared with
+/// the other emulators of the process, with the tiles' host times), and the lock that
+/// serializes its compute with every other emulator's.
 #[derive(Debug)]
 pub struct Emulator {
     /// What is emulated.
     pub emulation: Emulation,
-    /// The host's rate, GFLOP/s, as measured by [`measure_host_gflops`].
-    pub host_gflops: f64,
+    host: Arc<HostRate>,
     lock: ComputeLock,
 }
 
 impl Emulator {
     /// Opens the compute lock (`lock_path`, else [`ComputeLock::default_path`]) and
-    /// measures the host rate while holding it, so that workers starting together do
-    /// not disturb each other's measurement. Warns when the host is slower than the
-    /// emulated board.
+    /// calibrates the host while holding it, once per process ([`HostRate::shared`]),
+    /// so that workers starting together do not disturb each other's measurement.
     pub fn start(emulation: Emulation, lock_path: Option<PathBuf>) -> Result<Emulator> {
         let lock = ComputeLock::open(lock_path.unwrap_or_else(ComputeLock::default_path))?;
-        let host_gflops = {
-            let _guard = lock.hold()?;
-            measure_host_gflops().context("measuring the host's rate")?
-        };
-        let emulator = Emulator::with_lock(emulation, host_gflops, lock)?;
+        let host = HostRate::shared(&lock)?;
+        let emulator = Emulator::with_lock(emulation, host, lock)?;
         tracing::info!(
             "emulating {}: host {:.1} GFLOP/s, slowdown x{:.2}",
             emulator.emulation,
-            host_gflops,
+            emulator.host.base_gflops(),
             emulator.slowdown()
         );
         Ok(emulator)
     }
 
-    /// An emulator with a given host rate instead of a measured one (for tests, or to
-    /// reuse a rate measured earlier); opens the lock like [`Emulator::start`]. Warns
-    /// when the host is slower than the emulated board.
-    pub fn with_host_rate(
+    /// An emulator on a given host rate (shared by the emulators of a local cluster, or
+    /// fixed for tests); opens the lock like [`Emulator::start`].
+    pub fn new(
         emulation: Emulation,
-        host_gflops: f64,
+        host: Arc<HostRate>,
         lock_path: Option<PathBuf>,
     ) -> Result<Emulator> {
         let lock = ComputeLock::open(lock_path.unwrap_or_else(ComputeLock::default_path))?;
-        Emulator::with_lock(emulation, host_gflops, lock)
+        Emulator::with_lock(emulation, host, lock)
     }
 
-    fn with_lock(emulation: Emulation, host_gflops: f64, lock: ComputeLock) -> Result<Emulator> {
-        positive("host rate (GFLOP/s)", host_gflops)?;
+    /// Warns when the host is slower than the emulated board.
+    fn with_lock(emulation: Emulation, host: Arc<HostRate>, lock: ComputeLock) -> Result<Emulator> {
         positive("emulated speed (GFLOP/s)", emulation.gflops)?;
+        let host_gflops = host.base_gflops();
         if host_gflops < emulation.gflops {
             tracing::warn!(
                 "this host ({host_gflops:.1} GFLOP/s) is SLOWER than the emulated board {} \
@@ -409,56 +329,82 @@ impl Emulator {
         }
         Ok(Emulator {
             emulation,
-            host_gflops,
+            host,
             lock,
         })
     }
 
-    /// Emulated time per host time: the host rate over the device's. Above 1 when the
-    /// emulated board is slower than the host.
+    /// The host's rate this emulator scales with.
+    pub fn host(&self) -> &HostRate {
+        &self.host
+    }
+
+    /// Emulated time per host time at the host's base rate: the base rate over the
+    /// device's. Above 1 when the emulated board is slower than the host.
     pub fn slowdown(&self) -> f64 {
-        self.host_gflops / self.emulation.gflops
+        self.host.base_gflops() / self.emulation.gflops
     }
 
-    /// The emulated duration of a host-measured one: `measured x slowdown`.
-    pub fn emulated(&self, measured: Duration) -> Duration {
-        measured.mul_f64(self.slowdown())
+    /// The emulated duration of a host time at the base rate: `host x slowdown`.
+    pub fn emulated(&self, host: Duration) -> Duration {
+        host.mul_f64(self.slowdown())
     }
 
-    /// Runs `f` while holding the compute lock and returns its result, the measured host
-    /// time (this thread's CPU time, [`thread_cpu_time`]), and the emulated time
-    /// (measured x [`Emulator::slowdown`]).
-    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<(T, Duration, Duration)> {
-        let guard = self.lock.hold()?;
-        let start = thread_cpu_time()?;
-        let out = f();
-        let measured = thread_cpu_time()?.saturating_sub(start);
-        drop(guard);
-        Ok((out, measured, self.emulated(measured)))
+    /// Runs a tile holding the compute lock, and returns its output and emulated time.
+    ///
+    /// `run` runs the tile once and returns its output and the host time of each of its
+    /// nodes ([`run_nodes_timed`] on [`thread_cpu_time`]); `key` names the tile (the
+    /// same work, the same key). Each run's node times are scaled to the host's base
+    /// rate by the rate at that run ([`HostRate::now`]), and the host keeps each node's
+    /// fastest, over the runs of every emulator sharing it: interference only adds
+    /// time, and a burst that slows one node does not count against the others. The emulated time is the sum of those fastest
+    /// times x [`Emulator::slowdown`]. A tile runs at least [`FIRST_RUNS`] times on first
+    /// use, and until two runs in a row lower its time by less than 1%, up to
+    /// [`SETTLED_RUNS`] runs in all; later calls run it once, and again while a run
+    /// lowers it by more than 1% (up to [`SETTLED_RUNS`]). The output is the last
+    /// run's.
+    pub fn run_tile<T>(
+        &self,
+        key: &str,
+        mut run: impl FnMut() -> Result<(T, Vec<Duration>)>,
+    ) -> Result<(T, EmulatedTime)> {
+        let _guard = self.lock.hold()?;
+        let mut runs = 0;
+        // Slow spells can last seconds: one run that lowers nothing is not enough.
+        let mut quiet_runs = 0;
+        loop {
+            let host_gflops = self.host.now()?;
+            let (output, nodes) = run()?;
+            runs += 1;
+            let mut tiles = self.host.tiles.lock().unwrap_or_else(|e| e.into_inner());
+            let times = tiles.entry(key);
+            let lowered = times.merge(&nodes, host_gflops / self.host.base_gflops());
+            quiet_runs = if lowered <= host::CONVERGED {
+                quiet_runs + 1
+            } else {
+                0
+            };
+            // A tile whose time has settled before this call needs only this run.
+            let settled_before = runs == 1 && times.runs > FIRST_RUNS && lowered <= host::CONVERGED;
+            let settled = times.runs >= SETTLED_RUNS
+                || settled_before
+                || (times.runs >= FIRST_RUNS && quiet_runs >= 2);
+            if settled {
+                let time = EmulatedTime {
+                    emulated: self.emulated(times.total()),
+                    host: nodes.iter().sum(),
+                    host_gflops,
+                    runs,
+                };
+                return Ok((output, time));
+            }
+        }
     }
 
     /// The path of the compute lock this emulator serializes on.
     pub fn lock_path(&self) -> &Path {
         self.lock.path()
     }
-}
-
-/// The CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
-pub fn thread_cpu_time() -> Result<Duration> {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec to write to, and the clock id is a constant the
-    // kernel knows; clock_gettime writes nothing else.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    ensure!(
-        rc == 0,
-        "this system cannot time a thread's CPU use (clock_gettime(CLOCK_THREAD_CPUTIME_ID): \
-         {}), which emulated compute is timed on; run the worker without --emulate",
-        std::io::Error::last_os_error()
-    );
-    Ok(Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
 }
 
 #[cfg(test)]
@@ -572,34 +518,94 @@ mod tests {
         );
     }
 
+    /// A run of a made-up tile whose nodes took `ms` milliseconds each.
+    fn nodes(ms: &[u64]) -> Result<((), Vec<Duration>)> {
+        Ok(((), ms.iter().map(|&m| Duration::from_millis(m)).collect()))
+    }
+
     #[test]
-    fn slowdown_scales_measured_times() {
+    fn a_tile_time_is_the_sum_of_its_nodes_fastest_times_scaled() {
         let path = lock_path("slowdown");
         let device = Emulation::custom(10.0, 100.0, 0.2).unwrap();
-        let emulator = Emulator::with_host_rate(device, 40.0, Some(path.clone())).unwrap();
+        let host = Arc::new(HostRate::fixed(40.0).unwrap());
+        let emulator = Emulator::new(device, host, Some(path.clone())).unwrap();
         assert_eq!(emulator.slowdown(), 4.0);
         assert_eq!(
             emulator.emulated(Duration::from_millis(25)),
             Duration::from_millis(100)
         );
-        let (value, measured, emulated) = emulator.run(|| 7).unwrap();
-        assert_eq!(value, 7);
-        assert_eq!(emulated, measured.mul_f64(4.0));
+        // First use: the third and fourth runs lower nothing, so the time has settled.
+        let mut runs = [vec![10, 20], vec![12, 15], vec![11, 25], vec![10, 16]].into_iter();
+        let (_, t) = emulator
+            .run_tile("tile", || nodes(&runs.next().unwrap()))
+            .unwrap();
+        assert_eq!(runs.len(), 0);
+        assert_eq!(t.runs, 4);
+        assert_eq!(t.emulated, Duration::from_millis(100)); // (10 + 15) x 4
+        assert_eq!(t.host, Duration::from_millis(26));
+        assert_eq!(t.host_gflops, 40.0);
+        // A run that lowers the time by more than 1% is followed by two that do not.
+        let mut runs = [vec![9, 30], vec![20, 20], vec![20, 20]].into_iter();
+        let (_, t) = emulator
+            .run_tile("tile", || nodes(&runs.next().unwrap()))
+            .unwrap();
+        assert_eq!(runs.len(), 0);
+        assert_eq!((t.runs, t.emulated), (3, Duration::from_millis(96)));
+        // A slow run changes nothing; another tile has its own times.
+        let (_, t) = emulator.run_tile("tile", || nodes(&[50, 50])).unwrap();
+        assert_eq!((t.runs, t.emulated), (1, Duration::from_millis(96)));
+        let (_, t) = emulator.run_tile("other", || nodes(&[5])).unwrap();
+        assert_eq!(t.emulated, Duration::from_millis(20));
+        // After SETTLED_RUNS runs, one run per call even when it lowers the time.
+        for _ in 0..SETTLED_RUNS {
+            emulator.run_tile("other", || nodes(&[5])).unwrap();
+        }
+        let (_, t) = emulator.run_tile("other", || nodes(&[4])).unwrap();
+        assert_eq!((t.runs, t.emulated), (1, Duration::from_millis(16)));
 
         // A host slower than the board: emulated times are shorter (with a warning).
         let fast = Emulation::class("firefly-rk3399").unwrap();
-        let host = fast.gflops / 2.0;
-        let emulator = Emulator::with_host_rate(fast, host, Some(path.clone())).unwrap();
+        let host = Arc::new(HostRate::fixed(fast.gflops / 2.0).unwrap());
+        let emulator = Emulator::new(fast, host, Some(path.clone())).unwrap();
         assert_eq!(emulator.slowdown(), 0.5);
         assert_eq!(
             emulator.emulated(Duration::from_millis(100)),
             Duration::from_millis(50)
         );
 
-        let device = Emulation::custom(10.0, 100.0, 0.2).unwrap();
-        let e = Emulator::with_host_rate(device, 0.0, Some(path.clone())).unwrap_err();
+        let e = HostRate::fixed(0.0).unwrap_err();
         assert!(e.to_string().contains("host rate"), "{e}");
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn emulators_on_one_host_share_a_tiles_host_time() {
+        let path = lock_path("shared-host");
+        let host = Arc::new(HostRate::fixed(40.0).unwrap());
+        let board = |gflops| Emulation::custom(gflops, 100.0, 0.2).unwrap();
+        let fast = Emulator::new(board(20.0), host.clone(), Some(path.clone())).unwrap();
+        let slow = Emulator::new(board(10.0), host, Some(path.clone())).unwrap();
+        let mut runs = [vec![10], vec![8], vec![9], vec![9]].into_iter();
+        let (_, t) = fast
+            .run_tile("tile", || nodes(&runs.next().unwrap()))
+            .unwrap();
+        assert_eq!((t.runs, t.emulated), (4, Duration::from_millis(16))); // 8 x 2
+        // The tile's host time is settled: the slower board runs it once, and a slow
+        // run does not count against it.
+        let (_, t) = slow.run_tile("tile", || nodes(&[30])).unwrap();
+        assert_eq!((t.runs, t.emulated), (1, Duration::from_millis(32))); // 8 x 4
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn node_times_scale_with_the_host_rate_of_their_run() {
+        let mut times = NodeTimes::default();
+        assert_eq!(times.merge(&[Duration::from_millis(100)], 1.0), 1.0);
+        // The host ran at half its base rate: 180 ms there is 90 ms at the base rate.
+        let lowered = times.merge(&[Duration::from_millis(180)], 0.5);
+        assert!((lowered - 0.1).abs() < 1e-9, "{lowered}");
+        assert_eq!(times.total(), Duration::from_millis(90));
+        assert_eq!(times.runs, 2);
     }
 
     /// Asserts that no two of `intervals` overlap.
@@ -675,30 +681,32 @@ mod tests {
         let path = lock_path("emulators");
         let emulator = || {
             let device = Emulation::class("odroid-xu4").unwrap();
-            Arc::new(Emulator::with_host_rate(device, 50.0, Some(path.clone())).unwrap())
+            let host = Arc::new(HostRate::fixed(50.0).unwrap());
+            let emulator = Emulator::new(device, host, Some(path.clone())).unwrap();
+            // Settled: every later call runs the tile once.
+            emulator.run_tile("tile", || nodes(&[1])).unwrap();
+            Arc::new(emulator)
         };
         let intervals = record_two_threads([emulator(), emulator()], |emulator, f| {
-            emulator.run(f).unwrap();
+            emulator
+                .run_tile("tile", || {
+                    f();
+                    nodes(&[1])
+                })
+                .unwrap();
         });
         assert_disjoint(intervals);
         std::fs::remove_file(path).unwrap();
     }
 
     #[test]
-    fn measures_the_host_rate() {
-        let path = lock_path("measure");
-        let emulator = Emulator::start(
-            Emulation::class("firefly-rk3399").unwrap(),
-            Some(path.clone()),
-        )
-        .unwrap();
-        println!(
-            "host: {:.1} GFLOP/s; emulating {}: slowdown x{:.2}",
-            emulator.host_gflops,
-            emulator.emulation,
-            emulator.slowdown()
-        );
-        assert!(emulator.host_gflops.is_finite() && emulator.host_gflops > 0.0);
-        std::fs::remove_file(path).unwrap();
+    fn calibrates_the_host_and_follows_it() {
+        let host = HostRate::calibrate().unwrap();
+        let base = host.base_gflops();
+        let now = host.now().unwrap();
+        println!("host: {base:.1} GFLOP/s at calibration, {now:.1} now");
+        assert!(base.is_finite() && base > 0.0);
+        // Right after calibration the floor cannot have moved far.
+        assert!(now > base * 0.5 && now < base * 2.0, "{base} then {now}");
     }
 }
