@@ -230,12 +230,14 @@ fn emulated_step_times_follow_the_link_model() {
 /// The emulator's mechanism for "identical work, identical time": a tile's time is the
 /// sum of its nodes' fastest times over its runs, scaled at a host rate that does not
 /// move here (fixed). The single-board path (the whole model as one program) and a
-/// 1-board plan's tile run in turn and end within 3% of each other, and a tile's time
-/// never grows with more runs.
+/// 1-board plan's split tile (a different program for the same work) run in turn and
+/// end within 5% of each other, and a tile's time never grows with more runs. (A
+/// plan that keeps a group whole runs the single-board program itself: the same tile,
+/// the same time.)
 #[test]
 fn identical_work_gets_the_same_emulated_time() {
     let path = legion_models::test_model("vgg16-conv").unwrap();
-    let ir = import(&path, Some(&[1, 3, 64, 64])).unwrap();
+    let ir = import(&path, Some(&[1, 3, 48, 48])).unwrap();
     let onnx = std::fs::read(&path).unwrap();
     let host = std::sync::Arc::new(HostRate::fixed(30.0).unwrap());
     let cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
@@ -253,8 +255,10 @@ fn identical_work_gets_the_same_emulated_time() {
         .devices[0]
         .spec();
     let input = test_input(&ir.input.shape);
+    assert_ne!(single, plan_tile);
+    const ROUNDS: usize = 10;
     let mut times: [Vec<u64>; 2] = [vec![], vec![]];
-    for _ in 0..4 {
+    for _ in 0..ROUNDS {
         for (k, spec) in [&single, &plan_tile].into_iter().enumerate() {
             let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
             let step = rt
@@ -267,8 +271,8 @@ fn identical_work_gets_the_same_emulated_time() {
     for t in &times {
         assert!(t.windows(2).all(|w| w[1] <= w[0]), "{times:?}");
     }
-    let (a, b) = (times[0][3] as f64, times[1][3] as f64);
-    assert!((a / b - 1.0).abs() < 0.03, "{times:?}");
+    let (a, b) = (times[0][ROUNDS - 1] as f64, times[1][ROUNDS - 1] as f64);
+    assert!((a / b - 1.0).abs() < 0.05, "{times:?}");
 }
 
 #[test]

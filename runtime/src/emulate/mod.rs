@@ -357,12 +357,12 @@ impl Emulator {
     /// same work, the same key). Each run's node times are scaled to the host's base
     /// rate by the rate at that run ([`HostRate::now`]), and the host keeps each node's
     /// fastest, over the runs of every emulator sharing it: interference only adds
-    /// time, and a burst that slows one node does not count against the others. The emulated time is the sum of those fastest
-    /// times x [`Emulator::slowdown`]. A tile runs at least [`FIRST_RUNS`] times on first
-    /// use, and until two runs in a row lower its time by less than 1%, up to
-    /// [`SETTLED_RUNS`] runs in all; later calls run it once, and again while a run
-    /// lowers it by more than 1% (up to [`SETTLED_RUNS`]). The output is the last
-    /// run's.
+    /// time, and a burst that slows one node does not count against the others. The
+    /// emulated time is the sum of those fastest times x [`Emulator::slowdown`]. A tile
+    /// runs at least [`FIRST_RUNS`] times on first use, and until two runs in a row
+    /// lower its time by less than 1%, up to [`SETTLED_RUNS`] runs in all; later calls
+    /// run it once, and again while a run lowers it by more than 1% (up to
+    /// [`SETTLED_RUNS`]). The output is the last run's.
     pub fn run_tile<T>(
         &self,
         key: &str,
