@@ -3,8 +3,8 @@
 //!
 //! On a shared VM the host's speed is not a constant. Two things move, measured with
 //! `cargo xtask bench calibration` (bench/calibration.md):
-//! - **bursts**: for stretches of a few hundred ms a neighbour slows this core down (no
-//!   steal time is reported; thread CPU time grows). A 1 s VGG-16 run took 1.0-2.0 s,
+//! - **bursts**: for stretches of a few hundred ms to about 10 s a neighbour slows this
+//!   core down (no steal time is reported; thread CPU time grows). A 1 s VGG-16 run took 1.0-2.0 s,
 //!   only 6% of runs came within 5% of the fastest. Short kernels are hit less often,
 //!   so the emulator times every node of a tile and keeps each node's fastest time
 //!   ([`super::Emulator::run_tile`]);
