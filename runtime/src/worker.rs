@@ -59,13 +59,13 @@ impl Compute {
         &self,
         key: &str,
         tile: &Tile,
-        inputs: &[Tensor],
+        inputs: Vec<Tensor>,
     ) -> Result<(Vec<Tensor>, TileTime), Status> {
         let failed = |e: anyhow::Error| Status::internal(format!("running the tile: {e:#}"));
         match self {
             Compute::Real { .. } => {
                 let start = Instant::now();
-                let out = tile.run(inputs.to_vec()).map_err(failed)?;
+                let out = tile.run(inputs).map_err(failed)?;
                 let took = start.elapsed();
                 Ok((
                     out,
@@ -78,7 +78,7 @@ impl Compute {
             }
             Compute::Emulated(e) => {
                 let (out, t) = e
-                    .run_tile(key, || tile.run_timed(inputs.to_vec(), thread_cpu_time))
+                    .run_tile(key, || tile.run_timed(inputs.clone(), thread_cpu_time))
                     .map_err(failed)?;
                 Ok((
                     out,
@@ -143,10 +143,15 @@ fn model_key(m: &ModelRef) -> ModelKey {
     (m.sha256.clone(), shape)
 }
 
-/// A tile's name for the emulator's node times: the model and the TileSpec's JSON.
-fn tile_key_text(m: &ModelRef, spec: &TileSpec) -> Result<String, Status> {
-    let spec = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(format!("{} {:?} {spec}", m.sha256, m.input_shape))
+/// The key of the tile `spec` of model `m`.
+fn tile_key(m: &ModelRef, spec: &TileSpec) -> Result<TileKey, Status> {
+    let canonical = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
+    Ok((model_key(m), canonical))
+}
+
+/// A tile's name for the emulator's node times, from its cache key.
+fn tile_key_text((model, spec): &TileKey) -> String {
+    format!("{} {:?} {spec}", model.0, model.1)
 }
 
 /// A least-recently-used cache bounded by a count and a total weight; the newest entry
@@ -281,11 +286,10 @@ impl Worker {
         Ok(ir)
     }
 
-    /// The built tile of `spec`, building it on first use.
-    fn tile(&self, m: &ModelRef, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
-        let canonical = serde_json::to_string(spec).map_err(|e| Status::internal(e.to_string()))?;
-        let key = (model_key(m), canonical);
-        if let Some(tile) = lock(&self.tiles).get(&key) {
+    /// The built tile of `spec` (cached under `key`, [`tile_key`]), building it on
+    /// first use.
+    fn tile(&self, key: &TileKey, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
+        if let Some(tile) = lock(&self.tiles).get(key) {
             return Ok(tile);
         }
         let tile = Arc::new(build_tile(ir, spec)?);
@@ -294,7 +298,7 @@ impl Worker {
             .iter()
             .map(|s| ir.stage(s.stage).weight_bytes)
             .sum();
-        lock(&self.tiles).insert(key, tile.clone(), weights);
+        lock(&self.tiles).insert(key.clone(), tile.clone(), weights);
         Ok(tile)
     }
 
@@ -317,11 +321,12 @@ impl Worker {
     fn run_tile_blocking(&self, req: RunTileRequest) -> Result<RunTileReply, Status> {
         let (m, ir, spec) = self.tile_request("RunTile", req.model, &req.tile_spec_json)?;
         let inputs = strips(&ir, &spec, &req.inputs)?;
-        let tile = self.tile(&m, &ir, &spec)?;
-        let (outputs, time) =
-            self.config
-                .compute
-                .run_tile(&tile_key_text(&m, &spec)?, &tile, &inputs)?;
+        let key = tile_key(&m, &spec)?;
+        let tile = self.tile(&key, &ir, &spec)?;
+        let (outputs, time) = self
+            .config
+            .compute
+            .run_tile(&tile_key_text(&key), &tile, inputs)?;
         let outputs = outputs
             .iter()
             .map(to_wire)
@@ -354,16 +359,16 @@ impl Worker {
         // An emulator keeps the tile's node times all the same: profiling the same
         // work again, or running it in a plan, gets the same time.
         let tile = build_tile(&ir, &spec)?;
-        let key = tile_key_text(&m, &spec)?;
+        let key = tile_key_text(&tile_key(&m, &spec)?);
         let compute = &self.config.compute;
-        let (_, warmup) = compute.run_tile(&key, &tile, &inputs)?;
+        let (_, warmup) = compute.run_tile(&key, &tile, inputs.clone())?;
         let mut reply = ProfileStageReply {
             emulated: compute.emulated(),
             warmup_us: warmup.compute.as_micros() as u64,
             ..Default::default()
         };
         for _ in 0..req.runs {
-            let (_, time) = compute.run_tile(&key, &tile, &inputs)?;
+            let (_, time) = compute.run_tile(&key, &tile, inputs.clone())?;
             reply.host_us.push(time.host.as_micros() as u64);
             reply.compute_us.push(time.compute.as_micros() as u64);
             reply.host_gflops.extend(time.host_gflops);

@@ -44,6 +44,23 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// The host's floor is the fastest reading of the reference kernel in this window.
 pub const WINDOW: Duration = Duration::from_secs(30);
 
+/// Model `name` of legion-models, optimized and runnable with tract on the current
+/// default executor, and the fixed input it is timed on.
+pub fn catalog_model(name: &str) -> Result<(Arc<TypedSimplePlan>, Tensor)> {
+    let bytes = legion_models::bytes(name)?;
+    let plan = runnable(&bytes).with_context(|| format!("building {name} with tract"))?;
+    let input = crate::check::test_input(&legion_models::spec(name)?.input_shape);
+    Ok((plan, input))
+}
+
+/// The ONNX model `bytes`, optimized and runnable with tract.
+fn runnable(bytes: &[u8]) -> TractResult<Arc<TypedSimplePlan>> {
+    tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])?
+        .into_optimized()?
+        .into_runnable()
+}
+
 /// The emulator's reference kernel: two 3x3 convolutions of 64 channels on a 28x28 map
 /// with Relus (0.12 GFLOP, a few ms), built with tract like a tile.
 struct ReferenceKernel {
@@ -63,11 +80,8 @@ impl ReferenceKernel {
         let bytes = b
             .finish("the emulator's reference kernel", &[&y])
             .encode_to_vec();
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .context("building the emulator's reference kernel with tract")?;
+        let plan =
+            runnable(&bytes).context("building the emulator's reference kernel with tract")?;
         Ok(ReferenceKernel {
             plan,
             input: crate::check::test_input(&shape),
@@ -144,15 +158,7 @@ impl HostRate {
     /// [`super::ComputeLock`] ([`HostRate::shared`] does).
     pub fn calibrate() -> Result<HostRate> {
         let kernel = ReferenceKernel::build()?;
-        let bytes = legion_models::bytes(CALIBRATION_MODEL)?;
-        let shape = legion_models::spec(CALIBRATION_MODEL)?.input_shape;
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .context("building VGG-16 with tract to calibrate the host")?;
-        drop(bytes);
-        let input = crate::check::test_input(&shape);
+        let (plan, input) = catalog_model(CALIBRATION_MODEL)?;
         let run = || {
             run_nodes_timed(&plan, tvec!(input.clone().into_tvalue()), thread_cpu_time)
                 .context("running VGG-16 to calibrate the host")

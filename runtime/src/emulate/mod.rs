@@ -28,7 +28,7 @@ pub mod host;
 mod lock;
 
 pub use clock::{run_nodes_timed, thread_cpu_time};
-pub use host::{CALIBRATION_MODEL, HostRate, NodeTimes};
+pub use host::{CALIBRATION_MODEL, HostRate, NodeTimes, catalog_model};
 pub use lock::{COMPUTE_LOCK_ENV, ComputeGuard, ComputeLock};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -232,14 +232,8 @@ impl fmt::Display for Emulation {
 /// clock as the worker times its tiles. It covers every thread of tract's current
 /// default executor.
 pub fn measure_device_gflops() -> Result<f64> {
-    let bytes = legion_models::bytes(DEVICE_RATE_MODEL)?;
-    let shape = legion_models::spec(DEVICE_RATE_MODEL)?.input_shape;
-    let plan = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .context("building the device-rate model with tract")?;
-    let input = crate::check::test_input(&shape).into_tvalue();
+    let (plan, input) = catalog_model(DEVICE_RATE_MODEL)?;
+    let input = input.into_tvalue();
     let mut fastest = f64::INFINITY;
     for run in 0..WARMUP_RUNS + DEVICE_RATE_RUNS {
         let start = std::time::Instant::now();

@@ -13,9 +13,9 @@ use super::host;
 use super::models::legion_cmd;
 use anyhow::{Context, Result};
 use legion_plan::{HostRates, Plan, RunResults};
-use legion_runtime::check::test_input;
 use legion_runtime::emulate::{
-    BOARD_CLASSES, CALIBRATION_MODEL, HostRate, NodeTimes, run_nodes_timed, thread_cpu_time,
+    BOARD_CLASSES, CALIBRATION_MODEL, HostRate, NodeTimes, catalog_model, run_nodes_timed,
+    thread_cpu_time,
 };
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -79,12 +79,7 @@ fn study_the_host() -> Result<Study> {
     let start = Instant::now();
     let host = HostRate::calibrate()?;
     let calibration_s = start.elapsed().as_secs_f64();
-    let bytes = legion_models::bytes(CALIBRATION_MODEL)?;
-    let plan = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])?
-        .into_optimized()?
-        .into_runnable()?;
-    let input = test_input(&legion_models::spec(CALIBRATION_MODEL)?.input_shape);
+    let (plan, input) = catalog_model(CALIBRATION_MODEL)?;
     let mut phases = vec![];
     for (name, busy) in [("quiet", 0), ("two busy loops", 2)] {
         eprintln!("host study: {STUDY_ROUNDS} rounds, {name}...");
