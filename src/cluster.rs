@@ -1,10 +1,12 @@
 //! `legion cluster up`: start a cluster of workers on this host and write its file.
 
-use crate::BadArgument;
+use crate::BadInput;
 use anyhow::{Context, Result};
 use legion_plan::Cluster;
+use legion_runtime::emulate::HostRate;
 use legion_runtime::{LocalCluster, default_cache_dir, local_cluster};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,6 +42,11 @@ struct UpArgs {
     /// Model cache shared by the workers.
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// The host's rate, GFLOP/s, from an earlier calibration (`legion worker` and
+    /// `legion profile` print it): emulated workers start from it instead of
+    /// calibrating (10-30 s), and still follow the host from there.
+    #[arg(long)]
+    host_gflops: Option<f64>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -49,16 +56,29 @@ pub fn run(args: &Args) -> Result<()> {
         (Some(file), _) => Cluster::load(file)?,
         (None, Some(n)) => {
             let emulate = parse_emulate(up.emulate.as_deref());
-            local_cluster(n, &emulate, up.port).map_err(|e| BadArgument(format!("{e:#}")))?
+            local_cluster(n, &emulate, up.port).map_err(|e| BadInput(format!("{e:#}")))?
         }
         (None, None) => unreachable!("clap requires --local or --file"),
     };
     let cache = up.cache.clone().unwrap_or_else(default_cache_dir);
+    let host = match up.host_gflops {
+        Some(g) => Some(Arc::new(HostRate::from_rate(g).map_err(|e| {
+            BadInput(format!(
+                "--host-gflops {g}: {e:#}; give the positive rate an earlier start printed"
+            ))
+        })?)),
+        None => None,
+    };
     eprintln!(
-        "starting {} workers (emulated workers measure the host first)...",
-        cluster.devices.len()
+        "starting {} workers{}...",
+        cluster.devices.len(),
+        if host.is_some() {
+            ""
+        } else {
+            " (emulated workers measure the host first)"
+        }
     );
-    let local = LocalCluster::start(&cluster, cache)?;
+    let local = LocalCluster::start_on(&cluster, cache, host)?;
     let text = local.cluster().to_toml();
     match &up.out {
         Some(path) => {
@@ -73,7 +93,9 @@ pub fn run(args: &Args) -> Result<()> {
             "  {:<20} {:<21} {}",
             d.name,
             d.address,
-            d.emulate.as_deref().unwrap_or("real (this host)")
+            d.emulate
+                .as_ref()
+                .map_or("real (this host)".to_string(), |e| e.spec())
         );
     }
     eprintln!("serving; press Ctrl-C to stop");

@@ -2,14 +2,13 @@
 //! VGG-16, start 2 Firefly + 2 Odroid workers at 100 Mbit/s in this process, profile,
 //! compile, run, check against one device, and report.
 
-use crate::compile::{PassTimes, PlanOptions, build_plan};
 use anyhow::{Context, Result};
-use legion_cost::Predictor;
+use legion_pipeline::{CompileOptions, PassTimes, compile, connect, execute, profile};
 use legion_plan::ProfileMode;
-use legion_profile::{ProfileOptions, profile};
+use legion_profile::ProfileOptions;
 use legion_runtime::check::test_input;
-use legion_runtime::{Coordinator, LocalCluster, default_cache_dir, local_cluster};
-use std::time::{Duration, Instant};
+use legion_runtime::{LocalCluster, default_cache_dir, local_cluster};
+use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -57,11 +56,13 @@ pub fn run(args: &Args) -> Result<()> {
     let cluster_file = out_dir.join("cluster.toml");
     std::fs::write(&cluster_file, local.cluster().to_toml())?;
     let rt = tokio::runtime::Runtime::new()?;
-    let coord = rt.block_on(async {
-        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
-        coord.upload(&onnx, &ir.input.shape).await?;
-        anyhow::Ok(coord)
-    })?;
+    let coord = rt.block_on(connect(
+        local.cluster(),
+        "the demo's local cluster",
+        &onnx,
+        "VGG-16",
+        &ir,
+    ))?;
 
     step(3, "profiling single stages and links (legion mode)");
     let mut times = PassTimes::default();
@@ -83,21 +84,17 @@ pub fn run(args: &Args) -> Result<()> {
         4,
         "compiling: cost, egg search, Wild Card, both candidates run",
     );
-    let options = PlanOptions {
-        predictor: Predictor::Legion,
-        mode: ProfileMode::Legion,
-        wildcard: true,
-        runs: 3,
-        profile_name: "the demo's profile".into(),
-    };
-    let (plan, flc) = build_plan(
+    let compiled = compile(
         &ir,
         &measured,
         local.cluster(),
-        &options,
+        &CompileOptions::legion("the demo's profile"),
         Some((&coord, &rt)),
         &mut times,
     )?;
+    let plan = compiled
+        .plan
+        .context("compile made no plan (the demo stops after no pass)")?;
     let plan_file = out_dir.join("plan.json");
     std::fs::write(&plan_file, plan.to_json())?;
 
@@ -106,8 +103,8 @@ pub fn run(args: &Args) -> Result<()> {
         "running the plan and every device alone; checking the output",
     );
     let input = test_input(&ir.input.shape);
-    let ((results, _), run) =
-        rt.block_on(crate::run::execute(&coord, &ir, &plan, input, 3, true))?;
+    let run = rt.block_on(execute(&coord, &ir, &plan, input, 3, true))?;
+    let results = run.results;
     let results_file = out_dir.join("run.json");
     std::fs::write(
         &results_file,
@@ -120,8 +117,8 @@ pub fn run(args: &Args) -> Result<()> {
     step(6, "done");
     drop(coord);
     local.stop();
-    println!("{flc}");
-    print!("{run}");
+    println!("{}", compiled.report);
+    print!("{}", run.report);
     print!("{}", times.report());
     println!("files in {}:", out_dir.display());
     for f in [

@@ -55,15 +55,13 @@ enum Command {
 const EXIT_BAD_INPUT: u8 = 2;
 
 /// A command-line argument that does not fit the model (reported with exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadArgument(String);
+use legion_pipeline::BadInput;
 
 fn is_bad_input(e: &anyhow::Error) -> bool {
     e.downcast_ref::<legion_ir::ImportError>().is_some()
         || e.downcast_ref::<legion_partition::PartitionError>()
             .is_some()
-        || e.downcast_ref::<BadArgument>().is_some()
+        || e.downcast_ref::<BadInput>().is_some()
         || e.downcast_ref::<legion_plan::ClusterError>().is_some()
         || e.downcast_ref::<legion_runtime::serve::BadWorkerOption>()
             .is_some()
@@ -129,5 +127,27 @@ impl ModelArgs {
             &self.model,
             self.input_shape.as_ref().map(|s| &s.0[..]),
         )?)
+    }
+
+    /// Connects to `cluster` (read from `cluster_file`) and uploads this model, whose
+    /// import is `ir`.
+    async fn connect(
+        &self,
+        cluster: &legion_plan::Cluster,
+        cluster_file: &std::path::Path,
+        ir: &legion_ir::Ir,
+    ) -> anyhow::Result<legion_runtime::Coordinator> {
+        use anyhow::Context;
+        let onnx = std::fs::read(&self.model)
+            .with_context(|| format!("reading {}", self.model.display()))?;
+        let (cluster_name, model_name) = (cluster_file.display(), self.model.display());
+        legion_pipeline::connect(
+            cluster,
+            &cluster_name.to_string(),
+            &onnx,
+            &model_name.to_string(),
+            ir,
+        )
+        .await
     }
 }

@@ -1,6 +1,6 @@
 //! `legion plan validate`: check a plan against its model and cluster.
 
-use crate::{BadArgument, ModelArgs};
+use crate::{BadInput, ModelArgs};
 use anyhow::Result;
 use legion_plan::{Cluster, Plan};
 use std::path::PathBuf;
@@ -54,8 +54,8 @@ pub struct Args {
 /// Reads a plan file; errors name the file.
 pub(crate) fn load(path: &std::path::Path) -> Result<Plan> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| BadArgument(format!("{}: cannot read the plan: {e}", path.display())))?;
-    Ok(Plan::from_json(&text).map_err(|e| BadArgument(format!("{}: {e}", path.display())))?)
+        .map_err(|e| BadInput(format!("{}: cannot read the plan: {e}", path.display())))?;
+    Ok(Plan::from_json(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())))?)
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -70,19 +70,19 @@ fn show(args: &ShowArgs) -> Result<()> {
     let run = match &args.run {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                BadArgument(format!(
+                BadInput(format!(
                     "{}: cannot read the run's timings: {e}",
                     path.display()
                 ))
             })?;
             let r: legion_plan::RunResults = serde_json::from_str(&text).map_err(|e| {
-                BadArgument(format!(
+                BadInput(format!(
                     "{}: not a `legion run --save` file: {e}",
                     path.display()
                 ))
             })?;
             if r.model_sha256 != plan.model_sha256 {
-                return Err(BadArgument(format!(
+                return Err(BadInput(format!(
                     "{} was measured for model {}, the plan is for {}",
                     path.display(),
                     r.model_sha256,
@@ -113,10 +113,9 @@ fn validate(args: &ValidateArgs) -> Result<()> {
         None => None,
     };
     legion_codegen::validate(&plan, &ir, names.as_deref())
-        .map_err(|e| BadArgument(format!("{}: {e:#}", args.plan.display())))?;
+        .map_err(|e| BadInput(format!("{}: {e:#}", args.plan.display())))?;
     if args.run {
-        run_tiles(&plan, &ir)
-            .map_err(|e| BadArgument(format!("{}: {e:#}", args.plan.display())))?;
+        run_tiles(&plan, &ir).map_err(|e| BadInput(format!("{}: {e:#}", args.plan.display())))?;
     }
     let c = plan.chosen();
     println!(

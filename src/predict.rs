@@ -1,6 +1,6 @@
 //! `legion predict`: predicted group times from a profile, without running anything.
 
-use crate::{BadArgument, ModelArgs};
+use crate::{BadInput, ModelArgs};
 use anyhow::{Context, Result};
 use legion_cost::{CostModel, DevicePrediction, Predictor};
 use legion_ir::StageId;
@@ -32,12 +32,12 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let predictor: Predictor = args.predictor.parse().map_err(BadArgument)?;
+    let predictor: Predictor = args.predictor.parse().map_err(BadInput)?;
     let cluster = Cluster::load(&args.cluster)?;
     let profile = load_profile(&args.profile, &cluster, &args.cluster)?;
     let ir = args.model.import()?;
     let model = CostModel::new(&ir, &profile)
-        .map_err(|e| BadArgument(format!("{}: {e:#}", args.profile.display())))?;
+        .map_err(|e| BadInput(format!("{}: {e:#}", args.profile.display())))?;
     let all: Vec<usize> = (0..model.device_count()).collect();
     let groups = match &args.group {
         Some(g) => crate::split::parse_groups(&ir, g)?,
@@ -132,13 +132,13 @@ fn device_line(out: &mut String, model: &CostModel, d: &DevicePrediction) -> Res
 /// Reads a profile and checks it was measured on `cluster`'s devices.
 pub(crate) fn load_profile(path: &Path, cluster: &Cluster, cluster_path: &Path) -> Result<Profile> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| BadArgument(format!("{}: cannot read the profile: {e}", path.display())))?;
+        .map_err(|e| BadInput(format!("{}: cannot read the profile: {e}", path.display())))?;
     let profile =
-        Profile::from_json(&text).map_err(|e| BadArgument(format!("{}: {e}", path.display())))?;
+        Profile::from_json(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
     let names: Vec<&str> = cluster.devices.iter().map(|d| d.name.as_str()).collect();
     let profiled: Vec<&str> = profile.devices.iter().map(|d| d.name.as_str()).collect();
     if names != profiled {
-        return Err(BadArgument(format!(
+        return Err(BadInput(format!(
             "{} lists devices {names:?} but the profile {} was measured on {profiled:?}; \
              profile this cluster",
             cluster_path.display(),

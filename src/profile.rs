@@ -1,12 +1,11 @@
 //! `legion profile`: measure a model on a cluster and write the profile (JSON).
 
-use crate::{BadArgument, ModelArgs};
+use crate::{BadInput, ModelArgs};
 use anyhow::{Context, Result};
+use legion_pipeline::profile;
 use legion_plan::{Cluster, ProfileMode};
-use legion_profile::{ProfileOptions, profile};
-use legion_runtime::Coordinator;
+use legion_profile::ProfileOptions;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,27 +41,16 @@ pub fn run(args: &Args) -> Result<()> {
         Mode::Fss => ProfileMode::Fss,
     };
     if args.max_group_len.is_some() && mode == ProfileMode::Legion {
-        return Err(BadArgument("--max-group-len applies to --mode fss only".into()).into());
+        return Err(BadInput("--max-group-len applies to --mode fss only".into()).into());
     }
     if args.runs == 0 || args.max_group_len == Some(0) {
-        return Err(BadArgument("--runs and --max-group-len must be at least 1".into()).into());
+        return Err(BadInput("--runs and --max-group-len must be at least 1".into()).into());
     }
     let cluster = Cluster::load(&args.cluster)?;
     let ir = args.model.import()?;
-    let onnx = std::fs::read(&args.model.model)
-        .with_context(|| format!("reading {}", args.model.model.display()))?;
     let rt = tokio::runtime::Runtime::new()?;
     let profile = rt.block_on(async {
-        let mut coord = Coordinator::connect(&cluster, Duration::from_secs(10))
-            .await
-            .with_context(|| format!("connecting to the cluster {}", args.cluster.display()))?;
-        eprintln!(
-            "uploading {} ({:.1} MB) to {} devices...",
-            args.model.model.display(),
-            onnx.len() as f64 / 1e6,
-            coord.devices().len()
-        );
-        coord.upload(&onnx, &ir.input.shape).await?;
+        let coord = args.model.connect(&cluster, &args.cluster, &ir).await?;
         let opts = ProfileOptions {
             mode,
             runs: args.runs,

@@ -1,7 +1,7 @@
 //! `legion split`: tile groups of a model for N devices, print strips, halos, pads and
 //! alpha, and optionally check the strips against a single-device run.
 
-use crate::{BadArgument, ModelArgs};
+use crate::{BadInput, ModelArgs};
 use anyhow::{Context, Result, bail};
 use legion_ir::{Ir, Split, StageId, TensorRef};
 use legion_partition::{Group, Tiling, check_group, strips_from_weights, tile, whole_stage};
@@ -85,7 +85,7 @@ pub fn run(args: &Args) -> Result<()> {
         .weights
         .clone()
         .unwrap_or_else(|| vec![1.0; args.devices]);
-    let bad = |msg: String| Err(BadArgument(msg).into());
+    let bad = |msg: String| Err(BadInput(msg).into());
     if args.devices == 0 {
         return bad("--devices must be at least 1".into());
     }
@@ -192,7 +192,7 @@ pub(crate) fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
     text.split(',')
         .map(|g| {
             let malformed =
-                || BadArgument(format!("'{g}' is not a stage range: write A..B, e.g. 0..4"));
+                || BadInput(format!("'{g}' is not a stage range: write A..B, e.g. 0..4"));
             let (a, b) = g.trim().split_once("..").ok_or_else(malformed)?;
             let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| malformed());
             Ok(check_group(ir, parse(a)?, parse(b)?)?)

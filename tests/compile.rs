@@ -2,35 +2,16 @@
 //! (no timing noise: the profiles are files), the plan a lopsided cluster gets, and the
 //! bad-input errors.
 
+mod common;
+
+use common::{fails_with, legion, model, scratch};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn legion(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legion"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn out_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compile");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn model(name: &str) -> String {
-    legion_models::test_model(name)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string()
-}
+use std::path::PathBuf;
+use std::process::Output;
 
 /// Compiles `model` for a committed cluster and profile; returns the plan's JSON.
 fn compile(model_name: &str, cluster: &str, profile: &str, extra: &[&str]) -> String {
-    let plan = out_dir().join(format!("{model_name}-{cluster}.json"));
+    let plan = scratch("compile").join(format!("{model_name}-{cluster}.json"));
     let m = model(model_name);
     let cluster = format!("testdata/clusters/{cluster}.toml");
     let profile = format!("testdata/profiles/{profile}.json");
@@ -121,9 +102,9 @@ fn a_far_faster_device_gets_everything() {
             }
         }
     }
-    let path = out_dir().join("lopsided-profile.json");
+    let path = scratch("compile").join("lopsided-profile.json");
     std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
-    let plan_path = out_dir().join("lopsided-plan.json");
+    let plan_path = scratch("compile").join("lopsided-plan.json");
     let m = model("tiny-cnn");
     let out = legion(&[
         "compile",
@@ -156,15 +137,9 @@ fn a_far_faster_device_gets_everything() {
     assert_eq!(plan["chosen"], 0);
 }
 
-fn fails_with(out: Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(want), "{stderr}");
-}
-
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let plan = out_dir().join("bad.json");
+    let plan = scratch("compile").join("bad.json");
     let plan = plan.to_str().unwrap();
     let (tiny, residual) = (model("tiny-cnn"), model("tiny-residual"));
     let profile = "testdata/profiles/tiny-cnn-2f2o.json";
@@ -197,7 +172,7 @@ fn bad_input_gets_a_clear_error() {
         "but the profile testdata/profiles/tiny-cnn-2f2o.json was measured on",
     );
     // An empty cluster.
-    let empty = out_dir().join("empty.toml");
+    let empty = scratch("compile").join("empty.toml");
     std::fs::write(&empty, "[coordinator]\nmbps = 1000.0\n").unwrap();
     fails_with(
         legion(&[
@@ -258,7 +233,7 @@ fn fast_links_profile() -> PathBuf {
             }
         }
     }
-    let path = out_dir().join("fast-links-profile.json");
+    let path = scratch("compile").join("fast-links-profile.json");
     std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
     path
 }
@@ -266,7 +241,7 @@ fn fast_links_profile() -> PathBuf {
 #[test]
 fn validate_rejects_a_tampered_plan() {
     let tiny = model("tiny-cnn");
-    let plan_path = out_dir().join("fast-links-plan.json");
+    let plan_path = scratch("compile").join("fast-links-plan.json");
     let profile = fast_links_profile();
     let out = legion(&[
         "compile",
@@ -301,7 +276,7 @@ fn validate_rejects_a_tampered_plan() {
     let end = split["tiles"][0]["strip"]["end"].as_u64().unwrap();
     split["tiles"][0]["strip"]["end"] = (end + 1).into();
     split["tiles"][1]["strip"]["start"] = (end + 1).into();
-    let path = out_dir().join("tampered.json");
+    let path = scratch("compile").join("tampered.json");
     std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
     fails_with(
         legion(&["plan", "validate", path.to_str().unwrap(), &tiny]),
@@ -322,7 +297,7 @@ fn validate_rejects_a_tampered_plan() {
 #[test]
 fn plan_show_draws_every_device_and_group() {
     let tiny = model("tiny-cnn");
-    let dir = out_dir();
+    let dir = scratch("compile");
     let (plan, svg) = (dir.join("show-plan.json"), dir.join("show.svg"));
     let profile = fast_links_profile();
     let out = legion(&[
@@ -371,4 +346,150 @@ fn plan_show_draws_every_device_and_group() {
         .map(|g| g["tiles"].as_array().unwrap().len())
         .sum();
     assert!(picture.matches("<rect").count() >= 3 * tiles);
+}
+
+/// `legion compile` on tiny-cnn with the committed profile, plus `extra`.
+fn compile_tiny(extra: &[&str]) -> Output {
+    let m = model("tiny-cnn");
+    let mut args = vec![
+        "compile",
+        &m,
+        "--cluster",
+        "testdata/clusters/2f2o.toml",
+        "--profile",
+        "testdata/profiles/tiny-cnn-2f2o.json",
+    ];
+    args.extend(extra);
+    legion(&args)
+}
+
+#[test]
+fn dump_after_cost_prints_the_table_the_plan_was_chosen_from() {
+    let plan = scratch("compile").join("dump-cost.json");
+    let out = compile_tiny(&["--dump-after", "cost", "-o", plan.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (dump, rest) = stdout.split_once("fused-layer configuration").unwrap();
+    assert!(dump.starts_with("cost: "), "{dump}");
+    // Every group of the plan is a line of the table, with its predicted time.
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let chosen = &plan["candidates"][plan["chosen"].as_u64().unwrap() as usize];
+    for g in chosen["groups"].as_array().unwrap() {
+        // A device option can leave a device without rows, so the plan's tile count
+        // need not be the option: find the group's line with the plan's time.
+        let span = format!("{}..{} x", g["first"], g["last"]);
+        let plan_ms = g["predicted_us"].as_u64().unwrap() as f64 / 1e3;
+        let tiles: Vec<String> = g["tiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| format!("{} ", t["device"].as_str().unwrap()))
+            .collect();
+        let found = dump.lines().skip(1).any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let table_ms: f64 = fields[2].parse().unwrap();
+            // The table keeps fractions of a µs; the plan rounds them.
+            l.trim_start().starts_with(&span)
+                && (table_ms - plan_ms).abs() <= 0.0015
+                && tiles.iter().all(|t| l.contains(t.as_str()))
+        });
+        assert!(
+            found,
+            "no line for {span} at {plan_ms} ms on {tiles:?} in\n{dump}"
+        );
+    }
+    assert!(rest.contains("plan written to"), "{rest}");
+
+    // The same dump as JSON: one entry per legal choice, each with its tiles' times.
+    let out = compile_tiny(&["--dump-after", "cost", "--json", "--stop-after", "cost"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["pass"], "cost");
+    let entries = doc["dump"].as_array().unwrap();
+    assert_eq!(entries.len(), dump.lines().count() - 1);
+    for e in entries {
+        let tiles = e["tiles"].as_array().unwrap();
+        assert!(!tiles.is_empty(), "{e}");
+        assert!(
+            tiles.len() <= e["devices"].as_u64().unwrap() as usize,
+            "{e}"
+        );
+        assert!(e["cost_us"].as_f64().unwrap() > 0.0, "{e}");
+    }
+}
+
+#[test]
+fn stop_after_fusion_writes_no_plan_and_dumps_the_flc() {
+    let plan = scratch("compile").join("stopped.json");
+    let _ = std::fs::remove_file(&plan);
+    let out = compile_tiny(&[
+        "--dump-after",
+        "partition",
+        "--dump-after",
+        "fusion",
+        "--stop-after",
+        "fusion",
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(!plan.exists(), "a stopped compile wrote {}", plan.display());
+    assert!(
+        stderr.contains("stopped after fusion: no plan written"),
+        "{stderr}"
+    );
+    // Partition's dump names each device's strip; fusion's the FLC and Wild Card.
+    let (partition, fusion) = stdout.split_once("fusion: FLC [").unwrap();
+    assert!(partition.starts_with("partition: "), "{partition}");
+    assert!(partition.contains("firefly-0 0.."), "{partition}");
+    assert!(fusion.contains("egg: "), "{fusion}");
+    assert!(fusion.contains("wild card: "), "{fusion}");
+    // No codegen ran.
+    assert!(!stdout.contains("codegen"), "{stdout}");
+    assert!(!stderr.contains("codegen"), "{stderr}");
+
+    // An unknown pass is named, with the passes there are.
+    let out = compile_tiny(&["--stop-after", "fuse"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("partition, cost, fusion, codegen"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn baselines_compile_through_the_same_passes() {
+    for (search, name) in [("no-fusion", "no-fusion"), ("one-block", "one-block")] {
+        let plan = scratch("compile").join(format!("{search}.json"));
+        let out = compile_tiny(&["--search", search, "-o", plan.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+        let candidates = plan["candidates"].as_array().unwrap();
+        assert_eq!(candidates.len(), 1, "a baseline has no Wild Card");
+        assert_eq!(candidates[0]["name"], name);
+        let groups = candidates[0]["groups"].as_array().unwrap();
+        let stages = plan["stages"].as_u64().unwrap() as usize;
+        if search == "no-fusion" {
+            assert_eq!(groups.len(), stages, "one group per stage");
+        } else {
+            assert!(groups.len() < stages, "runs fused: {groups:?}");
+        }
+    }
 }

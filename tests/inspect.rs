@@ -1,15 +1,10 @@
 //! `legion inspect` end to end: JSON snapshots of every generated model, the text table,
 //! and one test per bad-input case (exit code 2, one line naming the file).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn legion(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legion"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::legion;
+use std::path::{Path, PathBuf};
 
 fn inspect_json(model: &Path) -> serde_json::Value {
     let out = legion(&["inspect", model.to_str().unwrap(), "--json"]);

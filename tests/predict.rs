@@ -1,18 +1,13 @@
 //! `legion predict` on a committed profile of tiny-cnn measured on the emulated 2F+2O
 //! cluster: snapshots of the tables, and the bad-input errors.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{fails_with, legion};
+use std::process::Output;
 
 const PROFILE: &str = "testdata/profiles/tiny-cnn-2f2o.json";
 const CLUSTER: &str = "testdata/clusters/2f2o.toml";
-
-fn legion(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legion"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn predict(model: &str, extra: &[&str]) -> Output {
     let model = legion_models::test_model(model).unwrap();
@@ -49,12 +44,6 @@ fn one_group_with_each_other_predictor() {
         );
         insta::assert_snapshot!(format!("predict_{p}"), stdout(out));
     }
-}
-
-fn fails_with(out: Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(want), "{stderr}");
 }
 
 #[test]

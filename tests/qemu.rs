@@ -2,9 +2,16 @@
 //! (Firefly-RK3399 class) and an armv7 worker (Odroid-XU4 class) serve tiles next to an
 //! x86 worker, and groups split across the three equal the x86 single-device run.
 //!
+//! The workers run on the real clock, as on a board: an emulated worker runs each tile
+//! several times until its time settles and reads a reference kernel every second,
+//! which under qemu takes minutes per tile.
+//!
 //! Needs the cross-built workers (`cargo xtask cross aarch64` and `armv7`) and
 //! qemu-user-static; `.ci/run` installs both and runs this test with `--ignored`.
 
+mod common;
+
+use common::scratch;
 use legion_ir::{Ir, StageId, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
 use legion_plan::{Cluster, CoordinatorLink, Device};
@@ -15,7 +22,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-/// (target triple, qemu runner, its sysroot, emulated class, arch the worker reports).
+/// (target triple, qemu runner, its sysroot, board class, arch the worker reports).
 const BOARDS: [(&str, &str, &str, &str, &str); 2] = [
     (
         "aarch64-unknown-linux-gnu",
@@ -33,19 +40,13 @@ const BOARDS: [(&str, &str, &str, &str, &str); 2] = [
     ),
 ];
 
-/// Across architectures the kernels accumulate in other orders (DESIGN.md section 7).
+/// Across architectures the kernels accumulate in other orders (docs/architecture.md, "The runtime").
 const REL_TOLERANCE: f32 = 1e-4;
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Starts the cross-built worker for `triple` under qemu on a free loopback port.
@@ -64,16 +65,9 @@ fn arm_worker(triple: &str, qemu: &str, sysroot: &str, class: &str) -> WorkerPro
     command
         .args(["-L", sysroot])
         .arg(&binary)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            class,
-            "--emulate",
-            class,
-        ])
-        // The calibration run would take minutes under qemu; the rate only scales
-        // emulated times, which this test does not check.
+        .args(["--listen", "127.0.0.1:0", "--name", class])
+        // Measuring the device's rate would take minutes under qemu; the rate only
+        // feeds profiles, which this test does not make.
         .args(["--host-gflops", "100"])
         .arg("--cache")
         .arg(scratch(&format!("qemu-cache-{triple}")));
@@ -85,23 +79,22 @@ fn x86_worker() -> WorkerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_legion"));
     command
         .args(["worker", "--listen", "127.0.0.1:0", "--name", "x86"])
-        .args(["--emulate", "firefly-rk3399"])
         .args(["--host-gflops", "100", "--cache"])
         .arg(scratch("qemu-cache-x86"));
     WorkerProcess::spawn(command, "x86", Duration::from_secs(60)).unwrap()
 }
 
-/// The cluster of `workers`: (name, emulated class, process).
-fn cluster(workers: &[(&str, &str, &WorkerProcess)]) -> Cluster {
+/// The cluster of real-clock `workers`: (name, process).
+fn cluster(workers: &[(&str, &WorkerProcess)]) -> Cluster {
     Cluster {
         coordinator: CoordinatorLink::default(),
         token_file: None,
         devices: workers
             .iter()
-            .map(|(name, class, w)| Device {
+            .map(|(name, w)| Device {
                 name: name.to_string(),
                 address: w.addr.clone(),
-                emulate: Some(class.to_string()),
+                emulate: None,
                 link_mbps: 100.0,
                 latency_ms: 0.2,
                 memory_mb: None,
@@ -177,7 +170,7 @@ fn arm_workers_under_qemu_match_the_x86_run() {
             let w = arm_worker(triple, qemu, sysroot, class);
             assert!(
                 w.start_line.contains(&format!("arch=\"{arch}\""))
-                    && w.start_line.contains("clock=\"emulated\""),
+                    && w.start_line.contains("clock=\"real\""),
                 "{triple}: {}",
                 w.start_line
             );
@@ -186,9 +179,9 @@ fn arm_workers_under_qemu_match_the_x86_run() {
         .collect();
     let x86 = x86_worker();
     let cluster = cluster(&[
-        ("firefly-aarch64", BOARDS[0].3, &arm[0]),
-        ("odroid-armv7", BOARDS[1].3, &arm[1]),
-        ("x86", "firefly-rk3399", &x86),
+        ("firefly-aarch64", &arm[0]),
+        ("odroid-armv7", &arm[1]),
+        ("x86", &x86),
     ]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut coord = rt

@@ -3,9 +3,12 @@
 //! output must match a single device's (relative error < 1e-5). And the .npy input
 //! errors.
 
+mod common;
+
+use common::{HOST_GFLOPS, legion, ok};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 /// Kills the cluster when the test ends, however it ends.
 struct Cluster {
@@ -34,7 +37,8 @@ fn cluster_up(dir: &Path) -> Cluster {
     let file = dir.join("cluster.toml");
     let mut child = Command::new(env!("CARGO_BIN_EXE_legion"))
         .args(["cluster", "up", "--local", "3", "--port", "0"])
-        .args(["--emulate", "firefly-rk3399,odroid-xu4,odroid-xu4", "--out"])
+        .args(["--emulate", "firefly-rk3399,odroid-xu4,odroid-xu4"])
+        .args(["--host-gflops", &HOST_GFLOPS.to_string(), "--out"])
         .arg(&file)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -49,23 +53,6 @@ fn cluster_up(dir: &Path) -> Cluster {
     // Keep draining the workers' logs so they never block on a full pipe.
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
     Cluster { child, file }
-}
-
-fn legion(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legion"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 /// Compiles `model` for a fresh cluster (profiling it) and runs the plan with --check.

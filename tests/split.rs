@@ -2,10 +2,12 @@
 //! equals the single-device run (relative error < 1e-5); plus `legion split` output
 //! and its argument errors.
 
+mod common;
+
+use common::legion;
 use legion_ir::{Ir, StageKind, import};
 use legion_partition::{Group, strips_from_weights, tile};
 use legion_runtime::{Reference, check};
-use std::process::{Command, Output};
 use tract_onnx::prelude::Tensor;
 
 fn load(name: &str) -> Ir {
@@ -101,13 +103,6 @@ fn mobilenetv2_depthwise_and_inverted_residuals() {
     let last_split = ir.stages.iter().position(|s| !s.is_splittable()).unwrap() - 1;
     assert_split_equal(&ir, &reference, 0, 12, &[1.0, 1.0, 1.0]);
     assert_split_equal(&ir, &reference, 13, last_split, &[2.0, 1.0]);
-}
-
-fn legion(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legion"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Property test of the split (DESIGN.md section 4): for random tiny CNNs, random groups
+//! Property test of the split (docs/architecture.md, "Row maps and halos"): for random tiny CNNs, random groups
 //! of stages and random cuts of the group's output rows into device strips, every
 //! device's tile, run with tract, equals the single-device run of the same stages.
 //!
@@ -10,8 +10,9 @@
 //! run. Strips include empty and one-row strips and more devices than rows.
 //!
 //! `PROPTEST_CASES` and `PROPTEST_RNG_SEED` override the case count and the fixed seed.
-//! The `known_bug_*` tests are minimal repros of product bugs the generator steers
-//! around while they are open (see the `AVOID_*` switches).
+//! The `regression_*` tests are minimal repros of bugs the generator found, fixed
+//! since: each splits its model exactly. A `known_bug_*` test is the repro of one still
+//! open, which the generator steers around (see the `AVOID_*` switches).
 
 use legion_ir::{Ir, Rows, StageKind, import};
 use legion_models::{Conv, GraphBuilder, Pool, Value};
@@ -36,7 +37,7 @@ const TOLERANCE: f32 = 1e-5;
 const ABS_FLOOR: f32 = 1e-6;
 
 /// Known bugs the generator steers around; set a switch to false once the matching
-/// `known_bug_*` test passes.
+/// `known_bug_*` test passes (and rename that test `regression_*`).
 ///
 /// Import probes a data-movement stage (Resize, SpaceToDepth, reorg) by running all of its
 /// nodes, fused row-local ops included, on a row-index tensor: a BatchNorm fused after
@@ -826,7 +827,7 @@ fn check_model(
 }
 
 #[test]
-fn known_bug_upsample_then_batch_norm() {
+fn regression_upsample_then_batch_norm() {
     check_model(
         [1, 1, 8, 4],
         |b, x| {
@@ -839,7 +840,7 @@ fn known_bug_upsample_then_batch_norm() {
 }
 
 #[test]
-fn known_bug_reorg_then_batch_norm() {
+fn regression_reorg_then_batch_norm() {
     check_model(
         [1, 1, 8, 4],
         |b, x| {
@@ -866,7 +867,7 @@ fn known_bug_tract_strided_rows_after_a_conv() {
 }
 
 #[test]
-fn known_bug_upsample_of_one_row() {
+fn regression_upsample_of_one_row() {
     check_model(
         [1, 1, 8, 8],
         |b, x| {
@@ -879,7 +880,7 @@ fn known_bug_upsample_of_one_row() {
 }
 
 #[test]
-fn known_bug_space_to_depth_to_one_row() {
+fn regression_space_to_depth_to_one_row() {
     check_model(
         [1, 1, 2, 2],
         |b, x| {
@@ -892,7 +893,7 @@ fn known_bug_space_to_depth_to_one_row() {
 }
 
 #[test]
-fn known_bug_avg_pool_ceil_count_include_pad() {
+fn regression_avg_pool_ceil_count_include_pad() {
     check_model(
         [1, 1, 5, 4],
         |b, x| b.avg_pool("p", &x, Pool::new(2, 2).ceil_mode().count_include_pad()),
@@ -902,7 +903,7 @@ fn known_bug_avg_pool_ceil_count_include_pad() {
 }
 
 #[test]
-fn known_bug_strided_conv_after_space_to_depth() {
+fn regression_strided_conv_after_space_to_depth() {
     check_model(
         [1, 1, 16, 16],
         |b, x| {
@@ -915,7 +916,7 @@ fn known_bug_strided_conv_after_space_to_depth() {
 }
 
 #[test]
-fn known_bug_space_to_depth_twice() {
+fn regression_space_to_depth_twice() {
     check_model(
         [1, 1, 8, 4],
         |b, x| {

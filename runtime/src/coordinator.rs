@@ -8,11 +8,10 @@
 //! ([`legion_plan::network`]). On the real clock, everything is wall time.
 
 use crate::client::{ModelId, TileRun, WorkerClient};
-use crate::emulate::Emulation;
 use crate::proto::InfoReply;
 use crate::tensors::Tensors;
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use legion_plan::network::{Flow, arrival_times};
+use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{
     Clock, Cluster, Device, DeviceTiming, HostRates, LinkProbe, StepTiming, TileSpec,
 };
@@ -257,8 +256,8 @@ impl Coordinator {
         })
     }
 
-    /// Emulated step: scatter flows share the coordinator's link from time 0, each
-    /// device computes once its strips are in, gather flows start as devices finish.
+    /// Emulated step: the timeline of [`step_timeline`] on the bytes that moved and the
+    /// emulated compute times.
     fn emulated_timings(
         &self,
         tiles: &[StepTile],
@@ -266,36 +265,29 @@ impl Coordinator {
         bytes_in: &[u64],
         bytes_out: &[u64],
     ) -> Vec<DeviceTiming> {
-        let hub = self.cluster.coordinator.mbps;
-        let link = |k: usize| self.devices[tiles[k].0].device.link();
-        let scatter: Vec<Flow> = (0..tiles.len())
-            .map(|k| Flow {
-                start_us: 0.0,
-                bytes: bytes_in[k],
-                link: link(k),
+        let parts: Vec<StepPart> = (0..tiles.len())
+            .map(|k| {
+                let link = self.devices[tiles[k].0].device.link();
+                StepPart {
+                    bytes_in: bytes_in[k],
+                    link_in: link,
+                    compute_us: runs[k].0.compute_us as f64,
+                    bytes_out: bytes_out[k],
+                    link_out: link,
+                }
             })
             .collect();
-        let arrived = arrival_times(&scatter, hub);
-        let ready: Vec<f64> = (0..tiles.len())
-            .map(|k| arrived[k] + runs[k].0.compute_us as f64)
-            .collect();
-        let gather: Vec<Flow> = (0..tiles.len())
-            .map(|k| Flow {
-                start_us: ready[k],
-                bytes: bytes_out[k],
-                link: link(k),
-            })
-            .collect();
-        let done = arrival_times(&gather, hub);
-        (0..tiles.len())
-            .map(|k| DeviceTiming {
+        step_timeline(&parts, self.cluster.coordinator.mbps)
+            .iter()
+            .enumerate()
+            .map(|(k, t)| DeviceTiming {
                 device: self.devices[tiles[k].0].name().to_string(),
                 bytes_in: bytes_in[k],
                 bytes_out: bytes_out[k],
-                in_us: arrived[k].round() as u64,
+                in_us: t.inputs_in_us.round() as u64,
                 compute_us: runs[k].0.compute_us,
-                out_us: (done[k] - ready[k]).round() as u64,
-                done_us: done[k].round() as u64,
+                out_us: (t.done_us - t.computed_us).round() as u64,
+                done_us: t.done_us.round() as u64,
                 host_gflops: runs[k].0.host_gflops,
             })
             .collect()
@@ -397,15 +389,14 @@ fn check_emulation(d: &Device, info: &InfoReply) -> Result<()> {
             d.address,
             describe(e.class.as_str(), e.gflops)
         ),
-        (Some(want), None) => bail!(
-            "the cluster file says it emulates {want} but the worker at {} is a real board; {}",
+        (Some(want_e), None) => bail!(
+            "the cluster file says it emulates {} but the worker at {} is a real board; {}",
+            want_e.spec(),
             d.address,
-            start_with(want)
+            start_with(&want_e.spec())
         ),
-        (Some(want), Some(got)) => {
-            let want_e: Emulation = want
-                .parse()
-                .with_context(|| format!("its `emulate = {want:?}`"))?;
+        (Some(want_e), Some(got)) => {
+            let want = want_e.spec();
             let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
             let matches = want_e.class.clone().unwrap_or_default() == got.class
                 && same(want_e.gflops, got.gflops)
@@ -419,7 +410,7 @@ fn check_emulation(d: &Device, info: &InfoReply) -> Result<()> {
                     describe(got.class.as_str(), got.gflops),
                     got.mbps,
                     got.latency_ms,
-                    start_with(want)
+                    start_with(&want)
                 );
             }
             if !same(d.link_mbps, want_e.mbps) || !same(d.latency_ms, want_e.latency_ms) {

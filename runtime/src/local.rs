@@ -49,9 +49,9 @@ pub fn local_cluster(n: usize, emulate: &[String], base_port: u16) -> Result<Clu
             Ok(Device {
                 name: format!("{stem}-{i}"),
                 address,
-                emulate: Some(spec.clone()),
                 link_mbps: e.mbps,
                 latency_ms: e.latency_ms,
+                emulate: Some(e),
                 memory_mb: None,
             })
         })
@@ -122,11 +122,9 @@ impl LocalCluster {
                     .clone(),
             };
             let compute = match &device.emulate {
-                Some(spec) => {
-                    let emulation: Emulation = spec
-                        .parse()
+                Some(emulation) => {
+                    let emulator = Emulator::new(emulation.clone(), host, None)
                         .with_context(|| format!("device {}", device.name))?;
-                    let emulator = Emulator::new(emulation, host, None)?;
                     tracing::info!(
                         device = %device.name,
                         "emulating {}: host {:.1} GFLOP/s, slowdown x{:.2}",

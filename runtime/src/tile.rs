@@ -1,5 +1,5 @@
 //! A tile's tract model: the group's stages copied from the imported model, reading
-//! strips, with tile-local pads (DESIGN.md section 4, "Running a tile with tract").
+//! strips, with tile-local pads (docs/architecture.md, "Running a tile with tract").
 
 use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Rows, Stage, StageKind, TensorRef};

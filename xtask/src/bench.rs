@@ -2,10 +2,11 @@
 
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_partition::{Group, strips_from_weights, tile};
+use legion_partition::{Group, candidate_groups, strips_from_weights, tile};
+use legion_pipeline::connect;
 use legion_plan::{Cluster, Profile, ProfileMode};
-use legion_profile::{ProfileOptions, profile};
-use legion_runtime::{Coordinator, LocalCluster, Reference, Tile, default_cache_dir};
+use legion_profile::ProfileOptions;
+use legion_runtime::{LocalCluster, Reference, Tile, default_cache_dir};
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -205,8 +206,7 @@ fn kept_profile(
     let onnx = std::fs::read(legion_models::test_model(model)?)?;
     let rt = tokio::runtime::Runtime::new()?;
     let profile = rt.block_on(async {
-        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
-        coord.upload(&onnx, &ir.input.shape).await?;
+        let coord = connect(local.cluster(), cluster_name, &onnx, model, ir).await?;
         eprintln!("{setup}: profiling in {tag} mode");
         let opts = ProfileOptions {
             mode,
@@ -214,7 +214,7 @@ fn kept_profile(
             max_group_len,
             progress: true,
         };
-        profile(&coord, ir, &opts).await
+        legion_pipeline::profile(&coord, ir, &opts).await
     })?;
     drop(local);
     std::fs::create_dir_all(path.parent().expect("a directory"))?;
@@ -237,22 +237,6 @@ fn start_local(cluster_name: &str) -> Result<LocalCluster> {
 
 fn load(name: &str) -> Result<Ir> {
     Ok(legion_ir::import(&legion_models::test_model(name)?, None)?)
-}
-
-/// Every contiguous range of splittable stages.
-fn candidate_groups(ir: &Ir) -> Vec<Group> {
-    let mut groups = vec![];
-    for first in 0..ir.stages.len() {
-        for last in first..ir.stages.len() {
-            if !ir.stages[last].is_splittable() {
-                break;
-            }
-            if ir.stages[first].is_splittable() {
-                groups.push(Group::new(first, last));
-            }
-        }
-    }
-    groups
 }
 
 fn ms(d: Duration) -> String {
@@ -291,7 +275,7 @@ fn partition() -> Result<String> {
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     for name in ["vgg16", "resnet50"] {
         let ir = load(name)?;
-        let groups = candidate_groups(&ir);
+        let groups = candidate_groups(&ir, None);
         let total = median(3, || {
             for g in &groups {
                 let height = ir.stage(g.last).output.height().context("rows")?;

@@ -2,6 +2,7 @@
 //! emulation, and the coordinator's own link. The format is documented in
 //! docs/cluster.md.
 
+use crate::Emulation;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -73,16 +74,17 @@ impl Link {
 
 /// One device (a worker).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "DeviceFields")]
 pub struct Device {
     /// Its name in plans and reports.
     pub name: String,
     /// The worker's address, `host:port`.
     pub address: String,
-    /// The board it emulates: a class name or `speed=X,mbps=Y,latency_ms=Z`, as given
-    /// to `legion worker --emulate`. Absent for a real board.
+    /// The board it emulates, written as a class name or `speed=X,mbps=Y,latency_ms=Z`
+    /// as given to `legion worker --emulate`, and parsed when the file loads. Absent
+    /// for a real board.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub emulate: Option<String>,
+    pub emulate: Option<Emulation>,
     /// Link bandwidth in Mbit/s.
     pub link_mbps: f64,
     /// Link latency in milliseconds.
@@ -90,6 +92,42 @@ pub struct Device {
     /// Memory available to tiles, in MiB (checked by the compiler when given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
+}
+
+/// A device as the file spells it, before its emulation is parsed (so that a bad spec
+/// is reported with the device's name).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceFields {
+    name: String,
+    address: String,
+    #[serde(default)]
+    emulate: Option<String>,
+    link_mbps: f64,
+    latency_ms: f64,
+    #[serde(default)]
+    memory_mb: Option<u64>,
+}
+
+impl TryFrom<DeviceFields> for Device {
+    type Error = String;
+    fn try_from(f: DeviceFields) -> Result<Device, String> {
+        let emulate = f
+            .emulate
+            .map(|spec| {
+                spec.parse::<Emulation>()
+                    .map_err(|e| format!("device {}: emulate = {spec:?}: {e}", f.name))
+            })
+            .transpose()?;
+        Ok(Device {
+            name: f.name,
+            address: f.address,
+            emulate,
+            link_mbps: f.link_mbps,
+            latency_ms: f.latency_ms,
+            memory_mb: f.memory_mb,
+        })
+    }
 }
 
 impl Device {
@@ -287,6 +325,10 @@ memory_mb = 2048
             (
                 TWO.replace("emulate = \"odroid-xu4\"\n", ""),
                 "1 of 2 devices are emulated",
+            ),
+            (
+                TWO.replace("\"odroid-xu4\"", "\"raspberry-pi\""),
+                "device odroid-0: emulate = \"raspberry-pi\": unknown board class",
             ),
             (
                 TWO.replace("address = \"127.0.0.1:50052\"", "address = \"nowhere\""),

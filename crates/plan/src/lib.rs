@@ -4,6 +4,7 @@
 //! reports ([`StepTiming`]).
 
 mod cluster;
+mod emulation;
 pub mod network;
 mod plan;
 mod profile;
@@ -11,6 +12,7 @@ mod tile;
 mod timing;
 
 pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, Link, PAPER_SETUPS};
+pub use emulation::{BOARD_CLASSES, BadEmulation, BoardClass, Emulation, VGG16_FLOPS};
 pub use plan::{Candidate, DeviceProgram, PLAN_VERSION, Plan, PlanGroup, PlanTile, Step};
 pub use profile::{
     DeviceProfile, GroupMeasurement, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,

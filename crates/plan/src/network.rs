@@ -77,6 +77,68 @@ pub fn arrival_times(flows: &[Flow], hub_mbps: f64) -> Vec<f64> {
         .collect()
 }
 
+/// One device's part of a step through the coordinator: its input strips in, its
+/// compute, its output strips back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepPart {
+    /// Bytes the coordinator sends it.
+    pub bytes_in: u64,
+    /// The link they cross to the device.
+    pub link_in: Link,
+    /// Its compute time, µs.
+    pub compute_us: f64,
+    /// Bytes it sends back.
+    pub bytes_out: u64,
+    /// The link they cross to the coordinator.
+    pub link_out: Link,
+}
+
+/// When one device's part of a step reaches each point, µs from the step's start.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepTimes {
+    /// Its input strips have all arrived.
+    pub inputs_in_us: f64,
+    /// It has computed its tile.
+    pub computed_us: f64,
+    /// Its output strips are all back at the coordinator.
+    pub done_us: f64,
+}
+
+/// The timeline of one step, the one model the cost pass predicts with and the
+/// emulated coordinator times with: every scatter starts at time 0 and they share the
+/// coordinator's link; each device computes once its strips are in; each gather
+/// starts when its device is done computing, and they share the link again.
+pub fn step_timeline(parts: &[StepPart], hub_mbps: f64) -> Vec<StepTimes> {
+    let scatter: Vec<Flow> = parts
+        .iter()
+        .map(|p| Flow {
+            start_us: 0.0,
+            bytes: p.bytes_in,
+            link: p.link_in,
+        })
+        .collect();
+    let inputs_in = arrival_times(&scatter, hub_mbps);
+    let gather: Vec<Flow> = parts
+        .iter()
+        .zip(&inputs_in)
+        .map(|(p, arrived)| Flow {
+            start_us: arrived + p.compute_us,
+            bytes: p.bytes_out,
+            link: p.link_out,
+        })
+        .collect();
+    let done = arrival_times(&gather, hub_mbps);
+    gather
+        .iter()
+        .zip(inputs_in.iter().zip(done))
+        .map(|(g, (&inputs_in_us, done_us))| StepTimes {
+            inputs_in_us,
+            computed_us: g.start_us,
+            done_us,
+        })
+        .collect()
+}
+
 /// Max-min fair rates of flows capped at `caps`, sharing `total`.
 fn fair_rates(caps: &[f64], total: f64) -> Vec<f64> {
     let mut order: Vec<usize> = (0..caps.len()).collect();
@@ -185,5 +247,34 @@ mod tests {
     fn empty_flows_arrive_after_latency() {
         assert_eq!(arrival_times(&[flow(5.0, 0)], 1000.0), vec![205.0]);
         assert!(arrival_times(&[], 1000.0).is_empty());
+    }
+
+    #[test]
+    fn a_step_gathers_each_device_once_it_has_computed() {
+        let part = |bytes_in, compute_us, bytes_out| StepPart {
+            bytes_in,
+            link_in: FAST,
+            compute_us,
+            bytes_out,
+            link_out: FAST,
+        };
+        // hub 100: both scatters share it (1 MB each: 160 ms + latency); device 0
+        // computes 10 ms, device 1 100 ms; device 0's 0.5 MB gather runs alone at
+        // 100 Mbit/s (40 ms) and ends before device 1's starts.
+        let t = step_timeline(
+            &[
+                part(1_000_000, 10_000.0, 500_000),
+                part(1_000_000, 100_000.0, 500_000),
+            ],
+            100.0,
+        );
+        for (k, compute) in [(0, 10_000.0), (1, 100_000.0)] {
+            assert!((t[k].inputs_in_us - 160_200.0).abs() < 1e-6, "{t:?}");
+            assert_eq!(t[k].computed_us, t[k].inputs_in_us + compute);
+            assert!(
+                (t[k].done_us - (t[k].computed_us + 40_200.0)).abs() < 1e-6,
+                "{t:?}"
+            );
+        }
     }
 }

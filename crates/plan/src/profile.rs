@@ -20,6 +20,15 @@ pub enum ProfileMode {
     Fss,
 }
 
+impl std::fmt::Display for ProfileMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProfileMode::Legion => "legion",
+            ProfileMode::Fss => "fss",
+        })
+    }
+}
+
 /// A profile of one model on one cluster.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Profile {

@@ -64,7 +64,7 @@ fn every_setup_holds_the_boards_its_name_says() {
         let classes: Vec<&str> = cluster
             .devices
             .iter()
-            .map(|d| d.emulate.as_deref().unwrap())
+            .map(|d| d.emulate.as_ref().unwrap().class.as_deref().unwrap())
             .collect();
         let want: Vec<&str> = [FIREFLY]
             .repeat(fireflies)

@@ -1,5 +1,5 @@
 //! Cost pass: predicts the time of a fused group on a cluster from a `legion`-mode
-//! profile and the partition pass's tiles (DESIGN.md section 5). Three predictors:
+//! profile and the partition pass's tiles (docs/architecture.md, "Costing a group"). Three predictors:
 //!
 //! - [`Predictor::Legion`], the paper's formula as written:
 //!   `T_d(G) = alpha_in * S_d(in strip alone) + sum_l alpha_l * E_d(l, share) + R_d(out)`,
@@ -22,7 +22,7 @@ pub use fit::{Affine, interpolate, least_squares};
 use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{Group, SuffixTiler, TileView, boundary, rebalance, tile};
-use legion_plan::network::{Flow, arrival_times};
+use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{Link, Profile, ProfileMode};
 use rustc_hash::FxHasher;
 use serde::Serialize;
@@ -349,8 +349,8 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    /// Affine: scatters share the coordinator's link from time 0; each device computes
-    /// once its strips are in; gathers share it as devices finish.
+    /// Affine: the step timeline the emulated coordinator uses ([`step_timeline`]), on
+    /// the fitted links.
     fn share_the_hub(&self, tiles: &[(usize, TileView)], devices: &mut [DevicePrediction]) {
         let hub = self.profile.coordinator_mbps;
         let link = |a: &Affine| Link {
@@ -379,35 +379,23 @@ impl<'a> CostModel<'a> {
                     .sum()
             })
             .collect();
-        let scatter: Vec<Flow> = tiles
+        let parts: Vec<StepPart> = tiles
             .iter()
+            .zip(devices.iter())
             .enumerate()
-            .map(|(k, (d, _))| Flow {
-                start_us: 0.0,
-                bytes: bytes_in[k],
-                link: link(&self.send[*d]),
+            .map(|(k, ((d, _), p))| StepPart {
+                bytes_in: bytes_in[k],
+                link_in: link(&self.send[*d]),
+                compute_us: p.compute_us.iter().map(|(_, e)| e).sum::<f64>(),
+                bytes_out: bytes_out[k],
+                link_out: link(&self.recv[*d]),
             })
             .collect();
-        let arrived = arrival_times(&scatter, hub);
-        let ready: Vec<f64> = devices
-            .iter()
-            .zip(&arrived)
-            .map(|(p, a)| a + p.compute_us.iter().map(|(_, e)| e).sum::<f64>())
-            .collect();
-        let gather: Vec<Flow> = tiles
-            .iter()
-            .enumerate()
-            .map(|(k, (d, _))| Flow {
-                start_us: ready[k],
-                bytes: bytes_out[k],
-                link: link(&self.recv[*d]),
-            })
-            .collect();
-        let done = arrival_times(&gather, hub);
-        for (k, p) in devices.iter_mut().enumerate() {
-            p.send_us = arrived[k];
-            p.recv_us = done[k] - ready[k];
-            p.total_us = done[k];
+        let timeline = step_timeline(&parts, hub);
+        for (p, t) in devices.iter_mut().zip(timeline) {
+            p.send_us = t.inputs_in_us;
+            p.recv_us = t.done_us - t.computed_us;
+            p.total_us = t.done_us;
         }
     }
 
@@ -446,7 +434,7 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    /// Min-max shares of `group` over `devices` for `predictor` (DESIGN.md section 4):
+    /// Min-max shares of `group` over `devices` for `predictor` (docs/architecture.md, "Min-max shares"):
     /// strips that minimise the slowest device's predicted time, each device's time
     /// taken as if its transfers were alone. Devices that only slow the group get no
     /// rows and are left out. Cached per (predictor, group, devices).

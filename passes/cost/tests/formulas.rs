@@ -4,6 +4,7 @@
 use legion_cost::{CostModel, Predictor};
 use legion_ir::{Ir, Rows, StageId, import};
 use legion_partition::{Group, scale_cut, strips_from_weights, tile};
+use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{
     Clock, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
     StageProfile,
@@ -139,6 +140,44 @@ fn a_shared_coordinator_link_slows_the_affine_scatter() {
     // 24000 bytes at 0.08 µs/byte = 1920 µs, plus 200 µs latency.
     close(p.devices[0].send_us, 2120.0);
     close(p.devices[1].send_us, 2120.0);
+}
+
+/// The affine predictor times a step with the emulated coordinator's timeline
+/// (`step_timeline`): fed the same bytes, compute and links, it gives the same times,
+/// here with the four flows contending for a 100 Mbit/s coordinator link.
+#[test]
+fn the_affine_predictor_follows_the_emulated_step_timeline() {
+    let ir = tiny("tiny-cnn");
+    let mut profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
+    profile.coordinator_mbps = 100.0;
+    let model = CostModel::new(&ir, &profile).unwrap();
+    // The worked example's group and cut: device 0 receives 26 input rows and computes
+    // 25 conv1 + 12 conv2 rows; device 1 receives 27 and computes 26 + 12; each sends
+    // 12 conv2 rows (1280 bytes each) back.
+    let strips = [(0, Rows::new(0, 12)), (1, Rows::new(12, 24))];
+    let p = model
+        .predict(Predictor::Affine, Group::new(0, 1), &strips)
+        .unwrap();
+    let link = Link {
+        mbps: 100.0,
+        latency_ms: 0.2,
+    };
+    let part = |rows_in: u64, compute_us: f64| StepPart {
+        bytes_in: rows_in * 480,
+        link_in: link,
+        compute_us,
+        bytes_out: 12 * 1280,
+        link_out: link,
+    };
+    let want = step_timeline(
+        &[part(26, 2500.0 + 3600.0), part(27, 2600.0 + 3600.0)],
+        100.0,
+    );
+    for (d, t) in p.devices.iter().zip(&want) {
+        close(d.send_us, t.inputs_in_us);
+        close(d.recv_us, t.done_us - t.computed_us);
+        close(d.total_us, t.done_us);
+    }
 }
 
 #[test]

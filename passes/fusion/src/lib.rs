@@ -1,5 +1,5 @@
 //! Fusion pass: picks the fused-layer configuration (FLC) of a model on a cluster
-//! (DESIGN.md section 6).
+//! (docs/architecture.md, "The fusion search").
 //!
 //! On entry: a [`GroupCosts`] table, the cost of every candidate group `first..=last`
 //! for every device option (1 = the best single device, which may run barrier stages
@@ -11,8 +11,10 @@
 //! option, and its total cost. [`search_egg`] finds it with an e-graph (the rules are in
 //! `rules.rs`), [`search_dp`] with a shortest-path dynamic program over the same costs;
 //! both reach the same optimum. [`wild_card`] merges the adjacent pair of groups that
-//! raises the cost least.
+//! raises the cost least. [`Flc::no_fusion`] and [`Flc::one_block`] build the paper's
+//! baselines on the same table.
 
+mod baselines;
 mod cost;
 mod dp;
 mod rules;

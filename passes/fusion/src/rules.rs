@@ -1,4 +1,4 @@
-//! The e-graph search (DESIGN.md section 6). An e-class stands for a run of stages
+//! The e-graph search (docs/architecture.md, "The fusion search"). An e-class stands for a run of stages
 //! `first..=last` computed in some way; the analysis records that span. The start is
 //! the unfused chain `(seq g0 (seq g1 (... g(n-1))))` with every legal device option of
 //! every single stage; two one-way rules in suffix form fuse adjacent groups, adding

@@ -153,6 +153,13 @@ impl CostTable {
         self.entries.get(&choice)
     }
 
+    /// Every legal choice and how it runs, by first stage, then last, then devices.
+    pub fn entries(&self) -> Vec<(Choice, &Entry)> {
+        let mut all: Vec<(Choice, &Entry)> = self.entries.iter().map(|(c, e)| (*c, e)).collect();
+        all.sort_by_key(|(c, _)| *c);
+        all
+    }
+
     /// Legal choices in the table.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -169,7 +176,7 @@ impl CostTable {
     /// it is legal when every device's tile fits its memory.
     ///
     /// Halos as deep as a device's own rows are allowed: the predictor charges the
-    /// recomputed rows. DESIGN.md's rule "halo smaller than the strip" kept VGG-16 on 6
+    /// recomputed rows. The founding design's rule "halo smaller than the strip" kept VGG-16 on 6
     /// Fireflies off `0..9/6`, `10..13/6` and `14..17/6`, which FSS measured faster;
     /// without it the plan measured 386 ms instead of 417 ms.
     pub fn predicted(

@@ -1,6 +1,6 @@
 //! Partition pass: for a fused group of stages and a cut of its output rows into
-//! per-device strips, what every device computes, receives and sends (DESIGN.md
-//! section 4). Pure geometry: no profiling, no tract.
+//! per-device strips, what every device computes, receives and sends
+//! (docs/architecture.md, "Row maps and halos"). Pure geometry: no profiling, no tract.
 
 mod rows;
 mod shares;

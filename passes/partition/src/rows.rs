@@ -82,7 +82,7 @@ pub fn row_map(stage: &Stage, want: Rows) -> StageRows {
     }
 }
 
-/// DESIGN.md section 4: `lo = a*s - p`, `hi = (b-1)*s - p + (k-1)*d + 1`; the tile reads
+/// docs/architecture.md, "Row maps and halos": `lo = a*s - p`, `hi = (b-1)*s - p + (k-1)*d + 1`; the tile reads
 /// `[max(lo,0), min(hi,H))` and pads `max(0,-lo)` on top and `max(0,hi-H)` below.
 pub fn window_rows(w: &Window, want: Rows, height: usize) -> InputRows {
     if want.is_empty() {

@@ -97,7 +97,7 @@ pub struct StageTile {
     pub alone: Rows,
     /// Redundant rows: `computed - alone` (rows another device computes too).
     pub halo_rows: usize,
-    /// `computed / alone` (DESIGN.md's alpha); `None` when the device owns no rows here.
+    /// `computed / alone` (docs/architecture.md, "Alpha"); `None` when the device owns no rows here.
     pub alpha: Option<f64>,
 }
 
@@ -313,7 +313,7 @@ impl<'a> GroupTiler<'a> {
         scale_rows(strip, self.height, rows)
     }
 
-    /// The backward walk of DESIGN.md section 4 for one device.
+    /// The backward walk (docs/architecture.md, "Row maps and halos") for one device.
     fn device(&self, device: usize, strip: Rows) -> DeviceTile {
         let (stages, sent) = self.walk(strip);
         DeviceTile {

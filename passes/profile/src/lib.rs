@@ -11,6 +11,9 @@
 //! Both report the time profiling took on the cluster's clock: in Legion mode devices
 //! profile in parallel, so it is the slowest device's total; FSS runs groups one after
 //! another on the whole cluster, so it is the sum.
+//!
+//! The profiler measures through a [`Testbed`]: the runtime's [`Coordinator`] on a
+//! connected cluster, or a fake in tests.
 
 use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,12 +21,106 @@ use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
 pub use legion_partition::candidate_groups;
 use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
 use legion_plan::{
-    DeviceProfile, GroupMeasurement, HostRates, PROFILE_VERSION, Profile, ProfileMode, Sample,
-    StageProfile, StepTiming, TileSpec,
+    Clock, DeviceProfile, GroupMeasurement, HostRates, LinkProbe, PROFILE_VERSION, Profile,
+    ProfileMode, Sample, StageProfile, StepTiming, TileSpec,
 };
 use legion_runtime::check::test_input;
 use legion_runtime::{Coordinator, Tensors};
+use std::future::Future;
 use std::time::Instant;
+use tract_onnx::prelude::Tensor;
+
+/// A tensor made up for a measurement: stage `.0`'s output rows `.1`.
+pub type MadeUp = (StageId, Rows, Tensor);
+
+/// What the profiler measures on: a connected cluster whose workers have the model.
+pub trait Testbed {
+    /// The devices as a profile records them (no probes yet), in cluster order.
+    fn devices(&self) -> Vec<DeviceProfile>;
+    /// The clock its times are on.
+    fn clock(&self) -> Clock;
+    /// The coordinator's link, Mbit/s.
+    fn coordinator_mbps(&self) -> f64;
+    /// sha256 of the model the workers hold.
+    fn model_sha256(&self) -> Result<String>;
+    /// Runs `spec` on device `d` once to warm up and `runs` times on inputs the worker
+    /// makes up: the warm-up time, each run's time (µs) and the host's rates (on the
+    /// emulated clock).
+    fn profile_tile(
+        &self,
+        d: usize,
+        spec: &TileSpec,
+        runs: u32,
+    ) -> impl Future<Output = Result<(u64, Vec<u64>, Option<HostRates>)>>;
+    /// Sends `bytes` to device `d` and back.
+    fn probe(&self, d: usize, bytes: u64) -> impl Future<Output = Result<LinkProbe>>;
+    /// Runs one step of `tiles` (device, tile) of `ir`, its inputs made up: the model's
+    /// input and the tensors `inputs`.
+    fn run_step(
+        &self,
+        ir: &Ir,
+        inputs: &[MadeUp],
+        tiles: &[(usize, TileSpec)],
+    ) -> impl Future<Output = Result<StepTiming>>;
+}
+
+impl Testbed for Coordinator {
+    fn devices(&self) -> Vec<DeviceProfile> {
+        Coordinator::devices(self)
+            .iter()
+            .map(|d| DeviceProfile {
+                name: d.name().to_string(),
+                class: d
+                    .info
+                    .emulation
+                    .as_ref()
+                    .map(|e| e.class.clone())
+                    .filter(|c| !c.is_empty()),
+                gflops: d.gflops(),
+                link: d.device.link(),
+                probes: vec![],
+            })
+            .collect()
+    }
+
+    fn clock(&self) -> Clock {
+        Coordinator::clock(self)
+    }
+
+    fn coordinator_mbps(&self) -> f64 {
+        self.cluster().coordinator.mbps
+    }
+
+    fn model_sha256(&self) -> Result<String> {
+        Ok(self.model()?.sha256.clone())
+    }
+
+    async fn profile_tile(
+        &self,
+        d: usize,
+        spec: &TileSpec,
+        runs: u32,
+    ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
+        Coordinator::profile_tile(self, d, spec, runs).await
+    }
+
+    async fn probe(&self, d: usize, bytes: u64) -> Result<LinkProbe> {
+        Coordinator::probe(self, d, bytes).await
+    }
+
+    async fn run_step(
+        &self,
+        ir: &Ir,
+        inputs: &[MadeUp],
+        tiles: &[(usize, TileSpec)],
+    ) -> Result<StepTiming> {
+        let mut tensors = Tensors::new(ir, test_input(&ir.input.shape))?;
+        for (s, rows, t) in inputs {
+            tensors.put(*s, *rows, t.clone())?;
+        }
+        Coordinator::run_step(self, tiles, &mut tensors).await
+    }
+}
 
 /// How to profile.
 #[derive(Clone, Debug)]
@@ -52,17 +149,16 @@ impl Default for ProfileOptions {
 /// Sizes of the transfer probes sent to every device, bytes.
 pub const PROBE_BYTES: [u64; 3] = [4 << 10, 64 << 10, 1 << 20];
 
-/// Profiles `ir` on the connected cluster, whose workers already have the model.
-pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
+/// Profiles `ir` on the testbed (a connected cluster whose workers have the model).
+pub async fn profile(bed: &impl Testbed, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
     ensure!(
         opts.runs > 0,
         "profiling needs at least one run per measurement"
     );
-    let model = coord.model()?.clone();
+    let model = bed.model_sha256()?;
     ensure!(
-        model.sha256 == ir.sha256,
-        "the cluster runs model {} but the profile is for {}",
-        model.sha256,
+        model == ir.sha256,
+        "the cluster runs model {model} but the profile is for {}",
         ir.sha256
     );
     let started = Instant::now();
@@ -71,24 +167,9 @@ pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Res
         model_sha256: ir.sha256.clone(),
         input_shape: ir.input.shape.clone(),
         mode: opts.mode,
-        clock: coord.clock(),
-        coordinator_mbps: coord.cluster().coordinator.mbps,
-        devices: coord
-            .devices()
-            .iter()
-            .map(|d| DeviceProfile {
-                name: d.name().to_string(),
-                class: d
-                    .info
-                    .emulation
-                    .as_ref()
-                    .map(|e| e.class.clone())
-                    .filter(|c| !c.is_empty()),
-                gflops: d.gflops(),
-                link: d.device.link(),
-                probes: vec![],
-            })
-            .collect(),
+        clock: bed.clock(),
+        coordinator_mbps: bed.coordinator_mbps(),
+        devices: bed.devices(),
         stages: vec![],
         groups: vec![],
         max_group_len: None,
@@ -97,16 +178,16 @@ pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Res
         host_gflops: None,
     };
     match opts.mode {
-        ProfileMode::Legion => legion_mode(coord, ir, opts, &mut profile).await?,
-        ProfileMode::Fss => fss_mode(coord, ir, opts, &mut profile).await?,
+        ProfileMode::Legion => legion_mode(bed, ir, opts, &mut profile).await?,
+        ProfileMode::Fss => fss_mode(bed, ir, opts, &mut profile).await?,
     }
     profile.wall_us = started.elapsed().as_micros() as u64;
     Ok(profile)
 }
 
 /// Relative compute rates of the devices: where strips start.
-fn weights(coord: &Coordinator) -> Vec<f64> {
-    coord.devices().iter().map(|d| d.gflops()).collect()
+fn weights(profile: &Profile) -> Vec<f64> {
+    profile.devices.iter().map(|d| d.gflops).collect()
 }
 
 /// Row counts measured for a device whose share of a stage is `n` of `height` rows: the
@@ -163,13 +244,13 @@ fn progress_bar(opts: &ProfileOptions, total: u64, what: &str) -> ProgressBar {
 }
 
 async fn legion_mode(
-    coord: &Coordinator,
+    bed: &impl Testbed,
     ir: &Ir,
     opts: &ProfileOptions,
     profile: &mut Profile,
 ) -> Result<()> {
-    let weights = weights(coord);
-    let devices = coord.devices().len();
+    let weights = weights(profile);
+    let devices = profile.devices.len();
     // Per stage, per device: the specs to measure and their row counts.
     let mut plan: Vec<Vec<Vec<(usize, TileSpec)>>> = vec![];
     for stage in &ir.stages {
@@ -200,11 +281,11 @@ async fn legion_mode(
     let mut device_us = vec![0u64; devices];
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![vec![]; devices]; ir.stages.len()];
     for d in 0..devices {
-        let name = coord.devices()[d].name().to_string();
+        let name = profile.devices[d].name.clone();
         for (s, per_device) in plan.iter().enumerate() {
             bar.set_message(format!("{name}: stage {s}"));
             for (rows, spec) in &per_device[d] {
-                let (warmup, times, host) = coord
+                let (warmup, times, host) = bed
                     .profile_tile(d, spec, opts.runs)
                     .await
                     .with_context(|| format!("profiling stage {s} on {rows} rows"))?;
@@ -215,7 +296,7 @@ async fn legion_mode(
             }
         }
         for &bytes in &PROBE_BYTES {
-            let probe = coord.probe(d, bytes).await?;
+            let probe = bed.probe(d, bytes).await?;
             device_us[d] += probe.send_us + probe.recv_us;
             profile.devices[d].probes.push(probe);
             bar.inc(1);
@@ -247,13 +328,13 @@ fn sample(rows: usize, mut times: Vec<u64>) -> Sample {
 }
 
 async fn fss_mode(
-    coord: &Coordinator,
+    bed: &impl Testbed,
     ir: &Ir,
     opts: &ProfileOptions,
     profile: &mut Profile,
 ) -> Result<()> {
-    let weights = weights(coord);
-    let devices = coord.devices().len();
+    let weights = weights(profile);
+    let devices = profile.devices.len();
     let groups = candidate_groups(ir, opts.max_group_len);
     let barriers: Vec<StageId> = ir
         .stages
@@ -274,7 +355,7 @@ async fn fss_mode(
             .iter()
             .map(|t| (t.device, t.spec()))
             .collect();
-        let (measured, spent, host) = measure(coord, ir, &tiling.inputs, &tiles, opts.runs)
+        let (measured, spent, host) = measure(bed, ir, &tiling.inputs, &tiles, opts.runs)
             .await
             .with_context(|| format!("measuring group {}..{}", group.first, group.last))?;
         profiling_us += spent;
@@ -285,7 +366,7 @@ async fn fss_mode(
             strips: tiling
                 .devices
                 .iter()
-                .map(|t| (coord.devices()[t.device].name().to_string(), t.strip))
+                .map(|t| (profile.devices[t.device].name.clone(), t.strip))
                 .collect(),
             median_us: measured.total_us,
             runs: opts.runs,
@@ -299,7 +380,7 @@ async fn fss_mode(
         for d in 0..devices {
             bar.set_message(format!("stage {s} whole"));
             let (measured, spent, host) =
-                measure(coord, ir, &inputs, &[(d, spec.clone())], opts.runs)
+                measure(bed, ir, &inputs, &[(d, spec.clone())], opts.runs)
                     .await
                     .with_context(|| format!("measuring barrier stage {s}"))?;
             profiling_us += spent;
@@ -308,7 +389,7 @@ async fn fss_mode(
             profile.groups.push(GroupMeasurement {
                 first: s,
                 last: s,
-                strips: vec![(coord.devices()[d].name().to_string(), rows)],
+                strips: vec![(profile.devices[d].name.clone(), rows)],
                 median_us: measured.total_us,
                 runs: opts.runs,
                 devices: measured.devices,
@@ -326,14 +407,14 @@ async fn fss_mode(
 /// median run, the time all runs took on the cluster's clock and the host's rates
 /// over them (on the emulated clock).
 async fn measure(
-    coord: &Coordinator,
+    bed: &impl Testbed,
     ir: &Ir,
     inputs: &[TensorRef],
     tiles: &[(usize, TileSpec)],
     runs: u32,
 ) -> Result<(StepTiming, u64, Option<HostRates>)> {
     // Inputs made up once; every run starts from them with no outputs stored.
-    let made_up: Vec<(StageId, Rows, tract_onnx::prelude::Tensor)> = inputs
+    let made_up: Vec<MadeUp> = inputs
         .iter()
         .filter_map(|r| match r {
             TensorRef::Stage(s) => {
@@ -347,19 +428,11 @@ async fn measure(
             TensorRef::Input => None,
         })
         .collect();
-    let input = test_input(&ir.input.shape);
-    let fresh = || -> Result<Tensors<'_>> {
-        let mut tensors = Tensors::new(ir, input.clone())?;
-        for (s, rows, t) in &made_up {
-            tensors.put(*s, *rows, t.clone())?;
-        }
-        Ok(tensors)
-    };
     let mut timings = vec![];
     let mut spent = 0;
     let mut host = None;
     for run in 0..=runs {
-        let t = coord.run_step(tiles, &mut fresh()?).await?;
+        let t = bed.run_step(ir, &made_up, tiles).await?;
         spent += t.total_us;
         host = HostRates::union(host, HostRates::of_steps([&t]));
         if run > 0 {
@@ -370,3 +443,6 @@ async fn measure(
     let median = timings.swap_remove(timings.len() / 2);
     Ok((median, spent, host))
 }
+
+#[cfg(test)]
+mod tests;

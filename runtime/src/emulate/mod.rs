@@ -29,64 +29,14 @@ mod lock;
 
 pub use clock::{run_nodes_timed, thread_cpu_time};
 pub use host::{CALIBRATION_MODEL, HostRate, NodeTimes, catalog_model};
+pub use legion_plan::{BOARD_CLASSES, BoardClass, Emulation, VGG16_FLOPS};
 pub use lock::{COMPUTE_LOCK_ENV, ComputeGuard, ComputeLock};
 
-use anyhow::{Context, Result, bail, ensure};
-use serde::{Deserialize, Serialize};
-use std::fmt;
+use anyhow::{Context, Result, ensure};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tract_onnx::prelude::*;
-
-/// A class of edge board, defined by how long it takes to run VGG-16.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BoardClass {
-    /// Name accepted by [`Emulation::from_str`], e.g. `firefly-rk3399`.
-    pub name: &'static str,
-    /// Milliseconds for one VGG-16 inference (224x224, batch 1, with the FC head).
-    pub vgg16_ms: f64,
-    /// Link bandwidth, Mbit/s.
-    pub mbps: f64,
-    /// Link latency, one way, milliseconds.
-    pub latency_ms: f64,
-    /// Where `vgg16_ms` comes from.
-    pub source: &'static str,
-}
-
-impl BoardClass {
-    /// The class's compute rate in GFLOP/s: [`VGG16_FLOPS`] over `vgg16_ms`.
-    pub fn gflops(&self) -> f64 {
-        VGG16_FLOPS / (self.vgg16_ms / 1000.0) / 1e9
-    }
-}
-
-/// The board classes a worker can emulate by name.
-pub const BOARD_CLASSES: &[BoardClass] = &[
-    BoardClass {
-        name: "firefly-rk3399",
-        vgg16_ms: 970.0,
-        mbps: 100.0,
-        latency_ms: 0.2,
-        source: "TVM's published ARM CPU benchmark, VGG-16 on Firefly-RK3399",
-    },
-    BoardClass {
-        name: "odroid-xu4",
-        vgg16_ms: 1400.0,
-        mbps: 100.0,
-        latency_ms: 0.2,
-        source: "assumption: no published figure",
-    },
-];
-
-/// FLOPs of one VGG-16 inference as Legion counts them: `legion inspect`'s total, the
-/// sum of `Stage::flops` over every stage of the imported `vgg16` model of
-/// legion-models. That is 2 per multiply-accumulate of the convs (30,693,261,312) and
-/// the FC layers (247,267,328), one per pooled window element (6,121,472) and one per
-/// softmax element (1,000); Relus and biases fuse into their stages. Checked against
-/// the import in `tests/emulate.rs`.
-pub const VGG16_FLOPS: f64 = 30_946_651_112.0;
 
 /// FLOPs of one run of the `calibration` model of legion-models (VGG-16 at 112x112),
 /// counted like [`VGG16_FLOPS`]: 2 per conv and FC MAC (3,876,405,248 MACs), window
@@ -104,127 +54,13 @@ const WARMUP_RUNS: usize = 3;
 /// Timed runs of the device-rate model (after the warm-up runs); the fastest counts.
 const DEVICE_RATE_RUNS: usize = 10;
 
-/// What a worker emulates: a compute rate and a link.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Emulation {
-    /// The board class this came from, if any (`None` for an explicit key list).
-    pub class: Option<String>,
-    /// The device's compute rate, GFLOP/s (FLOPs counted like [`VGG16_FLOPS`]).
-    pub gflops: f64,
-    /// Link bandwidth, Mbit/s.
-    pub mbps: f64,
-    /// Link latency, one way, milliseconds.
-    pub latency_ms: f64,
-}
-
-/// The syntax accepted by [`Emulation::from_str`], for error messages.
-fn syntax() -> String {
-    let names: Vec<_> = BOARD_CLASSES.iter().map(|c| c.name).collect();
-    format!(
-        "expected a board class ({}) or `speed=GFLOPS,mbps=MBITS,latency_ms=MS` \
-         (all three keys, any order, positive numbers; speed in GFLOP/s)",
-        names.join(", ")
-    )
-}
-
-/// Checks that `value` (the value of key `key`) is positive and finite.
-fn positive(key: &str, value: f64) -> Result<f64> {
+/// `value`, the rate `what`, when it is positive and finite.
+fn positive(what: &str, value: f64) -> Result<f64> {
     ensure!(
         value.is_finite() && value > 0.0,
-        "{key}={value} must be a positive finite number"
+        "{what} = {value} must be a positive finite number"
     );
     Ok(value)
-}
-
-impl Emulation {
-    /// The emulation of board class `name` (see [`BOARD_CLASSES`]); the error for an
-    /// unknown name lists the valid ones.
-    pub fn class(name: &str) -> Result<Emulation> {
-        let class = BOARD_CLASSES
-            .iter()
-            .find(|c| c.name == name)
-            .with_context(|| format!("unknown board class {name:?}; {}", syntax()))?;
-        Ok(Emulation {
-            class: Some(class.name.to_string()),
-            gflops: class.gflops(),
-            mbps: class.mbps,
-            latency_ms: class.latency_ms,
-        })
-    }
-
-    /// An emulation with explicit numbers (no class); each must be positive and finite.
-    pub fn custom(gflops: f64, mbps: f64, latency_ms: f64) -> Result<Emulation> {
-        Ok(Emulation {
-            class: None,
-            gflops: positive("speed", gflops)?,
-            mbps: positive("mbps", mbps)?,
-            latency_ms: positive("latency_ms", latency_ms)?,
-        })
-    }
-}
-
-impl FromStr for Emulation {
-    type Err = anyhow::Error;
-
-    /// Parses a board class name (`firefly-rk3399`) or a key list
-    /// `speed=X,mbps=Y,latency_ms=Z` (speed in GFLOP/s; all three keys required, in
-    /// any order, each once, positive and finite).
-    fn from_str(s: &str) -> Result<Emulation> {
-        let s = s.trim();
-        if !s.contains('=') {
-            return Emulation::class(s);
-        }
-        let mut values: [Option<f64>; 3] = [None; 3];
-        const KEYS: [&str; 3] = ["speed", "mbps", "latency_ms"];
-        for part in s.split(',') {
-            let Some((key, value)) = part.split_once('=') else {
-                bail!("{part:?} in {s:?} is not KEY=VALUE; {}", syntax());
-            };
-            let (key, value) = (key.trim(), value.trim());
-            let Some(i) = KEYS.iter().position(|k| *k == key) else {
-                bail!("unknown key {key:?} in {s:?}; {}", syntax());
-            };
-            ensure!(
-                values[i].is_none(),
-                "key {key:?} given twice in {s:?}; {}",
-                syntax()
-            );
-            let number: f64 = value
-                .parse()
-                .with_context(|| format!("{key}={value:?} in {s:?} is not a number"))?;
-            values[i] = Some(positive(key, number)?);
-        }
-        let missing: Vec<_> = KEYS
-            .iter()
-            .zip(values)
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| *k)
-            .collect();
-        ensure!(
-            missing.is_empty(),
-            "missing {} in {s:?}; {}",
-            missing.join(", "),
-            syntax()
-        );
-        let [Some(gflops), Some(mbps), Some(latency_ms)] = values else {
-            unreachable!("every key is present");
-        };
-        Emulation::custom(gflops, mbps, latency_ms)
-    }
-}
-
-impl fmt::Display for Emulation {
-    /// `firefly-rk3399 (31.9 GFLOP/s, 100 Mbit/s, 0.2 ms)`, or without the class name.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(class) = &self.class {
-            write!(f, "{class} ")?;
-        }
-        write!(
-            f,
-            "({:.1} GFLOP/s, {} Mbit/s, {} ms)",
-            self.gflops, self.mbps, self.latency_ms
-        )
-    }
 }
 
 /// The rate of a real worker, GFLOP/s: [`DEVICE_RATE_MODEL`] run 3 times to warm up and
@@ -414,102 +250,6 @@ mod tests {
             "legion-emulate-test-{}-{name}.lock",
             std::process::id()
         ))
-    }
-
-    fn err(s: &str) -> String {
-        format!("{:#}", s.parse::<Emulation>().unwrap_err())
-    }
-
-    #[test]
-    fn parses_class_names() {
-        let e: Emulation = "firefly-rk3399".parse().unwrap();
-        assert_eq!(e.class.as_deref(), Some("firefly-rk3399"));
-        assert_eq!((e.mbps, e.latency_ms), (100.0, 0.2));
-        assert_eq!(e.gflops, VGG16_FLOPS / 0.97 / 1e9);
-        assert_eq!(e, Emulation::class("firefly-rk3399").unwrap());
-        let o: Emulation = " odroid-xu4 ".parse().unwrap();
-        assert_eq!(o.class.as_deref(), Some("odroid-xu4"));
-        assert_eq!(o.gflops, VGG16_FLOPS / 1.4 / 1e9);
-    }
-
-    #[test]
-    fn parses_key_lists_in_any_order() {
-        let want = Emulation {
-            class: None,
-            gflops: 12.5,
-            mbps: 100.0,
-            latency_ms: 0.5,
-        };
-        assert_eq!(
-            "speed=12.5,mbps=100,latency_ms=0.5"
-                .parse::<Emulation>()
-                .unwrap(),
-            want
-        );
-        assert_eq!(
-            "latency_ms=0.5, speed = 12.5 ,mbps=1e2"
-                .parse::<Emulation>()
-                .unwrap(),
-            want
-        );
-    }
-
-    #[test]
-    fn errors_name_the_problem_and_the_syntax() {
-        let syntax = [
-            "firefly-rk3399, odroid-xu4",
-            "speed=",
-            "mbps=",
-            "latency_ms=",
-        ];
-        for (input, what) in [
-            ("raspberry-pi", "unknown board class \"raspberry-pi\""),
-            ("", "unknown board class \"\""),
-            ("speed=10,mbps=100", "missing latency_ms"),
-            ("mbps=100", "missing speed, latency_ms"),
-            (
-                "speed=10,mbps=100,latency_ms=1,gpu=1",
-                "unknown key \"gpu\"",
-            ),
-            (
-                "speed=10,speed=20,mbps=1,latency_ms=1",
-                "key \"speed\" given twice",
-            ),
-            ("speed=10,mbps=100,latency_ms", "\"latency_ms\" in"),
-        ] {
-            let e = err(input);
-            assert!(e.contains(what), "{input:?}: {e}");
-            for s in syntax {
-                assert!(e.contains(s), "{input:?} does not mention {s:?}: {e}");
-            }
-        }
-        assert!(err("speed=fast,mbps=1,latency_ms=1").contains("speed=\"fast\""));
-        for bad in ["0", "-1", "inf", "NaN"] {
-            let e = err(&format!("speed=10,mbps={bad},latency_ms=1"));
-            assert!(e.contains("positive finite"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn class_rates_keep_the_published_ratio() {
-        let firefly = Emulation::class("firefly-rk3399").unwrap();
-        let odroid = Emulation::class("odroid-xu4").unwrap();
-        let ratio = firefly.gflops / odroid.gflops;
-        assert!((ratio - 1400.0 / 970.0).abs() < 1e-12, "{ratio}");
-        for class in BOARD_CLASSES {
-            assert_eq!(Emulation::class(class.name).unwrap().gflops, class.gflops());
-        }
-    }
-
-    #[test]
-    fn serde_round_trip() {
-        let e = Emulation::class("odroid-xu4").unwrap();
-        let json = serde_json::to_string(&e).unwrap();
-        assert_eq!(serde_json::from_str::<Emulation>(&json).unwrap(), e);
-        assert_eq!(
-            e.to_string(),
-            "odroid-xu4 (22.1 GFLOP/s, 100 Mbit/s, 0.2 ms)"
-        );
     }
 
     /// A run of a made-up tile whose nodes took `ms` milliseconds each.

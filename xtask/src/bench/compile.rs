@@ -3,9 +3,9 @@
 
 use super::{host, kept_profile, load, median, ms};
 use anyhow::{Result, ensure};
-use legion_cost::{CostModel, Predictor};
-use legion_fusion::{CostTable, Legality, search_dp, search_egg};
-use legion_plan::ProfileMode;
+use legion_fusion::{search_dp, search_egg};
+use legion_pipeline::{CompileOptions, cost_table};
+use legion_plan::{Cluster, ProfileMode};
 use std::fmt::Write;
 
 /// (cluster, model) pairs measured: 6 devices each.
@@ -41,15 +41,15 @@ pub fn run(reuse: bool) -> Result<String> {
     for (cluster, model) in SETUPS {
         let ir = load(model)?;
         let profile = kept_profile(cluster, model, &ir, ProfileMode::Legion, 3, None, reuse)?;
-        let cost = CostModel::new(&ir, &profile)?;
-        let legality = Legality::default();
-        let build = || CostTable::predicted(&ir, &cost, Predictor::Legion, &profile, &legality);
-        // A fresh cost model per run: the min-max shares are cached inside it.
-        let t_table = median(RUNS, || {
-            let fresh = CostModel::new(&ir, &profile)?;
-            CostTable::predicted(&ir, &fresh, Predictor::Legion, &profile, &legality)?;
-            Ok(())
-        })?;
+        let devices = Cluster::load(
+            &legion_models::workspace_root()
+                .join("testdata/clusters")
+                .join(format!("{cluster}.toml")),
+        )?;
+        let options = CompileOptions::legion("the kept profile");
+        // Each run builds a fresh cost model (the min-max shares are cached inside it).
+        let build = || cost_table(&ir, &profile, &devices, &options).map(|(t, _)| t);
+        let t_table = median(RUNS, || build().map(|_| ()))?;
         let table = build()?;
         let (egg, stats) = search_egg(&table)?;
         let dp = search_dp(&table)?;

@@ -6,13 +6,13 @@
 
 use super::{kept_profile, load};
 use anyhow::{Context, Result};
-use legion_cost::{CostModel, Predictor};
-use legion_fusion::{Choice, CostTable, Flc, GroupCosts, Legality, search_egg, wild_card};
 use legion_ir::Ir;
-use legion_partition::{Group, whole_group};
-use legion_plan::{Candidate, Cluster, HostRates, Profile, ProfileMode};
+use legion_pipeline::{
+    CompileOptions, PassTimes, Search, boards_of, connect, measure_in_rounds, run_whole,
+};
+use legion_plan::{Candidate, Cluster, HostRates, Plan, Profile, ProfileMode};
 use legion_runtime::check::test_input;
-use legion_runtime::{Coordinator, LocalCluster, Tensors, default_cache_dir, run_candidate};
+use legion_runtime::{LocalCluster, default_cache_dir};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::time::{Duration, Instant};
@@ -139,20 +139,17 @@ fn overhead(ir: &Ir, onnx_path: &std::path::Path, model: &str, runs: u32) -> Res
     let cluster = legion_runtime::local_cluster(1, &[], 0)?;
     let local = LocalCluster::start(&cluster, default_cache_dir())?;
     let onnx = std::fs::read(onnx_path)?;
-    let spec = whole_group(ir, Group::new(0, ir.stages.len() - 1));
     let rt = tokio::runtime::Runtime::new()?;
     // Alternated, so that a slow spell of the host falls on both.
     let (tract_times, plan_times) = rt.block_on(async {
-        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
-        coord.upload(&onnx, &ir.input.shape).await?;
+        let coord = connect(local.cluster(), "a local host worker", &onnx, model, ir).await?;
         let (mut tract_times, mut plan_times) = (vec![], vec![]);
         for i in 0..=runs {
             let t = Instant::now();
             plain.run(tvec!(input.clone().into_tvalue()))?;
             let tract_us = t.elapsed().as_micros() as u64;
             let t = Instant::now();
-            let mut tensors = Tensors::new(ir, input.clone())?;
-            coord.run_step(&[(0, spec.clone())], &mut tensors).await?;
+            let (_, tensors) = run_whole(&coord, ir, 0, &input).await?;
             for r in &ir.outputs {
                 tensors.whole(*r)?;
             }
@@ -273,137 +270,114 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     for d in &mut cluster.devices {
         d.address = "127.0.0.1:0".into();
     }
-    let names: Vec<String> = profile.devices.iter().map(|d| d.name.clone()).collect();
-    let legality = Legality::of_cluster(&cluster);
-    let cost = CostModel::new(ir, &profile)?;
-    let table = CostTable::predicted(ir, &cost, Predictor::Legion, &profile, &legality)?;
-    // Candidates in PLANS order, then the Wild Card of the search in FSS's groups;
-    // each Wild Card is folded into the slot before it once measured.
-    let mut candidates: Vec<Option<Candidate>> = vec![None; PLANS.len() + 1];
-    let emit = |table: &CostTable, name: &str, flc: &Flc| {
-        legion_codegen::candidate(ir, table, &names, name, flc)
-    };
-    // Legion's extracted FLC and its Wild Card, from a predicted table.
-    let legion_and_wild_card = |table: &CostTable| -> Result<(Candidate, Option<Candidate>)> {
-        let (flc, _) = search_egg(table)?;
-        let extracted = emit(table, "legion", &flc)?;
-        let merged = wild_card(table, &flc)
-            .map(|w| emit(table, "wild-card", &w.flc))
-            .transpose()?;
-        Ok((extracted, merged))
-    };
-    let (extracted, merged) = legion_and_wild_card(&table)?;
-    (candidates[0], candidates[1]) = (Some(extracted), merged);
-    let fss_table = fss
-        .as_ref()
-        .map(|p| CostTable::measured(ir, p))
-        .transpose()?;
-    if let Some(t) = &fss_table {
-        candidates[2] = Some(emit(t, "fss", &search_egg(t)?.0)?);
-    }
-    candidates[3] = Some(emit(&table, "no-fusion", &no_fusion(ir, &table))?);
-    candidates[4] = Some(emit(&table, "one-block", &one_block(ir, &table))?);
-    if let Some(limit) = fss.as_ref().and_then(|p| p.max_group_len) {
-        let legality = Legality {
-            max_group_len: Some(limit),
-            ..legality.clone()
-        };
-        let table = CostTable::predicted(ir, &cost, Predictor::Legion, &profile, &legality)?;
-        let (extracted, merged) = legion_and_wild_card(&table)?;
-        (candidates[IN_FSS_GROUPS], candidates[IN_FSS_GROUPS + 1]) = (Some(extracted), merged);
-    }
-
     let local = LocalCluster::start(&cluster, default_cache_dir())?;
     let rt = tokio::runtime::Runtime::new()?;
+    let coord = rt.block_on(connect(local.cluster(), cluster_name, onnx, model, ir))?;
+    // Every plan compiled as `legion compile` compiles it; Legion's with a live cluster,
+    // so that its Wild Card is measured against the extracted FLC and the faster kept.
+    let compile = |options: &CompileOptions, profile: &Profile, live: bool| -> Result<Plan> {
+        let live = live.then_some((&coord, &rt));
+        let compiled = legion_pipeline::compile(
+            ir,
+            profile,
+            local.cluster(),
+            options,
+            live,
+            &mut PassTimes::default(),
+        )?;
+        compiled.plan.context("compile stopped early")
+    };
+    let legion = CompileOptions::legion("the legion profile");
+    let baseline = |search| CompileOptions {
+        search,
+        ..legion.clone()
+    };
+    // Per plan of PLANS: the candidate run for it.
+    let mut candidates: Vec<Option<Candidate>> = vec![None; PLANS.len()];
+    let with_wild_card = compile(&legion, &profile, true)?;
+    candidates[0] = Some(with_wild_card.candidates[0].clone());
+    candidates[1] = Some(with_wild_card.chosen().clone());
+    if let Some(fss) = &fss {
+        let options = CompileOptions {
+            mode: ProfileMode::Fss,
+            wildcard: false,
+            profile_name: "the fss profile".into(),
+            ..legion.clone()
+        };
+        candidates[2] = Some(compile(&options, fss, false)?.chosen().clone());
+    }
+    candidates[3] = Some(
+        compile(&baseline(Search::NoFusion), &profile, false)?
+            .chosen()
+            .clone(),
+    );
+    candidates[4] = Some(
+        compile(&baseline(Search::OneBlock), &profile, false)?
+            .chosen()
+            .clone(),
+    );
+    if let Some(limit) = fss.as_ref().and_then(|p| p.max_group_len) {
+        let options = CompileOptions {
+            max_group_len: Some(limit),
+            ..legion.clone()
+        };
+        candidates[IN_FSS_GROUPS] = Some(compile(&options, &profile, true)?.chosen().clone());
+    }
+
     let input = test_input(&ir.input.shape);
     let runs = match cluster.devices.len() {
         1 => opts.runs.max(SINGLE_BOARD_RUNS),
         _ => opts.runs,
     };
-    rt.block_on(async {
-        let mut coord = Coordinator::connect(local.cluster(), Duration::from_secs(10)).await?;
-        coord.upload(onnx, &ir.input.shape).await?;
-        // One board of each class runs the whole model (boards of a class are emulated
-        // alike); then every plan. Rounds go over all of them in turn, so that a slow
-        // spell of the host falls on all.
-        let spec = whole_group(ir, Group::new(0, ir.stages.len() - 1));
-        let mut boards: Vec<usize> = vec![];
-        for (d, device) in cluster.devices.iter().enumerate() {
-            if !boards
-                .iter()
-                .any(|&b| cluster.devices[b].emulate == device.emulate)
-            {
-                boards.push(d);
-            }
-        }
-        let mut board_times: Vec<Vec<u64>> = vec![vec![]; boards.len()];
-        let mut host = None;
-        let mut plan_times: Vec<Vec<u64>> = vec![vec![]; candidates.len()];
-        for round in 0..=runs {
-            for (k, &d) in boards.iter().enumerate() {
-                let mut tensors = Tensors::new(ir, input.clone())?;
-                let step = coord.run_step(&[(d, spec.clone())], &mut tensors).await?;
-                host = HostRates::union(host, HostRates::of_steps([&step]));
-                if round > 0 {
-                    board_times[k].push(step.total_us);
-                }
-            }
-            for (k, c) in candidates.iter().enumerate() {
-                if let Some(c) = c {
-                    let run = run_candidate(&coord, ir, c, input.clone()).await?;
-                    host = HostRates::union(host, HostRates::of_steps(&run.groups));
-                    if round > 0 {
-                        plan_times[k].push(run.total_us);
-                    }
-                }
-            }
-        }
-        let single = boards
+    // One board of each class runs the whole model (boards of a class are emulated
+    // alike), and every plan, in rounds.
+    let mut boards: Vec<usize> = vec![];
+    for (d, device) in cluster.devices.iter().enumerate() {
+        if !boards
             .iter()
-            .zip(board_times)
-            .map(|(&d, t)| (cluster.devices[d].name.clone(), fastest(t)))
-            .min_by_key(|(_, us)| *us)
-            .context("the cluster has no devices")?;
-        // Per candidate: measured µs, FLC and predicted µs.
-        type Ran = Option<(u64, String, u64)>;
-        let mut ran: Vec<Ran> = candidates
-            .iter()
-            .zip(plan_times)
-            .map(|(c, t)| {
-                c.as_ref()
-                    .map(|c| (fastest(t), flc_label(c), c.predicted_us))
-            })
-            .collect();
-        // Legion + Wild Card: both candidates measured, the faster kept (compile does the
-        // same with a live cluster). Without a merge it is Legion's FLC.
-        let faster = |l: &Ran, w: &Ran| match (l, w) {
-            (Some(l), Some(w)) if w.0 < l.0 => Some(w.clone()),
-            (l, _) => l.clone(),
-        };
-        ran[1] = faster(&ran[0], &ran[1]);
-        ran[IN_FSS_GROUPS] = faster(&ran[IN_FSS_GROUPS], &ran[IN_FSS_GROUPS + 1]);
-        ran.truncate(PLANS.len());
-        let (plans, predicted) = ran
-            .into_iter()
-            .map(|r| match r {
-                Some((us, flc, predicted)) => (Some((us, flc)), Some(predicted)),
-                None => (None, None),
-            })
-            .unzip();
-        Ok(Row {
-            model: model.to_string(),
-            cluster: cluster_name.to_string(),
-            devices: cluster.devices.len(),
-            single,
-            runs,
-            plans,
-            predicted,
-            legion_profiling_us: profile.profiling_us,
-            profiled_on,
-            fss_profiling_us: fss.as_ref().map(|p| p.profiling_us),
-            wall: start.elapsed(),
-            host_gflops: host,
+            .any(|&b| cluster.devices[b].emulate == device.emulate)
+        {
+            boards.push(d);
+        }
+    }
+    let ran: Vec<&Candidate> = candidates.iter().flatten().collect();
+    let measured = rt.block_on(measure_in_rounds(&coord, ir, &input, &boards, &ran, runs))?;
+    let single = boards
+        .iter()
+        .zip(&measured.boards)
+        .map(|(&d, steps)| {
+            let us = fastest(steps.iter().map(|s| s.total_us).collect());
+            (cluster.devices[d].name.clone(), us)
         })
+        .min_by_key(|(_, us)| *us)
+        .context("the cluster has no devices")?;
+    let mut times = measured
+        .candidates
+        .iter()
+        .map(|runs| fastest(runs.iter().map(|r| r.total_us).collect()));
+    let (plans, predicted) = candidates
+        .iter()
+        .map(|c| match c {
+            Some(c) => {
+                let us = times.next().expect("a time per candidate run");
+                (Some((us, flc_label(c))), Some(c.predicted_us))
+            }
+            None => (None, None),
+        })
+        .unzip();
+    Ok(Row {
+        model: model.to_string(),
+        cluster: cluster_name.to_string(),
+        devices: cluster.devices.len(),
+        single,
+        runs,
+        plans,
+        predicted,
+        legion_profiling_us: profile.profiling_us,
+        profiled_on,
+        fss_profiling_us: fss.as_ref().map(|p| p.profiling_us),
+        wall: start.elapsed(),
+        host_gflops: measured.host_gflops,
     })
 }
 
@@ -453,68 +427,6 @@ fn legion_profile(
     Ok((profile, None))
 }
 
-/// `profile` cut down to the boards of `cluster`, in the cluster's order.
-fn boards_of(profile: &Profile, cluster: &Cluster) -> Result<Profile> {
-    let index: Vec<usize> = cluster
-        .devices
-        .iter()
-        .map(|d| {
-            profile
-                .devices
-                .iter()
-                .position(|p| p.name == d.name)
-                .with_context(|| format!("board {} is not in the profile", d.name))
-        })
-        .collect::<Result<_>>()?;
-    let mut cut = profile.clone();
-    cut.devices = index.iter().map(|&i| profile.devices[i].clone()).collect();
-    for stage in &mut cut.stages {
-        stage.samples = index.iter().map(|&i| stage.samples[i].clone()).collect();
-    }
-    Ok(cut)
-}
-
-/// Every stage its own group, split over the most devices the legality rules allow.
-fn no_fusion(ir: &Ir, table: &CostTable) -> Flc {
-    let groups = (0..ir.stages.len()).map(|s| widest(table, s, s)).collect();
-    Flc::new(table, groups)
-}
-
-/// Each run of splittable stages fused into one group (DeepThings' fused tile
-/// partition), split over the most devices the legality rules allow; barriers alone.
-fn one_block(ir: &Ir, table: &CostTable) -> Flc {
-    let mut groups = vec![];
-    let mut s = 0;
-    while s < ir.stages.len() {
-        let mut last = s;
-        if ir.stages[s].is_splittable() {
-            while last + 1 < ir.stages.len() && ir.stages[last + 1].is_splittable() {
-                last += 1;
-            }
-        }
-        groups.push(widest(table, s, last));
-        s = last + 1;
-    }
-    Flc::new(table, groups)
-}
-
-/// The legal choice for stages `first..=last` with the most devices.
-fn widest(table: &CostTable, first: usize, last: usize) -> Choice {
-    (1..=table.options())
-        .rev()
-        .map(|devices| Choice {
-            first,
-            last,
-            devices,
-        })
-        .find(|c| table.cost(c.first, c.last, c.devices).is_finite())
-        .unwrap_or(Choice {
-            first,
-            last,
-            devices: 1,
-        })
-}
-
 fn flc_label(c: &Candidate) -> String {
     c.groups
         .iter()
@@ -548,15 +460,17 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
         md,
         "Measured by `cargo xtask bench paper` on {}; rows are kept in {ROWS} across \
          runs, and this file was last written by `cargo xtask bench paper{}`. Every time is on the emulated \
-         clock (DESIGN.md section 7): compute scaled from this host to the board class, \
+         clock (docs/architecture.md, \"The emulated clock\"): compute scaled from this host to the board class, \
          links at the cluster file's rates. Each plan ran once to warm up, then {runs}, \
          in rounds over all plans and the single board (so that a slow spell of \
          the host falls on all); the fastest run is kept, since interference on this \
          host only adds time (emulated compute is the computing thread's CPU time, \
          which leaves cache and memory contention). *single*: the whole model on the \
          fastest board of the cluster, measured the same way. Speedup = single / plan. *legion*: the FLC egg \
-         extracts from the legion predictor's table. *legion+wc*: that and its Wild Card \
-         both run, the faster kept. *fss*: the same search over FSS-measured group \
+         extracts from the legion predictor's table. *legion+wc*: the plan `legion \
+         compile` makes on the live cluster: that FLC and its Wild Card measured (median \
+         of 3 runs each, in rounds), the faster kept. Every plan is compiled by the \
+         same driver as `legion compile`. *fss*: the same search over FSS-measured group \
          times, where an fss-mode profile is kept (`cargo xtask bench accuracy` made \
          them; {} of the {} setups have one). *legion+wc in fss's groups*: where \
          FSS measured only groups up to a length (YOLOv2's), Legion + Wild Card searched \

@@ -6,10 +6,11 @@ use crate::cross::{Arch, binary, build, target_dir};
 use anyhow::{Context, Result};
 use legion_ir::Rows;
 use legion_partition::{Group, tile};
-use legion_plan::{Cluster, CoordinatorLink, Device};
+use legion_pipeline::connect;
+use legion_plan::{Cluster, CoordinatorLink, Device, Emulation};
+use legion_runtime::Tensors;
 use legion_runtime::check::test_input;
 use legion_runtime::process::WorkerProcess;
-use legion_runtime::{Coordinator, Tensors};
 use std::fmt::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ fn serve_block(arch: Arch, bin: &std::path::Path) -> Result<(u64, u64, Duration)
         devices: vec![Device {
             name: arch.board().into(),
             address: worker.addr.clone(),
-            emulate: Some(arch.board().into()),
+            emulate: Some(Emulation::class(arch.board())?),
             link_mbps: 100.0,
             latency_ms: 0.2,
             memory_mb: None,
@@ -67,8 +68,14 @@ fn serve_block(arch: Arch, bin: &std::path::Path) -> Result<(u64, u64, Duration)
         .collect();
     let rt = tokio::runtime::Runtime::new()?;
     let mut times = rt.block_on(async {
-        let mut coord = Coordinator::connect(&cluster, Duration::from_secs(60)).await?;
-        coord.upload(&onnx, &ir.input.shape).await?;
+        let coord = connect(
+            &cluster,
+            "the cross-built workers",
+            &onnx,
+            "vgg16-conv",
+            &ir,
+        )
+        .await?;
         let mut times = vec![];
         for _ in 0..RUNS {
             let mut tensors = Tensors::new(&ir, test_input(&ir.input.shape))?;

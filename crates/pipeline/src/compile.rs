@@ -1,0 +1,522 @@
+//! Compile: cost every candidate group, search the fused-layer configuration, add its
+//! Wild Card, emit the candidates and choose one.
+
+use crate::passes::{Dump, Pass, PassTimes};
+use crate::{BadInput, measure_in_rounds};
+use anyhow::{Result, ensure};
+use legion_codegen::{Chosen, candidate, plan};
+use legion_cost::{CostModel, Predictor};
+use legion_fusion::{
+    CostTable, EggStats, Flc, GroupCosts, Legality, WildCard, search_egg, wild_card,
+};
+use legion_ir::Ir;
+use legion_plan::{Candidate, Cluster, Plan, Profile, ProfileMode};
+use legion_runtime::Coordinator;
+use legion_runtime::check::test_input;
+use serde_json::json;
+use std::fmt::Write;
+
+/// How the fused-layer configuration is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// Legion: the e-graph search's extracted FLC (and its Wild Card, when asked for).
+    Egg,
+    /// Baseline: every stage its own group ([`Flc::no_fusion`]).
+    NoFusion,
+    /// Baseline: each run of splittable stages one group ([`Flc::one_block`]).
+    OneBlock,
+}
+
+impl Search {
+    /// The name of the candidate it finds.
+    pub fn name(self) -> &'static str {
+        match self {
+            Search::Egg => "extracted",
+            Search::NoFusion => "no-fusion",
+            Search::OneBlock => "one-block",
+        }
+    }
+}
+
+/// What [`compile`] needs besides the model, profile and cluster.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// The predictor that costs groups (legion mode).
+    pub predictor: Predictor,
+    /// Costs predicted from a legion profile, or measured by an fss one.
+    pub mode: ProfileMode,
+    /// How the FLC is found.
+    pub search: Search,
+    /// Add the extracted FLC's Wild Card as a second candidate ([`Search::Egg`] only).
+    pub wildcard: bool,
+    /// The most stages a group may hold; `None` for no limit.
+    pub max_group_len: Option<usize>,
+    /// Timed runs per candidate when measuring them (after one warm-up round).
+    pub runs: u32,
+    /// How errors name the profile.
+    pub profile_name: String,
+    /// Passes whose result is dumped.
+    pub dump_after: Vec<Pass>,
+    /// Stop after this pass (no plan is made).
+    pub stop_after: Option<Pass>,
+}
+
+impl CompileOptions {
+    /// Legion's defaults: the paper's predictor, the egg search with its Wild Card, 3
+    /// runs per candidate, no dumps.
+    pub fn legion(profile_name: &str) -> CompileOptions {
+        CompileOptions {
+            predictor: Predictor::Legion,
+            mode: ProfileMode::Legion,
+            search: Search::Egg,
+            wildcard: true,
+            max_group_len: None,
+            runs: 3,
+            profile_name: profile_name.to_string(),
+            dump_after: vec![],
+            stop_after: None,
+        }
+    }
+}
+
+/// What [`compile`] made.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The plan; `None` when compile stopped before choosing.
+    pub plan: Option<Plan>,
+    /// The FLC table, the candidates and the choice (empty when stopped).
+    pub report: String,
+    /// The dumps asked for, in pass order.
+    pub dumps: Vec<Dump>,
+}
+
+/// The cost table of `ir` on `cluster`: predicted from a legion `profile` by
+/// `options.predictor`, or measured by an fss one, under the cluster's memory limits and
+/// `options.max_group_len`. Returns it and what costed it.
+pub fn cost_table(
+    ir: &Ir,
+    profile: &Profile,
+    cluster: &Cluster,
+    options: &CompileOptions,
+) -> Result<(CostTable, String)> {
+    let bad = |e: anyhow::Error| BadInput(format!("{}: {e:#}", options.profile_name));
+    if profile.mode != options.mode {
+        return Err(BadInput(format!(
+            "{} was measured in {} mode; compiling in {} mode needs a profile from \
+             `legion profile --mode {}`",
+            options.profile_name, profile.mode, options.mode, options.mode
+        ))
+        .into());
+    }
+    match options.mode {
+        ProfileMode::Legion => {
+            let model = CostModel::new(ir, profile).map_err(bad)?;
+            let legality = Legality {
+                max_group_len: options.max_group_len,
+                ..Legality::of_cluster(cluster)
+            };
+            let table = CostTable::predicted(ir, &model, options.predictor, profile, &legality)?;
+            Ok((table, options.predictor.to_string()))
+        }
+        ProfileMode::Fss => {
+            let table = CostTable::measured(ir, profile).map_err(bad)?;
+            Ok((table, "fss".to_string()))
+        }
+    }
+}
+
+/// Runs the compile passes: cost (with partition), fusion, codegen, then the choice of
+/// a candidate: by measuring them on `live` when given, else by prediction. Times each
+/// pass into `times`; debug builds validate the FLC and the plan between passes.
+pub fn compile(
+    ir: &Ir,
+    profile: &Profile,
+    cluster: &Cluster,
+    options: &CompileOptions,
+    live: Option<(&Coordinator, &tokio::runtime::Runtime)>,
+    times: &mut PassTimes,
+) -> Result<Compiled> {
+    ensure!(
+        options.runs > 0,
+        "measuring candidates takes at least 1 run"
+    );
+    let names: Vec<String> = profile.devices.iter().map(|d| d.name.clone()).collect();
+    let mut dumps = vec![];
+    let stopped = |dumps| Compiled {
+        plan: None,
+        report: String::new(),
+        dumps,
+    };
+
+    let (table, costed_by) = times.time("cost", || cost_table(ir, profile, cluster, options))?;
+    times.note(format!("{} legal choices", table.len()));
+    for pass in [Pass::Partition, Pass::Cost] {
+        if options.dump_after.contains(&pass) {
+            dumps.push(dump_table(pass, ir, &table, &names));
+        }
+        if options.stop_after == Some(pass) {
+            return Ok(stopped(dumps));
+        }
+    }
+
+    let (flc, stats) = times.time("fusion", || match options.search {
+        Search::Egg => search_egg(&table).map(|(flc, stats)| (flc, Some(stats))),
+        Search::NoFusion => Ok((Flc::no_fusion(ir, &table), None)),
+        Search::OneBlock => Ok((Flc::one_block(ir, &table), None)),
+    })?;
+    if cfg!(debug_assertions) {
+        ensure!(flc.is_valid(&table), "fusion made an invalid FLC: {flc}");
+    }
+    let wild = (options.wildcard && options.search == Search::Egg)
+        .then(|| wild_card(&table, &flc))
+        .flatten();
+    match &stats {
+        Some(s) => times.note(format!(
+            "egg: {} iterations, {} e-nodes, {} e-classes",
+            s.iterations, s.nodes, s.classes
+        )),
+        None => times.note(format!("{} baseline", options.search.name())),
+    }
+    if options.dump_after.contains(&Pass::Fusion) {
+        dumps.push(dump_fusion(&flc, stats.as_ref(), wild.as_ref()));
+    }
+    if options.stop_after == Some(Pass::Fusion) {
+        return Ok(stopped(dumps));
+    }
+
+    let mut candidates = times.time("codegen", || {
+        let mut c = vec![candidate(ir, &table, &names, options.search.name(), &flc)?];
+        if let Some(w) = &wild {
+            c.push(candidate(ir, &table, &names, "wild-card", &w.flc)?);
+        }
+        Ok(c)
+    })?;
+    if options.dump_after.contains(&Pass::Codegen) {
+        dumps.push(dump_codegen(&candidates)?);
+    }
+    if options.stop_after == Some(Pass::Codegen) {
+        return Ok(stopped(dumps));
+    }
+
+    let chosen = match (live, candidates.len()) {
+        (Some((coord, rt)), 2) => {
+            let c = times.time("measure", || {
+                rt.block_on(measure(coord, ir, &mut candidates, options.runs))
+            })?;
+            times.note(format!("{} runs per candidate, in rounds", options.runs));
+            c
+        }
+        (_, 2) => Chosen {
+            index: usize::from(candidates[1].predicted_us < candidates[0].predicted_us),
+            reason: "predicted faster (no cluster to measure on; pass --measure to run \
+                     both candidates)"
+                .into(),
+        },
+        _ => Chosen {
+            index: 0,
+            reason: if options.search != Search::Egg {
+                format!(
+                    "the only candidate (the {} baseline)",
+                    options.search.name()
+                )
+            } else if !options.wildcard {
+                "the only candidate (--no-wildcard)".into()
+            } else if flc.groups.len() == 1 {
+                "the only candidate (one group: nothing for Wild Card to merge)".into()
+            } else {
+                "the only candidate (no two adjacent groups can merge legally)".into()
+            },
+        },
+    };
+    let plan = plan(ir, &names, &costed_by, candidates, chosen);
+    if cfg!(debug_assertions) {
+        legion_codegen::validate(&plan, ir, Some(&names))?;
+    }
+    let report = report(ir, &plan, &table, &flc, wild.map(|w| w.merged))?;
+    Ok(Compiled {
+        plan: Some(plan),
+        report,
+        dumps,
+    })
+}
+
+/// Runs the candidates in `runs` rounds (after a warm-up round) and chooses the faster
+/// median; records each candidate's median in `measured_us`.
+async fn measure(
+    coord: &Coordinator,
+    ir: &Ir,
+    candidates: &mut [Candidate],
+    runs: u32,
+) -> Result<Chosen> {
+    let input = test_input(&ir.input.shape);
+    let all: Vec<&Candidate> = candidates.iter().collect();
+    let measured = measure_in_rounds(coord, ir, &input, &[], &all, runs).await?;
+    for (c, k) in candidates.iter_mut().zip(0..) {
+        let median = measured.candidate_median(k);
+        c.measured_us = Some(median);
+        eprintln!(
+            "candidate {}: {:.3} ms measured on the {} clock (median of {runs}), {:.3} ms predicted",
+            c.name,
+            median as f64 / 1e3,
+            coord.clock(),
+            c.predicted_us as f64 / 1e3
+        );
+    }
+    let index = usize::from(candidates[1].measured_us < candidates[0].measured_us);
+    Ok(Chosen {
+        index,
+        reason: format!(
+            "measured faster on the {} clock (median of {runs} runs each, in rounds)",
+            coord.clock()
+        ),
+    })
+}
+
+/// `first .. last` stage names of a group.
+fn stage_names(ir: &Ir, first: usize, last: usize) -> String {
+    if first == last {
+        ir.stages[first].name.clone()
+    } else {
+        format!("{} .. {}", ir.stages[first].name, ir.stages[last].name)
+    }
+}
+
+/// The partition or cost pass's dump: every legal choice in the table, with its strips
+/// (partition) or its predicted times (cost).
+fn dump_table(pass: Pass, ir: &Ir, table: &CostTable, names: &[String]) -> Dump {
+    let ms = |us: f64| us / 1e3;
+    let mut text = match pass {
+        Pass::Partition => format!(
+            "partition: {} legal choices (group x devices) and each device's strip of the \
+             group's last output rows\n",
+            table.len()
+        ),
+        _ => format!(
+            "cost: {} legal choices (group x devices), predicted ms; per device: send, \
+             compute, receive ms\n",
+            table.len()
+        ),
+    };
+    let mut json = vec![];
+    for (choice, entry) in table.entries() {
+        let label = format!("{choice}");
+        let stages = stage_names(ir, choice.first, choice.last);
+        let parts: Vec<String> = entry
+            .devices
+            .iter()
+            .map(|d| match pass {
+                Pass::Partition => format!("{} {}", names[d.device], d.strip),
+                _ => format!(
+                    "{} {:.3}/{:.3}/{:.3}",
+                    names[d.device],
+                    ms(d.send_us),
+                    ms(d.compute_us),
+                    ms(d.recv_us)
+                ),
+            })
+            .collect();
+        let how = if entry.whole { "whole" } else { "split" };
+        let _ = match pass {
+            Pass::Partition => writeln!(
+                text,
+                "  {label:<12} {stages:<32} {how:<5} {}",
+                parts.join("  ")
+            ),
+            _ => writeln!(
+                text,
+                "  {label:<12} {:>10.3}  {stages:<32} {}",
+                ms(entry.cost.us()),
+                parts.join("  ")
+            ),
+        };
+        let devices: Vec<serde_json::Value> = entry
+            .devices
+            .iter()
+            .map(|d| match pass {
+                Pass::Partition => json!({"device": names[d.device], "strip": d.strip}),
+                _ => json!({
+                    "device": names[d.device],
+                    "strip": d.strip,
+                    "send_us": d.send_us,
+                    "compute_us": d.compute_us,
+                    "recv_us": d.recv_us,
+                }),
+            })
+            .collect();
+        let mut value = json!({
+            "first": choice.first,
+            "last": choice.last,
+            "devices": choice.devices,
+            "whole": entry.whole,
+            "tiles": devices,
+        });
+        if pass == Pass::Cost {
+            value["cost_us"] = json!(entry.cost.us());
+        }
+        json.push(value);
+    }
+    Dump {
+        pass,
+        text,
+        json: serde_json::Value::Array(json),
+    }
+}
+
+/// The fusion pass's dump: the FLC it found, the e-graph's size, and the Wild Card.
+fn dump_fusion(flc: &Flc, stats: Option<&EggStats>, wild: Option<&WildCard>) -> Dump {
+    let groups = |flc: &Flc| -> serde_json::Value {
+        flc.groups
+            .iter()
+            .map(|g| json!({"first": g.first, "last": g.last, "devices": g.devices}))
+            .collect()
+    };
+    let mut text = format!("fusion: FLC {flc}\n");
+    if let Some(s) = stats {
+        let _ = writeln!(
+            text,
+            "  egg: {} iterations, {} e-nodes, {} e-classes",
+            s.iterations, s.nodes, s.classes
+        );
+    }
+    match wild {
+        Some(w) => {
+            let _ = writeln!(
+                text,
+                "  wild card: groups {} and {} merged: {}",
+                w.merged,
+                w.merged + 1,
+                w.flc
+            );
+        }
+        None => text += "  wild card: none\n",
+    }
+    Dump {
+        pass: Pass::Fusion,
+        text,
+        json: json!({
+            "groups": groups(flc),
+            "cost_us": flc.cost.us(),
+            "egg": stats.map(|s| json!({
+                "iterations": s.iterations, "nodes": s.nodes, "classes": s.classes,
+            })),
+            "wild_card": wild.map(|w| json!({
+                "merged": w.merged, "groups": groups(&w.flc), "cost_us": w.flc.cost.us(),
+            })),
+        }),
+    }
+}
+
+/// The codegen pass's dump: every candidate's groups and tiles.
+fn dump_codegen(candidates: &[Candidate]) -> Result<Dump> {
+    let mut text =
+        String::from("codegen: candidates, each group's tiles (device, strip, halo rows)\n");
+    for c in candidates {
+        writeln!(
+            text,
+            "  candidate {}: {} groups, predicted {:.3} ms",
+            c.name,
+            c.groups.len(),
+            c.predicted_us as f64 / 1e3
+        )?;
+        for g in &c.groups {
+            let tiles: Vec<String> = g
+                .tiles
+                .iter()
+                .map(|t| format!("{} {} (+{})", t.device, t.strip, t.halo_rows))
+                .collect();
+            writeln!(text, "    {:<8} {}", group_label(g), tiles.join("  "))?;
+        }
+    }
+    Ok(Dump {
+        pass: Pass::Codegen,
+        text,
+        json: serde_json::to_value(candidates)?,
+    })
+}
+
+/// The FLC table, the candidates and the choice.
+fn report(
+    ir: &Ir,
+    plan: &Plan,
+    table: &CostTable,
+    flc: &Flc,
+    merged: Option<usize>,
+) -> Result<String> {
+    let mut out = String::new();
+    let chosen = plan.chosen();
+    writeln!(
+        out,
+        "fused-layer configuration ({}, costed by {}):",
+        chosen.name, plan.costed_by
+    )?;
+    writeln!(
+        out,
+        "{:<8} {:<32} {:<6} {:<40} {:>12}",
+        "group", "stages", "split", "devices", "predicted ms"
+    )?;
+    for g in &chosen.groups {
+        let names = stage_names(ir, g.first.index(), g.last.index());
+        let devices: Vec<&str> = g.tiles.iter().map(|t| t.device.as_str()).collect();
+        writeln!(
+            out,
+            "{:<8} {:<32} {:<6} {:<40} {:>12.3}",
+            group_label(g),
+            truncate(&names, 32),
+            if g.split { "yes" } else { "no" },
+            truncate(&devices.join(","), 40),
+            g.predicted_us as f64 / 1e3
+        )?;
+    }
+    for c in &plan.candidates {
+        write!(
+            out,
+            "candidate {:<10} {} groups, predicted {:.3} ms",
+            c.name,
+            c.groups.len(),
+            c.predicted_us as f64 / 1e3
+        )?;
+        if let Some(m) = c.measured_us {
+            write!(out, ", measured {:.3} ms", m as f64 / 1e3)?;
+        }
+        writeln!(out)?;
+    }
+    if let Some(i) = merged {
+        writeln!(
+            out,
+            "wild card: groups {} and {} of the extracted FLC merged",
+            i,
+            i + 1
+        )?;
+    }
+    let one = table.cost(0, ir.stages.len() - 1, 1);
+    if one.is_finite() {
+        writeln!(
+            out,
+            "whole model on the best single device: {:.3} ms predicted ({:.2}x)",
+            one.us() / 1e3,
+            one.us() / flc.cost.us()
+        )?;
+    }
+    writeln!(out, "chosen: {} ({})", chosen.name, plan.reason)?;
+    Ok(out)
+}
+
+/// `3..7`, or `3` for a one-stage group.
+pub fn group_label(g: &legion_plan::PlanGroup) -> String {
+    if g.first == g.last {
+        g.first.index().to_string()
+    } else {
+        format!("{}..{}", g.first.index(), g.last.index())
+    }
+}
+
+/// `s` cut to `n` characters, the last one `~` when cut.
+pub fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('~');
+        t
+    }
+}

@@ -1,0 +1,30 @@
+//! The driver: the pipeline that joins the passes (docs/architecture.md, "The driver").
+//!
+//! - [`connect`]: connect to a cluster's workers and upload the model.
+//! - [`profile`]: measure the model on them; [`boards_of`] cuts a profile down to some
+//!   of its boards.
+//! - [`compile`]: cost every candidate group, search the fused-layer configuration,
+//!   add its Wild Card, emit the candidates, and choose one, by measuring both on a live
+//!   cluster or by prediction; with per-pass timings, dumps and `stop_after`.
+//! - [`execute`]: run a plan against the best single device, in turns.
+//!
+//! The `legion` CLI, `legion demo` and every `cargo xtask bench` go through here, so
+//! that a benchmark measures what users run.
+
+mod compile;
+mod passes;
+mod run;
+mod session;
+
+pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
+pub use passes::{Dump, Pass, PassTimes};
+pub use run::{
+    Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, run_whole,
+};
+pub use session::{boards_of, connect, profile};
+
+/// Input that does not fit (a profile of another model or cluster, a bad option): the
+/// CLI reports it with exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);

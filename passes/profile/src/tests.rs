@@ -1,0 +1,295 @@
+//! The profiler against a fake testbed with deterministic times: what it measures, in
+//! which order, and what it records.
+
+use super::*;
+use legion_ir::import;
+use legion_plan::{DeviceTiming, Link};
+use std::cell::RefCell;
+
+/// A call the profiler made.
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    /// A single tile: its device, its (first) stage and the rows it computes.
+    Tile {
+        device: usize,
+        stage: StageId,
+        rows: usize,
+    },
+    Probe {
+        device: usize,
+        bytes: u64,
+    },
+    /// A step: its devices and the stages its tiles run.
+    Step {
+        devices: Vec<usize>,
+        first: StageId,
+        last: StageId,
+    },
+}
+
+/// Two devices, the first twice as fast; every call recorded.
+struct Fake {
+    model: String,
+    calls: RefCell<Vec<Call>>,
+}
+
+const RATES: [f64; 2] = [20.0, 10.0];
+
+impl Fake {
+    fn new(ir: &Ir) -> Fake {
+        Fake {
+            model: ir.sha256.clone(),
+            calls: RefCell::default(),
+        }
+    }
+
+    /// A tile's run times: 100 µs per row at rate 10, then +2 and +1 µs.
+    fn tile_times(device: usize, rows: usize, runs: u32) -> Vec<u64> {
+        let base = (rows as f64 * 1000.0 / RATES[device]) as u64 + 1;
+        (0..runs)
+            .map(|k| base + [0, 2, 1][k as usize % 3])
+            .collect()
+    }
+
+    fn probe_of(device: usize, bytes: u64) -> LinkProbe {
+        LinkProbe {
+            bytes,
+            send_us: bytes / 1000 + 10 * (device as u64 + 1),
+            recv_us: bytes / 1000 + 11 * (device as u64 + 1),
+        }
+    }
+
+    /// A step's time: 1000 µs per tile plus 1 µs per computed row.
+    fn step_us(tiles: &[(usize, TileSpec)]) -> u64 {
+        tiles
+            .iter()
+            .map(|(_, t)| {
+                1000 + t
+                    .stages
+                    .iter()
+                    .map(|s| s.computed.len() as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+impl Testbed for Fake {
+    fn devices(&self) -> Vec<DeviceProfile> {
+        RATES
+            .iter()
+            .enumerate()
+            .map(|(d, &gflops)| DeviceProfile {
+                name: format!("board-{d}"),
+                class: None,
+                gflops,
+                link: Link {
+                    mbps: 100.0,
+                    latency_ms: 0.2,
+                },
+                probes: vec![],
+            })
+            .collect()
+    }
+
+    fn clock(&self) -> Clock {
+        Clock::Emulated
+    }
+
+    fn coordinator_mbps(&self) -> f64 {
+        1000.0
+    }
+
+    fn model_sha256(&self) -> Result<String> {
+        Ok(self.model.clone())
+    }
+
+    async fn profile_tile(
+        &self,
+        d: usize,
+        spec: &TileSpec,
+        runs: u32,
+    ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
+        let stage = &spec.stages[0];
+        let rows = stage.computed.len();
+        self.calls.borrow_mut().push(Call::Tile {
+            device: d,
+            stage: stage.stage,
+            rows,
+        });
+        Ok((7, Fake::tile_times(d, rows, runs), None))
+    }
+
+    async fn probe(&self, d: usize, bytes: u64) -> Result<LinkProbe> {
+        self.calls
+            .borrow_mut()
+            .push(Call::Probe { device: d, bytes });
+        Ok(Fake::probe_of(d, bytes))
+    }
+
+    async fn run_step(
+        &self,
+        _ir: &Ir,
+        _inputs: &[MadeUp],
+        tiles: &[(usize, TileSpec)],
+    ) -> Result<StepTiming> {
+        let spec = &tiles[0].1;
+        self.calls.borrow_mut().push(Call::Step {
+            devices: tiles.iter().map(|(d, _)| *d).collect(),
+            first: spec.stages[0].stage,
+            last: spec.stages[spec.stages.len() - 1].stage,
+        });
+        let total_us = Fake::step_us(tiles);
+        Ok(StepTiming {
+            clock: Clock::Emulated,
+            total_us,
+            devices: tiles
+                .iter()
+                .map(|(d, _)| DeviceTiming {
+                    device: format!("board-{d}"),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    in_us: 0,
+                    compute_us: total_us,
+                    out_us: 0,
+                    done_us: total_us,
+                    host_gflops: None,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn tiny_head() -> Ir {
+    import(&legion_models::test_model("tiny-head").unwrap(), None).unwrap()
+}
+
+fn run(fake: &Fake, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(profile(fake, ir, opts))
+}
+
+#[test]
+fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_device() {
+    let ir = tiny_head();
+    let fake = Fake::new(&ir);
+    let p = run(&fake, &ir, &ProfileOptions::default()).unwrap();
+
+    let mut want = vec![];
+    let mut device_us = [0u64; 2];
+    for d in 0..2 {
+        for stage in &ir.stages {
+            let rows = match (&stage.split, stage.output.height()) {
+                (Split::Rows, Some(height)) => {
+                    let strips = strips_from_weights(height, &RATES);
+                    sample_rows(strips[d].len(), height)
+                }
+                _ => vec![stage.output.height().unwrap_or(0)],
+            };
+            for (k, &n) in rows.iter().enumerate() {
+                want.push(Call::Tile {
+                    device: d,
+                    stage: stage.id,
+                    rows: n,
+                });
+                let times = Fake::tile_times(d, n, 3);
+                device_us[d] += 7 + times.iter().sum::<u64>();
+                // The median and the fastest of the 3 runs are kept.
+                let sample = &p.stages[stage.id.index()].samples[d][k];
+                assert_eq!((sample.rows, sample.runs), (n, 3));
+                assert_eq!((sample.median_us, sample.min_us), (times[0] + 1, times[0]));
+            }
+        }
+        for bytes in PROBE_BYTES {
+            want.push(Call::Probe { device: d, bytes });
+            let probe = Fake::probe_of(d, bytes);
+            device_us[d] += probe.send_us + probe.recv_us;
+        }
+        assert_eq!(
+            p.devices[d].probes,
+            PROBE_BYTES.map(|b| Fake::probe_of(d, b)).to_vec()
+        );
+    }
+    assert_eq!(*fake.calls.borrow(), want);
+    // Devices profile in parallel: the slower device's total.
+    assert_eq!(p.profiling_us, device_us[0].max(device_us[1]));
+    for (stage, s) in ir.stages.iter().zip(&p.stages) {
+        assert_eq!(s.barrier, !stage.is_splittable(), "{}", stage.name);
+    }
+    assert!(p.groups.is_empty());
+    assert_eq!((p.mode, p.clock), (ProfileMode::Legion, Clock::Emulated));
+}
+
+#[test]
+fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device() {
+    let ir = tiny_head();
+    let fake = Fake::new(&ir);
+    let runs = 2;
+    let opts = ProfileOptions {
+        mode: ProfileMode::Fss,
+        runs,
+        max_group_len: Some(3),
+        progress: false,
+    };
+    let p = run(&fake, &ir, &opts).unwrap();
+
+    let mut want = vec![];
+    let groups = candidate_groups(&ir, Some(3));
+    assert!(groups.iter().all(|g| g.last.index() - g.first.index() < 3));
+    for g in &groups {
+        let height = ir.stage(g.last).output.height().unwrap();
+        let tiling = tile(&ir, *g, &strips_from_weights(height, &RATES)).unwrap();
+        let devices: Vec<usize> = tiling.devices.iter().map(|t| t.device).collect();
+        // One warm-up run, then the timed ones.
+        for _ in 0..=runs {
+            want.push(Call::Step {
+                devices: devices.clone(),
+                first: g.first,
+                last: g.last,
+            });
+        }
+    }
+    let barriers: Vec<StageId> = ir
+        .stages
+        .iter()
+        .filter(|s| !s.is_splittable())
+        .map(|s| s.id)
+        .collect();
+    assert!(!barriers.is_empty(), "tiny-head ends in barriers");
+    for &s in &barriers {
+        for d in 0..2 {
+            for _ in 0..=runs {
+                want.push(Call::Step {
+                    devices: vec![d],
+                    first: s,
+                    last: s,
+                });
+            }
+        }
+    }
+    assert_eq!(*fake.calls.borrow(), want);
+    assert_eq!(p.groups.len(), groups.len() + 2 * barriers.len());
+    assert_eq!(p.max_group_len, Some(3));
+    // Groups run one after another: every run counts, warm-ups included.
+    let spent: u64 = p
+        .groups
+        .iter()
+        .map(|g| g.median_us * u64::from(runs + 1))
+        .sum();
+    assert_eq!(p.profiling_us, spent);
+    assert!(p.stages.is_empty());
+}
+
+#[test]
+fn a_cluster_holding_another_model_is_refused() {
+    let ir = tiny_head();
+    let fake = Fake {
+        model: "0".repeat(64),
+        calls: RefCell::default(),
+    };
+    let e = run(&fake, &ir, &ProfileOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("the cluster runs model 0000"), "{e}");
+    assert!(fake.calls.borrow().is_empty());
+}
