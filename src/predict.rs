@@ -26,7 +26,7 @@ pub struct Args {
     /// Only this group, e.g. 0..4 (default: every candidate group and every barrier).
     #[arg(long)]
     group: Option<String>,
-    /// Add each device's strip and send / compute / receive times.
+    /// Add each device's strip and its in (inputs arriving) / compute / out times.
     #[arg(long)]
     verbose: bool,
 }
@@ -118,12 +118,12 @@ fn device_line(out: &mut String, model: &CostModel, d: &DevicePrediction) -> Res
     let compute: f64 = d.compute_us.iter().map(|(_, e)| e).sum();
     writeln!(
         out,
-        "    {:<18} rows {:<9} send {:>9.3}  compute {:>9.3}  recv {:>9.3}  total {:>9.3} ms",
+        "    {:<18} rows {:<9} in {:>9.3}  compute {:>9.3}  out {:>9.3}  total {:>9.3} ms",
         model.device_name(d.device),
         d.strip.to_string(),
-        d.send_us / 1e3,
+        d.in_us / 1e3,
         compute / 1e3,
-        d.recv_us / 1e3,
+        d.out_us / 1e3,
         d.total_us / 1e3
     )?;
     Ok(())

@@ -24,9 +24,9 @@ fn predicted_bars(plan: &Plan, rows: &[String]) -> (Vec<Bar>, f64) {
         for t in &g.tiles {
             let row = rows.iter().position(|r| r == &t.device).unwrap_or(0) as f64;
             let (s, e, r) = (
-                t.send_us as f64 / 1e3,
+                t.in_us as f64 / 1e3,
                 t.compute_us as f64 / 1e3,
-                t.recv_us as f64 / 1e3,
+                t.out_us as f64 / 1e3,
             );
             bars.push((row, start, start + s, RECEIVE));
             bars.push((row, start + s, start + s + e, COMPUTE));

@@ -387,7 +387,7 @@ fn profiling_measures_stages_links_and_groups() {
         let sizes: Vec<u64> = d.probes.iter().map(|p| p.bytes).collect();
         assert_eq!(sizes, legion_profile::PROBE_BYTES);
         for p in &d.probes {
-            assert_eq!(p.send_us, d.link.time_us(p.bytes).round() as u64);
+            assert_eq!(p.in_us, d.link.time_us(p.bytes).round() as u64);
         }
     }
     assert!(legion.profiling_us > 0);

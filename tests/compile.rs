@@ -228,7 +228,7 @@ fn fast_links_profile() -> PathBuf {
     let mut p: Value = serde_json::from_str(&text).unwrap();
     for device in p["devices"].as_array_mut().unwrap() {
         for probe in device["probes"].as_array_mut().unwrap() {
-            for key in ["send_us", "recv_us"] {
+            for key in ["in_us", "out_us"] {
                 probe[key] = (probe[key].as_u64().unwrap() / 1000).into();
             }
         }

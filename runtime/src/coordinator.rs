@@ -327,7 +327,7 @@ impl Coordinator {
             .probe_transfer(bytes as usize)
             .await
             .with_context(|| format!("device {}: transfer probe", device.name()))?;
-        let (send_us, recv_us) = match self.clock {
+        let (in_us, out_us) = match self.clock {
             Clock::Emulated => {
                 let flow = Flow {
                     start_us: 0.0,
@@ -344,8 +344,8 @@ impl Coordinator {
         };
         Ok(LinkProbe {
             bytes,
-            send_us,
-            recv_us,
+            in_us,
+            out_us,
         })
     }
 }

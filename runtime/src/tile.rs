@@ -112,11 +112,7 @@ impl<'a> TileBuilder<'a> {
     fn build(mut self, spec: &TileSpec) -> Result<TypedModel> {
         for (i, input) in spec.inputs.iter().enumerate() {
             // A tensor without a row axis (after a barrier) is always received whole.
-            let info = self.ir.tensor(input.tensor);
-            let mut shape = info.shape.clone();
-            if let Some(h) = info.h_axis {
-                shape[h] = input.rows.len();
-            }
+            let shape = self.ir.tensor(input.tensor).strip_shape(input.rows);
             let src = self
                 .model
                 .add_source(format!("strip{i}"), f32::fact(&shape))?;

@@ -353,7 +353,7 @@ impl Worker {
         let inputs: Vec<Tensor> = spec
             .inputs
             .iter()
-            .map(|i| crate::check::test_input(&strip_shape(&ir, i.tensor, i.rows)))
+            .map(|i| crate::check::test_input(&ir.tensor(i.tensor).strip_shape(i.rows)))
             .collect();
         // Profiling builds each tile once and runs it a few times: not worth caching.
         // An emulator keeps the tile's node times all the same: profiling the same
@@ -584,7 +584,9 @@ fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>,
         .zip(inputs)
         .enumerate()
         .map(|(i, (want, got))| {
-            let shape: Vec<u64> = strip_shape(ir, want.tensor, want.rows)
+            let shape: Vec<u64> = ir
+                .tensor(want.tensor)
+                .strip_shape(want.rows)
                 .into_iter()
                 .map(|d| d as u64)
                 .collect();
@@ -601,16 +603,6 @@ fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>,
 
 fn build_tile(ir: &Ir, spec: &TileSpec) -> Result<Tile, Status> {
     Tile::build(ir, spec).map_err(|e| Status::invalid_argument(format!("building the tile: {e:#}")))
-}
-
-/// The shape of `rows` of tensor `r` (the whole tensor when it has no row axis).
-fn strip_shape(ir: &Ir, r: TensorRef, rows: legion_ir::Rows) -> Vec<usize> {
-    let info = ir.tensor(r);
-    let mut shape = info.shape.clone();
-    if let Some(h) = info.h_axis {
-        shape[h] = rows.len();
-    }
-    shape
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,5 +1,6 @@
 //! Stage types: what the import pass produces and every later pass reads.
 
+use crate::Rows;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -72,6 +73,21 @@ impl TensorInfo {
     /// True when the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The shape of `rows` of this tensor: the H axis cut to `rows.len()`; the whole
+    /// shape when the tensor has no H axis (it always travels whole).
+    pub fn strip_shape(&self, rows: Rows) -> Vec<usize> {
+        let mut shape = self.shape.clone();
+        if let Some(h) = self.h_axis {
+            shape[h] = rows.len();
+        }
+        shape
+    }
+
+    /// Bytes (f32) of `rows` of this tensor, as [`TensorInfo::strip_shape`] counts them.
+    pub fn strip_bytes(&self, rows: Rows) -> u64 {
+        self.strip_shape(rows).iter().product::<usize>() as u64 * 4
     }
 }
 

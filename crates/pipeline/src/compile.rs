@@ -292,8 +292,8 @@ fn dump_table(pass: Pass, ir: &Ir, table: &CostTable, names: &[String]) -> Dump 
             table.len()
         ),
         _ => format!(
-            "cost: {} legal choices (group x devices), predicted ms; per device: send, \
-             compute, receive ms\n",
+            "cost: {} legal choices (group x devices), predicted ms; per device: in, \
+             compute, out ms\n",
             table.len()
         ),
     };
@@ -309,9 +309,9 @@ fn dump_table(pass: Pass, ir: &Ir, table: &CostTable, names: &[String]) -> Dump 
                 _ => format!(
                     "{} {:.3}/{:.3}/{:.3}",
                     names[d.device],
-                    ms(d.send_us),
+                    ms(d.in_us),
                     ms(d.compute_us),
-                    ms(d.recv_us)
+                    ms(d.out_us)
                 ),
             })
             .collect();
@@ -337,9 +337,9 @@ fn dump_table(pass: Pass, ir: &Ir, table: &CostTable, names: &[String]) -> Dump 
                 _ => json!({
                     "device": names[d.device],
                     "strip": d.strip,
-                    "send_us": d.send_us,
+                    "in_us": d.in_us,
                     "compute_us": d.compute_us,
-                    "recv_us": d.recv_us,
+                    "out_us": d.out_us,
                 }),
             })
             .collect();

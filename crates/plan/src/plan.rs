@@ -12,7 +12,7 @@ use legion_ir::{Rows, StageId};
 use serde::{Deserialize, Serialize};
 
 /// Version of the plan format; readers reject other versions.
-pub const PLAN_VERSION: u32 = 1;
+pub const PLAN_VERSION: u32 = 2;
 
 /// A compiled plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,11 +81,11 @@ pub struct PlanTile {
     /// Rows it computes that another device computes too, summed over the stages.
     pub halo_rows: usize,
     /// Predicted time until its input strips have arrived, µs.
-    pub send_us: u64,
+    pub in_us: u64,
     /// Predicted compute time, µs.
     pub compute_us: u64,
     /// Predicted time to get its output strips back, µs.
-    pub recv_us: u64,
+    pub out_us: u64,
     /// The tile it runs: strips in, stages with rows and pads, strips out.
     pub tile: TileSpec,
 }

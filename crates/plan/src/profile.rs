@@ -8,7 +8,7 @@ use legion_ir::{Rows, StageId};
 use serde::{Deserialize, Serialize};
 
 /// Version of the profile format; readers reject other versions.
-pub const PROFILE_VERSION: u32 = 1;
+pub const PROFILE_VERSION: u32 = 2;
 
 /// How the profile was measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,10 +87,10 @@ pub struct DeviceProfile {
 pub struct LinkProbe {
     /// Bytes sent and echoed.
     pub bytes: u64,
-    /// Coordinator to device, µs.
-    pub send_us: u64,
-    /// Device to coordinator, µs.
-    pub recv_us: u64,
+    /// Into the device (from the coordinator), µs.
+    pub in_us: u64,
+    /// Out of the device (back to the coordinator), µs.
+    pub out_us: u64,
 }
 
 /// Single-stage times of one stage on every device.

@@ -62,9 +62,9 @@ pub fn candidate(
                     device: devices[d].clone(),
                     strip,
                     halo_rows,
-                    send_us: us(cost.send_us),
+                    in_us: us(cost.in_us),
                     compute_us: us(cost.compute_us),
-                    recv_us: us(cost.recv_us),
+                    out_us: us(cost.out_us),
                     tile: spec,
                 }
             })

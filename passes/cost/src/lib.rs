@@ -79,11 +79,11 @@ pub struct DevicePrediction {
     /// Its strip of the group's last stage.
     pub strip: Rows,
     /// Input strips arriving.
-    pub send_us: f64,
+    pub in_us: f64,
     /// Per stage of the group.
     pub compute_us: Vec<(StageId, f64)>,
     /// Output strips coming back.
-    pub recv_us: f64,
+    pub out_us: f64,
     /// From the step's start to its output's arrival.
     pub total_us: f64,
 }
@@ -110,8 +110,8 @@ type SharesKey = (Predictor, Group, Vec<usize>);
 pub struct CostModel<'a> {
     ir: &'a Ir,
     profile: &'a Profile,
-    send: Vec<Affine>,
-    recv: Vec<Affine>,
+    link_in: Vec<Affine>,
+    link_out: Vec<Affine>,
     aofl: Vec<aofl::Regressions>,
     /// Per stage, per device: the profile's (rows, median µs) samples.
     samples: Vec<Vec<Vec<(f64, f64)>>>,
@@ -158,8 +158,8 @@ impl<'a> CostModel<'a> {
                 .map(|d| Affine::fit(&d.probes.iter().map(|p| (p.bytes, f(p))).collect::<Vec<_>>()))
                 .collect()
         };
-        let send = fit(|p| p.send_us);
-        let recv = fit(|p| p.recv_us);
+        let link_in = fit(|p| p.in_us);
+        let link_out = fit(|p| p.out_us);
         let aofl = (0..profile.devices.len())
             .map(|d| aofl::Regressions::fit(ir, profile, d))
             .collect();
@@ -185,8 +185,8 @@ impl<'a> CostModel<'a> {
         Ok(CostModel {
             ir,
             profile,
-            send,
-            recv,
+            link_in,
+            link_out,
             aofl,
             samples,
             lines,
@@ -219,12 +219,7 @@ impl<'a> CostModel<'a> {
 
     /// Bytes of `rows` of tensor `r` (all of it without a row axis).
     fn bytes(&self, r: TensorRef, rows: Rows) -> u64 {
-        let info = self.ir.tensor(r);
-        let per_row = match info.height() {
-            Some(h) if h > 0 => info.len() / h,
-            _ => return info.len() as u64 * 4,
-        };
-        (per_row * rows.len()) as u64 * 4
+        self.ir.tensor(r).strip_bytes(rows)
     }
 
     /// The predicted time of `group` with `strips`: per device (index into the
@@ -281,7 +276,7 @@ impl<'a> CostModel<'a> {
             .iter()
             .map(|(s, r)| self.bytes(TensorRef::Stage(*s), *r))
             .sum();
-        let (send_us, compute_us): (f64, Vec<(StageId, f64)>) = match predictor {
+        let (in_us, compute_us): (f64, Vec<(StageId, f64)>) = match predictor {
             Predictor::Legion => {
                 // alpha_in * S(the strip the first reader would receive alone)
                 let alone_in: f64 = t
@@ -297,7 +292,7 @@ impl<'a> CostModel<'a> {
                 } else {
                     1.0
                 };
-                let send = alpha_in * self.send[d].time_us(alone_in.round() as u64);
+                let inputs_in = alpha_in * self.link_in[d].time_us(alone_in.round() as u64);
                 let compute = t
                     .stages
                     .iter()
@@ -311,7 +306,7 @@ impl<'a> CostModel<'a> {
                         (st.stage, e)
                     })
                     .collect();
-                (send, compute)
+                (inputs_in, compute)
             }
             Predictor::Affine => {
                 let compute = t
@@ -326,7 +321,7 @@ impl<'a> CostModel<'a> {
                         (st.stage, e)
                     })
                     .collect();
-                (self.send[d].time_us(fused_in), compute)
+                (self.link_in[d].time_us(fused_in), compute)
             }
             Predictor::Aofl => {
                 let compute = t
@@ -334,17 +329,17 @@ impl<'a> CostModel<'a> {
                     .iter()
                     .map(|st| (st.stage, self.aofl[d].predict(self.ir, st)))
                     .collect();
-                (self.send[d].time_us(fused_in), compute)
+                (self.link_in[d].time_us(fused_in), compute)
             }
         };
-        let recv_us = self.recv[d].time_us(out);
-        let total_us = send_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + recv_us;
+        let out_us = self.link_out[d].time_us(out);
+        let total_us = in_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + out_us;
         DevicePrediction {
             device: d,
             strip: t.strip,
-            send_us,
+            in_us,
             compute_us,
-            recv_us,
+            out_us,
             total_us,
         }
     }
@@ -385,16 +380,16 @@ impl<'a> CostModel<'a> {
             .enumerate()
             .map(|(k, ((d, _), p))| StepPart {
                 bytes_in: bytes_in[k],
-                link_in: link(&self.send[*d]),
+                link_in: link(&self.link_in[*d]),
                 compute_us: p.compute_us.iter().map(|(_, e)| e).sum::<f64>(),
                 bytes_out: bytes_out[k],
-                link_out: link(&self.recv[*d]),
+                link_out: link(&self.link_out[*d]),
             })
             .collect();
         let timeline = step_timeline(&parts, hub);
         for (p, t) in devices.iter_mut().zip(timeline) {
-            p.send_us = t.inputs_in_us;
-            p.recv_us = t.done_us - t.computed_us;
+            p.in_us = t.inputs_in_us;
+            p.out_us = t.done_us - t.computed_us;
             p.total_us = t.done_us;
         }
     }
@@ -421,15 +416,15 @@ impl<'a> CostModel<'a> {
                 (s, self.stage_time(d, s, rows))
             })
             .collect();
-        let send_us = self.send[d].time_us(bytes_in);
-        let recv_us = self.recv[d].time_us(bytes_out);
-        let total_us = send_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + recv_us;
+        let in_us = self.link_in[d].time_us(bytes_in);
+        let out_us = self.link_out[d].time_us(bytes_out);
+        let total_us = in_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + out_us;
         DevicePrediction {
             device: d,
             strip: all(TensorRef::Stage(group.last)),
-            send_us,
+            in_us,
             compute_us,
-            recv_us,
+            out_us,
             total_us,
         }
     }

@@ -24,8 +24,8 @@ fn linear_profile(ir: &Ir, devices: usize, per_row: impl Fn(usize) -> u64) -> Pr
             let t = 200 + bytes * 8 / 100;
             LinkProbe {
                 bytes,
-                send_us: t,
-                recv_us: t,
+                in_us: t,
+                out_us: t,
             }
         })
         .collect::<Vec<_>>();
@@ -105,7 +105,7 @@ fn the_three_predictors_on_a_worked_example() {
     close(legion.devices[1].total_us, d1); // 8881.6
     close(legion.total_us, 8881.6);
     close(legion.devices[0].compute_us[0].1, 2500.0);
-    close(legion.devices[1].send_us, 1252.8);
+    close(legion.devices[1].in_us, 1252.8);
 
     // affine: E at the rows computed; transfers of the fused strips (two 100 Mbit/s
     // flows fit in the 1 Gbit/s coordinator link, so they do not slow each other)
@@ -122,8 +122,8 @@ fn the_three_predictors_on_a_worked_example() {
 
     // aofl: the same transfers, compute from the fitted regressions
     let aofl = model.predict(Predictor::Aofl, group, &strips).unwrap();
-    close(aofl.devices[0].send_us, s(26.0 * 480.0));
-    close(aofl.devices[0].recv_us, r);
+    close(aofl.devices[0].in_us, s(26.0 * 480.0));
+    close(aofl.devices[0].out_us, r);
 }
 
 #[test]
@@ -138,8 +138,8 @@ fn a_shared_coordinator_link_slows_the_affine_scatter() {
         .unwrap();
     // Both devices receive 25 input rows (12000 bytes) through one 100 Mbit/s link:
     // 24000 bytes at 0.08 µs/byte = 1920 µs, plus 200 µs latency.
-    close(p.devices[0].send_us, 2120.0);
-    close(p.devices[1].send_us, 2120.0);
+    close(p.devices[0].in_us, 2120.0);
+    close(p.devices[1].in_us, 2120.0);
 }
 
 /// The affine predictor times a step with the emulated coordinator's timeline
@@ -174,8 +174,8 @@ fn the_affine_predictor_follows_the_emulated_step_timeline() {
         100.0,
     );
     for (d, t) in p.devices.iter().zip(&want) {
-        close(d.send_us, t.inputs_in_us);
-        close(d.recv_us, t.done_us - t.computed_us);
+        close(d.in_us, t.inputs_in_us);
+        close(d.out_us, t.done_us - t.computed_us);
         close(d.total_us, t.done_us);
     }
 }

@@ -29,11 +29,11 @@ pub struct DeviceCost {
     /// Its strip of the last stage's output rows.
     pub strip: Rows,
     /// Until its input strips have arrived.
-    pub send_us: f64,
+    pub in_us: f64,
     /// Computing.
     pub compute_us: f64,
     /// Getting its output strips back.
-    pub recv_us: f64,
+    pub out_us: f64,
 }
 
 impl DeviceCost {
@@ -41,9 +41,9 @@ impl DeviceCost {
         DeviceCost {
             device: p.device,
             strip: p.strip,
-            send_us: p.send_us,
+            in_us: p.in_us,
             compute_us: p.compute_us.iter().map(|(_, e)| e).sum(),
-            recv_us: p.recv_us,
+            out_us: p.out_us,
         }
     }
 }
@@ -84,13 +84,7 @@ impl Legality {
 /// Bytes a tile holds at once, counted without reuse: its stages' weights, the strips it
 /// receives and every stage's computed rows.
 fn tile_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
-    let rows_bytes = |r: TensorRef, rows: Rows| -> u64 {
-        let t = ir.tensor(r);
-        match t.height() {
-            Some(h) if h > 0 => (t.len() / h * rows.len()) as u64 * 4,
-            _ => t.len() as u64 * 4,
-        }
-    };
+    let rows_bytes = |r: TensorRef, rows: Rows| ir.tensor(r).strip_bytes(rows);
     let weights: u64 = spec
         .stages
         .iter()
@@ -260,9 +254,9 @@ impl CostTable {
                     Ok(DeviceCost {
                         device: index(name)?,
                         strip: *strip,
-                        send_us: us(|t| t.in_us),
+                        in_us: us(|t| t.in_us),
                         compute_us: us(|t| t.compute_us),
-                        recv_us: us(|t| t.out_us),
+                        out_us: us(|t| t.out_us),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

@@ -33,8 +33,8 @@ fn synthetic_profile(ir: &Ir) -> Profile {
                         let us = link.time_us(bytes).round() as u64;
                         LinkProbe {
                             bytes,
-                            send_us: us,
-                            recv_us: us,
+                            in_us: us,
+                            out_us: us,
                         }
                     })
                     .collect(),

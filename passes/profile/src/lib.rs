@@ -297,7 +297,7 @@ async fn legion_mode(
         }
         for &bytes in &PROBE_BYTES {
             let probe = bed.probe(d, bytes).await?;
-            device_us[d] += probe.send_us + probe.recv_us;
+            device_us[d] += probe.in_us + probe.out_us;
             profile.devices[d].probes.push(probe);
             bar.inc(1);
         }

@@ -54,8 +54,8 @@ impl Fake {
     fn probe_of(device: usize, bytes: u64) -> LinkProbe {
         LinkProbe {
             bytes,
-            send_us: bytes / 1000 + 10 * (device as u64 + 1),
-            recv_us: bytes / 1000 + 11 * (device as u64 + 1),
+            in_us: bytes / 1000 + 10 * (device as u64 + 1),
+            out_us: bytes / 1000 + 11 * (device as u64 + 1),
         }
     }
 
@@ -205,7 +205,7 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
         for bytes in PROBE_BYTES {
             want.push(Call::Probe { device: d, bytes });
             let probe = Fake::probe_of(d, bytes);
-            device_us[d] += probe.send_us + probe.recv_us;
+            device_us[d] += probe.in_us + probe.out_us;
         }
         assert_eq!(
             p.devices[d].probes,
