@@ -3,7 +3,7 @@
 use crate::BadInput;
 use anyhow::{Context, Result};
 use legion_plan::Cluster;
-use legion_runtime::emulate::HostRate;
+use legion_runtime::emulate::{ComputeLock, HostRate};
 use legion_runtime::{LocalCluster, default_cache_dir, local_cluster};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,11 +62,16 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let cache = up.cache.clone().unwrap_or_else(default_cache_dir);
     let host = match up.host_gflops {
-        Some(g) => Some(Arc::new(HostRate::from_rate(g).map_err(|e| {
-            BadInput(format!(
-                "--host-gflops {g}: {e:#}; give the positive rate an earlier start printed"
+        Some(g) if !(g.is_finite() && g > 0.0) => {
+            return Err(BadInput(format!(
+                "--host-gflops {g}: give the positive rate an earlier start printed"
             ))
-        })?)),
+            .into());
+        }
+        Some(g) => {
+            let lock = ComputeLock::open(ComputeLock::default_path())?;
+            Some(Arc::new(HostRate::from_rate(g, &lock)?))
+        }
         None => None,
     };
     eprintln!(

@@ -12,7 +12,7 @@ use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{Clock, Cluster, ProfileMode, StepTiming};
 use legion_profile::{ProfileOptions, candidate_groups, profile};
 use legion_runtime::check::{compare, test_input};
-use legion_runtime::emulate::{Emulation, HostRate};
+use legion_runtime::emulate::{ComputeLock, Emulation, HostRate};
 use legion_runtime::{Coordinator, LocalCluster, Reference, StepTile, Tensors, local_cluster};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +44,8 @@ fn two_and_two() -> LocalCluster {
 
 /// Starts `cluster`'s workers here, from the tests' host rate rather than a calibration.
 fn start(cluster: &Cluster) -> LocalCluster {
-    let host = Arc::new(HostRate::from_rate(common::HOST_GFLOPS).unwrap());
+    let lock = ComputeLock::open(ComputeLock::default_path()).unwrap();
+    let host = Arc::new(HostRate::from_rate(common::HOST_GFLOPS, &lock).unwrap());
     LocalCluster::start_on(cluster, cache_dir(), Some(host)).unwrap()
 }
 

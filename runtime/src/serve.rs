@@ -2,7 +2,7 @@
 //! (what a board runs, built without the compiler passes) share these options and
 //! this entry point.
 
-use crate::emulate::{Emulation, Emulator, HostRate, measure_device_gflops};
+use crate::emulate::{ComputeLock, Emulation, Emulator, HostRate, measure_device_gflops};
 use crate::{Compute, Worker, WorkerConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -119,7 +119,10 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             match args.host_gflops {
                 Some(host) => Compute::Emulated(Emulator::new(
                     emulation,
-                    std::sync::Arc::new(HostRate::from_rate(host)?),
+                    std::sync::Arc::new(HostRate::from_rate(
+                        host,
+                        &ComputeLock::open(ComputeLock::default_path())?,
+                    )?),
                     None,
                 )?),
                 None => {

@@ -502,7 +502,7 @@ fn report(
 }
 
 /// `3..7`, or `3` for a one-stage group.
-pub fn group_label(g: &legion_plan::PlanGroup) -> String {
+pub(crate) fn group_label(g: &legion_plan::PlanGroup) -> String {
     if g.first == g.last {
         g.first.index().to_string()
     } else {
@@ -511,7 +511,7 @@ pub fn group_label(g: &legion_plan::PlanGroup) -> String {
 }
 
 /// `s` cut to `n` characters, the last one `~` when cut.
-pub fn truncate(s: &str, n: usize) -> String {
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

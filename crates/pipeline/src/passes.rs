@@ -92,11 +92,6 @@ impl PassTimes {
             last.2 = note;
         }
     }
-
-    /// The passes timed so far, in order.
-    pub fn passes(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(p, _, _)| *p)
-    }
 }
 
 #[cfg(test)]

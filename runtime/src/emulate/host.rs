@@ -199,12 +199,16 @@ impl HostRate {
     }
 
     /// A host rate of `base_gflops` now (an earlier calibration's figure), followed from
-    /// here with the reference kernel, whose time now is taken as the base.
-    pub fn from_rate(base_gflops: f64) -> Result<HostRate> {
+    /// here with the reference kernel, whose time now is taken as the base. The base is
+    /// read holding `lock`, so that other emulators' compute does not slow it.
+    pub fn from_rate(base_gflops: f64, lock: &super::ComputeLock) -> Result<HostRate> {
         positive("host rate (GFLOP/s)", base_gflops)?;
         let kernel = ReferenceKernel::build()?;
-        kernel.read()?;
-        let base = kernel.read()?.min(kernel.read()?);
+        let base = {
+            let _held = lock.hold()?;
+            kernel.read()?;
+            kernel.read()?.min(kernel.read()?)
+        };
         Ok(HostRate {
             base_gflops,
             tracker: Some(Tracker::new(kernel, base)),

@@ -340,7 +340,21 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
             boards.push(d);
         }
     }
-    let ran: Vec<&Candidate> = candidates.iter().flatten().collect();
+    // Identical programs run once (the chosen plan is often the extracted FLC).
+    let mut ran: Vec<&Candidate> = vec![];
+    let slots: Vec<Option<usize>> = candidates
+        .iter()
+        .map(|c| {
+            c.as_ref()
+                .map(|c| match ran.iter().position(|r| r.groups == c.groups) {
+                    Some(k) => k,
+                    None => {
+                        ran.push(c);
+                        ran.len() - 1
+                    }
+                })
+        })
+        .collect();
     let measured = rt.block_on(measure_in_rounds(&coord, ir, &input, &boards, &ran, runs))?;
     let single = boards
         .iter()
@@ -351,18 +365,17 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         })
         .min_by_key(|(_, us)| *us)
         .context("the cluster has no devices")?;
-    let mut times = measured
+    let times: Vec<u64> = measured
         .candidates
         .iter()
-        .map(|runs| fastest(runs.iter().map(|r| r.total_us).collect()));
+        .map(|runs| fastest(runs.iter().map(|r| r.total_us).collect()))
+        .collect();
     let (plans, predicted) = candidates
         .iter()
-        .map(|c| match c {
-            Some(c) => {
-                let us = times.next().expect("a time per candidate run");
-                (Some((us, flc_label(c))), Some(c.predicted_us))
-            }
-            None => (None, None),
+        .zip(&slots)
+        .map(|(c, slot)| match (c, slot) {
+            (Some(c), Some(k)) => (Some((times[*k], flc_label(c))), Some(c.predicted_us)),
+            _ => (None, None),
         })
         .unzip();
     Ok(Row {
