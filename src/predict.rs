@@ -38,7 +38,8 @@ pub fn run(args: &Args) -> Result<()> {
     let ir = args.model.import()?;
     let model = CostModel::new(&ir, &profile)
         .map_err(|e| BadInput(format!("{}: {e:#}", args.profile.display())))?;
-    let all: Vec<usize> = (0..model.device_count()).collect();
+    // Strips are cut over the devices fastest first, as the compiler cuts them.
+    let all: Vec<usize> = legion_fusion::device_order(&profile);
     let groups = match &args.group {
         Some(g) => crate::split::parse_groups(&ir, g)?,
         None => candidate_groups(&ir, None),
@@ -75,13 +76,6 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     if args.group.is_none() {
-        let fastest = (0..profile.devices.len())
-            .max_by(|&a, &b| {
-                profile.devices[a]
-                    .gflops
-                    .total_cmp(&profile.devices[b].gflops)
-            })
-            .expect("a profile has devices");
         let barriers: Vec<StageId> = ir
             .stages
             .iter()
@@ -91,18 +85,22 @@ pub fn run(args: &Args) -> Result<()> {
         if !barriers.is_empty() {
             writeln!(
                 out,
-                "barrier stages, whole on {}:",
-                model.device_name(fastest)
+                "barrier stages, whole on the device predicted fastest for each (as compile \
+                 runs them):"
             )?;
             for s in barriers {
-                let d = model.predict_one(Group { first: s, last: s }, fastest);
+                let d = (0..model.device_count())
+                    .map(|d| model.predict_one(Group { first: s, last: s }, d))
+                    .min_by(|a, b| a.total_us.total_cmp(&b.total_us))
+                    .expect("a profile has devices");
                 writeln!(
                     out,
-                    "{:<10} {:>6} {:>8} {:>13.3}",
+                    "{:<10} {:>6} {:>8} {:>13.3}  on {}",
                     format!("{s} {}", ir.stage(s).kind.short_name()),
                     1,
                     1,
-                    d.total_us / 1e3
+                    d.total_us / 1e3,
+                    model.device_name(d.device)
                 )?;
                 if args.verbose {
                     device_line(&mut out, &model, &d)?;

@@ -78,3 +78,55 @@ fn bad_input_is_named() {
         "nope.json: cannot read the profile",
     );
 }
+
+/// Barrier stages are predicted whole on the device predicted fastest for each, as the
+/// compiler's one-device option runs them.
+#[test]
+fn barriers_run_on_the_device_predicted_fastest() {
+    let model = legion_models::test_model("vgg16").unwrap();
+    let profile_path = "testdata/profiles/vgg16-3f3o.json";
+    let out = legion(&[
+        "predict",
+        model.to_str().unwrap(),
+        "--cluster",
+        "testdata/clusters/3f3o.toml",
+        "--profile",
+        profile_path,
+    ]);
+    let text = common::ok(out);
+    let (_, barriers) = text.split_once("barrier stages").unwrap();
+    let ir = legion_ir::import(&model, None).unwrap();
+    let profile = legion_plan::Profile::from_json(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(profile_path),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let cost = legion_cost::CostModel::new(&ir, &profile).unwrap();
+    let lines: Vec<&str> = barriers.lines().skip(1).collect();
+    let want: Vec<legion_ir::StageId> = ir
+        .stages
+        .iter()
+        .filter(|s| !s.is_splittable())
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(lines.len(), want.len(), "{barriers}");
+    for (line, s) in lines.iter().zip(want) {
+        let group = legion_partition::Group { first: s, last: s };
+        let best = (0..profile.devices.len())
+            .map(|d| cost.predict_one(group, d))
+            .min_by(|a, b| a.total_us.total_cmp(&b.total_us))
+            .unwrap();
+        let name = &profile.devices[best.device].name;
+        assert!(line.starts_with(&format!("{s} ")), "{line}");
+        assert!(
+            line.ends_with(&format!(" on {name}")),
+            "{line}: want {name}"
+        );
+        assert!(
+            line.contains(&format!("{:.3}", best.total_us / 1e3)),
+            "{line}"
+        );
+    }
+}
