@@ -271,9 +271,11 @@ fn emulated_step_times_follow_the_link_model() {
 /// move here (fixed). The single-board path (the whole model as one program) and a
 /// 1-board plan's split tile (a different program for the same work) run in turn and
 /// end within 8% of each other (seen up to 5.6% apart; before the emulator kept fastest
-/// node times, up to 2x), and a tile's time never grows with more runs. (A
-/// plan that keeps a group whole runs the single-board program itself: the same tile,
-/// the same time.)
+/// node times, up to 2x), and a tile's time never grows with more runs. A tile first
+/// measured during one of the host's slow spells (up to about 10 s) starts high, up to
+/// 1.4x here, and comes down at its first quiet run: rounds go on until neither time
+/// has moved for 5 rounds, for up to a minute. (A plan that keeps a group whole runs
+/// the single-board program itself: the same tile, the same time.)
 #[test]
 fn identical_work_gets_the_same_emulated_time() {
     let path = legion_models::test_model("vgg16-conv").unwrap();
@@ -293,9 +295,15 @@ fn identical_work_gets_the_same_emulated_time() {
         .spec();
     let input = test_input(&ir.input.shape);
     assert_ne!(single, plan_tile);
-    const ROUNDS: usize = 10;
+    const MIN_ROUNDS: usize = 10;
+    const STILL_ROUNDS: usize = 5;
+    let started = std::time::Instant::now();
     let mut times: [Vec<u64>; 2] = [vec![], vec![]];
-    for _ in 0..ROUNDS {
+    let still =
+        |t: &Vec<u64>| t.len() > STILL_ROUNDS && t[t.len() - 1] == t[t.len() - 1 - STILL_ROUNDS];
+    while times[0].len() < MIN_ROUNDS
+        || !(times.iter().all(still) || started.elapsed() > Duration::from_secs(60))
+    {
         for (k, spec) in [&single, &plan_tile].into_iter().enumerate() {
             let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
             let step = rt
@@ -308,7 +316,10 @@ fn identical_work_gets_the_same_emulated_time() {
     for t in &times {
         assert!(t.windows(2).all(|w| w[1] <= w[0]), "{times:?}");
     }
-    let (a, b) = (times[0][ROUNDS - 1] as f64, times[1][ROUNDS - 1] as f64);
+    let (a, b) = (
+        times[0][times[0].len() - 1] as f64,
+        times[1][times[1].len() - 1] as f64,
+    );
     assert!((a / b - 1.0).abs() < 0.08, "{times:?}");
 }
 
