@@ -53,11 +53,7 @@ pub async fn run_candidate(
             .with_context(|| format!("running group {g} ({}..{})", group.first, group.last))?;
         groups.push(timing);
     }
-    let outputs = ir
-        .outputs
-        .iter()
-        .map(|r| tensors.whole(*r).cloned())
-        .collect::<Result<Vec<_>>>()?;
+    let outputs = tensors.outputs()?;
     Ok(PlanRun {
         outputs,
         total_us: groups.iter().map(|t| t.total_us).sum(),

@@ -84,6 +84,15 @@ impl<'a> Tensors<'a> {
         Ok(&held.tensor)
     }
 
+    /// The model's outputs, whole, in the model's order.
+    pub fn outputs(&self) -> Result<Vec<Tensor>> {
+        self.ir
+            .outputs
+            .iter()
+            .map(|r| self.whole(*r).cloned())
+            .collect()
+    }
+
     /// Stores `strip`, rows `rows` of stage `s`'s output, checking its shape.
     pub fn put(&mut self, s: StageId, rows: Rows, strip: Tensor) -> Result<()> {
         let r = TensorRef::Stage(s);

@@ -63,11 +63,7 @@ pub async fn every_device_alone(coord: &Coordinator, ir: &Ir, input: &Tensor) ->
         }
     }
     let (d, _, tensors) = best.context("the cluster has no devices")?;
-    let outputs = ir
-        .outputs
-        .iter()
-        .map(|r| tensors.whole(*r).cloned())
-        .collect::<Result<Vec<_>>>()?;
+    let outputs = tensors.outputs()?;
     Ok(Alone {
         best: d,
         outputs,
