@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use legion_cost::{CostModel, DevicePrediction, Predictor};
 use legion_ir::StageId;
 use legion_partition::{Group, candidate_groups};
-use legion_plan::{Cluster, Profile};
+use legion_plan::{Cluster, DeviceId, Profile};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -39,7 +39,7 @@ pub fn run(args: &Args) -> Result<()> {
     let model = CostModel::new(&ir, &profile)
         .map_err(|e| BadInput(format!("{}: {e:#}", args.profile.display())))?;
     // Strips are cut over the devices fastest first, as the compiler cuts them.
-    let all: Vec<usize> = legion_fusion::device_order(&profile);
+    let all = legion_fusion::device_order(&profile);
     let groups = match &args.group {
         Some(g) => crate::split::parse_groups(&ir, g)?,
         None => candidate_groups(&ir, None),
@@ -90,6 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
             )?;
             for s in barriers {
                 let d = (0..model.device_count())
+                    .map(DeviceId)
                     .map(|d| model.predict_one(Group { first: s, last: s }, d))
                     .min_by(|a, b| a.total_us.total_cmp(&b.total_us))
                     .expect("a profile has devices");

@@ -125,9 +125,9 @@ pub fn run(args: &Args) -> Result<()> {
                 // Devices beyond the group's rows get empty strips and drop out.
                 let tiling = tile(&ir, group, &strips_from_weights(height, &weights))?;
                 let specs = tiling
-                    .devices
+                    .tiles
                     .iter()
-                    .map(|d| (format!("group {group}, device {}", d.device), d.spec()))
+                    .map(|d| (format!("group {group}, device {}", d.slot), d.spec()))
                     .collect::<Vec<_>>();
                 (specs, Some(tiling), None)
             }
@@ -260,7 +260,7 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
         t.group,
         first.name,
         last.name,
-        t.devices.len(),
+        t.tiles.len(),
         t.inputs
             .iter()
             .map(|r| tensor_name(*r))
@@ -274,14 +274,14 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
     );
     let mut rows: Vec<Vec<String>> = vec![];
     let mut header = vec!["".to_string()];
-    header.extend(t.devices.iter().map(|d| format!("device {}", d.device)));
+    header.extend(t.tiles.iter().map(|d| format!("device {}", d.slot)));
     rows.push(header);
     let mut line = vec!["strip".to_string()];
-    line.extend(t.devices.iter().map(|d| d.strip.to_string()));
+    line.extend(t.tiles.iter().map(|d| d.strip.to_string()));
     rows.push(line);
     for (i, input) in t.inputs.iter().enumerate() {
         let mut line = vec![format!("recv {}", tensor_name(*input))];
-        line.extend(t.devices.iter().map(|d| {
+        line.extend(t.tiles.iter().map(|d| {
             let r = &d.received[i];
             format!("{} a_in {}", r.rows, alpha(r.alpha_in))
         }));
@@ -290,7 +290,7 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
     for s in t.group.stages() {
         let stage = ir.stage(s);
         let mut line = vec![format!("s{s} {}", stage.kind.short_name())];
-        line.extend(t.devices.iter().map(|d| {
+        line.extend(t.tiles.iter().map(|d| {
             let st = d.stage(s);
             let pads = st
                 .inputs
@@ -310,7 +310,7 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
     }
     for (i, o) in t.outputs.iter().enumerate() {
         let mut line = vec![format!("send s{o}")];
-        line.extend(t.devices.iter().map(|d| d.sent[i].1.to_string()));
+        line.extend(t.tiles.iter().map(|d| d.sent[i].1.to_string()));
         rows.push(line);
     }
     let widths: Vec<usize> = (0..rows[0].len())

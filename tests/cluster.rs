@@ -9,11 +9,11 @@ mod common;
 use legion_ir::{Ir, StageId, TensorRef, import};
 use legion_partition::{Group, check_group, strips_from_weights, tile, whole_group, whole_stage};
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
-use legion_plan::{Clock, Cluster, ProfileMode, StepTiming};
+use legion_plan::{Clock, Cluster, DeviceId, ProfileMode, StepTiming, TileSpec};
 use legion_profile::{ProfileOptions, candidate_groups, profile};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::emulate::{ComputeLock, Emulation, HostRate};
-use legion_runtime::{Coordinator, LocalCluster, Reference, StepTile, Tensors, local_cluster};
+use legion_runtime::{Coordinator, LocalCluster, Reference, Tensors, local_cluster};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,15 +65,16 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
-/// The tiles of `group` over every device, strips proportional to the devices' rates.
-fn group_tiles(coord: &Coordinator, ir: &Ir, group: Group) -> Vec<StepTile> {
+/// The tiles of `group` over every device, strips proportional to the devices' rates
+/// (one strip per device in cluster order, so a tile's slot is its device's id).
+fn group_tiles(coord: &Coordinator, ir: &Ir, group: Group) -> Vec<(DeviceId, TileSpec)> {
     let weights: Vec<f64> = coord.devices().iter().map(|d| d.gflops()).collect();
     let height = ir.stage(group.last).output.height().unwrap();
     let tiling = tile(ir, group, &strips_from_weights(height, &weights)).unwrap();
     tiling
-        .devices
+        .tiles
         .iter()
-        .map(|t| (t.device, t.spec()))
+        .map(|t| (DeviceId(t.slot), t.spec()))
         .collect()
 }
 
@@ -133,7 +134,7 @@ fn every_group_equals_the_reference(
             rt.block_on(coord.run_step(&tiles, &mut tensors)).unwrap();
         } else {
             let spec = whole_stage(&ir, StageId(first as u32));
-            rt.block_on(coord.run_step(&[(0, spec)], &mut tensors))
+            rt.block_on(coord.run_step(&[(DeviceId(0), spec)], &mut tensors))
                 .unwrap();
         }
         first = last + 1;
@@ -291,7 +292,7 @@ fn identical_work_gets_the_same_emulated_time() {
     let single = whole_group(&ir, all);
     let plan_tile = tile(&ir, all, &[legion_ir::Rows::new(0, height)])
         .unwrap()
-        .devices[0]
+        .tiles[0]
         .spec();
     let input = test_input(&ir.input.shape);
     assert_ne!(single, plan_tile);
@@ -307,7 +308,7 @@ fn identical_work_gets_the_same_emulated_time() {
         for (k, spec) in [&single, &plan_tile].into_iter().enumerate() {
             let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
             let step = rt
-                .block_on(coord.run_step(&[(0, spec.clone())], &mut tensors))
+                .block_on(coord.run_step(&[(DeviceId(0), spec.clone())], &mut tensors))
                 .unwrap();
             assert_eq!(step.devices[0].host_gflops, Some(30.0));
             times[k].push(step.devices[0].compute_us);

@@ -115,10 +115,11 @@ fn barriers_run_on_the_device_predicted_fastest() {
     for (line, s) in lines.iter().zip(want) {
         let group = legion_partition::Group { first: s, last: s };
         let best = (0..profile.devices.len())
+            .map(legion_plan::DeviceId)
             .map(|d| cost.predict_one(group, d))
             .min_by(|a, b| a.total_us.total_cmp(&b.total_us))
             .unwrap();
-        let name = &profile.devices[best.device].name;
+        let name = &profile.devices[best.device.index()].name;
         assert!(line.starts_with(&format!("{s} ")), "{line}");
         assert!(
             line.ends_with(&format!(" on {name}")),

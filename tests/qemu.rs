@@ -14,10 +14,10 @@ mod common;
 use common::scratch;
 use legion_ir::{Ir, StageId, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
-use legion_plan::{Cluster, CoordinatorLink, Device};
+use legion_plan::{Cluster, CoordinatorLink, Device, DeviceId, TileSpec};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::process::WorkerProcess;
-use legion_runtime::{Coordinator, Reference, StepTile, Tensors};
+use legion_runtime::{Coordinator, Reference, Tensors};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -130,14 +130,14 @@ fn split_run(
         )
         .unwrap();
         assert_eq!(
-            tiling.devices.len(),
+            tiling.tiles.len(),
             devices,
             "{model} {group}: every device works"
         );
-        let tiles: Vec<StepTile> = tiling
-            .devices
+        let tiles: Vec<(DeviceId, TileSpec)> = tiling
+            .tiles
             .iter()
-            .map(|t| (t.device, t.spec()))
+            .map(|t| (DeviceId(t.slot), t.spec()))
             .collect();
         rt.block_on(coord.run_step(&tiles, &mut tensors))
             .unwrap_or_else(|e| panic!("{model} group {group}: {e:#}"));

@@ -25,16 +25,16 @@ fn assert_split_equal(ir: &Ir, reference: &Reference, first: usize, last: usize,
     let strips = strips_from_weights(height, weights);
     let tiling = tile(ir, group, &strips).unwrap();
     assert_eq!(
-        tiling.devices.len(),
+        tiling.tiles.len(),
         strips.iter().filter(|s| !s.is_empty()).count()
     );
-    for d in &tiling.devices {
+    for d in &tiling.tiles {
         let diff = check::check_tile(ir, reference, &d.spec()).unwrap();
         assert!(
             diff.max_rel < 1e-5,
             "group {group} on {} devices, device {}: {diff:?}",
             weights.len(),
-            d.device
+            d.slot
         );
     }
 }
@@ -225,7 +225,7 @@ fn a_suffix_of_a_walk_is_the_group_tiled_alone() {
             let strips = strips_from_weights(height, &[1.0, 2.0, 1.0]);
             for first in tiler.longest().first.index()..=last {
                 let tiling = tile(&ir, Group::new(first, last), &strips).unwrap();
-                for alone in &tiling.devices {
+                for alone in &tiling.tiles {
                     let walk = tiler.walk(alone.strip).unwrap();
                     let view = walk.view(&ir, legion_ir::StageId(first as u32), alone.strip);
                     let whole = alone.view();

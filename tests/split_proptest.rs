@@ -674,7 +674,7 @@ fn check_tiling(
         .enumerate()
         .filter(|(_, s)| !s.is_empty())
         .collect();
-    let devices: Vec<(usize, Rows)> = tiling.devices.iter().map(|d| (d.device, d.strip)).collect();
+    let devices: Vec<(usize, Rows)> = tiling.tiles.iter().map(|d| (d.slot, d.strip)).collect();
     prop_assert_eq!(
         &devices,
         &kept,
@@ -684,7 +684,7 @@ fn check_tiling(
     // What the devices send of each group output cuts it in order.
     for (j, o) in tiling.outputs.iter().enumerate() {
         let h = ir.stage(*o).output.height().unwrap();
-        let sent: Vec<Rows> = tiling.devices.iter().map(|d| d.sent[j].1).collect();
+        let sent: Vec<Rows> = tiling.tiles.iter().map(|d| d.sent[j].1).collect();
         let in_order = sent.first().is_some_and(|s| s.start == 0)
             && sent.last().is_some_and(|s| s.end == h)
             && sent.windows(2).all(|w| w[0].end == w[1].start);
@@ -693,17 +693,17 @@ fn check_tiling(
             "sent strips {sent:?} of output {o:?} ({h} rows) do not cut it\n{what}"
         );
     }
-    for d in &tiling.devices {
+    for d in &tiling.tiles {
         let diff = check::check_tile(ir, reference, &d.spec()).map_err(|e| {
             fail(format!(
                 "device {} (strip {:?}): {e:#}\n{what}",
-                d.device, d.strip
+                d.slot, d.strip
             ))
         })?;
         prop_assert!(
             diff.max_rel < TOLERANCE || diff.max_abs < ABS_FLOOR,
             "device {} (strip {:?}) differs: max abs {:e}, max rel {:e}\n{what}",
-            d.device,
+            d.slot,
             d.strip,
             diff.max_abs,
             diff.max_rel

@@ -222,7 +222,10 @@ fn a_real_worker_computes_on_several_threads_and_matches_one() {
             .await
             .unwrap();
         let spec = legion_partition::whole_group(&ir, legion_partition::Group::new(0, 2));
-        coord.run_step(&[(0, spec)], &mut tensors).await.unwrap();
+        coord
+            .run_step(&[(legion_plan::DeviceId(0), spec)], &mut tensors)
+            .await
+            .unwrap();
     });
     let block1 = legion_ir::TensorRef::Stage(legion_ir::StageId(2));
     let diff = legion_runtime::check::compare(

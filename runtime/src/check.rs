@@ -1,7 +1,7 @@
 //! Runs tiles on strips of a reference run and compares their outputs with the
 //! reference: the correctness check of every split.
 
-use crate::{Reference, Tile};
+use crate::{Reference, TileModel};
 use anyhow::Result;
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_plan::TileSpec;
@@ -53,7 +53,7 @@ pub fn strip(ir: &Ir, reference: &Reference, r: TensorRef, rows: Rows) -> Result
 
 /// Builds and runs `spec` on strips of the reference and compares every output strip.
 pub fn check_tile(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<Diff> {
-    let tile = Tile::build(ir, spec)?;
+    let tile = TileModel::build(ir, spec)?;
     let inputs = spec
         .inputs
         .iter()

@@ -50,7 +50,7 @@ pub struct WorkerClient {
 
 /// The result of one RunTile call.
 #[derive(Debug)]
-pub struct TileRun {
+pub struct TileResult {
     /// Output strips in [`TileSpec::outputs`] order.
     pub outputs: Vec<Tensor>,
     /// Compute time on the worker's clock, µs.
@@ -215,7 +215,7 @@ impl WorkerClient {
         model: &ModelId,
         spec: &TileSpec,
         inputs: &[Tensor],
-    ) -> Result<TileRun> {
+    ) -> Result<TileResult> {
         let req = RunTileRequest {
             model: Some(model.to_proto()),
             tile_spec_json: serde_json::to_vec(spec)?,
@@ -225,7 +225,7 @@ impl WorkerClient {
     }
 
     /// Sends a RunTile request as built by the caller.
-    pub async fn run_tile_raw(&self, req: RunTileRequest) -> Result<TileRun> {
+    pub async fn run_tile_raw(&self, req: RunTileRequest) -> Result<TileResult> {
         let mut raw = self.raw.clone();
         let reply = self
             .call("RunTile", self.compute_timeout, raw.run_tile(req))
@@ -236,7 +236,7 @@ impl WorkerClient {
             .map(from_wire)
             .collect::<Result<_>>()
             .with_context(|| format!("worker {}: decoding RunTile outputs", self.addr))?;
-        Ok(TileRun {
+        Ok(TileResult {
             outputs,
             compute_us: reply.compute_us,
             host_us: reply.host_us,

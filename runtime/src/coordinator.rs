@@ -7,13 +7,13 @@
 //! scaled to the board) and link times are modelled from the bytes that really moved
 //! ([`legion_plan::network`]). On the real clock, everything is wall time.
 
-use crate::client::{ModelId, TileRun, WorkerClient};
+use crate::client::{ModelId, TileResult, WorkerClient};
 use crate::proto::InfoReply;
 use crate::tensors::Tensors;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{
-    Clock, Cluster, Device, DeviceTiming, HostRates, LinkProbe, StepTiming, TileSpec,
+    Clock, Cluster, Device, DeviceId, DeviceTiming, HostRates, LinkProbe, StepTiming, TileSpec,
 };
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
@@ -55,9 +55,6 @@ pub struct Coordinator {
     clock: Clock,
     model: Option<ModelId>,
 }
-
-/// One device's part of a step: its index in the cluster and its tile.
-pub type StepTile = (usize, TileSpec);
 
 impl Coordinator {
     /// Connects to every device (concurrently), reads its Info and checks that it runs
@@ -114,9 +111,29 @@ impl Coordinator {
         })
     }
 
-    /// The devices, in the cluster file's order.
+    /// The devices, in the cluster file's order (a [`DeviceId`] indexes them).
     pub fn devices(&self) -> &[ConnectedDevice] {
         &self.devices
+    }
+
+    /// Every device's id, in the cluster file's order.
+    pub fn ids(&self) -> impl Iterator<Item = DeviceId> + use<> {
+        (0..self.devices.len()).map(DeviceId)
+    }
+
+    /// The id of the device named `name` in the cluster file.
+    pub fn id_of(&self, name: &str) -> Option<DeviceId> {
+        self.devices
+            .iter()
+            .position(|d| d.name() == name)
+            .map(DeviceId)
+    }
+
+    /// Device `d`; an error when the cluster has no such device.
+    pub fn device(&self, d: DeviceId) -> Result<&ConnectedDevice> {
+        self.devices
+            .get(d.index())
+            .with_context(|| format!("{d}: the cluster has {} devices", self.devices.len()))
     }
 
     /// The clock every reported time is on.
@@ -164,12 +181,12 @@ impl Coordinator {
             .ok_or_else(|| anyhow!("no model uploaded to the cluster yet"))
     }
 
-    /// Runs one step: every device's tile at once, strips cut from `tensors`, output
-    /// strips stored back into `tensors`. Returns the step's timing on the cluster's
-    /// clock.
+    /// Runs one step: every device's tile (a device with the tile program it runs) at
+    /// once, strips cut from `tensors`, output strips stored back into `tensors`.
+    /// Returns the step's timing on the cluster's clock.
     pub async fn run_step(
         &self,
-        tiles: &[StepTile],
+        tiles: &[(DeviceId, TileSpec)],
         tensors: &mut Tensors<'_>,
     ) -> Result<StepTiming> {
         let model = self.model()?.clone();
@@ -177,9 +194,7 @@ impl Coordinator {
         let mut pending = tokio::task::JoinSet::new();
         let mut bytes_in = vec![];
         for (k, (d, spec)) in tiles.iter().enumerate() {
-            let device = self.devices.get(*d).with_context(|| {
-                format!("device index {d}: the cluster has {}", self.devices.len())
-            })?;
+            let device = self.device(*d)?;
             let inputs = spec
                 .inputs
                 .iter()
@@ -199,18 +214,20 @@ impl Coordinator {
             });
         }
         let started = Instant::now();
-        let mut runs: Vec<Option<(TileRun, Duration)>> = (0..tiles.len()).map(|_| None).collect();
+        let mut runs: Vec<Option<(TileResult, Duration)>> =
+            (0..tiles.len()).map(|_| None).collect();
         while let Some(joined) = pending.join_next().await {
             let (k, r, wall) = joined.context("a tile task failed")?;
             runs[k] = Some((r?, wall));
         }
         let wall = started.elapsed();
-        let runs: Vec<(TileRun, Duration)> = runs.into_iter().map(|r| r.expect("joined")).collect();
+        let runs: Vec<(TileResult, Duration)> =
+            runs.into_iter().map(|r| r.expect("joined")).collect();
         for ((d, spec), (run, _)) in tiles.iter().zip(&runs) {
             if run.emulated != (self.clock == Clock::Emulated) {
                 bail!(
                     "device {} answered on the {} clock, the cluster is on the {} clock",
-                    self.devices[*d].name(),
+                    self.devices[d.index()].name(),
                     if run.emulated { "emulated" } else { "real" },
                     self.clock
                 );
@@ -218,7 +235,7 @@ impl Coordinator {
             ensure!(
                 run.outputs.len() == spec.outputs.len(),
                 "device {} returned {} strips for {} outputs",
-                self.devices[*d].name(),
+                self.devices[d.index()].name(),
                 run.outputs.len(),
                 spec.outputs.len()
             );
@@ -230,7 +247,10 @@ impl Coordinator {
                 tensors
                     .put(out.stage, out.rows, strip.clone())
                     .with_context(|| {
-                        format!("storing the output of device {}", self.devices[*d].name())
+                        format!(
+                            "storing the output of device {}",
+                            self.devices[d.index()].name()
+                        )
                     })?;
             }
         }
@@ -241,7 +261,7 @@ impl Coordinator {
                 .zip(&runs)
                 .zip(bytes_in.iter().zip(&bytes_out))
                 .map(|(((d, _), (run, wall)), (&bin, &bout))| {
-                    real_timing(self.devices[*d].name(), run, *wall, bin, bout)
+                    real_timing(self.devices[d.index()].name(), run, *wall, bin, bout)
                 })
                 .collect(),
         };
@@ -260,14 +280,14 @@ impl Coordinator {
     /// emulated compute times.
     fn emulated_timings(
         &self,
-        tiles: &[StepTile],
-        runs: &[(TileRun, Duration)],
+        tiles: &[(DeviceId, TileSpec)],
+        runs: &[(TileResult, Duration)],
         bytes_in: &[u64],
         bytes_out: &[u64],
     ) -> Vec<DeviceTiming> {
         let parts: Vec<StepPart> = (0..tiles.len())
             .map(|k| {
-                let link = self.devices[tiles[k].0].device.link();
+                let link = self.devices[tiles[k].0.index()].device.link();
                 StepPart {
                     bytes_in: bytes_in[k],
                     link_in: link,
@@ -281,7 +301,7 @@ impl Coordinator {
             .iter()
             .enumerate()
             .map(|(k, t)| DeviceTiming {
-                device: self.devices[tiles[k].0].name().to_string(),
+                device: self.devices[tiles[k].0.index()].name().to_string(),
                 bytes_in: bytes_in[k],
                 bytes_out: bytes_out[k],
                 in_us: t.inputs_in_us.round() as u64,
@@ -298,11 +318,11 @@ impl Coordinator {
     /// and on the emulated clock the range of the host's rates they were scaled with.
     pub async fn profile_tile(
         &self,
-        d: usize,
+        d: DeviceId,
         spec: &TileSpec,
         runs: u32,
     ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
-        let device = &self.devices[d];
+        let device = self.device(d)?;
         let reply = device
             .client
             .profile_stage(self.model()?, spec, runs)
@@ -320,8 +340,8 @@ impl Coordinator {
 
     /// Sends `bytes` to device `d` and back. The bytes really travel; on the emulated
     /// clock the times are the link model's, on the real clock half the round trip each.
-    pub async fn probe(&self, d: usize, bytes: u64) -> Result<LinkProbe> {
-        let device = &self.devices[d];
+    pub async fn probe(&self, d: DeviceId, bytes: u64) -> Result<LinkProbe> {
+        let device = self.device(d)?;
         let rtt = device
             .client
             .probe_transfer(bytes as usize)
@@ -352,7 +372,7 @@ impl Coordinator {
 
 /// Real step: the call's wall time minus the compute is the transfer time, split
 /// between in and out by bytes.
-fn real_timing(name: &str, run: &TileRun, wall: Duration, bin: u64, bout: u64) -> DeviceTiming {
+fn real_timing(name: &str, run: &TileResult, wall: Duration, bin: u64, bout: u64) -> DeviceTiming {
     let wall_us = wall.as_micros() as u64;
     let transfer = wall_us.saturating_sub(run.compute_us);
     let in_us = if bin + bout == 0 {

@@ -34,16 +34,12 @@ pub async fn run_candidate(
             .tiles
             .iter()
             .map(|t| {
-                let d = coord
-                    .devices()
-                    .iter()
-                    .position(|d| d.name() == t.device)
-                    .with_context(|| {
-                        format!(
-                            "group {g} runs on {}, which is not in the cluster",
-                            t.device
-                        )
-                    })?;
+                let d = coord.id_of(&t.device).with_context(|| {
+                    format!(
+                        "group {g} runs on {}, which is not in the cluster",
+                        t.device
+                    )
+                })?;
                 Ok((d, t.tile.clone()))
             })
             .collect::<Result<Vec<_>>>()?;

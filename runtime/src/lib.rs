@@ -8,7 +8,7 @@ mod reference;
 mod tile;
 
 pub use reference::Reference;
-pub use tile::Tile;
+pub use tile::TileModel;
 mod client;
 pub mod process;
 pub mod proto;
@@ -21,8 +21,8 @@ mod execute;
 mod local;
 mod tensors;
 
-pub use client::{DEFAULT_TIMEOUT, ModelId, TileRun, WorkerClient};
-pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator, StepTile};
+pub use client::{DEFAULT_TIMEOUT, ModelId, TileResult, WorkerClient};
+pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator};
 pub use execute::{PlanRun, run_candidate};
 pub use local::{LocalCluster, default_cache_dir, local_cluster};
 pub use tensors::Tensors;

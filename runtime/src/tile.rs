@@ -14,14 +14,14 @@ use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PaddingSpec, PoolSpec, Sum
 use tract_onnx::tract_core::ops::downsample::Downsample;
 
 /// A runnable tile: feed the strips of [`TileSpec::inputs`], get those of [`TileSpec::outputs`].
-pub struct Tile {
+pub struct TileModel {
     plan: std::sync::Arc<TypedSimplePlan>,
     spec: TileSpec,
 }
 
-impl Tile {
+impl TileModel {
     /// Builds and optimizes the tile's model.
-    pub fn build(ir: &Ir, spec: &TileSpec) -> Result<Tile> {
+    pub fn build(ir: &Ir, spec: &TileSpec) -> Result<TileModel> {
         let model = TileBuilder::new(ir).build(spec)?;
         // tract 0.23.9 fails to optimize some strided convs after a space-to-depth
         // ("Pulling Downsample over Reshape: Invalid axis", declutter too); the typed
@@ -34,7 +34,7 @@ impl Tile {
             }
         }
         .context("optimizing the tile")?;
-        Ok(Tile {
+        Ok(TileModel {
             plan,
             spec: spec.clone(),
         })
@@ -59,7 +59,7 @@ impl Tile {
         Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
     }
 
-    /// Runs the tile like [`Tile::run`], timing every node of its tract plan on `clock`:
+    /// Runs the tile like [`TileModel::run`], timing every node of its tract plan on `clock`:
     /// returns the outputs and, per node, the time its evaluation took
     /// ([`crate::emulate::run_nodes_timed`]).
     pub fn run_timed(

@@ -9,7 +9,7 @@ use crate::proto::{
     RunTileRequest, UploadReply,
 };
 use crate::wire::{from_wire, hex, is_sha256, to_wire};
-use crate::{MAX_MESSAGE_BYTES, Tile};
+use crate::{MAX_MESSAGE_BYTES, TileModel};
 use legion_ir::{Ir, TensorRef};
 use legion_plan::TileSpec;
 use sha2::{Digest, Sha256};
@@ -58,7 +58,7 @@ impl Compute {
     fn run_tile(
         &self,
         key: &str,
-        tile: &Tile,
+        tile: &TileModel,
         inputs: Vec<Tensor>,
     ) -> Result<(Vec<Tensor>, TileTime), Status> {
         let failed = |e: anyhow::Error| Status::internal(format!("running the tile: {e:#}"));
@@ -204,7 +204,7 @@ pub struct Worker {
     /// Built tiles, by model key and the TileSpec's canonical JSON, with their weight
     /// bytes, least recently used first; at most [`TILE_CACHE`] tiles and
     /// [`TILE_CACHE_WEIGHT_BYTES`].
-    tiles: Mutex<Lru<TileKey, Arc<Tile>>>,
+    tiles: Mutex<Lru<TileKey, Arc<TileModel>>>,
 }
 
 impl Worker {
@@ -288,7 +288,7 @@ impl Worker {
 
     /// The built tile of `spec` (cached under `key`, [`tile_key`]), building it on
     /// first use.
-    fn tile(&self, key: &TileKey, ir: &Ir, spec: &TileSpec) -> Result<Arc<Tile>, Status> {
+    fn tile(&self, key: &TileKey, ir: &Ir, spec: &TileSpec) -> Result<Arc<TileModel>, Status> {
         if let Some(tile) = lock(&self.tiles).get(key) {
             return Ok(tile);
         }
@@ -601,8 +601,9 @@ fn strips(ir: &Ir, spec: &TileSpec, inputs: &[F32Tensor]) -> Result<Vec<Tensor>,
         .collect()
 }
 
-fn build_tile(ir: &Ir, spec: &TileSpec) -> Result<Tile, Status> {
-    Tile::build(ir, spec).map_err(|e| Status::invalid_argument(format!("building the tile: {e:#}")))
+fn build_tile(ir: &Ir, spec: &TileSpec) -> Result<TileModel, Status> {
+    TileModel::build(ir, spec)
+        .map_err(|e| Status::invalid_argument(format!("building the tile: {e:#}")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -112,8 +112,8 @@ fn three_tiles(ir: &Ir) -> Vec<legion_plan::TileSpec> {
     let height = ir.stage(group.last).output.height().unwrap();
     let strips = strips_from_weights(height, &[1.0, 2.0, 1.0]);
     let tiling = tile(ir, group, &strips).unwrap();
-    assert_eq!(tiling.devices.len(), 3);
-    tiling.devices.iter().map(|d| d.spec()).collect()
+    assert_eq!(tiling.tiles.len(), 3);
+    tiling.tiles.iter().map(|d| d.spec()).collect()
 }
 
 fn status(e: &anyhow::Error) -> &tonic::Status {

@@ -6,7 +6,7 @@ use legion_partition::{Group, candidate_groups, strips_from_weights, tile};
 use legion_pipeline::connect;
 use legion_plan::{Cluster, Profile, ProfileMode};
 use legion_profile::ProfileOptions;
-use legion_runtime::{LocalCluster, Reference, Tile, default_cache_dir};
+use legion_runtime::{LocalCluster, Reference, TileModel, default_cache_dir};
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -196,10 +196,13 @@ fn kept_profile(
         .join("target/bench-profiles")
         .join(format!("{setup}-{tag}.json"));
     if reuse && path.exists() {
-        let p = Profile::from_json(&std::fs::read_to_string(&path)?).map_err(anyhow::Error::msg)?;
-        if p.model_sha256 == ir.sha256 {
-            eprintln!("{setup}: reusing {}", path.display());
-            return Ok(p);
+        match Profile::from_json(&std::fs::read_to_string(&path)?) {
+            Ok(p) if p.model_sha256 == ir.sha256 => {
+                eprintln!("{setup}: reusing {}", path.display());
+                return Ok(p);
+            }
+            Ok(_) => eprintln!("{setup}: {} is of another model", path.display()),
+            Err(e) => eprintln!("{setup}: not reusing {}: {e}", path.display()),
         }
     }
     let local = start_local(cluster_name)?;
@@ -319,9 +322,9 @@ fn partition() -> Result<String> {
         let mut runs = vec![];
         for n in [devices, 1] {
             let tiling = tile(&ir, group, &strips_from_weights(height, &vec![1.0; n]))?;
-            let spec = tiling.devices[0].spec();
+            let spec = tiling.tiles[0].spec();
             let t = Instant::now();
-            let built = Tile::build(&ir, &spec)?;
+            let built = TileModel::build(&ir, &spec)?;
             let build = t.elapsed();
             let inputs: Vec<Tensor> = spec
                 .inputs

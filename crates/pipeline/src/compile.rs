@@ -305,10 +305,10 @@ fn dump_table(pass: Pass, ir: &Ir, table: &CostTable, names: &[String]) -> Dump 
             .devices
             .iter()
             .map(|d| match pass {
-                Pass::Partition => format!("{} {}", names[d.device], d.strip),
+                Pass::Partition => format!("{} {}", names[d.device.index()], d.strip),
                 _ => format!(
                     "{} {:.3}/{:.3}/{:.3}",
-                    names[d.device],
+                    names[d.device.index()],
                     ms(d.in_us),
                     ms(d.compute_us),
                     ms(d.out_us)
@@ -333,9 +333,9 @@ fn dump_table(pass: Pass, ir: &Ir, table: &CostTable, names: &[String]) -> Dump 
             .devices
             .iter()
             .map(|d| match pass {
-                Pass::Partition => json!({"device": names[d.device], "strip": d.strip}),
+                Pass::Partition => json!({"device": names[d.device.index()], "strip": d.strip}),
                 _ => json!({
-                    "device": names[d.device],
+                    "device": names[d.device.index()],
                     "strip": d.strip,
                     "in_us": d.in_us,
                     "compute_us": d.compute_us,

@@ -5,7 +5,7 @@ use crate::compile::{group_label, truncate};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_partition::{Group, whole_group};
-use legion_plan::{HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming};
+use legion_plan::{DeviceId, HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming};
 use legion_runtime::check::{Diff, compare};
 use legion_runtime::{Coordinator, PlanRun, Tensors, run_candidate};
 use std::fmt::Write;
@@ -18,22 +18,23 @@ pub const CHECK_REL: f32 = 1e-5;
 pub async fn run_whole<'a>(
     coord: &Coordinator,
     ir: &'a Ir,
-    d: usize,
+    d: DeviceId,
     input: &Tensor,
 ) -> Result<(StepTiming, Tensors<'a>)> {
+    let name = coord.device(d)?.name();
     let spec = whole_group(ir, Group::new(0, ir.stages.len() - 1));
     let mut tensors = Tensors::new(ir, input.clone())?;
     let step = coord
         .run_step(&[(d, spec)], &mut tensors)
         .await
-        .with_context(|| format!("running the whole model on {}", coord.devices()[d].name()))?;
+        .with_context(|| format!("running the whole model on {name}"))?;
     Ok((step, tensors))
 }
 
 /// Every device running the whole model alone.
 pub struct Alone {
-    /// The fastest device's index.
-    pub best: usize,
+    /// The fastest device.
+    pub best: DeviceId,
     /// Its outputs.
     pub outputs: Vec<Tensor>,
     /// Per device, its name and compute time, µs.
@@ -44,20 +45,20 @@ pub struct Alone {
 
 /// Runs the whole model on every device: a warm-up on each, then once timed on each.
 pub async fn every_device_alone(coord: &Coordinator, ir: &Ir, input: &Tensor) -> Result<Alone> {
-    let mut best: Option<(usize, u64, Tensors)> = None;
+    let mut best: Option<(DeviceId, u64, Tensors)> = None;
     let mut times = vec![];
     let mut host = None;
     // Every warm-up first: emulated boards sharing a host then all time the model
     // with the host's estimate of it refined by every warm-up.
-    for d in 0..coord.devices().len() {
+    for d in coord.ids() {
         run_whole(coord, ir, d, input).await?;
     }
-    for d in 0..coord.devices().len() {
+    for d in coord.ids() {
         let (step, tensors) = run_whole(coord, ir, d, input).await?;
         host = HostRates::union(host, HostRates::of_steps([&step]));
         let us = step.total_us;
         let compute = step.devices.iter().map(|t| t.compute_us).sum();
-        times.push((coord.devices()[d].name().to_string(), compute));
+        times.push((coord.device(d)?.name().to_string(), compute));
         if best.as_ref().is_none_or(|b| us < b.1) {
             best = Some((d, us, tensors));
         }
@@ -107,7 +108,7 @@ pub async fn measure_in_rounds(
     coord: &Coordinator,
     ir: &Ir,
     input: &Tensor,
-    boards: &[usize],
+    boards: &[DeviceId],
     candidates: &[&legion_plan::Candidate],
     rounds: u32,
 ) -> Result<Measured> {
@@ -166,7 +167,7 @@ pub async fn execute(
     let candidate = plan.chosen();
     let alone = every_device_alone(coord, ir, &input).await?;
     let single = alone.best;
-    let single_name = coord.devices()[single].name().to_string();
+    let single_name = coord.device(single)?.name().to_string();
     let measured = measure_in_rounds(coord, ir, &input, &[single], &[candidate], repeat).await?;
     let host = HostRates::union(alone.host_gflops, measured.host_gflops);
     let single_us = measured.board_median(0);

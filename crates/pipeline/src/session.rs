@@ -3,7 +3,7 @@
 use crate::BadInput;
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Cluster, Profile};
+use legion_plan::{Cluster, DeviceId, Profile};
 use legion_profile::ProfileOptions;
 use legion_runtime::Coordinator;
 use std::time::Duration;
@@ -52,26 +52,28 @@ pub fn boards_of(profile: &Profile, cluster: &Cluster) -> Result<Profile> {
         )
         .into());
     }
-    let index: Vec<usize> = cluster
+    let ids: Vec<DeviceId> = cluster
         .devices
         .iter()
         .map(|d| {
-            profile
-                .devices
-                .iter()
-                .position(|p| p.name == d.name)
-                .ok_or_else(|| {
-                    BadInput(format!(
-                        "board {} of the cluster is not in the profile; profile it",
-                        d.name
-                    ))
-                })
+            profile.device_id(&d.name).ok_or_else(|| {
+                BadInput(format!(
+                    "board {} of the cluster is not in the profile; profile it",
+                    d.name
+                ))
+            })
         })
         .collect::<Result<_, _>>()?;
     let mut cut = profile.clone();
-    cut.devices = index.iter().map(|&i| profile.devices[i].clone()).collect();
+    cut.devices = ids
+        .iter()
+        .map(|d| profile.devices[d.index()].clone())
+        .collect();
     for stage in &mut cut.stages {
-        stage.samples = index.iter().map(|&i| stage.samples[i].clone()).collect();
+        stage.samples = ids
+            .iter()
+            .map(|d| stage.samples[d.index()].clone())
+            .collect();
     }
     Ok(cut)
 }

@@ -72,6 +72,26 @@ impl Link {
     }
 }
 
+/// A device of a cluster: its position in the cluster file, which is also its
+/// position in a profile of that cluster and in the coordinator. Plans and timings
+/// name devices instead ([`Device::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeviceId(pub usize);
+
+impl DeviceId {
+    /// Its position, for indexing the cluster's, profile's or coordinator's devices.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "device #{}", self.0)
+    }
+}
+
 /// One device (a worker).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "DeviceFields")]

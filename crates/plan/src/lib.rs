@@ -11,7 +11,7 @@ mod profile;
 mod tile;
 mod timing;
 
-pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, Link, PAPER_SETUPS};
+pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, DeviceId, Link, PAPER_SETUPS};
 pub use emulation::{BOARD_CLASSES, BadEmulation, BoardClass, Emulation, VGG16_FLOPS};
 pub use plan::{Candidate, DeviceProgram, PLAN_VERSION, Plan, PlanGroup, PlanTile, Step};
 pub use profile::{

@@ -3,6 +3,7 @@
 //! the cost model needs); in `fss` mode, every candidate group run whole across the
 //! cluster. The format is documented in docs/profile.md.
 
+use crate::DeviceId;
 use crate::timing::{Clock, DeviceTiming, HostRates};
 use legion_ir::{Rows, StageId};
 use serde::{Deserialize, Serialize};
@@ -136,17 +137,26 @@ pub struct GroupMeasurement {
 }
 
 impl Profile {
+    /// The id of the device named `name` in the profile.
+    pub fn device_id(&self, name: &str) -> Option<DeviceId> {
+        self.devices
+            .iter()
+            .position(|d| d.name == name)
+            .map(DeviceId)
+    }
+
     /// Parses a profile, rejecting other format versions.
     pub fn from_json(text: &str) -> Result<Profile, String> {
-        let profile: Profile = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if profile.version != PROFILE_VERSION {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a profile: {e}"))?;
+        let version = value.get("version").and_then(|v| v.as_u64());
+        if version != Some(PROFILE_VERSION as u64) {
             return Err(format!(
-                "profile format version {} is not supported (this legion reads version \
-                 {PROFILE_VERSION}); profile the cluster again",
-                profile.version
+                "profile format version {version:?} is not supported (this legion reads \
+                 version {PROFILE_VERSION}); profile the cluster again"
             ));
         }
-        Ok(profile)
+        serde_json::from_value(value).map_err(|e| format!("not a profile: {e}"))
     }
 
     /// The profile as pretty JSON.

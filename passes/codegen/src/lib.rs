@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use legion_fusion::{CostTable, Flc};
 use legion_ir::{Ir, Rows};
 use legion_partition::{Group, check_group, tile, whole_group};
-use legion_plan::{Candidate, DeviceProgram, Plan, PlanGroup, PlanTile, Step};
+use legion_plan::{Candidate, DeviceId, DeviceProgram, Plan, PlanGroup, PlanTile, Step};
 
 /// Rounds a time to whole microseconds for the plan.
 fn us(t: f64) -> u64 {
@@ -34,7 +34,7 @@ pub fn candidate(
             .entry(*choice)
             .with_context(|| format!("codegen: group {choice} is not a legal choice"))?;
         let group = Group::new(choice.first, choice.last);
-        let specs: Vec<(usize, Rows, usize, legion_plan::TileSpec)> = if entry.whole {
+        let specs: Vec<(DeviceId, Rows, usize, legion_plan::TileSpec)> = if entry.whole {
             let d = &entry.devices[0];
             vec![(d.device, d.strip, 0, whole_group(ir, group))]
         } else {
@@ -42,11 +42,11 @@ pub fn candidate(
             let tiling =
                 tile(ir, group, &cut).with_context(|| format!("codegen: tiling group {choice}"))?;
             tiling
-                .devices
+                .tiles
                 .iter()
                 .map(|t| {
                     let halo = t.stages.iter().map(|s| s.halo_rows).sum();
-                    (entry.devices[t.device].device, t.strip, halo, t.spec())
+                    (entry.devices[t.slot].device, t.strip, halo, t.spec())
                 })
                 .collect()
         };
@@ -59,7 +59,7 @@ pub fn candidate(
                     .find(|c| c.device == d)
                     .expect("a tiled device has a cost");
                 PlanTile {
-                    device: devices[d].clone(),
+                    device: devices[d.index()].clone(),
                     strip,
                     halo_rows,
                     in_us: us(cost.in_us),
@@ -193,10 +193,10 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
             let cut: Vec<Rows> = group.tiles.iter().map(|t| t.strip).collect();
             let tiling = tile(ir, range, &cut).with_context(|| format!("group {g}"))?;
             ensure!(
-                tiling.devices.len() == group.tiles.len(),
+                tiling.tiles.len() == group.tiles.len(),
                 "group {g}: a device has an empty strip"
             );
-            for (t, want) in group.tiles.iter().zip(&tiling.devices) {
+            for (t, want) in group.tiles.iter().zip(&tiling.tiles) {
                 if t.tile != want.spec() {
                     bail!(
                         "group {g}: the tile of device {} is not the one its strip {} needs",

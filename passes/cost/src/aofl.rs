@@ -10,7 +10,7 @@
 
 use crate::fit::least_squares;
 use legion_ir::{Ir, Stage, StageKind};
-use legion_partition::StageTile;
+use legion_partition::StageInTile;
 use legion_plan::Profile;
 
 /// Which regression a stage uses.
@@ -107,7 +107,7 @@ impl Regressions {
     }
 
     /// The predicted time of a stage's tile, µs (never negative).
-    pub(crate) fn predict(&self, ir: &Ir, st: &StageTile) -> f64 {
+    pub(crate) fn predict(&self, ir: &Ir, st: &StageInTile) -> f64 {
         if st.computed.is_empty() {
             return 0.0;
         }

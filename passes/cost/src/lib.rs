@@ -23,7 +23,7 @@ use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{Group, SuffixTiler, TileView, boundary, rebalance, tile};
 use legion_plan::network::{StepPart, step_timeline};
-use legion_plan::{Link, Profile, ProfileMode};
+use legion_plan::{DeviceId, Link, Profile, ProfileMode};
 use rustc_hash::FxHasher;
 use serde::Serialize;
 use std::cell::RefCell;
@@ -74,8 +74,8 @@ impl FromStr for Predictor {
 /// One device's predicted part of a group, µs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DevicePrediction {
-    /// Index of the device in the profile.
-    pub device: usize,
+    /// The device.
+    pub device: DeviceId,
     /// Its strip of the group's last stage.
     pub strip: Rows,
     /// Input strips arriving.
@@ -104,7 +104,7 @@ pub struct Prediction {
 }
 
 /// Shares are cached per predictor, group and device subset.
-type SharesKey = (Predictor, Group, Vec<usize>);
+type SharesKey = (Predictor, Group, Vec<DeviceId>);
 
 /// Predicts group times from one profile of one model.
 pub struct CostModel<'a> {
@@ -117,7 +117,7 @@ pub struct CostModel<'a> {
     samples: Vec<Vec<Vec<(f64, f64)>>>,
     /// Per stage, per device: (intercept µs, µs per row) of the line through them.
     lines: Vec<Vec<(f64, f64)>>,
-    shares: Mutex<HashMap<SharesKey, Vec<(usize, Rows)>>>,
+    shares: Mutex<HashMap<SharesKey, Vec<(DeviceId, Rows)>>>,
 }
 
 impl<'a> CostModel<'a> {
@@ -200,20 +200,20 @@ impl<'a> CostModel<'a> {
     }
 
     /// The devices' names.
-    pub fn device_name(&self, d: usize) -> &str {
-        &self.profile.devices[d].name
+    pub fn device_name(&self, d: DeviceId) -> &str {
+        &self.profile.devices[d.index()].name
     }
 
     /// E_d(l, rows): the single-stage time interpolated at `rows` output rows.
-    pub fn stage_time(&self, d: usize, s: StageId, rows: usize) -> f64 {
-        interpolate(&self.samples[s.index()][d], rows as f64)
+    pub fn stage_time(&self, d: DeviceId, s: StageId, rows: usize) -> f64 {
+        interpolate(&self.samples[s.index()][d.index()], rows as f64)
     }
 
     /// E_d(l, rows) on the least-squares line through the stage's samples: what
     /// [`Predictor::Affine`] uses, since fused row counts often lie past the samples,
     /// where the last segment's noisy slope would be extended.
-    fn stage_time_fitted(&self, d: usize, s: StageId, rows: usize) -> f64 {
-        let (intercept, slope) = self.lines[s.index()][d];
+    fn stage_time_fitted(&self, d: DeviceId, s: StageId, rows: usize) -> f64 {
+        let (intercept, slope) = self.lines[s.index()][d.index()];
         (intercept + slope * rows as f64).max(0.0)
     }
 
@@ -228,14 +228,14 @@ impl<'a> CostModel<'a> {
         &self,
         predictor: Predictor,
         group: Group,
-        strips: &[(usize, Rows)],
+        strips: &[(DeviceId, Rows)],
     ) -> Result<Prediction> {
         let cut: Vec<Rows> = strips.iter().map(|(_, r)| *r).collect();
         let tiling = tile(self.ir, group, &cut)?;
-        let views: Vec<(usize, TileView)> = tiling
-            .devices
+        let views: Vec<(DeviceId, TileView)> = tiling
+            .tiles
             .iter()
-            .map(|t| (strips[t.device].0, t.view()))
+            .map(|t| (strips[t.slot].0, t.view()))
             .collect();
         Ok(self.predict_views(predictor, group, &views))
     }
@@ -245,7 +245,7 @@ impl<'a> CostModel<'a> {
         &self,
         predictor: Predictor,
         group: Group,
-        tiles: &[(usize, TileView)],
+        tiles: &[(DeviceId, TileView)],
     ) -> Prediction {
         let mut devices: Vec<DevicePrediction> = tiles
             .iter()
@@ -265,7 +265,7 @@ impl<'a> CostModel<'a> {
     }
 
     /// A device's prediction as if its transfers had the coordinator to themselves.
-    fn device_alone(&self, predictor: Predictor, d: usize, t: &TileView) -> DevicePrediction {
+    fn device_alone(&self, predictor: Predictor, d: DeviceId, t: &TileView) -> DevicePrediction {
         let fused_in: u64 = t
             .received
             .iter()
@@ -292,7 +292,7 @@ impl<'a> CostModel<'a> {
                 } else {
                     1.0
                 };
-                let inputs_in = alpha_in * self.link_in[d].time_us(alone_in.round() as u64);
+                let inputs_in = alpha_in * self.link_in[d.index()].time_us(alone_in.round() as u64);
                 let compute = t
                     .stages
                     .iter()
@@ -321,18 +321,18 @@ impl<'a> CostModel<'a> {
                         (st.stage, e)
                     })
                     .collect();
-                (self.link_in[d].time_us(fused_in), compute)
+                (self.link_in[d.index()].time_us(fused_in), compute)
             }
             Predictor::Aofl => {
                 let compute = t
                     .stages
                     .iter()
-                    .map(|st| (st.stage, self.aofl[d].predict(self.ir, st)))
+                    .map(|st| (st.stage, self.aofl[d.index()].predict(self.ir, st)))
                     .collect();
-                (self.link_in[d].time_us(fused_in), compute)
+                (self.link_in[d.index()].time_us(fused_in), compute)
             }
         };
-        let out_us = self.link_out[d].time_us(out);
+        let out_us = self.link_out[d.index()].time_us(out);
         let total_us = in_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + out_us;
         DevicePrediction {
             device: d,
@@ -346,7 +346,7 @@ impl<'a> CostModel<'a> {
 
     /// Affine: the step timeline the emulated coordinator uses ([`step_timeline`]), on
     /// the fitted links.
-    fn share_the_hub(&self, tiles: &[(usize, TileView)], devices: &mut [DevicePrediction]) {
+    fn share_the_hub(&self, tiles: &[(DeviceId, TileView)], devices: &mut [DevicePrediction]) {
         let hub = self.profile.coordinator_mbps;
         let link = |a: &Affine| Link {
             mbps: if a.us_per_byte > 0.0 {
@@ -380,10 +380,10 @@ impl<'a> CostModel<'a> {
             .enumerate()
             .map(|(k, ((d, _), p))| StepPart {
                 bytes_in: bytes_in[k],
-                link_in: link(&self.link_in[*d]),
+                link_in: link(&self.link_in[d.index()]),
                 compute_us: p.compute_us.iter().map(|(_, e)| e).sum::<f64>(),
                 bytes_out: bytes_out[k],
-                link_out: link(&self.link_out[*d]),
+                link_out: link(&self.link_out[d.index()]),
             })
             .collect();
         let timeline = step_timeline(&parts, hub);
@@ -398,7 +398,7 @@ impl<'a> CostModel<'a> {
     /// allowed: nothing is split): each stage's measured whole-stage time (interpolated
     /// at its height for a splittable stage), the tensors entering the group sent whole
     /// and the tensors leaving it received whole. The same for every predictor.
-    pub fn predict_one(&self, group: Group, d: usize) -> DevicePrediction {
+    pub fn predict_one(&self, group: Group, d: DeviceId) -> DevicePrediction {
         let all = |r: TensorRef| Rows::new(0, self.ir.tensor(r).height().unwrap_or(0));
         let (inputs, outputs) = boundary(self.ir, group);
         let bytes_in: u64 = inputs.iter().map(|r| self.bytes(*r, all(*r))).sum();
@@ -416,8 +416,8 @@ impl<'a> CostModel<'a> {
                 (s, self.stage_time(d, s, rows))
             })
             .collect();
-        let in_us = self.link_in[d].time_us(bytes_in);
-        let out_us = self.link_out[d].time_us(bytes_out);
+        let in_us = self.link_in[d.index()].time_us(bytes_in);
+        let out_us = self.link_out[d.index()].time_us(bytes_out);
         let total_us = in_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + out_us;
         DevicePrediction {
             device: d,
@@ -437,8 +437,8 @@ impl<'a> CostModel<'a> {
         &self,
         predictor: Predictor,
         group: Group,
-        devices: &[usize],
-    ) -> Result<Vec<(usize, Rows)>> {
+        devices: &[DeviceId],
+    ) -> Result<Vec<(DeviceId, Rows)>> {
         let tiler = SuffixTiler::new(self.ir, group.last)?;
         GroupShares::new(self, &tiler, predictor, group)?.over(devices)
     }
@@ -448,7 +448,7 @@ impl<'a> CostModel<'a> {
         &self,
         predictor: Predictor,
         group: Group,
-        devices: &[usize],
+        devices: &[DeviceId],
     ) -> Result<Prediction> {
         let shares = self.shares(predictor, group, devices)?;
         self.predict(predictor, group, &shares)
@@ -466,7 +466,7 @@ pub struct GroupShares<'m, 'a> {
     predictor: Predictor,
     group: Group,
     /// (device, strip) -> predicted µs with its transfers alone.
-    memo: RefCell<HashMap<(usize, Rows), f64, BuildHasherDefault<FxHasher>>>,
+    memo: RefCell<HashMap<(DeviceId, Rows), f64, BuildHasherDefault<FxHasher>>>,
 }
 
 impl<'m, 'a> GroupShares<'m, 'a> {
@@ -494,7 +494,7 @@ impl<'m, 'a> GroupShares<'m, 'a> {
 
     /// Min-max shares over `devices`, in that order; devices given no rows are left
     /// out. Cached in the cost model per (predictor, group, devices).
-    pub fn over(&self, devices: &[usize]) -> Result<Vec<(usize, Rows)>> {
+    pub fn over(&self, devices: &[DeviceId]) -> Result<Vec<(DeviceId, Rows)>> {
         ensure!(!devices.is_empty(), "a group needs at least one device");
         let model = self.model;
         let key = (self.predictor, self.group, devices.to_vec());
@@ -517,7 +517,7 @@ impl<'m, 'a> GroupShares<'m, 'a> {
             c
         };
         let strips = rebalance(self.tiler.height(), devices.len(), cost);
-        let shares: Vec<(usize, Rows)> = devices
+        let shares: Vec<(DeviceId, Rows)> = devices
             .iter()
             .zip(strips)
             .filter(|(_, r)| !r.is_empty())
@@ -535,14 +535,14 @@ impl<'m, 'a> GroupShares<'m, 'a> {
     /// walks; `None` when `legal` rejects a device's tile (device, tile).
     pub fn predict_if(
         &self,
-        shares: &[(usize, Rows)],
-        legal: impl Fn(usize, &TileView) -> bool,
+        shares: &[(DeviceId, Rows)],
+        legal: impl Fn(DeviceId, &TileView) -> bool,
     ) -> Result<Option<Prediction>> {
         let walks = shares
             .iter()
             .map(|(_, strip)| self.tiler.walk(*strip))
             .collect::<Result<Vec<_>, _>>()?;
-        let views: Vec<(usize, TileView)> = shares
+        let views: Vec<(DeviceId, TileView)> = shares
             .iter()
             .zip(&walks)
             .map(|((d, strip), w)| (*d, w.view(self.model.ir, self.group.first, *strip)))

@@ -6,7 +6,7 @@ use legion_ir::{Ir, Rows, StageId, import};
 use legion_partition::{Group, scale_cut, strips_from_weights, tile};
 use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{
-    Clock, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
+    Clock, DeviceId, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
     StageProfile,
 };
 use proptest::prelude::*;
@@ -93,7 +93,10 @@ fn the_three_predictors_on_a_worked_example() {
     // E(conv1) = 100 µs per row, E(conv2) = 300 µs per row
     let profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
     let model = CostModel::new(&ir, &profile).unwrap();
-    let strips = [(0, Rows::new(0, 12)), (1, Rows::new(12, 24))];
+    let strips = [
+        (DeviceId(0), Rows::new(0, 12)),
+        (DeviceId(1), Rows::new(12, 24)),
+    ];
     let group = Group::new(0, 1);
     let s = |bytes: f64| 200.0 + 0.08 * bytes;
 
@@ -132,7 +135,10 @@ fn a_shared_coordinator_link_slows_the_affine_scatter() {
     let mut profile = linear_profile(&ir, 2, |_| 100);
     profile.coordinator_mbps = 100.0;
     let model = CostModel::new(&ir, &profile).unwrap();
-    let strips = [(0, Rows::new(0, 24)), (1, Rows::new(24, 48))];
+    let strips = [
+        (DeviceId(0), Rows::new(0, 24)),
+        (DeviceId(1), Rows::new(24, 48)),
+    ];
     let p = model
         .predict(Predictor::Affine, Group::new(0, 0), &strips)
         .unwrap();
@@ -154,7 +160,10 @@ fn the_affine_predictor_follows_the_emulated_step_timeline() {
     // The worked example's group and cut: device 0 receives 26 input rows and computes
     // 25 conv1 + 12 conv2 rows; device 1 receives 27 and computes 26 + 12; each sends
     // 12 conv2 rows (1280 bytes each) back.
-    let strips = [(0, Rows::new(0, 12)), (1, Rows::new(12, 24))];
+    let strips = [
+        (DeviceId(0), Rows::new(0, 12)),
+        (DeviceId(1), Rows::new(12, 24)),
+    ];
     let p = model
         .predict(Predictor::Affine, Group::new(0, 1), &strips)
         .unwrap();
@@ -219,7 +228,11 @@ fn aofl_recovers_a_conv_regression_it_was_fitted_on() {
     }
     let model = CostModel::new(&ir, &profile).unwrap();
     let p = model
-        .predict(Predictor::Aofl, Group::new(0, 0), &[(0, Rows::new(0, 48))])
+        .predict(
+            Predictor::Aofl,
+            Group::new(0, 0),
+            &[(DeviceId(0), Rows::new(0, 48))],
+        )
         .unwrap();
     assert!(
         (p.devices[0].compute_us[0].1 - aofl(0, 48) as f64).abs() < 1.0,
@@ -239,13 +252,18 @@ fn min_max_shares_follow_device_speed() {
     }
     let model = CostModel::new(&ir, &profile).unwrap();
     let group = Group::new(0, 0);
-    let shares = model.shares(Predictor::Legion, group, &[0, 1]).unwrap();
+    let shares = model
+        .shares(Predictor::Legion, group, &[DeviceId(0), DeviceId(1)])
+        .unwrap();
     assert_eq!(shares.len(), 2);
     let fast = shares[0].1.len();
     assert!(fast > 48 - fast, "{shares:?}");
     // Min-max: moving the cut one row either way does not lower the slowest device.
     let worst = |cut: usize| {
-        let strips = [(0, Rows::new(0, cut)), (1, Rows::new(cut, 48))];
+        let strips = [
+            (DeviceId(0), Rows::new(0, cut)),
+            (DeviceId(1), Rows::new(cut, 48)),
+        ];
         model
             .predict(Predictor::Legion, group, &strips)
             .unwrap()
@@ -258,7 +276,7 @@ fn min_max_shares_follow_device_speed() {
     );
     close(
         model
-            .group(Predictor::Legion, group, &[0, 1])
+            .group(Predictor::Legion, group, &[DeviceId(0), DeviceId(1)])
             .unwrap()
             .total_us,
         best,
@@ -301,14 +319,14 @@ proptest! {
         let h_last = ir.stage(StageId(last as u32)).output.height().unwrap();
         let strips = strips_from_weights(h_last, &weights);
         let big = tile(&ir, Group::new(first, last), &strips).unwrap();
-        for t in &big.devices {
+        for t in &big.tiles {
             prop_assert_eq!(t.stage(StageId(last as u32)).alpha, Some(1.0));
         }
         for j in first..last {
             let h_j = ir.stage(StageId(j as u32)).output.height().unwrap();
             let small = tile(&ir, Group::new(first, j), &scale_cut(&strips, h_last, h_j)).unwrap();
-            for t in &small.devices {
-                let Some(b) = big.devices.iter().find(|b| b.device == t.device) else { continue };
+            for t in &small.tiles {
+                let Some(b) = big.tiles.iter().find(|b| b.slot == t.slot) else { continue };
                 for st in &t.stages {
                     let wide = b.stage(st.stage);
                     if wide.alone != st.alone {
@@ -318,8 +336,8 @@ proptest! {
                     if let (Some(a_small), Some(a_big)) = (st.alpha, wide.alpha) {
                         prop_assert!(
                             a_big >= a_small - 1e-12,
-                            "{} stage {} device {}: alpha {} in {}..={} < {} in {}..={}",
-                            model, st.stage, t.device, a_big, first, last, a_small, first, j
+                            "{} stage {} slot {}: alpha {} in {}..={} < {} in {}..={}",
+                            model, st.stage, t.slot, a_big, first, last, a_small, first, j
                         );
                     }
                 }

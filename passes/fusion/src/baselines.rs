@@ -1,7 +1,7 @@
 //! The fused-layer configurations the paper compares Legion with, built on the same
 //! cost table as the search so that they are costed and emitted alike.
 
-use crate::{Choice, Flc, GroupCosts};
+use crate::{Flc, FlcGroup, GroupCosts};
 use legion_ir::Ir;
 
 impl Flc {
@@ -34,8 +34,8 @@ impl Flc {
 
 /// The legal choice for stages `first..=last` with the most devices; one device when
 /// none is legal (the FLC's cost is then infinite).
-fn widest(table: &impl GroupCosts, first: usize, last: usize) -> Choice {
-    let choice = |devices| Choice {
+fn widest(table: &impl GroupCosts, first: usize, last: usize) -> FlcGroup {
+    let choice = |devices| FlcGroup {
         first,
         last,
         devices,

@@ -1,7 +1,7 @@
 //! The plain dynamic program over the same costs as the e-graph: with additive group
 //! costs the best FLC is a shortest path over the stage boundaries.
 
-use crate::{Choice, Cost, Flc, GroupCosts};
+use crate::{Cost, Flc, FlcGroup, GroupCosts};
 use anyhow::{Result, bail};
 
 /// The cheapest FLC: `best[j + 1] = min over i <= j and options k of best[i] + cost(i, j, k)`.
@@ -10,7 +10,7 @@ pub fn search_dp(table: &impl GroupCosts) -> Result<Flc> {
     if n == 0 {
         bail!("the model has no stages");
     }
-    let mut best: Vec<(Cost, Option<Choice>)> = vec![(Cost::INFINITY, None); n + 1];
+    let mut best: Vec<(Cost, Option<FlcGroup>)> = vec![(Cost::INFINITY, None); n + 1];
     best[0].0 = Cost::ZERO;
     for last in 0..n {
         for first in 0..=last {
@@ -22,7 +22,7 @@ pub fn search_dp(table: &impl GroupCosts) -> Result<Flc> {
                 if c < best[last + 1].0 {
                     best[last + 1] = (
                         c,
-                        Some(Choice {
+                        Some(FlcGroup {
                             first,
                             last,
                             devices,

@@ -23,7 +23,7 @@ mod wildcard;
 
 pub use cost::Cost;
 pub use dp::search_dp;
-pub use rules::{EggStats, Fused, Fusion, search_egg};
+pub use rules::{EggStats, search_egg};
 pub use table::{CostTable, DeviceCost, Entry, Legality, device_order};
 pub use wildcard::{WildCard, wild_card};
 
@@ -42,7 +42,7 @@ pub trait GroupCosts {
 
 /// One group of an FLC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Choice {
+pub struct FlcGroup {
     /// First stage.
     pub first: usize,
     /// Last stage.
@@ -51,7 +51,7 @@ pub struct Choice {
     pub devices: usize,
 }
 
-impl fmt::Display for Choice {
+impl fmt::Display for FlcGroup {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "{}..{} x{}", self.first, self.last, self.devices)
     }
@@ -61,14 +61,14 @@ impl fmt::Display for Choice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Flc {
     /// The groups, in stage order.
-    pub groups: Vec<Choice>,
+    pub groups: Vec<FlcGroup>,
     /// The sum of their costs.
     pub cost: Cost,
 }
 
 impl Flc {
     /// Builds an FLC from its groups, costed by `table`.
-    pub fn new(table: &impl GroupCosts, groups: Vec<Choice>) -> Flc {
+    pub fn new(table: &impl GroupCosts, groups: Vec<FlcGroup>) -> Flc {
         let cost = groups.iter().fold(Cost::ZERO, |sum, g| {
             sum + table.cost(g.first, g.last, g.devices)
         });
@@ -91,7 +91,7 @@ impl Flc {
 
 impl fmt::Display for Flc {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let groups: Vec<String> = self.groups.iter().map(Choice::to_string).collect();
+        let groups: Vec<String> = self.groups.iter().map(FlcGroup::to_string).collect();
         write!(f, "[{}] {}", groups.join(", "), self.cost)
     }
 }

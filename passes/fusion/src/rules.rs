@@ -15,7 +15,7 @@
 //! The associativity form `(seq a (seq b c)) <=> (seq (seq a b) c)` is never used: it
 //! grows O(n^3) nodes.
 
-use crate::{Choice, Cost, Flc, GroupCosts};
+use crate::{Cost, Flc, FlcGroup, GroupCosts};
 use anyhow::{Result, bail};
 use egg::{
     Analysis, Applier, CostFunction, DidMerge, EGraph, Extractor, Id, Language, PatternAst,
@@ -26,25 +26,25 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// A group: stages `first..=last` under a device option, written `g3-7x2`.
+/// An [`FlcGroup`] as an e-graph leaf, written `g3-7x2`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Fused(pub Choice);
+struct Leaf(FlcGroup);
 
-impl fmt::Display for Fused {
+impl fmt::Display for Leaf {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "g{}-{}x{}", self.0.first, self.0.last, self.0.devices)
     }
 }
 
-impl FromStr for Fused {
+impl FromStr for Leaf {
     type Err = String;
-    fn from_str(s: &str) -> Result<Fused, String> {
+    fn from_str(s: &str) -> Result<Leaf, String> {
         let bad = || format!("`{s}` is not a group like g3-7x2");
         let rest = s.strip_prefix('g').ok_or_else(bad)?;
         let (span, devices) = rest.split_once('x').ok_or_else(bad)?;
         let (first, last) = span.split_once('-').ok_or_else(bad)?;
         let num = |t: &str| t.parse::<usize>().map_err(|_| bad());
-        Ok(Fused(Choice {
+        Ok(Leaf(FlcGroup {
             first: num(first)?,
             last: num(last)?,
             devices: num(devices)?,
@@ -54,9 +54,9 @@ impl FromStr for Fused {
 
 define_language! {
     /// FLCs as terms: `(seq group rest)` and group leaves.
-    pub enum Fusion {
+    enum Fusion {
         "seq" = Seq([Id; 2]),
-        Group(Fused),
+        Group(Leaf),
     }
 }
 
@@ -82,7 +82,7 @@ impl Analysis<Fusion> for Spans {
 
     fn make(egraph: &mut FusionGraph, enode: &Fusion, _id: Id) -> (usize, usize) {
         match enode {
-            Fusion::Group(Fused(c)) => (c.first, c.last),
+            Fusion::Group(Leaf(c)) => (c.first, c.last),
             Fusion::Seq([a, b]) => (egraph[*a].data.0, egraph[*b].data.1),
         }
     }
@@ -105,7 +105,7 @@ fn add_group(egraph: &mut FusionGraph, first: usize, last: usize) -> Id {
     }
     let mut class: Option<Id> = None;
     for devices in options {
-        let id = egraph.add(Fusion::Group(Fused(Choice {
+        let id = egraph.add(Fusion::Group(Leaf(FlcGroup {
             first,
             last,
             devices,
@@ -204,8 +204,8 @@ impl<T: GroupCosts> CostFunction<Fusion> for TableCost<'_, T> {
     {
         match enode {
             Fusion::Seq([a, b]) => costs(*a) + costs(*b),
-            Fusion::Group(Fused(c)) if c.devices == 0 => Cost::INFINITY,
-            Fusion::Group(Fused(c)) => self.0.cost(c.first, c.last, c.devices),
+            Fusion::Group(Leaf(c)) if c.devices == 0 => Cost::INFINITY,
+            Fusion::Group(Leaf(c)) => self.0.cost(c.first, c.last, c.devices),
         }
     }
 }
@@ -290,10 +290,10 @@ pub fn search_egg(table: &impl GroupCosts) -> Result<(Flc, EggStats)> {
 }
 
 /// The groups of an extracted term, in stage order.
-fn groups_of(expr: &RecExpr<Fusion>) -> Vec<Choice> {
-    fn walk(expr: &RecExpr<Fusion>, id: Id, out: &mut Vec<Choice>) {
+fn groups_of(expr: &RecExpr<Fusion>) -> Vec<FlcGroup> {
+    fn walk(expr: &RecExpr<Fusion>, id: Id, out: &mut Vec<FlcGroup>) {
         match &expr[id] {
-            Fusion::Group(Fused(c)) => out.push(*c),
+            Fusion::Group(Leaf(c)) => out.push(*c),
             node => node.for_each(|child| walk(expr, child, out)),
         }
     }
@@ -321,8 +321,8 @@ mod tests {
         }
     }
 
-    fn c(first: usize, last: usize, devices: usize) -> Choice {
-        Choice {
+    fn c(first: usize, last: usize, devices: usize) -> FlcGroup {
+        FlcGroup {
             first,
             last,
             devices,
@@ -331,11 +331,11 @@ mod tests {
 
     #[test]
     fn groups_print_and_parse() {
-        let g: Fused = "g3-7x2".parse().unwrap();
+        let g: Leaf = "g3-7x2".parse().unwrap();
         assert_eq!(g.0, c(3, 7, 2));
         assert_eq!(g.to_string(), "g3-7x2");
-        assert!("g3x2".parse::<Fused>().is_err());
-        assert!("h3-7x2".parse::<Fused>().is_err());
+        assert!("g3x2".parse::<Leaf>().is_err());
+        assert!("h3-7x2".parse::<Leaf>().is_err());
     }
 
     /// fuse-head: `(seq g0 (seq g1 g2))` reaches `(seq g0-1 g2)` when fusing is cheaper.

@@ -2,12 +2,12 @@
 //! cost pass's predictions ([`CostTable::predicted`]) or from an FSS profile's
 //! measurements ([`CostTable::measured`]), with the legality rules applied.
 
-use crate::{Choice, Cost, GroupCosts};
+use crate::{Cost, FlcGroup, GroupCosts};
 use anyhow::{Context, Result, bail, ensure};
 use legion_cost::{CostModel, DevicePrediction, GroupShares, Predictor};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{Group, SuffixTiler, TileView, check_group, whole_group};
-use legion_plan::{Cluster, DeviceTiming, Profile, ProfileMode, TileSpec};
+use legion_plan::{Cluster, DeviceId, DeviceTiming, Profile, ProfileMode, TileSpec};
 use std::collections::HashMap;
 
 /// How one group runs under one device option.
@@ -25,7 +25,7 @@ pub struct Entry {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceCost {
     /// The device (profile order).
-    pub device: usize,
+    pub device: DeviceId,
     /// Its strip of the last stage's output rows.
     pub strip: Rows,
     /// Until its input strips have arrived.
@@ -73,8 +73,8 @@ impl Legality {
         }
     }
 
-    fn fits(&self, ir: &Ir, device: usize, spec: &TileSpec) -> bool {
-        match self.memory_bytes.get(device).copied().flatten() {
+    fn fits(&self, ir: &Ir, device: DeviceId, spec: &TileSpec) -> bool {
+        match self.memory_bytes.get(device.index()).copied().flatten() {
             Some(limit) => tile_bytes(ir, spec) <= limit,
             None => true,
         }
@@ -103,13 +103,13 @@ fn tile_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
     weights + received + computed
 }
 
-/// Profile device indices, fastest first (by measured GFLOP/s, then cluster order).
-pub fn device_order(profile: &Profile) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..profile.devices.len()).collect();
+/// The profile's devices, fastest first (by measured GFLOP/s, then cluster order).
+pub fn device_order(profile: &Profile) -> Vec<DeviceId> {
+    let mut order: Vec<DeviceId> = (0..profile.devices.len()).map(DeviceId).collect();
     order.sort_by(|&a, &b| {
-        profile.devices[b]
+        profile.devices[b.index()]
             .gflops
-            .total_cmp(&profile.devices[a].gflops)
+            .total_cmp(&profile.devices[a.index()].gflops)
             .then(a.cmp(&b))
     });
     order
@@ -120,7 +120,7 @@ pub fn device_order(profile: &Profile) -> Vec<usize> {
 pub struct CostTable {
     stages: usize,
     options: usize,
-    entries: HashMap<Choice, Entry>,
+    entries: HashMap<FlcGroup, Entry>,
 }
 
 impl GroupCosts for CostTable {
@@ -132,7 +132,7 @@ impl GroupCosts for CostTable {
     }
     fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
         self.entries
-            .get(&Choice {
+            .get(&FlcGroup {
                 first,
                 last,
                 devices,
@@ -143,13 +143,13 @@ impl GroupCosts for CostTable {
 
 impl CostTable {
     /// How `choice` runs; `None` when it is illegal.
-    pub fn entry(&self, choice: Choice) -> Option<&Entry> {
+    pub fn entry(&self, choice: FlcGroup) -> Option<&Entry> {
         self.entries.get(&choice)
     }
 
     /// Every legal choice and how it runs, by first stage, then last, then devices.
-    pub fn entries(&self) -> Vec<(Choice, &Entry)> {
-        let mut all: Vec<(Choice, &Entry)> = self.entries.iter().map(|(c, e)| (*c, e)).collect();
+    pub fn entries(&self) -> Vec<(FlcGroup, &Entry)> {
+        let mut all: Vec<(FlcGroup, &Entry)> = self.entries.iter().map(|(c, e)| (*c, e)).collect();
         all.sort_by_key(|(c, _)| *c);
         all
     }
@@ -187,11 +187,11 @@ impl CostTable {
         let threads = std::thread::available_parallelism()
             .map_or(1, |t| t.get())
             .min(n.max(1));
-        let rows: Vec<Vec<(Choice, Entry)>> = std::thread::scope(|scope| {
+        let rows: Vec<Vec<(FlcGroup, Entry)>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|t| {
                     let order = &order;
-                    scope.spawn(move || -> Result<Vec<(Choice, Entry)>> {
+                    scope.spawn(move || -> Result<Vec<(FlcGroup, Entry)>> {
                         let mut mine = vec![];
                         for last in (t..n).step_by(threads) {
                             mine.extend(entries_to(ir, model, predictor, legality, order, last)?);
@@ -231,14 +231,12 @@ impl CostTable {
             );
         }
         let all = profile.devices.len();
-        let index = |name: &str| -> Result<usize> {
+        let index = |name: &str| -> Result<DeviceId> {
             profile
-                .devices
-                .iter()
-                .position(|d| d.name == name)
+                .device_id(name)
                 .with_context(|| format!("device {name} of a measurement is not in the profile"))
         };
-        let mut entries: HashMap<Choice, Entry> = HashMap::new();
+        let mut entries: HashMap<FlcGroup, Entry> = HashMap::new();
         for g in &profile.groups {
             let (first, last) = (g.first.index(), g.last.index());
             ensure!(
@@ -261,7 +259,7 @@ impl CostTable {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let barrier = check_group(ir, first, last).is_err();
-            let choice = Choice {
+            let choice = FlcGroup {
                 first,
                 last,
                 devices: if barrier { 1 } else { all },
@@ -290,9 +288,9 @@ fn entries_to(
     model: &CostModel,
     predictor: Predictor,
     legality: &Legality,
-    order: &[usize],
+    order: &[DeviceId],
     last: usize,
-) -> Result<Vec<(Choice, Entry)>> {
+) -> Result<Vec<(FlcGroup, Entry)>> {
     let mut entries = vec![];
     let tiler = match check_group(ir, last, last) {
         Ok(_) => Some(SuffixTiler::new(ir, StageId(last as u32))?),
@@ -305,12 +303,13 @@ fn entries_to(
         let group = Group::new(first, last);
         let whole = whole_group(ir, group);
         let best_one = (0..order.len())
+            .map(DeviceId)
             .filter(|&d| legality.fits(ir, d, &whole))
             .map(|d| model.predict_one(group, d))
             .min_by(|a, b| a.total_us.total_cmp(&b.total_us));
         if let Some(p) = best_one {
             entries.push((
-                Choice {
+                FlcGroup {
                     first,
                     last,
                     devices: 1,
@@ -330,12 +329,12 @@ fn entries_to(
             let shares = search
                 .over(&order[..k])
                 .with_context(|| format!("shares of group {group} on {k} devices"))?;
-            let legal = |device: usize, t: &TileView| legality.fits(ir, device, &t.spec());
+            let legal = |device: DeviceId, t: &TileView| legality.fits(ir, device, &t.spec());
             let Some(prediction) = search.predict_if(&shares, legal)? else {
                 continue;
             };
             entries.push((
-                Choice {
+                FlcGroup {
                     first,
                     last,
                     devices: k,

@@ -1,7 +1,7 @@
 //! Wild Card (the paper's hedge against prediction error): from the extracted FLC,
 //! merge the adjacent pair of groups whose merge raises the cost least.
 
-use crate::{Choice, Cost, Flc, GroupCosts};
+use crate::{Cost, Flc, FlcGroup, GroupCosts};
 
 /// The Wild Card FLC and the merge that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,11 +15,11 @@ pub struct WildCard {
 /// The cheapest legal merge of two adjacent groups of `flc`; `None` when `flc` has one
 /// group or no adjacent pair can legally merge.
 pub fn wild_card(table: &impl GroupCosts, flc: &Flc) -> Option<WildCard> {
-    let mut best: Option<(Cost, usize, Choice)> = None;
+    let mut best: Option<(Cost, usize, FlcGroup)> = None;
     for (i, pair) in flc.groups.windows(2).enumerate() {
         let (first, last) = (pair[0].first, pair[1].last);
         let merged = (1..=table.options())
-            .map(|devices| Choice {
+            .map(|devices| FlcGroup {
                 first,
                 last,
                 devices,

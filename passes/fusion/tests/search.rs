@@ -2,7 +2,7 @@
 //! every generated model (predicted from a synthetic profile), both reach the same
 //! optimum, and every FLC they return is a legal cover of the stages.
 
-use legion_fusion::{Choice, Cost, Flc, GroupCosts, search_dp, search_egg, wild_card};
+use legion_fusion::{Cost, Flc, FlcGroup, GroupCosts, search_dp, search_egg, wild_card};
 use proptest::prelude::*;
 
 /// A random table: `stages` stages, `options` device options; `illegal` marks choices
@@ -132,12 +132,12 @@ fn wild_card_picks_the_cheapest_merge() {
     assert_eq!(
         w.flc.groups,
         vec![
-            Choice {
+            FlcGroup {
                 first: 0,
                 last: 0,
                 devices: 1
             },
-            Choice {
+            FlcGroup {
                 first: 1,
                 last: 2,
                 devices: 1

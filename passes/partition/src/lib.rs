@@ -10,7 +10,6 @@ pub use legion_ir::Rows;
 pub use rows::{InputRows, StageRows, row_map, window_rows};
 pub use shares::{cut, rebalance, strips_from_weights};
 pub use tiling::{
-    DeviceTile, Group, GroupTiler, PartitionError, Received, StageTile, SuffixTiler, TileView,
-    Tiling, Walk, boundary, candidate_groups, check_group, scale_cut, tile, whole_group,
-    whole_stage,
+    Group, GroupTiler, PartitionError, Received, StageInTile, SuffixTiler, Tile, TileView, Tiling,
+    Walk, boundary, candidate_groups, check_group, scale_cut, tile, whole_group, whole_stage,
 };

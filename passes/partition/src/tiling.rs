@@ -85,7 +85,7 @@ pub enum PartitionError {
 
 /// What one stage does on one device inside a group.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct StageTile {
+pub struct StageInTile {
     /// The stage.
     pub stage: StageId,
     /// Output rows the device computes (its own strip plus the halo later stages need).
@@ -114,22 +114,23 @@ pub struct Received {
 
 /// One device's part of a group.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct DeviceTile {
-    /// Index of the device in the cut given to [`tile`].
-    pub device: usize,
+pub struct Tile {
+    /// Its slot in the cut given to [`tile`]: the position of its strip, which is the
+    /// caller's order of devices (not a cluster device id).
+    pub slot: usize,
     /// The device's strip of the group's last stage.
     pub strip: Rows,
     /// Strips of the tensors entering the group, in the group's input order.
     pub received: Vec<Received>,
     /// Per stage of the group, in order.
-    pub stages: Vec<StageTile>,
+    pub stages: Vec<StageInTile>,
     /// Strips of the tensors leaving the group, in the group's output order.
     pub sent: Vec<(StageId, Rows)>,
 }
 
-impl DeviceTile {
+impl Tile {
     /// The tile of stage `s`.
-    pub fn stage(&self, s: StageId) -> &StageTile {
+    pub fn stage(&self, s: StageId) -> &StageInTile {
         self.stages
             .iter()
             .find(|t| t.stage == s)
@@ -152,8 +153,8 @@ pub struct Tiling {
     /// Stages whose output is read after the group or is a model output; the last stage
     /// is always one.
     pub outputs: Vec<StageId>,
-    /// Devices with a non-empty strip, in device order.
-    pub devices: Vec<DeviceTile>,
+    /// One tile per non-empty strip, in slot order.
+    pub tiles: Vec<Tile>,
 }
 
 /// Checks that `first..=last` is a group of splittable stages of `ir`.
@@ -272,17 +273,17 @@ impl<'a> GroupTiler<'a> {
     /// Tiles every device of the cut `strips` (see [`tile`]).
     pub fn tile(&self, strips: &[Rows]) -> Result<Tiling, PartitionError> {
         self.check_cut(strips)?;
-        let devices = strips
+        let tiles = strips
             .iter()
             .enumerate()
             .filter(|(_, strip)| !strip.is_empty())
-            .map(|(d, strip)| self.device(d, *strip))
+            .map(|(slot, strip)| self.slot(slot, *strip))
             .collect();
         Ok(Tiling {
             group: self.group,
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
-            devices,
+            tiles,
         })
     }
 
@@ -314,10 +315,10 @@ impl<'a> GroupTiler<'a> {
     }
 
     /// The backward walk (docs/architecture.md, "Row maps and halos") for one device.
-    fn device(&self, device: usize, strip: Rows) -> DeviceTile {
+    fn slot(&self, slot: usize, strip: Rows) -> Tile {
         let (stages, sent) = self.walk(strip);
-        DeviceTile {
-            device,
+        Tile {
+            slot,
             strip,
             received: received(self.ir, &stages),
             stages,
@@ -328,7 +329,7 @@ impl<'a> GroupTiler<'a> {
     /// The stage tiles (in stage order) and the strips sent of a device with `strip`.
     /// A stage's tile depends only on the stages after it in the group, so the tiles of
     /// a group's suffix are those of the suffix tiled alone ([`SuffixTiler`]).
-    fn walk(&self, strip: Rows) -> (Vec<StageTile>, Vec<(StageId, Rows)>) {
+    fn walk(&self, strip: Rows) -> (Vec<StageInTile>, Vec<(StageId, Rows)>) {
         let (ir, group) = (self.ir, self.group);
         let first = group.first.index();
         let sent: Vec<(StageId, Rows)> = self
@@ -369,7 +370,7 @@ impl<'a> GroupTiler<'a> {
             } else {
                 row_map(stage, own).computed
             };
-            stages.push(StageTile {
+            stages.push(StageInTile {
                 stage: s,
                 computed: map.computed,
                 inputs: map.inputs,
@@ -385,7 +386,7 @@ impl<'a> GroupTiler<'a> {
 
 /// The tensors entering the group made of `stages` (consecutive, in order) and the
 /// strips of them the tiles read, in the group's input order ([`boundary`]).
-fn received(ir: &Ir, stages: &[StageTile]) -> Vec<Received> {
+fn received(ir: &Ir, stages: &[StageInTile]) -> Vec<Received> {
     let Some(first) = stages.first().map(|t| t.stage) else {
         return vec![];
     };
@@ -436,7 +437,7 @@ pub struct TileView<'t> {
     /// Strips of the tensors entering the group, in the group's input order.
     pub received: Vec<Received>,
     /// Per stage of the group, in order.
-    pub stages: &'t [StageTile],
+    pub stages: &'t [StageInTile],
     /// Strips of the tensors leaving the group, in the group's output order.
     pub sent: &'t [(StageId, Rows)],
 }
@@ -483,7 +484,7 @@ impl TileView<'_> {
     }
 }
 
-impl DeviceTile {
+impl Tile {
     /// The tile, borrowed.
     pub fn view(&self) -> TileView<'_> {
         TileView {
@@ -506,7 +507,7 @@ pub struct SuffixTiler<'a> {
 /// One strip's walk of a [`SuffixTiler`]'s longest group.
 #[derive(Debug)]
 pub struct Walk {
-    stages: Vec<StageTile>,
+    stages: Vec<StageInTile>,
     sent: Vec<(StageId, Rows)>,
 }
 

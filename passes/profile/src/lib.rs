@@ -21,8 +21,8 @@ use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
 pub use legion_partition::candidate_groups;
 use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
 use legion_plan::{
-    Clock, DeviceProfile, GroupMeasurement, HostRates, LinkProbe, PROFILE_VERSION, Profile,
-    ProfileMode, Sample, StageProfile, StepTiming, TileSpec,
+    Clock, DeviceId, DeviceProfile, GroupMeasurement, HostRates, LinkProbe, PROFILE_VERSION,
+    Profile, ProfileMode, Sample, StageProfile, StepTiming, TileSpec,
 };
 use legion_runtime::check::test_input;
 use legion_runtime::{Coordinator, Tensors};
@@ -48,19 +48,19 @@ pub trait Testbed {
     /// emulated clock).
     fn profile_tile(
         &self,
-        d: usize,
+        d: DeviceId,
         spec: &TileSpec,
         runs: u32,
     ) -> impl Future<Output = Result<(u64, Vec<u64>, Option<HostRates>)>>;
     /// Sends `bytes` to device `d` and back.
-    fn probe(&self, d: usize, bytes: u64) -> impl Future<Output = Result<LinkProbe>>;
+    fn probe(&self, d: DeviceId, bytes: u64) -> impl Future<Output = Result<LinkProbe>>;
     /// Runs one step of `tiles` (device, tile) of `ir`, its inputs made up: the model's
     /// input and the tensors `inputs`.
     fn run_step(
         &self,
         ir: &Ir,
         inputs: &[MadeUp],
-        tiles: &[(usize, TileSpec)],
+        tiles: &[(DeviceId, TileSpec)],
     ) -> impl Future<Output = Result<StepTiming>>;
 }
 
@@ -97,14 +97,14 @@ impl Testbed for Coordinator {
 
     async fn profile_tile(
         &self,
-        d: usize,
+        d: DeviceId,
         spec: &TileSpec,
         runs: u32,
     ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
         Coordinator::profile_tile(self, d, spec, runs).await
     }
 
-    async fn probe(&self, d: usize, bytes: u64) -> Result<LinkProbe> {
+    async fn probe(&self, d: DeviceId, bytes: u64) -> Result<LinkProbe> {
         Coordinator::probe(self, d, bytes).await
     }
 
@@ -112,7 +112,7 @@ impl Testbed for Coordinator {
         &self,
         ir: &Ir,
         inputs: &[MadeUp],
-        tiles: &[(usize, TileSpec)],
+        tiles: &[(DeviceId, TileSpec)],
     ) -> Result<StepTiming> {
         let mut tensors = Tensors::new(ir, test_input(&ir.input.shape))?;
         for (s, rows, t) in inputs {
@@ -221,9 +221,9 @@ fn single_stage_spec(ir: &Ir, s: StageId, start: usize, n: usize) -> Result<Tile
     ];
     let tiling = tile(ir, Group::new(s.index(), s.index()), &cut)?;
     let t = tiling
-        .devices
+        .tiles
         .iter()
-        .find(|t| t.device == 1)
+        .find(|t| t.slot == 1)
         .context("the middle strip is not empty")?;
     Ok(t.spec())
 }
@@ -286,7 +286,7 @@ async fn legion_mode(
             bar.set_message(format!("{name}: stage {s}"));
             for (rows, spec) in &per_device[d] {
                 let (warmup, times, host) = bed
-                    .profile_tile(d, spec, opts.runs)
+                    .profile_tile(DeviceId(d), spec, opts.runs)
                     .await
                     .with_context(|| format!("profiling stage {s} on {rows} rows"))?;
                 profile.host_gflops = HostRates::union(profile.host_gflops, host);
@@ -296,7 +296,7 @@ async fn legion_mode(
             }
         }
         for &bytes in &PROBE_BYTES {
-            let probe = bed.probe(d, bytes).await?;
+            let probe = bed.probe(DeviceId(d), bytes).await?;
             device_us[d] += probe.in_us + probe.out_us;
             profile.devices[d].probes.push(probe);
             bar.inc(1);
@@ -349,11 +349,12 @@ async fn fss_mode(
         bar.set_message(format!("group {}..{}", group.first, group.last));
         let height = ir.stage(group.last).output.height().context("splittable")?;
         let strips = strips_from_weights(height, &weights);
+        // One strip per device in cluster order, so a tile's slot is its device's id.
         let tiling = tile(ir, *group, &strips)?;
-        let tiles: Vec<(usize, TileSpec)> = tiling
-            .devices
+        let tiles: Vec<(DeviceId, TileSpec)> = tiling
+            .tiles
             .iter()
-            .map(|t| (t.device, t.spec()))
+            .map(|t| (DeviceId(t.slot), t.spec()))
             .collect();
         let (measured, spent, host) = measure(bed, ir, &tiling.inputs, &tiles, opts.runs)
             .await
@@ -364,9 +365,9 @@ async fn fss_mode(
             first: group.first,
             last: group.last,
             strips: tiling
-                .devices
+                .tiles
                 .iter()
-                .map(|t| (profile.devices[t.device].name.clone(), t.strip))
+                .map(|t| (profile.devices[t.slot].name.clone(), t.strip))
                 .collect(),
             median_us: measured.total_us,
             runs: opts.runs,
@@ -380,7 +381,7 @@ async fn fss_mode(
         for d in 0..devices {
             bar.set_message(format!("stage {s} whole"));
             let (measured, spent, host) =
-                measure(bed, ir, &inputs, &[(d, spec.clone())], opts.runs)
+                measure(bed, ir, &inputs, &[(DeviceId(d), spec.clone())], opts.runs)
                     .await
                     .with_context(|| format!("measuring barrier stage {s}"))?;
             profiling_us += spent;
@@ -410,7 +411,7 @@ async fn measure(
     bed: &impl Testbed,
     ir: &Ir,
     inputs: &[TensorRef],
-    tiles: &[(usize, TileSpec)],
+    tiles: &[(DeviceId, TileSpec)],
     runs: u32,
 ) -> Result<(StepTiming, u64, Option<HostRates>)> {
     // Inputs made up once; every run starts from them with no outputs stored.

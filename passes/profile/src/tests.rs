@@ -11,17 +11,17 @@ use std::cell::RefCell;
 enum Call {
     /// A single tile: its device, its (first) stage and the rows it computes.
     Tile {
-        device: usize,
+        device: DeviceId,
         stage: StageId,
         rows: usize,
     },
     Probe {
-        device: usize,
+        device: DeviceId,
         bytes: u64,
     },
     /// A step: its devices and the stages its tiles run.
     Step {
-        devices: Vec<usize>,
+        devices: Vec<DeviceId>,
         first: StageId,
         last: StageId,
     },
@@ -44,23 +44,23 @@ impl Fake {
     }
 
     /// A tile's run times: 100 µs per row at rate 10, then +2 and +1 µs.
-    fn tile_times(device: usize, rows: usize, runs: u32) -> Vec<u64> {
-        let base = (rows as f64 * 1000.0 / RATES[device]) as u64 + 1;
+    fn tile_times(device: DeviceId, rows: usize, runs: u32) -> Vec<u64> {
+        let base = (rows as f64 * 1000.0 / RATES[device.index()]) as u64 + 1;
         (0..runs)
             .map(|k| base + [0, 2, 1][k as usize % 3])
             .collect()
     }
 
-    fn probe_of(device: usize, bytes: u64) -> LinkProbe {
+    fn probe_of(device: DeviceId, bytes: u64) -> LinkProbe {
         LinkProbe {
             bytes,
-            in_us: bytes / 1000 + 10 * (device as u64 + 1),
-            out_us: bytes / 1000 + 11 * (device as u64 + 1),
+            in_us: bytes / 1000 + 10 * (device.index() as u64 + 1),
+            out_us: bytes / 1000 + 11 * (device.index() as u64 + 1),
         }
     }
 
     /// A step's time: 1000 µs per tile plus 1 µs per computed row.
-    fn step_us(tiles: &[(usize, TileSpec)]) -> u64 {
+    fn step_us(tiles: &[(DeviceId, TileSpec)]) -> u64 {
         tiles
             .iter()
             .map(|(_, t)| {
@@ -106,7 +106,7 @@ impl Testbed for Fake {
 
     async fn profile_tile(
         &self,
-        d: usize,
+        d: DeviceId,
         spec: &TileSpec,
         runs: u32,
     ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
@@ -120,7 +120,7 @@ impl Testbed for Fake {
         Ok((7, Fake::tile_times(d, rows, runs), None))
     }
 
-    async fn probe(&self, d: usize, bytes: u64) -> Result<LinkProbe> {
+    async fn probe(&self, d: DeviceId, bytes: u64) -> Result<LinkProbe> {
         self.calls
             .borrow_mut()
             .push(Call::Probe { device: d, bytes });
@@ -131,7 +131,7 @@ impl Testbed for Fake {
         &self,
         _ir: &Ir,
         _inputs: &[MadeUp],
-        tiles: &[(usize, TileSpec)],
+        tiles: &[(DeviceId, TileSpec)],
     ) -> Result<StepTiming> {
         let spec = &tiles[0].1;
         self.calls.borrow_mut().push(Call::Step {
@@ -146,7 +146,7 @@ impl Testbed for Fake {
             devices: tiles
                 .iter()
                 .map(|(d, _)| DeviceTiming {
-                    device: format!("board-{d}"),
+                    device: format!("board-{}", d.index()),
                     bytes_in: 0,
                     bytes_out: 0,
                     in_us: 0,
@@ -190,11 +190,11 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
             };
             for (k, &n) in rows.iter().enumerate() {
                 want.push(Call::Tile {
-                    device: d,
+                    device: DeviceId(d),
                     stage: stage.id,
                     rows: n,
                 });
-                let times = Fake::tile_times(d, n, 3);
+                let times = Fake::tile_times(DeviceId(d), n, 3);
                 device_us[d] += 7 + times.iter().sum::<u64>();
                 // The median and the fastest of the 3 runs are kept.
                 let sample = &p.stages[stage.id.index()].samples[d][k];
@@ -203,13 +203,16 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
             }
         }
         for bytes in PROBE_BYTES {
-            want.push(Call::Probe { device: d, bytes });
-            let probe = Fake::probe_of(d, bytes);
+            want.push(Call::Probe {
+                device: DeviceId(d),
+                bytes,
+            });
+            let probe = Fake::probe_of(DeviceId(d), bytes);
             device_us[d] += probe.in_us + probe.out_us;
         }
         assert_eq!(
             p.devices[d].probes,
-            PROBE_BYTES.map(|b| Fake::probe_of(d, b)).to_vec()
+            PROBE_BYTES.map(|b| Fake::probe_of(DeviceId(d), b)).to_vec()
         );
     }
     assert_eq!(*fake.calls.borrow(), want);
@@ -241,7 +244,7 @@ fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device() {
     for g in &groups {
         let height = ir.stage(g.last).output.height().unwrap();
         let tiling = tile(&ir, *g, &strips_from_weights(height, &RATES)).unwrap();
-        let devices: Vec<usize> = tiling.devices.iter().map(|t| t.device).collect();
+        let devices: Vec<DeviceId> = tiling.tiles.iter().map(|t| DeviceId(t.slot)).collect();
         // One warm-up run, then the timed ones.
         for _ in 0..=runs {
             want.push(Call::Step {
@@ -262,7 +265,7 @@ fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device() {
         for d in 0..2 {
             for _ in 0..=runs {
                 want.push(Call::Step {
-                    devices: vec![d],
+                    devices: vec![DeviceId(d)],
                     first: s,
                     last: s,
                 });

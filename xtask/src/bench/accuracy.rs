@@ -121,9 +121,7 @@ pub fn run(opts: &Options) -> Result<String> {
                     .iter()
                     .map(|(name, rows)| {
                         let d = legion
-                            .devices
-                            .iter()
-                            .position(|d| &d.name == name)
+                            .device_id(name)
                             .with_context(|| format!("{setup}: device {name} not profiled"))?;
                         Ok((d, *rows))
                     })

@@ -10,7 +10,7 @@ use legion_ir::Ir;
 use legion_pipeline::{
     CompileOptions, PassTimes, Search, boards_of, connect, measure_in_rounds, run_whole,
 };
-use legion_plan::{Candidate, Cluster, HostRates, Plan, Profile, ProfileMode};
+use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Plan, Profile, ProfileMode};
 use legion_runtime::check::test_input;
 use legion_runtime::{LocalCluster, default_cache_dir};
 use serde::{Deserialize, Serialize};
@@ -149,7 +149,7 @@ fn overhead(ir: &Ir, onnx_path: &std::path::Path, model: &str, runs: u32) -> Res
             plain.run(tvec!(input.clone().into_tvalue()))?;
             let tract_us = t.elapsed().as_micros() as u64;
             let t = Instant::now();
-            let (_, tensors) = run_whole(&coord, ir, 0, &input).await?;
+            let (_, tensors) = run_whole(&coord, ir, DeviceId(0), &input).await?;
             tensors.outputs()?;
             if i > 0 {
                 tract_times.push(tract_us);
@@ -329,13 +329,13 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     };
     // One board of each class runs the whole model (boards of a class are emulated
     // alike), and every plan, in rounds.
-    let mut boards: Vec<usize> = vec![];
+    let mut boards: Vec<DeviceId> = vec![];
     for (d, device) in cluster.devices.iter().enumerate() {
         if !boards
             .iter()
-            .any(|&b| cluster.devices[b].emulate == device.emulate)
+            .any(|b| cluster.devices[b.index()].emulate == device.emulate)
         {
-            boards.push(d);
+            boards.push(DeviceId(d));
         }
     }
     // Identical programs run once (the chosen plan is often the extracted FLC).
@@ -359,7 +359,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         .zip(&measured.boards)
         .map(|(&d, steps)| {
             let us = fastest(steps.iter().map(|s| s.total_us).collect());
-            (cluster.devices[d].name.clone(), us)
+            (cluster.devices[d.index()].name.clone(), us)
         })
         .min_by_key(|(_, us)| *us)
         .context("the cluster has no devices")?;

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use legion_ir::Rows;
 use legion_partition::{Group, tile};
 use legion_pipeline::connect;
-use legion_plan::{Cluster, CoordinatorLink, Device, Emulation};
+use legion_plan::{Cluster, CoordinatorLink, Device, DeviceId, Emulation};
 use legion_runtime::Tensors;
 use legion_runtime::check::test_input;
 use legion_runtime::process::WorkerProcess;
@@ -62,9 +62,9 @@ fn serve_block(arch: Arch, bin: &std::path::Path) -> Result<(u64, u64, Duration)
     let height = ir.stage(group.last).output.height().context("rows")?;
     let tiling = tile(&ir, group, &[Rows::new(0, height)])?;
     let tiles: Vec<_> = tiling
-        .devices
+        .tiles
         .iter()
-        .map(|t| (t.device, t.spec()))
+        .map(|t| (DeviceId(t.slot), t.spec()))
         .collect();
     let rt = tokio::runtime::Runtime::new()?;
     let mut times = rt.block_on(async {
