@@ -128,6 +128,16 @@ fn validate(args: &ValidateArgs) -> Result<()> {
         c.groups.len(),
         c.predicted_us as f64 / 1e3
     );
+    let t = legion_codegen::traffic(&ir, c);
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "bytes per inference: {:.2} MB through the coordinator as the hub runs the groups; \
+         under the programs {:.2} MB through the coordinator (input and outputs) and \
+         {:.2} MB board to board",
+        mb(t.hub),
+        mb(t.coordinator),
+        mb(t.boards)
+    );
     Ok(())
 }
 

@@ -15,7 +15,7 @@ pub enum Pass {
     Cost,
     /// The e-graph search and the Wild Card (or a baseline's configuration).
     Fusion,
-    /// The candidates: every group's tiles and per-device programs.
+    /// The candidates: every group's tiles and every party's program.
     Codegen,
 }
 

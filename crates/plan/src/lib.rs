@@ -13,7 +13,7 @@ mod timing;
 
 pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, DeviceId, Link, PAPER_SETUPS};
 pub use emulation::{BOARD_CLASSES, BadEmulation, BoardClass, Emulation, VGG16_FLOPS};
-pub use plan::{Candidate, DeviceProgram, PLAN_VERSION, Plan, PlanGroup, PlanTile, Step};
+pub use plan::{Candidate, PLAN_VERSION, Party, Plan, PlanGroup, PlanTile, Program, Step};
 pub use profile::{
     DeviceProfile, GroupMeasurement, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
     StageProfile,

@@ -3,16 +3,17 @@
 //! costed, and holds one or two candidate fused-layer configurations (the FLC the
 //! search extracted and its Wild Card) with the one chosen and why. Each candidate
 //! lists its groups (stages, devices, strips, halos, tile programs with their pads,
-//! predicted times) and, per device, the ordered program it runs. Deterministic: no
-//! timestamps, fields in a fixed order, times in whole microseconds. The format is
-//! documented in docs/plan.md.
+//! predicted times) and the ordered program of the coordinator and of each device:
+//! which rows it receives from whom, the tiles it runs, the rows it sends on, what it
+//! frees. Deterministic: no timestamps, fields in a fixed order, times in whole
+//! microseconds. The format is documented in docs/plan.md.
 
-use crate::tile::{TileInput, TileOutput, TileSpec};
-use legion_ir::{Rows, StageId};
+use crate::tile::TileSpec;
+use legion_ir::{Rows, StageId, TensorRef};
 use serde::{Deserialize, Serialize};
 
 /// Version of the plan format; readers reject other versions.
-pub const PLAN_VERSION: u32 = 2;
+pub const PLAN_VERSION: u32 = 3;
 
 /// A compiled plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,7 +53,7 @@ pub struct Candidate {
     /// The groups, in stage order.
     pub groups: Vec<PlanGroup>,
     /// Per device that takes part, its ordered program.
-    pub programs: Vec<DeviceProgram>,
+    pub programs: Vec<Program>,
 }
 
 /// One group of a candidate.
@@ -90,37 +91,65 @@ pub struct PlanTile {
     pub tile: TileSpec,
 }
 
-/// The ordered program of one device.
+/// Who runs a program, and the other end of a transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Party {
+    /// The coordinator: it feeds the model input and collects the outputs.
+    Coordinator,
+    /// A device, by its name in the cluster file.
+    Device(String),
+}
+
+impl std::fmt::Display for Party {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Party::Coordinator => write!(f, "the coordinator"),
+            Party::Device(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+/// The ordered program of one party.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceProgram {
-    /// The device's name.
-    pub device: String,
+pub struct Program {
+    /// Who runs it.
+    pub party: Party,
     /// Steps in order.
     pub steps: Vec<Step>,
 }
 
-/// One step of a device's program. `group` indexes the candidate's groups.
+/// One step of a program. A tensor without a row axis moves whole, rows `0..0`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Step {
-    /// Receive these strips from the coordinator.
+    /// Wait for rows of a tensor from another party.
     Receive {
-        /// The group.
-        group: usize,
-        /// The strips.
-        strips: Vec<TileInput>,
+        /// The tensor.
+        tensor: TensorRef,
+        /// Its rows.
+        rows: Rows,
+        /// The party that sends them (their owner).
+        from: Party,
     },
-    /// Run the group's tile.
+    /// Run a group's tile; every row it reads is held by then.
     Run {
-        /// The group.
+        /// The group (index into the candidate's groups).
         group: usize,
     },
-    /// Send these strips to the coordinator.
+    /// Send rows of a tensor this party owns to another party.
     Send {
-        /// The group.
-        group: usize,
-        /// The strips.
-        strips: Vec<TileOutput>,
+        /// The tensor.
+        tensor: TensorRef,
+        /// Its rows.
+        rows: Rows,
+        /// The receiver.
+        to: Party,
+    },
+    /// Free every row of a tensor: no later step reads or sends it.
+    Drop {
+        /// The tensor.
+        tensor: TensorRef,
     },
 }
 

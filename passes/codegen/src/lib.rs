@@ -1,14 +1,19 @@
 //! Codegen pass: turns a fused-layer configuration (from the fusion pass) and the
 //! partition pass's tilings into a [`Candidate`] of a [`Plan`]: per group, each
-//! device's strip, halo, tile program (rows and pads) and predicted times; per device,
-//! its ordered program (receive strips, run the group's tile, send strips).
+//! device's strip, halo, tile program (rows and pads) and predicted times; per party
+//! (the coordinator and each device), its ordered program ([`programs`]: the rows it
+//! receives and from whom, the tiles it runs, the rows it sends on, what it frees).
 //! [`validate`] checks a plan against its model and cluster by deriving it again.
+
+mod programs;
+
+pub use programs::{Traffic, programs, traffic};
 
 use anyhow::{Context, Result, bail, ensure};
 use legion_fusion::{CostTable, Flc};
 use legion_ir::{Ir, Rows};
 use legion_partition::{Group, check_group, tile, whole_group};
-use legion_plan::{Candidate, DeviceId, DeviceProgram, Plan, PlanGroup, PlanTile, Step};
+use legion_plan::{Candidate, DeviceId, Plan, PlanGroup, PlanTile};
 
 /// Rounds a time to whole microseconds for the plan.
 fn us(t: f64) -> u64 {
@@ -77,7 +82,7 @@ pub fn candidate(
             tiles,
         });
     }
-    let programs = programs(devices, &groups);
+    let programs = programs(ir, devices, &groups);
     Ok(Candidate {
         name: name.to_string(),
         predicted_us: us(flc.cost.us()),
@@ -85,39 +90,6 @@ pub fn candidate(
         groups,
         programs,
     })
-}
-
-/// Per device (in `devices` order) that takes part in some group: receive, run, send
-/// for each of its groups in order.
-fn programs(devices: &[String], groups: &[PlanGroup]) -> Vec<DeviceProgram> {
-    devices
-        .iter()
-        .filter_map(|device| {
-            let steps: Vec<Step> = groups
-                .iter()
-                .enumerate()
-                .filter_map(|(g, group)| {
-                    let t = group.tiles.iter().find(|t| &t.device == device)?;
-                    Some([
-                        Step::Receive {
-                            group: g,
-                            strips: t.tile.inputs.clone(),
-                        },
-                        Step::Run { group: g },
-                        Step::Send {
-                            group: g,
-                            strips: t.tile.outputs.clone(),
-                        },
-                    ])
-                })
-                .flatten()
-                .collect();
-            (!steps.is_empty()).then(|| DeviceProgram {
-                device: device.clone(),
-                steps,
-            })
-        })
-        .collect()
 }
 
 /// Checks `plan` against `ir` and, when given, the cluster's device names: the model's
@@ -224,8 +196,8 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
         ir.stages.len()
     );
     ensure!(
-        c.programs == programs(&plan.devices, &c.groups),
-        "the device programs do not match the groups' tiles"
+        c.programs == programs(ir, &plan.devices, &c.groups),
+        "the programs do not match the groups' tiles"
     );
     Ok(())
 }

@@ -1,0 +1,301 @@
+//! Per-party programs (docs/plan.md, "programs"): for every tile input, which rows its
+//! device already holds (it computed them, or received them for an earlier tile) and
+//! which it must receive, and from whom; when each device may free a tensor.
+//!
+//! Every row of a tensor has one owner: the party whose tile output it (the
+//! coordinator owns the model input). Only owners send, so a row crosses the network at
+//! most once per receiver. A device sends a consumer its rows right after the tile that
+//! produced them, and receives a tile's rows right before running it, so data flows
+//! from earlier groups to later ones and no program waits on a later one.
+
+use legion_ir::{Ir, Rows, TensorRef};
+use legion_plan::{Candidate, Party, PlanGroup, Program, Step};
+use std::collections::HashMap;
+
+/// Rows of one tensor a party holds, as sorted disjoint ranges. A tensor without a row
+/// axis is held whole (`0..0`) or not at all.
+#[derive(Clone, Debug, Default)]
+struct Held(Vec<Rows>);
+
+impl Held {
+    fn insert(&mut self, rows: Rows) {
+        let mut merged = rows;
+        let mut kept = vec![];
+        for r in self.0.drain(..) {
+            if r.end < merged.start || merged.end < r.start {
+                kept.push(r);
+            } else {
+                merged = merged.hull(r);
+            }
+        }
+        kept.push(merged);
+        kept.sort_by_key(|r| r.start);
+        self.0 = kept;
+    }
+
+    /// The parts of `want` not held, in order; `want` empty means the whole of a
+    /// tensor without rows.
+    fn lacking(&self, want: Rows) -> Vec<Rows> {
+        if want.is_empty() {
+            return if self.0.is_empty() {
+                vec![want]
+            } else {
+                vec![]
+            };
+        }
+        let mut out = vec![];
+        let mut from = want.start;
+        for r in &self.0 {
+            if r.end <= from || r.start >= want.end {
+                continue;
+            }
+            if r.start > from {
+                out.push(Rows::new(from, r.start));
+            }
+            from = from.max(r.end);
+        }
+        if from < want.end {
+            out.push(Rows::new(from, want.end));
+        }
+        out
+    }
+}
+
+/// The rows of a tensor both ranges cover; for a tensor without rows (`0..0`), the
+/// whole of it.
+fn overlap(a: Rows, b: Rows) -> Option<Rows> {
+    if a.is_empty() && b.is_empty() {
+        return Some(a);
+    }
+    let r = Rows::new(a.start.max(b.start), a.end.min(b.end));
+    (!r.is_empty()).then_some(r)
+}
+
+/// One party's steps, built block by block: the start (the coordinator's sends of the
+/// input), then per tile it runs its receives, the run, and the sends of what the run
+/// produced (appended as later tiles ask for it), then the end (the coordinator's
+/// receives of the model outputs).
+#[derive(Default)]
+struct Blocks {
+    blocks: Vec<Block>,
+    held: HashMap<TensorRef, Held>,
+}
+
+#[derive(Default)]
+struct Block {
+    receives: Vec<Step>,
+    run: Option<usize>,
+    sends: Vec<Step>,
+    /// Tensors this block's run reads or produces, or its sends send; a tensor is
+    /// dropped after the last block that uses it.
+    uses: Vec<TensorRef>,
+}
+
+/// The programs of a candidate's `groups` on `devices` (cluster order): the
+/// coordinator's first, then each device that takes part, in cluster order.
+pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Program> {
+    // Party 0 is the coordinator, party i + 1 device i.
+    let mut parties: Vec<Blocks> = (0..=devices.len()).map(|_| Blocks::default()).collect();
+    let party_of = |name: &str| {
+        1 + devices
+            .iter()
+            .position(|d| d == name)
+            .expect("validated: a tile's device is one of the plan's")
+    };
+    let party = |p: usize| match p {
+        0 => Party::Coordinator,
+        p => Party::Device(devices[p - 1].clone()),
+    };
+    let whole = |t: TensorRef| Rows::new(0, ir.tensor(t).height().unwrap_or(0));
+    // Per tensor, its owners' rows and the block each owner produced them in.
+    let mut owners: HashMap<TensorRef, Vec<(usize, usize, Rows)>> = HashMap::new();
+    parties[0].blocks.push(Block::default());
+    parties[0]
+        .held
+        .entry(TensorRef::Input)
+        .or_default()
+        .insert(whole(TensorRef::Input));
+    owners.insert(TensorRef::Input, vec![(0, 0, whole(TensorRef::Input))]);
+
+    // Moves `want` of `tensor` to party `to`, into its block `into`: every owned part
+    // it lacks, from its owner, sent from the block that produced it.
+    let fetch = |parties: &mut Vec<Blocks>,
+                 owners: &HashMap<TensorRef, Vec<(usize, usize, Rows)>>,
+                 tensor: TensorRef,
+                 want: Rows,
+                 to: usize,
+                 into: usize| {
+        for &(owner, block, strip) in owners.get(&tensor).map_or(&[][..], |o| o) {
+            let Some(piece) = overlap(strip, want) else {
+                continue;
+            };
+            if owner == to {
+                continue;
+            }
+            let lacking = parties[to].held.entry(tensor).or_default().lacking(piece);
+            for rows in lacking {
+                let sender = &mut parties[owner].blocks[block];
+                sender.sends.push(Step::Send {
+                    tensor,
+                    rows,
+                    to: party(to),
+                });
+                sender.uses.push(tensor);
+                parties[to].blocks[into].receives.push(Step::Receive {
+                    tensor,
+                    rows,
+                    from: party(owner),
+                });
+                parties[to].held.entry(tensor).or_default().insert(rows);
+            }
+        }
+    };
+
+    for (g, group) in groups.iter().enumerate() {
+        for t in &group.tiles {
+            let d = party_of(&t.device);
+            let block = parties[d].blocks.len();
+            parties[d].blocks.push(Block {
+                run: Some(g),
+                ..Block::default()
+            });
+            for input in &t.tile.inputs {
+                fetch(&mut parties, &owners, input.tensor, input.rows, d, block);
+                parties[d].blocks[block].uses.push(input.tensor);
+            }
+        }
+        // Outputs are recorded after every tile of the group has fetched its inputs,
+        // so no tile of a group reads another's output of the same group.
+        for t in &group.tiles {
+            let d = party_of(&t.device);
+            let block = parties[d].blocks.len() - 1;
+            for out in &t.tile.outputs {
+                let tensor = TensorRef::Stage(out.stage);
+                // Produced rows no later tile reads are freed right after the run.
+                parties[d].blocks[block].uses.push(tensor);
+                parties[d].held.entry(tensor).or_default().insert(out.rows);
+                owners.entry(tensor).or_default().push((d, block, out.rows));
+            }
+        }
+    }
+    let end = parties[0].blocks.len();
+    parties[0].blocks.push(Block::default());
+    for &o in &ir.outputs {
+        fetch(&mut parties, &owners, o, whole(o), 0, end);
+    }
+
+    parties
+        .into_iter()
+        .enumerate()
+        .filter_map(|(p, blocks)| {
+            let steps = flatten(p != 0, blocks.blocks);
+            (p == 0 || !steps.is_empty()).then(|| Program {
+                party: party(p),
+                steps,
+            })
+        })
+        .collect()
+}
+
+/// A party's blocks in order, with a drop after the last block that uses each tensor
+/// (`drops` false for the coordinator, which keeps the input and returns the outputs).
+fn flatten(drops: bool, blocks: Vec<Block>) -> Vec<Step> {
+    let mut last_use: HashMap<TensorRef, usize> = HashMap::new();
+    for (b, block) in blocks.iter().enumerate() {
+        for &t in &block.uses {
+            last_use.insert(t, b);
+        }
+    }
+    let mut steps = vec![];
+    for (b, block) in blocks.into_iter().enumerate() {
+        steps.extend(block.receives);
+        steps.extend(block.run.map(|group| Step::Run { group }));
+        let mut done: Vec<TensorRef> = block
+            .uses
+            .iter()
+            .copied()
+            .filter(|t| last_use[t] == b)
+            .collect();
+        steps.extend(block.sends);
+        if drops {
+            done.sort();
+            done.dedup();
+            steps.extend(done.into_iter().map(|tensor| Step::Drop { tensor }));
+        }
+    }
+    steps
+}
+
+/// Bytes one inference of a candidate moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traffic {
+    /// Through the coordinator when it runs the groups as the hub: every tile's input
+    /// strips out, its output strips back.
+    pub hub: u64,
+    /// Under the programs: to and from the coordinator (the model's input and outputs).
+    pub coordinator: u64,
+    /// Under the programs: from board to board.
+    pub boards: u64,
+}
+
+/// What one inference of `candidate` (of a plan for `ir`) moves, both ways of running it.
+pub fn traffic(ir: &Ir, candidate: &Candidate) -> Traffic {
+    let bytes = |t: TensorRef, rows: Rows| ir.tensor(t).strip_bytes(rows);
+    let hub = candidate
+        .groups
+        .iter()
+        .flat_map(|g| &g.tiles)
+        .map(|t| {
+            let inputs: u64 = t.tile.inputs.iter().map(|i| bytes(i.tensor, i.rows)).sum();
+            let outputs: u64 = t
+                .tile
+                .outputs
+                .iter()
+                .map(|o| bytes(TensorRef::Stage(o.stage), o.rows))
+                .sum();
+            inputs + outputs
+        })
+        .sum();
+    let mut traffic = Traffic {
+        hub,
+        coordinator: 0,
+        boards: 0,
+    };
+    for program in &candidate.programs {
+        for step in &program.steps {
+            if let Step::Send { tensor, rows, to } = step {
+                let b = bytes(*tensor, *rows);
+                if program.party == Party::Coordinator || *to == Party::Coordinator {
+                    traffic.coordinator += b;
+                } else {
+                    traffic.boards += b;
+                }
+            }
+        }
+    }
+    traffic
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_rows_merge_and_report_what_is_lacking() {
+        let mut h = Held::default();
+        h.insert(Rows::new(10, 20));
+        h.insert(Rows::new(30, 40));
+        assert_eq!(
+            h.lacking(Rows::new(5, 45)),
+            [Rows::new(5, 10), Rows::new(20, 30), Rows::new(40, 45)]
+        );
+        h.insert(Rows::new(20, 30));
+        assert_eq!(h.0, [Rows::new(10, 40)]);
+        assert_eq!(h.lacking(Rows::new(12, 38)), []);
+        // A tensor without rows is held whole or not at all.
+        let mut whole = Held::default();
+        assert_eq!(whole.lacking(Rows::new(0, 0)), [Rows::new(0, 0)]);
+        whole.insert(Rows::new(0, 0));
+        assert_eq!(whole.lacking(Rows::new(0, 0)), []);
+    }
+}

@@ -1,0 +1,335 @@
+//! The per-party programs codegen derives, run step by step on a row-level simulator:
+//! for random FLCs and shares of the test models (residual adds, YOLO's passthrough,
+//! barriers, depthwise and squeeze-excitation blocks), every program runs to its end
+//! with no party waiting forever, every tile finds the rows it reads, the coordinator
+//! moves only the model's input and outputs and ends with every output whole, every
+//! device frees everything it held, and no inference moves more bytes than through the
+//! hub.
+
+use legion_codegen::{programs, traffic};
+use legion_ir::{Ir, Rows, TensorRef, import};
+use legion_partition::{Group, check_group, strips_from_weights, tile, whole_group};
+use legion_plan::{Candidate, Party, PlanGroup, PlanTile, Program, Step};
+use proptest::prelude::*;
+use std::collections::{HashMap, HashSet};
+
+const DEVICES: usize = 4;
+
+fn names() -> Vec<String> {
+    (0..DEVICES).map(|d| format!("board-{d}")).collect()
+}
+
+fn ir(model: &str) -> Ir {
+    import(&legion_models::test_model(model).unwrap(), None).unwrap()
+}
+
+/// A random FLC of `ir` from `picks`: per group, its length, whether to split it (when
+/// legal), over which devices (first `k` of a rotation) and the strip weights.
+fn groups(ir: &Ir, picks: &[(usize, bool, usize, usize, [u8; DEVICES])]) -> Vec<PlanGroup> {
+    let names = names();
+    let n = ir.stages.len();
+    let mut groups = vec![];
+    let mut first = 0;
+    for (len, split, k, rot, weights) in picks.iter().cycle() {
+        if first == n {
+            break;
+        }
+        let last = (first + len).min(n - 1);
+        let group = Group::new(first, last);
+        let devices: Vec<usize> = (0..*k).map(|i| (rot + i) % DEVICES).collect();
+        let tiles: Vec<PlanTile> = if *split && check_group(ir, first, last).is_ok() {
+            let height = ir.stage(group.last).output.height().unwrap();
+            let w: Vec<f64> = devices.iter().map(|&d| 1.0 + weights[d] as f64).collect();
+            let tiling = tile(ir, group, &strips_from_weights(height, &w)).unwrap();
+            tiling
+                .tiles
+                .iter()
+                .map(|t| plan_tile(&names[devices[t.slot]], t.strip, t.spec()))
+                .collect()
+        } else {
+            let rows = Rows::new(0, ir.stage(group.last).output.height().unwrap_or(0));
+            vec![plan_tile(&names[devices[0]], rows, whole_group(ir, group))]
+        };
+        groups.push(PlanGroup {
+            first: group.first,
+            last: group.last,
+            split: tiles.len() > 1,
+            predicted_us: 0,
+            tiles,
+        });
+        first = last + 1;
+    }
+    groups
+}
+
+fn plan_tile(device: &str, strip: Rows, tile: legion_plan::TileSpec) -> PlanTile {
+    PlanTile {
+        device: device.into(),
+        strip,
+        halo_rows: 0,
+        in_us: 0,
+        compute_us: 0,
+        out_us: 0,
+        tile,
+    }
+}
+
+/// Rows of `t` held: row indices, or `usize::MAX` for the whole of a tensor without rows.
+type Held = HashMap<TensorRef, HashSet<usize>>;
+
+fn rows_of(rows: Rows) -> Vec<usize> {
+    if rows.is_empty() {
+        vec![usize::MAX]
+    } else {
+        rows.range().collect()
+    }
+}
+
+/// Runs the programs until none can go on; fails on a step that cannot be right.
+fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), String> {
+    let whole = |t: TensorRef| rows_of(Rows::new(0, ir.tensor(t).height().unwrap_or(0)));
+    let mut held: Vec<Held> = vec![Held::new(); programs.len()];
+    let coordinator = programs
+        .iter()
+        .position(|p| p.party == Party::Coordinator)
+        .ok_or("no coordinator program")?;
+    held[coordinator].insert(
+        TensorRef::Input,
+        whole(TensorRef::Input).into_iter().collect(),
+    );
+    let mut pc = vec![0; programs.len()];
+    let mut in_flight: Vec<(Party, Party, TensorRef, Rows)> = vec![];
+    let mut ran: Vec<(usize, String)> = vec![];
+    loop {
+        let mut moved = false;
+        for (p, program) in programs.iter().enumerate() {
+            while let Some(step) = program.steps.get(pc[p]) {
+                let me = &program.party;
+                match step {
+                    Step::Send { tensor, rows, to } => {
+                        let have = held[p].get(tensor).cloned().unwrap_or_default();
+                        if !rows_of(*rows).iter().all(|r| have.contains(r)) {
+                            return Err(format!("{me} sends {tensor:?} {rows} it does not hold"));
+                        }
+                        in_flight.push((me.clone(), to.clone(), *tensor, *rows));
+                    }
+                    Step::Receive { tensor, rows, from } => {
+                        let Some(k) = in_flight
+                            .iter()
+                            .position(|m| (&m.0, &m.1, m.2, m.3) == (from, me, *tensor, *rows))
+                        else {
+                            break;
+                        };
+                        in_flight.remove(k);
+                        let set = held[p].entry(*tensor).or_default();
+                        for r in rows_of(*rows) {
+                            if !set.insert(r) {
+                                return Err(format!("{me} receives row {r} of {tensor:?} twice"));
+                            }
+                        }
+                    }
+                    Step::Run { group } => {
+                        let Party::Device(name) = me else {
+                            return Err("the coordinator runs a tile".into());
+                        };
+                        let t = groups[*group]
+                            .tiles
+                            .iter()
+                            .find(|t| &t.device == name)
+                            .ok_or(format!("{name} runs group {group} without a tile in it"))?;
+                        for input in &t.tile.inputs {
+                            let have = held[p].get(&input.tensor).cloned().unwrap_or_default();
+                            if !rows_of(input.rows).iter().all(|r| have.contains(r)) {
+                                return Err(format!(
+                                    "{name} runs group {group} without rows {} of {:?}",
+                                    input.rows, input.tensor
+                                ));
+                            }
+                        }
+                        for out in &t.tile.outputs {
+                            let set = held[p].entry(TensorRef::Stage(out.stage)).or_default();
+                            set.extend(rows_of(out.rows));
+                        }
+                        ran.push((*group, name.clone()));
+                    }
+                    Step::Drop { tensor } => {
+                        held[p].remove(tensor);
+                    }
+                }
+                pc[p] += 1;
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    for (p, program) in programs.iter().enumerate() {
+        if pc[p] < program.steps.len() {
+            return Err(format!(
+                "{} waits forever at step {}: {:?}",
+                program.party, pc[p], program.steps[pc[p]]
+            ));
+        }
+    }
+    if !in_flight.is_empty() {
+        return Err(format!("sent and never received: {in_flight:?}"));
+    }
+    let mut want: Vec<(usize, String)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, group)| group.tiles.iter().map(move |t| (g, t.device.clone())))
+        .collect();
+    want.sort();
+    ran.sort();
+    if ran != want {
+        return Err(format!("tiles run {ran:?}, the groups have {want:?}"));
+    }
+    for &o in &ir.outputs {
+        let have = held[coordinator].get(&o).cloned().unwrap_or_default();
+        if !whole(o).iter().all(|r| have.contains(r)) {
+            return Err(format!("the coordinator ends without all of output {o:?}"));
+        }
+    }
+    for step in &programs[coordinator].steps {
+        let tensor = match step {
+            Step::Send { tensor, .. } | Step::Receive { tensor, .. } => *tensor,
+            other => return Err(format!("the coordinator has a step {other:?}")),
+        };
+        if tensor != TensorRef::Input && !ir.outputs.contains(&tensor) {
+            return Err(format!(
+                "the coordinator moves {tensor:?}, not an input or output"
+            ));
+        }
+    }
+    for (p, program) in programs.iter().enumerate() {
+        if p != coordinator && !held[p].is_empty() {
+            return Err(format!(
+                "{} ends holding {:?}",
+                program.party,
+                held[p].keys()
+            ));
+        }
+    }
+    Ok(())
+}
+
+type Pick = (usize, bool, usize, usize, [u8; DEVICES]);
+
+fn pick() -> impl Strategy<Value = Pick> {
+    (
+        0usize..6,
+        any::<bool>(),
+        1usize..=DEVICES,
+        0usize..DEVICES,
+        any::<[u8; DEVICES]>(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn programs_run_to_the_end_and_move_every_row_a_tile_reads(
+        model in prop::sample::select(vec![
+            "tiny-cnn", "tiny-residual", "tiny-yolo", "tiny-mobile", "tiny-head",
+            "tiny-effnet", "tiny-yolov8", "tiny-shuffle",
+        ]),
+        picks in prop::collection::vec(pick(), 1..8),
+    ) {
+        let ir = ir(model);
+        let groups = groups(&ir, &picks);
+        let programs = programs(&ir, &names(), &groups);
+        if let Err(e) = simulate(&ir, &groups, &programs) {
+            let flc: Vec<String> = groups
+                .iter()
+                .map(|g| format!("{}..{}/{}", g.first, g.last, g.tiles.len()))
+                .collect();
+            return Err(TestCaseError::fail(format!("{model} {}: {e}", flc.join(" "))));
+        }
+        let candidate = Candidate {
+            name: "random".into(),
+            predicted_us: 0,
+            measured_us: None,
+            groups,
+            programs,
+        };
+        let t = traffic(&ir, &candidate);
+        let whole = |r: TensorRef| {
+            ir.tensor(r).strip_bytes(Rows::new(0, ir.tensor(r).height().unwrap_or(0)))
+        };
+        let ends = whole(TensorRef::Input) + ir.outputs.iter().map(|&o| whole(o)).sum::<u64>();
+        // Every row of the input and outputs, and input rows two first tiles read twice.
+        prop_assert!(t.coordinator >= ends, "{:?}, input and outputs {}", t, ends);
+        prop_assert!(t.coordinator + t.boards <= t.hub, "{:?}", t);
+    }
+}
+
+/// Two devices splitting two groups in a row keep their own rows: each receives only
+/// the halo it lacks from its neighbour, and nothing goes through the coordinator
+/// between the groups.
+#[test]
+fn a_device_keeps_its_rows_and_receives_only_the_halo_between_split_groups() {
+    let ir = ir("tiny-cnn");
+    let n = ir.stages.len();
+    // The longest run of splittable stages from the start, cut into two groups.
+    let mut last = 0;
+    while last + 1 < n && check_group(&ir, 0, last + 1).is_ok() {
+        last += 1;
+    }
+    assert!(last >= 1, "tiny-cnn starts with two splittable stages");
+    let picks = [
+        (0, true, 2, 0, [0; DEVICES]),
+        (last - 1, true, 2, 0, [0; DEVICES]),
+    ];
+    let groups = groups(&ir, &picks);
+    let programs = programs(&ir, &names(), &groups);
+    simulate(&ir, &groups, &programs).unwrap();
+    let first_out = TensorRef::Stage(groups[0].last);
+    let second = &groups[1];
+    for t in &second.tiles {
+        let program = programs
+            .iter()
+            .find(|p| p.party == Party::Device(t.device.clone()))
+            .unwrap();
+        let own = groups[0]
+            .tiles
+            .iter()
+            .find(|o| o.device == t.device)
+            .unwrap()
+            .strip;
+        let wanted = t
+            .tile
+            .inputs
+            .iter()
+            .find(|i| i.tensor == first_out)
+            .unwrap()
+            .rows;
+        let received: Vec<Rows> = program
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Receive { tensor, rows, from } if *tensor == first_out => {
+                    assert_ne!(*from, Party::Coordinator);
+                    Some(*rows)
+                }
+                _ => None,
+            })
+            .collect();
+        let kept = Rows::new(wanted.start.max(own.start), wanted.end.min(own.end));
+        let halo = wanted.len() - kept.len();
+        assert_eq!(
+            received.iter().map(|r| r.len()).sum::<usize>(),
+            halo,
+            "{}: wants {wanted}, owns {own}, received {received:?}",
+            t.device
+        );
+    }
+    let coordinator = &programs[0];
+    assert_eq!(coordinator.party, Party::Coordinator);
+    assert!(coordinator.steps.iter().all(|s| match s {
+        Step::Send { tensor, .. } => *tensor == TensorRef::Input,
+        Step::Receive { tensor, .. } => ir.outputs.contains(tensor),
+        _ => false,
+    }));
+}
