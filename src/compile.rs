@@ -7,6 +7,7 @@ use legion_cost::Predictor;
 use legion_pipeline::{CompileOptions, Pass, PassTimes, Search};
 use legion_plan::{Cluster, Profile, ProfileMode};
 use legion_profile::ProfileOptions;
+use legion_runtime::Transport;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -42,6 +43,10 @@ pub struct Args {
     /// Runs per candidate when measuring (the median is compared).
     #[arg(long, default_value_t = 3)]
     runs: u32,
+    /// How candidates run when measured: programs (boards pass rows to each other) or
+    /// hub (every strip through the coordinator); as `legion run` will run the plan.
+    #[arg(long, default_value = "programs", value_parser = parse_transport)]
+    transport: Transport,
     /// Print what a pass attached: partition, cost, fusion or codegen (repeatable).
     #[arg(long, value_parser = parse_pass)]
     dump_after: Vec<Pass>,
@@ -130,6 +135,7 @@ pub fn run(args: &Args) -> Result<()> {
             .map_or("the profile".to_string(), |p| p.display().to_string()),
         dump_after: args.dump_after.clone(),
         stop_after: args.stop_after,
+        transport: args.transport,
     };
     let live = coord.as_ref().map(|c| (c, &rt));
     let compiled = legion_pipeline::compile(&ir, &profile, &cluster, &options, live, &mut times)?;
@@ -159,4 +165,9 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Parses `--transport` (a clap value parser).
+pub(crate) fn parse_transport(s: &str) -> Result<Transport, String> {
+    s.parse()
 }

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use legion_pipeline::{CompileOptions, PassTimes, compile, connect, execute, profile};
 use legion_plan::ProfileMode;
 use legion_profile::ProfileOptions;
+use legion_runtime::Transport;
 use legion_runtime::check::test_input;
 use legion_runtime::{LocalCluster, default_cache_dir, local_cluster};
 use std::time::Instant;
@@ -103,7 +104,15 @@ pub fn run(args: &Args) -> Result<()> {
         "running the plan and every device alone; checking the output",
     );
     let input = test_input(&ir.input.shape);
-    let run = rt.block_on(execute(&coord, &ir, &plan, input, 3, true))?;
+    let run = rt.block_on(execute(
+        &coord,
+        &ir,
+        &plan,
+        input,
+        3,
+        true,
+        Transport::Programs,
+    ))?;
     let results = run.results;
     let results_file = out_dir.join("run.json");
     std::fs::write(

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_pipeline::execute;
 use legion_plan::Cluster;
+use legion_runtime::Transport;
 use legion_runtime::check::test_input;
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
@@ -35,6 +36,11 @@ pub struct Args {
     /// Write the measured timings (JSON) for `legion plan show --run`.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// programs: every board runs its program and passes rows to the next boards;
+    /// hub: the coordinator sends every strip and gets every result back (the paper's
+    /// runtime).
+    #[arg(long, default_value = "programs", value_parser = crate::compile::parse_transport)]
+    transport: Transport,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -54,7 +60,16 @@ pub fn run(args: &Args) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let run = rt.block_on(async {
         let coord = args.model.connect(&cluster, &args.cluster, &ir).await?;
-        execute(&coord, &ir, &plan, input, args.repeat, args.check).await
+        execute(
+            &coord,
+            &ir,
+            &plan,
+            input,
+            args.repeat,
+            args.check,
+            args.transport,
+        )
+        .await
     })?;
     print!("{}", run.report);
     if let Some(path) = &args.output {

@@ -1,6 +1,8 @@
 //! The worker cross-built for the boards, run under qemu-user: an aarch64 worker
 //! (Firefly-RK3399 class) and an armv7 worker (Odroid-XU4 class) serve tiles next to an
-//! x86 worker, and groups split across the three equal the x86 single-device run.
+//! x86 worker, and groups split across the three equal the x86 single-device run. Then
+//! the two ARM workers run their programs of a plan and pass rows to each other, the
+//! x86 coordinator only feeding the input and collecting the output.
 //!
 //! The workers run on the real clock, as on a board: an emulated worker runs each tile
 //! several times until its time settles and reads a reference kernel every second,
@@ -14,10 +16,13 @@ mod common;
 use common::scratch;
 use legion_ir::{Ir, StageId, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
-use legion_plan::{Cluster, CoordinatorLink, Device, DeviceId, TileSpec};
+use legion_plan::{
+    Candidate, Cluster, CoordinatorLink, Device, DeviceId, Party, PlanGroup, PlanTile, Step,
+    TileSpec,
+};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::process::WorkerProcess;
-use legion_runtime::{Coordinator, Reference, Tensors};
+use legion_runtime::{Coordinator, Reference, Tensors, Transport, run_candidate};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -161,6 +166,101 @@ fn split_run(
     worst
 }
 
+/// Runs `model` (uploaded) as `groups`, each split in equal strips over `boards`, by
+/// the boards' programs; returns the relative error of the output against the x86 run
+/// and the rows the boards passed to each other.
+fn programs_run(
+    rt: &tokio::runtime::Runtime,
+    coord: &Coordinator,
+    model: &str,
+    groups: &[(usize, usize)],
+    boards: &[&str],
+) -> (f32, usize) {
+    let path = legion_models::test_model(model).unwrap();
+    let ir: Ir = import(&path, None).unwrap();
+    let names: Vec<String> = coord
+        .devices()
+        .iter()
+        .map(|d| d.name().to_string())
+        .collect();
+    let groups: Vec<PlanGroup> = groups
+        .iter()
+        .map(|&(first, last)| {
+            let group = Group::new(first, last);
+            let height = ir.stage(group.last).output.height().unwrap();
+            let tiling = tile(
+                &ir,
+                group,
+                &strips_from_weights(height, &vec![1.0; boards.len()]),
+            )
+            .unwrap();
+            PlanGroup {
+                first: group.first,
+                last: group.last,
+                split: true,
+                predicted_us: 0,
+                tiles: tiling
+                    .tiles
+                    .iter()
+                    .map(|t| PlanTile {
+                        device: boards[t.slot].to_string(),
+                        strip: t.strip,
+                        halo_rows: 0,
+                        in_us: 0,
+                        compute_us: 0,
+                        out_us: 0,
+                        tile: t.spec(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let programs = legion_codegen::programs(&ir, &names, &groups);
+    let passed = programs
+        .iter()
+        .flat_map(|p| &p.steps)
+        .filter(|s| {
+            matches!(
+                s,
+                Step::Send {
+                    to: Party::Device(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    let candidate = Candidate {
+        name: "qemu".into(),
+        predicted_us: 0,
+        measured_us: None,
+        groups,
+        programs,
+    };
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    let run = rt
+        .block_on(run_candidate(
+            coord,
+            &ir,
+            &candidate,
+            input,
+            Transport::Programs,
+        ))
+        .unwrap_or_else(|e| panic!("{model} by the boards' programs: {e:#}"));
+    let out = ir.outputs[0];
+    let diff = compare(
+        &run.outputs[0],
+        reference.tensor(out),
+        reference.tensor(out),
+    )
+    .unwrap();
+    assert!(
+        diff.within(REL_TOLERANCE),
+        "{model} by the programs of {boards:?}: {diff:?} against the x86 run"
+    );
+    (diff.max_rel, passed)
+}
+
 #[test]
 #[ignore = "needs `cargo xtask cross aarch64|armv7` and qemu-user-static; .ci/run runs it"]
 fn arm_workers_under_qemu_match_the_x86_run() {
@@ -191,4 +291,28 @@ fn arm_workers_under_qemu_match_the_x86_run() {
     let tiny = split_run(&rt, &mut coord, "tiny-cnn", &[(0, 3), (4, 6)]);
     let vgg = split_run(&rt, &mut coord, "vgg16-conv", &[(0, 2)]);
     eprintln!("worst relative error: tiny-cnn {tiny:.3e}, VGG-16 block 1 {vgg:.3e}");
+    // The two ARM boards run tiny-cnn by their programs: the rows between the groups go
+    // from one board to the other.
+    rt.block_on(
+        coord.upload(
+            &std::fs::read(legion_models::test_model("tiny-cnn").unwrap()).unwrap(),
+            &import(&legion_models::test_model("tiny-cnn").unwrap(), None)
+                .unwrap()
+                .input
+                .shape,
+        ),
+    )
+    .unwrap();
+    let (rel, passed) = programs_run(
+        &rt,
+        &coord,
+        "tiny-cnn",
+        &[(0, 3), (4, 6)],
+        &["firefly-aarch64", "odroid-armv7"],
+    );
+    assert!(passed > 0, "the boards passed no rows to each other");
+    eprintln!(
+        "tiny-cnn by the programs of aarch64 + armv7 ({passed} sends between them): \
+         relative error {rel:.3e}"
+    );
 }

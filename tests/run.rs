@@ -1,6 +1,7 @@
 //! End to end on a local emulated cluster started from the command line: compile
 //! (profiling first and running both candidates), then `legion run --check`, whose
-//! output must match a single device's (relative error < 1e-5). And the .npy input
+//! output must match a single device's (relative error < 1e-5), with the boards
+//! running their programs and (tiny models) through the hub. And the .npy input
 //! errors.
 
 mod common;
@@ -55,8 +56,9 @@ fn cluster_up(dir: &Path) -> Cluster {
     Cluster { child, file }
 }
 
-/// Compiles `model` for a fresh cluster (profiling it) and runs the plan with --check.
-fn compile_and_run(model: &str) {
+/// Compiles `model` for a fresh cluster (profiling it) and runs the plan with --check
+/// by the boards' programs, and through the hub too when `hub`.
+fn compile_and_run(model: &str, hub: bool) {
     let dir = dir(model);
     let cluster = cluster_up(&dir);
     let path = legion_models::test_model(model).unwrap();
@@ -86,6 +88,22 @@ fn compile_and_run(model: &str) {
         validated.contains("every tile matches the single-device run"),
         "{validated}"
     );
+    if hub {
+        let ran = ok(legion(&[
+            "run",
+            plan.to_str().unwrap(),
+            m,
+            "--cluster",
+            c,
+            "--check",
+            "--repeat",
+            "1",
+            "--transport",
+            "hub",
+        ]));
+        assert!(ran.contains("transport hub"), "{ran}");
+        assert!(ran.contains("check against"), "{ran}");
+    }
     let out = dir.join("out.npy");
     let results = dir.join("run.json");
     let ran = ok(legion(&[
@@ -102,6 +120,7 @@ fn compile_and_run(model: &str) {
         "--save",
         results.to_str().unwrap(),
     ]));
+    assert!(ran.contains("transport programs"), "{ran}");
     assert!(ran.contains("check against"), "{ran}");
     assert!(ran.contains("emulated clock"), "{ran}");
     let saved: serde_json::Value =
@@ -124,7 +143,7 @@ fn compile_and_run(model: &str) {
 #[test]
 fn tiny_models_match_one_device() {
     for model in ["tiny-cnn", "tiny-residual", "tiny-yolo"] {
-        compile_and_run(model);
+        compile_and_run(model, true);
     }
 }
 
@@ -142,18 +161,18 @@ fn todays_architectures_match_one_device() {
         "tiny-focus",
         "tiny-transposed",
     ] {
-        compile_and_run(model);
+        compile_and_run(model, false);
     }
 }
 
 #[test]
 fn resnet18_matches_one_device() {
-    compile_and_run("resnet18");
+    compile_and_run("resnet18", false);
 }
 
 #[test]
 fn yolov2_matches_one_device() {
-    compile_and_run("yolov2");
+    compile_and_run("yolov2", false);
 }
 
 #[test]

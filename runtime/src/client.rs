@@ -4,12 +4,13 @@
 use crate::MAX_MESSAGE_BYTES;
 use crate::proto::worker_client::WorkerClient as Raw;
 use crate::proto::{
-    HealthRequest, InfoReply, InfoRequest, ModelChunk, ModelRef, ProbeRequest, ProfileStageReply,
-    ProfileStageRequest, RunTileRequest,
+    HealthRequest, InfoReply, InfoRequest, LoadPlanRequest, ModelChunk, ModelRef, Peer,
+    ProbeRequest, ProfileStageReply, ProfileStageRequest, Rows as WireRows, RunProgramReply,
+    RunProgramRequest, RunTileRequest,
 };
 use crate::wire::{from_wire, sha256_hex, to_wire};
 use anyhow::{Context, Result, anyhow};
-use legion_plan::TileSpec;
+use legion_plan::{PLAN_VERSION, Program, TileSpec};
 use std::future::Future;
 use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -265,6 +266,59 @@ impl WorkerClient {
         req.set_timeout(timeout);
         self.call("ProfileStage", timeout, raw.profile_stage(req))
             .await
+    }
+
+    /// Gives the worker its `program` of a candidate of a plan for `model`, the `tiles`
+    /// (group, spec) it runs and the addresses of `peers` (name, `host:port`) it sends
+    /// to; returns the program's id.
+    pub async fn load_plan(
+        &self,
+        model: &ModelId,
+        program: &Program,
+        tiles: &[(usize, TileSpec)],
+        peers: &[(String, String)],
+    ) -> Result<String> {
+        let req = LoadPlanRequest {
+            model: Some(model.to_proto()),
+            plan_version: PLAN_VERSION,
+            program_json: serde_json::to_vec(program)?,
+            tiles_json: serde_json::to_vec(tiles)?,
+            peers: peers
+                .iter()
+                .map(|(name, address)| Peer {
+                    name: name.clone(),
+                    address: address.clone(),
+                })
+                .collect(),
+        };
+        let mut raw = self.raw.clone();
+        Ok(self
+            .call("LoadPlan", self.timeout, raw.load_plan(req))
+            .await?
+            .program)
+    }
+
+    /// Runs a loaded program once; the deadline allows its receives to wait `wait` and
+    /// its tiles to run within the compute timeout each.
+    pub async fn run_program(
+        &self,
+        req: RunProgramRequest,
+        runs: u32,
+        wait: Duration,
+    ) -> Result<RunProgramReply> {
+        let timeout = self.compute_timeout * runs.max(1) + wait;
+        let mut raw = self.raw.clone();
+        let mut req = Request::new(req);
+        req.set_timeout(timeout);
+        self.call("RunProgram", timeout, raw.run_program(req)).await
+    }
+
+    /// Pushes rows to the worker (a board passing rows to the next).
+    pub async fn push_rows(&self, rows: WireRows) -> Result<()> {
+        let mut raw = self.raw.clone();
+        self.call("PushRows", self.timeout, raw.push_rows(rows))
+            .await
+            .map(|_| ())
     }
 
     /// Sends `n` bytes and gets them back; returns the round-trip time.

@@ -8,13 +8,18 @@
 //! ([`legion_plan::network`]). On the real clock, everything is wall time.
 
 use crate::client::{ModelId, TileResult, WorkerClient};
+use crate::programs::LoadedPrograms;
 use crate::proto::InfoReply;
 use crate::tensors::Tensors;
+use crate::wire::sha256_hex;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{
-    Clock, Cluster, Device, DeviceId, DeviceTiming, HostRates, LinkProbe, StepTiming, TileSpec,
+    Candidate, Clock, Cluster, Device, DeviceId, DeviceTiming, HostRates, LinkProbe, StepTiming,
+    TileSpec,
 };
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
@@ -54,6 +59,10 @@ pub struct Coordinator {
     devices: Vec<ConnectedDevice>,
     clock: Clock,
     model: Option<ModelId>,
+    /// Candidates whose programs the boards hold, by the programs' hash.
+    loaded: tokio::sync::Mutex<Vec<(String, Arc<LoadedPrograms>)>>,
+    /// The next inference's number.
+    inferences: AtomicU64,
 }
 
 impl Coordinator {
@@ -108,6 +117,8 @@ impl Coordinator {
             devices: devices.into_iter().map(|d| d.expect("joined")).collect(),
             clock,
             model: None,
+            loaded: tokio::sync::Mutex::default(),
+            inferences: AtomicU64::new(0),
         })
     }
 
@@ -134,6 +145,28 @@ impl Coordinator {
         self.devices
             .get(d.index())
             .with_context(|| format!("{d}: the cluster has {} devices", self.devices.len()))
+    }
+
+    /// The programs of `candidate`, loaded on its boards on first use (and again after
+    /// another model is uploaded).
+    pub async fn loaded_programs(&self, candidate: &Candidate) -> Result<Arc<LoadedPrograms>> {
+        let key = format!(
+            "{} {}",
+            self.model()?.sha256,
+            sha256_hex(&serde_json::to_vec(&candidate.programs)?)
+        );
+        let mut loaded = self.loaded.lock().await;
+        if let Some((_, l)) = loaded.iter().find(|(k, _)| *k == key) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(self.load_programs(candidate).await?);
+        loaded.push((key, l.clone()));
+        Ok(l)
+    }
+
+    /// A fresh inference number.
+    pub fn next_inference(&self) -> u64 {
+        self.inferences.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The clock every reported time is on.

@@ -1,5 +1,8 @@
-//! Running a plan's candidate on the cluster: its groups in order, each a step whose
-//! tiles run on their devices at once; the model's outputs assembled at the end.
+//! Running a plan's candidate on the cluster, by one of two transports: the boards run
+//! their programs and pass rows to each other (`programs.rs`), or the coordinator runs
+//! the groups in order as the hub, each a step whose tiles run on their devices at
+//! once, every strip through the coordinator; the model's outputs are assembled at the
+//! end.
 
 use crate::{Coordinator, Tensors};
 use anyhow::{Context, Result};
@@ -19,9 +22,61 @@ pub struct PlanRun {
     pub clock: Clock,
 }
 
-/// Runs `candidate` (of a plan for `ir`, already checked against it) on `input`. The
-/// model must have been uploaded to the cluster.
+/// How a candidate's rows move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Every board runs its program and sends rows straight to the boards that read
+    /// them; the coordinator only feeds the input and collects the outputs.
+    #[default]
+    Programs,
+    /// The coordinator runs the groups in order, cutting every strip out and pasting
+    /// every result back (the paper's runtime).
+    Hub,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Transport, String> {
+        match s {
+            "programs" => Ok(Transport::Programs),
+            "hub" => Ok(Transport::Hub),
+            _ => Err(format!("unknown transport {s:?}; valid: programs, hub")),
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Programs => "programs",
+            Transport::Hub => "hub",
+        })
+    }
+}
+
+/// Runs `candidate` (of a plan for `ir`, already checked against it) on `input` by
+/// `transport`. The model must have been uploaded to the cluster; the programs are
+/// loaded on the boards on first use.
 pub async fn run_candidate(
+    coord: &Coordinator,
+    ir: &Ir,
+    candidate: &Candidate,
+    input: Tensor,
+    transport: Transport,
+) -> Result<PlanRun> {
+    match transport {
+        Transport::Programs => {
+            let loaded = coord.loaded_programs(candidate).await?;
+            coord
+                .run_programs(ir, candidate, &loaded, input, coord.next_inference())
+                .await
+        }
+        Transport::Hub => run_hub(coord, ir, candidate, input).await,
+    }
+}
+
+/// The hub: the groups in order, each a step of the coordinator.
+async fn run_hub(
     coord: &Coordinator,
     ir: &Ir,
     candidate: &Candidate,

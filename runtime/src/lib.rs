@@ -19,12 +19,14 @@ mod worker;
 mod coordinator;
 mod execute;
 mod local;
+mod programs;
 mod tensors;
 
 pub use client::{DEFAULT_TIMEOUT, ModelId, TileResult, WorkerClient};
 pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator};
-pub use execute::{PlanRun, run_candidate};
+pub use execute::{PlanRun, Transport, run_candidate};
 pub use local::{LocalCluster, default_cache_dir, local_cluster};
+pub use programs::{LoadedPrograms, RECEIVE_TIMEOUT};
 pub use tensors::Tensors;
 pub use wire::sha256_hex;
 pub use worker::{Compute, TILE_CACHE, Worker, WorkerConfig};

@@ -1,6 +1,7 @@
-//! The coordinator's tensors during one inference: the model input and every stage
-//! output assembled from the strips devices sent back, with the rows each holds so
-//! far. Reading rows nobody computed is an error, never zeros.
+//! One party's tensors during one inference: on the coordinator, the model input and
+//! every stage output assembled from the strips devices sent back; on a board running
+//! its program, the rows it computed and received. Each tensor records the rows it
+//! holds so far; reading rows nobody stored is an error, never zeros.
 
 use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
@@ -47,13 +48,30 @@ impl<'a> Tensors<'a> {
         Ok(Tensors { ir, held })
     }
 
-    /// Rows `rows` of tensor `r` (all of it when it has no row axis).
+    /// No tensors yet (a board's store, filled by its program's steps).
+    pub fn empty(ir: &'a Ir) -> Self {
+        Tensors {
+            ir,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Frees tensor `r`.
+    pub fn remove(&mut self, r: TensorRef) {
+        self.held.remove(&r);
+    }
+
+    /// Rows `rows` of tensor `r` (all of it when it has no row axis; an empty strip,
+    /// held or not, when `rows` is empty).
     pub fn strip(&self, r: TensorRef, rows: Rows) -> Result<Tensor> {
+        let info = self.ir.tensor(r);
+        if info.h_axis.is_some() && rows.is_empty() {
+            return Tensor::zero::<f32>(&info.strip_shape(rows));
+        }
         let held = self
             .held
             .get(&r)
             .with_context(|| format!("{} has not been computed yet", self.describe(r)))?;
-        let info = self.ir.tensor(r);
         let Some(h) = info.h_axis else {
             return Ok(held.tensor.clone());
         };
@@ -95,7 +113,12 @@ impl<'a> Tensors<'a> {
 
     /// Stores `strip`, rows `rows` of stage `s`'s output, checking its shape.
     pub fn put(&mut self, s: StageId, rows: Rows, strip: Tensor) -> Result<()> {
-        let r = TensorRef::Stage(s);
+        self.put_rows(TensorRef::Stage(s), rows, strip)
+    }
+
+    /// Stores `strip`, rows `rows` of tensor `r`, checking its shape; rows already
+    /// held are an error.
+    pub fn put_rows(&mut self, r: TensorRef, rows: Rows, strip: Tensor) -> Result<()> {
         let info = self.ir.tensor(r);
         let mut want = info.shape.clone();
         if let Some(h) = info.h_axis {
@@ -117,6 +140,9 @@ impl<'a> Tensors<'a> {
             );
             return Ok(());
         };
+        if rows.is_empty() {
+            return Ok(());
+        }
         let name = self.describe(r);
         let held = self.held.entry(r).or_insert_with(|| Held {
             tensor: Tensor::zero::<f32>(&info.shape).expect("f32 zeros"),

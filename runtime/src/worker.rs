@@ -1,12 +1,19 @@
 //! The worker: serves the gRPC protocol of proto/legion.proto on a device. It caches
-//! uploaded models on disk by sha256, imports them once, and builds each tile once.
+//! uploaded models on disk by sha256, imports them once, and builds each tile once. It
+//! runs single tiles for the coordinator (the hub) or its own program of a plan
+//! (`program.rs`).
+
+mod program;
+
+pub(crate) use program::tensor_code;
 
 use crate::emulate::{Emulator, thread_cpu_time};
 use crate::proto::worker_server::{Worker as WorkerService, WorkerServer};
 use crate::proto::{
-    self, F32Tensor, HasModelReply, HealthReply, HealthRequest, InfoReply, InfoRequest, ModelChunk,
-    ModelRef, ProbeReply, ProbeRequest, ProfileStageReply, ProfileStageRequest, RunTileReply,
-    RunTileRequest, UploadReply,
+    self, F32Tensor, HasModelReply, HealthReply, HealthRequest, InfoReply, InfoRequest,
+    LoadPlanReply, LoadPlanRequest, ModelChunk, ModelRef, ProbeReply, ProbeRequest,
+    ProfileStageReply, ProfileStageRequest, PushRowsReply, RunProgramReply, RunProgramRequest,
+    RunTileReply, RunTileRequest, UploadReply,
 };
 use crate::wire::{from_wire, hex, is_sha256, to_wire};
 use crate::{MAX_MESSAGE_BYTES, TileModel};
@@ -205,6 +212,13 @@ pub struct Worker {
     /// bytes, least recently used first; at most [`TILE_CACHE`] tiles and
     /// [`TILE_CACHE_WEIGHT_BYTES`].
     tiles: Mutex<Lru<TileKey, Arc<TileModel>>>,
+    /// Loaded programs by id, least recently used first; at most
+    /// [`program::LOADED_PROGRAMS`].
+    programs: Mutex<Lru<String, Arc<program::Loaded>>>,
+    /// Rows other boards pushed, until their receive step takes them.
+    mailbox: Mutex<std::collections::HashMap<program::MailKey, Tensor>>,
+    /// Wakes the receive steps when rows arrive.
+    arrived: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -217,6 +231,9 @@ impl Worker {
             config,
             models: Mutex::new(Lru::new(MODEL_CACHE, MODEL_CACHE_WEIGHT_BYTES)),
             tiles: Mutex::new(Lru::new(TILE_CACHE, TILE_CACHE_WEIGHT_BYTES)),
+            programs: Mutex::new(Lru::new(program::LOADED_PROGRAMS, u64::MAX)),
+            mailbox: Mutex::default(),
+            arrived: tokio::sync::Notify::new(),
         })
     }
 
@@ -486,6 +503,31 @@ impl WorkerService for Arc<Worker> {
         Ok(Response::new(ProbeReply {
             payload: req.into_inner().payload,
         }))
+    }
+
+    async fn load_plan(
+        &self,
+        req: Request<LoadPlanRequest>,
+    ) -> Result<Response<LoadPlanReply>, Status> {
+        Worker::load_plan(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn run_program(
+        &self,
+        req: Request<RunProgramRequest>,
+    ) -> Result<Response<RunProgramReply>, Status> {
+        Worker::run_program(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn push_rows(
+        &self,
+        req: Request<proto::Rows>,
+    ) -> Result<Response<PushRowsReply>, Status> {
+        Worker::push_rows(self, req.into_inner()).map(Response::new)
     }
 }
 

@@ -11,8 +11,8 @@ use legion_fusion::{
 };
 use legion_ir::Ir;
 use legion_plan::{Candidate, Cluster, Plan, Profile, ProfileMode};
-use legion_runtime::Coordinator;
 use legion_runtime::check::test_input;
+use legion_runtime::{Coordinator, Transport};
 use serde_json::json;
 use std::fmt::Write;
 
@@ -59,6 +59,8 @@ pub struct CompileOptions {
     pub dump_after: Vec<Pass>,
     /// Stop after this pass (no plan is made).
     pub stop_after: Option<Pass>,
+    /// How candidates run when they are measured (the way `legion run` will run them).
+    pub transport: Transport,
 }
 
 impl CompileOptions {
@@ -75,6 +77,7 @@ impl CompileOptions {
             profile_name: profile_name.to_string(),
             dump_after: vec![],
             stop_after: None,
+            transport: Transport::default(),
         }
     }
 }
@@ -201,7 +204,13 @@ pub fn compile(
     let chosen = match (live, candidates.len()) {
         (Some((coord, rt)), 2) => {
             let c = times.time("measure", || {
-                rt.block_on(measure(coord, ir, &mut candidates, options.runs))
+                rt.block_on(measure(
+                    coord,
+                    ir,
+                    &mut candidates,
+                    options.runs,
+                    options.transport,
+                ))
             })?;
             times.note(format!("{} runs per candidate, in rounds", options.runs));
             c
@@ -247,10 +256,11 @@ async fn measure(
     ir: &Ir,
     candidates: &mut [Candidate],
     runs: u32,
+    transport: Transport,
 ) -> Result<Chosen> {
     let input = test_input(&ir.input.shape);
     let all: Vec<&Candidate> = candidates.iter().collect();
-    let measured = measure_in_rounds(coord, ir, &input, &[], &all, runs).await?;
+    let measured = measure_in_rounds(coord, ir, &input, &[], &all, runs, transport).await?;
     for (c, k) in candidates.iter_mut().zip(0..) {
         let median = measured.candidate_median(k);
         c.measured_us = Some(median);

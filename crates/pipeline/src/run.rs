@@ -7,7 +7,7 @@ use legion_ir::Ir;
 use legion_partition::{Group, whole_group};
 use legion_plan::{DeviceId, HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming};
 use legion_runtime::check::{Diff, compare};
-use legion_runtime::{Coordinator, PlanRun, Tensors, run_candidate};
+use legion_runtime::{Coordinator, PlanRun, Tensors, Transport, run_candidate};
 use std::fmt::Write;
 use tract_onnx::prelude::Tensor;
 
@@ -102,8 +102,8 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 /// Runs, in `rounds` timed rounds after one warm-up round, the whole model on each of
-/// `boards` and then each of `candidates`, so that a slow spell of the host falls on
-/// all of them alike.
+/// `boards` and then each of `candidates` (by `transport`), so that a slow spell of the
+/// host falls on all of them alike.
 pub async fn measure_in_rounds(
     coord: &Coordinator,
     ir: &Ir,
@@ -111,6 +111,7 @@ pub async fn measure_in_rounds(
     boards: &[DeviceId],
     candidates: &[&legion_plan::Candidate],
     rounds: u32,
+    transport: Transport,
 ) -> Result<Measured> {
     anyhow::ensure!(rounds > 0, "measuring takes at least 1 round");
     let mut measured = Measured {
@@ -128,7 +129,7 @@ pub async fn measure_in_rounds(
             }
         }
         for (k, c) in candidates.iter().enumerate() {
-            let run = run_candidate(coord, ir, c, input.clone())
+            let run = run_candidate(coord, ir, c, input.clone(), transport)
                 .await
                 .with_context(|| format!("running candidate {}", c.name))?;
             if round > 0 {
@@ -152,10 +153,10 @@ pub struct Executed {
 }
 
 /// `legion run`: runs the whole model on every device (after a warm-up each) and picks
-/// the fastest, then the plan's chosen candidate and that device in `repeat` rounds
-/// after a warm-up round ([`measure_in_rounds`]); the medians are compared. With
-/// `check`, fails when the output differs from the best single device's by more than
-/// [`CHECK_REL`].
+/// the fastest, then the plan's chosen candidate (by `transport`) and that device in
+/// `repeat` rounds after a warm-up round ([`measure_in_rounds`]); the medians are
+/// compared. With `check`, fails when the output differs from the best single device's
+/// by more than [`CHECK_REL`].
 pub async fn execute(
     coord: &Coordinator,
     ir: &Ir,
@@ -163,12 +164,22 @@ pub async fn execute(
     input: Tensor,
     repeat: u32,
     check: bool,
+    transport: Transport,
 ) -> Result<Executed> {
     let candidate = plan.chosen();
     let alone = every_device_alone(coord, ir, &input).await?;
     let single = alone.best;
     let single_name = coord.device(single)?.name().to_string();
-    let measured = measure_in_rounds(coord, ir, &input, &[single], &[candidate], repeat).await?;
+    let measured = measure_in_rounds(
+        coord,
+        ir,
+        &input,
+        &[single],
+        &[candidate],
+        repeat,
+        transport,
+    )
+    .await?;
     let host = HostRates::union(alone.host_gflops, measured.host_gflops);
     let single_us = measured.board_median(0);
     let mut runs = measured
@@ -183,7 +194,7 @@ pub async fn execute(
     let mut out = String::new();
     writeln!(
         out,
-        "{} (candidate {}) on {} devices, times on the {clock} clock",
+        "{} (candidate {}) on {} devices, transport {transport}, times on the {clock} clock",
         plan.model_sha256.get(..16).unwrap_or(&plan.model_sha256),
         candidate.name,
         coord.devices().len()

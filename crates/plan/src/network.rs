@@ -1,7 +1,9 @@
 //! The network model the emulator and the cost model share: a switched star. Each
-//! device has its own link to the switch, so device links do not contend; every strip
-//! also crosses the coordinator's link, which the transfers in flight share max-min
-//! fairly (each capped by its device's link). Latency is paid once per transfer.
+//! device has its own link to the switch, so device links do not contend. Through the
+//! hub ([`step_timeline`]) every strip also crosses the coordinator's link, which the
+//! transfers in flight share max-min fairly (each capped by its device's link); when
+//! boards pass rows to each other ([`program_timeline`]) a transfer uses only its two
+//! ends' links. Latency is paid once per transfer.
 
 use crate::Link;
 
@@ -139,6 +141,82 @@ pub fn step_timeline(parts: &[StepPart], hub_mbps: f64) -> Vec<StepTimes> {
         .collect()
 }
 
+/// One step of a party's program as the program timeline sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TimedStep {
+    /// Computes for this long, µs.
+    Run(f64),
+    /// Sends message `id` of this many bytes to party `to`; the program goes on at once.
+    Send {
+        /// The message, shared with its receive.
+        id: usize,
+        /// Bytes.
+        bytes: u64,
+        /// The receiving party.
+        to: usize,
+    },
+    /// Waits for message `id`.
+    Receive(usize),
+    /// Nothing to time (a drop).
+    Nothing,
+}
+
+/// The timeline of programs running at once, when boards pass rows to each other:
+/// every party has a full-duplex link to the switch; a transfer uses its sender's
+/// uplink and its receiver's downlink (transfers between other pairs do not meet),
+/// moves at the slower of the two and arrives after the larger latency of the two.
+/// Transfers on one link go first come, first served, each holding the link for its
+/// bits at the link's own rate: a 1 Gbit/s coordinator feeds ten 100 Mbit/s boards at
+/// once, a board's sends to two others follow each other. `steps[p]` is
+/// party `p`'s program and `links[p]` its link. Returns, per party and step, when the
+/// step ends, µs from the start; `None` when some receive has no send.
+pub fn program_timeline(steps: &[Vec<TimedStep>], links: &[Link]) -> Option<Vec<Vec<f64>>> {
+    let parties = steps.len();
+    let mut now = vec![0.0f64; parties];
+    let mut pc = vec![0usize; parties];
+    let mut up_free = vec![0.0f64; parties];
+    let mut down_free = vec![0.0f64; parties];
+    let mut arrival: std::collections::HashMap<usize, f64> = std::collections::HashMap::new();
+    let mut ends: Vec<Vec<f64>> = steps.iter().map(|s| vec![0.0; s.len()]).collect();
+    loop {
+        // The party that can go on earliest; a receive can once its message is sent.
+        let next = (0..parties)
+            .filter_map(|p| {
+                let step = steps[p].get(pc[p])?;
+                let at = match step {
+                    TimedStep::Receive(id) => now[p].max(*arrival.get(id)?),
+                    _ => now[p],
+                };
+                Some((at, p))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let Some((at, p)) = next else { break };
+        match steps[p][pc[p]] {
+            TimedStep::Run(us) => now[p] = at + us,
+            TimedStep::Send { id, bytes, to } => {
+                let (from, into) = (links[p], links[to]);
+                let bits = bytes as f64 * 8.0;
+                // Each link carries its capacity in bits: a transfer starts once both
+                // ends have room, moves at the slower end's rate, and holds each end
+                // for the time its bits take at that end's full rate (so a fast link
+                // feeds several slow ones at once).
+                let start = at.max(up_free[p]).max(down_free[to]);
+                let end = start + bits / from.mbps.min(into.mbps);
+                up_free[p] = at.max(up_free[p]) + bits / from.mbps;
+                down_free[to] = start.max(down_free[to]) + bits / into.mbps;
+                arrival.insert(id, end + from.latency_ms.max(into.latency_ms) * 1e3);
+                now[p] = at;
+            }
+            TimedStep::Receive(_) | TimedStep::Nothing => now[p] = at,
+        }
+        ends[p][pc[p]] = now[p];
+        pc[p] += 1;
+    }
+    (0..parties)
+        .all(|p| pc[p] == steps[p].len())
+        .then_some(ends)
+}
+
 /// Max-min fair rates of flows capped at `caps`, sharing `total`.
 fn fair_rates(caps: &[f64], total: f64) -> Vec<f64> {
     let mut order: Vec<usize> = (0..caps.len()).collect();
@@ -168,6 +246,69 @@ mod tests {
             bytes,
             link: FAST,
         }
+    }
+
+    #[test]
+    fn board_to_board_sends_share_only_their_own_links() {
+        use TimedStep::*;
+        // Board 0 computes 10 µs, then sends 1000 bytes (80 µs at 100 Mbit/s) to each of
+        // boards 1 and 2: its uplink serializes them. Board 3 sends to board 2 at the
+        // same time over its own uplink, but board 2's downlink takes one at a time.
+        let steps = vec![
+            vec![
+                Run(10.0),
+                Send {
+                    id: 0,
+                    bytes: 1000,
+                    to: 1,
+                },
+                Send {
+                    id: 1,
+                    bytes: 1000,
+                    to: 2,
+                },
+            ],
+            vec![Receive(0), Run(5.0)],
+            vec![Receive(1), Receive(2)],
+            vec![Send {
+                id: 2,
+                bytes: 1000,
+                to: 2,
+            }],
+        ];
+        let ends = program_timeline(&steps, &[FAST; 4]).unwrap();
+        // Board 3's send goes first (at 0): board 2's downlink is busy until 80.
+        assert_eq!(ends[3], [0.0]);
+        // 10 + 80 + 200 latency, then 5 of compute.
+        assert_eq!(ends[1], [290.0, 295.0]);
+        // The second send leaves board 0 at 90 (its uplink) and ends at 170.
+        assert_eq!(ends[2], [370.0, 370.0]);
+        // A receive with no send never ends.
+        assert_eq!(program_timeline(&[vec![Receive(9)]], &[FAST]), None);
+        // A 1 Gbit/s sender feeds two 100 Mbit/s boards at once: 1000 bytes take 80 µs
+        // at 100 Mbit/s and hold the fast uplink 8 µs each.
+        let hub = Link {
+            mbps: 1000.0,
+            latency_ms: 0.0,
+        };
+        let fan_out = vec![
+            vec![
+                Send {
+                    id: 0,
+                    bytes: 1000,
+                    to: 1,
+                },
+                Send {
+                    id: 1,
+                    bytes: 1000,
+                    to: 2,
+                },
+            ],
+            vec![Receive(0)],
+            vec![Receive(1)],
+        ];
+        let ends = program_timeline(&fan_out, &[hub, FAST, FAST]).unwrap();
+        assert_eq!((ends[1][0], ends[2][0]), (280.0, 288.0));
     }
 
     #[test]

@@ -61,12 +61,8 @@ impl Held {
     }
 }
 
-/// The rows of a tensor both ranges cover; for a tensor without rows (`0..0`), the
-/// whole of it.
+/// The rows both ranges cover, if any.
 fn overlap(a: Rows, b: Rows) -> Option<Rows> {
-    if a.is_empty() && b.is_empty() {
-        return Some(a);
-    }
     let r = Rows::new(a.start.max(b.start), a.end.min(b.end));
     (!r.is_empty()).then_some(r)
 }
@@ -125,9 +121,17 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                  want: Rows,
                  to: usize,
                  into: usize| {
+        // A tensor without rows moves whole (`0..0`); an empty strip of one with rows
+        // needs nothing.
+        let rowless = ir.tensor(tensor).height().is_none();
         for &(owner, block, strip) in owners.get(&tensor).map_or(&[][..], |o| o) {
-            let Some(piece) = overlap(strip, want) else {
-                continue;
+            let piece = if rowless {
+                want
+            } else {
+                match overlap(strip, want) {
+                    Some(piece) => piece,
+                    None => continue,
+                }
             };
             if owner == to {
                 continue;
@@ -173,6 +177,9 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                 let tensor = TensorRef::Stage(out.stage);
                 // Produced rows no later tile reads are freed right after the run.
                 parties[d].blocks[block].uses.push(tensor);
+                if out.rows.is_empty() && ir.tensor(tensor).height().is_some() {
+                    continue;
+                }
                 parties[d].held.entry(tensor).or_default().insert(out.rows);
                 owners.entry(tensor).or_default().push((d, block, out.rows));
             }

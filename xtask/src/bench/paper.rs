@@ -12,7 +12,7 @@ use legion_pipeline::{
 };
 use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Plan, Profile, ProfileMode};
 use legion_runtime::check::test_input;
-use legion_runtime::{LocalCluster, default_cache_dir};
+use legion_runtime::{LocalCluster, Transport, default_cache_dir};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::time::{Duration, Instant};
@@ -285,7 +285,11 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         )?;
         compiled.plan.context("compile stopped early")
     };
-    let legion = CompileOptions::legion("the legion profile");
+    // The rows are of the paper's runtime, the hub: plans are chosen and timed on it.
+    let legion = CompileOptions {
+        transport: Transport::Hub,
+        ..CompileOptions::legion("the legion profile")
+    };
     let baseline = |search| CompileOptions {
         search,
         ..legion.clone()
@@ -353,7 +357,15 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
                 })
         })
         .collect();
-    let measured = rt.block_on(measure_in_rounds(&coord, ir, &input, &boards, &ran, runs))?;
+    let measured = rt.block_on(measure_in_rounds(
+        &coord,
+        ir,
+        &input,
+        &boards,
+        &ran,
+        runs,
+        Transport::Hub,
+    ))?;
     let single = boards
         .iter()
         .zip(&measured.boards)

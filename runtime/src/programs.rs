@@ -1,0 +1,365 @@
+//! Running a plan's candidate by its programs (docs/plan.md, "programs"): every board
+//! gets its program once (LoadPlan); per inference the coordinator sends each board the
+//! input rows its program receives from the coordinator, the boards pass rows to each
+//! other, and the coordinator assembles the model's outputs from the rows sent to it.
+
+use crate::execute::PlanRun;
+use crate::proto::{Rows as WireRows, RunProgramReply, RunProgramRequest};
+use crate::wire::{from_wire, to_wire};
+use crate::worker::tensor_code;
+use crate::{Coordinator, Tensors};
+use anyhow::{Context, Result, bail};
+use legion_ir::{Ir, Rows, TensorRef};
+use legion_plan::network::{TimedStep, program_timeline};
+use legion_plan::{
+    Candidate, Clock, DeviceId, DeviceTiming, Link, Party, Program, Step, StepTiming,
+};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::Tensor;
+
+/// How long a board's receive may wait for rows from another board.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A candidate's programs, loaded on its boards.
+pub struct LoadedPrograms {
+    /// Per board's program (in the candidate's order): its device and program id.
+    boards: Vec<(usize, DeviceId, String)>,
+    /// Every board's program id, by name.
+    ids: HashMap<String, String>,
+}
+
+impl Coordinator {
+    /// Gives every board of `candidate` (of a plan for `ir`, checked against it) its
+    /// program, its tiles and the addresses of the boards it sends to.
+    pub async fn load_programs(&self, candidate: &Candidate) -> Result<LoadedPrograms> {
+        let model = self.model()?;
+        let mut boards = vec![];
+        let mut ids = HashMap::new();
+        for (p, program) in candidate.programs.iter().enumerate() {
+            let Party::Device(name) = &program.party else {
+                continue;
+            };
+            let d = self
+                .id_of(name)
+                .with_context(|| format!("the plan runs on {name}, which is not in the cluster"))?;
+            let tiles: Vec<(usize, legion_plan::TileSpec)> = candidate
+                .groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, group)| {
+                    let t = group.tiles.iter().find(|t| &t.device == name)?;
+                    Some((g, t.tile.clone()))
+                })
+                .collect();
+            let mut peers: Vec<(String, String)> = vec![];
+            for step in &program.steps {
+                if let Step::Send {
+                    to: Party::Device(peer),
+                    ..
+                } = step
+                    && !peers.iter().any(|(n, _)| n == peer)
+                {
+                    let address = self
+                        .cluster()
+                        .device(peer)
+                        .with_context(|| format!("{name} sends to {peer}, not in the cluster"))?
+                        .address
+                        .clone();
+                    peers.push((peer.clone(), address));
+                }
+            }
+            let id = self
+                .device(d)?
+                .client()
+                .load_plan(model, program, &tiles, &peers)
+                .await
+                .with_context(|| format!("loading {name}'s program"))?;
+            ids.insert(name.clone(), id.clone());
+            boards.push((p, d, id));
+        }
+        Ok(LoadedPrograms { boards, ids })
+    }
+
+    /// Runs `candidate` (loaded by [`Coordinator::load_programs`]) once on `input`,
+    /// as inference number `inference`.
+    pub async fn run_programs(
+        &self,
+        ir: &Ir,
+        candidate: &Candidate,
+        loaded: &LoadedPrograms,
+        input: Tensor,
+        inference: u64,
+    ) -> Result<PlanRun> {
+        let mut tensors = Tensors::new(ir, input)?;
+        let coordinator = candidate
+            .programs
+            .iter()
+            .find(|p| p.party == Party::Coordinator)
+            .context("the candidate has no coordinator program")?;
+        // The rows the coordinator sends, per board.
+        let mut inputs: HashMap<&str, Vec<WireRows>> = HashMap::new();
+        for step in &coordinator.steps {
+            if let Step::Send {
+                tensor,
+                rows,
+                to: Party::Device(name),
+            } = step
+            {
+                let strip = tensors.strip(*tensor, *rows)?;
+                inputs.entry(name).or_default().push(WireRows {
+                    program: loaded.ids[name].clone(),
+                    inference,
+                    from: String::new(),
+                    tensor: tensor_code(*tensor),
+                    start: rows.start as u64,
+                    end: rows.end as u64,
+                    data: Some(to_wire(&strip)?),
+                });
+            }
+        }
+        let started = Instant::now();
+        let mut pending = tokio::task::JoinSet::new();
+        for (p, d, id) in &loaded.boards {
+            let device = self.device(*d)?;
+            let name = device.name().to_string();
+            let runs = candidate.programs[*p]
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::Run { .. }))
+                .count() as u32;
+            let req = RunProgramRequest {
+                program: id.clone(),
+                inference,
+                inputs: inputs.remove(name.as_str()).unwrap_or_default(),
+                receive_timeout_ms: RECEIVE_TIMEOUT.as_millis() as u64,
+                peer_programs: loaded.ids.clone(),
+            };
+            let (client, p) = (device.client().clone(), *p);
+            pending.spawn(async move {
+                let r = client
+                    .run_program(req, runs, RECEIVE_TIMEOUT)
+                    .await
+                    .with_context(|| format!("{name}: running its program"));
+                (p, r)
+            });
+        }
+        let mut replies: HashMap<usize, RunProgramReply> = HashMap::new();
+        while let Some(joined) = pending.join_next().await {
+            let (p, r) = joined.context("a program task failed")?;
+            replies.insert(p, r?);
+        }
+        let wall = started.elapsed();
+        for reply in replies.values() {
+            if reply.emulated != (self.clock() == Clock::Emulated) {
+                bail!("a board answered on another clock than the cluster's");
+            }
+            for m in &reply.outputs {
+                let tensor = match m.tensor {
+                    -1 => bail!("board {} sent the model input back", m.from),
+                    s => TensorRef::Stage(legion_ir::StageId(s as u32)),
+                };
+                let data = m.data.as_ref().context("rows without data")?;
+                let rows = Rows::new(m.start as usize, m.end as usize);
+                tensors
+                    .put_rows(tensor, rows, from_wire(data)?)
+                    .with_context(|| format!("storing rows {rows} from {}", m.from))?;
+            }
+        }
+        let outputs = tensors.outputs()?;
+        let (groups, total_us) = self.program_timings(ir, candidate, &replies, wall)?;
+        Ok(PlanRun {
+            outputs,
+            groups,
+            total_us,
+            clock: self.clock(),
+        })
+    }
+
+    /// Per group, its step's timing, and the end-to-end time. On the emulated clock the
+    /// programs' timeline ([`program_timeline`]) over the boards' compute times and the
+    /// links of the cluster file; a group's time runs from the end of the previous
+    /// group's last tile to the end of its own (the last group's to the coordinator's
+    /// last receive). On the real clock the end-to-end time is the wall clock, and a
+    /// group's time is its slowest tile's compute (transfers overlap the tiles).
+    fn program_timings(
+        &self,
+        ir: &Ir,
+        candidate: &Candidate,
+        replies: &HashMap<usize, RunProgramReply>,
+        wall: Duration,
+    ) -> Result<(Vec<StepTiming>, u64)> {
+        let programs = &candidate.programs;
+        let bytes = |t: TensorRef, rows: Rows| ir.tensor(t).strip_bytes(rows);
+        let compute = |p: usize, k: usize| -> u64 {
+            replies
+                .get(&p)
+                .and_then(|r| r.compute_us.get(k).copied())
+                .unwrap_or(0)
+        };
+        let host_gflops = |p: usize, k: usize| -> Option<f64> {
+            replies
+                .get(&p)
+                .and_then(|r| r.host_gflops.get(k).copied())
+                .filter(|g| *g > 0.0)
+        };
+        let party_index: HashMap<&Party, usize> = programs
+            .iter()
+            .enumerate()
+            .map(|(p, prog)| (&prog.party, p))
+            .collect();
+        let steps = timed_steps(programs, &party_index, &bytes)?;
+        let links: Vec<Link> = programs
+            .iter()
+            .map(|prog| match &prog.party {
+                Party::Coordinator => Ok(Link {
+                    mbps: self.cluster().coordinator.mbps,
+                    latency_ms: 0.0,
+                }),
+                Party::Device(name) => Ok(self
+                    .cluster()
+                    .device(name)
+                    .with_context(|| format!("{name} is not in the cluster"))?
+                    .link()),
+            })
+            .collect::<Result<_>>()?;
+        let steps: Vec<Vec<TimedStep>> = steps
+            .into_iter()
+            .enumerate()
+            .map(|(p, s)| {
+                s.into_iter()
+                    .enumerate()
+                    .map(|(k, t)| match t {
+                        TimedStep::Run(_) => TimedStep::Run(compute(p, k) as f64),
+                        other => other,
+                    })
+                    .collect()
+            })
+            .collect();
+        let ends = program_timeline(&steps, &links)
+            .context("the programs wait on rows no program sends")?;
+        // Per group: (party, step) of each of its runs.
+        let mut runs: Vec<Vec<(usize, usize)>> = vec![vec![]; candidate.groups.len()];
+        for (p, prog) in programs.iter().enumerate() {
+            for (k, step) in prog.steps.iter().enumerate() {
+                if let Step::Run { group } = step {
+                    runs[*group].push((p, k));
+                }
+            }
+        }
+        let end_of_all = ends.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
+        let mut group_start = 0.0f64;
+        let mut timings = vec![];
+        for (g, group_runs) in runs.iter().enumerate() {
+            let last = g + 1 == runs.len();
+            let mut devices = vec![];
+            let mut group_end = group_start;
+            for &(p, k) in group_runs {
+                let c = compute(p, k);
+                let end = ends[p][k];
+                group_end = group_end.max(end);
+                let (bytes_in, bytes_out) = step_bytes(&programs[p], k, &bytes);
+                let Party::Device(name) = &programs[p].party else {
+                    bail!("the coordinator runs group {g}");
+                };
+                devices.push(DeviceTiming {
+                    device: name.clone(),
+                    bytes_in,
+                    bytes_out,
+                    in_us: ((end - c as f64) - group_start).max(0.0).round() as u64,
+                    compute_us: c,
+                    out_us: 0,
+                    done_us: (end - group_start).max(0.0).round() as u64,
+                    host_gflops: host_gflops(p, k),
+                });
+            }
+            if last {
+                group_end = group_end.max(end_of_all);
+            }
+            let total_us = match self.clock() {
+                Clock::Emulated => (group_end - group_start).round() as u64,
+                Clock::Real => devices.iter().map(|d| d.compute_us).max().unwrap_or(0),
+            };
+            timings.push(StepTiming {
+                clock: self.clock(),
+                total_us,
+                devices,
+            });
+            group_start = group_end;
+        }
+        let total_us = match self.clock() {
+            Clock::Emulated => end_of_all.round() as u64,
+            Clock::Real => wall.as_micros() as u64,
+        };
+        Ok((timings, total_us))
+    }
+}
+
+/// The programs as the timeline sees them: every send and its receive share an id.
+fn timed_steps(
+    programs: &[Program],
+    party_index: &HashMap<&Party, usize>,
+    bytes: &impl Fn(TensorRef, Rows) -> u64,
+) -> Result<Vec<Vec<TimedStep>>> {
+    let mut ids: HashMap<(usize, usize, TensorRef, Rows), usize> = HashMap::new();
+    let mut id_of = |from: usize, to: usize, t: TensorRef, r: Rows| {
+        let next = ids.len();
+        *ids.entry((from, to, t, r)).or_insert(next)
+    };
+    let index = |party: &Party| -> Result<usize> {
+        party_index
+            .get(party)
+            .copied()
+            .with_context(|| format!("a program moves rows with {party}, who has no program"))
+    };
+    programs
+        .iter()
+        .enumerate()
+        .map(|(p, prog)| {
+            prog.steps
+                .iter()
+                .map(|step| {
+                    Ok(match step {
+                        Step::Run { .. } => TimedStep::Run(0.0),
+                        Step::Send { tensor, rows, to } => {
+                            let to = index(to)?;
+                            TimedStep::Send {
+                                id: id_of(p, to, *tensor, *rows),
+                                bytes: bytes(*tensor, *rows),
+                                to,
+                            }
+                        }
+                        Step::Receive { tensor, rows, from } => {
+                            TimedStep::Receive(id_of(index(from)?, p, *tensor, *rows))
+                        }
+                        Step::Drop { .. } => TimedStep::Nothing,
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Bytes a board received for its run at step `k` (since its previous run) and sent
+/// after it (until its next run).
+fn step_bytes(program: &Program, k: usize, bytes: &impl Fn(TensorRef, Rows) -> u64) -> (u64, u64) {
+    let is_run = |s: &Step| matches!(s, Step::Run { .. });
+    let before = program.steps[..k]
+        .iter()
+        .rev()
+        .take_while(|s| !is_run(s))
+        .map(|s| match s {
+            Step::Receive { tensor, rows, .. } => bytes(*tensor, *rows),
+            _ => 0,
+        })
+        .sum();
+    let after = program.steps[k + 1..]
+        .iter()
+        .take_while(|s| !is_run(s))
+        .map(|s| match s {
+            Step::Send { tensor, rows, .. } => bytes(*tensor, *rows),
+            _ => 0,
+        })
+        .sum();
+    (before, after)
+}

@@ -1,0 +1,342 @@
+//! Programs on a board (docs/plan.md, "programs"): LoadPlan keeps the board's program
+//! of a plan's candidate with the tiles it runs and connections to the boards it sends
+//! to; RunProgram runs it once per inference; PushRows delivers rows from another
+//! board to the receive step waiting for them.
+
+use super::{Worker, lock, tile_key, tile_key_text, validate};
+use crate::WorkerClient;
+use crate::proto::{
+    LoadPlanReply, LoadPlanRequest, ModelRef, PushRowsReply, Rows as WireRows, RunProgramReply,
+    RunProgramRequest,
+};
+use crate::tensors::Tensors;
+use crate::wire::{from_wire, hex, to_wire};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
+use legion_plan::{PLAN_VERSION, Party, Program, Step, TileSpec};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::Status;
+use tract_onnx::prelude::Tensor;
+
+/// Programs a worker keeps loaded (a plan's candidates, a few plans).
+pub(super) const LOADED_PROGRAMS: usize = 16;
+
+/// A board's program of one candidate, ready to run.
+pub(super) struct Loaded {
+    model: ModelRef,
+    ir: Arc<Ir>,
+    /// This board's name in the plan.
+    name: String,
+    program: Program,
+    /// The tile of each group it runs.
+    tiles: HashMap<usize, TileSpec>,
+    /// The boards it sends to.
+    peers: HashMap<String, WorkerClient>,
+}
+
+/// Rows waiting in the mailbox: program, inference, sender, tensor, rows.
+pub(super) type MailKey = (String, u64, String, TensorRef, Rows);
+
+/// A tensor on the wire: -1 for the model input, else its stage.
+pub(crate) fn tensor_code(t: TensorRef) -> i64 {
+    match t {
+        TensorRef::Input => -1,
+        TensorRef::Stage(s) => s.index() as i64,
+    }
+}
+
+fn tensor_of(ir: &Ir, code: i64) -> Result<TensorRef, Status> {
+    match code {
+        -1 => Ok(TensorRef::Input),
+        s if s >= 0 && (s as usize) < ir.stages.len() => Ok(TensorRef::Stage(StageId(s as u32))),
+        s => Err(Status::invalid_argument(format!(
+            "rows of tensor {s}: the model has {} stages",
+            ir.stages.len()
+        ))),
+    }
+}
+
+/// Decodes rows on the wire for `ir`, checking the strip's shape.
+fn rows_of(ir: &Ir, m: &WireRows) -> Result<(TensorRef, Rows, Tensor), Status> {
+    let tensor = tensor_of(ir, m.tensor)?;
+    let rows = Rows::new(m.start as usize, m.end as usize);
+    let data = m
+        .data
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("rows without data"))?;
+    let want: Vec<u64> = ir
+        .tensor(tensor)
+        .strip_shape(rows)
+        .iter()
+        .map(|&d| d as u64)
+        .collect();
+    if data.shape != want {
+        return Err(Status::invalid_argument(format!(
+            "rows {rows} of {tensor:?}: shape {:?}, expected {want:?}",
+            data.shape
+        )));
+    }
+    let strip = from_wire(data).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+    Ok((tensor, rows, strip))
+}
+
+impl Worker {
+    /// LoadPlan: checks the program against the model and the plan version, connects to
+    /// the boards it sends to, and keeps it under an id.
+    pub(super) async fn load_plan(&self, req: LoadPlanRequest) -> Result<LoadPlanReply, Status> {
+        if req.plan_version != PLAN_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "the program follows plan format {}, this worker runs format {PLAN_VERSION}; \
+                 use the same legion version on the coordinator and the boards",
+                req.plan_version
+            )));
+        }
+        let model = req
+            .model
+            .ok_or_else(|| Status::invalid_argument("LoadPlan without a model"))?;
+        let ir = self.model(&model)?;
+        let program: Program = serde_json::from_slice(&req.program_json)
+            .map_err(|e| Status::invalid_argument(format!("bad program JSON: {e}")))?;
+        let Party::Device(name) = program.party.clone() else {
+            return Err(Status::invalid_argument(
+                "a board cannot run the coordinator's program",
+            ));
+        };
+        let tiles: Vec<(usize, TileSpec)> = serde_json::from_slice(&req.tiles_json)
+            .map_err(|e| Status::invalid_argument(format!("bad tiles JSON: {e}")))?;
+        for (_, spec) in &tiles {
+            validate(&ir, spec)?;
+        }
+        let tiles: HashMap<usize, TileSpec> = tiles.into_iter().collect();
+        let addresses: HashMap<&str, &str> = req
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), p.address.as_str()))
+            .collect();
+        let mut peers = HashMap::new();
+        for step in &program.steps {
+            match step {
+                Step::Run { group } if !tiles.contains_key(group) => {
+                    return Err(Status::invalid_argument(format!(
+                        "{name}'s program runs group {group}, and no tile of it was given"
+                    )));
+                }
+                Step::Send {
+                    to: Party::Device(peer),
+                    ..
+                } if !peers.contains_key(peer) => {
+                    let addr = addresses.get(peer.as_str()).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{name}'s program sends to {peer}, whose address was not given"
+                        ))
+                    })?;
+                    let client =
+                        WorkerClient::connect(addr, self.config.token.as_deref(), PEER_TIMEOUT)
+                            .await
+                            .map_err(|e| {
+                                Status::unavailable(format!("{name}: connecting to {peer}: {e:#}"))
+                            })?;
+                    peers.insert(peer.clone(), client);
+                }
+                _ => {}
+            }
+        }
+        let mut id = Sha256::new();
+        id.update(model.sha256.as_bytes());
+        id.update(&req.program_json);
+        id.update(&req.tiles_json);
+        let id = hex(&id.finalize())[..16].to_string();
+        let loaded = Loaded {
+            model,
+            ir,
+            name,
+            program,
+            tiles,
+            peers,
+        };
+        lock(&self.programs).insert(id.clone(), Arc::new(loaded), 0);
+        Ok(LoadPlanReply { program: id })
+    }
+
+    /// PushRows: keeps the rows for the receive step that waits for them.
+    pub(super) fn push_rows(&self, m: WireRows) -> Result<PushRowsReply, Status> {
+        let loaded = self.loaded(&m.program)?;
+        let (tensor, rows, strip) = rows_of(&loaded.ir, &m)?;
+        let key = (m.program.clone(), m.inference, m.from.clone(), tensor, rows);
+        if lock(&self.mailbox).insert(key, strip).is_some() {
+            return Err(Status::already_exists(format!(
+                "rows {rows} of {tensor:?} from {} for inference {} arrived twice",
+                m.from, m.inference
+            )));
+        }
+        self.arrived.notify_waiters();
+        Ok(PushRowsReply {})
+    }
+
+    fn loaded(&self, id: &str) -> Result<Arc<Loaded>, Status> {
+        lock(&self.programs)
+            .get(&id.to_string())
+            .ok_or_else(|| Status::failed_precondition(format!("no program {id}; LoadPlan first")))
+    }
+
+    /// Waits for rows from another board until `until`.
+    async fn receive(&self, key: MailKey, until: Instant, me: &str) -> Result<Tensor, Status> {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(t) = lock(&self.mailbox).remove(&key) {
+                return Ok(t);
+            }
+            if tokio::time::timeout_at(until.into(), arrived)
+                .await
+                .is_err()
+            {
+                let (_, inference, from, tensor, rows) = key;
+                return Err(Status::deadline_exceeded(format!(
+                    "{me}: rows {rows} of {tensor:?} from {from} did not arrive \
+                     (inference {inference})"
+                )));
+            }
+        }
+    }
+
+    /// RunProgram: runs the loaded program once.
+    pub(super) async fn run_program(
+        self: &Arc<Self>,
+        req: RunProgramRequest,
+    ) -> Result<RunProgramReply, Status> {
+        let started = Instant::now();
+        let loaded = self.loaded(&req.program)?;
+        let result = self.run_loaded(&loaded, &req).await;
+        // Rows of a failed inference that arrived too late are not kept.
+        lock(&self.mailbox).retain(|k, _| !(k.0 == req.program && k.1 == req.inference));
+        let mut reply = result?;
+        reply.wall_us = started.elapsed().as_micros() as u64;
+        Ok(reply)
+    }
+
+    async fn run_loaded(
+        self: &Arc<Self>,
+        loaded: &Loaded,
+        req: &RunProgramRequest,
+    ) -> Result<RunProgramReply, Status> {
+        let ir = &loaded.ir;
+        let me = loaded.name.as_str();
+        let until = Instant::now() + Duration::from_millis(req.receive_timeout_ms.max(1));
+        let mut from_coordinator: HashMap<(TensorRef, Rows), Tensor> = HashMap::new();
+        for m in &req.inputs {
+            let (tensor, rows, strip) = rows_of(ir, m)?;
+            from_coordinator.insert((tensor, rows), strip);
+        }
+        let stored = |e: anyhow::Error| Status::internal(format!("{me}: {e:#}"));
+        let mut tensors = Tensors::empty(ir);
+        let mut reply = RunProgramReply {
+            emulated: self.config.compute.emulated(),
+            ..Default::default()
+        };
+        let mut pushes = tokio::task::JoinSet::new();
+        for step in &loaded.program.steps {
+            let mut compute_us = 0;
+            let mut host_gflops = 0.0;
+            match step {
+                Step::Receive {
+                    tensor,
+                    rows,
+                    from: Party::Coordinator,
+                } => {
+                    let strip = from_coordinator.remove(&(*tensor, *rows)).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{me}: the coordinator did not send rows {rows} of {tensor:?}"
+                        ))
+                    })?;
+                    tensors.put_rows(*tensor, *rows, strip).map_err(stored)?;
+                }
+                Step::Receive {
+                    tensor,
+                    rows,
+                    from: Party::Device(peer),
+                } => {
+                    let key = (
+                        req.program.clone(),
+                        req.inference,
+                        peer.clone(),
+                        *tensor,
+                        *rows,
+                    );
+                    let strip = self.receive(key, until, me).await?;
+                    tensors.put_rows(*tensor, *rows, strip).map_err(stored)?;
+                }
+                Step::Run { group } => {
+                    let spec = &loaded.tiles[group];
+                    let inputs = spec
+                        .inputs
+                        .iter()
+                        .map(|i| tensors.strip(i.tensor, i.rows))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                        .map_err(stored)?;
+                    let key = tile_key(&loaded.model, spec)?;
+                    let tile = self.tile(&key, ir, spec)?;
+                    let worker = self.clone();
+                    let (outputs, time) = tokio::task::spawn_blocking(move || {
+                        worker
+                            .config
+                            .compute
+                            .run_tile(&tile_key_text(&key), &tile, inputs)
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("{me}: the tile task failed: {e}")))??;
+                    for (out, strip) in spec.outputs.iter().zip(outputs) {
+                        tensors.put(out.stage, out.rows, strip).map_err(stored)?;
+                    }
+                    compute_us = time.compute.as_micros() as u64;
+                    host_gflops = time.host_gflops.unwrap_or(0.0);
+                }
+                Step::Send { tensor, rows, to } => {
+                    let strip = tensors.strip(*tensor, *rows).map_err(stored)?;
+                    let data = to_wire(&strip).map_err(stored)?;
+                    let mut m = WireRows {
+                        program: String::new(),
+                        inference: req.inference,
+                        from: me.to_string(),
+                        tensor: tensor_code(*tensor),
+                        start: rows.start as u64,
+                        end: rows.end as u64,
+                        data: Some(data),
+                    };
+                    match to {
+                        Party::Coordinator => reply.outputs.push(m),
+                        Party::Device(peer) => {
+                            let client = loaded.peers[peer].clone();
+                            m.program = req.peer_programs.get(peer).cloned().ok_or_else(|| {
+                                Status::invalid_argument(format!(
+                                    "{me}: no program id of {peer} given"
+                                ))
+                            })?;
+                            let what = format!("{me}: sending rows {rows} of {tensor:?} to {peer}");
+                            pushes.spawn(async move {
+                                client
+                                    .push_rows(m)
+                                    .await
+                                    .map_err(|e| format!("{what}: {e:#}"))
+                            });
+                        }
+                    }
+                }
+                Step::Drop { tensor } => tensors.remove(*tensor),
+            }
+            reply.compute_us.push(compute_us);
+            reply.host_gflops.push(host_gflops);
+        }
+        while let Some(done) = pushes.join_next().await {
+            done.map_err(|e| Status::internal(format!("{me}: a send task failed: {e}")))?
+                .map_err(Status::unavailable)?;
+        }
+        Ok(reply)
+    }
+}
+
+/// Deadline of a connection to another board and of one PushRows call.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
