@@ -352,3 +352,62 @@ async fn graceful_shutdown_ends_serve() {
     w.stop.take().unwrap().send(()).unwrap();
     w.done.take().unwrap().await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
+    use legion_plan::{Party, Program, Step};
+    let (bytes, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    let (model, _) = client.upload_model(&bytes, &ir.input.shape).await.unwrap();
+    let spec = three_tiles(&ir)[1].clone();
+    let wanted = spec.inputs[0];
+    // The middle tile's input rows come from a board that never sends them.
+    let program = Program {
+        party: Party::Device("middle".into()),
+        steps: vec![
+            Step::Receive {
+                tensor: wanted.tensor,
+                rows: wanted.rows,
+                from: Party::Device("ghost".into()),
+            },
+            Step::Run { group: 0 },
+        ],
+    };
+    // A program that runs a group it has no tile of is refused at load.
+    let err = client
+        .load_plan(&model, &program, &[], &[])
+        .await
+        .unwrap_err();
+    assert!(
+        status(&err)
+            .message()
+            .contains("runs group 0, and no tile of it was given"),
+        "{err:#}"
+    );
+    let id = client
+        .load_plan(&model, &program, &[(0, spec)], &[])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let req = legion_runtime::proto::RunProgramRequest {
+        program: id,
+        inference: 7,
+        inputs: vec![],
+        receive_timeout_ms: 300,
+        peer_programs: Default::default(),
+    };
+    let err = client
+        .run_program(req, 1, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    let s = status(&err);
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{err:#}");
+    let want = format!(
+        "middle: rows {} of input from ghost did not arrive",
+        wanted.rows
+    );
+    assert!(s.message().contains(&want), "{}", s.message());
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
