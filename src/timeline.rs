@@ -81,9 +81,12 @@ pub fn draw(plan: &Plan, run: Option<&RunResults>, out: &Path) -> Result<()> {
                 c.groups.len(),
                 c.predicted_us as f64 / 1e3,
                 run.map_or(String::new(), |r| format!(
-                    ", measured {:.1} ms on the {} clock",
+                    ", measured {:.1} ms on the {} clock{}",
                     r.median_us as f64 / 1e3,
-                    r.clock
+                    r.clock,
+                    r.transport
+                        .as_ref()
+                        .map_or(String::new(), |t| format!(", transport {t}"))
                 ))
             ),
             ("sans-serif", 18),

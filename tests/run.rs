@@ -125,6 +125,7 @@ fn compile_and_run(model: &str, hub: bool) {
     assert!(ran.contains("emulated clock"), "{ran}");
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+    assert_eq!(saved["transport"], "programs");
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
     let chosen = plan["chosen"].as_u64().unwrap() as usize;

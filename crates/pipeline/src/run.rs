@@ -272,6 +272,7 @@ pub async fn execute(
     let results = RunResults {
         model_sha256: plan.model_sha256.clone(),
         candidate: candidate.name.clone(),
+        transport: Some(transport.to_string()),
         clock,
         runs_us,
         median_us: median.total_us,

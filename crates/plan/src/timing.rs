@@ -63,6 +63,10 @@ pub struct RunResults {
     pub model_sha256: String,
     /// The candidate run (its name in the plan).
     pub candidate: String,
+    /// How its rows moved: `programs` or `hub` (absent from runs saved before there
+    /// were two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// The clock of every time here.
     pub clock: Clock,
     /// End-to-end latency of every run, µs, in order.
