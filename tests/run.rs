@@ -88,38 +88,25 @@ fn compile_and_run(model: &str, hub: bool) {
         validated.contains("every tile matches the single-device run"),
         "{validated}"
     );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", plan.to_str().unwrap(), m, "--cluster", c];
+        args.extend(["--check", "--repeat", "1"]);
+        args.extend(extra);
+        ok(legion(&args))
+    };
     if hub {
-        let ran = ok(legion(&[
-            "run",
-            plan.to_str().unwrap(),
-            m,
-            "--cluster",
-            c,
-            "--check",
-            "--repeat",
-            "1",
-            "--transport",
-            "hub",
-        ]));
+        let ran = run(&["--transport", "hub"]);
         assert!(ran.contains("transport hub"), "{ran}");
         assert!(ran.contains("check against"), "{ran}");
     }
     let out = dir.join("out.npy");
     let results = dir.join("run.json");
-    let ran = ok(legion(&[
-        "run",
-        plan.to_str().unwrap(),
-        m,
-        "--cluster",
-        c,
-        "--check",
-        "--repeat",
-        "1",
+    let ran = run(&[
         "--output",
         out.to_str().unwrap(),
         "--save",
         results.to_str().unwrap(),
-    ]));
+    ]);
     assert!(ran.contains("transport programs"), "{ran}");
     assert!(ran.contains("check against"), "{ran}");
     assert!(ran.contains("emulated clock"), "{ran}");

@@ -5,8 +5,7 @@
 
 use crate::execute::PlanRun;
 use crate::proto::{Rows as WireRows, RunProgramReply, RunProgramRequest};
-use crate::wire::{from_wire, to_wire};
-use crate::worker::tensor_code;
+use crate::wire::{rows_from_wire, rows_to_wire};
 use crate::{Coordinator, Tensors};
 use anyhow::{Context, Result, bail};
 use legion_ir::{Ir, Rows, TensorRef};
@@ -107,15 +106,9 @@ impl Coordinator {
             } = step
             {
                 let strip = tensors.strip(*tensor, *rows)?;
-                inputs.entry(name).or_default().push(WireRows {
-                    program: loaded.ids[name].clone(),
-                    inference,
-                    from: String::new(),
-                    tensor: tensor_code(*tensor),
-                    start: rows.start as u64,
-                    end: rows.end as u64,
-                    data: Some(to_wire(&strip)?),
-                });
+                let program = loaded.ids[name].clone();
+                let m = rows_to_wire(program, inference, "", *tensor, *rows, &strip)?;
+                inputs.entry(name).or_default().push(m);
             }
         }
         let started = Instant::now();
@@ -155,14 +148,10 @@ impl Coordinator {
                 bail!("a board answered on another clock than the cluster's");
             }
             for m in &reply.outputs {
-                let tensor = match m.tensor {
-                    -1 => bail!("board {} sent the model input back", m.from),
-                    s => TensorRef::Stage(legion_ir::StageId(s as u32)),
-                };
-                let data = m.data.as_ref().context("rows without data")?;
-                let rows = Rows::new(m.start as usize, m.end as usize);
+                let (tensor, rows, strip) =
+                    rows_from_wire(ir, m).with_context(|| format!("rows from {}", m.from))?;
                 tensors
-                    .put_rows(tensor, rows, from_wire(data)?)
+                    .put_rows(tensor, rows, strip)
                     .with_context(|| format!("storing rows {rows} from {}", m.from))?;
             }
         }
@@ -208,7 +197,7 @@ impl Coordinator {
             .enumerate()
             .map(|(p, prog)| (&prog.party, p))
             .collect();
-        let steps = timed_steps(programs, &party_index, &bytes)?;
+        let steps = timed_steps(programs, &party_index, &bytes, &compute)?;
         let links: Vec<Link> = programs
             .iter()
             .map(|prog| match &prog.party {
@@ -223,19 +212,6 @@ impl Coordinator {
                     .link()),
             })
             .collect::<Result<_>>()?;
-        let steps: Vec<Vec<TimedStep>> = steps
-            .into_iter()
-            .enumerate()
-            .map(|(p, s)| {
-                s.into_iter()
-                    .enumerate()
-                    .map(|(k, t)| match t {
-                        TimedStep::Run(_) => TimedStep::Run(compute(p, k) as f64),
-                        other => other,
-                    })
-                    .collect()
-            })
-            .collect();
         let ends = program_timeline(&steps, &links)
             .context("the programs wait on rows no program sends")?;
         // Per group: (party, step) of each of its runs.
@@ -295,11 +271,13 @@ impl Coordinator {
     }
 }
 
-/// The programs as the timeline sees them: every send and its receive share an id.
+/// The programs as the timeline sees them: a run takes `compute(party, step)` µs, and
+/// every send and its receive share an id.
 fn timed_steps(
     programs: &[Program],
     party_index: &HashMap<&Party, usize>,
     bytes: &impl Fn(TensorRef, Rows) -> u64,
+    compute: &impl Fn(usize, usize) -> u64,
 ) -> Result<Vec<Vec<TimedStep>>> {
     let mut ids: HashMap<(usize, usize, TensorRef, Rows), usize> = HashMap::new();
     let mut id_of = |from: usize, to: usize, t: TensorRef, r: Rows| {
@@ -318,9 +296,10 @@ fn timed_steps(
         .map(|(p, prog)| {
             prog.steps
                 .iter()
-                .map(|step| {
+                .enumerate()
+                .map(|(k, step)| {
                     Ok(match step {
-                        Step::Run { .. } => TimedStep::Run(0.0),
+                        Step::Run { .. } => TimedStep::Run(compute(p, k) as f64),
                         Step::Send { tensor, rows, to } => {
                             let to = index(to)?;
                             TimedStep::Send {

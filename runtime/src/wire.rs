@@ -1,7 +1,9 @@
-//! Conversions between tract tensors and the protocol's f32 tensors, and content hashes.
+//! Conversions between tract tensors and the protocol's f32 tensors and rows, and
+//! content hashes.
 
-use crate::proto::F32Tensor;
-use anyhow::{Result, ensure};
+use crate::proto::{F32Tensor, Rows as WireRows};
+use anyhow::{Context, Result, bail, ensure};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
@@ -52,6 +54,56 @@ pub fn from_wire(t: &F32Tensor) -> Result<Tensor> {
     let mut values = vec![0f32; n];
     read_le_bytes(&t.data, &mut values);
     Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
+}
+
+/// Encodes `strip`, rows `rows` of `tensor`, sent by `from` (empty for the coordinator)
+/// during inference `inference` to the program `program` (empty for the coordinator).
+pub(crate) fn rows_to_wire(
+    program: String,
+    inference: u64,
+    from: &str,
+    tensor: TensorRef,
+    rows: Rows,
+    strip: &Tensor,
+) -> Result<WireRows> {
+    Ok(WireRows {
+        program,
+        inference,
+        from: from.to_string(),
+        tensor: match tensor {
+            TensorRef::Input => -1,
+            TensorRef::Stage(s) => s.index() as i64,
+        },
+        start: rows.start as u64,
+        end: rows.end as u64,
+        data: Some(to_wire(strip)?),
+    })
+}
+
+/// Decodes rows on the wire for `ir`, checking the tensor and the strip's shape.
+pub(crate) fn rows_from_wire(ir: &Ir, m: &WireRows) -> Result<(TensorRef, Rows, Tensor)> {
+    let tensor = match m.tensor {
+        -1 => TensorRef::Input,
+        s if s >= 0 && (s as usize) < ir.stages.len() => TensorRef::Stage(StageId(s as u32)),
+        s => bail!(
+            "rows of tensor {s}: the model has {} stages",
+            ir.stages.len()
+        ),
+    };
+    let rows = Rows::new(m.start as usize, m.end as usize);
+    let data = m.data.as_ref().context("rows without data")?;
+    let want: Vec<u64> = ir
+        .tensor(tensor)
+        .strip_shape(rows)
+        .iter()
+        .map(|&d| d as u64)
+        .collect();
+    ensure!(
+        data.shape == want,
+        "rows {rows} of {tensor:?}: shape {:?}, expected {want:?}",
+        data.shape
+    );
+    Ok((tensor, rows, from_wire(data)?))
 }
 
 // Strips are megabytes: on little-endian hosts (x86-64, aarch64, armv7) the wire

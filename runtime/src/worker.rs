@@ -5,8 +5,6 @@
 
 mod program;
 
-pub(crate) use program::tensor_code;
-
 use crate::emulate::{Emulator, thread_cpu_time};
 use crate::proto::worker_server::{Worker as WorkerService, WorkerServer};
 use crate::proto::{

@@ -10,8 +10,8 @@ use crate::proto::{
     RunProgramRequest,
 };
 use crate::tensors::Tensors;
-use crate::wire::{from_wire, hex, to_wire};
-use legion_ir::{Ir, Rows, StageId, TensorRef};
+use crate::wire::{hex, rows_from_wire, rows_to_wire};
+use legion_ir::{Ir, Rows, TensorRef};
 use legion_plan::{PLAN_VERSION, Party, Program, Step, TileSpec};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -39,47 +39,9 @@ pub(super) struct Loaded {
 /// Rows waiting in the mailbox: program, inference, sender, tensor, rows.
 pub(super) type MailKey = (String, u64, String, TensorRef, Rows);
 
-/// A tensor on the wire: -1 for the model input, else its stage.
-pub(crate) fn tensor_code(t: TensorRef) -> i64 {
-    match t {
-        TensorRef::Input => -1,
-        TensorRef::Stage(s) => s.index() as i64,
-    }
-}
-
-fn tensor_of(ir: &Ir, code: i64) -> Result<TensorRef, Status> {
-    match code {
-        -1 => Ok(TensorRef::Input),
-        s if s >= 0 && (s as usize) < ir.stages.len() => Ok(TensorRef::Stage(StageId(s as u32))),
-        s => Err(Status::invalid_argument(format!(
-            "rows of tensor {s}: the model has {} stages",
-            ir.stages.len()
-        ))),
-    }
-}
-
-/// Decodes rows on the wire for `ir`, checking the strip's shape.
+/// Decodes rows on the wire; bad rows are the caller's error.
 fn rows_of(ir: &Ir, m: &WireRows) -> Result<(TensorRef, Rows, Tensor), Status> {
-    let tensor = tensor_of(ir, m.tensor)?;
-    let rows = Rows::new(m.start as usize, m.end as usize);
-    let data = m
-        .data
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("rows without data"))?;
-    let want: Vec<u64> = ir
-        .tensor(tensor)
-        .strip_shape(rows)
-        .iter()
-        .map(|&d| d as u64)
-        .collect();
-    if data.shape != want {
-        return Err(Status::invalid_argument(format!(
-            "rows {rows} of {tensor:?}: shape {:?}, expected {want:?}",
-            data.shape
-        )));
-    }
-    let strip = from_wire(data).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-    Ok((tensor, rows, strip))
+    rows_from_wire(ir, m).map_err(|e| Status::invalid_argument(format!("{e:#}")))
 }
 
 impl Worker {
@@ -296,16 +258,9 @@ impl Worker {
                 }
                 Step::Send { tensor, rows, to } => {
                     let strip = tensors.strip(*tensor, *rows).map_err(stored)?;
-                    let data = to_wire(&strip).map_err(stored)?;
-                    let mut m = WireRows {
-                        program: String::new(),
-                        inference: req.inference,
-                        from: me.to_string(),
-                        tensor: tensor_code(*tensor),
-                        start: rows.start as u64,
-                        end: rows.end as u64,
-                        data: Some(data),
-                    };
+                    let mut m =
+                        rows_to_wire(String::new(), req.inference, me, *tensor, *rows, &strip)
+                            .map_err(stored)?;
                     match to {
                         Party::Coordinator => reply.outputs.push(m),
                         Party::Device(peer) => {
