@@ -5,9 +5,8 @@ use crate::{BadInput, ModelArgs, predict::load_profile};
 use anyhow::{Context, Result};
 use legion_cost::Predictor;
 use legion_pipeline::{CompileOptions, Pass, PassTimes, Search};
-use legion_plan::{Cluster, Profile, ProfileMode};
+use legion_plan::{Cluster, Profile, ProfileMode, Transport};
 use legion_profile::ProfileOptions;
-use legion_runtime::Transport;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -43,8 +42,9 @@ pub struct Args {
     /// Runs per candidate when measuring (the median is compared).
     #[arg(long, default_value_t = 3)]
     runs: u32,
-    /// How candidates run when measured: programs (boards pass rows to each other) or
-    /// hub (every strip through the coordinator); as `legion run` will run the plan.
+    /// How the plan will run, which the costs follow and candidates are measured on:
+    /// programs (boards pass rows to each other) or hub (every strip through the
+    /// coordinator).
     #[arg(long, default_value = "programs", value_parser = parse_transport)]
     transport: Transport,
     /// Print what a pass attached: partition, cost, fusion or codegen (repeatable).

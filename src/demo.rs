@@ -4,9 +4,8 @@
 
 use anyhow::{Context, Result};
 use legion_pipeline::{CompileOptions, PassTimes, compile, connect, execute, profile};
-use legion_plan::ProfileMode;
+use legion_plan::{ProfileMode, Transport};
 use legion_profile::ProfileOptions;
-use legion_runtime::Transport;
 use legion_runtime::check::test_input;
 use legion_runtime::{LocalCluster, default_cache_dir, local_cluster};
 use std::time::Instant;

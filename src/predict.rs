@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use legion_cost::{CostModel, DevicePrediction, Predictor};
 use legion_ir::StageId;
 use legion_partition::{Group, candidate_groups};
-use legion_plan::{Cluster, DeviceId, Profile};
+use legion_plan::{Cluster, DeviceId, Profile, Transport};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,10 @@ pub struct Args {
     /// aofl (the prior work's regressions).
     #[arg(long, default_value = "legion")]
     predictor: String,
+    /// How rows move: programs (boards pass rows to each other) or hub (every strip
+    /// through the coordinator).
+    #[arg(long, default_value = "programs", value_parser = crate::compile::parse_transport)]
+    transport: Transport,
     /// Only this group, e.g. 0..4 (default: every candidate group and every barrier).
     #[arg(long)]
     group: Option<String>,
@@ -36,7 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
     let cluster = Cluster::load(&args.cluster)?;
     let profile = load_profile(&args.profile, &cluster, &args.cluster)?;
     let ir = args.model.import()?;
-    let model = CostModel::new(&ir, &profile)
+    let model = CostModel::new(&ir, &profile, args.transport)
         .map_err(|e| BadInput(format!("{}: {e:#}", args.profile.display())))?;
     // Strips are cut over the devices fastest first, as the compiler cuts them.
     let all = legion_fusion::device_order(&profile);
@@ -47,10 +51,11 @@ pub fn run(args: &Args) -> Result<()> {
     let mut out = String::new();
     writeln!(
         out,
-        "{} on {} devices, {} clock profile, predictor {predictor}",
+        "{} on {} devices, {} clock profile, predictor {predictor}, transport {}",
         args.model.model.display(),
         all.len(),
-        profile.clock
+        profile.clock,
+        args.transport
     )?;
     writeln!(
         out,

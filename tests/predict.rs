@@ -103,7 +103,8 @@ fn barriers_run_on_the_device_predicted_fastest() {
         .unwrap(),
     )
     .unwrap();
-    let cost = legion_cost::CostModel::new(&ir, &profile).unwrap();
+    let cost =
+        legion_cost::CostModel::new(&ir, &profile, legion_plan::Transport::Programs).unwrap();
     let lines: Vec<&str> = barriers.lines().skip(1).collect();
     let want: Vec<legion_ir::StageId> = ir
         .stages

@@ -18,11 +18,11 @@ use legion_ir::{Ir, StageId, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
 use legion_plan::{
     Candidate, Cluster, CoordinatorLink, Device, DeviceId, Party, PlanGroup, PlanTile, Step,
-    TileSpec,
+    TileSpec, Transport,
 };
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::process::WorkerProcess;
-use legion_runtime::{Coordinator, Reference, Tensors, Transport, run_candidate};
+use legion_runtime::{Coordinator, Reference, Tensors, run_candidate};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 use crate::{Coordinator, Tensors};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Candidate, Clock, StepTiming};
+use legion_plan::{Candidate, Clock, StepTiming, Transport};
 use tract_onnx::prelude::Tensor;
 
 /// One run of a candidate.
@@ -20,38 +20,6 @@ pub struct PlanRun {
     pub total_us: u64,
     /// The clock of every time here.
     pub clock: Clock,
-}
-
-/// How a candidate's rows move.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Transport {
-    /// Every board runs its program and sends rows straight to the boards that read
-    /// them; the coordinator only feeds the input and collects the outputs.
-    #[default]
-    Programs,
-    /// The coordinator runs the groups in order, cutting every strip out and pasting
-    /// every result back (the paper's runtime).
-    Hub,
-}
-
-impl std::str::FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Transport, String> {
-        match s {
-            "programs" => Ok(Transport::Programs),
-            "hub" => Ok(Transport::Hub),
-            _ => Err(format!("unknown transport {s:?}; valid: programs, hub")),
-        }
-    }
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Programs => "programs",
-            Transport::Hub => "hub",
-        })
-    }
 }
 
 /// Runs `candidate` (of a plan for `ir`, already checked against it) on `input` by

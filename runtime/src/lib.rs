@@ -24,7 +24,7 @@ mod tensors;
 
 pub use client::{DEFAULT_TIMEOUT, ModelId, TileResult, WorkerClient};
 pub use coordinator::{COMPUTE_TIMEOUT, ConnectedDevice, Coordinator};
-pub use execute::{PlanRun, Transport, run_candidate};
+pub use execute::{PlanRun, run_candidate};
 pub use local::{LocalCluster, default_cache_dir, local_cluster};
 pub use programs::{LoadedPrograms, RECEIVE_TIMEOUT};
 pub use tensors::Tensors;

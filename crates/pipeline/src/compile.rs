@@ -7,12 +7,12 @@ use anyhow::{Result, ensure};
 use legion_codegen::{Chosen, candidate, plan};
 use legion_cost::{CostModel, Predictor};
 use legion_fusion::{
-    CostTable, EggStats, Flc, GroupCosts, Legality, WildCard, search_egg, wild_card,
+    CostTable, EggStats, Flc, GroupCosts, Legality, Placement, WildCard, search_egg, wild_card,
 };
 use legion_ir::Ir;
-use legion_plan::{Candidate, Cluster, Plan, Profile, ProfileMode};
+use legion_plan::{Candidate, Cluster, Plan, Profile, ProfileMode, Transport};
+use legion_runtime::Coordinator;
 use legion_runtime::check::test_input;
-use legion_runtime::{Coordinator, Transport};
 use serde_json::json;
 use std::fmt::Write;
 
@@ -113,7 +113,7 @@ pub fn cost_table(
     }
     match options.mode {
         ProfileMode::Legion => {
-            let model = CostModel::new(ir, profile).map_err(bad)?;
+            let model = CostModel::new(ir, profile, options.transport).map_err(bad)?;
             let legality = Legality {
                 max_group_len: options.max_group_len,
                 ..Legality::of_cluster(cluster)
@@ -125,6 +125,28 @@ pub fn cost_table(
             let table = CostTable::measured(ir, profile).map_err(bad)?;
             Ok((table, "fss".to_string()))
         }
+    }
+}
+
+/// The strips `flc` runs: cut again in order over what the devices hold when boards run
+/// their programs on predicted costs ([`Placement::holding`]), else the table's.
+fn place(
+    ir: &Ir,
+    profile: &Profile,
+    cluster: &Cluster,
+    options: &CompileOptions,
+    table: &CostTable,
+    flc: &Flc,
+) -> Result<Placement> {
+    if options.mode == ProfileMode::Legion && options.transport == Transport::Programs {
+        let model = CostModel::new(ir, profile, options.transport)?;
+        let legality = Legality {
+            max_group_len: options.max_group_len,
+            ..Legality::of_cluster(cluster)
+        };
+        Placement::holding(ir, &model, options.predictor, &legality, table, flc)
+    } else {
+        Placement::from_table(table, flc)
     }
 }
 
@@ -188,9 +210,11 @@ pub fn compile(
     }
 
     let mut candidates = times.time("codegen", || {
-        let mut c = vec![candidate(ir, &table, &names, options.search.name(), &flc)?];
+        let placed = place(ir, profile, cluster, options, &table, &flc)?;
+        let mut c = vec![candidate(ir, &placed, &names, options.search.name())?];
         if let Some(w) = &wild {
-            c.push(candidate(ir, &table, &names, "wild-card", &w.flc)?);
+            let placed = place(ir, profile, cluster, options, &table, &w.flc)?;
+            c.push(candidate(ir, &placed, &names, "wild-card")?);
         }
         Ok(c)
     })?;
@@ -241,7 +265,7 @@ pub fn compile(
     if cfg!(debug_assertions) {
         legion_codegen::validate(&plan, ir, Some(&names))?;
     }
-    let report = report(ir, &plan, &table, &flc, wild.map(|w| w.merged))?;
+    let report = report(ir, &plan, &table, wild.map(|w| w.merged))?;
     Ok(Compiled {
         plan: Some(plan),
         report,
@@ -445,13 +469,7 @@ fn dump_codegen(candidates: &[Candidate]) -> Result<Dump> {
 }
 
 /// The FLC table, the candidates and the choice.
-fn report(
-    ir: &Ir,
-    plan: &Plan,
-    table: &CostTable,
-    flc: &Flc,
-    merged: Option<usize>,
-) -> Result<String> {
+fn report(ir: &Ir, plan: &Plan, table: &CostTable, merged: Option<usize>) -> Result<String> {
     let mut out = String::new();
     let chosen = plan.chosen();
     writeln!(
@@ -504,7 +522,7 @@ fn report(
             out,
             "whole model on the best single device: {:.3} ms predicted ({:.2}x)",
             one.us() / 1e3,
-            one.us() / flc.cost.us()
+            one.us() / chosen.predicted_us as f64
         )?;
     }
     writeln!(out, "chosen: {} ({})", chosen.name, plan.reason)?;

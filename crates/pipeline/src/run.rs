@@ -5,9 +5,9 @@ use crate::compile::{group_label, truncate};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_partition::{Group, whole_group};
-use legion_plan::{DeviceId, HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming};
+use legion_plan::{DeviceId, HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming, Transport};
 use legion_runtime::check::{Diff, compare};
-use legion_runtime::{Coordinator, PlanRun, Tensors, Transport, run_candidate};
+use legion_runtime::{Coordinator, PlanRun, Tensors, run_candidate};
 use std::fmt::Write;
 use tract_onnx::prelude::Tensor;
 

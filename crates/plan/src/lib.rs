@@ -10,6 +10,7 @@ mod plan;
 mod profile;
 mod tile;
 mod timing;
+mod transport;
 
 pub use cluster::{Cluster, ClusterError, CoordinatorLink, Device, DeviceId, Link, PAPER_SETUPS};
 pub use emulation::{BOARD_CLASSES, BadEmulation, BoardClass, Emulation, VGG16_FLOPS};
@@ -20,3 +21,4 @@ pub use profile::{
 };
 pub use tile::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
 pub use timing::{Clock, DeviceTiming, HOST_DRIFT_LIMIT, HostRates, RunResults, StepTiming};
+pub use transport::Transport;

@@ -10,7 +10,7 @@ mod programs;
 pub use programs::{Traffic, programs, traffic};
 
 use anyhow::{Context, Result, bail, ensure};
-use legion_fusion::{CostTable, Flc};
+use legion_fusion::Placement;
 use legion_ir::{Ir, Rows};
 use legion_partition::{Group, check_group, tile, whole_group};
 use legion_plan::{Candidate, DeviceId, Plan, PlanGroup, PlanTile};
@@ -24,20 +24,16 @@ fn us(t: f64) -> u64 {
     }
 }
 
-/// The candidate named `name` for `flc`, its groups costed by `table`; `devices` are
-/// the names of the table's devices, in its order.
+/// The candidate named `name` for an FLC placed by the fusion pass; `devices` are the
+/// names of the profile's devices, in its order.
 pub fn candidate(
     ir: &Ir,
-    table: &CostTable,
+    placement: &Placement,
     devices: &[String],
     name: &str,
-    flc: &Flc,
 ) -> Result<Candidate> {
     let mut groups = vec![];
-    for choice in &flc.groups {
-        let entry = table
-            .entry(*choice)
-            .with_context(|| format!("codegen: group {choice} is not a legal choice"))?;
+    for (choice, entry) in &placement.groups {
         let group = Group::new(choice.first, choice.last);
         let specs: Vec<(DeviceId, Rows, usize, legion_plan::TileSpec)> = if entry.whole {
             let d = &entry.devices[0];
@@ -85,7 +81,7 @@ pub fn candidate(
     let programs = programs(ir, devices, &groups);
     Ok(Candidate {
         name: name.to_string(),
-        predicted_us: us(flc.cost.us()),
+        predicted_us: us(placement.cost.us()),
         measured_us: None,
         groups,
         programs,

@@ -12,6 +12,15 @@
 //!   features (Zhou et al., SEC'19), fitted on the same single-stage samples.
 //!
 //! Barrier stages run whole on one device: their measured time plus the transfers.
+//!
+//! Transfers follow the transport the plan runs on ([`Transport`]). Through the hub a
+//! tile receives its whole input strips and sends its output strips back. When boards
+//! run their programs a tile receives only the rows it lacks, from the boards that
+//! hold them; a group's cost then depends on how the group before it was split, so the
+//! cost is made group-local by assuming the group's inputs were produced by the same
+//! devices at the same shares (docs/architecture.md, "Costing a group"). Once the groups
+//! are chosen, [`CostModel::shares_holding`] cuts each group again given the rows its
+//! devices really hold ([`Holdings`]).
 
 mod aofl;
 mod fit;
@@ -21,9 +30,11 @@ pub use fit::{Affine, interpolate, least_squares};
 
 use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_partition::{Group, SuffixTiler, TileView, boundary, rebalance, tile};
+use legion_partition::{
+    Group, Held, StageInTile, SuffixTiler, TileView, boundary, rebalance, tile,
+};
 use legion_plan::network::{StepPart, step_timeline};
-use legion_plan::{DeviceId, Link, Profile, ProfileMode};
+use legion_plan::{DeviceId, Link, Profile, ProfileMode, Transport};
 use rustc_hash::FxHasher;
 use serde::Serialize;
 use std::cell::RefCell;
@@ -103,6 +114,36 @@ pub struct Prediction {
     pub total_us: f64,
 }
 
+/// The rows of each tensor each device holds at some point of a plan's programs: what
+/// it computed or received in the groups before.
+#[derive(Clone, Debug, Default)]
+pub struct Holdings(HashMap<(DeviceId, TensorRef), Held>);
+
+impl Holdings {
+    /// Device `d` holds `rows` of `tensor` (`0..0`: all of a tensor without rows).
+    pub fn insert(&mut self, d: DeviceId, tensor: TensorRef, rows: Rows) {
+        self.0.entry((d, tensor)).or_default().insert(rows);
+    }
+
+    /// Records what device `d` holds after running tile `t`: its inputs and its outputs.
+    pub fn insert_tile(&mut self, d: DeviceId, t: &TileView) {
+        for r in &t.received {
+            self.insert(d, r.tensor, r.rows);
+        }
+        for (s, rows) in t.sent {
+            self.insert(d, TensorRef::Stage(*s), *rows);
+        }
+    }
+
+    /// The parts of `want` of `tensor` that `d` lacks.
+    fn lacking(&self, d: DeviceId, tensor: TensorRef, want: Rows) -> Vec<Rows> {
+        match self.0.get(&(d, tensor)) {
+            Some(held) => held.lacking(want),
+            None => vec![want],
+        }
+    }
+}
+
 /// Shares are cached per predictor, group and device subset.
 type SharesKey = (Predictor, Group, Vec<DeviceId>);
 
@@ -110,6 +151,7 @@ type SharesKey = (Predictor, Group, Vec<DeviceId>);
 pub struct CostModel<'a> {
     ir: &'a Ir,
     profile: &'a Profile,
+    transport: Transport,
     link_in: Vec<Affine>,
     link_out: Vec<Affine>,
     aofl: Vec<aofl::Regressions>,
@@ -122,8 +164,8 @@ pub struct CostModel<'a> {
 
 impl<'a> CostModel<'a> {
     /// Checks that `profile` is a `legion`-mode profile of `ir` and fits the links and
-    /// the AOFL regressions.
-    pub fn new(ir: &'a Ir, profile: &'a Profile) -> Result<CostModel<'a>> {
+    /// the AOFL regressions; transfers are costed as `transport` moves them.
+    pub fn new(ir: &'a Ir, profile: &'a Profile, transport: Transport) -> Result<CostModel<'a>> {
         if profile.model_sha256 != ir.sha256 {
             bail!(
                 "the profile is of model {}, not of this model ({}); profile this model",
@@ -185,6 +227,7 @@ impl<'a> CostModel<'a> {
         Ok(CostModel {
             ir,
             profile,
+            transport,
             link_in,
             link_out,
             aofl,
@@ -192,6 +235,11 @@ impl<'a> CostModel<'a> {
             lines,
             shares: Mutex::default(),
         })
+    }
+
+    /// The transport whose transfers are costed.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The profile's devices.
@@ -237,7 +285,26 @@ impl<'a> CostModel<'a> {
             .iter()
             .map(|t| (strips[t.slot].0, t.view()))
             .collect();
-        Ok(self.predict_views(predictor, group, &views))
+        Ok(self.predict_views(predictor, group, &views, None))
+    }
+
+    /// [`CostModel::predict`] when the devices hold the rows `held` lists (programs
+    /// transport; the hub ignores it).
+    pub fn predict_holding(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        strips: &[(DeviceId, Rows)],
+        held: &Holdings,
+    ) -> Result<Prediction> {
+        let cut: Vec<Rows> = strips.iter().map(|(_, r)| *r).collect();
+        let tiling = tile(self.ir, group, &cut)?;
+        let views: Vec<(DeviceId, TileView)> = tiling
+            .tiles
+            .iter()
+            .map(|t| (strips[t.slot].0, t.view()))
+            .collect();
+        Ok(self.predict_views(predictor, group, &views, Some(held)))
     }
 
     /// [`CostModel::predict`] of the tiles of `group`, per device (profile index).
@@ -246,12 +313,13 @@ impl<'a> CostModel<'a> {
         predictor: Predictor,
         group: Group,
         tiles: &[(DeviceId, TileView)],
+        held: Option<&Holdings>,
     ) -> Prediction {
         let mut devices: Vec<DevicePrediction> = tiles
             .iter()
-            .map(|(d, t)| self.device_alone(predictor, *d, t))
+            .map(|(d, t)| self.device_alone(predictor, *d, t, held))
             .collect();
-        if predictor == Predictor::Affine {
+        if predictor == Predictor::Affine && self.transport == Transport::Hub {
             self.share_the_hub(tiles, &mut devices);
         }
         let total_us = devices.iter().map(|d| d.total_us).fold(0.0, f64::max);
@@ -264,19 +332,93 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    /// A device's prediction as if its transfers had the coordinator to themselves.
-    fn device_alone(&self, predictor: Predictor, d: DeviceId, t: &TileView) -> DevicePrediction {
-        let fused_in: u64 = t
-            .received
+    /// Bytes of the rows a tile lacks when boards run their programs: the rows of each
+    /// input outside the device's own share of it (its strip of the group's last stage,
+    /// scaled to the input's height), and all of the model's input, which the
+    /// coordinator sends.
+    /// With `held`, the rows each input lacks are those `held` does not list for `d`.
+    fn lacking_bytes(&self, d: DeviceId, t: &TileView, held: Option<&Holdings>) -> u64 {
+        if let Some(held) = held {
+            return t
+                .received
+                .iter()
+                .filter(|r| !r.rows.is_empty() || self.ir.tensor(r.tensor).height().is_none())
+                .flat_map(|r| {
+                    held.lacking(d, r.tensor, r.rows)
+                        .into_iter()
+                        .map(|rows| (r.tensor, rows))
+                })
+                .map(|(tensor, rows)| self.bytes(tensor, rows))
+                .sum();
+        }
+        let last_height = t
+            .stages
+            .last()
+            .and_then(|s| self.ir.stage(s.stage).output.height())
+            .unwrap_or(0);
+        t.received
             .iter()
-            .map(|r| self.bytes(r.tensor, r.rows))
-            .sum();
-        let out: u64 = t
-            .sent
-            .iter()
-            .map(|(s, r)| self.bytes(TensorRef::Stage(*s), *r))
-            .sum();
+            .map(|r| {
+                let height = self.ir.tensor(r.tensor).height();
+                match (r.tensor, height) {
+                    (TensorRef::Stage(_), Some(h)) if last_height > 0 => {
+                        let scale = |row: usize| (row * h + last_height / 2) / last_height;
+                        let own = Rows::new(scale(t.strip.start), scale(t.strip.end));
+                        let above =
+                            Rows::new(r.rows.start, r.rows.end.min(own.start).max(r.rows.start));
+                        let below =
+                            Rows::new(own.end.max(r.rows.start).min(r.rows.end), r.rows.end);
+                        self.bytes(r.tensor, above) + self.bytes(r.tensor, below)
+                    }
+                    _ => self.bytes(r.tensor, r.rows),
+                }
+            })
+            .sum()
+    }
+
+    /// A device's prediction as if its transfers had their links to themselves; under
+    /// programs, with the rows `held` lists as held (else with the same-shares
+    /// assumption).
+    fn device_alone(
+        &self,
+        predictor: Predictor,
+        d: DeviceId,
+        t: &TileView,
+        held: Option<&Holdings>,
+    ) -> DevicePrediction {
+        let (fused_in, out): (u64, u64) = match self.transport {
+            Transport::Hub => (
+                t.received
+                    .iter()
+                    .map(|r| self.bytes(r.tensor, r.rows))
+                    .sum(),
+                t.sent
+                    .iter()
+                    .map(|(s, r)| self.bytes(TensorRef::Stage(*s), *r))
+                    .sum(),
+            ),
+            // A transfer between boards is costed once, at its receiver: the sender's
+            // uplink works while its receivers' downlinks do. Only the model's outputs
+            // go back to the coordinator.
+            Transport::Programs => (
+                self.lacking_bytes(d, t, held),
+                t.sent
+                    .iter()
+                    .filter(|(s, _)| self.ir.outputs.contains(&TensorRef::Stage(*s)))
+                    .map(|(s, r)| self.bytes(TensorRef::Stage(*s), *r))
+                    .sum(),
+            ),
+        };
         let (in_us, compute_us): (f64, Vec<(StageId, f64)>) = match predictor {
+            Predictor::Legion if self.transport == Transport::Programs => {
+                // S_d: the rows d lacks, from their holders.
+                let compute = t
+                    .stages
+                    .iter()
+                    .map(|st| (st.stage, self.legion_stage_time(d, st)))
+                    .collect();
+                (self.link_in[d.index()].time_us(fused_in), compute)
+            }
             Predictor::Legion => {
                 // alpha_in * S(the strip the first reader would receive alone)
                 let alone_in: f64 = t
@@ -296,15 +438,7 @@ impl<'a> CostModel<'a> {
                 let compute = t
                     .stages
                     .iter()
-                    .map(|st| {
-                        let e = match st.alpha {
-                            Some(alpha) => alpha * self.stage_time(d, st.stage, st.alone.len()),
-                            // Owns no rows of this stage alone: E at the rows computed.
-                            None if st.computed.is_empty() => 0.0,
-                            None => self.stage_time(d, st.stage, st.computed.len()),
-                        };
-                        (st.stage, e)
-                    })
+                    .map(|st| (st.stage, self.legion_stage_time(d, st)))
                     .collect();
                 (inputs_in, compute)
             }
@@ -341,6 +475,16 @@ impl<'a> CostModel<'a> {
             compute_us,
             out_us,
             total_us,
+        }
+    }
+
+    /// The paper's `alpha * E_d(l, share)` of one stage of a tile.
+    fn legion_stage_time(&self, d: DeviceId, st: &StageInTile) -> f64 {
+        match st.alpha {
+            Some(alpha) => alpha * self.stage_time(d, st.stage, st.alone.len()),
+            // Owns no rows of this stage alone: E at the rows computed.
+            None if st.computed.is_empty() => 0.0,
+            None => self.stage_time(d, st.stage, st.computed.len()),
         }
     }
 
@@ -397,17 +541,49 @@ impl<'a> CostModel<'a> {
     /// The predicted time of the stages of `group` run whole on device `d` (barriers
     /// allowed: nothing is split): each stage's measured whole-stage time (interpolated
     /// at its height for a splittable stage), the tensors entering the group sent whole
-    /// and the tensors leaving it received whole. The same for every predictor.
+    /// and the tensors leaving it received whole. The same for every predictor and both
+    /// transports (the device holds none of its input rows, and sends every output
+    /// whole to its readers).
     pub fn predict_one(&self, group: Group, d: DeviceId) -> DevicePrediction {
+        self.one(group, d, None)
+    }
+
+    /// [`CostModel::predict_one`] when the devices hold the rows `held` lists, under
+    /// programs: the device receives the input rows it lacks, and sends back only the
+    /// model's outputs (its other outputs are costed where they are received).
+    pub fn predict_one_holding(
+        &self,
+        group: Group,
+        d: DeviceId,
+        held: &Holdings,
+    ) -> DevicePrediction {
+        self.one(
+            group,
+            d,
+            Some(held).filter(|_| self.transport == Transport::Programs),
+        )
+    }
+
+    fn one(&self, group: Group, d: DeviceId, held: Option<&Holdings>) -> DevicePrediction {
         let all = |r: TensorRef| Rows::new(0, self.ir.tensor(r).height().unwrap_or(0));
         let (inputs, outputs) = boundary(self.ir, group);
-        let bytes_in: u64 = inputs.iter().map(|r| self.bytes(*r, all(*r))).sum();
+        let bytes_in: u64 = inputs
+            .iter()
+            .flat_map(|r| match held {
+                Some(h) => h
+                    .lacking(d, *r, all(*r))
+                    .into_iter()
+                    .map(|rows| (*r, rows))
+                    .collect(),
+                None => vec![(*r, all(*r))],
+            })
+            .map(|(r, rows)| self.bytes(r, rows))
+            .sum();
         let bytes_out: u64 = outputs
             .iter()
-            .map(|s| {
-                let r = TensorRef::Stage(*s);
-                self.bytes(r, all(r))
-            })
+            .map(|s| TensorRef::Stage(*s))
+            .filter(|r| held.is_none() || self.ir.outputs.contains(r))
+            .map(|r| self.bytes(r, all(r)))
             .sum();
         let compute_us: Vec<(StageId, f64)> = group
             .stages()
@@ -443,6 +619,21 @@ impl<'a> CostModel<'a> {
         GroupShares::new(self, &tiler, predictor, group)?.over(devices)
     }
 
+    /// [`CostModel::shares`] when the devices hold the rows `held` lists: strips that
+    /// line up with what each device holds cost less (programs transport). Not cached.
+    pub fn shares_holding(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        devices: &[DeviceId],
+        held: &Holdings,
+    ) -> Result<Vec<(DeviceId, Rows)>> {
+        let tiler = SuffixTiler::new(self.ir, group.last)?;
+        let mut search = GroupShares::new(self, &tiler, predictor, group)?;
+        search.held = Some(held);
+        search.over(devices)
+    }
+
     /// The group's predicted time at its min-max shares over `devices`.
     pub fn group(
         &self,
@@ -465,6 +656,8 @@ pub struct GroupShares<'m, 'a> {
     tiler: &'m SuffixTiler<'a>,
     predictor: Predictor,
     group: Group,
+    /// What the devices hold, when the shares follow it (not cached in the model).
+    held: Option<&'m Holdings>,
     /// (device, strip) -> predicted µs with its transfers alone.
     memo: RefCell<HashMap<(DeviceId, Rows), f64, BuildHasherDefault<FxHasher>>>,
 }
@@ -488,6 +681,7 @@ impl<'m, 'a> GroupShares<'m, 'a> {
             tiler,
             predictor,
             group,
+            held: None,
             memo: RefCell::default(),
         })
     }
@@ -498,7 +692,9 @@ impl<'m, 'a> GroupShares<'m, 'a> {
         ensure!(!devices.is_empty(), "a group needs at least one device");
         let model = self.model;
         let key = (self.predictor, self.group, devices.to_vec());
-        if let Some(s) = model.shares.lock().expect("shares cache").get(&key) {
+        if self.held.is_none()
+            && let Some(s) = model.shares.lock().expect("shares cache").get(&key)
+        {
             return Ok(s.clone());
         }
         let cost = |i: usize, strip: Rows| -> f64 {
@@ -509,7 +705,9 @@ impl<'m, 'a> GroupShares<'m, 'a> {
             let c = match self.tiler.walk(strip) {
                 Ok(walk) => {
                     let t = walk.view(model.ir, self.group.first, strip);
-                    model.device_alone(self.predictor, d, &t).total_us
+                    model
+                        .device_alone(self.predictor, d, &t, self.held)
+                        .total_us
                 }
                 Err(_) => f64::INFINITY,
             };
@@ -523,11 +721,13 @@ impl<'m, 'a> GroupShares<'m, 'a> {
             .filter(|(_, r)| !r.is_empty())
             .map(|(d, r)| (*d, r))
             .collect();
-        model
-            .shares
-            .lock()
-            .expect("shares cache")
-            .insert(key, shares.clone());
+        if self.held.is_none() {
+            model
+                .shares
+                .lock()
+                .expect("shares cache")
+                .insert(key, shares.clone());
+        }
         Ok(shares)
     }
 
@@ -554,6 +754,7 @@ impl<'m, 'a> GroupShares<'m, 'a> {
             self.predictor,
             self.group,
             &views,
+            self.held,
         )))
     }
 }

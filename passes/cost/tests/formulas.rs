@@ -7,7 +7,7 @@ use legion_partition::{Group, scale_cut, strips_from_weights, tile};
 use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{
     Clock, DeviceId, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
-    StageProfile,
+    StageProfile, Transport,
 };
 use proptest::prelude::*;
 
@@ -92,7 +92,7 @@ fn the_three_predictors_on_a_worked_example() {
     let ir = tiny("tiny-cnn");
     // E(conv1) = 100 µs per row, E(conv2) = 300 µs per row
     let profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
-    let model = CostModel::new(&ir, &profile).unwrap();
+    let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
     let strips = [
         (DeviceId(0), Rows::new(0, 12)),
         (DeviceId(1), Rows::new(12, 24)),
@@ -129,12 +129,51 @@ fn the_three_predictors_on_a_worked_example() {
     close(aofl.devices[0].out_us, r);
 }
 
+/// When boards run their programs a tile receives only the rows it lacks: its input
+/// rows outside its own share of the input (its strip scaled to the input's height),
+/// as if the group before had the same devices at the same shares. The model's input
+/// all comes from the coordinator, and only the model's outputs go back.
+///
+/// conv2 alone, cut [0,12) [12,24): device 0 reads conv1 rows [0,25) and holds [0,24),
+/// so it lacks one 1280-byte row; device 1 reads [22,48), holds [24,48), lacks two.
+/// conv1..conv2 from the model's input: device 0 receives input rows [0,26) in full.
+#[test]
+fn with_programs_a_tile_receives_only_the_rows_it_lacks() {
+    let ir = tiny("tiny-cnn");
+    let profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
+    let model = CostModel::new(&ir, &profile, Transport::Programs).unwrap();
+    let strips = [
+        (DeviceId(0), Rows::new(0, 12)),
+        (DeviceId(1), Rows::new(12, 24)),
+    ];
+    let s = |bytes: f64| 200.0 + 0.08 * bytes;
+    for predictor in Predictor::ALL {
+        let p = model.predict(predictor, Group::new(1, 1), &strips).unwrap();
+        close(p.devices[0].in_us, s(1280.0));
+        close(p.devices[1].in_us, s(2560.0));
+        close(p.devices[0].out_us, 0.0);
+    }
+    let legion = model
+        .predict(Predictor::Legion, Group::new(1, 1), &strips)
+        .unwrap();
+    close(legion.devices[1].total_us, s(2560.0) + 3600.0);
+
+    let legion = model
+        .predict(Predictor::Legion, Group::new(0, 1), &strips)
+        .unwrap();
+    close(legion.devices[0].in_us, s(26.0 * 480.0));
+    close(
+        legion.devices[0].total_us,
+        s(26.0 * 480.0) + 25.0 / 24.0 * 2400.0 + 3600.0,
+    );
+}
+
 #[test]
 fn a_shared_coordinator_link_slows_the_affine_scatter() {
     let ir = tiny("tiny-cnn");
     let mut profile = linear_profile(&ir, 2, |_| 100);
     profile.coordinator_mbps = 100.0;
-    let model = CostModel::new(&ir, &profile).unwrap();
+    let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
     let strips = [
         (DeviceId(0), Rows::new(0, 24)),
         (DeviceId(1), Rows::new(24, 48)),
@@ -156,7 +195,7 @@ fn the_affine_predictor_follows_the_emulated_step_timeline() {
     let ir = tiny("tiny-cnn");
     let mut profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
     profile.coordinator_mbps = 100.0;
-    let model = CostModel::new(&ir, &profile).unwrap();
+    let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
     // The worked example's group and cut: device 0 receives 26 input rows and computes
     // 25 conv1 + 12 conv2 rows; device 1 receives 27 and computes 26 + 12; each sends
     // 12 conv2 rows (1280 bytes each) back.
@@ -226,7 +265,7 @@ fn aofl_recovers_a_conv_regression_it_was_fitted_on() {
             })
             .collect();
     }
-    let model = CostModel::new(&ir, &profile).unwrap();
+    let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
     let p = model
         .predict(
             Predictor::Aofl,
@@ -250,7 +289,7 @@ fn min_max_shares_follow_device_speed() {
             sample.median_us *= 3;
         }
     }
-    let model = CostModel::new(&ir, &profile).unwrap();
+    let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
     let group = Group::new(0, 0);
     let shares = model
         .shares(Predictor::Legion, group, &[DeviceId(0), DeviceId(1)])
@@ -288,7 +327,10 @@ fn profiles_of_other_models_are_refused() {
     let ir = tiny("tiny-cnn");
     let mut profile = linear_profile(&ir, 1, |_| 1);
     profile.model_sha256 = "0".repeat(64);
-    let err = CostModel::new(&ir, &profile).err().unwrap().to_string();
+    let err = CostModel::new(&ir, &profile, Transport::Hub)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("not of this model"), "{err}");
 }
 

@@ -12,17 +12,20 @@
 //! `rules.rs`), [`search_dp`] with a shortest-path dynamic program over the same costs;
 //! both reach the same optimum. [`wild_card`] merges the adjacent pair of groups that
 //! raises the cost least. [`Flc::no_fusion`] and [`Flc::one_block`] build the paper's
-//! baselines on the same table.
+//! baselines on the same table. [`Placement`] makes an FLC concrete: the strips each
+//! group runs, cut again in order when boards run their programs.
 
 mod baselines;
 mod cost;
 mod dp;
+mod place;
 mod rules;
 mod table;
 mod wildcard;
 
 pub use cost::Cost;
 pub use dp::search_dp;
+pub use place::Placement;
 pub use rules::{EggStats, search_egg};
 pub use table::{CostTable, DeviceCost, Entry, Legality, device_order};
 pub use wildcard::{WildCard, wild_card};

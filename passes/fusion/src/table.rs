@@ -36,8 +36,8 @@ pub struct DeviceCost {
     pub out_us: f64,
 }
 
-impl DeviceCost {
-    fn predicted(p: &DevicePrediction) -> DeviceCost {
+impl From<&DevicePrediction> for DeviceCost {
+    fn from(p: &DevicePrediction) -> DeviceCost {
         DeviceCost {
             device: p.device,
             strip: p.strip,
@@ -73,7 +73,7 @@ impl Legality {
         }
     }
 
-    fn fits(&self, ir: &Ir, device: DeviceId, spec: &TileSpec) -> bool {
+    pub(crate) fn fits(&self, ir: &Ir, device: DeviceId, spec: &TileSpec) -> bool {
         match self.memory_bytes.get(device.index()).copied().flatten() {
             Some(limit) => tile_bytes(ir, spec) <= limit,
             None => true,
@@ -119,7 +119,8 @@ pub fn device_order(profile: &Profile) -> Vec<DeviceId> {
 #[derive(Clone, Debug)]
 pub struct CostTable {
     stages: usize,
-    options: usize,
+    /// The devices, in the order option `k` takes the first `k` of.
+    order: Vec<DeviceId>,
     entries: HashMap<FlcGroup, Entry>,
 }
 
@@ -128,7 +129,7 @@ impl GroupCosts for CostTable {
         self.stages
     }
     fn options(&self) -> usize {
-        self.options
+        self.order.len()
     }
     fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
         self.entries
@@ -152,6 +153,11 @@ impl CostTable {
         let mut all: Vec<(FlcGroup, &Entry)> = self.entries.iter().map(|(c, e)| (*c, e)).collect();
         all.sort_by_key(|(c, _)| *c);
         all
+    }
+
+    /// The devices device option `k` may use: the first `k` of these.
+    pub fn device_order(&self) -> &[DeviceId] {
+        &self.order
     }
 
     /// Legal choices in the table.
@@ -208,7 +214,7 @@ impl CostTable {
         let entries = rows.into_iter().flatten().collect();
         Ok(CostTable {
             stages: n,
-            options: order.len(),
+            order,
             entries,
         })
     }
@@ -275,7 +281,7 @@ impl CostTable {
         }
         Ok(CostTable {
             stages: ir.stages.len(),
-            options: all,
+            order: (0..all).map(DeviceId).collect(),
             entries,
         })
     }
@@ -316,7 +322,7 @@ fn entries_to(
                 },
                 Entry {
                     cost: Cost::from_us(p.total_us),
-                    devices: vec![DeviceCost::predicted(&p)],
+                    devices: vec![DeviceCost::from(&p)],
                     whole: true,
                 },
             ));
@@ -341,11 +347,7 @@ fn entries_to(
                 },
                 Entry {
                     cost: Cost::from_us(prediction.total_us),
-                    devices: prediction
-                        .devices
-                        .iter()
-                        .map(DeviceCost::predicted)
-                        .collect(),
+                    devices: prediction.devices.iter().map(DeviceCost::from).collect(),
                     whole: false,
                 },
             ));

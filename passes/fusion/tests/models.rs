@@ -1,14 +1,17 @@
 //! egg against the dynamic program on the cost table of every generated model, costed
 //! by the paper's predictor from a synthetic legion-mode profile of a mixed 3-device cluster
 //! (times from each stage's FLOPs and each device's rate; links from bandwidth and
-//! latency). Both must reach the same optimum, and it is a legal cover.
+//! latency), with the transfers of either transport. Both must reach the same optimum,
+//! and it is a legal cover.
 
 use legion_cost::{CostModel, Predictor};
-use legion_fusion::{CostTable, GroupCosts, Legality, search_dp, search_egg};
+use legion_fusion::{
+    CostTable, Flc, FlcGroup, GroupCosts, Legality, Placement, search_dp, search_egg,
+};
 use legion_ir::Ir;
 use legion_plan::{
     Clock, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
-    StageProfile,
+    StageProfile, Transport,
 };
 
 /// (name, GFLOP/s, Mbit/s): two fast boards on fast links, one slow board.
@@ -106,25 +109,21 @@ fn egg_and_dp_agree_on_every_generated_model() {
         let path = legion_models::test_model(spec.name).unwrap();
         let ir = legion_ir::import(&path, None).unwrap();
         let profile = synthetic_profile(&ir);
-        let model = CostModel::new(&ir, &profile).unwrap();
-        let predictor = Predictor::Legion;
-        let table =
-            CostTable::predicted(&ir, &model, predictor, &profile, &Legality::default()).unwrap();
-        let dp = search_dp(&table).unwrap();
-        let (egg, _) = search_egg(&table).unwrap();
-        assert_eq!(
-            egg.cost, dp.cost,
-            "{} {predictor}: egg {egg}, dp {dp}",
-            spec.name
-        );
-        assert!(egg.is_valid(&table), "{} {predictor}: {egg}", spec.name);
-        // Never slower than the whole model on the best single device.
-        let one = table.cost(0, ir.stages.len() - 1, 1);
-        assert!(
-            egg.cost <= one,
-            "{} {predictor}: {egg} against {one}",
-            spec.name
-        );
+        for transport in [Transport::Programs, Transport::Hub] {
+            let model = CostModel::new(&ir, &profile, transport).unwrap();
+            let predictor = Predictor::Legion;
+            let table =
+                CostTable::predicted(&ir, &model, predictor, &profile, &Legality::default())
+                    .unwrap();
+            let dp = search_dp(&table).unwrap();
+            let (egg, _) = search_egg(&table).unwrap();
+            let case = format!("{} {predictor} {transport}", spec.name);
+            assert_eq!(egg.cost, dp.cost, "{case}: egg {egg}, dp {dp}");
+            assert!(egg.is_valid(&table), "{case}: {egg}");
+            // Never slower than the whole model on the best single device.
+            let one = table.cost(0, ir.stages.len() - 1, 1);
+            assert!(egg.cost <= one, "{case}: {egg} against {one}");
+        }
     }
 }
 
@@ -133,7 +132,7 @@ fn a_group_length_limit_keeps_exactly_the_short_groups() {
     let path = legion_models::test_model("tiny-yolo").unwrap();
     let ir = legion_ir::import(&path, None).unwrap();
     let profile = synthetic_profile(&ir);
-    let model = CostModel::new(&ir, &profile).unwrap();
+    let model = CostModel::new(&ir, &profile, Transport::Programs).unwrap();
     let table = |max_group_len| {
         let legality = Legality {
             max_group_len,
@@ -172,4 +171,80 @@ fn a_group_length_limit_keeps_exactly_the_short_groups() {
     let (limited, _) = search_egg(&short).unwrap();
     assert!(limited.is_valid(&short));
     assert!(limited.cost >= search_egg(&all).unwrap().0.cost);
+}
+
+/// Placement for programs on tiny-yolo over the three devices: conv0 split three ways,
+/// then its 2x2 pool split three ways. Cut again given what each device holds, the
+/// pool's strips line up with conv0's: no device lacks more than one conv0 row (the
+/// one a strip boundary at an odd conv0 row leaves), and every other group keeps its
+/// table entry's devices and covers its rows.
+#[test]
+fn placement_lines_strips_up_with_the_rows_the_devices_hold() {
+    let path = legion_models::test_model("tiny-yolo").unwrap();
+    let ir = legion_ir::import(&path, None).unwrap();
+    let profile = synthetic_profile(&ir);
+    let model = CostModel::new(&ir, &profile, Transport::Programs).unwrap();
+    let legality = Legality::default();
+    let table = CostTable::predicted(&ir, &model, Predictor::Legion, &profile, &legality).unwrap();
+    let n = ir.stages.len();
+    let flc = Flc::new(
+        &table,
+        vec![
+            FlcGroup {
+                first: 0,
+                last: 0,
+                devices: 3,
+            },
+            FlcGroup {
+                first: 1,
+                last: 1,
+                devices: 3,
+            },
+            FlcGroup {
+                first: 2,
+                last: n - 1,
+                devices: 1,
+            },
+        ],
+    );
+    assert!(flc.is_valid(&table), "{flc}");
+    let placed =
+        Placement::holding(&ir, &model, Predictor::Legion, &legality, &table, &flc).unwrap();
+    assert_eq!(
+        placed.groups.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        flc.groups
+    );
+    let conv0_row = 16 * 32 * 4;
+    let (_, pool) = &placed.groups[1];
+    assert!(!pool.whole);
+    assert_eq!(pool.devices.len(), 3, "{pool:?}");
+    for d in &pool.devices {
+        let (_, _, mbps) = DEVICES[d.device.index()];
+        let one_row = Link {
+            mbps,
+            latency_ms: 0.2,
+        }
+        .time_us(conv0_row);
+        assert!(
+            d.in_us <= one_row + 1.0,
+            "{} lacks more than a row: {pool:?}",
+            d.device
+        );
+    }
+    let mut next = 0;
+    for (choice, entry) in &placed.groups {
+        let height = ir.stages[choice.last].output.height().unwrap_or(0);
+        let covered: usize = entry.devices.iter().map(|d| d.strip.len()).sum();
+        assert_eq!(covered, height, "{choice}");
+        for d in &entry.devices {
+            assert_eq!(d.strip.start, next % height.max(1), "{choice}");
+            next = d.strip.end;
+        }
+        next = 0;
+    }
+    let total = placed
+        .groups
+        .iter()
+        .fold(legion_fusion::Cost::ZERO, |sum, (_, e)| sum + e.cost);
+    assert_eq!(placed.cost, total);
 }

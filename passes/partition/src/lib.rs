@@ -2,10 +2,12 @@
 //! per-device strips, what every device computes, receives and sends
 //! (docs/architecture.md, "Row maps and halos"). Pure geometry: no profiling, no tract.
 
+mod held;
 mod rows;
 mod shares;
 mod tiling;
 
+pub use held::Held;
 pub use legion_ir::Rows;
 pub use rows::{InputRows, StageRows, row_map, window_rows};
 pub use shares::{cut, rebalance, strips_from_weights};

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use legion_cost::{CostModel, Predictor};
 use legion_ir::Ir;
 use legion_partition::{Group, check_group};
-use legion_plan::{Profile, ProfileMode};
+use legion_plan::{Profile, ProfileMode, Transport};
 use std::fmt::Write;
 
 /// Clusters of the benchmark (files under testdata/clusters).
@@ -109,7 +109,8 @@ pub fn run(opts: &Options) -> Result<String> {
         for model in &opts.models {
             let setup = format!("{cluster}-{model}");
             let (ir, legion, fss) = profiles(cluster, model, opts)?;
-            let cost = CostModel::new(&ir, &legion)?;
+            // FSS measured each group as one hub step: predict the hub's transfers.
+            let cost = CostModel::new(&ir, &legion, Transport::Hub)?;
             let mut groups = 0;
             for g in &fss.groups {
                 let group = Group::new(g.first.index(), g.last.index());

@@ -10,9 +10,9 @@ use legion_ir::Ir;
 use legion_pipeline::{
     CompileOptions, PassTimes, Search, boards_of, connect, measure_in_rounds, run_whole,
 };
-use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Plan, Profile, ProfileMode};
+use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Plan, Profile, ProfileMode, Transport};
 use legion_runtime::check::test_input;
-use legion_runtime::{LocalCluster, Transport, default_cache_dir};
+use legion_runtime::{LocalCluster, default_cache_dir};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::time::{Duration, Instant};
