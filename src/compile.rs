@@ -47,6 +47,10 @@ pub struct Args {
     /// coordinator).
     #[arg(long, default_value = "programs", value_parser = parse_transport)]
     transport: Transport,
+    /// Run each board's strip of a group as one tile, instead of computing first the
+    /// rows other boards read (sub-strips; programs transport only).
+    #[arg(long)]
+    no_sub_strips: bool,
     /// Print what a pass attached: partition, cost, fusion or codegen (repeatable).
     #[arg(long, value_parser = parse_pass)]
     dump_after: Vec<Pass>,
@@ -136,6 +140,7 @@ pub fn run(args: &Args) -> Result<()> {
         dump_after: args.dump_after.clone(),
         stop_after: args.stop_after,
         transport: args.transport,
+        sub_strips: !args.no_sub_strips,
     };
     let live = coord.as_ref().map(|c| (c, &rt));
     let compiled = legion_pipeline::compile(&ir, &profile, &cluster, &options, live, &mut times)?;

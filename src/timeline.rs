@@ -119,7 +119,7 @@ pub fn draw(plan: &Plan, run: Option<&RunResults>, out: &Path) -> Result<()> {
             format!(
                 "g{k}: {} x{}",
                 if g.split { "split" } else { "whole" },
-                g.tiles.len()
+                g.devices().len()
             ),
             (a + 0.1, 0.6),
             ("sans-serif", 12),

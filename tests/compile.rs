@@ -291,9 +291,15 @@ fn validate_rejects_a_tampered_plan() {
         .iter_mut()
         .find(|g| g["split"] == true && g["tiles"].as_array().unwrap().len() >= 2)
         .expect("with fast links, tiny-cnn on 2F+2O splits some group");
-    let end = split["tiles"][0]["strip"]["end"].as_u64().unwrap();
-    split["tiles"][0]["strip"]["end"] = (end + 1).into();
-    split["tiles"][1]["strip"]["start"] = (end + 1).into();
+    // Two tiles whose strips meet (a device's sub-strips are listed in run order).
+    let tiles = split["tiles"].as_array().unwrap();
+    let (i, j) = (0..tiles.len())
+        .flat_map(|i| (0..tiles.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| tiles[i]["strip"]["end"] == tiles[j]["strip"]["start"])
+        .expect("the strips of a split group meet");
+    let end = tiles[i]["strip"]["end"].as_u64().unwrap();
+    split["tiles"][i]["strip"]["end"] = (end + 1).into();
+    split["tiles"][j]["strip"]["start"] = (end + 1).into();
     let path = scratch("compile").join("tampered.json");
     std::fs::write(&path, serde_json::to_string(&plan).unwrap()).unwrap();
     fails_with(

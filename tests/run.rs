@@ -57,23 +57,21 @@ fn cluster_up(dir: &Path) -> Cluster {
 }
 
 /// Compiles `model` for a fresh cluster (profiling it) and runs the plan with --check
-/// by the boards' programs, and through the hub too when `hub`.
+/// by the boards' programs (with sub-strips), or without sub-strips by the programs and
+/// through the hub when `hub`.
 fn compile_and_run(model: &str, hub: bool) {
     let dir = dir(model);
     let cluster = cluster_up(&dir);
     let path = legion_models::test_model(model).unwrap();
     let (m, c) = (path.to_str().unwrap(), cluster.file.to_str().unwrap());
     let plan = dir.join("plan.json");
-    let compiled = ok(legion(&[
-        "compile",
-        m,
-        "--cluster",
-        c,
-        "--runs",
-        "1",
-        "-o",
-        plan.to_str().unwrap(),
-    ]));
+    let mut args = vec!["compile", m, "--cluster", c, "--runs", "1"];
+    // The hub runs one tile per board and group: no sub-strips.
+    if hub {
+        args.push("--no-sub-strips");
+    }
+    args.extend(["-o", plan.to_str().unwrap()]);
+    let compiled = ok(legion(&args));
     assert!(compiled.contains("fused-layer configuration"), "{compiled}");
     let validated = ok(legion(&[
         "plan",

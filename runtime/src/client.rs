@@ -269,13 +269,13 @@ impl WorkerClient {
     }
 
     /// Gives the worker its `program` of a candidate of a plan for `model`, the `tiles`
-    /// (group, spec) it runs and the addresses of `peers` (name, `host:port`) it sends
+    /// (group, tile, spec) it runs and the addresses of `peers` (name, `host:port`) it sends
     /// to; returns the program's id.
     pub async fn load_plan(
         &self,
         model: &ModelId,
         program: &Program,
-        tiles: &[(usize, TileSpec)],
+        tiles: &[(usize, usize, TileSpec)],
         peers: &[(String, String)],
     ) -> Result<String> {
         let req = LoadPlanRequest {

@@ -5,7 +5,7 @@
 //! end.
 
 use crate::{Coordinator, Tensors};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use legion_ir::Ir;
 use legion_plan::{Candidate, Clock, StepTiming, Transport};
 use tract_onnx::prelude::Tensor;
@@ -53,6 +53,16 @@ async fn run_hub(
     let mut tensors = Tensors::new(ir, input)?;
     let mut groups = vec![];
     for (g, group) in candidate.groups.iter().enumerate() {
+        let mut devices: Vec<&str> = group.tiles.iter().map(|t| t.device.as_str()).collect();
+        devices.dedup();
+        if devices.len() < group.tiles.len() {
+            bail!(
+                "candidate {} runs sub-strips of group {g} (several tiles on one board), \
+                 which only boards running their programs do; run it with --transport \
+                 programs, or compile with --transport hub",
+                candidate.name
+            );
+        }
         let tiles = group
             .tiles
             .iter()

@@ -9,7 +9,7 @@ use crate::wire::{rows_from_wire, rows_to_wire};
 use crate::{Coordinator, Tensors};
 use anyhow::{Context, Result, bail};
 use legion_ir::{Ir, Rows, TensorRef};
-use legion_plan::network::{TimedStep, program_timeline};
+use legion_plan::network::{group_ends, programs_timeline};
 use legion_plan::{
     Candidate, Clock, DeviceId, DeviceTiming, Link, Party, Program, Step, StepTiming,
 };
@@ -42,13 +42,17 @@ impl Coordinator {
             let d = self
                 .id_of(name)
                 .with_context(|| format!("the plan runs on {name}, which is not in the cluster"))?;
-            let tiles: Vec<(usize, legion_plan::TileSpec)> = candidate
+            let tiles: Vec<(usize, usize, legion_plan::TileSpec)> = candidate
                 .groups
                 .iter()
                 .enumerate()
-                .filter_map(|(g, group)| {
-                    let t = group.tiles.iter().find(|t| &t.device == name)?;
-                    Some((g, t.tile.clone()))
+                .flat_map(|(g, group)| {
+                    group
+                        .tiles
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| &t.device == name)
+                        .map(move |(k, t)| (g, k, t.tile.clone()))
                 })
                 .collect();
             let mut peers: Vec<(String, String)> = vec![];
@@ -166,7 +170,7 @@ impl Coordinator {
     }
 
     /// Per group, its step's timing, and the end-to-end time. On the emulated clock the
-    /// programs' timeline ([`program_timeline`]) over the boards' compute times and the
+    /// programs' timeline ([`programs_timeline`]) over the boards' compute times and the
     /// links of the cluster file; a group's time runs from the end of the previous
     /// group's last tile to the end of its own (the last group's to the coordinator's
     /// last receive). On the real clock the end-to-end time is the wall clock, and a
@@ -192,12 +196,6 @@ impl Coordinator {
                 .and_then(|r| r.host_gflops.get(k).copied())
                 .filter(|g| *g > 0.0)
         };
-        let party_index: HashMap<&Party, usize> = programs
-            .iter()
-            .enumerate()
-            .map(|(p, prog)| (&prog.party, p))
-            .collect();
-        let steps = timed_steps(programs, &party_index, &bytes, &compute)?;
         let links: Vec<Link> = programs
             .iter()
             .map(|prog| match &prog.party {
@@ -212,13 +210,14 @@ impl Coordinator {
                     .link()),
             })
             .collect::<Result<_>>()?;
-        let ends = program_timeline(&steps, &links)
-            .context("the programs wait on rows no program sends")?;
+        let ends = programs_timeline(programs, &links, bytes, |p, k| compute(p, k) as f64)
+            .map_err(anyhow::Error::msg)?;
+        let group_end = group_ends(programs, &ends, candidate.groups.len());
         // Per group: (party, step) of each of its runs.
         let mut runs: Vec<Vec<(usize, usize)>> = vec![vec![]; candidate.groups.len()];
         for (p, prog) in programs.iter().enumerate() {
             for (k, step) in prog.steps.iter().enumerate() {
-                if let Step::Run { group } = step {
+                if let Step::Run { group, .. } = step {
                     runs[*group].push((p, k));
                 }
             }
@@ -227,33 +226,41 @@ impl Coordinator {
         let mut group_start = 0.0f64;
         let mut timings = vec![];
         for (g, group_runs) in runs.iter().enumerate() {
-            let last = g + 1 == runs.len();
-            let mut devices = vec![];
-            let mut group_end = group_start;
+            // One timing per device: its sub-strips' runs summed, from the start of
+            // its first to the end of its last.
+            let mut devices: Vec<DeviceTiming> = vec![];
             for &(p, k) in group_runs {
                 let c = compute(p, k);
                 let end = ends[p][k];
-                group_end = group_end.max(end);
                 let (bytes_in, bytes_out) = step_bytes(&programs[p], k, &bytes);
                 let Party::Device(name) = &programs[p].party else {
                     bail!("the coordinator runs group {g}");
                 };
-                devices.push(DeviceTiming {
-                    device: name.clone(),
-                    bytes_in,
-                    bytes_out,
-                    in_us: ((end - c as f64) - group_start).max(0.0).round() as u64,
-                    compute_us: c,
-                    out_us: 0,
-                    done_us: (end - group_start).max(0.0).round() as u64,
-                    host_gflops: host_gflops(p, k),
-                });
-            }
-            if last {
-                group_end = group_end.max(end_of_all);
+                let in_us = ((end - c as f64) - group_start).max(0.0).round() as u64;
+                let done_us = (end - group_start).max(0.0).round() as u64;
+                match devices.iter_mut().find(|d| &d.device == name) {
+                    Some(d) => {
+                        d.bytes_in += bytes_in;
+                        d.bytes_out += bytes_out;
+                        d.in_us = d.in_us.min(in_us);
+                        d.compute_us += c;
+                        d.done_us = d.done_us.max(done_us);
+                        d.host_gflops = d.host_gflops.or(host_gflops(p, k));
+                    }
+                    None => devices.push(DeviceTiming {
+                        device: name.clone(),
+                        bytes_in,
+                        bytes_out,
+                        in_us,
+                        compute_us: c,
+                        out_us: 0,
+                        done_us,
+                        host_gflops: host_gflops(p, k),
+                    }),
+                }
             }
             let total_us = match self.clock() {
-                Clock::Emulated => (group_end - group_start).round() as u64,
+                Clock::Emulated => (group_end[g] - group_start).round() as u64,
                 Clock::Real => devices.iter().map(|d| d.compute_us).max().unwrap_or(0),
             };
             timings.push(StepTiming {
@@ -261,7 +268,7 @@ impl Coordinator {
                 total_us,
                 devices,
             });
-            group_start = group_end;
+            group_start = group_end[g];
         }
         let total_us = match self.clock() {
             Clock::Emulated => end_of_all.round() as u64,
@@ -269,54 +276,6 @@ impl Coordinator {
         };
         Ok((timings, total_us))
     }
-}
-
-/// The programs as the timeline sees them: a run takes `compute(party, step)` µs, and
-/// every send and its receive share an id.
-fn timed_steps(
-    programs: &[Program],
-    party_index: &HashMap<&Party, usize>,
-    bytes: &impl Fn(TensorRef, Rows) -> u64,
-    compute: &impl Fn(usize, usize) -> u64,
-) -> Result<Vec<Vec<TimedStep>>> {
-    let mut ids: HashMap<(usize, usize, TensorRef, Rows), usize> = HashMap::new();
-    let mut id_of = |from: usize, to: usize, t: TensorRef, r: Rows| {
-        let next = ids.len();
-        *ids.entry((from, to, t, r)).or_insert(next)
-    };
-    let index = |party: &Party| -> Result<usize> {
-        party_index
-            .get(party)
-            .copied()
-            .with_context(|| format!("a program moves rows with {party}, who has no program"))
-    };
-    programs
-        .iter()
-        .enumerate()
-        .map(|(p, prog)| {
-            prog.steps
-                .iter()
-                .enumerate()
-                .map(|(k, step)| {
-                    Ok(match step {
-                        Step::Run { .. } => TimedStep::Run(compute(p, k) as f64),
-                        Step::Send { tensor, rows, to } => {
-                            let to = index(to)?;
-                            TimedStep::Send {
-                                id: id_of(p, to, *tensor, *rows),
-                                bytes: bytes(*tensor, *rows),
-                                to,
-                            }
-                        }
-                        Step::Receive { tensor, rows, from } => {
-                            TimedStep::Receive(id_of(index(from)?, p, *tensor, *rows))
-                        }
-                        Step::Drop { .. } => TimedStep::Nothing,
-                    })
-                })
-                .collect()
-        })
-        .collect()
 }
 
 /// Bytes a board received for its run at step `k` (since its previous run) and sent

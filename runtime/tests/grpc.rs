@@ -372,7 +372,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
                 rows: wanted.rows,
                 from: Party::Device("ghost".into()),
             },
-            Step::Run { group: 0 },
+            Step::Run { group: 0, tile: 0 },
         ],
     };
     // A program that runs a group it has no tile of is refused at load.
@@ -383,11 +383,11 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
     assert!(
         status(&err)
             .message()
-            .contains("runs group 0, and no tile of it was given"),
+            .contains("runs tile 0 of group 0, which was not given"),
         "{err:#}"
     );
     let id = client
-        .load_plan(&model, &program, &[(0, spec)], &[])
+        .load_plan(&model, &program, &[(0, 0, spec)], &[])
         .await
         .unwrap();
     let started = Instant::now();

@@ -3,14 +3,14 @@
 
 use crate::passes::{Dump, Pass, PassTimes};
 use crate::{BadInput, measure_in_rounds};
-use anyhow::{Result, ensure};
-use legion_codegen::{Chosen, candidate, plan};
+use anyhow::{Context, Result, ensure};
+use legion_codegen::{Chosen, candidate, plan, predict_programs};
 use legion_cost::{CostModel, Predictor};
 use legion_fusion::{
     CostTable, EggStats, Flc, GroupCosts, Legality, Placement, WildCard, search_egg, wild_card,
 };
 use legion_ir::Ir;
-use legion_plan::{Candidate, Cluster, Plan, Profile, ProfileMode, Transport};
+use legion_plan::{Candidate, Cluster, Link, Party, Plan, Profile, ProfileMode, Transport};
 use legion_runtime::Coordinator;
 use legion_runtime::check::test_input;
 use serde_json::json;
@@ -61,6 +61,9 @@ pub struct CompileOptions {
     pub stop_after: Option<Pass>,
     /// How candidates run when they are measured (the way `legion run` will run them).
     pub transport: Transport,
+    /// Cut boards' strips so that the rows other boards read are computed first
+    /// (programs transport only).
+    pub sub_strips: bool,
 }
 
 impl CompileOptions {
@@ -78,6 +81,7 @@ impl CompileOptions {
             dump_after: vec![],
             stop_after: None,
             transport: Transport::default(),
+            sub_strips: true,
         }
     }
 }
@@ -128,26 +132,23 @@ pub fn cost_table(
     }
 }
 
-/// The strips `flc` runs: cut again in order over what the devices hold when boards run
-/// their programs on predicted costs ([`Placement::holding`]), else the table's.
-fn place(
-    ir: &Ir,
-    profile: &Profile,
-    cluster: &Cluster,
-    options: &CompileOptions,
-    table: &CostTable,
-    flc: &Flc,
-) -> Result<Placement> {
-    if options.mode == ProfileMode::Legion && options.transport == Transport::Programs {
-        let model = CostModel::new(ir, profile, options.transport)?;
-        let legality = Legality {
-            max_group_len: options.max_group_len,
-            ..Legality::of_cluster(cluster)
-        };
-        Placement::holding(ir, &model, options.predictor, &legality, table, flc)
-    } else {
-        Placement::from_table(table, flc)
-    }
+/// The links of `candidate`'s parties, one per program: the coordinator's at the
+/// profile's rate, each board's as fitted to its probes.
+fn program_links(model: &CostModel, profile: &Profile, candidate: &Candidate) -> Result<Vec<Link>> {
+    candidate
+        .programs
+        .iter()
+        .map(|p| match &p.party {
+            Party::Coordinator => Ok(Link {
+                mbps: profile.coordinator_mbps,
+                latency_ms: 0.0,
+            }),
+            Party::Device(name) => profile
+                .device_id(name)
+                .map(|d| model.link(d))
+                .with_context(|| format!("the plan runs on {name}, which is not in the profile")),
+        })
+        .collect()
 }
 
 /// Runs the compile passes: cost (with partition), fusion, codegen, then the choice of
@@ -210,13 +211,36 @@ pub fn compile(
     }
 
     let mut candidates = times.time("codegen", || {
-        let placed = place(ir, profile, cluster, options, &table, &flc)?;
-        let mut c = vec![candidate(ir, &placed, &names, options.search.name())?];
-        if let Some(w) = &wild {
-            let placed = place(ir, profile, cluster, options, &table, &w.flc)?;
-            c.push(candidate(ir, &placed, &names, "wild-card")?);
-        }
-        Ok(c)
+        // Boards running their programs on predicted costs: the groups are placed
+        // over what the boards hold, and each candidate predicted on the programs'
+        // timeline.
+        let programs = (options.mode == ProfileMode::Legion
+            && options.transport == Transport::Programs)
+            .then(|| CostModel::new(ir, profile, options.transport))
+            .transpose()?;
+        let sub_strips = options.sub_strips && options.transport == Transport::Programs;
+        let mut flcs = vec![(options.search.name(), &flc)];
+        flcs.extend(wild.as_ref().map(|w| ("wild-card", &w.flc)));
+        flcs.into_iter()
+            .map(|(name, flc)| {
+                let placed = match &programs {
+                    Some(model) => {
+                        let legality = Legality {
+                            max_group_len: options.max_group_len,
+                            ..Legality::of_cluster(cluster)
+                        };
+                        Placement::holding(ir, model, options.predictor, &legality, &table, flc)?
+                    }
+                    None => Placement::from_table(&table, flc)?,
+                };
+                let mut c = candidate(ir, &placed, &names, name, sub_strips)?;
+                if let Some(model) = &programs {
+                    let links = program_links(model, profile, &c)?;
+                    predict_programs(ir, &mut c, &links)?;
+                }
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>>>()
     })?;
     if options.dump_after.contains(&Pass::Codegen) {
         dumps.push(dump_codegen(&candidates)?);
@@ -484,7 +508,7 @@ fn report(ir: &Ir, plan: &Plan, table: &CostTable, merged: Option<usize>) -> Res
     )?;
     for g in &chosen.groups {
         let names = stage_names(ir, g.first.index(), g.last.index());
-        let devices: Vec<&str> = g.tiles.iter().map(|t| t.device.as_str()).collect();
+        let devices = g.devices();
         writeln!(
             out,
             "{:<8} {:<32} {:<6} {:<40} {:>12.3}",

@@ -205,7 +205,7 @@ pub async fn execute(
         "group", "devices", "predicted ms", "measured ms"
     )?;
     for (g, t) in candidate.groups.iter().zip(&median.groups) {
-        let devices: Vec<&str> = g.tiles.iter().map(|t| t.device.as_str()).collect();
+        let devices = g.devices();
         writeln!(
             out,
             "{:<8} {:<40} {:>13.3} {:>12.3}",

@@ -5,7 +5,9 @@
 //! boards pass rows to each other ([`program_timeline`]) a transfer uses only its two
 //! ends' links. Latency is paid once per transfer.
 
-use crate::Link;
+use crate::{Link, Party, Program, Step};
+use legion_ir::{Rows, TensorRef};
+use std::collections::HashMap;
 
 /// A transfer between the coordinator and one device, in one direction.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -176,7 +178,7 @@ pub fn program_timeline(steps: &[Vec<TimedStep>], links: &[Link]) -> Option<Vec<
     let mut pc = vec![0usize; parties];
     let mut up_free = vec![0.0f64; parties];
     let mut down_free = vec![0.0f64; parties];
-    let mut arrival: std::collections::HashMap<usize, f64> = std::collections::HashMap::new();
+    let mut arrival: HashMap<usize, f64> = HashMap::new();
     let mut ends: Vec<Vec<f64>> = steps.iter().map(|s| vec![0.0; s.len()]).collect();
     loop {
         // The party that can go on earliest; a receive can once its message is sent.
@@ -215,6 +217,79 @@ pub fn program_timeline(steps: &[Vec<TimedStep>], links: &[Link]) -> Option<Vec<
     (0..parties)
         .all(|p| pc[p] == steps[p].len())
         .then_some(ends)
+}
+
+/// A candidate's programs on [`program_timeline`]: a run step takes `compute(party,
+/// step)` µs, a transfer moves `bytes(tensor, rows)`, each party `p` on `links[p]`
+/// (`programs[p]`'s party). Returns, per party and step, when the step ends, µs from
+/// the start; an error when a step names a party without a program or waits on rows no
+/// program sends.
+pub fn programs_timeline(
+    programs: &[Program],
+    links: &[Link],
+    bytes: impl Fn(TensorRef, Rows) -> u64,
+    compute: impl Fn(usize, usize) -> f64,
+) -> Result<Vec<Vec<f64>>, String> {
+    let index = |party: &Party| -> Result<usize, String> {
+        programs
+            .iter()
+            .position(|p| &p.party == party)
+            .ok_or_else(|| format!("a program moves rows with {party}, who has no program"))
+    };
+    let mut ids: HashMap<(usize, usize, TensorRef, Rows), usize> = HashMap::new();
+    let mut steps = vec![];
+    for (p, program) in programs.iter().enumerate() {
+        let mut timed = vec![];
+        for (k, step) in program.steps.iter().enumerate() {
+            let mut id_of = |key| {
+                let next = ids.len();
+                *ids.entry(key).or_insert(next)
+            };
+            timed.push(match step {
+                Step::Run { .. } => TimedStep::Run(compute(p, k)),
+                Step::Send { tensor, rows, to } => {
+                    let to = index(to)?;
+                    TimedStep::Send {
+                        id: id_of((p, to, *tensor, *rows)),
+                        bytes: bytes(*tensor, *rows),
+                        to,
+                    }
+                }
+                Step::Receive { tensor, rows, from } => {
+                    TimedStep::Receive(id_of((index(from)?, p, *tensor, *rows)))
+                }
+                Step::Drop { .. } => TimedStep::Nothing,
+            });
+        }
+        steps.push(timed);
+    }
+    program_timeline(&steps, links)
+        .ok_or_else(|| "the programs wait on rows no program sends".into())
+}
+
+/// When each of `groups` groups ends on a programs timeline (`ends`, from
+/// [`programs_timeline`]): when its last tile ends, and the last group when every
+/// program has ended (the coordinator has the outputs).
+pub fn group_ends(programs: &[Program], ends: &[Vec<f64>], groups: usize) -> Vec<f64> {
+    let mut group_end = vec![0.0f64; groups];
+    for (p, program) in programs.iter().enumerate() {
+        for (k, step) in program.steps.iter().enumerate() {
+            if let Step::Run { group, .. } = step
+                && *group < groups
+            {
+                group_end[*group] = group_end[*group].max(ends[p][k]);
+            }
+        }
+    }
+    let all = ends.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
+    if let Some(last) = group_end.last_mut() {
+        *last = last.max(all);
+    }
+    // A group cannot end before the one before it.
+    for g in 1..groups {
+        group_end[g] = group_end[g].max(group_end[g - 1]);
+    }
+    group_end
 }
 
 /// Max-min fair rates of flows capped at `caps`, sharing `total`.

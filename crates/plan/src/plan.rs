@@ -13,7 +13,7 @@ use legion_ir::{Rows, StageId, TensorRef};
 use serde::{Deserialize, Serialize};
 
 /// Version of the plan format; readers reject other versions.
-pub const PLAN_VERSION: u32 = 3;
+pub const PLAN_VERSION: u32 = 4;
 
 /// A compiled plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,8 +68,18 @@ pub struct PlanGroup {
     pub split: bool,
     /// Predicted (or, costed by fss, measured) time of the group, µs.
     pub predicted_us: u64,
-    /// Per device, in strip order.
+    /// Per device, in strip order; a device's sub-strips are listed together, in the
+    /// order it runs them.
     pub tiles: Vec<PlanTile>,
+}
+
+impl PlanGroup {
+    /// The devices that run its tiles, each once, in the tiles' order.
+    pub fn devices(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tiles.iter().map(|t| t.device.as_str()).collect();
+        names.dedup();
+        names
+    }
 }
 
 /// One device's part of a group.
@@ -132,10 +142,14 @@ pub enum Step {
         /// The party that sends them (their owner).
         from: Party,
     },
-    /// Run a group's tile; every row it reads is held by then.
+    /// Run a tile of a group; every row it reads is held by then.
     Run {
         /// The group (index into the candidate's groups).
         group: usize,
+        /// The tile (index into the group's tiles). A board may run several tiles of
+        /// one group, sub-strips of its rows: the edge ones first, so that the rows
+        /// its neighbours read leave before the rest is computed.
+        tile: usize,
     },
     /// Send rows of a tensor this party owns to another party.
     Send {

@@ -6,14 +6,17 @@
 //! [`validate`] checks a plan against its model and cluster by deriving it again.
 
 mod programs;
+mod sub_strips;
 
 pub use programs::{Traffic, programs, traffic};
+pub use sub_strips::cut_edges;
 
 use anyhow::{Context, Result, bail, ensure};
 use legion_fusion::Placement;
-use legion_ir::{Ir, Rows};
+use legion_ir::{Ir, Rows, TensorRef};
 use legion_partition::{Group, check_group, tile, whole_group};
-use legion_plan::{Candidate, DeviceId, Plan, PlanGroup, PlanTile};
+use legion_plan::network::{group_ends, programs_timeline};
+use legion_plan::{Candidate, DeviceId, Link, Plan, PlanGroup, PlanTile, Step};
 
 /// Rounds a time to whole microseconds for the plan.
 fn us(t: f64) -> u64 {
@@ -25,12 +28,15 @@ fn us(t: f64) -> u64 {
 }
 
 /// The candidate named `name` for an FLC placed by the fusion pass; `devices` are the
-/// names of the profile's devices, in its order.
+/// names of the profile's devices, in its order. With `sub_strips`, boards compute the
+/// rows other boards read first ([`cut_edges`]; for boards that run their
+/// programs).
 pub fn candidate(
     ir: &Ir,
     placement: &Placement,
     devices: &[String],
     name: &str,
+    sub_strips: bool,
 ) -> Result<Candidate> {
     let mut groups = vec![];
     for (choice, entry) in &placement.groups {
@@ -78,6 +84,9 @@ pub fn candidate(
             tiles,
         });
     }
+    if sub_strips {
+        sub_strips::cut_edges(ir, &mut groups);
+    }
     let programs = programs(ir, devices, &groups);
     Ok(Candidate {
         name: name.to_string(),
@@ -86,6 +95,30 @@ pub fn candidate(
         groups,
         programs,
     })
+}
+
+/// Predicts `candidate` as the emulator times a run of its programs
+/// ([`programs_timeline`]): each run takes its tile's predicted compute, each transfer
+/// its bytes over `links` (one per program, in order), so transfers overlap compute.
+/// Sets the candidate's predicted time and each group's: from the end of the group
+/// before to the end of its last tile.
+pub fn predict_programs(ir: &Ir, candidate: &mut Candidate, links: &[Link]) -> Result<()> {
+    let groups = &candidate.groups;
+    let programs = &candidate.programs;
+    let compute = |p: usize, k: usize| match programs[p].steps[k] {
+        Step::Run { group, tile } => groups[group].tiles[tile].compute_us as f64,
+        _ => 0.0,
+    };
+    let bytes = |t: TensorRef, rows: Rows| ir.tensor(t).strip_bytes(rows);
+    let ends = programs_timeline(programs, links, bytes, compute).map_err(anyhow::Error::msg)?;
+    let group_end = group_ends(programs, &ends, groups.len());
+    let mut start = 0.0;
+    for (g, end) in candidate.groups.iter_mut().zip(&group_end) {
+        g.predicted_us = us(end - start);
+        start = *end;
+    }
+    candidate.predicted_us = us(start);
+    Ok(())
 }
 
 /// Checks `plan` against `ir` and, when given, the cluster's device names: the model's
@@ -149,22 +182,28 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
                 t.device
             );
         }
+        // A device's tiles (sub-strips) are listed together.
         let mut names: Vec<&String> = group.tiles.iter().map(|t| &t.device).collect();
+        names.dedup();
+        let listed = names.len();
         names.sort();
         names.dedup();
         ensure!(
-            names.len() == group.tiles.len(),
-            "group {g} lists a device twice"
+            names.len() == listed,
+            "group {g} lists the tiles of a device apart"
         );
         if group.split {
             check_group(ir, first, last).with_context(|| format!("group {g}"))?;
-            let cut: Vec<Rows> = group.tiles.iter().map(|t| t.strip).collect();
+            // The cut in row order; a device's sub-strips are listed in run order.
+            let mut by_rows: Vec<&PlanTile> = group.tiles.iter().collect();
+            by_rows.sort_by_key(|t| t.strip.start);
+            let cut: Vec<Rows> = by_rows.iter().map(|t| t.strip).collect();
             let tiling = tile(ir, range, &cut).with_context(|| format!("group {g}"))?;
             ensure!(
                 tiling.tiles.len() == group.tiles.len(),
                 "group {g}: a device has an empty strip"
             );
-            for (t, want) in group.tiles.iter().zip(&tiling.tiles) {
+            for (t, want) in by_rows.into_iter().zip(&tiling.tiles) {
                 if t.tile != want.spec() {
                     bail!(
                         "group {g}: the tile of device {} is not the one its strip {} needs",

@@ -32,7 +32,8 @@ struct Blocks {
 #[derive(Default)]
 struct Block {
     receives: Vec<Step>,
-    run: Option<usize>,
+    /// (group, tile) it runs.
+    run: Option<(usize, usize)>,
     sends: Vec<Step>,
     /// Tensors this block's run reads or produces, or its sends send; a tensor is
     /// dropped after the last block that uses it.
@@ -108,11 +109,18 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
     };
 
     for (g, group) in groups.iter().enumerate() {
-        for t in &group.tiles {
+        // A device runs its tiles of a group in the order they are listed (sub-strips:
+        // the edges first).
+        let order: Vec<usize> = (0..group.tiles.len()).collect();
+        // Per tile: (party, block) that runs it.
+        let mut block_of = HashMap::new();
+        for &k in &order {
+            let t = &group.tiles[k];
             let d = party_of(&t.device);
             let block = parties[d].blocks.len();
+            block_of.insert(k, (d, block));
             parties[d].blocks.push(Block {
-                run: Some(g),
+                run: Some((g, k)),
                 ..Block::default()
             });
             for input in &t.tile.inputs {
@@ -122,9 +130,9 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         }
         // Outputs are recorded after every tile of the group has fetched its inputs,
         // so no tile of a group reads another's output of the same group.
-        for t in &group.tiles {
-            let d = party_of(&t.device);
-            let block = parties[d].blocks.len() - 1;
+        for &k in &order {
+            let t = &group.tiles[k];
+            let (d, block) = block_of[&k];
             for out in &t.tile.outputs {
                 let tensor = TensorRef::Stage(out.stage);
                 // Produced rows no later tile reads are freed right after the run.
@@ -168,7 +176,7 @@ fn flatten(drops: bool, blocks: Vec<Block>) -> Vec<Step> {
     let mut steps = vec![];
     for (b, block) in blocks.into_iter().enumerate() {
         steps.extend(block.receives);
-        steps.extend(block.run.map(|group| Step::Run { group }));
+        steps.extend(block.run.map(|(group, tile)| Step::Run { group, tile }));
         let mut done: Vec<TensorRef> = block
             .uses
             .iter()

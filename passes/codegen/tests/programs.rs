@@ -4,9 +4,9 @@
 //! with no party waiting forever, every tile finds the rows it reads, the coordinator
 //! moves only the model's input and outputs and ends with every output whole, every
 //! device frees everything it held, and no inference moves more bytes than through the
-//! hub.
+//! hub; with and without sub-strips.
 
-use legion_codegen::{programs, traffic};
+use legion_codegen::{cut_edges, programs, traffic};
 use legion_ir::{Ir, Rows, TensorRef, import};
 use legion_partition::{Group, check_group, strips_from_weights, tile, whole_group};
 use legion_plan::{Candidate, Party, PlanGroup, PlanTile, Program, Step};
@@ -99,7 +99,7 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
     );
     let mut pc = vec![0; programs.len()];
     let mut in_flight: Vec<(Party, Party, TensorRef, Rows)> = vec![];
-    let mut ran: Vec<(usize, String)> = vec![];
+    let mut ran: Vec<(usize, usize)> = vec![];
     loop {
         let mut moved = false;
         for (p, program) in programs.iter().enumerate() {
@@ -128,15 +128,15 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                             }
                         }
                     }
-                    Step::Run { group } => {
+                    Step::Run { group, tile } => {
                         let Party::Device(name) = me else {
                             return Err("the coordinator runs a tile".into());
                         };
                         let t = groups[*group]
                             .tiles
-                            .iter()
-                            .find(|t| &t.device == name)
-                            .ok_or(format!("{name} runs group {group} without a tile in it"))?;
+                            .get(*tile)
+                            .filter(|t| &t.device == name)
+                            .ok_or(format!("{name} runs tile {tile} of group {group}, not its"))?;
                         for input in &t.tile.inputs {
                             let have = held[p].get(&input.tensor).cloned().unwrap_or_default();
                             if !rows_of(ir, input.tensor, input.rows)
@@ -153,7 +153,7 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                             let set = held[p].entry(TensorRef::Stage(out.stage)).or_default();
                             set.extend(rows_of(ir, TensorRef::Stage(out.stage), out.rows));
                         }
-                        ran.push((*group, name.clone()));
+                        ran.push((*group, *tile));
                     }
                     Step::Drop { tensor } => {
                         held[p].remove(tensor);
@@ -178,10 +178,10 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
     if !in_flight.is_empty() {
         return Err(format!("sent and never received: {in_flight:?}"));
     }
-    let mut want: Vec<(usize, String)> = groups
+    let mut want: Vec<(usize, usize)> = groups
         .iter()
         .enumerate()
-        .flat_map(|(g, group)| group.tiles.iter().map(move |t| (g, t.device.clone())))
+        .flat_map(|(g, group)| (0..group.tiles.len()).map(move |k| (g, k)))
         .collect();
     want.sort();
     ran.sort();
@@ -260,9 +260,13 @@ proptest! {
             "tiny-effnet", "tiny-yolov8", "tiny-shuffle",
         ]),
         picks in prop::collection::vec(pick(), 1..8),
+        sub_strips in any::<bool>(),
     ) {
         let ir = ir(model);
-        let groups = groups(&ir, &picks);
+        let mut groups = groups(&ir, &picks);
+        if sub_strips {
+            cut_edges(&ir, &mut groups);
+        }
         let programs = programs(&ir, &names(), &groups);
         if let Err(e) = simulate(&ir, &groups, &programs) {
             let flc: Vec<String> = groups

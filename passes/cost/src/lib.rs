@@ -114,6 +114,18 @@ pub struct Prediction {
     pub total_us: f64,
 }
 
+/// The link a fitted transfer time stands for.
+fn fitted_link(a: &Affine) -> Link {
+    Link {
+        mbps: if a.us_per_byte > 0.0 {
+            8.0 / a.us_per_byte
+        } else {
+            f64::MAX
+        },
+        latency_ms: a.latency_us / 1e3,
+    }
+}
+
 /// The rows of each tensor each device holds at some point of a plan's programs: what
 /// it computed or received in the groups before.
 #[derive(Clone, Debug, Default)]
@@ -235,6 +247,11 @@ impl<'a> CostModel<'a> {
             lines,
             shares: Mutex::default(),
         })
+    }
+
+    /// Device `d`'s link as fitted to its probes (sending to it), for timelines.
+    pub fn link(&self, d: DeviceId) -> Link {
+        fitted_link(&self.link_in[d.index()])
     }
 
     /// The transport whose transfers are costed.
@@ -492,14 +509,7 @@ impl<'a> CostModel<'a> {
     /// the fitted links.
     fn share_the_hub(&self, tiles: &[(DeviceId, TileView)], devices: &mut [DevicePrediction]) {
         let hub = self.profile.coordinator_mbps;
-        let link = |a: &Affine| Link {
-            mbps: if a.us_per_byte > 0.0 {
-                8.0 / a.us_per_byte
-            } else {
-                f64::MAX
-            },
-            latency_ms: a.latency_us / 1e3,
-        };
+        let link = fitted_link;
         let bytes_in: Vec<u64> = tiles
             .iter()
             .map(|(_, t)| {

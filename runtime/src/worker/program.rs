@@ -30,8 +30,8 @@ pub(super) struct Loaded {
     /// This board's name in the plan.
     name: String,
     program: Program,
-    /// The tile of each group it runs.
-    tiles: HashMap<usize, TileSpec>,
+    /// Each tile it runs, by (group, tile).
+    tiles: HashMap<(usize, usize), TileSpec>,
     /// The boards it sends to.
     peers: HashMap<String, WorkerClient>,
 }
@@ -66,12 +66,15 @@ impl Worker {
                 "a board cannot run the coordinator's program",
             ));
         };
-        let tiles: Vec<(usize, TileSpec)> = serde_json::from_slice(&req.tiles_json)
+        let tiles: Vec<(usize, usize, TileSpec)> = serde_json::from_slice(&req.tiles_json)
             .map_err(|e| Status::invalid_argument(format!("bad tiles JSON: {e}")))?;
-        for (_, spec) in &tiles {
+        for (_, _, spec) in &tiles {
             validate(&ir, spec)?;
         }
-        let tiles: HashMap<usize, TileSpec> = tiles.into_iter().collect();
+        let tiles: HashMap<(usize, usize), TileSpec> = tiles
+            .into_iter()
+            .map(|(group, tile, spec)| ((group, tile), spec))
+            .collect();
         let addresses: HashMap<&str, &str> = req
             .peers
             .iter()
@@ -80,9 +83,9 @@ impl Worker {
         let mut peers = HashMap::new();
         for step in &program.steps {
             match step {
-                Step::Run { group } if !tiles.contains_key(group) => {
+                Step::Run { group, tile } if !tiles.contains_key(&(*group, *tile)) => {
                     return Err(Status::invalid_argument(format!(
-                        "{name}'s program runs group {group}, and no tile of it was given"
+                        "{name}'s program runs tile {tile} of group {group}, which was not given"
                     )));
                 }
                 Step::Send {
@@ -231,8 +234,8 @@ impl Worker {
                     let strip = self.receive(key, until, me).await?;
                     tensors.put_rows(*tensor, *rows, strip).map_err(stored)?;
                 }
-                Step::Run { group } => {
-                    let spec = &loaded.tiles[group];
+                Step::Run { group, tile } => {
+                    let spec = &loaded.tiles[&(*group, *tile)];
                     let inputs = spec
                         .inputs
                         .iter()

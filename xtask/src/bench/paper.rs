@@ -453,7 +453,7 @@ fn legion_profile(
 fn flc_label(c: &Candidate) -> String {
     c.groups
         .iter()
-        .map(|g| format!("{}..{}/{}", g.first, g.last, g.tiles.len()))
+        .map(|g| format!("{}..{}/{}", g.first, g.last, g.devices().len()))
         .collect::<Vec<_>>()
         .join(" ")
 }
