@@ -5,7 +5,7 @@ use crate::passes::{Dump, Pass, PassTimes};
 use crate::{BadInput, measure_in_rounds};
 use anyhow::{Context, Result, ensure};
 use legion_codegen::{Chosen, candidate, plan, predict_programs};
-use legion_cost::{CostModel, Predictor};
+use legion_cost::{CostModel, Predictor, Producers};
 use legion_fusion::{
     CostTable, EggStats, Flc, GroupCosts, Legality, Placement, WildCard, search_egg, wild_card,
 };
@@ -98,13 +98,15 @@ pub struct Compiled {
 }
 
 /// The cost table of `ir` on `cluster`: predicted from a legion `profile` by
-/// `options.predictor`, or measured by an fss one, under the cluster's memory limits and
+/// `options.predictor` (with programs, assuming `producers` made each group's inputs),
+/// or measured by an fss one, under the cluster's memory limits and
 /// `options.max_group_len`. Returns it and what costed it.
 pub fn cost_table(
     ir: &Ir,
     profile: &Profile,
     cluster: &Cluster,
     options: &CompileOptions,
+    producers: Producers,
 ) -> Result<(CostTable, String)> {
     let bad = |e: anyhow::Error| BadInput(format!("{}: {e:#}", options.profile_name));
     if profile.mode != options.mode {
@@ -117,7 +119,9 @@ pub fn cost_table(
     }
     match options.mode {
         ProfileMode::Legion => {
-            let model = CostModel::new(ir, profile, options.transport).map_err(bad)?;
+            let model = CostModel::new(ir, profile, options.transport)
+                .map_err(bad)?
+                .assuming(producers);
             let legality = Legality {
                 max_group_len: options.max_group_len,
                 ..Legality::of_cluster(cluster)
@@ -174,25 +178,125 @@ pub fn compile(
         dumps,
     };
 
-    let (table, costed_by) = times.time("cost", || cost_table(ir, profile, cluster, options))?;
-    times.note(format!("{} legal choices", table.len()));
-    for pass in [Pass::Partition, Pass::Cost] {
-        if options.dump_after.contains(&pass) {
-            dumps.push(dump_table(pass, ir, &table, &names));
-        }
-        if options.stop_after == Some(pass) {
-            return Ok(stopped(dumps));
-        }
-    }
+    // Boards running their programs on predicted costs: each group is costed under
+    // both assumptions about who made its inputs, each table searched, and the FLC
+    // predicted faster on the programs' timeline kept; its groups are placed over what
+    // the boards hold.
+    let predicted_programs =
+        options.mode == ProfileMode::Legion && options.transport == Transport::Programs;
+    let assumptions: &[Producers] = if predicted_programs {
+        &Producers::ALL
+    } else {
+        &[Producers::SameShares]
+    };
 
-    let (flc, stats) = times.time("fusion", || match options.search {
-        Search::Egg => search_egg(&table).map(|(flc, stats)| (flc, Some(stats))),
-        Search::NoFusion => Ok((Flc::no_fusion(ir, &table), None)),
-        Search::OneBlock => Ok((Flc::one_block(ir, &table), None)),
-    })?;
-    if cfg!(debug_assertions) {
-        ensure!(flc.is_valid(&table), "fusion made an invalid FLC: {flc}");
+    let mut tables = vec![];
+    for &producers in assumptions {
+        let (table, costed_by) = times.time("cost", || {
+            cost_table(ir, profile, cluster, options, producers)
+        })?;
+        times.note(format!("{} legal choices", table.len()));
+        tables.push((producers, table, costed_by));
     }
+    // The partition and cost dumps show the kept table (the first, when compile stops
+    // before the searches).
+    let table_dumps = |dumps: &mut Vec<Dump>, producers: Producers, table: &CostTable| {
+        for pass in [Pass::Partition, Pass::Cost] {
+            if options.dump_after.contains(&pass) {
+                let mut dump = dump_table(pass, ir, table, &names);
+                if predicted_programs {
+                    dump.text =
+                        dump.text
+                            .replacen('\n', &format!("; inputs made by {producers}\n"), 1);
+                }
+                dumps.push(dump);
+            }
+        }
+    };
+    if matches!(options.stop_after, Some(Pass::Partition | Pass::Cost)) {
+        table_dumps(&mut dumps, tables[0].0, &tables[0].1);
+        return Ok(stopped(dumps));
+    }
+    let programs = predicted_programs
+        .then(|| CostModel::new(ir, profile, options.transport))
+        .transpose()?;
+    let sub_strips = options.sub_strips && options.transport == Transport::Programs;
+    let build = |table: &CostTable, flc: &Flc, name: &str| -> Result<Candidate> {
+        let placed = match &programs {
+            Some(model) => {
+                let legality = Legality {
+                    max_group_len: options.max_group_len,
+                    ..Legality::of_cluster(cluster)
+                };
+                Placement::holding(ir, model, options.predictor, &legality, table, flc)?
+            }
+            None => Placement::from_table(table, flc)?,
+        };
+        let mut c = candidate(ir, &placed, &names, name, sub_strips)?;
+        if let Some(model) = &programs {
+            let links = program_links(model, profile, &c)?;
+            predict_programs(ir, &mut c, &links)?;
+        }
+        Ok(c)
+    };
+
+    let mut searched = vec![];
+    for (producers, table, costed_by) in tables {
+        let (flc, stats) = times.time("fusion", || match options.search {
+            Search::Egg => search_egg(&table).map(|(flc, stats)| (flc, Some(stats))),
+            Search::NoFusion => Ok((Flc::no_fusion(ir, &table), None)),
+            Search::OneBlock => Ok((Flc::one_block(ir, &table), None)),
+        })?;
+        if cfg!(debug_assertions) {
+            ensure!(flc.is_valid(&table), "fusion made an invalid FLC: {flc}");
+        }
+        searched.push((producers, table, costed_by, flc, stats));
+    }
+    if searched.len() > 1 {
+        // Choosing the FLC is the fusion pass's, though it places and predicts them.
+        let predicted = times.time("fusion", || {
+            searched
+                .iter()
+                .map(|(_, table, _, flc, _)| {
+                    build(table, flc, options.search.name()).map(|c| c.predicted_us)
+                })
+                .collect::<Result<Vec<u64>>>()
+        })?;
+        let best = (0..predicted.len())
+            .min_by_key(|&i| predicted[i])
+            .expect("two searches");
+        let each: Vec<String> = searched
+            .iter()
+            .zip(&predicted)
+            .map(|((p, ..), us)| format!("{p} {:.3} ms", *us as f64 / 1e3))
+            .collect();
+        times.note(format!(
+            "FLCs searched with inputs made by {}; kept {}",
+            each.join(", "),
+            searched[best].0
+        ));
+        searched.swap(0, best);
+        // The whole model on the best board, when the searches' FLCs are predicted
+        // slower on the timeline than it (their group-local costs can miss transfers).
+        let (_, table, _, flc, _) = &mut searched[0];
+        let n = ir.stages.len();
+        let one = Flc::new(
+            &*table,
+            vec![legion_fusion::FlcGroup {
+                first: 0,
+                last: n - 1,
+                devices: 1,
+            }],
+        );
+        if one.cost.is_finite()
+            && build(table, &one, options.search.name())?.predicted_us < predicted[best]
+        {
+            times.note("kept the whole model on one board: predicted faster than the FLCs".into());
+            *flc = one;
+        }
+    }
+    let (producers, table, costed_by, flc, stats) = searched.swap_remove(0);
+    table_dumps(&mut dumps, producers, &table);
     let wild = (options.wildcard && options.search == Search::Egg)
         .then(|| wild_card(&table, &flc))
         .flatten();
@@ -211,36 +315,11 @@ pub fn compile(
     }
 
     let mut candidates = times.time("codegen", || {
-        // Boards running their programs on predicted costs: the groups are placed
-        // over what the boards hold, and each candidate predicted on the programs'
-        // timeline.
-        let programs = (options.mode == ProfileMode::Legion
-            && options.transport == Transport::Programs)
-            .then(|| CostModel::new(ir, profile, options.transport))
-            .transpose()?;
-        let sub_strips = options.sub_strips && options.transport == Transport::Programs;
-        let mut flcs = vec![(options.search.name(), &flc)];
-        flcs.extend(wild.as_ref().map(|w| ("wild-card", &w.flc)));
-        flcs.into_iter()
-            .map(|(name, flc)| {
-                let placed = match &programs {
-                    Some(model) => {
-                        let legality = Legality {
-                            max_group_len: options.max_group_len,
-                            ..Legality::of_cluster(cluster)
-                        };
-                        Placement::holding(ir, model, options.predictor, &legality, &table, flc)?
-                    }
-                    None => Placement::from_table(&table, flc)?,
-                };
-                let mut c = candidate(ir, &placed, &names, name, sub_strips)?;
-                if let Some(model) = &programs {
-                    let links = program_links(model, profile, &c)?;
-                    predict_programs(ir, &mut c, &links)?;
-                }
-                Ok(c)
-            })
-            .collect::<Result<Vec<_>>>()
+        let mut c = vec![build(&table, &flc, options.search.name())?];
+        if let Some(w) = &wild {
+            c.push(build(&table, &w.flc, "wild-card")?);
+        }
+        Ok::<_, anyhow::Error>(c)
     })?;
     if options.dump_after.contains(&Pass::Codegen) {
         dumps.push(dump_codegen(&candidates)?);

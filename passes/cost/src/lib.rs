@@ -17,8 +17,8 @@
 //! tile receives its whole input strips and sends its output strips back. When boards
 //! run their programs a tile receives only the rows it lacks, from the boards that
 //! hold them; a group's cost then depends on how the group before it was split, so the
-//! cost is made group-local by assuming the group's inputs were produced by the same
-//! devices at the same shares (docs/architecture.md, "Costing a group"). Once the groups
+//! cost is made group-local by an assumption about who produced the group's inputs
+//! ([`Producers`]; docs/architecture.md, "Costing a group"). Once the groups
 //! are chosen, [`CostModel::shares_holding`] cuts each group again given the rows its
 //! devices really hold ([`Holdings`]).
 
@@ -31,7 +31,7 @@ pub use fit::{Affine, interpolate, least_squares};
 use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{
-    Group, Held, StageInTile, SuffixTiler, TileView, boundary, rebalance, tile,
+    Group, Held, StageInTile, SuffixTiler, TileView, boundary, rebalance, strips_from_weights, tile,
 };
 use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{DeviceId, Link, Profile, ProfileMode, Transport};
@@ -126,6 +126,35 @@ fn fitted_link(a: &Affine) -> Link {
     }
 }
 
+/// Who produced a group's inputs, as the group-local costs of programs assume. Neither
+/// is right for every FLC; compile searches under both and keeps the FLC predicted
+/// faster on the programs' timeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Producers {
+    /// The group's own devices, at its own shares (its strips scaled to each input's
+    /// height): a device lacks only its halos.
+    #[default]
+    SameShares,
+    /// Every device of the profile, at shares proportional to its speed: a group on
+    /// fewer devices also receives what the others made.
+    AllDevices,
+}
+
+impl Producers {
+    /// Both assumptions, in a stable order.
+    pub const ALL: [Producers; 2] = [Producers::SameShares, Producers::AllDevices];
+}
+
+impl fmt::Display for Producers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Producers::SameShares => "same shares",
+            Producers::AllDevices => "all devices",
+        })
+    }
+}
+
 /// The rows of each tensor each device holds at some point of a plan's programs: what
 /// it computed or received in the groups before.
 #[derive(Clone, Debug, Default)]
@@ -156,7 +185,8 @@ impl Holdings {
     }
 }
 
-/// Shares are cached per predictor, group and device subset.
+/// Shares are cached per predictor, group and device subset (a model has one
+/// [`Producers`]).
 type SharesKey = (Predictor, Group, Vec<DeviceId>);
 
 /// Predicts group times from one profile of one model.
@@ -164,6 +194,10 @@ pub struct CostModel<'a> {
     ir: &'a Ir,
     profile: &'a Profile,
     transport: Transport,
+    producers: Producers,
+    /// Per device: its rows of a tensor of height `h` when every device made it at
+    /// shares proportional to speed are `strips_from_weights(h, weights)[slot]`.
+    proportional: (Vec<f64>, Vec<usize>),
     link_in: Vec<Affine>,
     link_out: Vec<Affine>,
     aofl: Vec<aofl::Regressions>,
@@ -236,10 +270,24 @@ impl<'a> CostModel<'a> {
             .iter()
             .map(|per_device| per_device.iter().map(|p| line(p)).collect())
             .collect();
+        let mut order: Vec<usize> = (0..profile.devices.len()).collect();
+        order.sort_by(|&a, &b| {
+            profile.devices[b]
+                .gflops
+                .total_cmp(&profile.devices[a].gflops)
+                .then(a.cmp(&b))
+        });
+        let weights = order.iter().map(|&d| profile.devices[d].gflops).collect();
+        let mut slot = vec![0; order.len()];
+        for (k, &d) in order.iter().enumerate() {
+            slot[d] = k;
+        }
         Ok(CostModel {
             ir,
             profile,
             transport,
+            producers: Producers::default(),
+            proportional: (weights, slot),
             link_in,
             link_out,
             aofl,
@@ -252,6 +300,12 @@ impl<'a> CostModel<'a> {
     /// Device `d`'s link as fitted to its probes (sending to it), for timelines.
     pub fn link(&self, d: DeviceId) -> Link {
         fitted_link(&self.link_in[d.index()])
+    }
+
+    /// The model with `producers` assumed for the inputs of groups (programs only).
+    pub fn assuming(mut self, producers: Producers) -> CostModel<'a> {
+        self.producers = producers;
+        self
     }
 
     /// The transport whose transfers are costed.
@@ -350,9 +404,9 @@ impl<'a> CostModel<'a> {
     }
 
     /// Bytes of the rows a tile lacks when boards run their programs: the rows of each
-    /// input outside the device's own share of it (its strip of the group's last stage,
-    /// scaled to the input's height), and all of the model's input, which the
-    /// coordinator sends.
+    /// input outside the device's own share of it (by [`Producers`]: its strip of the
+    /// group's last stage scaled to the input's height, or its proportional share of
+    /// the input), and all of the model's input, which the coordinator sends.
     /// With `held`, the rows each input lacks are those `held` does not list for `d`.
     fn lacking_bytes(&self, d: DeviceId, t: &TileView, held: Option<&Holdings>) -> u64 {
         if let Some(held) = held {
@@ -379,8 +433,16 @@ impl<'a> CostModel<'a> {
                 let height = self.ir.tensor(r.tensor).height();
                 match (r.tensor, height) {
                     (TensorRef::Stage(_), Some(h)) if last_height > 0 => {
-                        let scale = |row: usize| (row * h + last_height / 2) / last_height;
-                        let own = Rows::new(scale(t.strip.start), scale(t.strip.end));
+                        let own = match self.producers {
+                            Producers::SameShares => {
+                                let scale = |row: usize| (row * h + last_height / 2) / last_height;
+                                Rows::new(scale(t.strip.start), scale(t.strip.end))
+                            }
+                            Producers::AllDevices => {
+                                let (weights, slot) = &self.proportional;
+                                strips_from_weights(h, weights)[slot[d.index()]]
+                            }
+                        };
                         let above =
                             Rows::new(r.rows.start, r.rows.end.min(own.start).max(r.rows.start));
                         let below =

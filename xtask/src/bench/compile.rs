@@ -3,6 +3,7 @@
 
 use super::{host, kept_profile, load, median, ms};
 use anyhow::{Result, ensure};
+use legion_cost::Producers;
 use legion_fusion::{search_dp, search_egg};
 use legion_pipeline::{CompileOptions, cost_table};
 use legion_plan::{Cluster, ProfileMode};
@@ -48,7 +49,10 @@ pub fn run(reuse: bool) -> Result<String> {
         )?;
         let options = CompileOptions::legion("the kept profile");
         // Each run builds a fresh cost model (the min-max shares are cached inside it).
-        let build = || cost_table(&ir, &profile, &devices, &options).map(|(t, _)| t);
+        // One table, as through the hub (compile for programs builds one per
+        // assumption about who made a group's inputs).
+        let build =
+            || cost_table(&ir, &profile, &devices, &options, Producers::SameShares).map(|(t, _)| t);
         let t_table = median(RUNS, || build().map(|_| ()))?;
         let table = build()?;
         let (egg, stats) = search_egg(&table)?;
