@@ -120,7 +120,8 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
 
     let picture = out_dir.join("timeline.svg");
-    crate::timeline::draw(&plan, Some(&results), &picture)?;
+    let programs = crate::timeline::programs(&plan, &ir, local.cluster())?;
+    crate::timeline::draw(&plan, Some(&results), Some(&programs), &picture)?;
 
     step(6, "done");
     drop(coord);

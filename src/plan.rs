@@ -11,7 +11,9 @@ pub enum Command {
     /// with --cluster, the cluster's devices.
     Validate(ValidateArgs),
     /// Draw the plan's timeline (SVG): devices' receive / compute / send bars per group,
-    /// the FLC over the stages, and a run's measured bars with --run.
+    /// the FLC over the stages, and a run's measured bars with --run; with --model and
+    /// --cluster, the boards' programs: each tile at its predicted time and an arrow
+    /// per transfer between parties.
     Show(ShowArgs),
 }
 
@@ -22,6 +24,13 @@ pub struct ShowArgs {
     /// Measured timings from `legion run --save`, drawn beside the predicted ones.
     #[arg(long)]
     run: Option<PathBuf>,
+    /// The model the plan is for: with --cluster, draw the programs' timeline (the
+    /// model gives the bytes of each transfer).
+    #[arg(long, requires = "cluster")]
+    model: Option<PathBuf>,
+    /// The cluster file whose links time the programs' transfers (with --model).
+    #[arg(long, requires = "model")]
+    cluster: Option<PathBuf>,
     /// Where to write the picture.
     #[arg(short, long, default_value = "timeline.svg")]
     output: PathBuf,
@@ -94,7 +103,26 @@ fn show(args: &ShowArgs) -> Result<()> {
         }
         None => None,
     };
-    crate::timeline::draw(&plan, run.as_ref(), &args.output)?;
+    let programs = match (&args.model, &args.cluster) {
+        (Some(model), Some(cluster_file)) => {
+            let ir = legion_ir::import(model, Some(&plan.input_shape))?;
+            if ir.sha256 != plan.model_sha256 {
+                return Err(BadInput(format!(
+                    "{} is not the plan's model (the plan is for {})",
+                    model.display(),
+                    plan.model_sha256
+                ))
+                .into());
+            }
+            let cluster = Cluster::load(cluster_file)?;
+            Some(
+                crate::timeline::programs(&plan, &ir, &cluster)
+                    .map_err(|e| BadInput(format!("{}: {e:#}", args.plan.display())))?,
+            )
+        }
+        _ => None,
+    };
+    crate::timeline::draw(&plan, run.as_ref(), programs.as_ref(), &args.output)?;
     println!("timeline written to {}", args.output.display());
     Ok(())
 }

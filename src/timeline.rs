@@ -1,9 +1,13 @@
 //! `legion plan show`: a plan's timeline as SVG. One row per device; for every group
 //! its receive, compute and send bars at their predicted times (and, with a run's
-//! results, the measured ones beside them); above, the FLC over the stage list.
+//! results, the measured ones beside them), or, given the model and the cluster, the
+//! programs' predicted timeline: every tile at its time and an arrow per transfer;
+//! above, the FLC over the stage list.
 
 use anyhow::{Context, Result, anyhow};
-use legion_plan::{Plan, RunResults};
+use legion_ir::{Ir, Rows, TensorRef};
+use legion_plan::network::programs_timeline;
+use legion_plan::{Cluster, Link, Party, Plan, RunResults, Step};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -37,6 +41,87 @@ fn predicted_bars(plan: &Plan, rows: &[String]) -> (Vec<Bar>, f64) {
     (bars, start)
 }
 
+/// The chosen candidate's programs on their predicted timeline: the rows (the devices,
+/// then the coordinator), a compute bar per tile run, an arrow per transfer (from the
+/// sender's row when the rows leave to the receiver's when it has them, ms), and the
+/// end.
+pub struct ProgramsTimeline {
+    rows: Vec<String>,
+    bars: Vec<Bar>,
+    arrows: Vec<((f64, f64), (f64, f64))>,
+    end: f64,
+}
+
+/// Times the chosen candidate's programs as `legion run` does on the emulated clock:
+/// each tile its predicted compute, each transfer its bytes (from `ir`) over `cluster`'s
+/// links.
+pub fn programs(plan: &Plan, ir: &Ir, cluster: &Cluster) -> Result<ProgramsTimeline> {
+    let c = plan.chosen();
+    let mut rows = plan.devices.clone();
+    rows.push("coordinator".into());
+    let row_of = |party: &Party| match party {
+        Party::Coordinator => Some(rows.len() - 1),
+        Party::Device(name) => rows.iter().position(|r| r == name),
+    };
+    let links: Vec<Link> =
+        c.programs
+            .iter()
+            .map(|p| match &p.party {
+                Party::Coordinator => Ok(Link {
+                    mbps: cluster.coordinator.mbps,
+                    latency_ms: 0.0,
+                }),
+                Party::Device(name) => cluster.device(name).map(|d| d.link()).with_context(|| {
+                    format!("the plan runs on {name}, which is not in the cluster")
+                }),
+            })
+            .collect::<Result<_>>()?;
+    let compute = |p: usize, k: usize| match c.programs[p].steps[k] {
+        Step::Run { group, tile } => c.groups[group].tiles[tile].compute_us as f64,
+        _ => 0.0,
+    };
+    let bytes = |t: TensorRef, r: Rows| ir.tensor(t).strip_bytes(r);
+    let ends = programs_timeline(&c.programs, &links, bytes, compute).map_err(|e| anyhow!(e))?;
+    let mut bars = vec![];
+    // When each transfer left: (from, to, tensor, rows) -> ms.
+    let mut left = std::collections::HashMap::new();
+    for (p, program) in c.programs.iter().enumerate() {
+        let row = row_of(&program.party).context("a program's party is not in the plan")?;
+        for (k, step) in program.steps.iter().enumerate() {
+            let end = ends[p][k] / 1e3;
+            match step {
+                Step::Run { .. } => {
+                    bars.push((row as f64, end - compute(p, k) / 1e3, end, COMPUTE));
+                }
+                Step::Send { tensor, rows, to } => {
+                    left.insert((program.party.clone(), to.clone(), *tensor, *rows), end);
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut arrows = vec![];
+    for (p, program) in c.programs.iter().enumerate() {
+        for (k, step) in program.steps.iter().enumerate() {
+            if let Step::Receive { tensor, rows, from } = step {
+                let key = (from.clone(), program.party.clone(), *tensor, *rows);
+                if let (Some(&sent), Some(a), Some(b)) =
+                    (left.get(&key), row_of(from), row_of(&program.party))
+                {
+                    arrows.push(((sent, a as f64 + 0.22), (ends[p][k] / 1e3, b as f64 + 0.22)));
+                }
+            }
+        }
+    }
+    let end = ends.iter().flatten().fold(0.0f64, |a, &b| a.max(b)) / 1e3;
+    Ok(ProgramsTimeline {
+        rows,
+        bars,
+        arrows,
+        end,
+    })
+}
+
 /// Bars of a measured run, on the rows just below each device's predicted row.
 fn measured_bars(results: &RunResults, rows: &[String]) -> (Vec<Bar>, f64) {
     let mut bars = vec![];
@@ -55,11 +140,22 @@ fn measured_bars(results: &RunResults, rows: &[String]) -> (Vec<Bar>, f64) {
     (bars, start)
 }
 
-/// Draws the timeline of `plan` (and `run`, when given) into the SVG file `out`.
-pub fn draw(plan: &Plan, run: Option<&RunResults>, out: &Path) -> Result<()> {
+/// Draws the timeline of `plan` (and `run`, when given) into the SVG file `out`: the
+/// programs' timeline when given, else the groups' bars.
+pub fn draw(
+    plan: &Plan,
+    run: Option<&RunResults>,
+    programs: Option<&ProgramsTimeline>,
+    out: &Path,
+) -> Result<()> {
     let c = plan.chosen();
-    let rows: Vec<String> = plan.devices.clone();
-    let (mut bars, mut end) = predicted_bars(plan, &rows);
+    let (rows, mut bars, mut end, arrows) = match programs {
+        Some(t) => (t.rows.clone(), t.bars.clone(), t.end, t.arrows.clone()),
+        None => {
+            let (bars, end) = predicted_bars(plan, &plan.devices);
+            (plan.devices.clone(), bars, end, vec![])
+        }
+    };
     if let Some(r) = run {
         let (measured, measured_end) = measured_bars(r, &rows);
         bars.extend(measured);
@@ -138,7 +234,11 @@ pub fn draw(plan: &Plan, run: Option<&RunResults>, out: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .x_desc("ms (upper bar: predicted; lower bar: measured)")
+        .x_desc(if programs.is_some() {
+            "ms (upper: the programs' predicted tiles, and lines from rows sent to rows received; lower: measured per group)"
+        } else {
+            "ms (upper bar: predicted; lower bar: measured)"
+        })
         .y_labels(rows.len() * 2 + 1)
         .y_label_formatter(&move |y: &f64| {
             let i = y.floor() as usize;
@@ -154,6 +254,13 @@ pub fn draw(plan: &Plan, run: Option<&RunResults>, out: &Path) -> Result<()> {
         .draw_series(bars.iter().map(|&(row, from, to, color)| {
             Rectangle::new([(from, row + 0.05), (to, row + 0.4)], color.filled())
         }))
+        .map_err(err)?;
+    chart
+        .draw_series(
+            arrows
+                .iter()
+                .map(|&(a, b)| PathElement::new(vec![a, b], SEND.stroke_width(1))),
+        )
         .map_err(err)?;
     for (label, color) in [("receive", RECEIVE), ("compute", COMPUTE), ("send", SEND)] {
         chart

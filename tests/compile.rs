@@ -370,6 +370,57 @@ fn plan_show_draws_every_device_and_group() {
         .map(|g| g["tiles"].as_array().unwrap().len())
         .sum();
     assert!(picture.matches("<rect").count() >= 3 * tiles);
+
+    // With the model and the cluster: the programs, a compute bar per tile run and a
+    // line per transfer, the coordinator on a row of its own.
+    let (plan_path, programs_svg) = (dir.join("show-plan.json"), dir.join("show-programs.svg"));
+    let out = legion(&[
+        "plan",
+        "show",
+        plan_path.to_str().unwrap(),
+        "--model",
+        &tiny,
+        "--cluster",
+        "testdata/clusters/2f2o.toml",
+        "-o",
+        programs_svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let picture = std::fs::read_to_string(&programs_svg).unwrap();
+    assert!(picture.contains("coordinator"), "no coordinator row");
+    let steps = |op: &str| -> usize {
+        chosen["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["steps"].as_array().unwrap())
+            .filter(|s| s["op"] == op)
+            .count()
+    };
+    assert!(steps("receive") > 0);
+    // Axes and legend draw lines too: at least one line per transfer.
+    assert!(picture.matches("<polyline").count() >= steps("receive"));
+    assert!(picture.matches("<rect").count() >= steps("run"));
+    // The model must be the plan's.
+    let out = legion(&[
+        "plan",
+        "show",
+        plan_path.to_str().unwrap(),
+        "--model",
+        &model("tiny-residual"),
+        "--cluster",
+        "testdata/clusters/2f2o.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not the plan's model"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `legion compile` on tiny-cnn with the committed profile, plus `extra`.

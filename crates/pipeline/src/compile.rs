@@ -250,6 +250,18 @@ pub fn compile(
         if cfg!(debug_assertions) {
             ensure!(flc.is_valid(&table), "fusion made an invalid FLC: {flc}");
         }
+        let inputs = if predicted_programs {
+            format!(" (inputs made by {producers})")
+        } else {
+            String::new()
+        };
+        match &stats {
+            Some(s) => times.note(format!(
+                "egg{inputs}: {} iterations, {} e-nodes, {} e-classes",
+                s.iterations, s.nodes, s.classes
+            )),
+            None => times.note(format!("{} baseline{inputs}", options.search.name())),
+        }
         searched.push((producers, table, costed_by, flc, stats));
     }
     if searched.len() > 1 {
@@ -295,18 +307,17 @@ pub fn compile(
             *flc = one;
         }
     }
-    let (producers, table, costed_by, flc, stats) = searched.swap_remove(0);
+    // The other assumption's FLC stays a candidate when it differs: predictions on
+    // small strips can miss, and a live cluster measures both.
+    let runner_up = (searched.len() > 1)
+        .then(|| searched.remove(1))
+        .filter(|other| other.3.groups != searched[0].3.groups)
+        .map(|(producers, table, _, flc, _)| (producers, table, flc));
+    let (producers, table, costed_by, flc, stats) = searched.remove(0);
     table_dumps(&mut dumps, producers, &table);
     let wild = (options.wildcard && options.search == Search::Egg)
         .then(|| wild_card(&table, &flc))
         .flatten();
-    match &stats {
-        Some(s) => times.note(format!(
-            "egg: {} iterations, {} e-nodes, {} e-classes",
-            s.iterations, s.nodes, s.classes
-        )),
-        None => times.note(format!("{} baseline", options.search.name())),
-    }
     if options.dump_after.contains(&Pass::Fusion) {
         dumps.push(dump_fusion(&flc, stats.as_ref(), wild.as_ref()));
     }
@@ -319,6 +330,14 @@ pub fn compile(
         if let Some(w) = &wild {
             c.push(build(&table, &w.flc, "wild-card")?);
         }
+        if let Some((producers, table, flc)) = &runner_up {
+            let name = format!(
+                "{}-{}",
+                options.search.name(),
+                producers.to_string().replace(' ', "-")
+            );
+            c.push(build(table, flc, &name)?);
+        }
         Ok::<_, anyhow::Error>(c)
     })?;
     if options.dump_after.contains(&Pass::Codegen) {
@@ -329,7 +348,7 @@ pub fn compile(
     }
 
     let chosen = match (live, candidates.len()) {
-        (Some((coord, rt)), 2) => {
+        (Some((coord, rt)), 2..) => {
             let c = times.time("measure", || {
                 rt.block_on(measure(
                     coord,
@@ -342,10 +361,12 @@ pub fn compile(
             times.note(format!("{} runs per candidate, in rounds", options.runs));
             c
         }
-        (_, 2) => Chosen {
-            index: usize::from(candidates[1].predicted_us < candidates[0].predicted_us),
-            reason: "predicted faster (no cluster to measure on; pass --measure to run \
-                     both candidates)"
+        (_, 2..) => Chosen {
+            index: (0..candidates.len())
+                .min_by_key(|&k| candidates[k].predicted_us)
+                .expect("candidates"),
+            reason: "predicted fastest (no cluster to measure on; pass --measure to run \
+                     the candidates)"
                 .into(),
         },
         _ => Chosen {
@@ -376,8 +397,8 @@ pub fn compile(
     })
 }
 
-/// Runs the candidates in `runs` rounds (after a warm-up round) and chooses the faster
-/// median; records each candidate's median in `measured_us`.
+/// Runs the candidates in `runs` rounds (after a warm-up round) and chooses the fastest
+/// median (the first on a tie); records each candidate's median in `measured_us`.
 async fn measure(
     coord: &Coordinator,
     ir: &Ir,
@@ -399,11 +420,13 @@ async fn measure(
             c.predicted_us as f64 / 1e3
         );
     }
-    let index = usize::from(candidates[1].measured_us < candidates[0].measured_us);
+    let index = (0..candidates.len())
+        .min_by_key(|&k| candidates[k].measured_us)
+        .expect("candidates");
     Ok(Chosen {
         index,
         reason: format!(
-            "measured faster on the {} clock (median of {runs} runs each, in rounds)",
+            "measured fastest on the {} clock (median of {runs} runs each, in rounds)",
             coord.clock()
         ),
     })
