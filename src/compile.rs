@@ -35,7 +35,7 @@ pub struct Args {
     /// Emit only the extracted FLC, without its Wild Card.
     #[arg(long)]
     no_wildcard: bool,
-    /// Run both candidates on the cluster and keep the faster, even with --profile
+    /// Run the candidates on the cluster and keep the fastest, even with --profile
     /// (the cluster's workers must be running). Always done when compile profiles.
     #[arg(long)]
     measure: bool,

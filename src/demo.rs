@@ -82,7 +82,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     step(
         4,
-        "compiling: cost, egg search, Wild Card, both candidates run",
+        "compiling: cost, egg search, Wild Card, the candidates run",
     );
     let compiled = compile(
         &ir,
