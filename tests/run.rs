@@ -1,5 +1,5 @@
 //! End to end on a local emulated cluster started from the command line: compile
-//! (profiling first and running both candidates), then `legion run --check`, whose
+//! (profiling first and running the candidates), then `legion run --check`, whose
 //! output must match a single device's (relative error < 1e-5), with the boards
 //! running their programs and (tiny models) through the hub. And the .npy input
 //! errors.

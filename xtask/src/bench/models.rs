@@ -1,6 +1,6 @@
 //! `cargo xtask bench models`: today's architectures through the product as a user runs
 //! it. Per model: stages split and barrier (and why), `legion split --check` at 3
-//! devices, and on emulated clusters `legion compile` (profiling first, both candidates
+//! devices, and on emulated clusters `legion compile` (profiling first, the candidates
 //! measured) then `legion run --check`: predicted and measured latency, speedup over the
 //! best single board and the end-to-end error.
 
@@ -62,7 +62,7 @@ pub fn run(opts: &Options) -> Result<String> {
          profile, tract at opt-level 3), as a user runs it: `legion split --check` on 3 \
          equal devices (every group and every barrier stage against a single run of the \
          model), then on local emulated clusters (testdata/clusters) `legion compile` \
-         (legion-mode profile, both candidates measured, the faster kept) and `legion run \
+         (legion-mode profile, the candidates measured, the fastest kept) and `legion run \
          --check --repeat {}`. Times are on the emulated clock; *speedup* is the best \
          single board's median over the plan's, run in turn, flagged where the host's \
          rate moved more than 5% over the runs. *Barrier share* is barrier stages over \
