@@ -7,7 +7,8 @@ use anyhow::{Context, Result, ensure};
 use legion_codegen::{Chosen, candidate, plan, predict_programs};
 use legion_cost::{CostModel, Predictor, Producers};
 use legion_fusion::{
-    CostTable, EggStats, Flc, GroupCosts, Legality, Placement, WildCard, search_egg, wild_card,
+    CostTable, EggStats, Flc, FlcGroup, GroupCosts, Legality, Placement, WildCard, search_egg,
+    wild_card,
 };
 use legion_ir::Ir;
 use legion_plan::{Candidate, Cluster, Link, Party, Plan, Profile, ProfileMode, Transport};
@@ -155,6 +156,68 @@ fn program_links(model: &CostModel, profile: &Profile, candidate: &Candidate) ->
         .collect()
 }
 
+/// One search of a cost table: the assumption the table was costed under, the table,
+/// what costed it, the FLC found and the e-graph's statistics.
+struct Searched {
+    producers: Producers,
+    table: CostTable,
+    costed_by: String,
+    flc: Flc,
+    stats: Option<EggStats>,
+}
+
+/// Of the searches (one per input assumption), keeps the FLC predicted fastest on the
+/// programs' timeline (`build` places and predicts one), or the whole model on the best
+/// board when that is predicted faster still; returns it and the other search's FLC
+/// when it differs, which stays a candidate (predictions on small strips can miss).
+fn keep_fastest(
+    ir: &Ir,
+    mut searched: Vec<Searched>,
+    build: &dyn Fn(&CostTable, &Flc, &str) -> Result<Candidate>,
+    times: &mut PassTimes,
+) -> Result<(Searched, Option<Searched>)> {
+    if searched.len() < 2 {
+        return Ok((searched.remove(0), None));
+    }
+    // Choosing the FLC is the fusion pass's, though it places and predicts them.
+    let predicted = times.time("fusion", || {
+        searched
+            .iter()
+            .map(|s| build(&s.table, &s.flc, "").map(|c| c.predicted_us))
+            .collect::<Result<Vec<u64>>>()
+    })?;
+    let best = (0..predicted.len())
+        .min_by_key(|&i| predicted[i])
+        .expect("two searches");
+    let each: Vec<String> = searched
+        .iter()
+        .zip(&predicted)
+        .map(|(s, us)| format!("{} {:.3} ms", s.producers, *us as f64 / 1e3))
+        .collect();
+    times.note(format!(
+        "FLCs searched with inputs made by {}; kept {}",
+        each.join(", "),
+        searched[best].producers
+    ));
+    let mut kept = searched.remove(best);
+    let other = searched.remove(0);
+    let n = ir.stages.len();
+    let one = Flc::new(
+        &kept.table,
+        vec![FlcGroup {
+            first: 0,
+            last: n - 1,
+            devices: 1,
+        }],
+    );
+    if one.cost.is_finite() && build(&kept.table, &one, "")?.predicted_us < predicted[best] {
+        times.note("kept the whole model on one board: predicted faster than the FLCs".into());
+        kept.flc = one;
+    }
+    let other = (other.flc.groups != kept.flc.groups).then_some(other);
+    Ok((kept, other))
+}
+
 /// Runs the compile passes: cost (with partition), fusion, codegen, then the choice of
 /// a candidate: by measuring them on `live` when given, else by prediction. Times each
 /// pass into `times`; debug builds validate the FLC and the plan between passes.
@@ -262,58 +325,22 @@ pub fn compile(
             )),
             None => times.note(format!("{} baseline{inputs}", options.search.name())),
         }
-        searched.push((producers, table, costed_by, flc, stats));
+        searched.push(Searched {
+            producers,
+            table,
+            costed_by,
+            flc,
+            stats,
+        });
     }
-    if searched.len() > 1 {
-        // Choosing the FLC is the fusion pass's, though it places and predicts them.
-        let predicted = times.time("fusion", || {
-            searched
-                .iter()
-                .map(|(_, table, _, flc, _)| {
-                    build(table, flc, options.search.name()).map(|c| c.predicted_us)
-                })
-                .collect::<Result<Vec<u64>>>()
-        })?;
-        let best = (0..predicted.len())
-            .min_by_key(|&i| predicted[i])
-            .expect("two searches");
-        let each: Vec<String> = searched
-            .iter()
-            .zip(&predicted)
-            .map(|((p, ..), us)| format!("{p} {:.3} ms", *us as f64 / 1e3))
-            .collect();
-        times.note(format!(
-            "FLCs searched with inputs made by {}; kept {}",
-            each.join(", "),
-            searched[best].0
-        ));
-        searched.swap(0, best);
-        // The whole model on the best board, when the searches' FLCs are predicted
-        // slower on the timeline than it (their group-local costs can miss transfers).
-        let (_, table, _, flc, _) = &mut searched[0];
-        let n = ir.stages.len();
-        let one = Flc::new(
-            &*table,
-            vec![legion_fusion::FlcGroup {
-                first: 0,
-                last: n - 1,
-                devices: 1,
-            }],
-        );
-        if one.cost.is_finite()
-            && build(table, &one, options.search.name())?.predicted_us < predicted[best]
-        {
-            times.note("kept the whole model on one board: predicted faster than the FLCs".into());
-            *flc = one;
-        }
-    }
-    // The other assumption's FLC stays a candidate when it differs: predictions on
-    // small strips can miss, and a live cluster measures both.
-    let runner_up = (searched.len() > 1)
-        .then(|| searched.remove(1))
-        .filter(|other| other.3.groups != searched[0].3.groups)
-        .map(|(producers, table, _, flc, _)| (producers, table, flc));
-    let (producers, table, costed_by, flc, stats) = searched.remove(0);
+    let (kept, runner_up) = keep_fastest(ir, searched, &build, times)?;
+    let Searched {
+        producers,
+        table,
+        costed_by,
+        flc,
+        stats,
+    } = kept;
     table_dumps(&mut dumps, producers, &table);
     let wild = (options.wildcard && options.search == Search::Egg)
         .then(|| wild_card(&table, &flc))
@@ -330,13 +357,13 @@ pub fn compile(
         if let Some(w) = &wild {
             c.push(build(&table, &w.flc, "wild-card")?);
         }
-        if let Some((producers, table, flc)) = &runner_up {
+        if let Some(other) = &runner_up {
             let name = format!(
                 "{}-{}",
                 options.search.name(),
-                producers.to_string().replace(' ', "-")
+                other.producers.to_string().replace(' ', "-")
             );
-            c.push(build(table, flc, &name)?);
+            c.push(build(&other.table, &other.flc, &name)?);
         }
         Ok::<_, anyhow::Error>(c)
     })?;
