@@ -392,7 +392,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         .unwrap();
     let started = Instant::now();
     let req = legion_runtime::proto::RunProgramRequest {
-        program: id,
+        program: id.clone(),
         inference: 7,
         inputs: vec![],
         receive_timeout_ms: 300,
@@ -410,4 +410,53 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
     );
     assert!(s.message().contains(&want), "{}", s.message());
     assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Pushed rows are taken only where the program receives them, for a bounded
+    // number of inferences that have not run.
+    assert_eq!(wanted.tensor, TensorRef::Input);
+    let mut shape: Vec<u64> = ir.input.shape.iter().map(|&d| d as u64).collect();
+    shape[2] = wanted.rows.len() as u64;
+    let elements: u64 = shape.iter().product();
+    let push = |from: &str, inference: u64, end: usize| legion_runtime::proto::Rows {
+        program: id.clone(),
+        inference,
+        from: from.into(),
+        tensor: -1,
+        start: wanted.rows.start as u64,
+        end: end as u64,
+        data: Some(F32Tensor {
+            shape: {
+                let mut s = shape.clone();
+                s[2] = (end - wanted.rows.start) as u64;
+                s
+            },
+            data: vec![0; (elements / shape[2] * (end - wanted.rows.start) as u64 * 4) as usize],
+        }),
+    };
+    let err = client
+        .push_rows(push("nobody", 1, wanted.rows.end))
+        .await
+        .unwrap_err();
+    assert_eq!(status(&err).code(), Code::InvalidArgument, "{err:#}");
+    assert!(
+        status(&err).message().contains("receives no rows")
+            && status(&err).message().contains("nobody"),
+        "{err:#}"
+    );
+    let err = client
+        .push_rows(push("ghost", 1, wanted.rows.end - 1))
+        .await
+        .unwrap_err();
+    assert_eq!(status(&err).code(), Code::InvalidArgument, "{err:#}");
+    for inference in 0..16 {
+        client
+            .push_rows(push("ghost", inference, wanted.rows.end))
+            .await
+            .unwrap();
+    }
+    let err = client
+        .push_rows(push("ghost", 16, wanted.rows.end))
+        .await
+        .unwrap_err();
+    assert_eq!(status(&err).code(), Code::ResourceExhausted, "{err:#}");
 }

@@ -129,13 +129,39 @@ impl Worker {
     pub(super) fn push_rows(&self, m: WireRows) -> Result<PushRowsReply, Status> {
         let loaded = self.loaded(&m.program)?;
         let (tensor, rows, strip) = rows_of(&loaded.ir, &m)?;
+        let expected = loaded.program.steps.iter().any(|s| {
+            matches!(s, Step::Receive { tensor: t, rows: r, from: Party::Device(f) }
+                if *t == tensor && *r == rows && *f == m.from)
+        });
+        if !expected {
+            return Err(Status::invalid_argument(format!(
+                "{}'s program receives no rows {rows} of {tensor:?} from {}",
+                loaded.name, m.from
+            )));
+        }
         let key = (m.program.clone(), m.inference, m.from.clone(), tensor, rows);
-        if lock(&self.mailbox).insert(key, strip).is_some() {
+        let mut mailbox = lock(&self.mailbox);
+        let mut pending: Vec<u64> = mailbox
+            .keys()
+            .filter(|k| k.0 == m.program)
+            .map(|k| k.1)
+            .collect();
+        pending.sort_unstable();
+        pending.dedup();
+        if pending.len() >= MAX_PENDING_INFERENCES && !pending.contains(&m.inference) {
+            return Err(Status::resource_exhausted(format!(
+                "{} holds rows of {MAX_PENDING_INFERENCES} inferences of program {} that have \
+                 not run; refusing rows of inference {}",
+                loaded.name, m.program, m.inference
+            )));
+        }
+        if mailbox.insert(key, strip).is_some() {
             return Err(Status::already_exists(format!(
                 "rows {rows} of {tensor:?} from {} for inference {} arrived twice",
                 m.from, m.inference
             )));
         }
+        drop(mailbox);
         self.arrived.notify_waiters();
         Ok(PushRowsReply {})
     }
@@ -295,6 +321,10 @@ impl Worker {
         Ok(reply)
     }
 }
+
+/// Inferences of one program whose rows a board buffers before they run; rows of more
+/// are refused, so a peer cannot fill the board's memory.
+const MAX_PENDING_INFERENCES: usize = 16;
 
 /// Deadline of a connection to another board and of one PushRows call.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
