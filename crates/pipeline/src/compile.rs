@@ -284,15 +284,13 @@ pub fn compile(
         .then(|| CostModel::new(ir, profile, options.transport))
         .transpose()?;
     let sub_strips = options.sub_strips && options.transport == Transport::Programs;
+    let legality = Legality {
+        max_group_len: options.max_group_len,
+        ..Legality::of_cluster(cluster)
+    };
     let build = |table: &CostTable, flc: &Flc, name: &str| -> Result<Candidate> {
         let placed = match &programs {
-            Some(model) => {
-                let legality = Legality {
-                    max_group_len: options.max_group_len,
-                    ..Legality::of_cluster(cluster)
-                };
-                Placement::holding(ir, model, options.predictor, &legality, table, flc)?
-            }
+            Some(model) => Placement::holding(ir, model, options.predictor, &legality, table, flc)?,
             None => Placement::from_table(table, flc)?,
         };
         let mut c = candidate(ir, &placed, &names, name, sub_strips)?;

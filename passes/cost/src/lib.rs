@@ -349,14 +349,7 @@ impl<'a> CostModel<'a> {
         group: Group,
         strips: &[(DeviceId, Rows)],
     ) -> Result<Prediction> {
-        let cut: Vec<Rows> = strips.iter().map(|(_, r)| *r).collect();
-        let tiling = tile(self.ir, group, &cut)?;
-        let views: Vec<(DeviceId, TileView)> = tiling
-            .tiles
-            .iter()
-            .map(|t| (strips[t.slot].0, t.view()))
-            .collect();
-        Ok(self.predict_views(predictor, group, &views, None))
+        self.predict_at(predictor, group, strips, None)
     }
 
     /// [`CostModel::predict`] when the devices hold the rows `held` lists (programs
@@ -368,6 +361,17 @@ impl<'a> CostModel<'a> {
         strips: &[(DeviceId, Rows)],
         held: &Holdings,
     ) -> Result<Prediction> {
+        self.predict_at(predictor, group, strips, Some(held))
+    }
+
+    /// Tiles `group` at `strips` and predicts it, with what the devices hold if given.
+    fn predict_at(
+        &self,
+        predictor: Predictor,
+        group: Group,
+        strips: &[(DeviceId, Rows)],
+        held: Option<&Holdings>,
+    ) -> Result<Prediction> {
         let cut: Vec<Rows> = strips.iter().map(|(_, r)| *r).collect();
         let tiling = tile(self.ir, group, &cut)?;
         let views: Vec<(DeviceId, TileView)> = tiling
@@ -375,7 +379,7 @@ impl<'a> CostModel<'a> {
             .iter()
             .map(|t| (strips[t.slot].0, t.view()))
             .collect();
-        Ok(self.predict_views(predictor, group, &views, Some(held)))
+        Ok(self.predict_views(predictor, group, &views, held))
     }
 
     /// [`CostModel::predict`] of the tiles of `group`, per device (profile index).
