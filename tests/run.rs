@@ -92,10 +92,21 @@ fn compile_and_run(model: &str, hub: bool) {
         args.extend(extra);
         ok(legion(&args))
     };
+    // The bytes the coordinator moved per inference, as the run counted them on the
+    // wire, are those `plan validate` counts in the plan.
+    let after = |text: &str, key: &str| -> String {
+        let at = text
+            .find(key)
+            .unwrap_or_else(|| panic!("no {key:?} in {text}"))
+            + key.len();
+        text[at..].split_whitespace().next().unwrap().to_string()
+    };
+    let moved = |ran: &str| after(ran, "per inference: ");
     if hub {
         let ran = run(&["--transport", "hub"]);
         assert!(ran.contains("transport hub"), "{ran}");
         assert!(ran.contains("check against"), "{ran}");
+        assert_eq!(moved(&ran), after(&validated, "bytes per inference: "));
     }
     let out = dir.join("out.npy");
     let results = dir.join("run.json");
@@ -107,6 +118,7 @@ fn compile_and_run(model: &str, hub: bool) {
     ]);
     assert!(ran.contains("transport programs"), "{ran}");
     assert!(ran.contains("check against"), "{ran}");
+    assert_eq!(moved(&ran), after(&validated, "under the programs "));
     assert!(ran.contains("emulated clock"), "{ran}");
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();

@@ -10,7 +10,7 @@
 use crate::client::{ModelId, TileResult, WorkerClient};
 use crate::programs::LoadedPrograms;
 use crate::proto::InfoReply;
-use crate::tensors::Tensors;
+use crate::tensors::{Tensors, tensor_bytes};
 use crate::wire::sha256_hex;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
@@ -423,11 +423,6 @@ fn real_timing(name: &str, run: &TileResult, wall: Duration, bin: u64, bout: u64
         done_us: wall_us,
         host_gflops: None,
     }
-}
-
-/// Payload bytes of an f32 tensor on the wire.
-fn tensor_bytes(t: &Tensor) -> u64 {
-    t.len() as u64 * 4
 }
 
 /// Checks that the worker runs the emulation the cluster file gives the device, and

@@ -20,6 +20,12 @@ pub struct PlanRun {
     pub total_us: u64,
     /// The clock of every time here.
     pub clock: Clock,
+    /// Bytes of rows that crossed the coordinator's link, both ways.
+    pub coordinator_bytes: u64,
+    /// Per board that ran a tile, the most bytes of rows it held at once: through the
+    /// hub, one tile's strips in and out; running its program, the rows it computed,
+    /// received and kept (tiles' weights and their scratch are in neither).
+    pub held_bytes: Vec<(String, u64)>,
 }
 
 /// Runs `candidate` (of a plan for `ir`, already checked against it) on `input` by
@@ -83,10 +89,22 @@ async fn run_hub(
         groups.push(timing);
     }
     let outputs = tensors.outputs()?;
+    let mut held_bytes: Vec<(String, u64)> = vec![];
+    let mut coordinator_bytes = 0;
+    for d in groups.iter().flat_map(|g| &g.devices) {
+        coordinator_bytes += d.bytes_in + d.bytes_out;
+        let held = d.bytes_in + d.bytes_out;
+        match held_bytes.iter_mut().find(|(name, _)| *name == d.device) {
+            Some((_, most)) => *most = (*most).max(held),
+            None => held_bytes.push((d.device.clone(), held)),
+        }
+    }
     Ok(PlanRun {
         outputs,
         total_us: groups.iter().map(|t| t.total_us).sum(),
         groups,
         clock: coord.clock(),
+        coordinator_bytes,
+        held_bytes,
     })
 }

@@ -5,6 +5,7 @@
 
 use crate::execute::PlanRun;
 use crate::proto::{Rows as WireRows, RunProgramReply, RunProgramRequest};
+use crate::tensors::tensor_bytes;
 use crate::wire::{rows_from_wire, rows_to_wire};
 use crate::{Coordinator, Tensors};
 use anyhow::{Context, Result, bail};
@@ -101,6 +102,7 @@ impl Coordinator {
             .find(|p| p.party == Party::Coordinator)
             .context("the candidate has no coordinator program")?;
         // The rows the coordinator sends, per board.
+        let mut coordinator_bytes = 0;
         let mut inputs: HashMap<&str, Vec<WireRows>> = HashMap::new();
         for step in &coordinator.steps {
             if let Step::Send {
@@ -110,6 +112,7 @@ impl Coordinator {
             } = step
             {
                 let strip = tensors.strip(*tensor, *rows)?;
+                coordinator_bytes += tensor_bytes(&strip);
                 let program = loaded.ids[name].clone();
                 let m = rows_to_wire(program, inference, "", *tensor, *rows, &strip)?;
                 inputs.entry(name).or_default().push(m);
@@ -154,6 +157,7 @@ impl Coordinator {
             for m in &reply.outputs {
                 let (tensor, rows, strip) =
                     rows_from_wire(ir, m).with_context(|| format!("rows from {}", m.from))?;
+                coordinator_bytes += tensor_bytes(&strip);
                 tensors
                     .put_rows(tensor, rows, strip)
                     .with_context(|| format!("storing rows {rows} from {}", m.from))?;
@@ -161,11 +165,21 @@ impl Coordinator {
         }
         let outputs = tensors.outputs()?;
         let (groups, total_us) = self.program_timings(ir, candidate, &replies, wall)?;
+        let held_bytes = loaded
+            .boards
+            .iter()
+            .map(|(p, d, _)| {
+                let held = replies.get(p).map_or(0, |r| r.peak_held_bytes);
+                Ok((self.device(*d)?.name().to_string(), held))
+            })
+            .collect::<Result<_>>()?;
         Ok(PlanRun {
             outputs,
             groups,
             total_us,
             clock: self.clock(),
+            coordinator_bytes,
+            held_bytes,
         })
     }
 

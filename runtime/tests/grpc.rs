@@ -387,7 +387,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         "{err:#}"
     );
     let id = client
-        .load_plan(&model, &program, &[(0, 0, spec)], &[])
+        .load_plan(&model, &program, &[(0, 0, spec.clone())], &[])
         .await
         .unwrap();
     let started = Instant::now();
@@ -459,4 +459,29 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         .await
         .unwrap_err();
     assert_eq!(status(&err).code(), Code::ResourceExhausted, "{err:#}");
+
+    // An inference whose rows are waiting runs; the board held its input rows and the
+    // tile's output rows, and only those rows of each tensor.
+    let reply = client
+        .run_program(
+            legion_runtime::proto::RunProgramRequest {
+                program: id.clone(),
+                inference: 3,
+                inputs: vec![],
+                receive_timeout_ms: 300,
+                peer_programs: Default::default(),
+            },
+            1,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let held = ir.tensor(wanted.tensor).strip_bytes(wanted.rows)
+        + spec
+            .outputs
+            .iter()
+            .map(|o| ir.tensor(TensorRef::Stage(o.stage)).strip_bytes(o.rows))
+            .sum::<u64>();
+    assert_eq!(reply.peak_held_bytes, held);
+    assert!(reply.outputs.is_empty());
 }

@@ -17,6 +17,7 @@ mod calibration;
 mod compile;
 mod models;
 mod paper;
+mod transports;
 mod workers;
 
 /// The `legion` binary next to this xtask (built here, in the same profile).
@@ -50,24 +51,24 @@ pub struct Args {
     /// Where to write the table (default bench/<what>.md).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// accuracy, models, paper: clusters under testdata/clusters, comma-separated
+    /// accuracy, models, paper, transports: clusters under testdata/clusters, comma-separated
     /// (default: the benchmark's own list).
     #[arg(long, value_delimiter = ',')]
     clusters: Option<Vec<String>>,
-    /// accuracy, models, paper: models, comma-separated (default: the benchmark's own
+    /// accuracy, models, paper, transports: models, comma-separated (default: the benchmark's own
     /// list).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    /// accuracy, models, paper: timed runs per measurement (paper: at least 10 on
+    /// accuracy, models, paper, transports: timed runs per measurement (paper: at least 10 on
     /// 1-board clusters).
     #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
-    /// accuracy, compile, paper: reuse the profiles kept under target/bench-profiles by
+    /// accuracy, compile, paper, transports: reuse the profiles kept under target/bench-profiles by
     /// an earlier run.
     #[arg(long)]
     reuse: bool,
-    /// paper: measure nothing; write bench/paper.md and the figure again from
-    /// bench/paper.json.
+    /// paper, transports: measure nothing; write bench/<what>.md (and paper's figure)
+    /// again from bench/<what>.json.
     #[arg(long)]
     replot: bool,
     /// paper: measure the clusters only and keep the runtime overheads of an earlier
@@ -104,6 +105,9 @@ enum Bench {
     /// The paper's experiment: Legion, Legion + Wild Card, FSS, no fusion and one fused
     /// block run on the 14 emulated clusters with VGG-16, VGG-19 and YOLOv2.
     Paper,
+    /// The paper's 42 setups run by both transports (the hub, and the boards running
+    /// their own programs), each with the plan `legion compile` chooses for it.
+    Transports,
     /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
     /// memory under qemu serving VGG-16's first block.
     Workers,
@@ -135,6 +139,16 @@ pub fn run(args: &Args) -> Result<()> {
                 replot: args.replot,
                 keep_overheads: args.keep_overheads,
                 overheads_only: args.overheads_only,
+            })?,
+        ),
+        Bench::Transports => (
+            "transports",
+            transports::run(&transports::Options {
+                clusters: list(&args.clusters, &paper::CLUSTERS),
+                models: list(&args.models, &paper::MODELS),
+                runs: args.runs,
+                reuse: args.reuse,
+                replot: args.replot,
             })?,
         ),
         Bench::Models => (

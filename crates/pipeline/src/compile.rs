@@ -432,8 +432,8 @@ async fn measure(
     transport: Transport,
 ) -> Result<Chosen> {
     let input = test_input(&ir.input.shape);
-    let all: Vec<&Candidate> = candidates.iter().collect();
-    let measured = measure_in_rounds(coord, ir, &input, &[], &all, runs, transport).await?;
+    let all: Vec<(&Candidate, Transport)> = candidates.iter().map(|c| (c, transport)).collect();
+    let measured = measure_in_rounds(coord, ir, &input, &[], &all, runs).await?;
     for (c, k) in candidates.iter_mut().zip(0..) {
         let median = measured.candidate_median(k);
         c.measured_us = Some(median);

@@ -102,16 +102,15 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 /// Runs, in `rounds` timed rounds after one warm-up round, the whole model on each of
-/// `boards` and then each of `candidates` (by `transport`), so that a slow spell of the
-/// host falls on all of them alike.
+/// `boards` and then each of `candidates` (each by its transport), so that a slow spell
+/// of the host falls on all of them alike.
 pub async fn measure_in_rounds(
     coord: &Coordinator,
     ir: &Ir,
     input: &Tensor,
     boards: &[DeviceId],
-    candidates: &[&legion_plan::Candidate],
+    candidates: &[(&legion_plan::Candidate, Transport)],
     rounds: u32,
-    transport: Transport,
 ) -> Result<Measured> {
     anyhow::ensure!(rounds > 0, "measuring takes at least 1 round");
     let mut measured = Measured {
@@ -128,7 +127,7 @@ pub async fn measure_in_rounds(
                 measured.boards[k].push(step);
             }
         }
-        for (k, c) in candidates.iter().enumerate() {
+        for (k, &(c, transport)) in candidates.iter().enumerate() {
             let run = run_candidate(coord, ir, c, input.clone(), transport)
                 .await
                 .with_context(|| format!("running candidate {}", c.name))?;
@@ -175,9 +174,8 @@ pub async fn execute(
         ir,
         &input,
         &[single],
-        &[candidate],
+        &[(candidate, transport)],
         repeat,
-        transport,
     )
     .await?;
     let host = HostRates::union(alone.host_gflops, measured.host_gflops);
@@ -249,6 +247,15 @@ pub async fn execute(
                 HOST_DRIFT_LIMIT * 100.0
             )?;
         }
+    }
+    if let Some((board, held)) = median.held_bytes.iter().max_by_key(|(_, b)| *b) {
+        writeln!(
+            out,
+            "per inference: {:.2} MB through the coordinator; at most {:.2} MB of rows held \
+             at once by one board ({board})",
+            median.coordinator_bytes as f64 / 1e6,
+            *held as f64 / 1e6
+        )?;
     }
     let mut checked = None;
     if check {

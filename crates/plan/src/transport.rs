@@ -1,7 +1,8 @@
 //! How a plan's rows move between the parties at run time.
 
 /// How a candidate's rows move.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// Every board runs its program and sends rows straight to the boards that read
     /// them; the coordinator only feeds the input and collects the outputs.

@@ -9,7 +9,7 @@ use crate::proto::{
     LoadPlanReply, LoadPlanRequest, ModelRef, PushRowsReply, Rows as WireRows, RunProgramReply,
     RunProgramRequest,
 };
-use crate::tensors::Tensors;
+use crate::tensors::{Tensors, tensor_bytes};
 use crate::wire::{hex, rows_from_wire, rows_to_wire};
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_plan::{PLAN_VERSION, Party, Program, Step, TileSpec};
@@ -34,6 +34,8 @@ pub(super) struct Loaded {
     tiles: HashMap<(usize, usize), TileSpec>,
     /// The boards it sends to.
     peers: HashMap<String, WorkerClient>,
+    /// Per tensor, the rows it ever holds: all that is stored of it.
+    windows: HashMap<TensorRef, Rows>,
 }
 
 /// Rows waiting in the mailbox: program, inference, sender, tensor, rows.
@@ -108,6 +110,7 @@ impl Worker {
                 _ => {}
             }
         }
+        let windows = windows(&program, &tiles);
         let mut id = Sha256::new();
         id.update(model.sha256.as_bytes());
         id.update(&req.program_json);
@@ -120,6 +123,7 @@ impl Worker {
             program,
             tiles,
             peers,
+            windows,
         };
         lock(&self.programs).insert(id.clone(), Arc::new(loaded), 0);
         Ok(LoadPlanReply { program: id })
@@ -223,7 +227,7 @@ impl Worker {
             from_coordinator.insert((tensor, rows), strip);
         }
         let stored = |e: anyhow::Error| Status::internal(format!("{me}: {e:#}"));
-        let mut tensors = Tensors::empty(ir);
+        let mut tensors = Tensors::windowed(ir, loaded.windows.clone());
         let mut reply = RunProgramReply {
             emulated: self.config.compute.emulated(),
             ..Default::default()
@@ -313,6 +317,13 @@ impl Worker {
             }
             reply.compute_us.push(compute_us);
             reply.host_gflops.push(host_gflops);
+            let waiting: u64 = from_coordinator.values().map(tensor_bytes).sum::<u64>()
+                + lock(&self.mailbox)
+                    .iter()
+                    .filter(|(k, _)| k.0 == req.program && k.1 == req.inference)
+                    .map(|(_, t)| tensor_bytes(t))
+                    .sum::<u64>();
+            reply.peak_held_bytes = reply.peak_held_bytes.max(tensors.bytes() + waiting);
         }
         while let Some(done) = pushes.join_next().await {
             done.map_err(|e| Status::internal(format!("{me}: a send task failed: {e}")))?
@@ -320,6 +331,35 @@ impl Worker {
         }
         Ok(reply)
     }
+}
+
+/// Per tensor, the hull of the rows `program` puts of it (received or computed by its
+/// runs): a board stores only those rows.
+fn windows(
+    program: &Program,
+    tiles: &HashMap<(usize, usize), TileSpec>,
+) -> HashMap<TensorRef, Rows> {
+    let mut windows: HashMap<TensorRef, Rows> = HashMap::new();
+    let mut hold = |t: TensorRef, rows: Rows| {
+        if !rows.is_empty() {
+            windows
+                .entry(t)
+                .and_modify(|w| *w = w.hull(rows))
+                .or_insert(rows);
+        }
+    };
+    for step in &program.steps {
+        match step {
+            Step::Receive { tensor, rows, .. } => hold(*tensor, *rows),
+            Step::Run { group, tile } => {
+                for out in &tiles[&(*group, *tile)].outputs {
+                    hold(TensorRef::Stage(out.stage), out.rows);
+                }
+            }
+            Step::Send { .. } | Step::Drop { .. } => {}
+        }
+    }
+    windows
 }
 
 /// Inferences of one program whose rows a board buffers before they run; rows of more

@@ -8,7 +8,7 @@ use super::{kept_profile, load};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_pipeline::{
-    CompileOptions, PassTimes, Search, boards_of, connect, measure_in_rounds, run_whole,
+    CompileOptions, Measured, PassTimes, Search, boards_of, connect, measure_in_rounds, run_whole,
 };
 use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Plan, Profile, ProfileMode, Transport};
 use legion_runtime::check::test_input;
@@ -86,7 +86,7 @@ struct Row {
 /// Timed runs on a 1-board cluster at least: there every plan that keeps the whole
 /// model on the board runs the baseline's own program, and identical runs differ by a
 /// few percent on this host, so the fastest of more runs is wanted to compare them.
-const SINGLE_BOARD_RUNS: u32 = 10;
+pub(super) const SINGLE_BOARD_RUNS: u32 = 10;
 
 /// Rows kept before [`Row::runs`] was recorded were all measured with 3 runs.
 fn three_runs() -> u32 {
@@ -169,7 +169,7 @@ fn overhead(ir: &Ir, onnx_path: &std::path::Path, model: &str, runs: u32) -> Res
 /// the wall clock the same whole-model run once measured 1.0-1.8 s emulated by turns;
 /// the emulated clock now counts CPU time, which leaves a few percent), so the minimum
 /// is the repeatable figure, as in the host calibration.
-fn fastest(v: Vec<u64>) -> u64 {
+pub(super) fn fastest(v: Vec<u64>) -> u64 {
     v.into_iter().min().expect("at least one timed run")
 }
 
@@ -327,54 +327,27 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     }
 
     let input = test_input(&ir.input.shape);
-    let runs = match cluster.devices.len() {
-        1 => opts.runs.max(SINGLE_BOARD_RUNS),
-        _ => opts.runs,
-    };
-    // One board of each class runs the whole model (boards of a class are emulated
-    // alike), and every plan, in rounds.
-    let mut boards: Vec<DeviceId> = vec![];
-    for (d, device) in cluster.devices.iter().enumerate() {
-        if !boards
-            .iter()
-            .any(|b| cluster.devices[b.index()].emulate == device.emulate)
-        {
-            boards.push(DeviceId(d));
-        }
-    }
+    let runs = timed_runs(opts.runs, cluster.devices.len());
+    // One board of each class runs the whole model, and every plan, in rounds.
+    let boards = one_board_per_class(&cluster);
     // Identical programs run once (the chosen plan is often the extracted FLC).
-    let mut ran: Vec<&Candidate> = vec![];
+    let mut ran: Vec<(&Candidate, Transport)> = vec![];
     let slots: Vec<Option<usize>> = candidates
         .iter()
         .map(|c| {
-            c.as_ref()
-                .map(|c| match ran.iter().position(|r| r.groups == c.groups) {
+            c.as_ref().map(
+                |c| match ran.iter().position(|(r, _)| r.groups == c.groups) {
                     Some(k) => k,
                     None => {
-                        ran.push(c);
+                        ran.push((c, Transport::Hub));
                         ran.len() - 1
                     }
-                })
+                },
+            )
         })
         .collect();
-    let measured = rt.block_on(measure_in_rounds(
-        &coord,
-        ir,
-        &input,
-        &boards,
-        &ran,
-        runs,
-        Transport::Hub,
-    ))?;
-    let single = boards
-        .iter()
-        .zip(&measured.boards)
-        .map(|(&d, steps)| {
-            let us = fastest(steps.iter().map(|s| s.total_us).collect());
-            (cluster.devices[d.index()].name.clone(), us)
-        })
-        .min_by_key(|(_, us)| *us)
-        .context("the cluster has no devices")?;
+    let measured = rt.block_on(measure_in_rounds(&coord, ir, &input, &boards, &ran, runs))?;
+    let (_, single) = fastest_board(&cluster, &boards, &measured)?;
     let times: Vec<u64> = measured
         .candidates
         .iter()
@@ -404,6 +377,61 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     })
 }
 
+/// Timed runs per plan on a cluster of `devices` boards, `runs` asked for.
+pub(super) fn timed_runs(runs: u32, devices: usize) -> u32 {
+    match devices {
+        1 => runs.max(SINGLE_BOARD_RUNS),
+        _ => runs,
+    }
+}
+
+/// The first board of each class in `cluster` (boards of a class are emulated alike).
+pub(super) fn one_board_per_class(cluster: &Cluster) -> Vec<DeviceId> {
+    let mut boards: Vec<DeviceId> = vec![];
+    for (d, device) in cluster.devices.iter().enumerate() {
+        if !boards
+            .iter()
+            .any(|b| cluster.devices[b.index()].emulate == device.emulate)
+        {
+            boards.push(DeviceId(d));
+        }
+    }
+    boards
+}
+
+/// Of `boards` (as measured in that order), the one with the fastest whole-model run:
+/// its index among them, its name and that run's µs.
+pub(super) fn fastest_board(
+    cluster: &Cluster,
+    boards: &[DeviceId],
+    measured: &Measured,
+) -> Result<(usize, (String, u64))> {
+    boards
+        .iter()
+        .zip(&measured.boards)
+        .map(|(&d, steps)| {
+            let us = fastest(steps.iter().map(|s| s.total_us).collect());
+            (cluster.devices[d.index()].name.clone(), us)
+        })
+        .enumerate()
+        .min_by_key(|(_, (_, us))| *us)
+        .context("the cluster has no devices")
+}
+
+/// A row's range of host rates, flagged when it moved past the limit; "-" for rows
+/// measured before it was recorded.
+pub(super) fn host_label(h: Option<HostRates>) -> String {
+    h.map_or("-".into(), |h| {
+        let flag = if h.drifted() { " **moved**" } else { "" };
+        format!(
+            "{:.1}-{:.1} ({:+.1}%){flag}",
+            h.min,
+            h.max,
+            h.moved() * 100.0
+        )
+    })
+}
+
 /// Clusters whose kept legion profiles hold every board of the smaller clusters: the
 /// boards are named alike and emulated alike in testdata/clusters.
 const PROFILED: [&str; 3] = ["firefly-x6", "odroid-x3", "3f3o"];
@@ -413,7 +441,7 @@ const PROFILED: [&str; 3] = ["firefly-x6", "odroid-x3", "3f3o"];
 /// boards (same names, emulation and links), cut down to them. A legion profile
 /// measures each board on its own (single stages and its link), so a board's part does
 /// not depend on the other boards; profiling all 42 setups would take hours here.
-fn legion_profile(
+pub(super) fn legion_profile(
     name: &str,
     cluster: &Cluster,
     model: &str,
@@ -450,7 +478,7 @@ fn legion_profile(
     Ok((profile, None))
 }
 
-fn flc_label(c: &Candidate) -> String {
+pub(super) fn flc_label(c: &Candidate) -> String {
     c.groups
         .iter()
         .map(|g| format!("{}..{}/{}", g.first, g.last, g.devices().len()))
@@ -484,7 +512,9 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
         "Measured by `cargo xtask bench paper` on {}; rows are kept in {ROWS} across \
          runs, and this file was last written by `cargo xtask bench paper{}`. Every time is on the emulated \
          clock (docs/architecture.md, \"The emulated clock\"): compute scaled from this host to the board class, \
-         links at the cluster file's rates. Each plan ran once to warm up, then {runs}, \
+         links at the cluster file's rates. Every plan here runs through the hub, the \
+         paper's runtime (`transports.md` runs the same setups by both transports). \
+         Each plan ran once to warm up, then {runs}, \
          in rounds over all plans and the single board (so that a slow spell of \
          the host falls on all); the fastest run is kept, since interference on this \
          host only adds time (emulated compute is the computing thread's CPU time, \
@@ -546,16 +576,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
             None => format!("{:.1}", r.legion_profiling_us as f64 / 1e6),
             Some(big) => format!("cut from {big}"),
         };
-        // Rows measured before the host's rate was followed show "-".
-        let host = r.host_gflops.map_or("-".into(), |h| {
-            let flag = if h.drifted() { " **moved**" } else { "" };
-            format!(
-                "{:.1}-{:.1} ({:+.1}%){flag}",
-                h.min,
-                h.max,
-                h.moved() * 100.0
-            )
-        });
+        let host = host_label(r.host_gflops);
         writeln!(
             md,
             " {legion} | {} | {host} |",
@@ -752,7 +773,7 @@ fn args_label(opts: &Options) -> String {
 }
 
 /// `firefly-x3` -> `F3`, `odroid-x2` -> `O2`, `2f1o` -> `2F1O`.
-fn short_name(cluster: &str) -> String {
+pub(super) fn short_name(cluster: &str) -> String {
     match cluster.split_once("-x") {
         Some((class, n)) => format!("{}{n}", class[..1].to_uppercase()),
         None => cluster.to_uppercase(),
