@@ -292,14 +292,15 @@ fn report(opts: &Options, rows: &[Row]) -> Result<String> {
     writeln!(md, "# The paper's setups by both transports\n")?;
     writeln!(
         md,
-        "Measured by `cargo xtask bench transports{}` on {}; rows are kept in {ROWS} \
-         across runs. The models and the 14 clusters of `bench/paper.md`, times on the \
+        "Measured by `cargo xtask bench transports` on {1}; rows are kept in {ROWS} \
+         across runs, and this file was last written by `cargo xtask bench \
+         transports{0}`. The models and the 14 clusters of `bench/paper.md`, times on the \
          emulated clock. Per setup, `legion compile` on the live cluster made a plan for \
          each transport (`--transport hub`: the coordinator runs the groups in order, \
          every strip through it; `--transport programs`, the default: the boards run \
          their own programs and pass rows to each other), each choosing among its \
          candidates by measuring them by that transport. Both plans and the whole model \
-         on one board of each class then ran once to warm up and {} times in rounds \
+         on one board of each class then ran once to warm up and {2} times in rounds \
          (10 on 1-board clusters); the fastest run is kept. *single*: the fastest board \
          alone. *predicted*: the compiler's prediction of the programs plan, error = \
          predicted / measured - 1. *coordinator MB*: rows through the coordinator per \
