@@ -44,10 +44,8 @@ struct Row {
     /// Best single board: its name and emulated µs (fastest run).
     single: (String, u64),
     /// The whole model on that board as the legion profile predicts it, µs: how far
-    /// the emulator has moved since the profile was measured. Filled from the kept
-    /// profile when a row lacks it.
-    #[serde(default)]
-    single_predicted_us: Option<u64>,
+    /// the emulator has moved since the profile was measured.
+    single_predicted_us: u64,
     runs: u32,
     /// Per transport of [`TRANSPORTS`], the plan compile chose for it.
     plans: Vec<Ran>,
@@ -104,13 +102,6 @@ pub fn run(opts: &Options) -> Result<String> {
         Err(_) => vec![],
     };
     if opts.replot {
-        for r in rows.iter_mut().filter(|r| r.single_predicted_us.is_none()) {
-            let ir = load(&r.model)?;
-            let cluster = Cluster::load(&cluster_file(&r.cluster))?;
-            let (profile, _) = legion_profile(&r.cluster, &cluster, &r.model, &ir, true)?;
-            r.single_predicted_us = Some(whole_on(&ir, &profile, &cluster, &r.single.0)?);
-        }
-        std::fs::write(ROWS, serde_json::to_string_pretty(&rows)?)?;
         return report(opts, &rows);
     }
     for model in &opts.models {
@@ -230,7 +221,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     let tensor_bytes = |r: TensorRef| ir.tensor(r).len() as u64 * 4;
     let model_io_bytes =
         tensor_bytes(TensorRef::Input) + ir.outputs.iter().map(|r| tensor_bytes(*r)).sum::<u64>();
-    let single_predicted_us = Some(whole_on(ir, &profile, &cluster, &single.0)?);
+    let single_predicted_us = whole_on(ir, &profile, &cluster, &single.0)?;
     Ok(Row {
         model: model.to_string(),
         cluster: cluster_name.to_string(),
@@ -332,15 +323,13 @@ fn report(opts: &Options, rows: &[Row]) -> Result<String> {
         let host = host_label(r.host_gflops);
         writeln!(
             md,
-            "| {} | {} | {} | {:.1} | {} | {:.1} ({:.2}x) | {:.1} ({:.2}x) | {:.3} | {:.1} ({:+.1}%) | {:.2} / {:.2} | {:.2} | {:.1} / {:.1} | {:.0} / {:.0} | {:.1e} | {host} |",
+            "| {} | {} | {} | {:.1} | {:.1} ({:+.1}%) | {:.1} ({:.2}x) | {:.1} ({:.2}x) | {:.3} | {:.1} ({:+.1}%) | {:.2} / {:.2} | {:.2} | {:.1} / {:.1} | {:.0} / {:.0} | {:.1e} | {host} |",
             r.model,
             r.cluster,
             r.devices,
             r.single.1 as f64 / 1e3,
-            match (r.single_predicted_us, r.single_error()) {
-                (Some(us), Some(e)) => format!("{:.1} ({:+.1}%)", us as f64 / 1e3, e * 100.0),
-                _ => "-".into(),
-            },
+            r.single_predicted_us as f64 / 1e3,
+            r.single_error() * 100.0,
             hub.measured_us as f64 / 1e3,
             r.speedup(0),
             programs.measured_us as f64 / 1e3,
@@ -388,14 +377,14 @@ fn error(p: &Ran) -> f64 {
 impl Row {
     /// The single board's predicted over measured time, minus 1: how far the emulator
     /// moved between the profile's sitting and this one.
-    fn single_error(&self) -> Option<f64> {
-        Some(self.single_predicted_us? as f64 / self.single.1.max(1) as f64 - 1.0)
+    fn single_error(&self) -> f64 {
+        self.single_predicted_us as f64 / self.single.1.max(1) as f64 - 1.0
     }
 
     /// Plan `k`'s error relative to the single board's: the cost model's own miss,
     /// with the emulator's move since the profile taken out.
-    fn relative_error(&self, k: usize) -> Option<f64> {
-        Some((1.0 + error(&self.plans[k])) / (1.0 + self.single_error()?) - 1.0)
+    fn relative_error(&self, k: usize) -> f64 {
+        (1.0 + error(&self.plans[k])) / (1.0 + self.single_error()) - 1.0
     }
 }
 
@@ -515,25 +504,20 @@ fn targets(md: &mut String, rows: &[Row]) -> Result<()> {
             e.iter().copied().fold(f64::NEG_INFINITY, f64::max)
         )
     };
-    let singles: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| Some(r.single_error()? * 100.0))
-        .collect();
-    if !singles.is_empty() {
-        writeln!(
-            md,
-            "- The whole model on the single board, predicted from the kept profile \
-             against measured here: {}. The profiles were measured in other sittings; \
-             this is how far the emulated boards moved since.",
-            spread(&singles)
-        )?;
-    }
+    let singles: Vec<f64> = rows.iter().map(|r| r.single_error() * 100.0).collect();
+    writeln!(
+        md,
+        "- The whole model on the single board, predicted from the kept profile against \
+         measured here: {}. The profiles were measured in other sittings; this is how far \
+         the emulated boards moved since.",
+        spread(&singles)
+    )?;
     for (k, transport) in TRANSPORTS.iter().enumerate() {
         let e: Vec<f64> = rows.iter().map(|r| error(&r.plans[k]) * 100.0).collect();
         let relative: Vec<f64> = rows
             .iter()
             .filter(|r| r.devices > 1)
-            .filter_map(|r| Some(r.relative_error(k)? * 100.0))
+            .map(|r| r.relative_error(k) * 100.0)
             .collect();
         write!(
             md,
