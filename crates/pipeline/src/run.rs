@@ -247,6 +247,23 @@ pub async fn execute(
                 HOST_DRIFT_LIMIT * 100.0
             )?;
         }
+        // The rate at the workers' calibration: far from it, the emulated boards have
+        // been seen to run off their class's speed (bench/README.md, transports.md).
+        let base = coord
+            .devices()
+            .iter()
+            .filter_map(|d| d.info.emulation.as_ref().map(|e| e.host_gflops))
+            .fold(0.0, f64::max);
+        if base > 0.0 && h.away_from(base) > HOST_DRIFT_LIMIT {
+            writeln!(
+                out,
+                "warning: the host ran {:.0}% away from its rate when the emulator calibrated \
+                 ({base:.1} GFLOP/s); the emulated boards follow it by a reference kernel, \
+                 which can misjudge a host slowed unevenly, so their times may be off their \
+                 class's; compare these times with care",
+                h.away_from(base) * 100.0
+            )?;
+        }
     }
     if let Some((board, held)) = median.held_bytes.iter().max_by_key(|(_, b)| *b) {
         writeln!(

@@ -143,6 +143,14 @@ impl HostRates {
     pub fn drifted(&self) -> bool {
         self.moved() > HOST_DRIFT_LIMIT
     }
+
+    /// The largest distance of the range from `base` (the rate at calibration),
+    /// relative to it: 0.1 when some rate was 10% above or below it.
+    pub fn away_from(&self, base: f64) -> f64 {
+        (self.min / base - 1.0)
+            .abs()
+            .max((self.max / base - 1.0).abs())
+    }
 }
 
 impl fmt::Display for HostRates {
@@ -155,5 +163,23 @@ impl fmt::Display for HostRates {
             self.max,
             self.moved() * 100.0
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_steady_rate_far_from_calibration_is_told_apart_from_a_moving_one() {
+        // The transports bench's hour: steady, but 13% under the calibration's rate.
+        let steady = HostRates::of([26.5, 27.0]).unwrap();
+        assert!(!steady.drifted());
+        assert!((steady.away_from(30.5) - (1.0 - 26.5 / 30.5)).abs() < 1e-12);
+        assert!(steady.away_from(30.5) > HOST_DRIFT_LIMIT);
+        // Above the base counts as well.
+        let fast = HostRates::of([31.0, 33.0]).unwrap();
+        assert!((fast.away_from(30.0) - 0.1).abs() < 1e-12);
+        assert!(HostRates::of([29.5, 30.5]).unwrap().away_from(30.0) < HOST_DRIFT_LIMIT);
     }
 }
