@@ -225,10 +225,7 @@ pub fn run(opts: &Options) -> Result<String> {
             let rows = &mut results.rows;
             rows.retain(|r| !(r.model == row.model && r.cluster == row.cluster));
             rows.push(row);
-            rows.sort_by_key(|r| {
-                let at = |list: &[&str], x: &str| list.iter().position(|y| *y == x);
-                (at(&MODELS, &r.model), at(&CLUSTERS, &r.cluster))
-            });
+            rows.sort_by_key(|r| setup_order(&r.model, &r.cluster));
             // Kept after every setup, so a long run can be looked at as it goes.
             save(&results)?;
         }
@@ -746,20 +743,33 @@ fn predicted_against_measured(md: &mut String, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
-fn args_label(opts: &Options) -> String {
+/// Where a setup's row goes: models, then clusters, in the paper's order.
+pub(super) fn setup_order(model: &str, cluster: &str) -> (Option<usize>, Option<usize>) {
+    let at = |list: &[&str], x: &str| list.iter().position(|y| *y == x);
+    (at(&MODELS, model), at(&CLUSTERS, cluster))
+}
+
+/// The options shared by `bench paper` and `bench transports` that differ from their
+/// defaults, as command-line flags.
+pub(super) fn setup_args(models: &[String], clusters: &[String], runs: u32, reuse: bool) -> String {
     let mut s = String::new();
-    if opts.models != MODELS {
-        s += &format!(" --models {}", opts.models.join(","));
+    if models != MODELS {
+        s += &format!(" --models {}", models.join(","));
     }
-    if opts.clusters != CLUSTERS {
-        s += &format!(" --clusters {}", opts.clusters.join(","));
+    if clusters != CLUSTERS {
+        s += &format!(" --clusters {}", clusters.join(","));
     }
-    if opts.runs != super::DEFAULT_RUNS {
-        s += &format!(" --runs {}", opts.runs);
+    if runs != super::DEFAULT_RUNS {
+        s += &format!(" --runs {runs}");
     }
-    if opts.reuse {
+    if reuse {
         s += " --reuse";
     }
+    s
+}
+
+fn args_label(opts: &Options) -> String {
+    let mut s = setup_args(&opts.models, &opts.clusters, opts.runs, opts.reuse);
     if opts.keep_overheads {
         s += " --keep-overheads";
     }

@@ -5,8 +5,8 @@
 
 use super::load;
 use super::paper::{
-    self, fastest, fastest_board, flc_label, host_label, legion_profile, one_board_per_class,
-    short_name, timed_runs,
+    fastest, fastest_board, flc_label, host_label, legion_profile, one_board_per_class, setup_args,
+    setup_order, short_name, timed_runs,
 };
 use anyhow::{Context, Result};
 use legion_cost::CostModel;
@@ -27,7 +27,7 @@ const TRANSPORTS: [Transport; 2] = [Transport::Hub, Transport::Programs];
 pub struct Options {
     pub clusters: Vec<String>,
     pub models: Vec<String>,
-    /// Timed runs per plan (after one warm-up; at least [`paper::SINGLE_BOARD_RUNS`] on
+    /// Timed runs per plan (after one warm-up; at least [`super::paper::SINGLE_BOARD_RUNS`] on
     /// a 1-board cluster); the fastest is kept.
     pub runs: u32,
     pub reuse: bool,
@@ -119,13 +119,7 @@ pub fn run(opts: &Options) -> Result<String> {
             );
             rows.retain(|r| !(r.model == row.model && r.cluster == row.cluster));
             rows.push(row);
-            rows.sort_by_key(|r| {
-                let at = |list: &[&str], x: &str| list.iter().position(|y| *y == x);
-                (
-                    at(&paper::MODELS, &r.model),
-                    at(&paper::CLUSTERS, &r.cluster),
-                )
-            });
+            rows.sort_by_key(|r| setup_order(&r.model, &r.cluster));
             // Kept after every setup, so a long run can be looked at as it goes.
             std::fs::write(ROWS, serde_json::to_string_pretty(&rows)?)?;
         }
@@ -551,19 +545,7 @@ fn targets(md: &mut String, rows: &[Row]) -> Result<()> {
 }
 
 fn args_label(opts: &Options) -> String {
-    let mut s = String::new();
-    if opts.models != paper::MODELS {
-        s += &format!(" --models {}", opts.models.join(","));
-    }
-    if opts.clusters != paper::CLUSTERS {
-        s += &format!(" --clusters {}", opts.clusters.join(","));
-    }
-    if opts.runs != super::DEFAULT_RUNS {
-        s += &format!(" --runs {}", opts.runs);
-    }
-    if opts.reuse {
-        s += " --reuse";
-    }
+    let mut s = setup_args(&opts.models, &opts.clusters, opts.runs, opts.reuse);
     if opts.replot {
         s += " --replot";
     }
