@@ -55,6 +55,7 @@ struct Totals {
     stages: usize,
     splittable: usize,
     barriers: usize,
+    channel_splittable: usize,
     flops: u64,
     macs: u64,
     weight_bytes: u64,
@@ -82,6 +83,7 @@ fn totals(ir: &Ir) -> Totals {
         stages: ir.stages.len(),
         splittable,
         barriers: ir.stages.len() - splittable,
+        channel_splittable: ir.stages.iter().filter(|s| s.channels.is_some()).count(),
         flops: ir.total_flops(),
         macs: ir.stages.iter().map(|s| s.macs()).sum(),
         weight_bytes: ir.total_weight_bytes(),
@@ -101,6 +103,7 @@ fn table(ir: &Ir, file: &str) -> String {
         "d",
         "MFLOPs",
         "KiB",
+        "channels",
         "split",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
@@ -139,6 +142,9 @@ fn table(ir: &Ir, file: &str) -> String {
             w.map(|w| pair(w.dilation)).unwrap_or_default(),
             format!("{:.1}", s.flops as f64 / 1e6),
             format!("{:.0}", s.weight_bytes as f64 / 1024.0),
+            s.channels
+                .map(|c| format!("{} (axis {})", c.count, c.axis))
+                .unwrap_or_else(|| "-".into()),
             match &s.split {
                 Split::Rows => "split".to_string(),
                 Split::Barrier(reason) => format!("barrier: {reason}"),
@@ -172,10 +178,11 @@ fn table(ir: &Ir, file: &str) -> String {
     }
     let t = totals(ir);
     out.push_str(&format!(
-        "\n{} stages: {} split, {} barriers; {:.2} GFLOPs ({:.2} GMACs in convs and matmuls); weights {:.1} MiB\n",
+        "\n{} stages: {} split, {} barriers, {} split by channels; {:.2} GFLOPs ({:.2} GMACs in convs and matmuls); weights {:.1} MiB\n",
         t.stages,
         t.splittable,
         t.barriers,
+        t.channel_splittable,
         t.flops as f64 / 1e9,
         t.macs as f64 / 1e9,
         t.weight_bytes as f64 / (1024.0 * 1024.0)

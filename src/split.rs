@@ -3,8 +3,11 @@
 
 use crate::{BadInput, ModelArgs};
 use anyhow::{Context, Result, bail};
-use legion_ir::{Ir, Split, StageId, TensorRef};
-use legion_partition::{Group, Tiling, check_group, strips_from_weights, tile, whole_stage};
+use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
+use legion_partition::{
+    Group, Tiling, channel_tile, check_channel_group, check_group, strips_from_weights, tile,
+    whole_stage,
+};
 use legion_runtime::{Reference, check};
 use serde::Serialize;
 use std::fmt::Write;
@@ -25,6 +28,12 @@ pub struct Args {
     /// Several groups, e.g. 0..4,5..9 (default: every run of splittable stages).
     #[arg(long)]
     groups: Option<String>,
+    /// Split each group's last stage by output channels (convs) or neurons (matmuls)
+    /// instead of rows: each device computes all rows of its channels from the whole
+    /// input and its slice of the weights; stages before it run whole on every device.
+    /// Needs --group or --groups.
+    #[arg(long)]
+    channels: bool,
     /// Run every strip with tract and compare with the single-device run.
     #[arg(long)]
     check: bool,
@@ -40,6 +49,8 @@ const TOLERANCE: f32 = 1e-5;
 /// stage that runs whole on one device.
 enum Piece {
     Split(Group),
+    /// A group whose last stage is split by channels.
+    Channels(Group),
     /// The barrier and why it is one.
     Whole(StageId, String),
 }
@@ -52,6 +63,9 @@ struct GroupReport {
     /// The barrier stage run whole, for a barrier.
     #[serde(skip_serializing_if = "Option::is_none")]
     whole: Option<WholeReport>,
+    /// The group split by channels, with --channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channels: Option<ChannelReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     check: Option<CheckReport>,
 }
@@ -62,6 +76,24 @@ struct WholeReport {
     stage: StageId,
     name: String,
     reason: String,
+}
+
+/// A group split by channels: each device's channels of the last stage and the bytes
+/// of weights its tile reads.
+#[derive(Serialize)]
+struct ChannelReport {
+    group: Group,
+    /// The output axis holding the channels, and how many there are.
+    axis: usize,
+    count: usize,
+    devices: Vec<ChannelTile>,
+}
+
+#[derive(Serialize)]
+struct ChannelTile {
+    slot: usize,
+    channels: Rows,
+    weight_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -102,10 +134,17 @@ pub fn run(args: &Args) -> Result<()> {
         ));
     }
     let pieces = match (&args.group, &args.groups) {
+        (Some(g), _) | (None, Some(g)) if args.channels => parse_channel_groups(&ir, g)?
+            .into_iter()
+            .map(Piece::Channels)
+            .collect(),
         (Some(g), _) | (None, Some(g)) => parse_groups(&ir, g)?
             .into_iter()
             .map(Piece::Split)
             .collect(),
+        (None, None) if args.channels => {
+            return bad("--channels needs --group or --groups: which stages to split".into());
+        }
         (None, None) => default_pieces(&ir),
     };
     let reference = if args.check {
@@ -115,7 +154,38 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let mut reports = vec![];
     for piece in pieces {
+        let mut channels = None;
         let (specs, tiling, whole) = match piece {
+            Piece::Channels(group) => {
+                let split = ir.stage(group.last).channels.expect("checked by the parse");
+                let cuts = strips_from_weights(split.count, &weights);
+                let mut specs = vec![];
+                let mut devices = vec![];
+                for (slot, c) in cuts.into_iter().enumerate().filter(|(_, c)| !c.is_empty()) {
+                    specs.push((
+                        format!("group {group} by channels, device {slot}"),
+                        channel_tile(&ir, group, c),
+                    ));
+                    devices.push(ChannelTile {
+                        slot,
+                        channels: c,
+                        weight_bytes: group
+                            .stages()
+                            .map(|s| match s == group.last {
+                                true => ir.channel_weight_bytes(s, c),
+                                false => ir.stage(s).weight_bytes,
+                            })
+                            .sum(),
+                    });
+                }
+                channels = Some(ChannelReport {
+                    group,
+                    axis: split.axis,
+                    count: split.count,
+                    devices,
+                });
+                (specs, None, None)
+            }
             Piece::Split(group) => {
                 let height = ir
                     .stage(group.last)
@@ -163,6 +233,7 @@ pub fn run(args: &Args) -> Result<()> {
         reports.push(GroupReport {
             tiling,
             whole,
+            channels,
             check,
         });
     }
@@ -196,6 +267,22 @@ pub(crate) fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
             let (a, b) = g.trim().split_once("..").ok_or_else(malformed)?;
             let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| malformed());
             Ok(check_group(ir, parse(a)?, parse(b)?)?)
+        })
+        .collect()
+}
+
+/// Parses groups like [`parse_groups`], each to be split by channels.
+fn parse_channel_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
+    text.split(',')
+        .map(|g| {
+            let malformed = || {
+                BadInput(format!(
+                    "'{g}' is not a stage range: write A..B, e.g. 18..19"
+                ))
+            };
+            let (a, b) = g.trim().split_once("..").ok_or_else(malformed)?;
+            let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| malformed());
+            Ok(check_channel_group(ir, parse(a)?, parse(b)?)?)
         })
         .collect()
 }
@@ -236,6 +323,32 @@ fn alpha(a: Option<f64>) -> String {
 
 fn group_table(ir: &Ir, report: &GroupReport) -> String {
     let mut out = String::new();
+    if let Some(c) = &report.channels {
+        let last = ir.stage(c.group.last);
+        let _ = writeln!(
+            out,
+            "group {} ({} .. {}) by channels: {} {} on axis {}, {} devices; inputs whole",
+            c.group,
+            ir.stage(c.group.first).name,
+            last.name,
+            c.count,
+            last.kind.short_name(),
+            c.axis,
+            c.devices.len()
+        );
+        for d in &c.devices {
+            let _ = writeln!(
+                out,
+                "  device {}  channels {}  weights {:.1} MiB",
+                d.slot,
+                d.channels,
+                d.weight_bytes as f64 / (1024.0 * 1024.0)
+            );
+        }
+        push_check(&mut out, report);
+        out.push('\n');
+        return out;
+    }
     let Some(t) = &report.tiling else {
         if let Some(w) = &report.whole {
             let stage = ir.stage(w.stage);

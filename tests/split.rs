@@ -6,7 +6,7 @@ mod common;
 
 use common::legion;
 use legion_ir::{Ir, StageKind, import};
-use legion_partition::{Group, strips_from_weights, tile};
+use legion_partition::{Group, channel_tile, check_channel_group, strips_from_weights, tile};
 use legion_runtime::{Reference, check};
 use tract_onnx::prelude::Tensor;
 
@@ -239,4 +239,102 @@ fn a_suffix_of_a_walk_is_the_group_tiled_alone() {
         }
         assert!(compared > 50, "{name}: only {compared} tiles compared");
     }
+}
+
+/// Checks the channel tiles of group `first..=last` (its last stage split by channels,
+/// in proportion to `weights`) against the reference, and that the devices' channels
+/// cut the stage's in order.
+fn assert_channels_equal(
+    ir: &Ir,
+    reference: &Reference,
+    first: usize,
+    last: usize,
+    weights: &[f64],
+) {
+    let group = check_channel_group(ir, first, last).unwrap();
+    let split = ir.stage(group.last).channels.unwrap();
+    let cuts = strips_from_weights(split.count, weights);
+    assert_eq!(cuts.first().unwrap().start, 0);
+    assert_eq!(cuts.last().unwrap().end, split.count);
+    for (slot, c) in cuts.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
+        let spec = channel_tile(ir, group, *c);
+        assert_eq!(spec.outputs.len(), 1);
+        assert_eq!(spec.outputs[0].channels, Some(*c));
+        let diff = check::check_tile(ir, reference, &spec).unwrap();
+        assert!(
+            diff.max_rel < 1e-5,
+            "group {group} by channels on {} devices, device {slot} ({c}): {diff:?}",
+            weights.len()
+        );
+    }
+}
+
+/// The FC heads split by neurons (the flatten run whole on every device), and late convs
+/// split by output channels, on 2 to 6 devices.
+#[test]
+fn channel_splits_equal_the_single_device_run() {
+    let vgg = load("vgg16");
+    let reference = Reference::run(&vgg, input(&vgg)).unwrap();
+    assert_channels_equal(&vgg, &reference, 18, 19, &[3.0, 3.0, 2.0, 2.0, 2.0, 1.0]);
+    assert_channels_equal(&vgg, &reference, 20, 20, &[1.0, 1.0]);
+    assert_channels_equal(&vgg, &reference, 21, 21, &[2.0, 1.0, 1.0]);
+    assert_channels_equal(&vgg, &reference, 16, 16, &[1.0, 1.0, 1.0, 1.0]);
+    let resnet = load("resnet18");
+    let reference = Reference::run(&resnet, input(&resnet)).unwrap();
+    let fc = resnet.stages.len() - 1;
+    assert!(matches!(resnet.stages[fc].kind, StageKind::MatMul { .. }));
+    assert_channels_equal(&resnet, &reference, fc - 1, fc, &[2.0, 1.0, 1.0]);
+    let yolo = load("yolov2");
+    let reference = Reference::run(&yolo, input(&yolo)).unwrap();
+    let last = yolo.stages.len() - 1;
+    assert_channels_equal(&yolo, &reference, last, last, &[3.0, 2.0, 1.0, 1.0, 1.0]);
+}
+
+/// `legion split --channels` prints each device's channels and weights, checks them,
+/// and names the stage when it cannot split so.
+#[test]
+fn split_by_channels_from_the_command_line() {
+    let path = legion_models::test_model("tiny-head").unwrap();
+    let path = path.to_str().unwrap();
+    let out = legion(&[
+        "split",
+        path,
+        "--devices",
+        "3",
+        "--group",
+        "2..3",
+        "--channels",
+        "--check",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("by channels: 10 matmul on axis 1, 3 devices"),
+        "{stdout}"
+    );
+    for c in ["channels 0..4", "channels 4..7", "channels 7..10", "(ok)"] {
+        assert!(stdout.contains(c), "{c}: {stdout}");
+    }
+    let out = legion(&[
+        "split",
+        path,
+        "--devices",
+        "2",
+        "--group",
+        "1..1",
+        "--channels",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("stage 1 (pool1) does not split by output channels"),
+        "{stderr}"
+    );
+    let out = legion(&["split", path, "--devices", "2", "--channels"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--channels needs --group"));
 }

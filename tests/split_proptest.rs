@@ -7,7 +7,9 @@
 //! depthwise; max and average pools with pads and ceil_mode; residual Adds; channel
 //! Concats of two branches; Upsample x2; SpaceToDepth and darknet reorg), imports it,
 //! runs it once whole, and checks up to three random (group, strips) picks against that
-//! run. Strips include empty and one-row strips and more devices than rows.
+//! run. Strips include empty and one-row strips and more devices than rows. When the
+//! group's last stage splits by output channels (a conv of one group, a matmul), a random cut of
+//! its channels is checked the same way (docs/architecture.md, "Channel splits").
 //!
 //! `PROPTEST_CASES` and `PROPTEST_RNG_SEED` override the case count and the fixed seed.
 //! The `regression_*` tests are minimal repros of bugs the generator found, fixed
@@ -16,7 +18,7 @@
 
 use legion_ir::{Ir, Rows, StageKind, import};
 use legion_models::{Conv, GraphBuilder, Pool, Value};
-use legion_partition::{Group, cut, tile, whole_stage};
+use legion_partition::{Group, channel_tile, cut, tile, whole_stage};
 use legion_runtime::{Reference, check};
 use proptest::prelude::*;
 use proptest::test_runner::{RngSeed, TestCaseError};
@@ -752,9 +754,55 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         let last = first + len % (end - first);
         let group = Group::new(first, last);
         let height = ir.stages[last].output.height().unwrap();
-        let strips = strips(height, kinds);
-        let what = format!("group {group}, strips {strips:?}\n{desc}");
-        check_tiling(&ir, &reference, group, &strips, &what)?;
+        let cut_rows = strips(height, kinds);
+        let what = format!("group {group}, strips {cut_rows:?}\n{desc}");
+        check_tiling(&ir, &reference, group, &cut_rows, &what)?;
+        // The same cut kinds, applied to the last stage's channels when it splits so.
+        let stage = &ir.stages[last];
+        // Of more than one channel (a convs's axis 1, the generator's matmuls' last).
+        let shape = &stage.output.shape;
+        let plain_conv = matches!(stage.kind, StageKind::Conv { group: 1, .. }) && shape[1] > 1;
+        let matmul = matches!(stage.kind, StageKind::MatMul { .. }) && shape[3] > 1;
+        prop_assert_eq!(
+            stage.channels.is_some(),
+            plain_conv || matmul,
+            "stage {:?}: only convs of one group and matmuls split by channels here\n{}",
+            stage.id,
+            desc
+        );
+        if let Some(split) = stage.channels {
+            let axis = if plain_conv { 1 } else { 3 };
+            prop_assert_eq!((split.axis, split.count), (axis, shape[axis]));
+            let cuts = strips(split.count, kinds);
+            let what = format!("stage {last} by channels {cuts:?}\n{desc}");
+            check_channels(&ir, &reference, Group::new(last, last), &cuts, &what)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks every device's channel tile of `group` for `cuts` of its last stage's
+/// channels against `reference`.
+fn check_channels(
+    ir: &Ir,
+    reference: &Reference,
+    group: Group,
+    cuts: &[Rows],
+    what: &str,
+) -> Result<(), TestCaseError> {
+    for (slot, c) in cuts.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
+        let spec = channel_tile(ir, group, *c);
+        let diff = check::check_tile(ir, reference, &spec)
+            .map_err(|e| fail(format!("device {slot} (channels {c:?}): {e:#}\n{what}")))?;
+        prop_assert!(
+            diff.max_rel < TOLERANCE || diff.max_abs < ABS_FLOOR,
+            "device {} (channels {:?}) differs: max abs {:e}, max rel {:e}\n{}",
+            slot,
+            c,
+            diff.max_abs,
+            diff.max_rel,
+            what
+        );
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! reference: the correctness check of every split.
 
 use crate::{Reference, TileModel};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_plan::TileSpec;
 use tract_onnx::prelude::*;
@@ -63,7 +63,15 @@ pub fn check_tile(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<Dif
     let mut diff = Diff::default();
     for (out, got) in spec.outputs.iter().zip(outputs) {
         let r = TensorRef::Stage(out.stage);
-        let want = strip(ir, reference, r, out.rows)?;
+        let mut want = strip(ir, reference, r, out.rows)?;
+        if let Some(channels) = out.channels {
+            let axis = ir
+                .stage(out.stage)
+                .channels
+                .context("channels sent of a stage that does not split by them")?
+                .axis;
+            want = want.slice(axis, channels.start, channels.end)?;
+        }
         diff = diff.max(compare(&got, &want, reference.tensor(r))?);
     }
     Ok(diff)

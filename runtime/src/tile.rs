@@ -86,10 +86,11 @@ impl TileModel {
 struct TileBuilder<'a> {
     ir: &'a Ir,
     model: TypedModel,
-    /// Tensors available in the tile: outlet and the rows it holds.
-    tensors: HashMap<TensorRef, (OutletId, Rows)>,
-    /// Constants already copied, by source outlet.
-    consts: HashMap<OutletId, OutletId>,
+    /// Tensors available in the tile: outlet, the rows it holds and, for a stage split
+    /// by channels, its channels.
+    tensors: HashMap<TensorRef, (OutletId, Rows, Option<Rows>)>,
+    /// Constants already copied, by source outlet and the channel slice taken of it.
+    consts: HashMap<(OutletId, Option<(usize, Rows)>), OutletId>,
     /// Slices already wired, by tensor and rows.
     slices: HashMap<(TensorRef, Rows), OutletId>,
 }
@@ -116,7 +117,7 @@ impl<'a> TileBuilder<'a> {
             let src = self
                 .model
                 .add_source(format!("strip{i}"), f32::fact(&shape))?;
-            self.tensors.insert(input.tensor, (src, input.rows));
+            self.tensors.insert(input.tensor, (src, input.rows, None));
         }
         for st in &spec.stages {
             let stage = self.ir.stage(st.stage);
@@ -127,7 +128,26 @@ impl<'a> TileBuilder<'a> {
         let mut outputs = vec![];
         for out in &spec.outputs {
             let r = TensorRef::Stage(out.stage);
-            outputs.push(self.slice(r, out.rows)?);
+            match self.tensors.get(&r) {
+                // A stage split by channels sends all it computed.
+                Some(&(outlet, rows, Some(channels))) => {
+                    ensure!(
+                        out.rows == rows && out.channels == Some(channels),
+                        "{r:?}: rows {} channels {:?} sent, the tile computes rows {rows} \
+                         channels {channels}",
+                        out.rows,
+                        out.channels
+                    );
+                    outputs.push(outlet);
+                }
+                _ => {
+                    ensure!(
+                        out.channels.is_none(),
+                        "{r:?}: channels sent of a stage not split by them"
+                    );
+                    outputs.push(self.slice(r, out.rows)?);
+                }
+            }
         }
         self.model.select_output_outlets(&outputs)?;
         Ok(self.model)
@@ -135,10 +155,14 @@ impl<'a> TileBuilder<'a> {
 
     /// The outlet holding exactly `rows` of tensor `r`, slicing what the tile holds.
     fn slice(&mut self, r: TensorRef, rows: Rows) -> Result<OutletId> {
-        let (outlet, held) = *self
+        let (outlet, held, channels) = *self
             .tensors
             .get(&r)
             .with_context(|| format!("{r:?} is not in the tile"))?;
+        ensure!(
+            channels.is_none(),
+            "{r:?} is split by channels; a tile reads only whole channels"
+        );
         let Some(h) = self.ir.tensor(r).h_axis else {
             return Ok(outlet);
         };
@@ -163,14 +187,27 @@ impl<'a> TileBuilder<'a> {
         let src = &self.ir.model;
         let model_input = src.input_outlets()?[0];
         let mut mapped: HashMap<OutletId, OutletId> = HashMap::new();
+        let channel_consts = match st.channels {
+            Some(_) => self.ir.channel_consts(stage.id),
+            None => vec![],
+        };
+        ensure!(
+            st.channels.is_none() || !channel_consts.is_empty(),
+            "the stage does not split by channels"
+        );
         for (n, &id) in stage.nodes.iter().enumerate() {
             let node = src.node(id);
             let mut inputs = tvec![];
-            for o in &node.inputs {
+            for (slot, o) in node.inputs.iter().enumerate() {
                 let wire = if let Some(w) = mapped.get(o) {
                     *w
                 } else if let Some(k) = src.outlet_fact(*o)?.konst.clone() {
-                    self.konst(*o, k)?
+                    let cut = channel_consts
+                        .iter()
+                        .find(|c| c.node == id && c.slot == slot)
+                        .zip(st.channels)
+                        .map(|(c, channels)| (c.axis, channels));
+                    self.konst(*o, k, cut)?
                 } else {
                     let r = if *o == model_input {
                         TensorRef::Input
@@ -192,7 +229,7 @@ impl<'a> TileBuilder<'a> {
                 };
                 inputs.push(wire);
             }
-            if stage.is_splittable() && node.op.is::<TypedBinOp>() {
+            if stage.is_splittable() && st.channels.is_none() && node.op.is::<TypedBinOp>() {
                 self.slice_row_constants(node, &mut inputs, st.computed)?;
             }
             // The anchor gets the tile's pads; every reshape of the stage (stacked
@@ -221,6 +258,17 @@ impl<'a> TileBuilder<'a> {
             } else {
                 node.op.clone()
             };
+            // A conv split by channels computes only its slice of them.
+            let op = match (n, st.channels, op.downcast_ref::<Conv>()) {
+                (0, Some(channels), Some(conv)) => Box::new(Conv {
+                    pool_spec: PoolSpec {
+                        output_channels: channels.len(),
+                        ..conv.pool_spec.clone()
+                    },
+                    ..conv.clone()
+                }),
+                _ => op,
+            };
             let outs = self.model.wire_node(&node.name, op, &inputs)?;
             for (slot, w) in outs.into_iter().enumerate() {
                 mapped.insert(OutletId::new(id, slot), w);
@@ -238,8 +286,18 @@ impl<'a> TileBuilder<'a> {
                 stage.kind.short_name()
             );
         }
+        if let (Some(split), Some(channels)) = (stage.channels, st.channels) {
+            let got = self.model.outlet_fact(out)?.shape[split.axis]
+                .to_usize()
+                .context("symbolic channel count")?;
+            ensure!(
+                got == channels.len() && channels.end <= split.count,
+                "the tile computes {got} channels where {channels} of {} were planned",
+                split.count
+            );
+        }
         self.tensors
-            .insert(TensorRef::Stage(stage.id), (out, st.computed));
+            .insert(TensorRef::Stage(stage.id), (out, st.computed, st.channels));
         Ok(())
     }
 
@@ -290,13 +348,29 @@ impl<'a> TileBuilder<'a> {
         Ok(())
     }
 
-    fn konst(&mut self, o: OutletId, k: std::sync::Arc<Tensor>) -> Result<OutletId> {
-        if let Some(w) = self.consts.get(&o) {
+    /// Constant `o` of the parent model, or its slice `channels` along `axis` when a
+    /// stage split by channels reads one value per channel of it: the tile holds only
+    /// its slice of the weights.
+    fn konst(
+        &mut self,
+        o: OutletId,
+        k: std::sync::Arc<Tensor>,
+        cut: Option<(usize, Rows)>,
+    ) -> Result<OutletId> {
+        if let Some(w) = self.consts.get(&(o, cut)) {
             return Ok(*w);
         }
-        let name = format!("{}.const{}", self.ir.model.node(o.node).name, o.slot);
+        let mut name = format!("{}.const{}", self.ir.model.node(o.node).name, o.slot);
+        let k = match cut {
+            Some((axis, channels)) => {
+                name += &format!(".ch{}_{}", channels.start, channels.end);
+                k.slice(axis, channels.start, channels.end)?
+                    .into_arc_tensor()
+            }
+            None => k,
+        };
         let w = self.model.add_const(name, k)?;
-        self.consts.insert(o, w);
+        self.consts.insert((o, cut), w);
         Ok(w)
     }
 

@@ -388,6 +388,7 @@ impl Builder<'_> {
             weight_bytes,
             nodes: draft.nodes.clone(),
             split,
+            channels: crate::channels::channel_split(model, &draft.nodes).map(|(c, _)| c),
         })
     }
 
@@ -703,7 +704,7 @@ fn transposed(w: Window) -> Window {
 }
 
 /// Unary ops that map each element to itself: activations, casts, Identity, inference Dropout.
-fn is_unary_row_local(op: &dyn TypedOp) -> bool {
+pub(crate) fn is_unary_row_local(op: &dyn TypedOp) -> bool {
     op.is::<ElementWiseOp>() || op.is::<Identity>() || op.is::<Cast>() || op.name() == "Dropout"
 }
 

@@ -14,15 +14,19 @@
 //! ```
 
 mod build;
+mod channels;
 mod error;
 mod load;
 mod probe;
 mod rows;
 mod stage;
 
+pub use channels::ConstSlice;
 pub use error::ImportError;
 pub use rows::Rows;
-pub use stage::{PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window};
+pub use stage::{
+    Channels, PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window,
+};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::path::Path;
@@ -98,6 +102,45 @@ impl Ir {
     #[inline]
     pub fn stage(&self, id: StageId) -> &Stage {
         &self.stages[id.index()]
+    }
+
+    /// The constants a channel tile of stage `id` slices to its channels; empty when
+    /// the stage does not split by channels.
+    pub fn channel_consts(&self, id: StageId) -> Vec<ConstSlice> {
+        match channels::channel_split(&self.model, &self.stage(id).nodes) {
+            Some((_, slices)) if self.stage(id).channels.is_some() => slices,
+            _ => vec![],
+        }
+    }
+
+    /// Bytes of the constants stage `id` reads when it computes `channels` of its
+    /// output channels: the sliced ones at that fraction, the others whole.
+    pub fn channel_weight_bytes(&self, id: StageId, channels: Rows) -> u64 {
+        let stage = self.stage(id);
+        let Some(split) = stage.channels else {
+            return stage.weight_bytes;
+        };
+        let sliced = self.channel_consts(id);
+        let mut bytes = 0;
+        for &node in &stage.nodes {
+            for (slot, o) in self.model.node(node).inputs.iter().enumerate() {
+                let Some(k) = self
+                    .model
+                    .outlet_fact(*o)
+                    .ok()
+                    .and_then(|f| f.konst.clone())
+                else {
+                    continue;
+                };
+                let whole = (k.len() * k.datum_type().size_of()) as u64;
+                bytes += if sliced.iter().any(|c| c.node == node && c.slot == slot) {
+                    whole * channels.len() as u64 / split.count as u64
+                } else {
+                    whole
+                };
+            }
+        }
+        bytes
     }
 
     /// Shape and row axis of a tensor.

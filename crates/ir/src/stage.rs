@@ -273,6 +273,18 @@ pub enum Split {
     Barrier(String),
 }
 
+/// How a stage splits by its second axis: output channels (a conv) or output neurons (a
+/// matmul). A device computes every row of a slice of `axis` from the stage's whole
+/// inputs and the matching slice of its weights (docs/architecture.md, "Channel
+/// splits").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Channels {
+    /// The output axis holding the channels.
+    pub axis: usize,
+    /// How many there are.
+    pub count: usize,
+}
+
 /// One stage: an anchor op plus the row-local ops that follow it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stage {
@@ -299,6 +311,8 @@ pub struct Stage {
     pub nodes: Vec<usize>,
     /// Splittable by rows, or a barrier with its reason.
     pub split: Split,
+    /// Splittable by output channels or neurons, independently of `split`.
+    pub channels: Option<Channels>,
 }
 
 impl Stage {

@@ -62,6 +62,33 @@ fn vgg16_has_13_convs_5_pools_and_a_barrier_head() {
     // Kernel, bias and the Relu's scalar 0.
     assert_eq!(conv1.weight_bytes, (64 * 3 * 3 * 3 + 64 + 1) * 4);
     assert_eq!(ir.stages[17].output.shape, vec![1, 512, 7, 7]);
+    // Every conv splits by its 1x64.. output channels, each FC layer by its neurons;
+    // pools, the flatten and the softmax do not (docs/architecture.md, "Channel splits").
+    let channels: Vec<Option<(usize, usize)>> = ir
+        .stages
+        .iter()
+        .map(|s| s.channels.map(|c| (c.axis, c.count)))
+        .collect();
+    assert_eq!(channels[0], Some((1, 64)));
+    assert_eq!(channels[17], None, "pool5");
+    assert_eq!(
+        channels[18..],
+        [
+            None,
+            Some((1, 4096)),
+            Some((1, 4096)),
+            Some((1, 1000)),
+            None
+        ]
+    );
+    // fc6 on a quarter of its neurons reads a quarter of its weights and bias, and
+    // its Relu's scalar 0 whole.
+    let fc6 = legion_ir::StageId(19);
+    assert_eq!(ir.stage(fc6).weight_bytes, (25088 * 4096 + 4096 + 1) * 4);
+    assert_eq!(
+        ir.channel_weight_bytes(fc6, legion_ir::Rows::new(0, 1024)),
+        (25088 * 1024 + 1024 + 1) * 4
+    );
 }
 
 #[test]
@@ -135,6 +162,12 @@ fn mobilenetv2_marks_depthwise_groups() {
     assert_eq!(depthwise.len(), 17);
     assert!(depthwise.iter().all(|&(g, i, o)| g == i && i == o));
     assert_eq!(depthwise[0], (32, 32, 32));
+    // Depthwise convs do not split by channels (yet); the pointwise ones do.
+    for s in &ir.stages {
+        if let StageKind::Conv { group, .. } = s.kind {
+            assert_eq!(s.channels.is_some(), group == 1, "stage {}", s.id);
+        }
+    }
     // ReLU6 (Clip) is fused into each conv stage.
     let first = &ir.stages[0];
     assert!(

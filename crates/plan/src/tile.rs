@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 /// One device's program for one fused group: receive strips, run the stages, send strips.
 ///
 /// A tensor without a row axis (past a Flatten) always moves whole; its rows are
-/// written `0..0`.
+/// written `0..0`. A stage split by channels computes all its rows of a range of its
+/// output channels (its `channels`), and sends that range.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TileSpec {
     /// Strips received, one per tensor entering the group, in this order.
@@ -36,6 +37,10 @@ pub struct TileStage {
     pub computed: Rows,
     /// Per data input of the stage: rows read and the padding applied around them.
     pub reads: Vec<TileRead>,
+    /// The output channels computed, when the stage is split by channels (its
+    /// constants sliced to them); absent for all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Rows>,
 }
 
 /// Rows a stage reads from one input, with its tile-local padding.
@@ -56,4 +61,7 @@ pub struct TileOutput {
     pub stage: StageId,
     /// Its rows sent.
     pub rows: Rows,
+    /// Its channels sent, when the stage was split by channels; absent for all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Rows>,
 }

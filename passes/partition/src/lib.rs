@@ -2,11 +2,13 @@
 //! per-device strips, what every device computes, receives and sends
 //! (docs/architecture.md, "Row maps and halos"). Pure geometry: no profiling, no tract.
 
+mod channels;
 mod held;
 mod rows;
 mod shares;
 mod tiling;
 
+pub use channels::{channel_tile, check_channel_group};
 pub use held::Held;
 pub use legion_ir::Rows;
 pub use rows::{InputRows, StageRows, row_map, window_rows};

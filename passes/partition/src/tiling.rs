@@ -71,6 +71,24 @@ pub enum PartitionError {
         /// Why it is a barrier.
         reason: String,
     },
+    /// A channel group must end with a stage that splits by channels.
+    #[error("stage {stage} ({name}) does not split by output channels or neurons")]
+    NoChannels {
+        /// The stage.
+        stage: StageId,
+        /// Its name.
+        name: String,
+    },
+    /// A stage that every device of a channel group runs whole is read after it.
+    #[error(
+        "stage {stage} ({name}) is read after the group; in a channel group only the last stage may be"
+    )]
+    ReadOutside {
+        /// The stage.
+        stage: StageId,
+        /// Its name.
+        name: String,
+    },
     /// The strips do not cut `[0, height)` into consecutive ranges.
     #[error("strips {strips:?} do not cut the {height} output rows of stage {stage} in order")]
     BadStrips {
@@ -470,6 +488,7 @@ impl TileView<'_> {
                             pad_bottom: i.pad_bottom,
                         })
                         .collect(),
+                    channels: None,
                 })
                 .collect(),
             outputs: self
@@ -478,6 +497,7 @@ impl TileView<'_> {
                 .map(|(stage, rows)| TileOutput {
                     stage: *stage,
                     rows: *rows,
+                    channels: None,
                 })
                 .collect(),
         }
@@ -619,6 +639,7 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
                 stage: s,
                 computed,
                 reads,
+                channels: None,
             }
         })
         .collect();
@@ -636,6 +657,7 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
             .map(|stage| TileOutput {
                 stage,
                 rows: all(ir.stage(stage).output.height()),
+                channels: None,
             })
             .collect(),
     }

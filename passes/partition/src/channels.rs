@@ -1,0 +1,49 @@
+//! Channel tiles: a group whose last stage splits by output channels (or neurons), each
+//! device computing every row of a range of them from the whole input and its slice of
+//! the weights (docs/architecture.md, "Channel splits").
+
+use crate::tiling::{Group, PartitionError, boundary, whole_group};
+use legion_ir::{Ir, Rows};
+use legion_plan::TileSpec;
+
+/// Checks that `first..=last` can split by channels: its last stage splits by output
+/// channels, and every stage before it (run whole on each device of the group: a
+/// flatten before a matmul) is read only inside the group.
+pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
+    if first > last || last >= ir.stages.len() {
+        return Err(PartitionError::BadGroup {
+            first,
+            last,
+            count: ir.stages.len(),
+        });
+    }
+    let group = Group::new(first, last);
+    let stage = ir.stage(group.last);
+    if stage.channels.is_none() {
+        return Err(PartitionError::NoChannels {
+            stage: group.last,
+            name: stage.name.clone(),
+        });
+    }
+    let (_, outputs) = boundary(ir, group);
+    if let Some(s) = outputs.iter().find(|s| **s != group.last) {
+        return Err(PartitionError::ReadOutside {
+            stage: *s,
+            name: ir.stage(*s).name.clone(),
+        });
+    }
+    Ok(group)
+}
+
+/// The tile of a channel group (see [`check_channel_group`]) computing `channels` of its
+/// last stage: the stages before it whole, the last on its channels only, every input
+/// whole, and those channels of all its rows sent.
+pub fn channel_tile(ir: &Ir, group: Group, channels: Rows) -> TileSpec {
+    let mut spec = whole_group(ir, group);
+    let last = spec.stages.last_mut().expect("a group has stages");
+    last.channels = Some(channels);
+    for out in &mut spec.outputs {
+        out.channels = Some(channels);
+    }
+    spec
+}
