@@ -80,10 +80,10 @@ pub fn programs(plan: &Plan, ir: &Ir, cluster: &Cluster) -> Result<ProgramsTimel
         Step::Run { group, tile } => c.groups[group].tiles[tile].compute_us as f64,
         _ => 0.0,
     };
-    let bytes = |t: TensorRef, r: Rows| ir.tensor(t).strip_bytes(r);
+    let bytes = |t: TensorRef, r: Rows, c: Option<Rows>| ir.part_bytes(t, r, c);
     let ends = programs_timeline(&c.programs, &links, bytes, compute).map_err(|e| anyhow!(e))?;
     let mut bars = vec![];
-    // When each transfer left: (from, to, tensor, rows) -> ms.
+    // When each transfer left: (from, to, tensor, rows, channels) -> ms.
     let mut left = std::collections::HashMap::new();
     for (p, program) in c.programs.iter().enumerate() {
         let row = row_of(&program.party).context("a program's party is not in the plan")?;
@@ -93,8 +93,14 @@ pub fn programs(plan: &Plan, ir: &Ir, cluster: &Cluster) -> Result<ProgramsTimel
                 Step::Run { .. } => {
                     bars.push((row as f64, end - compute(p, k) / 1e3, end, COMPUTE));
                 }
-                Step::Send { tensor, rows, to } => {
-                    left.insert((program.party.clone(), to.clone(), *tensor, *rows), end);
+                Step::Send {
+                    tensor,
+                    rows,
+                    channels,
+                    to,
+                } => {
+                    let key = (program.party.clone(), to.clone(), *tensor, *rows, *channels);
+                    left.insert(key, end);
                 }
                 _ => {}
             }
@@ -103,8 +109,14 @@ pub fn programs(plan: &Plan, ir: &Ir, cluster: &Cluster) -> Result<ProgramsTimel
     let mut arrows = vec![];
     for (p, program) in c.programs.iter().enumerate() {
         for (k, step) in program.steps.iter().enumerate() {
-            if let Step::Receive { tensor, rows, from } = step {
-                let key = (from.clone(), program.party.clone(), *tensor, *rows);
+            if let Step::Receive {
+                tensor,
+                rows,
+                channels,
+                from,
+            } = step
+            {
+                let key = (from.clone(), program.party.clone(), *tensor, *rows, *channels);
                 if let (Some(&sent), Some(a), Some(b)) =
                     (left.get(&key), row_of(from), row_of(&program.party))
                 {
@@ -200,7 +212,11 @@ pub fn draw(
         .map_err(err)?;
     for (k, g) in c.groups.iter().enumerate() {
         let (a, b) = (g.first.index() as f64, g.last.index() as f64 + 1.0);
-        let color = if g.split { COMPUTE } else { RECEIVE };
+        let color = match (g.split, g.channels) {
+            (true, true) => SEND,
+            (true, false) => COMPUTE,
+            (false, _) => RECEIVE,
+        };
         flc.draw_series([Rectangle::new(
             [(a, 0.15), (b, 0.85)],
             color.mix(0.35).filled(),
@@ -214,7 +230,11 @@ pub fn draw(
         flc.draw_series([Text::new(
             format!(
                 "g{k}: {} x{}",
-                if g.split { "split" } else { "whole" },
+                match (g.split, g.channels) {
+                    (true, true) => "channels",
+                    (true, false) => "split",
+                    (false, _) => "whole",
+                },
                 g.devices().len()
             ),
             (a + 0.1, 0.6),

@@ -7,7 +7,10 @@
 mod common;
 
 use legion_ir::{Ir, StageId, TensorRef, import};
-use legion_partition::{Group, check_group, strips_from_weights, tile, whole_group, whole_stage};
+use legion_partition::{
+    Group, channel_tile, check_channel_group, check_group, strips_from_weights, tile, whole_group,
+    whole_stage,
+};
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{Clock, Cluster, DeviceId, ProfileMode, StepTiming, TileSpec};
 use legion_profile::{ProfileOptions, candidate_groups, profile};
@@ -427,4 +430,178 @@ fn profiling_measures_stages_links_and_groups() {
         assert_eq!(g.median_us, slowest, "{g:?}");
     }
     assert!(fss.stages.is_empty() && !fss.groups.is_empty());
+}
+
+/// A group of a hand-made candidate: stages `first..=last` split by rows or by the last
+/// stage's channels over `boards` in proportion to `weights`, or whole on `boards[0]`.
+enum Layout {
+    Rows,
+    Channels,
+    Whole,
+}
+
+fn plan_group(
+    ir: &Ir,
+    (first, last): (usize, usize),
+    layout: Layout,
+    boards: &[&str],
+    weights: &[f64],
+) -> legion_plan::PlanGroup {
+    let group = Group::new(first, last);
+    let tile_of = |device: &str, strip, tile| legion_plan::PlanTile {
+        device: device.to_string(),
+        strip,
+        halo_rows: 0,
+        in_us: 0,
+        compute_us: 0,
+        out_us: 0,
+        tile,
+    };
+    let (split, channels, tiles) = match layout {
+        Layout::Whole => {
+            let all = legion_ir::Rows::new(0, ir.stage(group.last).output.height().unwrap_or(0));
+            let tiles = vec![tile_of(boards[0], all, whole_group(ir, group))];
+            (false, false, tiles)
+        }
+        Layout::Rows => {
+            let height = ir.stage(group.last).output.height().unwrap();
+            let tiling = tile(ir, group, &strips_from_weights(height, weights)).unwrap();
+            let tiles = tiling
+                .tiles
+                .iter()
+                .map(|t| tile_of(boards[t.slot], t.strip, t.spec()))
+                .collect();
+            (true, false, tiles)
+        }
+        Layout::Channels => {
+            let group = check_channel_group(ir, first, last).unwrap();
+            let count = ir.stage(group.last).channels.unwrap().count;
+            let tiles = strips_from_weights(count, weights)
+                .into_iter()
+                .enumerate()
+                .filter(|(_, c)| !c.is_empty())
+                .map(|(slot, c)| tile_of(boards[slot], c, channel_tile(ir, group, c)))
+                .collect();
+            (true, true, tiles)
+        }
+    };
+    legion_plan::PlanGroup {
+        first: group.first,
+        last: group.last,
+        split,
+        channels,
+        predicted_us: 0,
+        tiles,
+    }
+}
+
+/// Candidates mixing groups split by rows, by channels (an FC layer by neurons after a
+/// flatten every board runs; convs by output channels, read by a row split next) and
+/// run whole: each validates as a plan, and runs by the boards' programs and through
+/// the hub equal to one device. Tensors split by channels move in parts, one per owner.
+#[test]
+fn channel_groups_run_by_programs_and_through_the_hub() {
+    use legion_plan::{Candidate, Party, Step, Transport};
+    let cluster = two_and_two();
+    let rt = rt();
+    let boards = [
+        "firefly-rk3399-0",
+        "firefly-rk3399-1",
+        "odroid-xu4-2",
+        "odroid-xu4-3",
+    ];
+    let weights = [3.0, 3.0, 2.0, 2.0];
+    for (model, groups) in [
+        (
+            "tiny-head",
+            vec![
+                ((0, 1), Layout::Rows),
+                ((2, 3), Layout::Channels),
+                ((4, 4), Layout::Whole),
+            ],
+        ),
+        (
+            "tiny-cnn",
+            vec![
+                ((0, 0), Layout::Channels),
+                ((1, 2), Layout::Rows),
+                ((3, 3), Layout::Channels),
+                ((4, 6), Layout::Rows),
+            ],
+        ),
+    ] {
+        let (ir, onnx) = load(model);
+        let coord = connect(&rt, cluster.cluster(), &onnx, &ir);
+        let names: Vec<String> = coord
+            .devices()
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect();
+        assert_eq!(names, boards);
+        let groups: Vec<_> = groups
+            .into_iter()
+            .map(|(range, layout)| plan_group(&ir, range, layout, &boards, &weights))
+            .collect();
+        let programs = legion_codegen::programs(&ir, &names, &groups);
+        // Every part of a tensor split by channels names its channels.
+        let parts: Vec<(legion_ir::TensorRef, Option<legion_ir::Rows>)> = programs
+            .iter()
+            .flat_map(|p| &p.steps)
+            .filter_map(|s| match s {
+                Step::Send {
+                    tensor, channels, ..
+                } => Some((*tensor, *channels)),
+                _ => None,
+            })
+            .collect();
+        for g in groups.iter().filter(|g| g.channels) {
+            let t = TensorRef::Stage(g.last);
+            assert!(
+                parts.iter().filter(|(p, _)| *p == t).all(|(_, c)| c.is_some()),
+                "{model}: {parts:?}"
+            );
+            assert!(parts.iter().any(|(p, _)| *p == t), "{model}: nothing moves {t:?}");
+        }
+        let candidate = Candidate {
+            name: "channels".into(),
+            predicted_us: 0,
+            measured_us: None,
+            groups,
+            programs,
+        };
+        let plan = legion_codegen::plan(
+            &ir,
+            &names,
+            "hand",
+            vec![candidate.clone()],
+            legion_codegen::Chosen {
+                index: 0,
+                reason: "test".into(),
+            },
+        );
+        legion_codegen::validate(&plan, &ir, Some(&names)).unwrap();
+        assert!(
+            candidate
+                .programs
+                .iter()
+                .any(|p| p.party == Party::Coordinator)
+        );
+        let input = test_input(&ir.input.shape);
+        let reference = Reference::run(&ir, input.clone()).unwrap();
+        for transport in [Transport::Programs, Transport::Hub] {
+            let run = rt
+                .block_on(legion_runtime::run_candidate(
+                    &coord,
+                    &ir,
+                    &candidate,
+                    input.clone(),
+                    transport,
+                ))
+                .unwrap_or_else(|e| panic!("{model} by {transport:?}: {e:#}"));
+            for (got, r) in run.outputs.iter().zip(&ir.outputs) {
+                let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
+                assert!(diff.within(1e-5), "{model} by {transport:?}: {diff:?}");
+            }
+        }
+    }
 }

@@ -198,6 +198,7 @@ fn programs_run(
                 first: group.first,
                 last: group.last,
                 split: true,
+                channels: false,
                 predicted_us: 0,
                 tiles: tiling
                     .tiles

@@ -277,8 +277,9 @@ impl Coordinator {
         for ((d, spec), (run, _)) in tiles.iter().zip(runs.iter()) {
             bytes_out.push(run.outputs.iter().map(tensor_bytes).sum::<u64>());
             for (out, strip) in spec.outputs.iter().zip(&run.outputs) {
+                let t = legion_ir::TensorRef::Stage(out.stage);
                 tensors
-                    .put(out.stage, out.rows, strip.clone())
+                    .put_part(t, out.rows, out.channels, strip.clone())
                     .with_context(|| {
                         format!(
                             "storing the output of device {}",

@@ -108,13 +108,15 @@ impl Coordinator {
             if let Step::Send {
                 tensor,
                 rows,
+                channels,
                 to: Party::Device(name),
             } = step
             {
-                let strip = tensors.strip(*tensor, *rows)?;
+                let strip = tensors.part(*tensor, *rows, *channels)?;
                 coordinator_bytes += tensor_bytes(&strip);
                 let program = loaded.ids[name].clone();
-                let m = rows_to_wire(program, inference, "", *tensor, *rows, &strip)?;
+                let part = (*tensor, *rows, *channels);
+                let m = rows_to_wire(program, inference, "", part, &strip)?;
                 inputs.entry(name).or_default().push(m);
             }
         }
@@ -155,11 +157,11 @@ impl Coordinator {
                 bail!("a board answered on another clock than the cluster's");
             }
             for m in &reply.outputs {
-                let (tensor, rows, strip) =
+                let ((tensor, rows, channels), strip) =
                     rows_from_wire(ir, m).with_context(|| format!("rows from {}", m.from))?;
                 coordinator_bytes += tensor_bytes(&strip);
                 tensors
-                    .put_rows(tensor, rows, strip)
+                    .put_part(tensor, rows, channels, strip)
                     .with_context(|| format!("storing rows {rows} from {}", m.from))?;
             }
         }
@@ -197,7 +199,7 @@ impl Coordinator {
         wall: Duration,
     ) -> Result<(Vec<StepTiming>, u64)> {
         let programs = &candidate.programs;
-        let bytes = |t: TensorRef, rows: Rows| ir.tensor(t).strip_bytes(rows);
+        let bytes = |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
         let compute = |p: usize, k: usize| -> u64 {
             replies
                 .get(&p)
@@ -294,14 +296,23 @@ impl Coordinator {
 
 /// Bytes a board received for its run at step `k` (since its previous run) and sent
 /// after it (until its next run).
-fn step_bytes(program: &Program, k: usize, bytes: &impl Fn(TensorRef, Rows) -> u64) -> (u64, u64) {
+fn step_bytes(
+    program: &Program,
+    k: usize,
+    bytes: &impl Fn(TensorRef, Rows, Option<Rows>) -> u64,
+) -> (u64, u64) {
     let is_run = |s: &Step| matches!(s, Step::Run { .. });
     let before = program.steps[..k]
         .iter()
         .rev()
         .take_while(|s| !is_run(s))
         .map(|s| match s {
-            Step::Receive { tensor, rows, .. } => bytes(*tensor, *rows),
+            Step::Receive {
+                tensor,
+                rows,
+                channels,
+                ..
+            } => bytes(*tensor, *rows, *channels),
             _ => 0,
         })
         .sum();
@@ -309,7 +320,12 @@ fn step_bytes(program: &Program, k: usize, bytes: &impl Fn(TensorRef, Rows) -> u
         .iter()
         .take_while(|s| !is_run(s))
         .map(|s| match s {
-            Step::Send { tensor, rows, .. } => bytes(*tensor, *rows),
+            Step::Send {
+                tensor,
+                rows,
+                channels,
+                ..
+            } => bytes(*tensor, *rows, *channels),
             _ => 0,
         })
         .sum();

@@ -19,12 +19,34 @@ pub struct Tensors<'a> {
     windows: HashMap<TensorRef, Rows>,
 }
 
-/// A tensor's window of rows and the rows of it filled so far (sorted, disjoint).
+/// A tensor's window of rows and the parts of it filled so far.
 struct Held {
-    /// Rows `window` of the tensor (the whole of a tensor without a row axis).
+    /// Rows `window` of the tensor, all channels (the whole of a tensor without a row
+    /// axis).
     tensor: Tensor,
     window: Rows,
-    filled: Vec<Rows>,
+    /// Per range of channels stored (`None`: all of them), the rows filled (sorted,
+    /// disjoint; `0..0` for a tensor without rows). Only a tensor computed split by
+    /// channels has ranges other than `None`.
+    filled: Vec<(Option<Rows>, Vec<Rows>)>,
+}
+
+impl Held {
+    /// True when `rows` (any, `0..0`, of a tensor without rows) of `channels` (all
+    /// of the `count`, for `None`) are filled.
+    fn covers(&self, rows: Rows, channels: Option<Rows>, count: usize) -> bool {
+        let want = channels.unwrap_or(Rows::new(0, count));
+        let mut have: Vec<Rows> = self
+            .filled
+            .iter()
+            .filter(|(_, filled)| {
+                filled.iter().any(|f| f.contains(rows)) || (rows.is_empty() && !filled.is_empty())
+            })
+            .map(|(c, _)| c.unwrap_or(Rows::new(0, count)))
+            .collect();
+        have.sort_by_key(|c| c.start);
+        merge(&have).iter().any(|c| c.contains(want))
+    }
 }
 
 impl<'a> Tensors<'a> {
@@ -49,7 +71,7 @@ impl<'a> Tensors<'a> {
             Held {
                 tensor: input,
                 window: whole,
-                filled: vec![whole],
+                filled: vec![(None, vec![whole])],
             },
         );
         Ok(Tensors {
@@ -80,45 +102,77 @@ impl<'a> Tensors<'a> {
         self.held.remove(&r);
     }
 
+    /// The axis and count of the channels of tensor `r`, when it is computed split by
+    /// them.
+    fn channel_axis(&self, r: TensorRef) -> Option<(usize, usize)> {
+        match r {
+            TensorRef::Stage(s) => self.ir.stage(s).channels.map(|c| (c.axis, c.count)),
+            TensorRef::Input => None,
+        }
+    }
+
     /// Rows `rows` of tensor `r` (all of it when it has no row axis; an empty strip,
     /// held or not, when `rows` is empty).
     pub fn strip(&self, r: TensorRef, rows: Rows) -> Result<Tensor> {
+        self.part(r, rows, None)
+    }
+
+    /// Rows `rows` of tensor `r`, of its channels `channels` only when given (see
+    /// [`Tensors::strip`]).
+    pub fn part(&self, r: TensorRef, rows: Rows, channels: Option<Rows>) -> Result<Tensor> {
         let info = self.ir.tensor(r);
+        let axis = self.channel_axis(r);
+        ensure!(
+            channels.is_none() || axis.is_some(),
+            "channels {channels:?} of {}, which is not split by channels",
+            self.describe(r)
+        );
+        let mut shape = info.strip_shape(rows);
+        if let (Some((a, _)), Some(c)) = (axis, channels) {
+            shape[a] = c.len();
+        }
         if info.h_axis.is_some() && rows.is_empty() {
-            return Tensor::zero::<f32>(&info.strip_shape(rows));
+            return Tensor::zero::<f32>(&shape);
         }
         let held = self
             .held
             .get(&r)
             .with_context(|| format!("{} has not been computed yet", self.describe(r)))?;
-        let Some(h) = info.h_axis else {
-            return Ok(held.tensor.clone());
-        };
+        let count = axis.map_or(0, |(_, n)| n);
         ensure!(
-            held.filled.iter().any(|f| f.contains(rows)),
-            "rows {rows} of {} were not all computed (held: {:?})",
+            held.covers(rows, channels, count),
+            "rows {rows}{} of {} were not all computed (held: {:?})",
+            channels.map(|c| format!(" channels {c}")).unwrap_or_default(),
             self.describe(r),
             held.filled
         );
-        let at = held.window.start;
-        held.tensor.slice(h, rows.start - at, rows.end - at)
+        let mut t = match info.h_axis {
+            Some(h) => {
+                let at = held.window.start;
+                held.tensor.slice(h, rows.start - at, rows.end - at)?
+            }
+            None => held.tensor.clone(),
+        };
+        if let (Some((a, _)), Some(c)) = (axis, channels) {
+            t = t.slice(a, c.start, c.end)?;
+        }
+        Ok(t)
     }
 
     /// The whole tensor `r`, if every row of it was computed.
     pub fn whole(&self, r: TensorRef) -> Result<&Tensor> {
-        let height = self.ir.tensor(r).height();
+        let rows = Rows::new(0, self.ir.tensor(r).height().unwrap_or(0));
         let held = self
             .held
             .get(&r)
             .with_context(|| format!("{} has not been computed", self.describe(r)))?;
-        if let Some(height) = height {
-            ensure!(
-                held.filled == [Rows::new(0, height)],
-                "{} is incomplete: rows {:?} of {height} computed",
-                self.describe(r),
-                held.filled
-            );
-        }
+        let count = self.channel_axis(r).map_or(0, |(_, n)| n);
+        ensure!(
+            held.covers(rows, None, count),
+            "{} is incomplete: {:?} of rows {rows} computed",
+            self.describe(r),
+            held.filled
+        );
         Ok(&held.tensor)
     }
 
@@ -139,38 +193,49 @@ impl<'a> Tensors<'a> {
     /// Stores `strip`, rows `rows` of tensor `r`, checking its shape; rows already
     /// held are an error.
     pub fn put_rows(&mut self, r: TensorRef, rows: Rows, strip: Tensor) -> Result<()> {
+        self.put_part(r, rows, None, strip)
+    }
+
+    /// Stores `part`, rows `rows` of tensor `r` and, when given, of its channels
+    /// `channels` only, checking its shape; parts already held are an error.
+    pub fn put_part(
+        &mut self,
+        r: TensorRef,
+        rows: Rows,
+        channels: Option<Rows>,
+        part: Tensor,
+    ) -> Result<()> {
         let info = self.ir.tensor(r);
-        let mut want = info.shape.clone();
-        if let Some(h) = info.h_axis {
-            want[h] = rows.len();
-        }
-        ensure!(
-            strip.shape() == want.as_slice(),
-            "a strip of {} rows {rows} has shape {:?}, expected {want:?}",
-            self.describe(r),
-            strip.shape()
-        );
-        let Some(h) = info.h_axis else {
-            self.held.insert(
-                r,
-                Held {
-                    tensor: strip,
-                    window: Rows::new(0, 0),
-                    filled: vec![],
-                },
-            );
-            return Ok(());
-        };
-        if rows.is_empty() {
-            return Ok(());
-        }
+        let axis = self.channel_axis(r);
         let name = self.describe(r);
-        let window = match self.windows.get(&r) {
-            Some(w) => *w,
-            None => Rows::new(0, info.shape[h]),
+        let mut want = info.strip_shape(rows);
+        match (axis, channels) {
+            (Some((a, count)), Some(c)) => {
+                ensure!(
+                    c.end <= count && !c.is_empty(),
+                    "channels {c} of {name}, which has {count}"
+                );
+                want[a] = c.len();
+            }
+            (None, Some(c)) => bail!("channels {c} of {name}, which is not split by channels"),
+            _ => {}
+        }
+        ensure!(
+            part.shape() == want.as_slice(),
+            "a part of {name} rows {rows}{} has shape {:?}, expected {want:?}",
+            channels.map(|c| format!(" channels {c}")).unwrap_or_default(),
+            part.shape()
+        );
+        if info.h_axis.is_some() && rows.is_empty() {
+            return Ok(());
+        }
+        let window = match (info.h_axis, self.windows.get(&r)) {
+            (None, _) => Rows::new(0, 0),
+            (Some(_), Some(w)) => *w,
+            (Some(h), None) => Rows::new(0, info.shape[h]),
         };
         ensure!(
-            window.contains(rows),
+            info.h_axis.is_none() || window.contains(rows),
             "rows {rows} of {name} are outside rows {window}, the only ones this program keeps"
         );
         let held = self.held.entry(r).or_insert_with(|| Held {
@@ -178,24 +243,43 @@ impl<'a> Tensors<'a> {
             window,
             filled: vec![],
         });
-        if held
-            .filled
-            .iter()
-            .any(|f| f.start < rows.end && rows.start < f.end)
-        {
+        let meets = |a: Rows, b: Rows| a.start < b.end && b.start < a.end;
+        let clash = held.filled.iter().any(|(c, filled)| {
+            let same_channels = match (c, channels) {
+                (Some(a), Some(b)) => meets(*a, b),
+                _ => true,
+            };
+            same_channels
+                && filled
+                    .iter()
+                    .any(|f| meets(*f, rows) || (rows.is_empty() && f.is_empty()))
+        });
+        if clash {
             bail!(
-                "rows {rows} of {name} were already computed (held: {:?})",
+                "rows {rows}{} of {name} were already computed (held: {:?})",
+                channels.map(|c| format!(" channels {c}")).unwrap_or_default(),
                 held.filled
             );
         }
-        let src = strip.to_plain_array_view::<f32>()?;
+        let src = part.to_plain_array_view::<f32>()?;
         let mut dst = held.tensor.to_plain_array_view_mut::<f32>()?;
-        let at = window.start;
-        dst.slice_axis_mut(Axis(h), Slice::from(rows.start - at..rows.end - at))
-            .assign(&src);
-        held.filled.push(rows);
-        held.filled.sort_by_key(|f| f.start);
-        held.filled = merge(&held.filled);
+        let mut dst = dst.view_mut();
+        if let Some(h) = info.h_axis {
+            let at = window.start;
+            dst.slice_axis_inplace(Axis(h), Slice::from(rows.start - at..rows.end - at));
+        }
+        if let (Some((a, _)), Some(c)) = (axis, channels) {
+            dst.slice_axis_inplace(Axis(a), Slice::from(c.start..c.end));
+        }
+        dst.assign(&src);
+        match held.filled.iter_mut().find(|(c, _)| *c == channels) {
+            Some((_, filled)) => {
+                filled.push(rows);
+                filled.sort_by_key(|f| f.start);
+                *filled = merge(filled);
+            }
+            None => held.filled.push((channels, vec![rows])),
+        }
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Conversions between tract tensors and the protocol's f32 tensors and rows, and
 //! content hashes.
 
-use crate::proto::{F32Tensor, Rows as WireRows};
+use crate::proto::{ChannelRange, F32Tensor, Rows as WireRows};
 use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use sha2::{Digest, Sha256};
@@ -56,14 +56,14 @@ pub fn from_wire(t: &F32Tensor) -> Result<Tensor> {
     Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
 }
 
-/// Encodes `strip`, rows `rows` of `tensor`, sent by `from` (empty for the coordinator)
-/// during inference `inference` to the program `program` (empty for the coordinator).
+/// Encodes `strip`, rows `rows` (of channels `channels`, when given) of `tensor`, sent
+/// by `from` (empty for the coordinator) during inference `inference` to the program
+/// `program` (empty for the coordinator).
 pub(crate) fn rows_to_wire(
     program: String,
     inference: u64,
     from: &str,
-    tensor: TensorRef,
-    rows: Rows,
+    (tensor, rows, channels): (TensorRef, Rows, Option<Rows>),
     strip: &Tensor,
 ) -> Result<WireRows> {
     Ok(WireRows {
@@ -77,11 +77,19 @@ pub(crate) fn rows_to_wire(
         start: rows.start as u64,
         end: rows.end as u64,
         data: Some(to_wire(strip)?),
+        channels: channels.map(|c| ChannelRange {
+            start: c.start as u64,
+            end: c.end as u64,
+        }),
     })
 }
 
+/// A part of a tensor on the wire: the tensor, its rows and, of a tensor computed split
+/// by channels, its channels.
+pub(crate) type Part = (TensorRef, Rows, Option<Rows>);
+
 /// Decodes rows on the wire for `ir`, checking the tensor and the strip's shape.
-pub(crate) fn rows_from_wire(ir: &Ir, m: &WireRows) -> Result<(TensorRef, Rows, Tensor)> {
+pub(crate) fn rows_from_wire(ir: &Ir, m: &WireRows) -> Result<(Part, Tensor)> {
     let tensor = match m.tensor {
         -1 => TensorRef::Input,
         s if s >= 0 && (s as usize) < ir.stages.len() => TensorRef::Stage(StageId(s as u32)),
@@ -92,18 +100,29 @@ pub(crate) fn rows_from_wire(ir: &Ir, m: &WireRows) -> Result<(TensorRef, Rows, 
     };
     let rows = Rows::new(m.start as usize, m.end as usize);
     let data = m.data.as_ref().context("rows without data")?;
-    let want: Vec<u64> = ir
-        .tensor(tensor)
-        .strip_shape(rows)
-        .iter()
-        .map(|&d| d as u64)
-        .collect();
+    let mut want = ir.tensor(tensor).strip_shape(rows);
+    let channels = match (&m.channels, tensor) {
+        (None, _) => None,
+        (Some(c), TensorRef::Stage(s)) if ir.stage(s).channels.is_some() => {
+            let split = ir.stage(s).channels.expect("checked");
+            let c = Rows::new(c.start as usize, c.end as usize);
+            ensure!(
+                c.start < c.end && c.end <= split.count,
+                "channels {c} of {tensor:?}, which has {}",
+                split.count
+            );
+            want[split.axis] = c.len();
+            Some(c)
+        }
+        (Some(_), _) => bail!("channels of {tensor:?}, which is not split by channels"),
+    };
+    let want: Vec<u64> = want.iter().map(|&d| d as u64).collect();
     ensure!(
         data.shape == want,
         "rows {rows} of {tensor:?}: shape {:?}, expected {want:?}",
         data.shape
     );
-    Ok((tensor, rows, from_wire(data)?))
+    Ok(((tensor, rows, channels), from_wire(data)?))
 }
 
 // Strips are megabytes: on little-endian hosts (x86-64, aarch64, armv7) the wire

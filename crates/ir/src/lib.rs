@@ -143,6 +143,19 @@ impl Ir {
         bytes
     }
 
+    /// Bytes (f32) of `rows` of tensor `r` and, when given, of `channels` of it only
+    /// (a tensor computed split by channels travels in such parts).
+    pub fn part_bytes(&self, r: TensorRef, rows: Rows, channels: Option<Rows>) -> u64 {
+        let whole = self.tensor(r).strip_bytes(rows);
+        match (channels, r) {
+            (Some(c), TensorRef::Stage(s)) => match self.stage(s).channels {
+                Some(split) => whole * c.len() as u64 / split.count as u64,
+                None => whole,
+            },
+            _ => whole,
+        }
+    }
+
     /// Shape and row axis of a tensor.
     #[inline]
     pub fn tensor(&self, r: TensorRef) -> &TensorInfo {

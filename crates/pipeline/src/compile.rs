@@ -641,7 +641,11 @@ fn report(ir: &Ir, plan: &Plan, table: &CostTable, merged: Option<usize>) -> Res
             "{:<8} {:<32} {:<6} {:<40} {:>12.3}",
             group_label(g),
             truncate(&names, 32),
-            if g.split { "yes" } else { "no" },
+            match (g.split, g.channels) {
+                (true, true) => "chan",
+                (true, false) => "yes",
+                (false, _) => "no",
+            },
             truncate(&devices.join(","), 40),
             g.predicted_us as f64 / 1e3
         )?;

@@ -220,14 +220,14 @@ pub fn program_timeline(steps: &[Vec<TimedStep>], links: &[Link]) -> Option<Vec<
 }
 
 /// A candidate's programs on [`program_timeline`]: a run step takes `compute(party,
-/// step)` µs, a transfer moves `bytes(tensor, rows)`, each party `p` on `links[p]`
+/// step)` µs, a transfer moves `bytes(tensor, rows, channels)`, each party `p` on `links[p]`
 /// (`programs[p]`'s party). Returns, per party and step, when the step ends, µs from
 /// the start; an error when a step names a party without a program or waits on rows no
 /// program sends.
 pub fn programs_timeline(
     programs: &[Program],
     links: &[Link],
-    bytes: impl Fn(TensorRef, Rows) -> u64,
+    bytes: impl Fn(TensorRef, Rows, Option<Rows>) -> u64,
     compute: impl Fn(usize, usize) -> f64,
 ) -> Result<Vec<Vec<f64>>, String> {
     let index = |party: &Party| -> Result<usize, String> {
@@ -236,7 +236,8 @@ pub fn programs_timeline(
             .position(|p| &p.party == party)
             .ok_or_else(|| format!("a program moves rows with {party}, who has no program"))
     };
-    let mut ids: HashMap<(usize, usize, TensorRef, Rows), usize> = HashMap::new();
+    type Key = (usize, usize, TensorRef, Rows, Option<Rows>);
+    let mut ids: HashMap<Key, usize> = HashMap::new();
     let mut steps = vec![];
     for (p, program) in programs.iter().enumerate() {
         let mut timed = vec![];
@@ -247,17 +248,25 @@ pub fn programs_timeline(
             };
             timed.push(match step {
                 Step::Run { .. } => TimedStep::Run(compute(p, k)),
-                Step::Send { tensor, rows, to } => {
+                Step::Send {
+                    tensor,
+                    rows,
+                    channels,
+                    to,
+                } => {
                     let to = index(to)?;
                     TimedStep::Send {
-                        id: id_of((p, to, *tensor, *rows)),
-                        bytes: bytes(*tensor, *rows),
+                        id: id_of((p, to, *tensor, *rows, *channels)),
+                        bytes: bytes(*tensor, *rows, *channels),
                         to,
                     }
                 }
-                Step::Receive { tensor, rows, from } => {
-                    TimedStep::Receive(id_of((index(from)?, p, *tensor, *rows)))
-                }
+                Step::Receive {
+                    tensor,
+                    rows,
+                    channels,
+                    from,
+                } => TimedStep::Receive(id_of((index(from)?, p, *tensor, *rows, *channels))),
                 Step::Drop { .. } => TimedStep::Nothing,
             });
         }

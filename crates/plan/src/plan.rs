@@ -63,9 +63,14 @@ pub struct PlanGroup {
     pub first: StageId,
     /// Last stage.
     pub last: StageId,
-    /// True when its rows are split over several devices; false when one device runs
-    /// its stages whole.
+    /// True when it is split over several devices; false when one device runs its
+    /// stages whole.
     pub split: bool,
+    /// True when the split is by the last stage's output channels (or neurons), not
+    /// by rows: each tile computes every row of its range of channels, which its
+    /// `strip` holds (docs/architecture.md, "Channel splits").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub channels: bool,
     /// Predicted (or, costed by fss, measured) time of the group, µs.
     pub predicted_us: u64,
     /// Per device, in strip order; a device's sub-strips are listed together, in the
@@ -87,7 +92,8 @@ impl PlanGroup {
 pub struct PlanTile {
     /// The device's name.
     pub device: String,
-    /// Its strip of the last stage's output rows.
+    /// Its strip of the last stage's output rows (of its channels, in a group split by
+    /// channels).
     pub strip: Rows,
     /// Rows it computes that another device computes too, summed over the stages.
     pub halo_rows: usize,
@@ -129,7 +135,8 @@ pub struct Program {
     pub steps: Vec<Step>,
 }
 
-/// One step of a program. A tensor without a row axis moves whole, rows `0..0`.
+/// One step of a program. A tensor without a row axis moves whole, rows `0..0`. Of a
+/// tensor split by channels, a transfer moves its rows of one owner's channels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Step {
@@ -139,6 +146,9 @@ pub enum Step {
         tensor: TensorRef,
         /// Its rows.
         rows: Rows,
+        /// Its channels, when the tensor was computed split by them; absent for all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channels: Option<Rows>,
         /// The party that sends them (their owner).
         from: Party,
     },
@@ -157,6 +167,9 @@ pub enum Step {
         tensor: TensorRef,
         /// Its rows.
         rows: Rows,
+        /// Its channels, when the tensor was computed split by them; absent for all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channels: Option<Rows>,
         /// The receiver.
         to: Party,
     },

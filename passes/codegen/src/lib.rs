@@ -14,7 +14,9 @@ pub use sub_strips::cut_edges;
 use anyhow::{Context, Result, bail, ensure};
 use legion_fusion::Placement;
 use legion_ir::{Ir, Rows, TensorRef};
-use legion_partition::{Group, check_group, tile, whole_group};
+use legion_partition::{
+    Group, channel_tile, check_channel_group, check_group, tile, whole_group,
+};
 use legion_plan::network::{group_ends, programs_timeline};
 use legion_plan::{Candidate, DeviceId, Link, Plan, PlanGroup, PlanTile, Step};
 
@@ -44,6 +46,14 @@ pub fn candidate(
         let specs: Vec<(DeviceId, Rows, usize, legion_plan::TileSpec)> = if entry.whole {
             let d = &entry.devices[0];
             vec![(d.device, d.strip, 0, whole_group(ir, group))]
+        } else if entry.channels {
+            check_channel_group(ir, choice.first, choice.last)
+                .with_context(|| format!("codegen: group {choice}"))?;
+            entry
+                .devices
+                .iter()
+                .map(|d| (d.device, d.strip, 0, channel_tile(ir, group, d.strip)))
+                .collect()
         } else {
             let cut: Vec<Rows> = entry.devices.iter().map(|d| d.strip).collect();
             let tiling =
@@ -80,6 +90,7 @@ pub fn candidate(
             first: group.first,
             last: group.last,
             split: !entry.whole,
+            channels: entry.channels,
             predicted_us: us(entry.cost.us()),
             tiles,
         });
@@ -109,7 +120,7 @@ pub fn predict_programs(ir: &Ir, candidate: &mut Candidate, links: &[Link]) -> R
         Step::Run { group, tile } => groups[group].tiles[tile].compute_us as f64,
         _ => 0.0,
     };
-    let bytes = |t: TensorRef, rows: Rows| ir.tensor(t).strip_bytes(rows);
+    let bytes = |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
     let ends = programs_timeline(programs, links, bytes, compute).map_err(anyhow::Error::msg)?;
     let group_end = group_ends(programs, &ends, groups.len());
     let mut start = 0.0;
@@ -192,7 +203,32 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
             names.len() == listed,
             "group {g} lists the tiles of a device apart"
         );
-        if group.split {
+        if group.channels {
+            check_channel_group(ir, first, last).with_context(|| format!("group {g}"))?;
+            let count = ir.stage(range.last).channels.map_or(0, |c| c.count);
+            let mut next = 0;
+            for t in &group.tiles {
+                ensure!(
+                    t.strip.start == next && !t.strip.is_empty(),
+                    "group {g}: device {} computes channels {}, but the next ones to cut start \
+                     at {next}",
+                    t.device,
+                    t.strip
+                );
+                next = t.strip.end;
+                ensure!(
+                    t.tile == channel_tile(ir, range, t.strip),
+                    "group {g}: the tile of device {} is not the one its channels {} need",
+                    t.device,
+                    t.strip
+                );
+            }
+            ensure!(
+                next == count,
+                "group {g}: the devices' channels end at {next}, stage {} has {count}",
+                range.last
+            );
+        } else if group.split {
             check_group(ir, first, last).with_context(|| format!("group {g}"))?;
             // The cut in row order; a device's sub-strips are listed in run order.
             let mut by_rows: Vec<&PlanTile> = group.tiles.iter().collect();

@@ -3,7 +3,8 @@
 //! which it must receive, and from whom; when each device may free a tensor.
 //!
 //! Every row of a tensor has one owner: the party whose tile output it (the
-//! coordinator owns the model input). Only owners send, so a row crosses the network at
+//! coordinator owns the model input). A tensor computed split by channels has one owner
+//! per range of channels, and moves in parts: rows of one owner's channels. Only owners send, so a row crosses the network at
 //! most once per receiver. A device sends a consumer its rows right after the tile that
 //! produced them, and receives a tile's rows right before running it, so data flows
 //! from earlier groups to later ones and no program waits on a later one.
@@ -26,7 +27,18 @@ fn overlap(a: Rows, b: Rows) -> Option<Rows> {
 #[derive(Default)]
 struct Blocks {
     blocks: Vec<Block>,
-    held: HashMap<TensorRef, Held>,
+    /// Rows held, per tensor and owner's channels (`None`: all of them).
+    held: HashMap<(TensorRef, Option<Rows>), Held>,
+}
+
+/// A party that computed part of a tensor: in which of its blocks, which rows and, for
+/// a tensor split by channels, which channels.
+#[derive(Clone, Copy)]
+struct Owner {
+    party: usize,
+    block: usize,
+    rows: Rows,
+    channels: Option<Rows>,
 }
 
 #[derive(Default)]
@@ -56,20 +68,28 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         p => Party::Device(devices[p - 1].clone()),
     };
     let whole = |t: TensorRef| Rows::new(0, ir.tensor(t).height().unwrap_or(0));
-    // Per tensor, its owners' rows and the block each owner produced them in.
-    let mut owners: HashMap<TensorRef, Vec<(usize, usize, Rows)>> = HashMap::new();
+    // Per tensor, its owners.
+    let mut owners: HashMap<TensorRef, Vec<Owner>> = HashMap::new();
     parties[0].blocks.push(Block::default());
     parties[0]
         .held
-        .entry(TensorRef::Input)
+        .entry((TensorRef::Input, None))
         .or_default()
         .insert(whole(TensorRef::Input));
-    owners.insert(TensorRef::Input, vec![(0, 0, whole(TensorRef::Input))]);
+    owners.insert(
+        TensorRef::Input,
+        vec![Owner {
+            party: 0,
+            block: 0,
+            rows: whole(TensorRef::Input),
+            channels: None,
+        }],
+    );
 
     // Moves `want` of `tensor` to party `to`, into its block `into`: every owned part
     // it lacks, from its owner, sent from the block that produced it.
     let fetch = |parties: &mut Vec<Blocks>,
-                 owners: &HashMap<TensorRef, Vec<(usize, usize, Rows)>>,
+                 owners: &HashMap<TensorRef, Vec<Owner>>,
                  tensor: TensorRef,
                  want: Rows,
                  to: usize,
@@ -77,33 +97,40 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         // A tensor without rows moves whole (`0..0`); an empty strip of one with rows
         // needs nothing.
         let rowless = ir.tensor(tensor).height().is_none();
-        for &(owner, block, strip) in owners.get(&tensor).map_or(&[][..], |o| o) {
+        for owner in owners.get(&tensor).map_or(&[][..], |o| o) {
             let piece = if rowless {
                 want
             } else {
-                match overlap(strip, want) {
+                match overlap(owner.rows, want) {
                     Some(piece) => piece,
                     None => continue,
                 }
             };
-            if owner == to {
+            if owner.party == to {
                 continue;
             }
-            let lacking = parties[to].held.entry(tensor).or_default().lacking(piece);
-            for rows in lacking {
-                let sender = &mut parties[owner].blocks[block];
+            let channels = owner.channels;
+            let held = parties[to].held.entry((tensor, channels)).or_default();
+            for rows in held.lacking(piece) {
+                let sender = &mut parties[owner.party].blocks[owner.block];
                 sender.sends.push(Step::Send {
                     tensor,
                     rows,
+                    channels,
                     to: party(to),
                 });
                 sender.uses.push(tensor);
                 parties[to].blocks[into].receives.push(Step::Receive {
                     tensor,
                     rows,
-                    from: party(owner),
+                    channels,
+                    from: party(owner.party),
                 });
-                parties[to].held.entry(tensor).or_default().insert(rows);
+                parties[to]
+                    .held
+                    .entry((tensor, channels))
+                    .or_default()
+                    .insert(rows);
             }
         }
     };
@@ -140,8 +167,17 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                 if out.rows.is_empty() && ir.tensor(tensor).height().is_some() {
                     continue;
                 }
-                parties[d].held.entry(tensor).or_default().insert(out.rows);
-                owners.entry(tensor).or_default().push((d, block, out.rows));
+                parties[d]
+                    .held
+                    .entry((tensor, out.channels))
+                    .or_default()
+                    .insert(out.rows);
+                owners.entry(tensor).or_default().push(Owner {
+                    party: d,
+                    block,
+                    rows: out.rows,
+                    channels: out.channels,
+                });
             }
         }
     }
@@ -207,18 +243,23 @@ pub struct Traffic {
 
 /// What one inference of `candidate` (of a plan for `ir`) moves, both ways of running it.
 pub fn traffic(ir: &Ir, candidate: &Candidate) -> Traffic {
-    let bytes = |t: TensorRef, rows: Rows| ir.tensor(t).strip_bytes(rows);
+    let bytes = |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
     let hub = candidate
         .groups
         .iter()
         .flat_map(|g| &g.tiles)
         .map(|t| {
-            let inputs: u64 = t.tile.inputs.iter().map(|i| bytes(i.tensor, i.rows)).sum();
+            let inputs: u64 = t
+                .tile
+                .inputs
+                .iter()
+                .map(|i| bytes(i.tensor, i.rows, None))
+                .sum();
             let outputs: u64 = t
                 .tile
                 .outputs
                 .iter()
-                .map(|o| bytes(TensorRef::Stage(o.stage), o.rows))
+                .map(|o| bytes(TensorRef::Stage(o.stage), o.rows, o.channels))
                 .sum();
             inputs + outputs
         })
@@ -230,8 +271,14 @@ pub fn traffic(ir: &Ir, candidate: &Candidate) -> Traffic {
     };
     for program in &candidate.programs {
         for step in &program.steps {
-            if let Step::Send { tensor, rows, to } = step {
-                let b = bytes(*tensor, *rows);
+            if let Step::Send {
+                tensor,
+                rows,
+                channels,
+                to,
+            } = step
+            {
+                let b = bytes(*tensor, *rows, *channels);
                 if program.party == Party::Coordinator || *to == Party::Coordinator {
                     traffic.coordinator += b;
                 } else {

@@ -44,7 +44,7 @@ pub fn cut_edges(ir: &Ir, groups: &mut [PlanGroup]) {
     for g in 0..groups.len() {
         let (done, later) = groups.split_at_mut(g + 1);
         let group = &mut done[g];
-        if !group.split {
+        if !group.split || group.channels {
             continue;
         }
         let tensor = TensorRef::Stage(group.last);

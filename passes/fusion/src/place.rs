@@ -73,6 +73,7 @@ impl Placement {
                     cost: Cost::from_us(p.total_us),
                     devices: vec![DeviceCost::from(&p)],
                     whole: true,
+                    channels: false,
                 };
                 groups.push((choice, placed));
                 continue;
@@ -113,6 +114,7 @@ impl Placement {
                 cost: Cost::from_us(p.total_us),
                 devices: p.devices.iter().map(DeviceCost::from).collect(),
                 whole: false,
+                channels: false,
             };
             groups.push((choice, placed));
         }

@@ -19,6 +19,9 @@ pub struct Entry {
     pub devices: Vec<DeviceCost>,
     /// True when one device runs the stages whole (nothing is split).
     pub whole: bool,
+    /// True when the split is by the last stage's output channels: each device's
+    /// `strip` is its range of them (docs/architecture.md, "Channel splits").
+    pub channels: bool,
 }
 
 /// One device's part of an [`Entry`], µs.
@@ -26,7 +29,7 @@ pub struct Entry {
 pub struct DeviceCost {
     /// The device (profile order).
     pub device: DeviceId,
-    /// Its strip of the last stage's output rows.
+    /// Its strip of the last stage's output rows (of its channels, split by channels).
     pub strip: Rows,
     /// Until its input strips have arrived.
     pub in_us: f64,
@@ -274,6 +277,7 @@ impl CostTable {
                 cost: Cost::from_us(g.median_us as f64),
                 devices,
                 whole: barrier || all == 1,
+                channels: false,
             };
             if entries.get(&choice).is_none_or(|e| entry.cost < e.cost) {
                 entries.insert(choice, entry);
@@ -324,6 +328,7 @@ fn entries_to(
                     cost: Cost::from_us(p.total_us),
                     devices: vec![DeviceCost::from(&p)],
                     whole: true,
+                    channels: false,
                 },
             ));
         }
@@ -349,6 +354,7 @@ fn entries_to(
                     cost: Cost::from_us(prediction.total_us),
                     devices: prediction.devices.iter().map(DeviceCost::from).collect(),
                     whole: false,
+                    channels: false,
                 },
             ));
         }

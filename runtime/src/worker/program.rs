@@ -10,7 +10,7 @@ use crate::proto::{
     RunProgramRequest,
 };
 use crate::tensors::{Tensors, tensor_bytes};
-use crate::wire::{hex, rows_from_wire, rows_to_wire};
+use crate::wire::{Part, hex, rows_from_wire, rows_to_wire};
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_plan::{PLAN_VERSION, Party, Program, Step, TileSpec};
 use sha2::{Digest, Sha256};
@@ -38,11 +38,11 @@ pub(super) struct Loaded {
     windows: HashMap<TensorRef, Rows>,
 }
 
-/// Rows waiting in the mailbox: program, inference, sender, tensor, rows.
-pub(super) type MailKey = (String, u64, String, TensorRef, Rows);
+/// Rows waiting in the mailbox: program, inference, sender, and the part.
+pub(super) type MailKey = (String, u64, String, Part);
 
 /// Decodes rows on the wire; bad rows are the caller's error.
-fn rows_of(ir: &Ir, m: &WireRows) -> Result<(TensorRef, Rows, Tensor), Status> {
+fn rows_of(ir: &Ir, m: &WireRows) -> Result<(Part, Tensor), Status> {
     rows_from_wire(ir, m).map_err(|e| Status::invalid_argument(format!("{e:#}")))
 }
 
@@ -132,10 +132,10 @@ impl Worker {
     /// PushRows: keeps the rows for the receive step that waits for them.
     pub(super) fn push_rows(&self, m: WireRows) -> Result<PushRowsReply, Status> {
         let loaded = self.loaded(&m.program)?;
-        let (tensor, rows, strip) = rows_of(&loaded.ir, &m)?;
+        let ((tensor, rows, channels), strip) = rows_of(&loaded.ir, &m)?;
         let expected = loaded.program.steps.iter().any(|s| {
-            matches!(s, Step::Receive { tensor: t, rows: r, from: Party::Device(f) }
-                if *t == tensor && *r == rows && *f == m.from)
+            matches!(s, Step::Receive { tensor: t, rows: r, channels: c, from: Party::Device(f) }
+                if *t == tensor && *r == rows && *c == channels && *f == m.from)
         });
         if !expected {
             return Err(Status::invalid_argument(format!(
@@ -143,7 +143,12 @@ impl Worker {
                 loaded.name, m.from
             )));
         }
-        let key = (m.program.clone(), m.inference, m.from.clone(), tensor, rows);
+        let key = (
+            m.program.clone(),
+            m.inference,
+            m.from.clone(),
+            (tensor, rows, channels),
+        );
         let mut mailbox = lock(&self.mailbox);
         let mut pending: Vec<u64> = mailbox
             .keys()
@@ -189,7 +194,7 @@ impl Worker {
                 .await
                 .is_err()
             {
-                let (_, inference, from, tensor, rows) = key;
+                let (_, inference, from, (tensor, rows, _)) = key;
                 return Err(Status::deadline_exceeded(format!(
                     "{me}: rows {rows} of {tensor:?} from {from} did not arrive \
                      (inference {inference})"
@@ -221,10 +226,10 @@ impl Worker {
         let ir = &loaded.ir;
         let me = loaded.name.as_str();
         let until = Instant::now() + Duration::from_millis(req.receive_timeout_ms.max(1));
-        let mut from_coordinator: HashMap<(TensorRef, Rows), Tensor> = HashMap::new();
+        let mut from_coordinator: HashMap<Part, Tensor> = HashMap::new();
         for m in &req.inputs {
-            let (tensor, rows, strip) = rows_of(ir, m)?;
-            from_coordinator.insert((tensor, rows), strip);
+            let (part, strip) = rows_of(ir, m)?;
+            from_coordinator.insert(part, strip);
         }
         let stored = |e: anyhow::Error| Status::internal(format!("{me}: {e:#}"));
         let mut tensors = Tensors::windowed(ir, loaded.windows.clone());
@@ -240,29 +245,31 @@ impl Worker {
                 Step::Receive {
                     tensor,
                     rows,
+                    channels,
                     from: Party::Coordinator,
                 } => {
-                    let strip = from_coordinator.remove(&(*tensor, *rows)).ok_or_else(|| {
+                    let part = (*tensor, *rows, *channels);
+                    let strip = from_coordinator.remove(&part).ok_or_else(|| {
                         Status::invalid_argument(format!(
                             "{me}: the coordinator did not send rows {rows} of {tensor:?}"
                         ))
                     })?;
-                    tensors.put_rows(*tensor, *rows, strip).map_err(stored)?;
+                    tensors
+                        .put_part(*tensor, *rows, *channels, strip)
+                        .map_err(stored)?;
                 }
                 Step::Receive {
                     tensor,
                     rows,
+                    channels,
                     from: Party::Device(peer),
                 } => {
-                    let key = (
-                        req.program.clone(),
-                        req.inference,
-                        peer.clone(),
-                        *tensor,
-                        *rows,
-                    );
+                    let part = (*tensor, *rows, *channels);
+                    let key = (req.program.clone(), req.inference, peer.clone(), part);
                     let strip = self.receive(key, until, me).await?;
-                    tensors.put_rows(*tensor, *rows, strip).map_err(stored)?;
+                    tensors
+                        .put_part(*tensor, *rows, *channels, strip)
+                        .map_err(stored)?;
                 }
                 Step::Run { group, tile } => {
                     let spec = &loaded.tiles[&(*group, *tile)];
@@ -284,16 +291,26 @@ impl Worker {
                     .await
                     .map_err(|e| Status::internal(format!("{me}: the tile task failed: {e}")))??;
                     for (out, strip) in spec.outputs.iter().zip(outputs) {
-                        tensors.put(out.stage, out.rows, strip).map_err(stored)?;
+                        let t = TensorRef::Stage(out.stage);
+                        tensors
+                            .put_part(t, out.rows, out.channels, strip)
+                            .map_err(stored)?;
                     }
                     compute_us = time.compute.as_micros() as u64;
                     host_gflops = time.host_gflops.unwrap_or(0.0);
                 }
-                Step::Send { tensor, rows, to } => {
-                    let strip = tensors.strip(*tensor, *rows).map_err(stored)?;
-                    let mut m =
-                        rows_to_wire(String::new(), req.inference, me, *tensor, *rows, &strip)
-                            .map_err(stored)?;
+                Step::Send {
+                    tensor,
+                    rows,
+                    channels,
+                    to,
+                } => {
+                    let strip = tensors
+                        .part(*tensor, *rows, *channels)
+                        .map_err(stored)?;
+                    let part = (*tensor, *rows, *channels);
+                    let mut m = rows_to_wire(String::new(), req.inference, me, part, &strip)
+                        .map_err(stored)?;
                     match to {
                         Party::Coordinator => reply.outputs.push(m),
                         Party::Device(peer) => {
