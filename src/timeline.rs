@@ -116,7 +116,13 @@ pub fn programs(plan: &Plan, ir: &Ir, cluster: &Cluster) -> Result<ProgramsTimel
                 from,
             } = step
             {
-                let key = (from.clone(), program.party.clone(), *tensor, *rows, *channels);
+                let key = (
+                    from.clone(),
+                    program.party.clone(),
+                    *tensor,
+                    *rows,
+                    *channels,
+                );
                 if let (Some(&sent), Some(a), Some(b)) =
                     (left.get(&key), row_of(from), row_of(&program.party))
                 {

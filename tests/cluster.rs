@@ -557,10 +557,16 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
         for g in groups.iter().filter(|g| g.channels) {
             let t = TensorRef::Stage(g.last);
             assert!(
-                parts.iter().filter(|(p, _)| *p == t).all(|(_, c)| c.is_some()),
+                parts
+                    .iter()
+                    .filter(|(p, _)| *p == t)
+                    .all(|(_, c)| c.is_some()),
                 "{model}: {parts:?}"
             );
-            assert!(parts.iter().any(|(p, _)| *p == t), "{model}: nothing moves {t:?}");
+            assert!(
+                parts.iter().any(|(p, _)| *p == t),
+                "{model}: nothing moves {t:?}"
+            );
         }
         let candidate = Candidate {
             name: "channels".into(),

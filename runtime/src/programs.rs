@@ -199,7 +199,8 @@ impl Coordinator {
         wall: Duration,
     ) -> Result<(Vec<StepTiming>, u64)> {
         let programs = &candidate.programs;
-        let bytes = |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
+        let bytes =
+            |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
         let compute = |p: usize, k: usize| -> u64 {
             replies
                 .get(&p)

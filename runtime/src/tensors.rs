@@ -142,7 +142,9 @@ impl<'a> Tensors<'a> {
         ensure!(
             held.covers(rows, channels, count),
             "rows {rows}{} of {} were not all computed (held: {:?})",
-            channels.map(|c| format!(" channels {c}")).unwrap_or_default(),
+            channels
+                .map(|c| format!(" channels {c}"))
+                .unwrap_or_default(),
             self.describe(r),
             held.filled
         );
@@ -223,7 +225,9 @@ impl<'a> Tensors<'a> {
         ensure!(
             part.shape() == want.as_slice(),
             "a part of {name} rows {rows}{} has shape {:?}, expected {want:?}",
-            channels.map(|c| format!(" channels {c}")).unwrap_or_default(),
+            channels
+                .map(|c| format!(" channels {c}"))
+                .unwrap_or_default(),
             part.shape()
         );
         if info.h_axis.is_some() && rows.is_empty() {
@@ -257,7 +261,9 @@ impl<'a> Tensors<'a> {
         if clash {
             bail!(
                 "rows {rows}{} of {name} were already computed (held: {:?})",
-                channels.map(|c| format!(" channels {c}")).unwrap_or_default(),
+                channels
+                    .map(|c| format!(" channels {c}"))
+                    .unwrap_or_default(),
                 held.filled
             );
         }

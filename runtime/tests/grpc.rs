@@ -370,6 +370,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
             Step::Receive {
                 tensor: wanted.tensor,
                 rows: wanted.rows,
+                channels: None,
                 from: Party::Device("ghost".into()),
             },
             Step::Run { group: 0, tile: 0 },
@@ -424,6 +425,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         tensor: -1,
         start: wanted.rows.start as u64,
         end: end as u64,
+        channels: None,
         data: Some(F32Tensor {
             shape: {
                 let mut s = shape.clone();

@@ -202,14 +202,7 @@ fn keep_fastest(
     let mut kept = searched.remove(best);
     let other = searched.remove(0);
     let n = ir.stages.len();
-    let one = Flc::new(
-        &kept.table,
-        vec![FlcGroup {
-            first: 0,
-            last: n - 1,
-            devices: 1,
-        }],
-    );
+    let one = Flc::new(&kept.table, vec![FlcGroup::rows(0, n - 1, 1)]);
     if one.cost.is_finite() && build(&kept.table, &one, "")?.predicted_us < predicted[best] {
         times.note("kept the whole model on one board: predicted faster than the FLCs".into());
         kept.flc = one;
@@ -671,7 +664,7 @@ fn report(ir: &Ir, plan: &Plan, table: &CostTable, merged: Option<usize>) -> Res
             i + 1
         )?;
     }
-    let one = table.cost(0, ir.stages.len() - 1, 1);
+    let one = table.cost(FlcGroup::rows(0, ir.stages.len() - 1, 1));
     if one.is_finite() {
         writeln!(
             out,

@@ -14,9 +14,7 @@ pub use sub_strips::cut_edges;
 use anyhow::{Context, Result, bail, ensure};
 use legion_fusion::Placement;
 use legion_ir::{Ir, Rows, TensorRef};
-use legion_partition::{
-    Group, channel_tile, check_channel_group, check_group, tile, whole_group,
-};
+use legion_partition::{Group, channel_tile, check_channel_group, check_group, tile, whole_group};
 use legion_plan::network::{group_ends, programs_timeline};
 use legion_plan::{Candidate, DeviceId, Link, Plan, PlanGroup, PlanTile, Step};
 

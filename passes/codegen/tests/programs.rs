@@ -54,6 +54,7 @@ fn groups(ir: &Ir, picks: &[(usize, bool, usize, usize, [u8; DEVICES])]) -> Vec<
             first: group.first,
             last: group.last,
             split: tiles.len() > 1,
+            channels: false,
             predicted_us: 0,
             tiles,
         });
@@ -106,14 +107,18 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
             while let Some(step) = program.steps.get(pc[p]) {
                 let me = &program.party;
                 match step {
-                    Step::Send { tensor, rows, to } => {
+                    Step::Send {
+                        tensor, rows, to, ..
+                    } => {
                         let have = held[p].get(tensor).cloned().unwrap_or_default();
                         if !rows_of(ir, *tensor, *rows).iter().all(|r| have.contains(r)) {
                             return Err(format!("{me} sends {tensor:?} {rows} it does not hold"));
                         }
                         in_flight.push((me.clone(), to.clone(), *tensor, *rows));
                     }
-                    Step::Receive { tensor, rows, from } => {
+                    Step::Receive {
+                        tensor, rows, from, ..
+                    } => {
                         let Some(k) = in_flight
                             .iter()
                             .position(|m| (&m.0, &m.1, m.2, m.3) == (from, me, *tensor, *rows))
@@ -348,7 +353,9 @@ fn a_device_keeps_its_rows_and_receives_only_the_halo_between_split_groups() {
             .steps
             .iter()
             .filter_map(|s| match s {
-                Step::Receive { tensor, rows, from } if *tensor == first_out => {
+                Step::Receive {
+                    tensor, rows, from, ..
+                } if *tensor == first_out => {
                     assert_ne!(*from, Party::Coordinator);
                     Some(*rows)
                 }

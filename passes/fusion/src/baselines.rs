@@ -32,19 +32,15 @@ impl Flc {
     }
 }
 
-/// The legal choice for stages `first..=last` with the most devices; one device when
-/// none is legal (the FLC's cost is then infinite).
+/// The legal choice for stages `first..=last` with the most devices, split by rows as
+/// the paper's baselines are; one device when none is legal (the FLC's cost is then
+/// infinite).
 fn widest(table: &impl GroupCosts, first: usize, last: usize) -> FlcGroup {
-    let choice = |devices| FlcGroup {
-        first,
-        last,
-        devices,
-    };
     (1..=table.options())
         .rev()
-        .map(choice)
-        .find(|c| table.cost(c.first, c.last, c.devices).is_finite())
-        .unwrap_or(choice(1))
+        .map(|devices| FlcGroup::rows(first, last, devices))
+        .find(|c| table.cost(*c).is_finite())
+        .unwrap_or(FlcGroup::rows(first, last, 1))
 }
 
 #[cfg(test)]
@@ -63,8 +59,11 @@ mod tests {
         fn options(&self) -> usize {
             3
         }
-        fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
-            Cost::from_us(((last - first + 1) * 10 / devices) as f64)
+        fn cost(&self, c: FlcGroup) -> Cost {
+            match c.channels {
+                true => Cost::INFINITY,
+                false => Cost::from_us(((c.last - c.first + 1) * 10 / c.devices) as f64),
+            }
         }
     }
 

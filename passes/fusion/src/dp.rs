@@ -4,7 +4,7 @@
 use crate::{Cost, Flc, FlcGroup, GroupCosts};
 use anyhow::{Result, bail};
 
-/// The cheapest FLC: `best[j + 1] = min over i <= j and options k of best[i] + cost(i, j, k)`.
+/// The cheapest FLC: `best[j + 1] = min over i <= j and choices c of best[i] + cost(i, j, c)`.
 pub fn search_dp(table: &impl GroupCosts) -> Result<Flc> {
     let n = table.stages();
     if n == 0 {
@@ -17,17 +17,10 @@ pub fn search_dp(table: &impl GroupCosts) -> Result<Flc> {
             if !best[first].0.is_finite() {
                 continue;
             }
-            for devices in 1..=table.options() {
-                let c = best[first].0 + table.cost(first, last, devices);
+            for choice in FlcGroup::choices(first, last, table.options()) {
+                let c = best[first].0 + table.cost(choice);
                 if c < best[last + 1].0 {
-                    best[last + 1] = (
-                        c,
-                        Some(FlcGroup {
-                            first,
-                            last,
-                            devices,
-                        }),
-                    );
+                    best[last + 1] = (c, Some(choice));
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! On entry: a [`GroupCosts`] table, the cost of every candidate group `first..=last`
 //! for every device option (1 = the best single device, which may run barrier stages
 //! and whole runs of stages; `k >= 2` = the `k` fastest devices splitting the group's
-//! rows), with [`Cost::INFINITY`] for an illegal choice. [`CostTable`] builds one from
+//! rows, or its last stage's output channels), with [`Cost::INFINITY`] for an illegal
+//! choice. [`CostTable`] builds one from
 //! the cost pass's predictions or from an FSS profile's measurements.
 //!
 //! On exit: an [`Flc`], groups covering the stages in order, each with its device
@@ -38,9 +39,8 @@ pub trait GroupCosts {
     fn stages(&self) -> usize;
     /// Device options: 1 ..= this.
     fn options(&self) -> usize;
-    /// The cost of stages `first..=last` under device option `devices`;
-    /// [`Cost::INFINITY`] when illegal.
-    fn cost(&self, first: usize, last: usize, devices: usize) -> Cost;
+    /// The cost of `choice`; [`Cost::INFINITY`] when illegal.
+    fn cost(&self, choice: FlcGroup) -> Cost;
 }
 
 /// One group of an FLC.
@@ -52,11 +52,41 @@ pub struct FlcGroup {
     pub last: usize,
     /// Device option: 1 = the best single device, `k` = the `k` fastest.
     pub devices: usize,
+    /// With `k >= 2` devices: split by the last stage's output channels rather than
+    /// by rows.
+    pub channels: bool,
+}
+
+impl FlcGroup {
+    /// Stages `first..=last` under option `devices`, split by rows (or run whole).
+    pub fn rows(first: usize, last: usize, devices: usize) -> FlcGroup {
+        FlcGroup {
+            first,
+            last,
+            devices,
+            channels: false,
+        }
+    }
+
+    /// Every choice for stages `first..=last` with `options` device options: each
+    /// option by rows (option 1: whole), then options `2..` by channels.
+    pub fn choices(first: usize, last: usize, options: usize) -> impl Iterator<Item = FlcGroup> {
+        let rows = (1..=options).map(move |k| FlcGroup::rows(first, last, k));
+        let channels = (2..=options).map(move |k| FlcGroup {
+            channels: true,
+            ..FlcGroup::rows(first, last, k)
+        });
+        rows.chain(channels)
+    }
 }
 
 impl fmt::Display for FlcGroup {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}..{} x{}", self.first, self.last, self.devices)
+        write!(f, "{}..{} x{}", self.first, self.last, self.devices)?;
+        if self.channels {
+            write!(f, " by channels")?;
+        }
+        Ok(())
     }
 }
 
@@ -72,9 +102,9 @@ pub struct Flc {
 impl Flc {
     /// Builds an FLC from its groups, costed by `table`.
     pub fn new(table: &impl GroupCosts, groups: Vec<FlcGroup>) -> Flc {
-        let cost = groups.iter().fold(Cost::ZERO, |sum, g| {
-            sum + table.cost(g.first, g.last, g.devices)
-        });
+        let cost = groups
+            .iter()
+            .fold(Cost::ZERO, |sum, g| sum + table.cost(*g));
         Flc { groups, cost }
     }
 
@@ -82,7 +112,11 @@ impl Flc {
     pub fn is_valid(&self, table: &impl GroupCosts) -> bool {
         let mut next = 0;
         for g in &self.groups {
-            if g.first != next || g.last < g.first || g.devices == 0 || g.devices > table.options()
+            if g.first != next
+                || g.last < g.first
+                || g.devices == 0
+                || g.devices > table.options()
+                || (g.channels && g.devices < 2)
             {
                 return false;
             }

@@ -26,13 +26,14 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// An [`FlcGroup`] as an e-graph leaf, written `g3-7x2`.
+/// An [`FlcGroup`] as an e-graph leaf, written `g3-7x2` (`g3-7x2c` split by channels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Leaf(FlcGroup);
 
 impl fmt::Display for Leaf {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "g{}-{}x{}", self.0.first, self.0.last, self.0.devices)
+        let c = if self.0.channels { "c" } else { "" };
+        write!(f, "g{}-{}x{}{c}", self.0.first, self.0.last, self.0.devices)
     }
 }
 
@@ -44,10 +45,15 @@ impl FromStr for Leaf {
         let (span, devices) = rest.split_once('x').ok_or_else(bad)?;
         let (first, last) = span.split_once('-').ok_or_else(bad)?;
         let num = |t: &str| t.parse::<usize>().map_err(|_| bad());
+        let (devices, channels) = match devices.strip_suffix('c') {
+            Some(d) => (d, true),
+            None => (devices, false),
+        };
         Ok(Leaf(FlcGroup {
             first: num(first)?,
             last: num(last)?,
             devices: num(devices)?,
+            channels,
         }))
     }
 }
@@ -62,18 +68,23 @@ define_language! {
 
 type FusionGraph = EGraph<Fusion, Spans>;
 
-/// The analysis: every e-class's span of stages, plus the legal device options of
-/// every span (a bit per option) for the rules' conditions.
+/// The analysis: every e-class's span of stages, plus the legal choices of every span
+/// (a bit per choice, in [`FlcGroup::choices`] order) for the rules' conditions.
 #[derive(Default)]
 struct Spans {
-    /// `legal[first][last - first]`: bit `k` set when option `k` is legal.
+    /// Device options of the table.
+    options: usize,
+    /// `legal[first][last - first]`: bit `i` set when choice `i` is legal.
     legal: Vec<Vec<u64>>,
 }
 
 impl Spans {
-    fn options(&self, first: usize, last: usize) -> impl Iterator<Item = usize> + use<> {
+    fn choices(&self, first: usize, last: usize) -> impl Iterator<Item = FlcGroup> + use<> {
         let mask = self.legal[first][last - first];
-        (1..64).filter(move |k| mask & (1 << k) != 0)
+        FlcGroup::choices(first, last, self.options)
+            .enumerate()
+            .filter(move |(i, _)| mask & (1 << i) != 0)
+            .map(|(_, c)| c)
     }
 }
 
@@ -99,17 +110,13 @@ impl Analysis<Fusion> for Spans {
 /// monotone: a memory limit can fail for a short group and pass for a longer one
 /// whose shares differ).
 fn add_group(egraph: &mut FusionGraph, first: usize, last: usize) -> Id {
-    let mut options: Vec<usize> = egraph.analysis.options(first, last).collect();
-    if options.is_empty() {
-        options.push(0);
+    let mut choices: Vec<FlcGroup> = egraph.analysis.choices(first, last).collect();
+    if choices.is_empty() {
+        choices.push(FlcGroup::rows(first, last, 0));
     }
     let mut class: Option<Id> = None;
-    for devices in options {
-        let id = egraph.add(Fusion::Group(Leaf(FlcGroup {
-            first,
-            last,
-            devices,
-        })));
+    for choice in choices {
+        let id = egraph.add(Fusion::Group(Leaf(choice)));
         class = Some(match class {
             Some(c) => {
                 egraph.union(c, id);
@@ -205,7 +212,7 @@ impl<T: GroupCosts> CostFunction<Fusion> for TableCost<'_, T> {
         match enode {
             Fusion::Seq([a, b]) => costs(*a) + costs(*b),
             Fusion::Group(Leaf(c)) if c.devices == 0 => Cost::INFINITY,
-            Fusion::Group(Leaf(c)) => self.0.cost(c.first, c.last, c.devices),
+            Fusion::Group(Leaf(c)) => self.0.cost(*c),
         }
     }
 }
@@ -233,24 +240,26 @@ pub fn search_egg(table: &impl GroupCosts) -> Result<(Flc, EggStats)> {
     if n == 0 {
         bail!("the model has no stages");
     }
-    if table.options() >= 64 {
-        bail!("at most 63 device options are supported");
+    if 2 * table.options() > 64 {
+        bail!("at most 32 devices are supported");
     }
     let legal = (0..n)
         .map(|first| {
             (first..n)
                 .map(|last| {
-                    (1..=table.options())
-                        .filter(|&k| table.cost(first, last, k).is_finite())
-                        .fold(0u64, |m, k| m | 1 << k)
+                    FlcGroup::choices(first, last, table.options())
+                        .enumerate()
+                        .filter(|(_, c)| table.cost(*c).is_finite())
+                        .fold(0u64, |m, (i, _)| m | 1 << i)
                 })
                 .collect()
         })
         .collect();
-    let mut egraph = FusionGraph::new(Spans { legal });
+    let options = table.options();
+    let mut egraph = FusionGraph::new(Spans { options, legal });
     let mut chain: Option<Id> = None;
     for s in (0..n).rev() {
-        if egraph.analysis.options(s, s).next().is_none() {
+        if egraph.analysis.choices(s, s).next().is_none() {
             bail!("stage {s} fits no device under any option");
         }
         let group = add_group(&mut egraph, s, s);
@@ -307,7 +316,7 @@ fn groups_of(expr: &RecExpr<Fusion>) -> Vec<FlcGroup> {
 mod tests {
     use super::*;
 
-    /// A cost table from a closure.
+    /// A cost table from a closure over (first, last, devices); no channel splits.
     struct Table<F>(usize, usize, F);
     impl<F: Fn(usize, usize, usize) -> Cost> GroupCosts for Table<F> {
         fn stages(&self) -> usize {
@@ -316,17 +325,30 @@ mod tests {
         fn options(&self) -> usize {
             self.1
         }
-        fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
-            (self.2)(first, last, devices)
+        fn cost(&self, c: FlcGroup) -> Cost {
+            match c.channels {
+                true => Cost::INFINITY,
+                false => (self.2)(c.first, c.last, c.devices),
+            }
+        }
+    }
+
+    /// A cost table from a closure over whole choices.
+    struct Choices<F>(usize, usize, F);
+    impl<F: Fn(FlcGroup) -> Cost> GroupCosts for Choices<F> {
+        fn stages(&self) -> usize {
+            self.0
+        }
+        fn options(&self) -> usize {
+            self.1
+        }
+        fn cost(&self, c: FlcGroup) -> Cost {
+            (self.2)(c)
         }
     }
 
     fn c(first: usize, last: usize, devices: usize) -> FlcGroup {
-        FlcGroup {
-            first,
-            last,
-            devices,
-        }
+        FlcGroup::rows(first, last, devices)
     }
 
     #[test]
@@ -334,6 +356,15 @@ mod tests {
         let g: Leaf = "g3-7x2".parse().unwrap();
         assert_eq!(g.0, c(3, 7, 2));
         assert_eq!(g.to_string(), "g3-7x2");
+        let by_channels: Leaf = "g3-3x4c".parse().unwrap();
+        assert_eq!(
+            by_channels.0,
+            FlcGroup {
+                channels: true,
+                ..c(3, 3, 4)
+            }
+        );
+        assert_eq!(by_channels.to_string(), "g3-3x4c");
         assert!("g3x2".parse::<Leaf>().is_err());
         assert!("h3-7x2".parse::<Leaf>().is_err());
     }
@@ -394,6 +425,30 @@ mod tests {
         });
         let (flc, _) = search_egg(&t).unwrap();
         assert_eq!(flc.groups, vec![c(0, 2, 1)]);
+    }
+
+    /// Channel splits are choices beside the row splits, and both searches take one
+    /// where it is cheapest: stage 2 (an FC layer) by channels on 3 devices.
+    #[test]
+    fn a_channel_split_is_chosen_where_it_is_cheapest() {
+        let t = Choices(3, 3, |g: FlcGroup| {
+            match (g.first, g.last, g.devices, g.channels) {
+                (0, 1, 3, false) => Cost::from_us(10.0),
+                (2, 2, 3, true) => Cost::from_us(4.0),
+                (2, 2, 2, true) => Cost::from_us(6.0),
+                (2, 2, 1, false) => Cost::from_us(9.0),
+                (a, b, 1, false) => Cost::from_us(20.0 * (b - a + 1) as f64),
+                _ => Cost::INFINITY,
+            }
+        });
+        let (flc, _) = search_egg(&t).unwrap();
+        let by_channels = FlcGroup {
+            channels: true,
+            ..c(2, 2, 3)
+        };
+        assert_eq!(flc.groups, vec![c(0, 1, 3), by_channels]);
+        assert_eq!(flc.cost, Cost::from_us(14.0));
+        assert_eq!(crate::search_dp(&t).unwrap(), flc);
     }
 
     /// A stage with no legal option is an error naming the stage.

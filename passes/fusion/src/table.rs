@@ -134,14 +134,8 @@ impl GroupCosts for CostTable {
     fn options(&self) -> usize {
         self.order.len()
     }
-    fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
-        self.entries
-            .get(&FlcGroup {
-                first,
-                last,
-                devices,
-            })
-            .map_or(Cost::INFINITY, |e| e.cost)
+    fn cost(&self, choice: FlcGroup) -> Cost {
+        self.entries.get(&choice).map_or(Cost::INFINITY, |e| e.cost)
     }
 }
 
@@ -268,11 +262,7 @@ impl CostTable {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let barrier = check_group(ir, first, last).is_err();
-            let choice = FlcGroup {
-                first,
-                last,
-                devices: if barrier { 1 } else { all },
-            };
+            let choice = FlcGroup::rows(first, last, if barrier { 1 } else { all });
             let entry = Entry {
                 cost: Cost::from_us(g.median_us as f64),
                 devices,
@@ -319,11 +309,7 @@ fn entries_to(
             .min_by(|a, b| a.total_us.total_cmp(&b.total_us));
         if let Some(p) = best_one {
             entries.push((
-                FlcGroup {
-                    first,
-                    last,
-                    devices: 1,
-                },
+                FlcGroup::rows(first, last, 1),
                 Entry {
                     cost: Cost::from_us(p.total_us),
                     devices: vec![DeviceCost::from(&p)],
@@ -345,11 +331,7 @@ fn entries_to(
                 continue;
             };
             entries.push((
-                FlcGroup {
-                    first,
-                    last,
-                    devices: k,
-                },
+                FlcGroup::rows(first, last, k),
                 Entry {
                     cost: Cost::from_us(prediction.total_us),
                     devices: prediction.devices.iter().map(DeviceCost::from).collect(),

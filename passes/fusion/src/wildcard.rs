@@ -18,15 +18,10 @@ pub fn wild_card(table: &impl GroupCosts, flc: &Flc) -> Option<WildCard> {
     let mut best: Option<(Cost, usize, FlcGroup)> = None;
     for (i, pair) in flc.groups.windows(2).enumerate() {
         let (first, last) = (pair[0].first, pair[1].last);
-        let merged = (1..=table.options())
-            .map(|devices| FlcGroup {
-                first,
-                last,
-                devices,
-            })
-            .min_by_key(|c| (table.cost(c.first, c.last, c.devices), c.devices))
+        let merged = FlcGroup::choices(first, last, table.options())
+            .min_by_key(|c| (table.cost(*c), c.devices, c.channels))
             .expect("at least one device option");
-        let cost = table.cost(first, last, merged.devices);
+        let cost = table.cost(merged);
         if !cost.is_finite() {
             continue;
         }
@@ -36,9 +31,7 @@ pub fn wild_card(table: &impl GroupCosts, flc: &Flc) -> Option<WildCard> {
             .iter()
             .enumerate()
             .filter(|(k, _)| *k != i && *k != i + 1)
-            .fold(Cost::ZERO, |s, (_, g)| {
-                s + table.cost(g.first, g.last, g.devices)
-            });
+            .fold(Cost::ZERO, |s, (_, g)| s + table.cost(*g));
         let total = others + cost;
         if best.is_none_or(|(b, _, _)| total < b) {
             best = Some((total, i, merged));

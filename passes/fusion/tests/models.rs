@@ -121,7 +121,7 @@ fn egg_and_dp_agree_on_every_generated_model() {
             assert_eq!(egg.cost, dp.cost, "{case}: egg {egg}, dp {dp}");
             assert!(egg.is_valid(&table), "{case}: {egg}");
             // Never slower than the whole model on the best single device.
-            let one = table.cost(0, ir.stages.len() - 1, 1);
+            let one = table.cost(FlcGroup::rows(0, ir.stages.len() - 1, 1));
             assert!(egg.cost <= one, "{case}: {egg} against {one}");
         }
     }
@@ -145,19 +145,13 @@ fn a_group_length_limit_keeps_exactly_the_short_groups() {
     let mut kept = 0;
     for first in 0..n {
         for last in first..n {
-            for devices in 1..=all.options() {
-                let (full, limited) = (
-                    all.cost(first, last, devices),
-                    short.cost(first, last, devices),
-                );
+            for c in FlcGroup::choices(first, last, all.options()) {
+                let (full, limited) = (all.cost(c), short.cost(c));
                 if last - first < 3 {
-                    assert_eq!(limited, full, "{first}..{last}/{devices}");
+                    assert_eq!(limited, full, "{c}");
                     kept += usize::from(full.is_finite());
                 } else {
-                    assert!(
-                        !limited.is_finite(),
-                        "{first}..{last}/{devices} is too long"
-                    );
+                    assert!(!limited.is_finite(), "{c} is too long");
                 }
             }
         }
@@ -190,21 +184,9 @@ fn placement_lines_strips_up_with_the_rows_the_devices_hold() {
     let flc = Flc::new(
         &table,
         vec![
-            FlcGroup {
-                first: 0,
-                last: 0,
-                devices: 3,
-            },
-            FlcGroup {
-                first: 1,
-                last: 1,
-                devices: 3,
-            },
-            FlcGroup {
-                first: 2,
-                last: n - 1,
-                devices: 1,
-            },
+            FlcGroup::rows(0, 0, 3),
+            FlcGroup::rows(1, 1, 3),
+            FlcGroup::rows(2, n - 1, 1),
         ],
     );
     assert!(flc.is_valid(&table), "{flc}");

@@ -5,8 +5,9 @@
 use legion_fusion::{Cost, Flc, FlcGroup, GroupCosts, search_dp, search_egg, wild_card};
 use proptest::prelude::*;
 
-/// A random table: `stages` stages, `options` device options; `illegal` marks choices
-/// with no legal run; option 1 of a single stage is always legal so a cover exists.
+/// A random table: `stages` stages, `options` device options, each choice split by rows
+/// and (2 devices or more) by channels; a cost of 0 marks an illegal choice; option 1
+/// of a single stage is always legal so a cover exists.
 #[derive(Debug, Clone)]
 struct RandomTable {
     stages: usize,
@@ -15,8 +16,18 @@ struct RandomTable {
 }
 
 impl RandomTable {
-    fn at(&self, first: usize, last: usize, devices: usize) -> u64 {
-        self.costs[(first * self.stages + last) * self.options + devices - 1]
+    /// Choices per group: by rows on 1..=options devices, by channels on 2..=options.
+    fn choices(options: usize) -> usize {
+        2 * options - 1
+    }
+
+    fn at_choice(&self, c: FlcGroup) -> u64 {
+        let index = match c.channels {
+            false => c.devices - 1,
+            true => self.options + c.devices - 2,
+        };
+        let per_group = RandomTable::choices(self.options);
+        self.costs[(c.first * self.stages + c.last) * per_group + index]
     }
 }
 
@@ -27,9 +38,9 @@ impl GroupCosts for RandomTable {
     fn options(&self) -> usize {
         self.options
     }
-    fn cost(&self, first: usize, last: usize, devices: usize) -> Cost {
-        let c = self.at(first, last, devices);
-        if c == 0 && !(first == last && devices == 1) {
+    fn cost(&self, g: FlcGroup) -> Cost {
+        let c = self.at_choice(g);
+        if c == 0 && !(g.first == g.last && g.devices == 1 && !g.channels) {
             Cost::INFINITY
         } else {
             Cost::from_ns(c)
@@ -41,12 +52,11 @@ fn tables() -> impl Strategy<Value = RandomTable> {
     (1usize..14, 1usize..5).prop_flat_map(|(stages, options)| {
         // 0 = illegal (a quarter of the time), else a cost in 1..10^6 ns.
         let cost = prop_oneof![1 => Just(0u64), 3 => 1u64..1_000_000];
-        proptest::collection::vec(cost, stages * stages * options).prop_map(move |costs| {
-            RandomTable {
-                stages,
-                options,
-                costs,
-            }
+        let len = stages * stages * RandomTable::choices(options);
+        proptest::collection::vec(cost, len).prop_map(move |costs| RandomTable {
+            stages,
+            options,
+            costs,
         })
     })
 }
@@ -59,8 +69,8 @@ fn brute_force(t: &RandomTable) -> Cost {
         }
         let mut b = Cost::INFINITY;
         for last in from..t.stages {
-            for k in 1..=t.options {
-                b = b.min(t.cost(from, last, k) + best(t, last + 1));
+            for c in FlcGroup::choices(from, last, t.options) {
+                b = b.min(t.cost(c) + best(t, last + 1));
             }
         }
         b
@@ -100,8 +110,8 @@ proptest! {
             None => {
                 // No pair can merge legally.
                 for pair in dp.groups.windows(2) {
-                    for k in 1..=t.options {
-                        prop_assert!(!t.cost(pair[0].first, pair[1].last, k).is_finite());
+                    for c in FlcGroup::choices(pair[0].first, pair[1].last, t.options) {
+                        prop_assert!(!t.cost(c).is_finite());
                     }
                 }
             }
@@ -131,18 +141,7 @@ fn wild_card_picks_the_cheapest_merge() {
     assert_eq!(w.merged, 1);
     assert_eq!(
         w.flc.groups,
-        vec![
-            FlcGroup {
-                first: 0,
-                last: 0,
-                devices: 1
-            },
-            FlcGroup {
-                first: 1,
-                last: 2,
-                devices: 1
-            }
-        ]
+        vec![FlcGroup::rows(0, 0, 1), FlcGroup::rows(1, 2, 1)]
     );
     assert_eq!(w.flc.cost, Cost::from_ns(32));
 }

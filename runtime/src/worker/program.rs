@@ -305,9 +305,7 @@ impl Worker {
                     channels,
                     to,
                 } => {
-                    let strip = tensors
-                        .part(*tensor, *rows, *channels)
-                        .map_err(stored)?;
+                    let strip = tensors.part(*tensor, *rows, *channels).map_err(stored)?;
                     let part = (*tensor, *rows, *channels);
                     let mut m = rows_to_wire(String::new(), req.inference, me, part, &strip)
                         .map_err(stored)?;
