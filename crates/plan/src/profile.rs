@@ -103,12 +103,17 @@ pub struct StageProfile {
     pub barrier: bool,
     /// Per device (cluster order): the row counts measured, ascending.
     pub samples: Vec<Vec<Sample>>,
+    /// For a stage worth splitting by output channels (docs/architecture.md, "Channel
+    /// splits"), per device: its time on all rows of a number of its channels (the
+    /// samples' `rows`), from its whole inputs, ascending. Empty for other stages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channel_samples: Vec<Vec<Sample>>,
 }
 
-/// The time of a stage run alone on a number of its output rows.
+/// The time of a stage run alone on a number of its output rows (or channels).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
-    /// Output rows computed.
+    /// Output rows computed (output channels, in `channel_samples`).
     pub rows: usize,
     /// Median over the runs, µs.
     pub median_us: u64,

@@ -63,6 +63,7 @@ fn linear_profile(ir: &Ir, devices: usize, per_row: impl Fn(usize) -> u64) -> Pr
                     stage: s.id,
                     barrier: false,
                     samples: vec![vec![sample(1), sample(h)]; devices],
+                    channel_samples: vec![],
                 }
             })
             .collect(),

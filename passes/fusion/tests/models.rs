@@ -79,10 +79,37 @@ fn synthetic_profile(ir: &Ir) -> Profile {
                         .collect()
                 })
                 .collect();
+            // Channel tiles of the stages worth them: time in proportion to channels.
+            let channel_samples = match s.channels {
+                Some(c) if legion_partition::worth_channels(ir, s.id) => DEVICES
+                    .iter()
+                    .map(|&(_, gflops, _)| {
+                        let mut counts = vec![1, c.count / 4, c.count / 2, c.count];
+                        counts.retain(|&n| n > 0);
+                        counts.dedup();
+                        counts
+                            .into_iter()
+                            .map(|n| {
+                                let share = n as f64 / c.count as f64;
+                                let us =
+                                    (20.0 + s.flops as f64 * share / (gflops * 1e3)).round() as u64;
+                                Sample {
+                                    rows: n,
+                                    median_us: us,
+                                    min_us: us,
+                                    runs: 1,
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                _ => vec![],
+            };
             StageProfile {
                 stage: s.id,
                 barrier,
                 samples,
+                channel_samples,
             }
         })
         .collect();

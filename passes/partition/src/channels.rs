@@ -6,6 +6,16 @@ use crate::tiling::{Group, PartitionError, boundary, whole_group};
 use legion_ir::{Ir, Rows};
 use legion_plan::TileSpec;
 
+/// True when stage `s` is worth splitting by its output channels: it splits so, and its
+/// weights outweigh its output. Each device then reads the whole input, so channel
+/// splits pay where maps are small and weights heavy (late convs, FC layers); the
+/// profiler measures channel tiles of these stages only, and the search offers channel
+/// splits of these only.
+pub fn worth_channels(ir: &Ir, s: legion_ir::StageId) -> bool {
+    let stage = ir.stage(s);
+    stage.channels.is_some() && stage.weight_bytes > 4 * stage.output.len() as u64
+}
+
 /// Checks that `first..=last` can split by channels: its last stage splits by output
 /// channels, and every stage before it (run whole on each device of the group: a
 /// flatten before a matmul) is read only inside the group.

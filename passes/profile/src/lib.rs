@@ -19,7 +19,9 @@ use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
 pub use legion_partition::candidate_groups;
-use legion_partition::{Group, check_group, strips_from_weights, tile, whole_stage};
+use legion_partition::{
+    Group, channel_tile, check_group, strips_from_weights, tile, whole_stage, worth_channels,
+};
 use legion_plan::{
     Clock, DeviceId, DeviceProfile, GroupMeasurement, HostRates, LinkProbe, PROFILE_VERSION,
     Profile, ProfileMode, Sample, StageProfile, StepTiming, TileSpec,
@@ -251,11 +253,27 @@ async fn legion_mode(
 ) -> Result<()> {
     let weights = weights(profile);
     let devices = profile.devices.len();
-    // Per stage, per device: the specs to measure and their row counts.
+    // Per stage, per device: the specs to measure and their row counts, then the
+    // channel tiles and their channel counts.
     let mut plan: Vec<Vec<Vec<(usize, TileSpec)>>> = vec![];
+    let mut channel_plan: Vec<Vec<Vec<(usize, TileSpec)>>> = vec![];
     for stage in &ir.stages {
         let mut per_device = vec![];
+        let mut channel_specs = vec![];
         for d in 0..devices {
+            if let Some(split) = stage.channels.filter(|_| worth_channels(ir, stage.id)) {
+                let shares = strips_from_weights(split.count, &weights);
+                let group = Group::new(stage.id.index(), stage.id.index());
+                channel_specs.push(
+                    sample_rows(shares[d].len(), split.count)
+                        .into_iter()
+                        .map(|n| {
+                            let start = shares[d].start.min(split.count - n);
+                            (n, channel_tile(ir, group, Rows::new(start, start + n)))
+                        })
+                        .collect(),
+                );
+            }
             let specs = match (&stage.split, stage.output.height()) {
                 (Split::Rows, Some(height)) => {
                     let strips = strips_from_weights(height, &weights);
@@ -273,25 +291,48 @@ async fn legion_mode(
             per_device.push(specs);
         }
         plan.push(per_device);
+        channel_plan.push(channel_specs);
     }
-    let total: usize =
-        plan.iter().flatten().map(Vec::len).sum::<usize>() + devices * PROBE_BYTES.len();
+    let total: usize = plan.iter().flatten().map(Vec::len).sum::<usize>()
+        + channel_plan.iter().flatten().map(Vec::len).sum::<usize>()
+        + devices * PROBE_BYTES.len();
     let bar = progress_bar(opts, total as u64, "profiling");
     // Devices measure in parallel on a real cluster; every device's time counts once.
     let mut device_us = vec![0u64; devices];
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![vec![]; devices]; ir.stages.len()];
+    let mut channel_samples: Vec<Vec<Vec<Sample>>> = channel_plan
+        .iter()
+        .map(|per_device| vec![vec![]; per_device.len()])
+        .collect();
     for d in 0..devices {
         let name = profile.devices[d].name.clone();
-        for (s, per_device) in plan.iter().enumerate() {
-            bar.set_message(format!("{name}: stage {s}"));
-            for (rows, spec) in &per_device[d] {
+        let measures = plan
+            .iter()
+            .enumerate()
+            .map(|(s, p)| (s, false, &p[d]))
+            .chain(
+                channel_plan
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| !p.is_empty())
+                    .map(|(s, p)| (s, true, &p[d])),
+            );
+        for (s, by_channels, specs) in measures {
+            let unit = if by_channels { "channels" } else { "rows" };
+            bar.set_message(format!("{name}: stage {s}, {unit}"));
+            for (n, spec) in specs {
                 let (warmup, times, host) = bed
                     .profile_tile(DeviceId(d), spec, opts.runs)
                     .await
-                    .with_context(|| format!("profiling stage {s} on {rows} rows"))?;
+                    .with_context(|| format!("profiling stage {s} on {n} {unit}"))?;
                 profile.host_gflops = HostRates::union(profile.host_gflops, host);
                 device_us[d] += warmup + times.iter().sum::<u64>();
-                samples[s][d].push(sample(*rows, times));
+                let kept = if by_channels {
+                    &mut channel_samples[s][d]
+                } else {
+                    &mut samples[s][d]
+                };
+                kept.push(sample(*n, times));
                 bar.inc(1);
             }
         }
@@ -307,10 +348,12 @@ async fn legion_mode(
         .stages
         .iter()
         .zip(samples)
-        .map(|(stage, samples)| StageProfile {
+        .zip(channel_samples)
+        .map(|((stage, samples), channel_samples)| StageProfile {
             stage: stage.id,
             barrier: !matches!(stage.split, Split::Rows) || stage.output.height().is_none(),
             samples,
+            channel_samples,
         })
         .collect();
     profile.profiling_us = device_us.into_iter().max().unwrap_or(0);
