@@ -23,6 +23,7 @@
 //! devices really hold ([`Holdings`]).
 
 mod aofl;
+mod channels;
 mod fit;
 
 use fit::line;
@@ -156,14 +157,36 @@ impl fmt::Display for Producers {
 }
 
 /// The rows of each tensor each device holds at some point of a plan's programs: what
-/// it computed or received in the groups before.
+/// it computed or received in the groups before. Of a tensor computed split by channels,
+/// a device that computed some holds every row of those channels only.
 #[derive(Clone, Debug, Default)]
-pub struct Holdings(HashMap<(DeviceId, TensorRef), Held>);
+pub struct Holdings(
+    HashMap<(DeviceId, TensorRef), Held>,
+    HashMap<(DeviceId, TensorRef), Rows>,
+);
 
 impl Holdings {
     /// Device `d` holds `rows` of `tensor` (`0..0`: all of a tensor without rows).
     pub fn insert(&mut self, d: DeviceId, tensor: TensorRef, rows: Rows) {
         self.0.entry((d, tensor)).or_default().insert(rows);
+    }
+
+    /// Device `d` computed `channels` (all their rows) of `tensor`.
+    pub fn insert_channels(&mut self, d: DeviceId, tensor: TensorRef, channels: Rows) {
+        self.1.insert((d, tensor), channels);
+    }
+
+    /// Bytes of `want` rows of `tensor` device `d` lacks.
+    pub fn lacking_bytes(&self, ir: &Ir, d: DeviceId, tensor: TensorRef, want: Rows) -> u64 {
+        let own = self.1.get(&(d, tensor)).copied();
+        self.lacking(d, tensor, want)
+            .into_iter()
+            .map(|rows| {
+                // Of rows not held whole, it holds the channels it computed.
+                let mine = own.map_or(0, |c| ir.part_bytes(tensor, rows, Some(c)));
+                ir.part_bytes(tensor, rows, None) - mine
+            })
+            .sum()
     }
 
     /// Records what device `d` holds after running tile `t`: its inputs and its outputs.
@@ -205,6 +228,9 @@ pub struct CostModel<'a> {
     samples: Vec<Vec<Vec<(f64, f64)>>>,
     /// Per stage, per device: (intercept µs, µs per row) of the line through them.
     lines: Vec<Vec<(f64, f64)>>,
+    /// Per stage, per device: the profile's (channels, median µs) channel samples;
+    /// empty for a stage without them.
+    channel_samples: Vec<Vec<Vec<(f64, f64)>>>,
     shares: Mutex<HashMap<SharesKey, Vec<(DeviceId, Rows)>>>,
 }
 
@@ -270,6 +296,21 @@ impl<'a> CostModel<'a> {
             .iter()
             .map(|per_device| per_device.iter().map(|p| line(p)).collect())
             .collect();
+        let channel_samples = profile
+            .stages
+            .iter()
+            .map(|s| {
+                s.channel_samples
+                    .iter()
+                    .map(|points| {
+                        points
+                            .iter()
+                            .map(|p| (p.rows as f64, p.median_us as f64))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
         let mut order: Vec<usize> = (0..profile.devices.len()).collect();
         order.sort_by(|&a, &b| {
             profile.devices[b]
@@ -293,6 +334,7 @@ impl<'a> CostModel<'a> {
             aofl,
             samples,
             lines,
+            channel_samples,
             shares: Mutex::default(),
         })
     }
@@ -418,12 +460,7 @@ impl<'a> CostModel<'a> {
                 .received
                 .iter()
                 .filter(|r| !r.rows.is_empty() || self.ir.tensor(r.tensor).height().is_none())
-                .flat_map(|r| {
-                    held.lacking(d, r.tensor, r.rows)
-                        .into_iter()
-                        .map(|rows| (r.tensor, rows))
-                })
-                .map(|(tensor, rows)| self.bytes(tensor, rows))
+                .map(|r| held.lacking_bytes(self.ir, d, r.tensor, r.rows))
                 .sum();
         }
         let last_height = t
@@ -645,15 +682,10 @@ impl<'a> CostModel<'a> {
         let (inputs, outputs) = boundary(self.ir, group);
         let bytes_in: u64 = inputs
             .iter()
-            .flat_map(|r| match held {
-                Some(h) => h
-                    .lacking(d, *r, all(*r))
-                    .into_iter()
-                    .map(|rows| (*r, rows))
-                    .collect(),
-                None => vec![(*r, all(*r))],
+            .map(|r| match held {
+                Some(h) => h.lacking_bytes(self.ir, d, *r, all(*r)),
+                None => self.bytes(*r, all(*r)),
             })
-            .map(|(r, rows)| self.bytes(r, rows))
             .sum();
         let bytes_out: u64 = outputs
             .iter()

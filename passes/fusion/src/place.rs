@@ -12,7 +12,7 @@ use crate::{Cost, CostTable, DeviceCost, Entry, Flc, FlcGroup, Legality};
 use anyhow::{Context, Result};
 use legion_cost::{CostModel, Holdings, Predictor};
 use legion_ir::{Ir, Rows, TensorRef};
-use legion_partition::{Group, boundary, tile};
+use legion_partition::{Group, boundary, channel_tile, tile};
 use legion_plan::DeviceId;
 
 /// The groups of an FLC with how each runs, and their total.
@@ -78,6 +78,15 @@ impl Placement {
                 groups.push((choice, placed));
                 continue;
             }
+            if entry.channels {
+                groups.push((
+                    choice,
+                    place_channels(
+                        ir, model, predictor, legality, table, &mut held, choice, &entry,
+                    )?,
+                ));
+                continue;
+            }
             let devices = &table.device_order()[..choice.devices];
             let table_strips: Vec<_> = entry.devices.iter().map(|d| (d.device, d.strip)).collect();
             let shares = model
@@ -125,4 +134,49 @@ impl Placement {
         let cost = groups.iter().fold(Cost::ZERO, |sum, (_, e)| sum + e.cost);
         Placement { groups, cost }
     }
+}
+
+/// A group split by channels placed given what the devices hold (`held`, updated with
+/// what they hold after it): min-max channel shares over its option's devices, or the
+/// table's when those are predicted no slower or the new tiles would not fit.
+#[allow(clippy::too_many_arguments)]
+fn place_channels(
+    ir: &Ir,
+    model: &CostModel,
+    predictor: Predictor,
+    legality: &Legality,
+    table: &CostTable,
+    held: &mut Holdings,
+    choice: FlcGroup,
+    entry: &Entry,
+) -> Result<Entry> {
+    let group = Group::new(choice.first, choice.last);
+    let devices = &table.device_order()[..choice.devices];
+    let table_shares: Vec<(DeviceId, Rows)> =
+        entry.devices.iter().map(|d| (d.device, d.strip)).collect();
+    let shares = model
+        .channel_shares(predictor, group, devices, Some(held))
+        .with_context(|| format!("placing group {choice}"))?;
+    let fits = shares
+        .iter()
+        .all(|(d, c)| legality.fits(ir, *d, &channel_tile(ir, group, *c)));
+    let at_table = model.predict_channels(predictor, group, &table_shares, Some(held));
+    let at_shares = fits.then(|| model.predict_channels(predictor, group, &shares, Some(held)));
+    let (shares, p) = match at_shares {
+        Some(p) if p.total_us < at_table.total_us => (shares, p),
+        _ => (table_shares, at_table),
+    };
+    let (inputs, _) = boundary(ir, group);
+    for (d, c) in &shares {
+        for &r in &inputs {
+            held.insert(*d, r, Rows::new(0, ir.tensor(r).height().unwrap_or(0)));
+        }
+        held.insert_channels(*d, TensorRef::Stage(group.last), *c);
+    }
+    Ok(Entry {
+        cost: Cost::from_us(p.total_us),
+        devices: p.devices.iter().map(DeviceCost::from).collect(),
+        whole: false,
+        channels: true,
+    })
 }

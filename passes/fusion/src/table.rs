@@ -6,7 +6,9 @@ use crate::{Cost, FlcGroup, GroupCosts};
 use anyhow::{Context, Result, bail, ensure};
 use legion_cost::{CostModel, DevicePrediction, GroupShares, Predictor};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_partition::{Group, SuffixTiler, TileView, check_group, whole_group};
+use legion_partition::{
+    Group, SuffixTiler, TileView, channel_tile, check_channel_group, check_group, whole_group,
+};
 use legion_plan::{Cluster, DeviceId, DeviceTiming, Profile, ProfileMode, TileSpec};
 use std::collections::HashMap;
 
@@ -84,14 +86,18 @@ impl Legality {
     }
 }
 
-/// Bytes a tile holds at once, counted without reuse: its stages' weights, the strips it
-/// receives and every stage's computed rows.
+/// Bytes a tile holds at once, counted without reuse: its stages' weights (a stage
+/// split by channels, its slice of them), the strips it receives and every stage's
+/// computed rows (of its channels).
 fn tile_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
     let rows_bytes = |r: TensorRef, rows: Rows| ir.tensor(r).strip_bytes(rows);
     let weights: u64 = spec
         .stages
         .iter()
-        .map(|s| ir.stage(s.stage).weight_bytes)
+        .map(|s| match s.channels {
+            Some(c) => ir.channel_weight_bytes(s.stage, c),
+            None => ir.stage(s.stage).weight_bytes,
+        })
         .sum();
     let received: u64 = spec
         .inputs
@@ -101,7 +107,7 @@ fn tile_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
     let computed: u64 = spec
         .stages
         .iter()
-        .map(|s| rows_bytes(TensorRef::Stage(s.stage), s.computed))
+        .map(|s| ir.part_bytes(TensorRef::Stage(s.stage), s.computed, s.channels))
         .sum();
     weights + received + computed
 }
@@ -170,7 +176,11 @@ impl CostTable {
     /// Predicted costs. Option 1 runs the group whole on the device predicted fastest
     /// for it (any run of stages, barriers included). Option `k >= 2` splits a run of
     /// splittable stages over the `k` fastest devices at the predictor's min-max shares;
-    /// it is legal when every device's tile fits its memory.
+    /// it is legal when every device's tile fits its memory. Option `k >= 2` by
+    /// channels splits the last stage's output channels over the `k` fastest devices at
+    /// min-max shares (every device running the stages before it whole), for a channel
+    /// group whose last stage the profile measured by channels; legal when every
+    /// channel tile fits.
     ///
     /// Halos as deep as a device's own rows are allowed: the predictor charges the
     /// recomputed rows. The founding design's rule "halo smaller than the strip" kept VGG-16 on 6
@@ -281,6 +291,49 @@ impl CostTable {
     }
 }
 
+/// The entries of `group` split by its last stage's channels over the `k` fastest
+/// devices, for every `k >= 2` whose channel tiles fit (none when the group cannot split
+/// so or the profile has no channel samples of its last stage).
+fn channel_entries(
+    ir: &Ir,
+    model: &CostModel,
+    predictor: Predictor,
+    legality: &Legality,
+    order: &[DeviceId],
+    group: Group,
+) -> Result<Vec<(FlcGroup, Entry)>> {
+    let (first, last) = (group.first.index(), group.last.index());
+    if !model.splits_channels(group.last) || check_channel_group(ir, first, last).is_err() {
+        return Ok(vec![]);
+    }
+    let mut entries = vec![];
+    for k in 2..=order.len() {
+        let shares = model
+            .channel_shares(predictor, group, &order[..k], None)
+            .with_context(|| format!("channel shares of group {group} on {k} devices"))?;
+        let fits = shares
+            .iter()
+            .all(|(d, c)| legality.fits(ir, *d, &channel_tile(ir, group, *c)));
+        if !fits {
+            continue;
+        }
+        let p = model.predict_channels(predictor, group, &shares, None);
+        entries.push((
+            FlcGroup {
+                channels: true,
+                ..FlcGroup::rows(first, last, k)
+            },
+            Entry {
+                cost: Cost::from_us(p.total_us),
+                devices: p.devices.iter().map(DeviceCost::from).collect(),
+                whole: false,
+                channels: true,
+            },
+        ));
+    }
+    Ok(entries)
+}
+
 /// The legal entries of every group ending at stage `last` (see
 /// [`CostTable::predicted`]). The groups share one [`SuffixTiler`].
 fn entries_to(
@@ -318,6 +371,9 @@ fn entries_to(
                 },
             ));
         }
+        entries.extend(channel_entries(
+            ir, model, predictor, legality, order, group,
+        )?);
         let Some(tiler) = tiler.as_ref().filter(|t| t.longest().first <= group.first) else {
             continue;
         };

@@ -17,8 +17,10 @@ pub fn worth_channels(ir: &Ir, s: legion_ir::StageId) -> bool {
 }
 
 /// Checks that `first..=last` can split by channels: its last stage splits by output
-/// channels, and every stage before it (run whole on each device of the group: a
-/// flatten before a matmul) is read only inside the group.
+/// channels, and every stage before it runs whole on each device of the group (a
+/// flatten or a global pool before an FC layer), so it must multiply nothing (no conv,
+/// no matmul: that work would be repeated on every device) and be read only inside the
+/// group.
 pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
     if first > last || last >= ir.stages.len() {
         return Err(PartitionError::BadGroup {
@@ -33,6 +35,15 @@ pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, 
         return Err(PartitionError::NoChannels {
             stage: group.last,
             name: stage.name.clone(),
+        });
+    }
+    if let Some(s) = group
+        .stages()
+        .find(|s| *s != group.last && ir.stage(*s).macs() > 0)
+    {
+        return Err(PartitionError::Replicated {
+            stage: s,
+            name: ir.stage(s).name.clone(),
         });
     }
     let (_, outputs) = boundary(ir, group);

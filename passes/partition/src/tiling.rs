@@ -79,6 +79,16 @@ pub enum PartitionError {
         /// Its name.
         name: String,
     },
+    /// A channel group would run a conv or matmul whole on every device.
+    #[error(
+        "stage {stage} ({name}) multiplies; in a channel group every device would run it whole"
+    )]
+    Replicated {
+        /// The stage.
+        stage: StageId,
+        /// Its name.
+        name: String,
+    },
     /// A stage that every device of a channel group runs whole is read after it.
     #[error(
         "stage {stage} ({name}) is read after the group; in a channel group only the last stage may be"
