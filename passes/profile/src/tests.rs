@@ -202,6 +202,25 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
                 assert_eq!((sample.median_us, sample.min_us), (times[0] + 1, times[0]));
             }
         }
+        // Then the channel tiles of the stages worth them (tiny-head's FC layer), at
+        // the device's share of the channels; the fake sees their rows (none: the FC
+        // output has no row axis).
+        for stage in ir.stages.iter().filter(|s| worth_channels(&ir, s.id)) {
+            let count = stage.channels.unwrap().count;
+            let shares = strips_from_weights(count, &RATES);
+            let rows = stage.output.height().unwrap_or(0);
+            for (k, &n) in sample_rows(shares[d].len(), count).iter().enumerate() {
+                want.push(Call::Tile {
+                    device: DeviceId(d),
+                    stage: stage.id,
+                    rows,
+                });
+                let times = Fake::tile_times(DeviceId(d), rows, 3);
+                device_us[d] += 7 + times.iter().sum::<u64>();
+                let sample = &p.stages[stage.id.index()].channel_samples[d][k];
+                assert_eq!((sample.rows, sample.runs), (n, 3));
+            }
+        }
         for bytes in PROBE_BYTES {
             want.push(Call::Probe {
                 device: DeviceId(d),
@@ -220,7 +239,10 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
     assert_eq!(p.profiling_us, device_us[0].max(device_us[1]));
     for (stage, s) in ir.stages.iter().zip(&p.stages) {
         assert_eq!(s.barrier, !stage.is_splittable(), "{}", stage.name);
+        let by_channels = usize::from(worth_channels(&ir, stage.id)) * 2;
+        assert_eq!(s.channel_samples.len(), by_channels, "{}", stage.name);
     }
+    assert!(worth_channels(&ir, StageId(3)), "tiny-head's FC layer");
     assert!(p.groups.is_empty());
     assert_eq!((p.mode, p.clock), (ProfileMode::Legion, Clock::Emulated));
 }
