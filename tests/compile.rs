@@ -64,6 +64,62 @@ fn vgg16_on_4_fireflies() {
     snapshot("vgg16", "firefly-x4");
 }
 
+/// With 300 MB for Legion on each of 4 boards, no board can hold VGG-16's fc6 (411 MB
+/// of weights): the plan splits it by neurons, every tile of every candidate fits its
+/// board, and every tile computes what the single-device run does.
+#[test]
+fn vgg16_whose_fc6_fits_no_board_splits_it_by_neurons() {
+    let plan = compile("vgg16", "firefly-x4-300mb", "vgg16-firefly-x4", &[]);
+    let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
+    let fc6 = 19;
+    assert_eq!(ir.stages[fc6].name, "fc6.ab");
+    assert!(ir.stages[fc6].weight_bytes > 300 << 20);
+    let plan: Value = serde_json::from_str(&plan).unwrap();
+    for c in plan["candidates"].as_array().unwrap() {
+        let groups = c["groups"].as_array().unwrap();
+        let holding_fc6 = groups
+            .iter()
+            .find(|g| {
+                g["first"].as_u64().unwrap() as usize <= fc6
+                    && fc6 <= g["last"].as_u64().unwrap() as usize
+            })
+            .unwrap();
+        assert_eq!(holding_fc6["channels"], true, "{}", c["name"]);
+        for g in groups {
+            for t in g["tiles"].as_array().unwrap() {
+                let spec: legion_plan::TileSpec =
+                    serde_json::from_value(t["tile"].clone()).unwrap();
+                let weights: u64 = spec
+                    .stages
+                    .iter()
+                    .map(|s| match s.channels {
+                        Some(c) => ir.channel_weight_bytes(s.stage, c),
+                        None => ir.stage(s.stage).weight_bytes,
+                    })
+                    .sum();
+                assert!(
+                    weights < 300 << 20,
+                    "{}: {weights} bytes on {}",
+                    c["name"],
+                    t["device"]
+                );
+            }
+        }
+    }
+    let plan_file = scratch("compile").join("vgg16-firefly-x4-300mb.json");
+    let validated = ok(legion(&[
+        "plan",
+        "validate",
+        plan_file.to_str().unwrap(),
+        &model("vgg16"),
+        "--run",
+    ]));
+    assert!(
+        validated.contains("every tile matches the single-device run"),
+        "{validated}"
+    );
+}
+
 #[test]
 fn vgg16_on_3f3o() {
     snapshot("vgg16", "3f3o");
