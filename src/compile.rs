@@ -51,6 +51,10 @@ pub struct Args {
     /// rows other boards read (sub-strips; programs transport only).
     #[arg(long)]
     no_sub_strips: bool,
+    /// Split groups by rows only, as the paper does: never by a stage's output
+    /// channels or neurons.
+    #[arg(long)]
+    rows_only: bool,
     /// Print what a pass attached: partition, cost, fusion or codegen (repeatable).
     #[arg(long, value_parser = parse_pass)]
     dump_after: Vec<Pass>,
@@ -141,6 +145,7 @@ pub fn run(args: &Args) -> Result<()> {
         stop_after: args.stop_after,
         transport: args.transport,
         sub_strips: !args.no_sub_strips,
+        rows_only: args.rows_only,
     };
     let live = coord.as_ref().map(|c| (c, &rt));
     let compiled = legion_pipeline::compile(&ir, &profile, &cluster, &options, live, &mut times)?;

@@ -14,6 +14,7 @@ use tract_onnx::prelude::Tensor;
 
 mod accuracy;
 mod calibration;
+mod channels;
 mod compile;
 mod models;
 mod paper;
@@ -51,23 +52,23 @@ pub struct Args {
     /// Where to write the table (default bench/<what>.md).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// accuracy, models, paper, transports: clusters under testdata/clusters, comma-separated
+    /// accuracy, channels, models, paper, transports: clusters under testdata/clusters, comma-separated
     /// (default: the benchmark's own list).
     #[arg(long, value_delimiter = ',')]
     clusters: Option<Vec<String>>,
-    /// accuracy, models, paper, transports: models, comma-separated (default: the benchmark's own
+    /// accuracy, channels, models, paper, transports: models, comma-separated (default: the benchmark's own
     /// list).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    /// accuracy, models, paper, transports: timed runs per measurement (paper: at least 10 on
+    /// accuracy, channels, models, paper, transports: timed runs per measurement (paper: at least 10 on
     /// 1-board clusters).
     #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
-    /// accuracy, compile, paper, transports: reuse the profiles kept under target/bench-profiles by
+    /// accuracy, channels, compile, paper, transports: reuse the profiles kept under target/bench-profiles by
     /// an earlier run.
     #[arg(long)]
     reuse: bool,
-    /// paper, transports: measure nothing; write bench/<what>.md (and paper's figure)
+    /// channels, paper, transports: measure nothing; write bench/<what>.md (and paper's figure)
     /// again from bench/<what>.json.
     #[arg(long)]
     replot: bool,
@@ -108,6 +109,9 @@ enum Bench {
     /// The paper's 42 setups run by both transports (the hub, and the boards running
     /// their own programs), each with the plan `legion compile` chooses for it.
     Transports,
+    /// Plans that may split groups by output channels against plans split by rows
+    /// only, on the paper's 6-board clusters, and VGG-16 on boards too small for fc6.
+    Channels,
     /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
     /// memory under qemu serving VGG-16's first block.
     Workers,
@@ -151,6 +155,16 @@ pub fn run(args: &Args) -> Result<()> {
                 replot: args.replot,
             })?,
         ),
+        Bench::Channels => (
+            "channels",
+            channels::run(&channels::Options {
+                clusters: list(&args.clusters, &channels::CLUSTERS),
+                models: list(&args.models, &channels::MODELS),
+                runs: args.runs,
+                reuse: args.reuse,
+                replot: args.replot,
+            })?,
+        ),
         Bench::Models => (
             "models",
             models::run(&models::Options {
@@ -189,6 +203,16 @@ fn list(given: &Option<Vec<String>>, default: &[&str]) -> Vec<String> {
         .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
 }
 
+/// True when `ir` has stages worth splitting by channels and `profile` measured none
+/// of them so.
+fn lacks_channel_samples(profile: &Profile, ir: &Ir) -> bool {
+    let worth = ir
+        .stages
+        .iter()
+        .any(|s| legion_partition::worth_channels(ir, s.id));
+    worth && profile.stages.iter().all(|s| s.channel_samples.is_empty())
+}
+
 /// A profile of `model` on the testdata cluster `cluster_name` in `mode`, measured on a
 /// local emulated cluster started here, or read back from target/bench-profiles when
 /// `reuse` is set and a profile of this model is kept there.
@@ -211,6 +235,10 @@ fn kept_profile(
         .join(format!("{setup}-{tag}.json"));
     if reuse && path.exists() {
         match Profile::from_json(&std::fs::read_to_string(&path)?) {
+            // Profiles from before channel samples would hide every channel split.
+            Ok(p) if mode == ProfileMode::Legion && lacks_channel_samples(&p, ir) => {
+                eprintln!("{setup}: {} has no channel samples", path.display())
+            }
             Ok(p) if p.model_sha256 == ir.sha256 => {
                 eprintln!("{setup}: reusing {}", path.display());
                 return Ok(p);

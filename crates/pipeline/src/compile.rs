@@ -65,6 +65,8 @@ pub struct CompileOptions {
     /// Cut boards' strips so that the rows other boards read are computed first
     /// (programs transport only).
     pub sub_strips: bool,
+    /// Split groups by rows only, as the paper does (no channel splits).
+    pub rows_only: bool,
 }
 
 impl CompileOptions {
@@ -83,6 +85,7 @@ impl CompileOptions {
             stop_after: None,
             transport: Transport::default(),
             sub_strips: true,
+            rows_only: false,
         }
     }
 }
@@ -125,6 +128,7 @@ pub fn cost_table(
                 .assuming(producers);
             let legality = Legality {
                 max_group_len: options.max_group_len,
+                rows_only: options.rows_only,
                 ..Legality::of_cluster(cluster)
             };
             let table = CostTable::predicted(ir, &model, options.predictor, profile, &legality)?;
@@ -279,6 +283,7 @@ pub fn compile(
     let sub_strips = options.sub_strips && options.transport == Transport::Programs;
     let legality = Legality {
         max_group_len: options.max_group_len,
+        rows_only: options.rows_only,
         ..Legality::of_cluster(cluster)
     };
     let build = |table: &CostTable, flc: &Flc, name: &str| -> Result<Candidate> {

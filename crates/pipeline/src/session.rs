@@ -74,6 +74,12 @@ pub fn boards_of(profile: &Profile, cluster: &Cluster) -> Result<Profile> {
             .iter()
             .map(|d| stage.samples[d.index()].clone())
             .collect();
+        if !stage.channel_samples.is_empty() {
+            stage.channel_samples = ids
+                .iter()
+                .map(|d| stage.channel_samples[d.index()].clone())
+                .collect();
+        }
     }
     Ok(cut)
 }

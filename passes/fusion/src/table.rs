@@ -63,6 +63,8 @@ pub struct Legality {
     /// a group-length limit measured nothing longer, so a search meant to be compared
     /// with it on the same candidates takes the same limit.
     pub max_group_len: Option<usize>,
+    /// Split by rows only, as the paper does: no group splits by channels.
+    pub rows_only: bool,
 }
 
 impl Legality {
@@ -75,6 +77,7 @@ impl Legality {
                 .map(|d| d.memory_mb.map(|mb| mb << 20))
                 .collect(),
             max_group_len: None,
+            rows_only: false,
         }
     }
 
@@ -303,7 +306,10 @@ fn channel_entries(
     group: Group,
 ) -> Result<Vec<(FlcGroup, Entry)>> {
     let (first, last) = (group.first.index(), group.last.index());
-    if !model.splits_channels(group.last) || check_channel_group(ir, first, last).is_err() {
+    if legality.rows_only
+        || !model.splits_channels(group.last)
+        || check_channel_group(ir, first, last).is_err()
+    {
         return Ok(vec![]);
     }
     let mut entries = vec![];

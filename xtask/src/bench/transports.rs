@@ -232,7 +232,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     })
 }
 
-fn cluster_file(name: &str) -> std::path::PathBuf {
+pub(super) fn cluster_file(name: &str) -> std::path::PathBuf {
     legion_models::workspace_root()
         .join("testdata/clusters")
         .join(format!("{name}.toml"))
@@ -256,15 +256,19 @@ fn most(runs: &[PlanRun], f: impl Fn(&PlanRun) -> u64) -> u64 {
 }
 
 /// Per board, the bytes of weights its tiles load: every tile is its own model, so a
-/// board running sub-strips of a group holds that group's weights once per sub-strip.
-fn weights_per_board(ir: &Ir, c: &Candidate) -> HashMap<String, u64> {
+/// board running sub-strips of a group holds that group's weights once per sub-strip;
+/// a channel tile holds its slice of them.
+pub(super) fn weights_per_board(ir: &Ir, c: &Candidate) -> HashMap<String, u64> {
     let mut per_board: HashMap<String, u64> = HashMap::new();
     for t in c.groups.iter().flat_map(|g| &g.tiles) {
         let w: u64 = t
             .tile
             .stages
             .iter()
-            .map(|s| ir.stage(s.stage).weight_bytes)
+            .map(|s| match s.channels {
+                Some(c) => ir.channel_weight_bytes(s.stage, c),
+                None => ir.stage(s.stage).weight_bytes,
+            })
             .sum();
         *per_board.entry(t.device.clone()).or_default() += w;
     }

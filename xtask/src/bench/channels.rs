@@ -1,0 +1,313 @@
+//! `cargo xtask bench channels`: plans that may split groups by output channels
+//! against plans split by rows only (the paper's space, `legion compile --rows-only`),
+//! on the same live clusters, profiles and rounds; and VGG-16 on boards whose memory
+//! holds no whole fc6.
+
+use super::load;
+use super::paper::{
+    fastest, fastest_board, host_label, legion_profile, one_board_per_class, short_name, timed_runs,
+};
+use super::transports::{cluster_file, weights_per_board};
+use anyhow::{Context, Result};
+use legion_ir::Ir;
+use legion_pipeline::{CompileOptions, PassTimes, connect, measure_in_rounds, run_whole};
+use legion_plan::{Candidate, Cluster, HostRates, Transport};
+use legion_runtime::check::{Diff, compare, test_input};
+use legion_runtime::{LocalCluster, PlanRun, default_cache_dir};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+use std::time::{Duration, Instant};
+
+/// The setups: the paper's 6-board clusters with its three models.
+pub const CLUSTERS: [&str; 2] = ["firefly-x6", "3f3o"];
+pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
+/// VGG-16 on four Fireflies with 300 MB each: fc6 (411 MB) fits no board.
+const MEMORY_SETUP: (&str, &str) = ("vgg16", "firefly-x4-300mb");
+/// Its profile is the Firefly x4 one: the same boards and links.
+const MEMORY_PROFILED_ON: &str = "firefly-x4";
+
+pub struct Options {
+    pub clusters: Vec<String>,
+    pub models: Vec<String>,
+    /// Timed runs per plan, after one warm-up; the fastest is kept.
+    pub runs: u32,
+    pub reuse: bool,
+    /// Measure nothing: write the table again from the kept rows.
+    pub replot: bool,
+}
+
+/// One model on one cluster: the plan split by rows only and the plan that may split
+/// by channels, run in the same rounds.
+#[derive(Serialize, Deserialize)]
+struct Row {
+    model: String,
+    cluster: String,
+    /// Best single board: its name and emulated µs (fastest run).
+    single: (String, u64),
+    /// The plan split by rows only; `None` when no such plan fits the boards.
+    rows_only: Option<Ran>,
+    /// The plan that may split by channels.
+    channels: Ran,
+    runs: u32,
+    wall: Duration,
+    host_gflops: Option<HostRates>,
+}
+
+/// One plan on one setup.
+#[derive(Serialize, Deserialize)]
+struct Ran {
+    /// Its FLC, channel groups marked `c`.
+    flc: String,
+    measured_us: u64,
+    predicted_us: u64,
+    /// Emulated µs of the groups from the first stage that cannot split by rows to
+    /// the end (VGG's flatten and FC layers; none in YOLOv2), in the fastest run.
+    head_us: Option<u64>,
+    /// The most bytes of weights one board's tiles load.
+    weight_bytes: u64,
+    /// The most bytes of rows one board held at once during an inference.
+    held_bytes: u64,
+    /// The largest difference of its outputs from the single board's, relative.
+    max_rel: f32,
+}
+
+/// The measured rows, kept across runs.
+const ROWS: &str = "bench/channels.json";
+
+pub fn run(opts: &Options) -> Result<String> {
+    let mut rows: Vec<Row> = match std::fs::read_to_string(ROWS) {
+        Ok(json) => serde_json::from_str(&json).with_context(|| format!("reading {ROWS}"))?,
+        Err(_) => vec![],
+    };
+    if opts.replot {
+        return report(&rows);
+    }
+    let mut setups: Vec<(String, String)> = vec![];
+    for model in &opts.models {
+        for cluster in &opts.clusters {
+            setups.push((model.clone(), cluster.clone()));
+        }
+    }
+    let memory = (MEMORY_SETUP.0.to_string(), MEMORY_SETUP.1.to_string());
+    if opts.models.contains(&memory.0) && !setups.contains(&memory) {
+        setups.push(memory);
+    }
+    for (model, cluster) in setups {
+        let ir = load(&model)?;
+        let onnx = std::fs::read(legion_models::test_model(&model)?)?;
+        let row = measure(&ir, &onnx, &model, &cluster, opts)
+            .with_context(|| format!("{cluster} {model}"))?;
+        eprintln!(
+            "{cluster} {model}: single {:.1} ms, rows only {}, channels {:.1} ms ({:.0} s)",
+            row.single.1 as f64 / 1e3,
+            row.rows_only.as_ref().map_or("no plan".into(), |r| format!(
+                "{:.1} ms",
+                r.measured_us as f64 / 1e3
+            )),
+            row.channels.measured_us as f64 / 1e3,
+            row.wall.as_secs_f64()
+        );
+        rows.retain(|r| !(r.model == row.model && r.cluster == row.cluster));
+        rows.push(row);
+        rows.sort_by_key(|r| order(&r.model, &r.cluster));
+        std::fs::write(ROWS, serde_json::to_string_pretty(&rows)?)?;
+    }
+    report(&rows)
+}
+
+/// Table order: models, then clusters, the memory setup last.
+fn order(model: &str, cluster: &str) -> (bool, Option<usize>, Option<usize>) {
+    let at = |list: &[&str], x: &str| list.iter().position(|y| *y == x);
+    let memory = (model, cluster) == MEMORY_SETUP;
+    (memory, at(&MODELS, model), at(&CLUSTERS, cluster))
+}
+
+fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options) -> Result<Row> {
+    let start = Instant::now();
+    let mut cluster = Cluster::load(&cluster_file(cluster_name))?;
+    let profiled_on = match cluster_name {
+        c if c == MEMORY_SETUP.1 => MEMORY_PROFILED_ON,
+        c => c,
+    };
+    let boards_of = Cluster::load(&cluster_file(profiled_on))?;
+    let (profile, _) = legion_profile(profiled_on, &boards_of, model, ir, opts.reuse)?;
+    for d in &mut cluster.devices {
+        d.address = "127.0.0.1:0".into();
+    }
+    let local = LocalCluster::start(&cluster, default_cache_dir())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let coord = rt.block_on(connect(local.cluster(), cluster_name, onnx, model, ir))?;
+    // Each plan as `legion compile` makes it on the live cluster (its candidates
+    // measured, the fastest kept), with and without `--rows-only`.
+    let compile = |rows_only: bool| -> Result<Candidate> {
+        let options = CompileOptions {
+            rows_only,
+            ..CompileOptions::legion("the legion profile")
+        };
+        let compiled = legion_pipeline::compile(
+            ir,
+            &profile,
+            local.cluster(),
+            &options,
+            Some((&coord, &rt)),
+            &mut PassTimes::default(),
+        )?;
+        Ok(compiled
+            .plan
+            .context("compile stopped early")?
+            .chosen()
+            .clone())
+    };
+    // Rows only finds no plan where a stage fits no board whole or split by rows.
+    let rows_only = compile(true).ok();
+    let channels = compile(false)?;
+    let mut plans: Vec<&Candidate> = rows_only.iter().collect();
+    plans.push(&channels);
+    let pairs: Vec<(&Candidate, Transport)> =
+        plans.iter().map(|c| (*c, Transport::Programs)).collect();
+    let input = test_input(&ir.input.shape);
+    let runs = timed_runs(opts.runs, cluster.devices.len());
+    let boards = one_board_per_class(&cluster);
+    let measured = rt.block_on(measure_in_rounds(&coord, ir, &input, &boards, &pairs, runs))?;
+    let (single_k, single) = fastest_board(&cluster, &boards, &measured)?;
+    let (_, reference) = rt.block_on(run_whole(&coord, ir, boards[single_k], &input))?;
+    let want = reference.outputs()?;
+    let mut ran = plans
+        .iter()
+        .zip(&measured.candidates)
+        .map(|(c, runs)| ran(ir, c, runs, &want))
+        .collect::<Result<Vec<Ran>>>()?;
+    let channels = ran.pop().expect("the channels plan ran");
+    Ok(Row {
+        model: model.to_string(),
+        cluster: cluster_name.to_string(),
+        single,
+        rows_only: ran.pop(),
+        channels,
+        runs,
+        wall: start.elapsed(),
+        host_gflops: measured.host_gflops,
+    })
+}
+
+fn ran(
+    ir: &Ir,
+    c: &Candidate,
+    runs: &[PlanRun],
+    want: &[tract_onnx::prelude::Tensor],
+) -> Result<Ran> {
+    let mut diff = Diff::default();
+    for run in runs {
+        for (got, want) in run.outputs.iter().zip(want) {
+            diff = diff.max(compare(got, want, want)?);
+        }
+    }
+    let best = runs
+        .iter()
+        .min_by_key(|r| r.total_us)
+        .context("no timed run")?;
+    let head_start = ir.stages.iter().position(|s| !s.is_splittable());
+    let head_us = head_start.map(|h| {
+        c.groups
+            .iter()
+            .zip(&best.groups)
+            .filter(|(g, _)| g.last.index() >= h)
+            .map(|(_, t)| t.total_us)
+            .sum()
+    });
+    Ok(Ran {
+        flc: c
+            .groups
+            .iter()
+            .map(|g| {
+                let axis = if g.channels { "c" } else { "" };
+                format!("{}..{}/{}{axis}", g.first, g.last, g.devices().len())
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        measured_us: fastest(runs.iter().map(|r| r.total_us).collect()),
+        predicted_us: c.predicted_us,
+        head_us,
+        weight_bytes: weights_per_board(ir, c).into_values().max().unwrap_or(0),
+        held_bytes: runs
+            .iter()
+            .flat_map(|r| r.held_bytes.iter().map(|(_, b)| *b))
+            .max()
+            .unwrap_or(0),
+        max_rel: diff.max_rel,
+    })
+}
+
+fn report(rows: &[Row]) -> Result<String> {
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1e3);
+    let mb = |b: u64| format!("{:.0}", b as f64 / 1e6);
+    let mut md = String::new();
+    writeln!(md, "# Channel splits against rows only\n")?;
+    writeln!(
+        md,
+        "Measured by `cargo xtask bench channels` on {}; rows are kept in {ROWS} across \
+         runs. Times on the emulated clock. Per setup, `legion compile` on the live \
+         cluster made two plans from the same legion profile (with channel samples): \
+         *rows only* (`--rows-only`, the space the paper and the earlier stops searched) \
+         and *channels* (the default: each group may also split its last stage by output \
+         channels or neurons; docs/architecture.md, \"Channel splits\"), each choosing \
+         among its candidates by measuring them. Both plans and the whole model on one \
+         board of each class then ran once to warm up and in rounds; the fastest run of \
+         each is kept. *head*: the groups from the first stage that cannot split by rows \
+         (VGG's flatten) to the end, in that run. *weights MB*: the most weights one \
+         board's tiles load. *rel err*: the largest difference of either plan's outputs \
+         from the single board's. In the FLCs, `a..b/k` is a group on k boards, `c` \
+         split by channels.\n",
+        super::host()
+    )?;
+    writeln!(
+        md,
+        "| setup | single ms | rows only ms | speedup | head ms | channels ms | speedup | \
+         predicted ms | head ms | weights MB rows / channels | rel err | host GFLOP/s |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for r in rows {
+        let speedup = |us: u64| format!("{:.2}x", r.single.1 as f64 / us.max(1) as f64);
+        let head = |p: &Ran| p.head_us.map_or("-".into(), ms);
+        let c = &r.channels;
+        let (rows_ms, rows_speedup, rows_head, rows_weights, rel) = match &r.rows_only {
+            Some(p) => (
+                ms(p.measured_us),
+                speedup(p.measured_us),
+                head(p),
+                mb(p.weight_bytes),
+                p.max_rel.max(c.max_rel),
+            ),
+            None => (
+                "no plan".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                c.max_rel,
+            ),
+        };
+        writeln!(
+            md,
+            "| {} {} | {} | {rows_ms} | {rows_speedup} | {rows_head} | {} | {} | {} | {} | \
+             {rows_weights} / {} | {rel:.1e} | {} |",
+            r.model,
+            short_name(&r.cluster),
+            ms(r.single.1),
+            ms(c.measured_us),
+            speedup(c.measured_us),
+            ms(c.predicted_us),
+            head(c),
+            mb(c.weight_bytes),
+            host_label(r.host_gflops)
+        )?;
+    }
+    writeln!(md, "\nThe FLCs chosen:\n")?;
+    for r in rows {
+        writeln!(md, "- {} {}:", r.model, r.cluster)?;
+        if let Some(p) = &r.rows_only {
+            writeln!(md, "  - rows only: `{}`", p.flc)?;
+        }
+        writeln!(md, "  - channels: `{}`", r.channels.flc)?;
+    }
+    Ok(md)
+}
