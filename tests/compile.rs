@@ -9,11 +9,20 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Output;
 
-/// Compiles `model` for a committed cluster and profile; returns the plan's JSON.
+/// Compiles `model` for a committed cluster (a name under testdata/clusters, or a
+/// path) and profile; returns the plan's JSON.
 fn compile(model_name: &str, cluster: &str, profile: &str, extra: &[&str]) -> String {
-    let plan = scratch("compile").join(format!("{model_name}-{cluster}.json"));
+    let name = cluster
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .trim_end_matches(".toml");
+    let plan = scratch("compile").join(format!("{model_name}-{name}.json"));
     let m = model(model_name);
-    let cluster = format!("testdata/clusters/{cluster}.toml");
+    let cluster = match cluster.contains('/') {
+        true => cluster.to_string(),
+        false => format!("testdata/clusters/{cluster}.toml"),
+    };
     let profile = format!("testdata/profiles/{profile}.json");
     let mut args = vec!["compile", &m, "--cluster", &cluster, "--profile", &profile];
     args.extend(["-o", plan.to_str().unwrap()]);
@@ -69,7 +78,8 @@ fn vgg16_on_4_fireflies() {
 /// board, and every tile computes what the single-device run does.
 #[test]
 fn vgg16_whose_fc6_fits_no_board_splits_it_by_neurons() {
-    let plan = compile("vgg16", "firefly-x4-300mb", "vgg16-firefly-x4", &[]);
+    let cluster = "testdata/memory/firefly-x4-300mb.toml";
+    let plan = compile("vgg16", cluster, "vgg16-firefly-x4", &[]);
     let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
     let fc6 = 19;
     assert_eq!(ir.stages[fc6].name, "fc6.ab");

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 /// The setups: the paper's 6-board clusters with its three models.
 pub const CLUSTERS: [&str; 2] = ["firefly-x6", "3f3o"];
 pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
-/// VGG-16 on four Fireflies with 300 MB each: fc6 (411 MB) fits no board.
+/// VGG-16 on four Fireflies with 300 MB each (testdata/memory): fc6 (411 MB) fits no
+/// board.
 const MEMORY_SETUP: (&str, &str) = ("vgg16", "firefly-x4-300mb");
 /// Its profile is the Firefly x4 one: the same boards and links.
 const MEMORY_PROFILED_ON: &str = "firefly-x4";
@@ -124,11 +125,14 @@ fn order(model: &str, cluster: &str) -> (bool, Option<usize>, Option<usize>) {
 
 fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options) -> Result<Row> {
     let start = Instant::now();
-    let mut cluster = Cluster::load(&cluster_file(cluster_name))?;
-    let profiled_on = match cluster_name {
-        c if c == MEMORY_SETUP.1 => MEMORY_PROFILED_ON,
-        c => c,
+    let (file, profiled_on) = match cluster_name {
+        c if c == MEMORY_SETUP.1 => (
+            legion_models::workspace_root().join(format!("testdata/memory/{c}.toml")),
+            MEMORY_PROFILED_ON,
+        ),
+        c => (cluster_file(c), c),
     };
+    let mut cluster = Cluster::load(&file)?;
     let boards_of = Cluster::load(&cluster_file(profiled_on))?;
     let (profile, _) = legion_profile(profiled_on, &boards_of, model, ir, opts.reuse)?;
     for d in &mut cluster.devices {
