@@ -1,6 +1,7 @@
-//! The per-party programs codegen derives, run step by step on a row-level simulator:
-//! for random FLCs and shares of the test models (residual adds, YOLO's passthrough,
-//! barriers, depthwise and squeeze-excitation blocks), every program runs to its end
+//! The per-party programs codegen derives, run step by step on a simulator of rows and
+//! channels: for random FLCs and shares of the test models (residual adds, YOLO's
+//! passthrough, barriers, depthwise and squeeze-excitation blocks, groups split by rows
+//! or by their last stage's channels), every program runs to its end
 //! with no party waiting forever, every tile finds the rows it reads, the coordinator
 //! moves only the model's input and outputs and ends with every output whole, every
 //! device frees everything it held, and no inference moves more bytes than through the
@@ -8,7 +9,9 @@
 
 use legion_codegen::{cut_edges, programs, traffic};
 use legion_ir::{Ir, Rows, TensorRef, import};
-use legion_partition::{Group, check_group, strips_from_weights, tile, whole_group};
+use legion_partition::{
+    Group, channel_tile, check_channel_group, check_group, strips_from_weights, tile, whole_group,
+};
 use legion_plan::{Candidate, Party, PlanGroup, PlanTile, Program, Step};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -24,22 +27,42 @@ fn ir(model: &str) -> Ir {
 }
 
 /// A random FLC of `ir` from `picks`: per group, its length, whether to split it (when
-/// legal), over which devices (first `k` of a rotation) and the strip weights.
-fn groups(ir: &Ir, picks: &[(usize, bool, usize, usize, [u8; DEVICES])]) -> Vec<PlanGroup> {
+/// legal) and whether by its last stage's channels (when legal), over which devices
+/// (first `k` of a rotation) and the strip weights.
+fn groups(ir: &Ir, picks: &[Pick]) -> Vec<PlanGroup> {
     let names = names();
     let n = ir.stages.len();
     let mut groups = vec![];
     let mut first = 0;
-    for (len, split, k, rot, weights) in picks.iter().cycle() {
+    for (len, split, by_channels, k, rot, weights) in picks.iter().cycle() {
         if first == n {
             break;
         }
         let last = (first + len).min(n - 1);
         let group = Group::new(first, last);
         let devices: Vec<usize> = (0..*k).map(|i| (rot + i) % DEVICES).collect();
+        let w: Vec<f64> = devices.iter().map(|&d| 1.0 + weights[d] as f64).collect();
+        if *split && *by_channels && check_channel_group(ir, first, last).is_ok() {
+            let count = ir.stage(group.last).channels.unwrap().count;
+            let tiles = strips_from_weights(count, &w)
+                .into_iter()
+                .enumerate()
+                .filter(|(_, c)| !c.is_empty())
+                .map(|(slot, c)| plan_tile(&names[devices[slot]], c, channel_tile(ir, group, c)))
+                .collect();
+            groups.push(PlanGroup {
+                first: group.first,
+                last: group.last,
+                split: true,
+                channels: true,
+                predicted_us: 0,
+                tiles,
+            });
+            first = last + 1;
+            continue;
+        }
         let tiles: Vec<PlanTile> = if *split && check_group(ir, first, last).is_ok() {
             let height = ir.stage(group.last).output.height().unwrap();
-            let w: Vec<f64> = devices.iter().map(|&d| 1.0 + weights[d] as f64).collect();
             let tiling = tile(ir, group, &strips_from_weights(height, &w)).unwrap();
             tiling
                 .tiles
@@ -75,20 +98,36 @@ fn plan_tile(device: &str, strip: Rows, tile: legion_plan::TileSpec) -> PlanTile
     }
 }
 
-/// Rows of `t` held: row indices, or `usize::MAX` for the whole of a tensor without rows.
-type Held = HashMap<TensorRef, HashSet<usize>>;
+/// Cells of a tensor held: (row index, or `usize::MAX` for a tensor without rows;
+/// channel index, or 0 for a tensor not split by channels).
+type Held = HashMap<TensorRef, HashSet<(usize, usize)>>;
 
-/// The rows of `t` that `rows` stands for.
-fn rows_of(ir: &Ir, t: TensorRef, rows: Rows) -> Vec<usize> {
-    match ir.tensor(t).height() {
+/// The cells of `t` that `rows` (of `channels`, or all of them) stand for.
+fn cells(ir: &Ir, t: TensorRef, rows: Rows, channels: Option<Rows>) -> Vec<(usize, usize)> {
+    let rows: Vec<usize> = match ir.tensor(t).height() {
         None => vec![usize::MAX],
         Some(_) => rows.range().collect(),
-    }
+    };
+    let count = match t {
+        TensorRef::Stage(s) => ir.stage(s).channels.map_or(1, |c| c.count),
+        TensorRef::Input => 1,
+    };
+    let channels: Vec<usize> = channels.map_or(0..count, |c| c.range()).collect();
+    rows.iter()
+        .flat_map(|&r| channels.iter().map(move |&c| (r, c)))
+        .collect()
 }
 
 /// Runs the programs until none can go on; fails on a step that cannot be right.
 fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), String> {
-    let whole = |t: TensorRef| rows_of(ir, t, Rows::new(0, ir.tensor(t).height().unwrap_or(0)));
+    let whole = |t: TensorRef| {
+        cells(
+            ir,
+            t,
+            Rows::new(0, ir.tensor(t).height().unwrap_or(0)),
+            None,
+        )
+    };
     let mut held: Vec<Held> = vec![Held::new(); programs.len()];
     let coordinator = programs
         .iter()
@@ -99,7 +138,7 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
         whole(TensorRef::Input).into_iter().collect(),
     );
     let mut pc = vec![0; programs.len()];
-    let mut in_flight: Vec<(Party, Party, TensorRef, Rows)> = vec![];
+    let mut in_flight: Vec<(Party, Party, TensorRef, Rows, Option<Rows>)> = vec![];
     let mut ran: Vec<(usize, usize)> = vec![];
     loop {
         let mut moved = false;
@@ -108,28 +147,38 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                 let me = &program.party;
                 match step {
                     Step::Send {
-                        tensor, rows, to, ..
+                        tensor,
+                        rows,
+                        channels,
+                        to,
                     } => {
                         let have = held[p].get(tensor).cloned().unwrap_or_default();
-                        if !rows_of(ir, *tensor, *rows).iter().all(|r| have.contains(r)) {
-                            return Err(format!("{me} sends {tensor:?} {rows} it does not hold"));
+                        let sent = cells(ir, *tensor, *rows, *channels);
+                        if !sent.iter().all(|c| have.contains(c)) {
+                            return Err(format!(
+                                "{me} sends {tensor:?} {rows} {channels:?} it does not hold"
+                            ));
                         }
-                        in_flight.push((me.clone(), to.clone(), *tensor, *rows));
+                        in_flight.push((me.clone(), to.clone(), *tensor, *rows, *channels));
                     }
                     Step::Receive {
-                        tensor, rows, from, ..
+                        tensor,
+                        rows,
+                        channels,
+                        from,
                     } => {
-                        let Some(k) = in_flight
-                            .iter()
-                            .position(|m| (&m.0, &m.1, m.2, m.3) == (from, me, *tensor, *rows))
-                        else {
+                        let Some(k) = in_flight.iter().position(|m| {
+                            (&m.0, &m.1, m.2, m.3, m.4) == (from, me, *tensor, *rows, *channels)
+                        }) else {
                             break;
                         };
                         in_flight.remove(k);
                         let set = held[p].entry(*tensor).or_default();
-                        for r in rows_of(ir, *tensor, *rows) {
-                            if !set.insert(r) {
-                                return Err(format!("{me} receives row {r} of {tensor:?} twice"));
+                        for c in cells(ir, *tensor, *rows, *channels) {
+                            if !set.insert(c) {
+                                return Err(format!(
+                                    "{me} receives cell {c:?} of {tensor:?} twice"
+                                ));
                             }
                         }
                     }
@@ -144,9 +193,9 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                             .ok_or(format!("{name} runs tile {tile} of group {group}, not its"))?;
                         for input in &t.tile.inputs {
                             let have = held[p].get(&input.tensor).cloned().unwrap_or_default();
-                            if !rows_of(ir, input.tensor, input.rows)
+                            if !cells(ir, input.tensor, input.rows, None)
                                 .iter()
-                                .all(|r| have.contains(r))
+                                .all(|c| have.contains(c))
                             {
                                 return Err(format!(
                                     "{name} runs group {group} without rows {} of {:?}",
@@ -155,8 +204,9 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                             }
                         }
                         for out in &t.tile.outputs {
-                            let set = held[p].entry(TensorRef::Stage(out.stage)).or_default();
-                            set.extend(rows_of(ir, TensorRef::Stage(out.stage), out.rows));
+                            let r = TensorRef::Stage(out.stage);
+                            let set = held[p].entry(r).or_default();
+                            set.extend(cells(ir, r, out.rows, out.channels));
                         }
                         ran.push((*group, *tile));
                     }
@@ -222,11 +272,14 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
     Ok(())
 }
 
-type Pick = (usize, bool, usize, usize, [u8; DEVICES]);
+/// A group's length, whether to split it, whether by channels, its device count, the
+/// rotation its devices start at, and the strip weights.
+type Pick = (usize, bool, bool, usize, usize, [u8; DEVICES]);
 
 fn pick() -> impl Strategy<Value = Pick> {
     (
         0usize..6,
+        any::<bool>(),
         any::<bool>(),
         1usize..=DEVICES,
         0usize..DEVICES,
@@ -276,7 +329,10 @@ proptest! {
         if let Err(e) = simulate(&ir, &groups, &programs) {
             let flc: Vec<String> = groups
                 .iter()
-                .map(|g| format!("{}..{}/{}", g.first, g.last, g.tiles.len()))
+                .map(|g| {
+                    let c = if g.channels { "c" } else { "" };
+                    format!("{}..{}/{}{c}", g.first, g.last, g.tiles.len())
+                })
                 .collect();
             return Err(TestCaseError::fail(format!("{model} {}: {e}", flc.join(" "))));
         }
@@ -307,7 +363,7 @@ proptest! {
 #[test]
 fn an_empty_strip_reads_nothing() {
     let ir = ir("tiny-shuffle");
-    let groups = groups(&ir, &[(1, true, 3, 1, [0, 20, 0, 92])]);
+    let groups = groups(&ir, &[(1, true, false, 3, 1, [0, 20, 0, 92])]);
     let programs = programs(&ir, &names(), &groups);
     simulate(&ir, &groups, &programs).unwrap();
 }
@@ -323,8 +379,8 @@ fn a_device_keeps_its_rows_and_receives_only_the_halo_between_split_groups() {
     }
     assert!(last >= 1, "tiny-cnn starts with two splittable stages");
     let picks = [
-        (0, true, 2, 0, [0; DEVICES]),
-        (last - 1, true, 2, 0, [0; DEVICES]),
+        (0, true, false, 2, 0, [0; DEVICES]),
+        (last - 1, true, false, 2, 0, [0; DEVICES]),
     ];
     let groups = groups(&ir, &picks);
     let programs = programs(&ir, &names(), &groups);
@@ -378,4 +434,59 @@ fn a_device_keeps_its_rows_and_receives_only_the_halo_between_split_groups() {
         Step::Receive { tensor, .. } => ir.outputs.contains(tensor),
         _ => false,
     }));
+}
+
+/// A conv split by channels, read by a row split over the same boards: each board keeps
+/// its own channels and receives, from each other board, that board's channels of the
+/// rows its strip reads, and nothing else.
+#[test]
+fn a_row_split_after_a_channel_split_receives_the_other_boards_channels() {
+    let ir = ir("tiny-cnn");
+    let weights = [3, 1, 4, 1];
+    let groups = groups(
+        &ir,
+        &[
+            (0, true, true, 4, 0, weights),
+            (1, true, false, 4, 0, weights),
+        ],
+    );
+    assert!(groups[0].channels && !groups[1].channels);
+    let programs = programs(&ir, &names(), &groups);
+    simulate(&ir, &groups, &programs).unwrap();
+    let conv = TensorRef::Stage(groups[0].last);
+    let count = ir.stage(groups[0].last).channels.unwrap().count;
+    for t in &groups[1].tiles {
+        let own = groups[0]
+            .tiles
+            .iter()
+            .find(|o| o.device == t.device)
+            .map_or(0, |o| o.strip.len());
+        let wanted = t
+            .tile
+            .inputs
+            .iter()
+            .find(|i| i.tensor == conv)
+            .unwrap()
+            .rows;
+        let program = programs
+            .iter()
+            .find(|p| p.party == Party::Device(t.device.clone()))
+            .unwrap();
+        let mut cells = 0;
+        for step in &program.steps {
+            if let Step::Receive {
+                tensor,
+                rows,
+                channels,
+                from,
+            } = step
+                && *tensor == conv
+            {
+                assert_ne!(*from, Party::Coordinator);
+                assert_eq!(*rows, wanted, "{}", t.device);
+                cells += rows.len() * channels.expect("a part of a channel split").len();
+            }
+        }
+        assert_eq!(cells, wanted.len() * (count - own), "{}", t.device);
+    }
 }
