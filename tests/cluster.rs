@@ -496,8 +496,8 @@ fn plan_group(
 }
 
 /// Candidates mixing groups split by rows, by channels (an FC layer by neurons after a
-/// flatten every board runs; convs by output channels, read by a row split next) and
-/// run whole: each validates as a plan, and runs by the boards' programs and through
+/// flatten, or a global pool and a flatten, every board runs; convs by output channels,
+/// read by a row split next, one inside a residual block) and run whole: each validates as a plan, and runs by the boards' programs and through
 /// the hub equal to one device. Tensors split by channels move in parts, one per owner.
 #[test]
 fn channel_groups_run_by_programs_and_through_the_hub() {
@@ -527,6 +527,17 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
                 ((1, 2), Layout::Rows),
                 ((3, 3), Layout::Channels),
                 ((4, 6), Layout::Rows),
+            ],
+        ),
+        // A residual block's conv by channels while its input waits for the add, and
+        // the FC layer after the global pool and flatten every board runs.
+        (
+            "resnet18",
+            vec![
+                ((0, 25), Layout::Rows),
+                ((26, 26), Layout::Channels),
+                ((27, 28), Layout::Rows),
+                ((29, 31), Layout::Channels),
             ],
         ),
     ] {
