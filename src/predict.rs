@@ -30,6 +30,11 @@ pub struct Args {
     /// Only this group, e.g. 0..4 (default: every candidate group and every barrier).
     #[arg(long)]
     group: Option<String>,
+    /// Predict groups split by their last stage's output channels or neurons instead
+    /// (`--group`, or every stage the profile measured by channels, alone); each
+    /// device's strip is then its channels.
+    #[arg(long)]
+    channels: bool,
     /// Add each device's strip and its in (inputs arriving) / compute / out times.
     #[arg(long)]
     verbose: bool,
@@ -44,10 +49,32 @@ pub fn run(args: &Args) -> Result<()> {
         .map_err(|e| BadInput(format!("{}: {e:#}", args.profile.display())))?;
     // Strips are cut over the devices fastest first, as the compiler cuts them.
     let all = legion_fusion::device_order(&profile);
-    let groups = match &args.group {
-        Some(g) => crate::split::parse_groups(&ir, g)?,
-        None => candidate_groups(&ir, None),
+    let groups = match (&args.group, args.channels) {
+        (Some(g), true) => crate::split::parse_channel_groups(&ir, g)?,
+        (None, true) => ir
+            .stages
+            .iter()
+            .filter(|s| model.splits_channels(s.id))
+            .map(|s| Group {
+                first: s.id,
+                last: s.id,
+            })
+            .collect(),
+        (Some(g), false) => crate::split::parse_groups(&ir, g)?,
+        (None, false) => candidate_groups(&ir, None),
     };
+    if let Some(g) = groups
+        .iter()
+        .find(|g| args.channels && !model.splits_channels(g.last))
+    {
+        return Err(BadInput(format!(
+            "{}: stage {} was not measured by channels (profile it again with this legion; \
+             only stages whose weights outweigh their output are)",
+            args.profile.display(),
+            g.last
+        ))
+        .into());
+    }
     let mut out = String::new();
     writeln!(
         out,
@@ -63,9 +90,13 @@ pub fn run(args: &Args) -> Result<()> {
         "group", "stages", "devices", "predicted ms"
     )?;
     for group in groups {
-        let p = model
-            .group(predictor, group, &all)
-            .with_context(|| format!("predicting group {group}"))?;
+        let p = match args.channels {
+            true => model
+                .channel_shares(predictor, group, &all, None)
+                .map(|shares| model.predict_channels(predictor, group, &shares, None)),
+            false => model.group(predictor, group, &all),
+        }
+        .with_context(|| format!("predicting group {group}"))?;
         writeln!(
             out,
             "{:<10} {:>6} {:>8} {:>13.3}",
@@ -76,11 +107,11 @@ pub fn run(args: &Args) -> Result<()> {
         )?;
         if args.verbose {
             for d in &p.devices {
-                device_line(&mut out, &model, d)?;
+                device_line(&mut out, &model, d, args.channels)?;
             }
         }
     }
-    if args.group.is_none() {
+    if args.group.is_none() && !args.channels {
         let barriers: Vec<StageId> = ir
             .stages
             .iter()
@@ -109,7 +140,7 @@ pub fn run(args: &Args) -> Result<()> {
                     model.device_name(d.device)
                 )?;
                 if args.verbose {
-                    device_line(&mut out, &model, &d)?;
+                    device_line(&mut out, &model, &d, false)?;
                 }
             }
         }
@@ -118,11 +149,17 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn device_line(out: &mut String, model: &CostModel, d: &DevicePrediction) -> Result<()> {
+fn device_line(
+    out: &mut String,
+    model: &CostModel,
+    d: &DevicePrediction,
+    channels: bool,
+) -> Result<()> {
     let compute: f64 = d.compute_us.iter().map(|(_, e)| e).sum();
+    let unit = if channels { "channels" } else { "rows" };
     writeln!(
         out,
-        "    {:<18} rows {:<9} in {:>9.3}  compute {:>9.3}  out {:>9.3}  total {:>9.3} ms",
+        "    {:<18} {unit} {:<9} in {:>9.3}  compute {:>9.3}  out {:>9.3}  total {:>9.3} ms",
         model.device_name(d.device),
         d.strip.to_string(),
         d.in_us / 1e3,

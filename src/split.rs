@@ -272,7 +272,7 @@ pub(crate) fn parse_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
 }
 
 /// Parses groups like [`parse_groups`], each to be split by channels.
-fn parse_channel_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
+pub(crate) fn parse_channel_groups(ir: &Ir, text: &str) -> Result<Vec<Group>> {
     text.split(',')
         .map(|g| {
             let malformed = || {

@@ -132,3 +132,42 @@ fn barriers_run_on_the_device_predicted_fastest() {
         );
     }
 }
+
+/// `--channels` predicts VGG-16's fc6 (after the flatten every board runs) split by
+/// neurons over the 4 Fireflies its committed profile measured: the boards' channels
+/// cut all 4096 in order; a stage the profile did not measure by channels is named.
+#[test]
+fn fc6_split_by_neurons() {
+    let model = legion_models::test_model("vgg16").unwrap();
+    let args = |group: &str| {
+        let mut a = vec!["predict", model.to_str().unwrap()];
+        a.extend(["--cluster", "testdata/clusters/firefly-x4.toml"]);
+        a.extend(["--profile", "testdata/profiles/vgg16-firefly-x4.json"]);
+        a.extend(["--channels", "--group", group, "--verbose"]);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |group: &str| {
+        let a = args(group);
+        legion(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = run("18..19");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let cuts: Vec<(usize, usize)> = text
+        .lines()
+        .filter_map(|l| l.split_once(" channels ")?.1.split_whitespace().next())
+        .map(|c| {
+            let (a, b) = c.split_once("..").unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(cuts.len(), 4, "{text}");
+    assert_eq!(cuts[0].0, 0);
+    assert_eq!(cuts[3].1, 4096);
+    assert!(cuts.windows(2).all(|w| w[0].1 == w[1].0), "{text}");
+    fails_with(run("0..0"), "stage 0 was not measured by channels");
+}
