@@ -5,7 +5,7 @@
 use crate::{CostModel, DevicePrediction, Holdings, Prediction, Predictor};
 use anyhow::{Result, ensure};
 use legion_ir::{Rows, StageId, TensorRef};
-use legion_partition::{Group, boundary, rebalance, strips_from_weights};
+use legion_partition::{Group, boundary, rebalance};
 use legion_plan::{DeviceId, Transport};
 
 impl CostModel<'_> {
@@ -20,7 +20,7 @@ impl CostModel<'_> {
     /// through the channel samples (the least-squares line through them for
     /// [`Predictor::Affine`]; AOFL's regressions model rows only, so it interpolates
     /// like Legion).
-    pub fn channel_time(&self, predictor: Predictor, d: DeviceId, s: StageId, n: usize) -> f64 {
+    fn channel_time(&self, predictor: Predictor, d: DeviceId, s: StageId, n: usize) -> f64 {
         let points = &self.channel_samples[s.index()][d.index()];
         match predictor {
             Predictor::Affine => {
@@ -57,7 +57,7 @@ impl CostModel<'_> {
 
     /// Device `d`'s prediction for computing `channels` of `group`'s last stage, its
     /// transfers alone.
-    pub fn channel_device(
+    fn channel_device(
         &self,
         predictor: Predictor,
         d: DeviceId,
@@ -151,15 +151,5 @@ impl CostModel<'_> {
             devices,
             total_us,
         }
-    }
-
-    /// Channel shares proportional to the devices' speeds (the profiler's cut).
-    pub fn proportional_channels(&self, s: StageId, devices: &[DeviceId]) -> Vec<Rows> {
-        let count = self.ir.stage(s).channels.map_or(0, |c| c.count);
-        let weights: Vec<f64> = devices
-            .iter()
-            .map(|d| self.profile.devices[d.index()].gflops)
-            .collect();
-        strips_from_weights(count, &weights)
     }
 }
