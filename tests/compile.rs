@@ -99,14 +99,7 @@ fn vgg16_whose_fc6_fits_no_board_splits_it_by_neurons() {
             for t in g["tiles"].as_array().unwrap() {
                 let spec: legion_plan::TileSpec =
                     serde_json::from_value(t["tile"].clone()).unwrap();
-                let weights: u64 = spec
-                    .stages
-                    .iter()
-                    .map(|s| match s.channels {
-                        Some(c) => ir.channel_weight_bytes(s.stage, c),
-                        None => ir.stage(s.stage).weight_bytes,
-                    })
-                    .sum();
+                let weights = legion_partition::tile_weight_bytes(&ir, &spec);
                 assert!(
                     weights < 300 << 20,
                     "{}: {weights} bytes on {}",

@@ -139,17 +139,10 @@ impl CostModel<'_> {
         shares: &[(DeviceId, Rows)],
         held: Option<&Holdings>,
     ) -> Prediction {
-        let devices: Vec<DevicePrediction> = shares
+        let devices = shares
             .iter()
             .map(|(d, c)| self.channel_device(predictor, *d, group, *c, held))
             .collect();
-        let total_us = devices.iter().map(|d| d.total_us).fold(0.0, f64::max);
-        Prediction {
-            predictor,
-            first: group.first,
-            last: group.last,
-            devices,
-            total_us,
-        }
+        Prediction::of(predictor, group, devices)
     }
 }

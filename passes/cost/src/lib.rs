@@ -115,6 +115,33 @@ pub struct Prediction {
     pub total_us: f64,
 }
 
+/// Per device, a stage's samples as (rows or channels, median µs) points.
+fn points(samples: &[Vec<legion_plan::Sample>]) -> Vec<Vec<(f64, f64)>> {
+    samples
+        .iter()
+        .map(|per_device| {
+            per_device
+                .iter()
+                .map(|p| (p.rows as f64, p.median_us as f64))
+                .collect()
+        })
+        .collect()
+}
+
+impl Prediction {
+    /// The prediction of `group` made of its devices' parts: the slowest one's total.
+    fn of(predictor: Predictor, group: Group, devices: Vec<DevicePrediction>) -> Prediction {
+        let total_us = devices.iter().map(|d| d.total_us).fold(0.0, f64::max);
+        Prediction {
+            predictor,
+            first: group.first,
+            last: group.last,
+            devices,
+            total_us,
+        }
+    }
+}
+
 /// The link a fitted transfer time stands for.
 fn fitted_link(a: &Affine) -> Link {
     Link {
@@ -277,21 +304,8 @@ impl<'a> CostModel<'a> {
         let aofl = (0..profile.devices.len())
             .map(|d| aofl::Regressions::fit(ir, profile, d))
             .collect();
-        let samples: Vec<Vec<Vec<(f64, f64)>>> = profile
-            .stages
-            .iter()
-            .map(|s| {
-                s.samples
-                    .iter()
-                    .map(|points| {
-                        points
-                            .iter()
-                            .map(|p| (p.rows as f64, p.median_us as f64))
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect();
+        let samples: Vec<Vec<Vec<(f64, f64)>>> =
+            profile.stages.iter().map(|s| points(&s.samples)).collect();
         let lines = samples
             .iter()
             .map(|per_device| per_device.iter().map(|p| line(p)).collect())
@@ -299,17 +313,7 @@ impl<'a> CostModel<'a> {
         let channel_samples = profile
             .stages
             .iter()
-            .map(|s| {
-                s.channel_samples
-                    .iter()
-                    .map(|points| {
-                        points
-                            .iter()
-                            .map(|p| (p.rows as f64, p.median_us as f64))
-                            .collect()
-                    })
-                    .collect()
-            })
+            .map(|s| points(&s.channel_samples))
             .collect();
         let mut order: Vec<usize> = (0..profile.devices.len()).collect();
         order.sort_by(|&a, &b| {
@@ -439,14 +443,7 @@ impl<'a> CostModel<'a> {
         if predictor == Predictor::Affine && self.transport == Transport::Hub {
             self.share_the_hub(tiles, &mut devices);
         }
-        let total_us = devices.iter().map(|d| d.total_us).fold(0.0, f64::max);
-        Prediction {
-            predictor,
-            first: group.first,
-            last: group.last,
-            devices,
-            total_us,
-        }
+        Prediction::of(predictor, group, devices)
     }
 
     /// Bytes of the rows a tile lacks when boards run their programs: the rows of each

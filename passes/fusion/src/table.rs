@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail, ensure};
 use legion_cost::{CostModel, DevicePrediction, GroupShares, Predictor};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{
-    Group, SuffixTiler, TileView, channel_tile, check_channel_group, check_group, whole_group,
+    Group, SuffixTiler, TileView, channel_tile, check_channel_group, check_group,
+    tile_weight_bytes, whole_group,
 };
 use legion_plan::{Cluster, DeviceId, DeviceTiming, Profile, ProfileMode, TileSpec};
 use std::collections::HashMap;
@@ -94,14 +95,7 @@ impl Legality {
 /// computed rows (of its channels).
 fn tile_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
     let rows_bytes = |r: TensorRef, rows: Rows| ir.tensor(r).strip_bytes(rows);
-    let weights: u64 = spec
-        .stages
-        .iter()
-        .map(|s| match s.channels {
-            Some(c) => ir.channel_weight_bytes(s.stage, c),
-            None => ir.stage(s.stage).weight_bytes,
-        })
-        .sum();
+    let weights = tile_weight_bytes(ir, spec);
     let received: u64 = spec
         .inputs
         .iter()

@@ -2,7 +2,7 @@
 //! device computing every row of a range of them from the whole input and its slice of
 //! the weights (docs/architecture.md, "Channel splits").
 
-use crate::tiling::{Group, PartitionError, boundary, whole_group};
+use crate::tiling::{Group, PartitionError, boundary, stage_range, whole_group};
 use legion_ir::{Ir, Rows};
 use legion_plan::TileSpec;
 
@@ -16,20 +16,25 @@ pub fn worth_channels(ir: &Ir, s: legion_ir::StageId) -> bool {
     stage.channels.is_some() && stage.weight_bytes > 4 * stage.output.len() as u64
 }
 
+/// Bytes of the weights a tile reads: each stage's, a stage split by channels only its
+/// slice of them.
+pub fn tile_weight_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
+    spec.stages
+        .iter()
+        .map(|s| match s.channels {
+            Some(c) => ir.channel_weight_bytes(s.stage, c),
+            None => ir.stage(s.stage).weight_bytes,
+        })
+        .sum()
+}
+
 /// Checks that `first..=last` can split by channels: its last stage splits by output
 /// channels, and every stage before it runs whole on each device of the group (a
 /// flatten or a global pool before an FC layer), so it must multiply nothing (no conv,
 /// no matmul: that work would be repeated on every device) and be read only inside the
 /// group.
 pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
-    if first > last || last >= ir.stages.len() {
-        return Err(PartitionError::BadGroup {
-            first,
-            last,
-            count: ir.stages.len(),
-        });
-    }
-    let group = Group::new(first, last);
+    let group = stage_range(ir, first, last)?;
     let stage = ir.stage(group.last);
     if stage.channels.is_none() {
         return Err(PartitionError::NoChannels {

@@ -185,8 +185,8 @@ pub struct Tiling {
     pub tiles: Vec<Tile>,
 }
 
-/// Checks that `first..=last` is a group of splittable stages of `ir`.
-pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
+/// Checks that `first..=last` is a range of stages of `ir`.
+pub(crate) fn stage_range(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
     if first > last || last >= ir.stages.len() {
         return Err(PartitionError::BadGroup {
             first,
@@ -194,7 +194,12 @@ pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, Partitio
             count: ir.stages.len(),
         });
     }
-    let group = Group::new(first, last);
+    Ok(Group::new(first, last))
+}
+
+/// Checks that `first..=last` is a group of splittable stages of `ir`.
+pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
+    let group = stage_range(ir, first, last)?;
     for s in group.stages() {
         let stage = ir.stage(s);
         if let legion_ir::Split::Barrier(reason) = &stage.split {

@@ -7,10 +7,10 @@ use super::load;
 use super::paper::{
     fastest, fastest_board, host_label, legion_profile, one_board_per_class, short_name, timed_runs,
 };
-use super::transports::{cluster_file, weights_per_board};
+use super::transports::{cluster_file, compile_live, weights_per_board};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_pipeline::{CompileOptions, PassTimes, connect, measure_in_rounds, run_whole};
+use legion_pipeline::{CompileOptions, connect, measure_in_rounds, run_whole};
 use legion_plan::{Candidate, Cluster, HostRates, Transport};
 use legion_runtime::check::{Diff, compare, test_input};
 use legion_runtime::{LocalCluster, PlanRun, default_cache_dir};
@@ -27,15 +27,8 @@ const MEMORY_SETUP: (&str, &str) = ("vgg16", "firefly-x4-300mb");
 /// Its profile is the Firefly x4 one: the same boards and links.
 const MEMORY_PROFILED_ON: &str = "firefly-x4";
 
-pub struct Options {
-    pub clusters: Vec<String>,
-    pub models: Vec<String>,
-    /// Timed runs per plan, after one warm-up; the fastest is kept.
-    pub runs: u32,
-    pub reuse: bool,
-    /// Measure nothing: write the table again from the kept rows.
-    pub replot: bool,
-}
+/// The setups, runs and reuse, as bench transports takes them.
+pub use super::transports::Options;
 
 /// One model on one cluster: the plan split by rows only and the plan that may split
 /// by channels, run in the same rounds.
@@ -143,24 +136,12 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     let coord = rt.block_on(connect(local.cluster(), cluster_name, onnx, model, ir))?;
     // Each plan as `legion compile` makes it on the live cluster (its candidates
     // measured, the fastest kept), with and without `--rows-only`.
-    let compile = |rows_only: bool| -> Result<Candidate> {
+    let compile = |rows_only: bool| {
         let options = CompileOptions {
             rows_only,
             ..CompileOptions::legion("the legion profile")
         };
-        let compiled = legion_pipeline::compile(
-            ir,
-            &profile,
-            local.cluster(),
-            &options,
-            Some((&coord, &rt)),
-            &mut PassTimes::default(),
-        )?;
-        Ok(compiled
-            .plan
-            .context("compile stopped early")?
-            .chosen()
-            .clone())
+        compile_live(ir, &profile, &local, &options, &coord, &rt)
     };
     // Rows only finds no plan where a stage fits no board whole or split by rows.
     let rows_only = compile(true).ok();

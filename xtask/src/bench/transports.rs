@@ -15,7 +15,7 @@ use legion_partition::Group;
 use legion_pipeline::{CompileOptions, PassTimes, connect, measure_in_rounds, run_whole};
 use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Party, Profile, Step, Transport};
 use legion_runtime::check::{Diff, compare, test_input};
-use legion_runtime::{LocalCluster, PlanRun, default_cache_dir};
+use legion_runtime::{Coordinator, LocalCluster, PlanRun, default_cache_dir};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -141,24 +141,12 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     // cluster: its candidates measured by that transport, the fastest kept.
     let chosen: Vec<Candidate> = TRANSPORTS
         .iter()
-        .map(|&transport| -> Result<Candidate> {
+        .map(|&transport| {
             let options = CompileOptions {
                 transport,
                 ..CompileOptions::legion("the legion profile")
             };
-            let compiled = legion_pipeline::compile(
-                ir,
-                &profile,
-                local.cluster(),
-                &options,
-                Some((&coord, &rt)),
-                &mut PassTimes::default(),
-            )?;
-            Ok(compiled
-                .plan
-                .context("compile stopped early")?
-                .chosen()
-                .clone())
+            compile_live(ir, &profile, &local, &options, &coord, &rt)
         })
         .collect::<Result<_>>()?;
     let input = test_input(&ir.input.shape);
@@ -232,6 +220,31 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     })
 }
 
+/// The candidate `legion compile` chooses with `options` on the live cluster `local`
+/// (its candidates measured, the fastest kept).
+pub(super) fn compile_live(
+    ir: &Ir,
+    profile: &Profile,
+    local: &LocalCluster,
+    options: &CompileOptions,
+    coord: &Coordinator,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Candidate> {
+    let compiled = legion_pipeline::compile(
+        ir,
+        profile,
+        local.cluster(),
+        options,
+        Some((coord, rt)),
+        &mut PassTimes::default(),
+    )?;
+    Ok(compiled
+        .plan
+        .context("compile stopped early")?
+        .chosen()
+        .clone())
+}
+
 pub(super) fn cluster_file(name: &str) -> std::path::PathBuf {
     legion_models::workspace_root()
         .join("testdata/clusters")
@@ -261,16 +274,8 @@ fn most(runs: &[PlanRun], f: impl Fn(&PlanRun) -> u64) -> u64 {
 pub(super) fn weights_per_board(ir: &Ir, c: &Candidate) -> HashMap<String, u64> {
     let mut per_board: HashMap<String, u64> = HashMap::new();
     for t in c.groups.iter().flat_map(|g| &g.tiles) {
-        let w: u64 = t
-            .tile
-            .stages
-            .iter()
-            .map(|s| match s.channels {
-                Some(c) => ir.channel_weight_bytes(s.stage, c),
-                None => ir.stage(s.stage).weight_bytes,
-            })
-            .sum();
-        *per_board.entry(t.device.clone()).or_default() += w;
+        *per_board.entry(t.device.clone()).or_default() +=
+            legion_partition::tile_weight_bytes(ir, &t.tile);
     }
     per_board
 }
