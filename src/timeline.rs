@@ -76,10 +76,8 @@ pub fn programs(plan: &Plan, ir: &Ir, cluster: &Cluster) -> Result<ProgramsTimel
                 }),
             })
             .collect::<Result<_>>()?;
-    let compute = |p: usize, k: usize| match c.programs[p].steps[k] {
-        Step::Run { group, tile } => c.groups[group].tiles[tile].compute_us as f64,
-        _ => 0.0,
-    };
+    let compute =
+        |p: usize, k: usize| legion_codegen::run_compute_us(ir, &c.groups, &c.programs[p].steps[k]);
     let bytes = |t: TensorRef, r: Rows, c: Option<Rows>| ir.part_bytes(t, r, c);
     let ends = programs_timeline(&c.programs, &links, bytes, compute).map_err(|e| anyhow!(e))?;
     let mut bars = vec![];

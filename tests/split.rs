@@ -5,7 +5,7 @@
 mod common;
 
 use common::legion;
-use legion_ir::{Ir, StageKind, import};
+use legion_ir::{Ir, Rows, StageKind, import};
 use legion_partition::{Group, channel_tile, check_channel_group, strips_from_weights, tile};
 use legion_runtime::{Reference, check};
 use tract_onnx::prelude::Tensor;
@@ -290,6 +290,30 @@ fn channel_splits_equal_the_single_device_run() {
     assert_channels_equal(&yolo, &reference, last, last, &[3.0, 2.0, 1.0, 1.0, 1.0]);
 }
 
+/// AlexNet's FC head split by neurons: fc1 with the flatten before it run whole on every
+/// device, then fc2 and fc3 alone.
+#[test]
+fn alexnet_head_split_by_neurons_equals_the_single_device_run() {
+    let ir = load("alexnet");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let fcs: Vec<usize> = (0..ir.stages.len())
+        .filter(|&i| matches!(ir.stages[i].kind, StageKind::MatMul { .. }))
+        .collect();
+    let [fc1, fc2, fc3] = fcs[..] else {
+        panic!("AlexNet has 3 FC stages, not {fcs:?}")
+    };
+    let flatten = fc1 - 1;
+    assert!(
+        matches!(ir.stages[flatten].kind, StageKind::Reshape),
+        "{:?} before fc1",
+        ir.stages[flatten].kind
+    );
+    let uneven = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0];
+    assert_channels_equal(&ir, &reference, flatten, fc1, &uneven);
+    assert_channels_equal(&ir, &reference, fc2, fc2, &[1.0, 1.0]);
+    assert_channels_equal(&ir, &reference, fc3, fc3, &[2.0, 1.0, 1.0, 1.0]);
+}
+
 /// `legion split --channels` prints each device's channels and weights, checks them,
 /// and names the stage when it cannot split so.
 #[test]
@@ -337,4 +361,55 @@ fn split_by_channels_from_the_command_line() {
     let out = legion(&["split", path, "--devices", "2", "--channels"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--channels needs --group"));
+}
+
+/// Groups across squeeze-excitation blocks: every device reduces its own rows of the
+/// pooled map, the partials combined in device order equal the global pool, and every
+/// device's strips after it equal the single-device run, on 1 to 6 devices.
+#[test]
+fn squeeze_excitation_inside_row_groups_equals_the_single_device_run() {
+    let ir = load("tiny-effnet");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let reduces: Vec<usize> = (0..ir.stages.len())
+        .filter(|&s| matches!(ir.stages[s].kind, StageKind::Reduce { .. }))
+        .collect();
+    assert_eq!(reduces.len(), 4, "one global pool per block");
+    assert!(reduces.iter().all(|&s| ir.stages[s].partial.is_some()));
+    let last = ir.stages.len() - 1;
+    let cases: [(usize, usize, &[f64]); 6] = [
+        (0, 7, &[1.0, 1.0]),
+        (0, 7, &[3.0, 2.0, 2.0, 1.0, 1.0, 1.0]),
+        (8, 21, &[2.0, 1.0, 1.0]),
+        (1, 14, &[1.0]),
+        (0, last, &[1.0, 2.0, 1.0, 1.0]),
+        (15, 29, &[1.0, 1.0, 1.0]),
+    ];
+    for (first, last, weights) in cases {
+        let group = Group::new(first, last);
+        let height = ir.stage(group.last).output.height().unwrap();
+        let strips = strips_from_weights(height, weights);
+        let tiling = tile(&ir, group, &strips).unwrap();
+        let specs: Vec<_> = tiling.tiles.iter().map(|t| t.spec()).collect();
+        assert!(specs.iter().all(|s| s.stages.iter().any(|st| st.partial)));
+        for (t, spec) in tiling.tiles.iter().zip(&specs) {
+            let diff = check::check_tile(&ir, &reference, spec).unwrap();
+            assert!(
+                diff.max_rel < 1e-5,
+                "group {group}, device {}: {diff:?}",
+                t.slot
+            );
+        }
+        let diff = check::check_partials(&ir, &reference, &specs).unwrap();
+        assert!(
+            diff.max_rel < 1e-5,
+            "group {group} partials on {weights:?}: {diff:?}"
+        );
+    }
+    // A reduction read after its group cannot be combined inside it.
+    let err = tile(&ir, Group::new(0, reduces[0]), &[Rows::new(0, 1)]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("combine it only for stages after it"),
+        "{err}"
+    );
 }

@@ -3,8 +3,9 @@
 
 use crate::{Reference, TileModel};
 use anyhow::{Context, Result};
-use legion_ir::{Ir, Rows, TensorRef};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_plan::TileSpec;
+use std::collections::HashMap;
 use tract_onnx::prelude::*;
 
 /// Largest differences between tile outputs and the single-device run.
@@ -52,14 +53,10 @@ pub fn strip(ir: &Ir, reference: &Reference, r: TensorRef, rows: Rows) -> Result
 }
 
 /// Builds and runs `spec` on strips of the reference and compares every output strip.
+/// A tile that computes partial results of a reduction runs in its phases, reading the
+/// combined results from the reference ([`check_partials`] checks the partials).
 pub fn check_tile(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<Diff> {
-    let tile = TileModel::build(ir, spec)?;
-    let inputs = spec
-        .inputs
-        .iter()
-        .map(|i| strip(ir, reference, i.tensor, i.rows))
-        .collect::<Result<Vec<_>>>()?;
-    let outputs = tile.run(inputs)?;
+    let (outputs, _) = run_phases(ir, reference, spec)?;
     let mut diff = Diff::default();
     for (out, got) in spec.outputs.iter().zip(outputs) {
         let r = TensorRef::Stage(out.stage);
@@ -75,6 +72,96 @@ pub fn check_tile(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<Dif
         diff = diff.max(compare(&got, &want, reference.tensor(r))?);
     }
     Ok(diff)
+}
+
+/// Runs the tiles of one group (`specs`, one per device in the group's order), combines
+/// the partial results of each reduction in that order, and compares them with the
+/// reference: the check of [`TileStage::partial`](legion_plan::TileStage::partial).
+pub fn check_partials(ir: &Ir, reference: &Reference, specs: &[TileSpec]) -> Result<Diff> {
+    let mut parts: HashMap<StageId, Vec<Tensor>> = HashMap::new();
+    for spec in specs {
+        for (stage, partial) in run_phases(ir, reference, spec)?.1 {
+            parts.entry(stage).or_default().push(partial);
+        }
+    }
+    let mut diff = Diff::default();
+    for (stage, parts) in parts {
+        let how = ir
+            .stage(stage)
+            .partial
+            .context("a partial of a stage that does not combine")?;
+        let r = TensorRef::Stage(stage);
+        let got = crate::combine(how, &parts)?;
+        diff = diff.max(compare(&got, reference.tensor(r), reference.tensor(r))?);
+    }
+    Ok(diff)
+}
+
+/// A tile's outputs (in [`TileSpec::outputs`] order) and its partial results.
+type PhaseOutputs = (Vec<Tensor>, Vec<(StageId, Tensor)>);
+
+/// Runs `spec` phase by phase on strips of the reference: the tile's outputs and its
+/// partial results. Later phases read the tile's own earlier outputs, and the combined
+/// results from the reference.
+fn run_phases(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<PhaseOutputs> {
+    let partial: Vec<StageId> = spec
+        .stages
+        .iter()
+        .filter(|s| s.partial)
+        .map(|s| s.stage)
+        .collect();
+    let mut computed: HashMap<StageId, (Rows, Tensor)> = HashMap::new();
+    let mut partials = vec![];
+    let mut outputs: HashMap<(StageId, Rows), Tensor> = HashMap::new();
+    for phase in spec.phases(ir).into_iter().map(|p| p.spec) {
+        if phase.stages.is_empty() {
+            continue;
+        }
+        let tile = TileModel::build(ir, &phase)?;
+        let inputs = phase
+            .inputs
+            .iter()
+            .map(|i| match i.tensor {
+                TensorRef::Stage(q) if !partial.contains(&q) && computed.contains_key(&q) => {
+                    let (rows, t) = &computed[&q];
+                    anyhow::ensure!(
+                        *rows == i.rows,
+                        "{q:?}: rows {} read, {rows} computed",
+                        i.rows
+                    );
+                    Ok(t.clone())
+                }
+                r => strip(ir, reference, r, i.rows),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (out, got) in phase.outputs.iter().zip(tile.run(inputs)?) {
+            if partial.contains(&out.stage) {
+                partials.push((out.stage, got));
+            } else {
+                outputs.insert((out.stage, out.rows), got.clone());
+                computed.insert(out.stage, (out.rows, got));
+            }
+        }
+    }
+    let outputs = spec
+        .outputs
+        .iter()
+        .map(|o| match outputs.get(&(o.stage, o.rows)) {
+            Some(t) => Ok(t.clone()),
+            // A phase output all rows computed of a stage later phases read.
+            None => {
+                let (rows, t) = computed
+                    .get(&o.stage)
+                    .context("an output the tile did not compute")?;
+                let h = ir
+                    .tensor(TensorRef::Stage(o.stage))
+                    .h_axis
+                    .context("rows of a stage without rows")?;
+                Ok(t.slice(h, o.rows.start - rows.start, o.rows.end - rows.start)?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((outputs, partials))
 }
 
 /// The difference of `got` from `want`, relative to the largest magnitude in `whole`

@@ -224,6 +224,12 @@ impl Coordinator {
     ) -> Result<StepTiming> {
         let model = self.model()?.clone();
         ensure!(!tiles.is_empty(), "a step needs at least one device");
+        if let Some(stage) = tiles.iter().find_map(|(_, spec)| spec.partials().next()) {
+            bail!(
+                "the group reduces stage {stage} across its boards, which only the boards' own \
+                 programs can do; run the plan without the hub transport"
+            );
+        }
         let mut pending = tokio::task::JoinSet::new();
         let mut bytes_in = vec![];
         for (k, (d, spec)) in tiles.iter().enumerate() {

@@ -3,10 +3,12 @@
 //! the coordinator that drives a cluster of workers, and the single-device reference.
 
 pub mod check;
+mod combine;
 pub mod emulate;
 mod reference;
 mod tile;
 
+pub use combine::combine;
 pub use reference::Reference;
 pub use tile::TileModel;
 mod client;

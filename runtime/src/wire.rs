@@ -81,6 +81,7 @@ pub(crate) fn rows_to_wire(
             start: c.start as u64,
             end: c.end as u64,
         }),
+        partial: false,
     })
 }
 

@@ -329,6 +329,12 @@ impl Worker {
             .map_err(|e| Status::invalid_argument(format!("bad TileSpec JSON: {e}")))?;
         let ir = self.model(&m)?;
         validate(&ir, &spec)?;
+        if let Some(stage) = spec.partials().next() {
+            return Err(Status::invalid_argument(format!(
+                "{call}: the tile computes a partial result of stage {stage}, which the boards \
+                 of its group combine; it runs only in a program (LoadPlan)"
+            )));
+        }
         Ok((m, ir, spec))
     }
 
@@ -598,6 +604,16 @@ fn validate(ir: &Ir, spec: &TileSpec) -> Result<(), Status> {
     if let Some(s) = spec.stages.iter().find(|s| s.stage.index() >= n) {
         return bad(format!(
             "stage {} is not in the model ({n} stages)",
+            s.stage
+        ));
+    }
+    if let Some(s) = spec
+        .stages
+        .iter()
+        .find(|s| s.partial && ir.stage(s.stage).partial.is_none())
+    {
+        return bad(format!(
+            "stage {} is not a reduction whose partial results combine",
             s.stage
         ));
     }

@@ -373,7 +373,11 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
                 channels: None,
                 from: Party::Device("ghost".into()),
             },
-            Step::Run { group: 0, tile: 0 },
+            Step::Run {
+                group: 0,
+                tile: 0,
+                phase: 0,
+            },
         ],
     };
     // A program that runs a group it has no tile of is refused at load.
@@ -426,6 +430,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         start: wanted.rows.start as u64,
         end: end as u64,
         channels: None,
+        partial: false,
         data: Some(F32Tensor {
             shape: {
                 let mut s = shape.clone();

@@ -389,6 +389,7 @@ impl Builder<'_> {
             nodes: draft.nodes.clone(),
             split,
             channels: crate::channels::channel_split(model, &draft.nodes).map(|(c, _)| c),
+            partial: in_h.and_then(|h| crate::reduce::combine_across_rows(model, &draft.nodes, h)),
         })
     }
 

@@ -18,6 +18,7 @@ mod channels;
 mod error;
 mod load;
 mod probe;
+mod reduce;
 mod rows;
 mod stage;
 
@@ -25,7 +26,7 @@ pub use channels::ConstSlice;
 pub use error::ImportError;
 pub use rows::Rows;
 pub use stage::{
-    Channels, PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window,
+    Channels, Combine, PoolOp, Split, Stage, StageId, StageKind, TensorInfo, TensorRef, Window,
 };
 
 use petgraph::graph::{DiGraph, NodeIndex};

@@ -285,6 +285,17 @@ pub struct Channels {
     pub count: usize,
 }
 
+/// How partial results of a reduction over rows, each over one device's rows, combine
+/// into the whole result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise max.
+    Max,
+}
+
 /// One stage: an anchor op plus the row-local ops that follow it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stage {
@@ -313,6 +324,10 @@ pub struct Stage {
     pub split: Split,
     /// Splittable by output channels or neurons, independently of `split`.
     pub channels: Option<Channels>,
+    /// For a reduction over the rows (a barrier when alone): how the devices of a row
+    /// group combine their partial results over their own rows, when they can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<Combine>,
 }
 
 impl Stage {

@@ -1,8 +1,9 @@
 //! Deterministic ONNX test models for Legion, generated in pure Rust.
 //!
 //! Models (see [`catalog`]): `vgg16`, `vgg19` (224x224, with the FC head) and
-//! `vgg16-conv`, `vgg19-conv` (up to `pool5`); `yolov2` and `yolov2-tiny`
-//! (416x416, darknet VOC layouts, passthrough as Reshape/Transpose/Reshape);
+//! `vgg16-conv`, `vgg19-conv` (up to `pool5`); `alexnet` (torchvision, 224x224,
+//! with the FC head); `yolov2` and `yolov2-tiny` (416x416, darknet VOC layouts,
+//! passthrough as Reshape/Transpose/Reshape);
 //! `resnet18`, `resnet50` and `mobilenetv2` (torchvision layouts, 224x224);
 //! `calibration` (VGG-16 at 112x112, the workload the emulator times to measure a
 //! host's rate); today's architectures as their PyTorch exports look at opset 13:
@@ -79,7 +80,7 @@ const DARKNET: [usize; 4] = [1, 3, 416, 416];
 const SMALL: [usize; 4] = [1, 3, 32, 32];
 const SMALL64: [usize; 4] = [1, 3, 64, 64];
 
-static CATALOG: [ModelSpec; 27] = [
+static CATALOG: [ModelSpec; 28] = [
     entry(
         "vgg16",
         "VGG-16 with the FC head, 15.35 G conv MACs",
@@ -107,6 +108,13 @@ static CATALOG: [ModelSpec; 27] = [
         IMAGENET,
         false,
         zoo::vgg19_conv,
+    ),
+    entry(
+        "alexnet",
+        "torchvision AlexNet with the FC head, 0.66 G conv MACs",
+        IMAGENET,
+        false,
+        zoo::alexnet,
     ),
     entry(
         "yolov2",

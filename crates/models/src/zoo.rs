@@ -1,5 +1,5 @@
-//! The full-size architectures: VGG, YOLOv2 (darknet VOC layouts), ResNet and
-//! MobileNetV2 (torchvision layouts). Each takes the builder and the graph
+//! The full-size architectures: VGG, YOLOv2 (darknet VOC layouts), AlexNet, ResNet
+//! and MobileNetV2 (torchvision layouts). Each takes the builder and the graph
 //! input and returns the graph output.
 
 use crate::builder::{Conv, GraphBuilder, Operand, Pool, Value};
@@ -50,6 +50,34 @@ pub(crate) fn vgg16_conv(b: &mut GraphBuilder, x: Value) -> Value {
 /// VGG-19 up to `pool5`.
 pub(crate) fn vgg19_conv(b: &mut GraphBuilder, x: Value) -> Value {
     vgg(b, x, &VGG19, false)
+}
+
+/// torchvision AlexNet at 224x224: output `[1, 1000]` (logits). The adaptive
+/// average pool to 6x6 is the identity at this size and is left out, as are the
+/// Dropouts; nodes keep torchvision's indices (`features.0`, ..., `classifier.6`).
+pub(crate) fn alexnet(b: &mut GraphBuilder, x: Value) -> Value {
+    // (index in `features`, conv, whether a max pool follows its ReLU)
+    let convs = [
+        (0, Conv::new(64, 11).stride(4).pads([2; 4]), true),
+        (3, Conv::new(192, 5), true),
+        (6, Conv::new(384, 3), false),
+        (8, Conv::new(256, 3), false),
+        (10, Conv::new(256, 3), true),
+    ];
+    let mut x = x;
+    for (i, conv, pool) in convs {
+        x = b.conv(&format!("features.{i}"), &x, conv);
+        x = b.relu(&format!("features.{}", i + 1), &x);
+        if pool {
+            x = b.max_pool(&format!("features.{}", i + 2), &x, Pool::new(3, 2));
+        }
+    }
+    x = b.flatten("flatten", &x);
+    for i in [1, 4] {
+        x = b.gemm(&format!("classifier.{i}"), &x, 4096);
+        x = b.relu(&format!("classifier.{}", i + 1), &x);
+    }
+    b.gemm("classifier.6", &x, 1000)
 }
 
 /// The emulator's calibration workload: VGG-16 with its classifier head on a
@@ -766,6 +794,7 @@ mod tests {
         assert_eq!(parameters(convnext_tiny, [1, 3, 224, 224]), 28_589_128);
         assert_eq!(parameters(efficientnet_b0, [1, 3, 224, 224]), 5_288_548);
         assert_eq!(parameters(shufflenetv2, [1, 3, 224, 224]), 2_278_604);
+        assert_eq!(parameters(alexnet, [1, 3, 224, 224]), 61_100_840);
     }
 
     #[test]
@@ -779,6 +808,9 @@ mod tests {
         assert_eq!((giga(m), y.shape()), (0.38, &[1, 1000][..]));
         let (m, y) = macs(shufflenetv2, [1, 3, 224, 224]);
         assert_eq!((giga(m), y.shape()), (0.14, &[1, 1000][..]));
+        // AlexNet's FC head (58.6 M MACs) is not convs either
+        let (m, y) = macs(alexnet, [1, 3, 224, 224]);
+        assert_eq!((giga(m), y.shape()), (0.66, &[1, 1000][..]));
     }
 
     #[test]

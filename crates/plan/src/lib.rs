@@ -19,6 +19,6 @@ pub use profile::{
     DeviceProfile, GroupMeasurement, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
     StageProfile,
 };
-pub use tile::{TileInput, TileOutput, TileRead, TileSpec, TileStage};
+pub use tile::{Phase, TileInput, TileOutput, TileRead, TileSpec, TileStage};
 pub use timing::{Clock, DeviceTiming, HOST_DRIFT_LIMIT, HostRates, RunResults, StepTiming};
 pub use transport::Transport;

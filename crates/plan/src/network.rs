@@ -236,16 +236,40 @@ pub fn programs_timeline(
             .position(|p| &p.party == party)
             .ok_or_else(|| format!("a program moves rows with {party}, who has no program"))
     };
-    type Key = (usize, usize, TensorRef, Rows, Option<Rows>);
+    // A message: sender, receiver, tensor, rows, channels, and whether it is a partial
+    // result of a reduction.
+    type Key = (usize, usize, TensorRef, Rows, Option<Rows>, bool);
     let mut ids: HashMap<Key, usize> = HashMap::new();
     let mut steps = vec![];
+    // Per party, the program step each timed step belongs to.
+    let mut origins = vec![];
     for (p, program) in programs.iter().enumerate() {
         let mut timed = vec![];
+        let mut origin = vec![];
         for (k, step) in program.steps.iter().enumerate() {
             let mut id_of = |key| {
                 let next = ids.len();
                 *ids.entry(key).or_insert(next)
             };
+            let one_row = Rows::new(0, 1);
+            if let Step::Combine { stage, parts } = step {
+                let mut waits = 0;
+                for from in parts {
+                    let from = index(from)?;
+                    if from != p {
+                        let key = (from, p, TensorRef::Stage(*stage), one_row, None, true);
+                        timed.push(TimedStep::Receive(id_of(key)));
+                        origin.push(k);
+                        waits += 1;
+                    }
+                }
+                if waits == 0 {
+                    timed.push(TimedStep::Nothing);
+                    origin.push(k);
+                }
+                continue;
+            }
+            origin.push(k);
             timed.push(match step {
                 Step::Run { .. } => TimedStep::Run(compute(p, k)),
                 Step::Send {
@@ -256,8 +280,17 @@ pub fn programs_timeline(
                 } => {
                     let to = index(to)?;
                     TimedStep::Send {
-                        id: id_of((p, to, *tensor, *rows, *channels)),
+                        id: id_of((p, to, *tensor, *rows, *channels, false)),
                         bytes: bytes(*tensor, *rows, *channels),
+                        to,
+                    }
+                }
+                Step::Share { stage, to } => {
+                    let to = index(to)?;
+                    let tensor = TensorRef::Stage(*stage);
+                    TimedStep::Send {
+                        id: id_of((p, to, tensor, one_row, None, true)),
+                        bytes: bytes(tensor, one_row, None),
                         to,
                     }
                 }
@@ -266,14 +299,26 @@ pub fn programs_timeline(
                     rows,
                     channels,
                     from,
-                } => TimedStep::Receive(id_of((index(from)?, p, *tensor, *rows, *channels))),
-                Step::Drop { .. } => TimedStep::Nothing,
+                } => TimedStep::Receive(id_of((index(from)?, p, *tensor, *rows, *channels, false))),
+                Step::Drop { .. } | Step::Combine { .. } => TimedStep::Nothing,
             });
         }
         steps.push(timed);
+        origins.push(origin);
     }
-    program_timeline(&steps, links)
-        .ok_or_else(|| "the programs wait on rows no program sends".into())
+    let timed_ends = program_timeline(&steps, links)
+        .ok_or_else(|| "the programs wait on rows no program sends".to_string())?;
+    Ok(programs
+        .iter()
+        .zip(timed_ends.iter().zip(&origins))
+        .map(|(program, (ends, origin))| {
+            let mut by_step = vec![0.0f64; program.steps.len()];
+            for (end, &k) in ends.iter().zip(origin) {
+                by_step[k] = by_step[k].max(*end);
+            }
+            by_step
+        })
+        .collect())
 }
 
 /// When each of `groups` groups ends on a programs timeline (`ends`, from

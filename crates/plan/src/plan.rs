@@ -13,7 +13,7 @@ use legion_ir::{Rows, StageId, TensorRef};
 use serde::{Deserialize, Serialize};
 
 /// Version of the plan format; readers reject other versions.
-pub const PLAN_VERSION: u32 = 5;
+pub const PLAN_VERSION: u32 = 6;
 
 /// A compiled plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -160,6 +160,26 @@ pub enum Step {
         /// one group, sub-strips of its rows: the edge ones first, so that the rows
         /// its neighbours read leave before the rest is computed.
         tile: usize,
+        /// The phase of the tile ([`crate::TileSpec::phases`]): a tile whose devices
+        /// combine a reduction runs in phases, split where the combined result is read.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        phase: usize,
+    },
+    /// Send this board's partial result of a reduction over its own rows to another
+    /// board of the group (docs/plan.md, "programs").
+    Share {
+        /// The reducing stage.
+        stage: StageId,
+        /// The receiver.
+        to: Party,
+    },
+    /// Combine the partial results of stage `stage` of the boards `parts` (this board's
+    /// own included), in that order, into the stage's whole output; waits for the others.
+    Combine {
+        /// The reducing stage.
+        stage: StageId,
+        /// The boards whose partials make up the result, in the order they combine.
+        parts: Vec<Party>,
     },
     /// Send rows of a tensor this party owns to another party.
     Send {
@@ -178,6 +198,10 @@ pub enum Step {
         /// The tensor.
         tensor: TensorRef,
     },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Plan {

@@ -16,7 +16,9 @@ use legion_fusion::Placement;
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_partition::{Group, channel_tile, check_channel_group, check_group, tile, whole_group};
 use legion_plan::network::{group_ends, programs_timeline};
-use legion_plan::{Candidate, DeviceId, Link, Plan, PlanGroup, PlanTile, Step};
+use legion_plan::{
+    Candidate, DeviceId, Link, Plan, PlanGroup, PlanTile, Step, TileSpec, TileStage,
+};
 
 /// Rounds a time to whole microseconds for the plan.
 fn us(t: f64) -> u64 {
@@ -114,10 +116,7 @@ pub fn candidate(
 pub fn predict_programs(ir: &Ir, candidate: &mut Candidate, links: &[Link]) -> Result<()> {
     let groups = &candidate.groups;
     let programs = &candidate.programs;
-    let compute = |p: usize, k: usize| match programs[p].steps[k] {
-        Step::Run { group, tile } => groups[group].tiles[tile].compute_us as f64,
-        _ => 0.0,
-    };
+    let compute = |p: usize, k: usize| run_compute_us(ir, groups, &programs[p].steps[k]);
     let bytes = |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
     let ends = programs_timeline(programs, links, bytes, compute).map_err(anyhow::Error::msg)?;
     let group_end = group_ends(programs, &ends, groups.len());
@@ -128,6 +127,46 @@ pub fn predict_programs(ir: &Ir, candidate: &mut Candidate, links: &[Link]) -> R
     }
     candidate.predicted_us = us(start);
     Ok(())
+}
+
+/// The predicted compute of program step `step` of a candidate with `groups`, µs: its
+/// tile's, or its phase's share of it; 0 for a step that does not compute.
+pub fn run_compute_us(ir: &Ir, groups: &[PlanGroup], step: &Step) -> f64 {
+    match *step {
+        Step::Run { group, tile, phase } => {
+            let t = &groups[group].tiles[tile];
+            t.compute_us as f64 * phase_share(ir, &t.tile, phase)
+        }
+        _ => 0.0,
+    }
+}
+
+/// The share of a tile's compute that its phase `phase` takes ([`TileSpec::phases`]):
+/// the FLOPs of the rows its stages compute (of the rows a partial reduces), over the
+/// tile's. 1 for a tile of one phase.
+fn phase_share(ir: &Ir, spec: &TileSpec, phase: usize) -> f64 {
+    let flops = |stages: &[TileStage]| -> f64 {
+        stages
+            .iter()
+            .map(|st| {
+                let stage = ir.stage(st.stage);
+                let (rows, height) = match (st.partial, stage.input_shapes.first()) {
+                    (true, Some(input)) => (st.reads[0].rows.len(), input.height()),
+                    _ => (st.computed.len(), stage.output.height()),
+                };
+                let fraction = height.map_or(1.0, |h| rows as f64 / h.max(1) as f64);
+                stage.flops.max(1) as f64 * fraction
+            })
+            .sum()
+    };
+    let phases = spec.phases(ir);
+    if phases.len() == 1 {
+        return 1.0;
+    }
+    let all = flops(&spec.stages);
+    phases
+        .get(phase)
+        .map_or(0.0, |p| flops(&p.spec.stages) / all.max(f64::MIN_POSITIVE))
 }
 
 /// Checks `plan` against `ir` and, when given, the cluster's device names: the model's

@@ -9,7 +9,7 @@
 //! produced them, and receives a tile's rows right before running it, so data flows
 //! from earlier groups to later ones and no program waits on a later one.
 
-use legion_ir::{Ir, Rows, TensorRef};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::Held;
 use legion_plan::{Candidate, Party, PlanGroup, Program, Step};
 use std::collections::HashMap;
@@ -44,8 +44,9 @@ struct Owner {
 #[derive(Default)]
 struct Block {
     receives: Vec<Step>,
-    /// (group, tile) it runs.
-    run: Option<(usize, usize)>,
+    /// The tile it runs: one run step, or the phases of a tile whose group combines
+    /// reductions, each followed by the exchange of its partial results.
+    run: Vec<Step>,
     sends: Vec<Step>,
     /// Tensors this block's run reads or produces, or its sends send; a tensor is
     /// dropped after the last block that uses it.
@@ -139,6 +140,17 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         // A device runs its tiles of a group in the order they are listed (sub-strips:
         // the edges first).
         let order: Vec<usize> = (0..group.tiles.len()).collect();
+        // Per reduction the group combines, the devices that own rows of its input, in
+        // the group's order.
+        let mut contributors: HashMap<StageId, Vec<Party>> = HashMap::new();
+        for t in &group.tiles {
+            for s in t.tile.partials() {
+                contributors
+                    .entry(s)
+                    .or_default()
+                    .push(Party::Device(t.device.clone()));
+            }
+        }
         // Per tile: (party, block) that runs it.
         let mut block_of = HashMap::new();
         for &k in &order {
@@ -146,8 +158,39 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
             let d = party_of(&t.device);
             let block = parties[d].blocks.len();
             block_of.insert(k, (d, block));
+            let mut run = vec![];
+            let mut uses = vec![];
+            for (phase, p) in t.tile.phases(ir).into_iter().enumerate() {
+                if !p.spec.stages.is_empty() {
+                    run.push(Step::Run {
+                        group: g,
+                        tile: k,
+                        phase,
+                    });
+                }
+                uses.extend(p.spec.outputs.iter().map(|o| TensorRef::Stage(o.stage)));
+                for stage in p.combines {
+                    let parts = contributors.get(&stage).cloned().unwrap_or_default();
+                    if parts.contains(&party(d)) {
+                        for other in &group.tiles {
+                            let to = Party::Device(other.device.clone());
+                            if to != party(d)
+                                && !run.contains(&Step::Share {
+                                    stage,
+                                    to: to.clone(),
+                                })
+                            {
+                                run.push(Step::Share { stage, to });
+                            }
+                        }
+                    }
+                    run.push(Step::Combine { stage, parts });
+                    uses.push(TensorRef::Stage(stage));
+                }
+            }
             parties[d].blocks.push(Block {
-                run: Some((g, k)),
+                run,
+                uses,
                 ..Block::default()
             });
             for input in &t.tile.inputs {
@@ -212,7 +255,7 @@ fn flatten(drops: bool, blocks: Vec<Block>) -> Vec<Step> {
     let mut steps = vec![];
     for (b, block) in blocks.into_iter().enumerate() {
         steps.extend(block.receives);
-        steps.extend(block.run.map(|(group, tile)| Step::Run { group, tile }));
+        steps.extend(block.run);
         let mut done: Vec<TensorRef> = block
             .uses
             .iter()

@@ -44,7 +44,13 @@ pub fn cut_edges(ir: &Ir, groups: &mut [PlanGroup]) {
     for g in 0..groups.len() {
         let (done, later) = groups.split_at_mut(g + 1);
         let group = &mut done[g];
-        if !group.split || group.channels {
+        // A group that combines reductions keeps one tile per device: each owns its
+        // rows of the reduced tensor once.
+        let combines = group
+            .tiles
+            .iter()
+            .any(|t| t.tile.stages.iter().any(|s| s.partial));
+        if !group.split || group.channels || combines {
             continue;
         }
         let tensor = TensorRef::Stage(group.last);

@@ -8,7 +8,7 @@
 //! hub; with and without sub-strips.
 
 use legion_codegen::{cut_edges, programs, traffic};
-use legion_ir::{Ir, Rows, TensorRef, import};
+use legion_ir::{Ir, Rows, StageId, TensorRef, import};
 use legion_partition::{
     Group, channel_tile, check_channel_group, check_group, strips_from_weights, tile, whole_group,
 };
@@ -140,6 +140,9 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
     let mut pc = vec![0; programs.len()];
     let mut in_flight: Vec<(Party, Party, TensorRef, Rows, Option<Rows>)> = vec![];
     let mut ran: Vec<(usize, usize)> = vec![];
+    // Per party, the partial results it computed; partials sent and not yet combined.
+    let mut own_partials: Vec<Vec<StageId>> = vec![vec![]; programs.len()];
+    let mut partials_in_flight: Vec<(Party, Party, StageId)> = vec![];
     loop {
         let mut moved = false;
         for (p, program) in programs.iter().enumerate() {
@@ -182,7 +185,7 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                             }
                         }
                     }
-                    Step::Run { group, tile } => {
+                    Step::Run { group, tile, phase } => {
                         let Party::Device(name) = me else {
                             return Err("the coordinator runs a tile".into());
                         };
@@ -191,7 +194,15 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                             .get(*tile)
                             .filter(|t| &t.device == name)
                             .ok_or(format!("{name} runs tile {tile} of group {group}, not its"))?;
-                        for input in &t.tile.inputs {
+                        let partials: Vec<StageId> = t.tile.partials().collect();
+                        let spec = t
+                            .tile
+                            .phases(ir)
+                            .get(*phase)
+                            .ok_or(format!("{name} runs phase {phase} of group {group}"))?
+                            .spec
+                            .clone();
+                        for input in &spec.inputs {
                             let have = held[p].get(&input.tensor).cloned().unwrap_or_default();
                             if !cells(ir, input.tensor, input.rows, None)
                                 .iter()
@@ -203,12 +214,53 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
                                 ));
                             }
                         }
-                        for out in &t.tile.outputs {
+                        for out in &spec.outputs {
                             let r = TensorRef::Stage(out.stage);
+                            if partials.contains(&out.stage) {
+                                own_partials[p].push(out.stage);
+                                continue;
+                            }
                             let set = held[p].entry(r).or_default();
                             set.extend(cells(ir, r, out.rows, out.channels));
                         }
-                        ran.push((*group, *tile));
+                        if !ran.contains(&(*group, *tile)) {
+                            ran.push((*group, *tile));
+                        }
+                    }
+                    Step::Share { stage, to } => {
+                        if !own_partials[p].contains(stage) {
+                            return Err(format!("{me} shares a partial of {stage} it lacks"));
+                        }
+                        partials_in_flight.push((me.clone(), to.clone(), *stage));
+                    }
+                    Step::Combine { stage, parts } => {
+                        let waiting = parts.iter().any(|from| {
+                            from != me
+                                && !partials_in_flight.contains(&(from.clone(), me.clone(), *stage))
+                        });
+                        if waiting {
+                            break;
+                        }
+                        for from in parts {
+                            if from == me {
+                                if !own_partials[p].contains(stage) {
+                                    return Err(format!(
+                                        "{me} combines its partial of {stage}, which it lacks"
+                                    ));
+                                }
+                                continue;
+                            }
+                            let k = partials_in_flight
+                                .iter()
+                                .position(|m| *m == (from.clone(), me.clone(), *stage))
+                                .expect("checked above");
+                            partials_in_flight.remove(k);
+                        }
+                        let r = TensorRef::Stage(*stage);
+                        held[p]
+                            .entry(r)
+                            .or_default()
+                            .extend(cells(ir, r, Rows::new(0, 1), None));
                     }
                     Step::Drop { tensor } => {
                         held[p].remove(tensor);
@@ -230,8 +282,10 @@ fn simulate(ir: &Ir, groups: &[PlanGroup], programs: &[Program]) -> Result<(), S
             ));
         }
     }
-    if !in_flight.is_empty() {
-        return Err(format!("sent and never received: {in_flight:?}"));
+    if !in_flight.is_empty() || !partials_in_flight.is_empty() {
+        return Err(format!(
+            "sent and never received: {in_flight:?} {partials_in_flight:?}"
+        ));
     }
     let mut want: Vec<(usize, usize)> = groups
         .iter()

@@ -127,6 +127,9 @@ pub struct StageInTile {
     pub halo_rows: usize,
     /// `computed / alone` (docs/architecture.md, "Alpha"); `None` when the device owns no rows here.
     pub alpha: Option<f64>,
+    /// True for a reduction the group's devices combine: the device reduces the rows of
+    /// the input it owns (`inputs[0]`) into a partial result.
+    pub partial: bool,
 }
 
 /// A tensor entering the group and the strip of it a device receives.
@@ -203,14 +206,33 @@ pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, Partitio
     for s in group.stages() {
         let stage = ir.stage(s);
         if let legion_ir::Split::Barrier(reason) = &stage.split {
+            if combined_inside(ir, group, s) {
+                continue;
+            }
+            let reason = match stage.partial {
+                Some(_) => format!(
+                    "{reason}; its devices combine it only for stages after it in the group"
+                ),
+                None => reason.clone(),
+            };
             return Err(PartitionError::Barrier {
                 stage: s,
                 name: stage.name.clone(),
-                reason: reason.clone(),
+                reason,
             });
         }
     }
     Ok(group)
+}
+
+/// True when stage `s` of `group` reduces over rows in a way the group's devices
+/// combine (each reduces its own rows, docs/architecture.md, "Reductions across
+/// devices"), and only stages after it in the group read the result.
+pub fn combined_inside(ir: &Ir, group: Group, s: StageId) -> bool {
+    ir.stage(s).partial.is_some()
+        && s != group.last
+        && !ir.outputs.contains(&TensorRef::Stage(s))
+        && ir.consumers(s).iter().all(|c| group.contains(*c))
 }
 
 /// Every candidate group: runs of splittable stages up to `max_len` long (any length
@@ -379,10 +401,23 @@ impl<'a> GroupTiler<'a> {
         for s in group.stages().rev() {
             let stage = ir.stage(s);
             let wanted = want[s.index() - first];
+            let partial = stage.partial.is_some() && !stage.is_splittable();
             let map = if wanted.is_empty() {
                 crate::rows::StageRows {
                     computed: wanted,
                     inputs: SmallVec::new(),
+                }
+            } else if partial {
+                // A reduction combined across the devices: each reads the rows of the
+                // input it owns (a cut of them, like the strips), all compute the result.
+                let height = stage.input_shapes[0].height().expect("reduces rows");
+                crate::rows::StageRows {
+                    computed: wanted,
+                    inputs: smallvec::smallvec![InputRows {
+                        rows: scale_rows(strip, self.height, height),
+                        pad_top: 0,
+                        pad_bottom: 0,
+                    }],
                 }
             } else {
                 row_map(stage, wanted)
@@ -398,7 +433,9 @@ impl<'a> GroupTiler<'a> {
             }
             // Alone, the stage computes its own strip widened to whole blocks (upsampling).
             let own = self.alone(s, strip);
-            let alone = if own.is_empty() {
+            let alone = if partial {
+                map.computed
+            } else if own.is_empty() {
                 own
             } else {
                 row_map(stage, own).computed
@@ -410,6 +447,7 @@ impl<'a> GroupTiler<'a> {
                 alone,
                 halo_rows: map.computed.len().saturating_sub(alone.len()),
                 alpha: ratio(map.computed.len(), alone.len()),
+                partial,
             });
         }
         stages.reverse();
@@ -504,6 +542,7 @@ impl TileView<'_> {
                         })
                         .collect(),
                     channels: None,
+                    partial: t.partial,
                 })
                 .collect(),
             outputs: self
@@ -655,6 +694,7 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
                 computed,
                 reads,
                 channels: None,
+                partial: false,
             }
         })
         .collect();

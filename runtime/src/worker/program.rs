@@ -11,7 +11,7 @@ use crate::proto::{
 };
 use crate::tensors::{Tensors, tensor_bytes};
 use crate::wire::{Part, hex, rows_from_wire, rows_to_wire};
-use legion_ir::{Ir, Rows, TensorRef};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_plan::{PLAN_VERSION, Party, Program, Step, TileSpec};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -30,12 +30,19 @@ pub(super) struct Loaded {
     /// This board's name in the plan.
     name: String,
     program: Program,
-    /// Each tile it runs, by (group, tile).
-    tiles: HashMap<(usize, usize), TileSpec>,
+    /// Each tile it runs, by (group, tile), cut into its phases ([`TileSpec::phases`]).
+    tiles: HashMap<(usize, usize), Phased>,
     /// The boards it sends to.
     peers: HashMap<String, WorkerClient>,
     /// Per tensor, the rows it ever holds: all that is stored of it.
     windows: HashMap<TensorRef, Rows>,
+}
+
+/// A tile and its phases.
+struct Phased {
+    /// The reducing stages whose partial results the tile computes.
+    partials: Vec<StageId>,
+    phases: Vec<TileSpec>,
 }
 
 /// Rows waiting in the mailbox: program, inference, sender, and the part.
@@ -73,9 +80,15 @@ impl Worker {
         for (_, _, spec) in &tiles {
             validate(&ir, spec)?;
         }
-        let tiles: HashMap<(usize, usize), TileSpec> = tiles
+        let tiles: HashMap<(usize, usize), Phased> = tiles
             .into_iter()
-            .map(|(group, tile, spec)| ((group, tile), spec))
+            .map(|(group, tile, spec)| {
+                let phased = Phased {
+                    partials: spec.partials().collect(),
+                    phases: spec.phases(&ir).into_iter().map(|p| p.spec).collect(),
+                };
+                ((group, tile), phased)
+            })
             .collect();
         let addresses: HashMap<&str, &str> = req
             .peers
@@ -85,12 +98,21 @@ impl Worker {
         let mut peers = HashMap::new();
         for step in &program.steps {
             match step {
-                Step::Run { group, tile } if !tiles.contains_key(&(*group, *tile)) => {
+                Step::Run { group, tile, phase }
+                    if tiles
+                        .get(&(*group, *tile))
+                        .is_none_or(|t| *phase >= t.phases.len()) =>
+                {
                     return Err(Status::invalid_argument(format!(
-                        "{name}'s program runs tile {tile} of group {group}, which was not given"
+                        "{name}'s program runs phase {phase} of tile {tile} of group {group}, \
+                         which was not given"
                     )));
                 }
                 Step::Send {
+                    to: Party::Device(peer),
+                    ..
+                }
+                | Step::Share {
                     to: Party::Device(peer),
                     ..
                 } if !peers.contains_key(peer) => {
@@ -133,13 +155,26 @@ impl Worker {
     pub(super) fn push_rows(&self, m: WireRows) -> Result<PushRowsReply, Status> {
         let loaded = self.loaded(&m.program)?;
         let ((tensor, rows, channels), strip) = rows_of(&loaded.ir, &m)?;
-        let expected = loaded.program.steps.iter().any(|s| {
-            matches!(s, Step::Receive { tensor: t, rows: r, channels: c, from: Party::Device(f) }
-                if *t == tensor && *r == rows && *c == channels && *f == m.from)
+        let from = Party::Device(m.from.clone());
+        let expected = loaded.program.steps.iter().any(|s| match s {
+            Step::Receive {
+                tensor: t,
+                rows: r,
+                channels: c,
+                from: f,
+            } => !m.partial && *t == tensor && *r == rows && *c == channels && *f == from,
+            Step::Combine { stage, parts } => {
+                m.partial
+                    && tensor == TensorRef::Stage(*stage)
+                    && rows == Rows::new(0, 1)
+                    && parts.contains(&from)
+            }
+            _ => false,
         });
         if !expected {
+            let what = if m.partial { "partial result" } else { "rows" };
             return Err(Status::invalid_argument(format!(
-                "{}'s program receives no rows {rows} of {tensor:?} from {}",
+                "{}'s program receives no {what} {rows} of {tensor:?} from {}",
                 loaded.name, m.from
             )));
         }
@@ -238,6 +273,13 @@ impl Worker {
             ..Default::default()
         };
         let mut pushes = tokio::task::JoinSet::new();
+        // This board's partial results of reductions, by stage.
+        let mut partials: HashMap<StageId, Tensor> = HashMap::new();
+        let peer_program = |peer: &str| {
+            req.peer_programs.get(peer).cloned().ok_or_else(|| {
+                Status::invalid_argument(format!("{me}: no program id of {peer} given"))
+            })
+        };
         for step in &loaded.program.steps {
             let mut compute_us = 0;
             let mut host_gflops = 0.0;
@@ -271,8 +313,9 @@ impl Worker {
                         .put_part(*tensor, *rows, *channels, strip)
                         .map_err(stored)?;
                 }
-                Step::Run { group, tile } => {
-                    let spec = &loaded.tiles[&(*group, *tile)];
+                Step::Run { group, tile, phase } => {
+                    let phased = &loaded.tiles[&(*group, *tile)];
+                    let spec = &phased.phases[*phase];
                     let inputs = spec
                         .inputs
                         .iter()
@@ -291,6 +334,10 @@ impl Worker {
                     .await
                     .map_err(|e| Status::internal(format!("{me}: the tile task failed: {e}")))??;
                     for (out, strip) in spec.outputs.iter().zip(outputs) {
+                        if phased.partials.contains(&out.stage) {
+                            partials.insert(out.stage, strip);
+                            continue;
+                        }
                         let t = TensorRef::Stage(out.stage);
                         tensors
                             .put_part(t, out.rows, out.channels, strip)
@@ -313,11 +360,7 @@ impl Worker {
                         Party::Coordinator => reply.outputs.push(m),
                         Party::Device(peer) => {
                             let client = loaded.peers[peer].clone();
-                            m.program = req.peer_programs.get(peer).cloned().ok_or_else(|| {
-                                Status::invalid_argument(format!(
-                                    "{me}: no program id of {peer} given"
-                                ))
-                            })?;
+                            m.program = peer_program(peer)?;
                             let what = format!("{me}: sending rows {rows} of {tensor:?} to {peer}");
                             pushes.spawn(async move {
                                 client
@@ -327,6 +370,64 @@ impl Worker {
                             });
                         }
                     }
+                }
+                Step::Share { stage, to } => {
+                    let Party::Device(peer) = to else {
+                        return Err(Status::invalid_argument(format!(
+                            "{me}: a partial result goes to a board, not to {to}"
+                        )));
+                    };
+                    let partial = partials.get(stage).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{me}: shares a partial result of stage {stage} it did not compute"
+                        ))
+                    })?;
+                    let part = (TensorRef::Stage(*stage), Rows::new(0, 1), None);
+                    let mut m = rows_to_wire(peer_program(peer)?, req.inference, me, part, partial)
+                        .map_err(stored)?;
+                    m.partial = true;
+                    let client = loaded.peers[peer].clone();
+                    let what = format!("{me}: sending its partial of stage {stage} to {peer}");
+                    pushes.spawn(async move {
+                        client
+                            .push_rows(m)
+                            .await
+                            .map_err(|e| format!("{what}: {e:#}"))
+                    });
+                }
+                Step::Combine { stage, parts } => {
+                    let how = ir.stage(*stage).partial.ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "{me}: stage {stage} is not a reduction whose partials combine"
+                        ))
+                    })?;
+                    let whole = (TensorRef::Stage(*stage), Rows::new(0, 1), None);
+                    let mut got = Vec::with_capacity(parts.len());
+                    for party in parts {
+                        got.push(match party {
+                            Party::Device(d) if d == me => {
+                                partials.remove(stage).ok_or_else(|| {
+                                    Status::invalid_argument(format!(
+                                        "{me}: combines its partial of stage {stage}, which it \
+                                         did not compute"
+                                    ))
+                                })?
+                            }
+                            Party::Device(peer) => {
+                                let key = (req.program.clone(), req.inference, peer.clone(), whole);
+                                self.receive(key, until, me).await?
+                            }
+                            Party::Coordinator => {
+                                return Err(Status::invalid_argument(format!(
+                                    "{me}: the coordinator has no partial results"
+                                )));
+                            }
+                        });
+                    }
+                    let combined = crate::combine(how, &got).map_err(stored)?;
+                    tensors
+                        .put_part(whole.0, whole.1, None, combined)
+                        .map_err(stored)?;
                 }
                 Step::Drop { tensor } => tensors.remove(*tensor),
             }
@@ -350,10 +451,7 @@ impl Worker {
 
 /// Per tensor, the hull of the rows `program` puts of it (received or computed by its
 /// runs): a board stores only those rows.
-fn windows(
-    program: &Program,
-    tiles: &HashMap<(usize, usize), TileSpec>,
-) -> HashMap<TensorRef, Rows> {
+fn windows(program: &Program, tiles: &HashMap<(usize, usize), Phased>) -> HashMap<TensorRef, Rows> {
     let mut windows: HashMap<TensorRef, Rows> = HashMap::new();
     let mut hold = |t: TensorRef, rows: Rows| {
         if !rows.is_empty() {
@@ -366,12 +464,16 @@ fn windows(
     for step in &program.steps {
         match step {
             Step::Receive { tensor, rows, .. } => hold(*tensor, *rows),
-            Step::Run { group, tile } => {
-                for out in &tiles[&(*group, *tile)].outputs {
-                    hold(TensorRef::Stage(out.stage), out.rows);
+            Step::Run { group, tile, phase } => {
+                let phased = &tiles[&(*group, *tile)];
+                for out in &phased.phases[*phase].outputs {
+                    if !phased.partials.contains(&out.stage) {
+                        hold(TensorRef::Stage(out.stage), out.rows);
+                    }
                 }
             }
-            Step::Send { .. } | Step::Drop { .. } => {}
+            Step::Combine { stage, .. } => hold(TensorRef::Stage(*stage), Rows::new(0, 1)),
+            Step::Send { .. } | Step::Share { .. } | Step::Drop { .. } => {}
         }
     }
     windows

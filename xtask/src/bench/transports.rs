@@ -197,7 +197,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         .all(|step| match step {
             Step::Send { tensor, .. } => *tensor == TensorRef::Input,
             Step::Receive { tensor, .. } => ir.outputs.contains(tensor),
-            Step::Run { .. } => false,
+            Step::Run { .. } | Step::Share { .. } | Step::Combine { .. } => false,
             Step::Drop { .. } => true,
         });
     let tensor_bytes = |r: TensorRef| ir.tensor(r).len() as u64 * 4;

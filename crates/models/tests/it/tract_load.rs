@@ -7,7 +7,7 @@ use tract_onnx::prelude::*;
 /// Expected output shape of every catalog model.
 fn expected_output(name: &str) -> &'static [usize] {
     match name {
-        "vgg16" | "vgg19" | "resnet18" | "resnet50" | "mobilenetv2" => &[1, 1000],
+        "vgg16" | "vgg19" | "alexnet" | "resnet18" | "resnet50" | "mobilenetv2" => &[1, 1000],
         "convnext-tiny" | "efficientnet-b0" | "shufflenetv2" => &[1, 1000],
         "yolov8n" => &[1, 84, 8400],
         "vgg16-conv" | "vgg19-conv" => &[1, 512, 7, 7],
