@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long)]
     no_sub_strips: bool,
     /// Split groups by rows only, as the paper does: never by a stage's output
-    /// channels or neurons.
+    /// channels or neurons, and every reduction over rows (a global pool) a barrier.
     #[arg(long)]
     rows_only: bool,
     /// Print what a pass attached: partition, cost, fusion or codegen (repeatable).

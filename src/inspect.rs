@@ -147,7 +147,16 @@ fn table(ir: &Ir, file: &str) -> String {
                 .unwrap_or_else(|| "-".into()),
             match &s.split {
                 Split::Rows => "split".to_string(),
-                Split::Barrier(reason) => format!("barrier: {reason}"),
+                Split::Barrier(reason) => match s.partial {
+                    Some(how) => format!(
+                        "barrier: {reason}; combined across a row group's boards ({})",
+                        match how {
+                            legion_ir::Combine::Sum => "sum",
+                            legion_ir::Combine::Max => "max",
+                        }
+                    ),
+                    None => format!("barrier: {reason}"),
+                },
             },
         ]);
     }

@@ -622,3 +622,93 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
         }
     }
 }
+
+/// tiny-effnet's squeeze-excitation blocks inside row groups on 4 boards: each board
+/// pools its own rows, shares its partial sums with the group's other boards and
+/// combines theirs, then runs the block's FC layers itself and scales its rows. The
+/// plan validates, its output equals one device's, and the hub, which cannot combine,
+/// refuses it by naming the pool.
+#[test]
+fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
+    use legion_plan::{Candidate, Step, Transport};
+    let cluster = two_and_two();
+    let rt = rt();
+    let (ir, onnx) = load("tiny-effnet");
+    let coord = connect(&rt, cluster.cluster(), &onnx, &ir);
+    let names: Vec<String> = coord
+        .devices()
+        .iter()
+        .map(|d| d.name().to_string())
+        .collect();
+    let boards: Vec<&str> = names.iter().map(String::as_str).collect();
+    let groups: Vec<_> = [(0, 7), (8, 21), (22, 30)]
+        .into_iter()
+        .map(|range| plan_group(&ir, range, Layout::Rows, &boards, &[3.0, 3.0, 2.0, 2.0]))
+        .collect();
+    let programs = legion_codegen::programs(&ir, &names, &groups);
+    // Every board shares the partial sums of the four pools (stages 2, 10, 17, 24)
+    // with the other three and combines all four parts.
+    for p in programs.iter().filter(|p| p.party != legion_plan::Party::Coordinator) {
+        let mut shared: Vec<StageId> = vec![];
+        let mut combined: Vec<(StageId, usize)> = vec![];
+        for step in &p.steps {
+            match step {
+                Step::Share { stage, to } => {
+                    assert_ne!(*to, p.party, "a board shares with itself");
+                    shared.push(*stage);
+                }
+                Step::Combine { stage, parts } => combined.push((*stage, parts.len())),
+                _ => {}
+            }
+        }
+        let pools = [2, 10, 17, 24].map(StageId);
+        assert_eq!(shared, pools.map(|s| [s; 3]).concat(), "{:?}", p.party);
+        assert_eq!(combined, pools.map(|s| (s, 4)), "{:?}", p.party);
+    }
+    let candidate = Candidate {
+        name: "squeeze-excitation".into(),
+        predicted_us: 0,
+        measured_us: None,
+        groups,
+        programs,
+    };
+    let plan = legion_codegen::plan(
+        &ir,
+        &names,
+        "hand",
+        vec![candidate.clone()],
+        legion_codegen::Chosen {
+            index: 0,
+            reason: "test".into(),
+        },
+    );
+    legion_codegen::validate(&plan, &ir, Some(&names)).unwrap();
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    let run = rt
+        .block_on(legion_runtime::run_candidate(
+            &coord,
+            &ir,
+            &candidate,
+            input.clone(),
+            Transport::Programs,
+        ))
+        .unwrap_or_else(|e| panic!("by programs: {e:#}"));
+    for (got, r) in run.outputs.iter().zip(&ir.outputs) {
+        let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
+        assert!(diff.within(1e-5), "by programs: {diff:?}");
+    }
+    let Err(err) = rt.block_on(legion_runtime::run_candidate(
+        &coord,
+        &ir,
+        &candidate,
+        input,
+        Transport::Hub,
+    )) else {
+        panic!("the hub ran reductions it cannot combine");
+    };
+    assert!(
+        format!("{err:#}").contains("reduces stage 2 across its boards"),
+        "{err:#}"
+    );
+}

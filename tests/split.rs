@@ -212,15 +212,17 @@ fn devices_beyond_a_groups_rows_drop_out() {
 /// the same stage: every suffix of that walk must be exactly the group tiled alone.
 #[test]
 fn a_suffix_of_a_walk_is_the_group_tiled_alone() {
-    use legion_partition::SuffixTiler;
-    for name in ["tiny-residual", "tiny-yolo", "resnet18"] {
+    use legion_partition::{Reductions, SuffixTiler};
+    for name in ["tiny-residual", "tiny-yolo", "resnet18", "tiny-effnet"] {
         let ir = load(name);
         let mut compared = 0;
         for last in 0..ir.stages.len() {
             if !ir.stages[last].is_splittable() {
                 continue;
             }
-            let tiler = SuffixTiler::new(&ir, legion_ir::StageId(last as u32)).unwrap();
+            let tiler =
+                SuffixTiler::new(&ir, legion_ir::StageId(last as u32), Reductions::Combined)
+                    .unwrap();
             let height = tiler.height();
             let strips = strips_from_weights(height, &[1.0, 2.0, 1.0]);
             for first in tiler.longest().first.index()..=last {

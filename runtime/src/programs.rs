@@ -61,6 +61,10 @@ impl Coordinator {
                 if let Step::Send {
                     to: Party::Device(peer),
                     ..
+                }
+                | Step::Share {
+                    to: Party::Device(peer),
+                    ..
                 } = step
                     && !peers.iter().any(|(n, _)| n == peer)
                 {

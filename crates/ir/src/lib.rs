@@ -105,6 +105,30 @@ impl Ir {
         &self.stages[id.index()]
     }
 
+    /// The phase of each stage of `first..=last` (in order) when its devices combine
+    /// the reductions in it ([`Stage::is_combined`]): the most combined results on a
+    /// path to the stage from inside the range (docs/architecture.md, "Reductions
+    /// across devices").
+    pub fn phases(&self, first: StageId, last: StageId) -> Vec<usize> {
+        let mut phase: Vec<usize> = Vec::with_capacity(last.index() + 1 - first.index());
+        for id in first.index()..=last.index() {
+            let p = self.stages[id]
+                .inputs
+                .iter()
+                .filter_map(|r| match r {
+                    TensorRef::Stage(q) if *q >= first => Some(
+                        phase[q.index() - first.index()]
+                            + usize::from(self.stage(*q).is_combined()),
+                    ),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            phase.push(p);
+        }
+        phase
+    }
+
     /// The constants a channel tile of stage `id` slices to its channels; empty when
     /// the stage does not split by channels.
     pub fn channel_consts(&self, id: StageId) -> Vec<ConstSlice> {

@@ -336,6 +336,12 @@ impl Stage {
         self.split == Split::Rows
     }
 
+    /// True for a reduction over rows the devices of a row group combine
+    /// (docs/architecture.md, "Reductions across devices").
+    pub fn is_combined(&self) -> bool {
+        self.partial.is_some() && !self.is_splittable()
+    }
+
     /// The tract outlet holding the stage's output in [`crate::Ir::model`].
     pub fn output_outlet(&self) -> tract_onnx::prelude::OutletId {
         tract_onnx::prelude::OutletId::new(*self.nodes.last().expect("a stage has nodes"), 0)

@@ -65,7 +65,8 @@ pub struct CompileOptions {
     /// Cut boards' strips so that the rows other boards read are computed first
     /// (programs transport only).
     pub sub_strips: bool,
-    /// Split groups by rows only, as the paper does (no channel splits).
+    /// Split groups by rows only, as the paper does (no channel splits, no reductions
+    /// combined across boards).
     pub rows_only: bool,
 }
 

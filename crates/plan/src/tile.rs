@@ -107,25 +107,10 @@ impl TileSpec {
         }
         let first = self.stages.iter().map(|s| s.stage).min().expect("a stage");
         let last = self.stages.iter().map(|s| s.stage).max().expect("a stage");
-        let mut phase: HashMap<StageId, usize> = HashMap::new();
-        let combined = |q: StageId| {
-            let stage = ir.stage(q);
-            stage.partial.is_some() && !stage.is_splittable()
-        };
-        for id in first.0..=last.0 {
-            let s = StageId(id);
-            let p = ir
-                .stage(s)
-                .inputs
-                .iter()
-                .filter_map(|r| match r {
-                    TensorRef::Stage(q) => Some(phase.get(q)? + usize::from(combined(*q))),
-                    TensorRef::Input => None,
-                })
-                .max()
-                .unwrap_or(0);
-            phase.insert(s, p);
-        }
+        let phase: HashMap<StageId, usize> = (first.0..=last.0)
+            .map(StageId)
+            .zip(ir.phases(first, last))
+            .collect();
         let at: HashMap<StageId, &TileStage> = self.stages.iter().map(|s| (s.stage, s)).collect();
         let count = phase.values().max().map_or(1, |m| m + 1);
         let read_later = |q: StageId, k: usize| {

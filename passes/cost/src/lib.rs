@@ -32,7 +32,8 @@ pub use fit::{Affine, interpolate, least_squares};
 use anyhow::{Result, bail, ensure};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{
-    Group, Held, StageInTile, SuffixTiler, TileView, boundary, rebalance, strips_from_weights, tile,
+    Group, Held, Reductions, StageInTile, SuffixTiler, TileView, boundary, rebalance,
+    strips_from_weights, tile,
 };
 use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{DeviceId, Link, Profile, ProfileMode, Transport};
@@ -382,6 +383,15 @@ impl<'a> CostModel<'a> {
         (intercept + slope * rows as f64).max(0.0)
     }
 
+    /// Which reductions this model's transport lets a row group's boards combine:
+    /// only boards that run their own programs exchange partial results.
+    pub fn reductions(&self) -> Reductions {
+        match self.transport {
+            Transport::Programs => Reductions::Combined,
+            Transport::Hub => Reductions::Barriers,
+        }
+    }
+
     /// Bytes of `rows` of tensor `r` (all of it without a row axis).
     fn bytes(&self, r: TensorRef, rows: Rows) -> u64 {
         self.ir.tensor(r).strip_bytes(rows)
@@ -443,7 +453,70 @@ impl<'a> CostModel<'a> {
         if predictor == Predictor::Affine && self.transport == Transport::Hub {
             self.share_the_hub(tiles, &mut devices);
         }
-        Prediction::of(predictor, group, devices)
+        let phased = self.exchange_partials(group, tiles, &mut devices);
+        let mut prediction = Prediction::of(predictor, group, devices);
+        if let Some(total_us) = phased {
+            prediction.total_us = prediction.total_us.max(total_us);
+        }
+        prediction
+    }
+
+    /// For a group whose devices combine reductions (docs/architecture.md, "Reductions
+    /// across devices"): adds to each device's input time the partial results it
+    /// receives from the other contributors, and returns the group's time with the
+    /// devices in step at every combine: per phase, the slowest device's compute, then
+    /// the slowest exchange. `None` without combined reductions.
+    fn exchange_partials(
+        &self,
+        group: Group,
+        tiles: &[(DeviceId, TileView)],
+        devices: &mut [DevicePrediction],
+    ) -> Option<f64> {
+        let (_, first) = tiles.first()?;
+        if !first.stages.iter().any(|st| st.partial) {
+            return None;
+        }
+        let phases = self.ir.phases(group.first, group.last);
+        let count = phases.iter().max().map_or(1, |m| m + 1);
+        // Per phase: the slowest device's compute (inputs first, outputs last), and the
+        // slowest device's exchange of that phase's partials.
+        let mut compute = vec![0.0f64; count];
+        let mut exchange = vec![0.0f64; count];
+        for ((d, t), p) in tiles.iter().zip(devices.iter_mut()) {
+            let mut mine = vec![0.0f64; count];
+            mine[0] += p.in_us;
+            mine[count - 1] += p.out_us;
+            let mut received = vec![0u64; count];
+            for (st, (_, e)) in t.stages.iter().zip(&p.compute_us) {
+                let k = phases[st.stage.index() - group.first.index()];
+                mine[k] += e;
+                if st.partial {
+                    let others = tiles
+                        .iter()
+                        .filter(|(o, ot)| {
+                            o != d
+                                && ot
+                                    .stages
+                                    .iter()
+                                    .find(|x| x.stage == st.stage)
+                                    .and_then(|x| x.inputs.first())
+                                    .is_some_and(|i| !i.rows.is_empty())
+                        })
+                        .count() as u64;
+                    received[k] += others * self.ir.stage(st.stage).output.len() as u64 * 4;
+                }
+            }
+            let mut exchange_us = 0.0;
+            for k in 0..count {
+                compute[k] = compute[k].max(mine[k]);
+                let us = self.link_in[d.index()].time_us(received[k]);
+                exchange[k] = exchange[k].max(us);
+                exchange_us += us;
+            }
+            p.in_us += exchange_us;
+            p.total_us += exchange_us;
+        }
+        Some(compute.iter().sum::<f64>() + exchange.iter().sum::<f64>())
     }
 
     /// Bytes of the rows a tile lacks when boards run their programs: the rows of each
@@ -583,6 +656,19 @@ impl<'a> CostModel<'a> {
                 (self.link_in[d.index()].time_us(fused_in), compute)
             }
         };
+        // A combined reduction reads only the device's own rows of its input: its
+        // measured (whole) time at that fraction.
+        let compute_us: Vec<(StageId, f64)> = compute_us
+            .into_iter()
+            .zip(t.stages)
+            .map(|((s, e), st)| match (st.partial, st.inputs.first()) {
+                (true, Some(input)) => {
+                    let height = self.ir.stage(s).input_shapes[0].height().unwrap_or(1);
+                    (s, e * input.rows.len() as f64 / height.max(1) as f64)
+                }
+                _ => (s, e),
+            })
+            .collect();
         let out_us = self.link_out[d.index()].time_us(out);
         let total_us = in_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + out_us;
         DevicePrediction {
@@ -720,7 +806,7 @@ impl<'a> CostModel<'a> {
         group: Group,
         devices: &[DeviceId],
     ) -> Result<Vec<(DeviceId, Rows)>> {
-        let tiler = SuffixTiler::new(self.ir, group.last)?;
+        let tiler = SuffixTiler::new(self.ir, group.last, self.reductions())?;
         GroupShares::new(self, &tiler, predictor, group)?.over(devices)
     }
 
@@ -733,7 +819,7 @@ impl<'a> CostModel<'a> {
         devices: &[DeviceId],
         held: &Holdings,
     ) -> Result<Vec<(DeviceId, Rows)>> {
-        let tiler = SuffixTiler::new(self.ir, group.last)?;
+        let tiler = SuffixTiler::new(self.ir, group.last, self.reductions())?;
         let mut search = GroupShares::new(self, &tiler, predictor, group)?;
         search.held = Some(held);
         search.over(devices)

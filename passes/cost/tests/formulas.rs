@@ -3,7 +3,7 @@
 
 use legion_cost::{CostModel, Predictor};
 use legion_ir::{Ir, Rows, StageId, import};
-use legion_partition::{Group, scale_cut, strips_from_weights, tile};
+use legion_partition::{Group, Reductions, SuffixTiler, scale_cut, strips_from_weights, tile};
 use legion_plan::network::{StepPart, step_timeline};
 use legion_plan::{
     Clock, DeviceId, DeviceProfile, Link, LinkProbe, PROFILE_VERSION, Profile, ProfileMode, Sample,
@@ -167,6 +167,67 @@ fn with_programs_a_tile_receives_only_the_rows_it_lacks() {
         legion.devices[0].total_us,
         s(26.0 * 480.0) + 25.0 / 24.0 * 2400.0 + 3600.0,
     );
+}
+
+/// tiny-effnet's first squeeze-excitation block, 1..7 (dwconv 1, global pool 2, fc1 3,
+/// fc2 4, scale 5, conv 6, add 7; every stage 10 µs a row, 32 rows high) on two
+/// devices with [0,16) and [16,32). Each device pools its own 16 rows (half of the
+/// pool's 10 µs), receives the other's 8-channel partial sum (32 bytes) and runs phase
+/// 1 (stages 3..7) once both have combined. Device 0 is 3x slower on the dwconv (phase
+/// 0), device 1 on the conv (phase 1): in step at the combine, the group takes the
+/// slower phase 0 plus the exchange plus the slower phase 1, more than either device.
+/// Each device lacks one 1024-byte row of stage 0 (the dwconv's halo).
+#[test]
+fn a_combined_reduction_costs_its_exchange_and_keeps_the_devices_in_step() {
+    let ir = tiny("tiny-effnet");
+    let mut profile = linear_profile(&ir, 2, |_| 10);
+    let slower = |samples: &mut Vec<Sample>| {
+        for s in samples {
+            s.median_us *= 3;
+            s.min_us *= 3;
+        }
+    };
+    slower(&mut profile.stages[1].samples[0]);
+    slower(&mut profile.stages[6].samples[1]);
+    let model = CostModel::new(&ir, &profile, Transport::Programs).unwrap();
+    let strips = [
+        (DeviceId(0), Rows::new(0, 16)),
+        (DeviceId(1), Rows::new(16, 32)),
+    ];
+    let p = model
+        .predict(Predictor::Legion, Group::new(1, 7), &strips)
+        .unwrap();
+    let s = |bytes: f64| 200.0 + 0.08 * bytes;
+    let (halo, exchange) = (s(1024.0), s(32.0));
+    for d in &p.devices {
+        close(d.in_us, halo + exchange);
+        let pool = d.compute_us.iter().find(|(s, _)| *s == StageId(2)).unwrap();
+        close(pool.1, 5.0);
+    }
+    // Phase 0: dwconv + half the pool; phase 1: fc1, fc2 (one row each) and three
+    // 16-row stages.
+    let (phase0, phase1) = ([480.0 + 5.0, 160.0 + 5.0], [20.0 + 480.0, 20.0 + 800.0]);
+    close(
+        p.devices[0].total_us,
+        halo + exchange + phase0[0] + phase1[0],
+    );
+    close(
+        p.devices[1].total_us,
+        halo + exchange + phase0[1] + phase1[1],
+    );
+    close(p.total_us, halo + phase0[0] + exchange + phase1[1]);
+
+    // Only boards that run their own programs combine: the hub's groups stop at the pool.
+    let longest = |reductions| {
+        SuffixTiler::new(&ir, StageId(7), reductions)
+            .unwrap()
+            .longest()
+    };
+    assert_eq!(model.reductions(), Reductions::Combined);
+    assert_eq!(longest(Reductions::Combined), Group::new(0, 7));
+    let hub = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
+    assert_eq!(hub.reductions(), Reductions::Barriers);
+    assert_eq!(longest(Reductions::Barriers), Group::new(3, 7));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 use legion_cost::{CostModel, DevicePrediction, GroupShares, Predictor};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::{
-    Group, SuffixTiler, TileView, channel_tile, check_channel_group, check_group,
+    Group, Reductions, SuffixTiler, TileView, channel_tile, check_channel_group, check_group,
     tile_weight_bytes, whole_group,
 };
 use legion_plan::{Cluster, DeviceId, DeviceTiming, Profile, ProfileMode, TileSpec};
@@ -64,7 +64,8 @@ pub struct Legality {
     /// a group-length limit measured nothing longer, so a search meant to be compared
     /// with it on the same candidates takes the same limit.
     pub max_group_len: Option<usize>,
-    /// Split by rows only, as the paper does: no group splits by channels.
+    /// Split by rows only, as the paper does: no group splits by channels, and no row
+    /// group combines a reduction across its boards.
     pub rows_only: bool,
 }
 
@@ -345,8 +346,13 @@ fn entries_to(
     last: usize,
 ) -> Result<Vec<(FlcGroup, Entry)>> {
     let mut entries = vec![];
+    // The paper's space keeps every reduction over rows a barrier.
+    let reductions = match legality.rows_only {
+        true => Reductions::Barriers,
+        false => model.reductions(),
+    };
     let tiler = match check_group(ir, last, last) {
-        Ok(_) => Some(SuffixTiler::new(ir, StageId(last as u32))?),
+        Ok(_) => Some(SuffixTiler::new(ir, StageId(last as u32), reductions)?),
         Err(_) => None,
     };
     let shortest_first = legality

@@ -225,11 +225,20 @@ pub fn check_group(ir: &Ir, first: usize, last: usize) -> Result<Group, Partitio
     Ok(group)
 }
 
+/// Whether a row group may reduce over rows across its devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reductions {
+    /// Every reduction over rows is a barrier (the hub transport cannot combine them).
+    Barriers,
+    /// Reductions the devices can combine stay inside the group (programs transport).
+    Combined,
+}
+
 /// True when stage `s` of `group` reduces over rows in a way the group's devices
 /// combine (each reduces its own rows, docs/architecture.md, "Reductions across
 /// devices"), and only stages after it in the group read the result.
 pub fn combined_inside(ir: &Ir, group: Group, s: StageId) -> bool {
-    ir.stage(s).partial.is_some()
+    ir.stage(s).is_combined()
         && s != group.last
         && !ir.outputs.contains(&TensorRef::Stage(s))
         && ir.consumers(s).iter().all(|c| group.contains(*c))
@@ -401,7 +410,7 @@ impl<'a> GroupTiler<'a> {
         for s in group.stages().rev() {
             let stage = ir.stage(s);
             let wanted = want[s.index() - first];
-            let partial = stage.partial.is_some() && !stage.is_splittable();
+            let partial = stage.is_combined();
             let map = if wanted.is_empty() {
                 crate::rows::StageRows {
                     computed: wanted,
@@ -601,10 +610,22 @@ impl Walk {
 
 impl<'a> SuffixTiler<'a> {
     /// Tiles for the groups ending at `last`: the longest is the run of splittable
-    /// stages ending there.
-    pub fn new(ir: &'a Ir, last: StageId) -> Result<SuffixTiler<'a>, PartitionError> {
+    /// stages ending there, and with [`Reductions::Combined`] also through the
+    /// reductions its devices can combine ([`combined_inside`]).
+    pub fn new(
+        ir: &'a Ir,
+        last: StageId,
+        reductions: Reductions,
+    ) -> Result<SuffixTiler<'a>, PartitionError> {
         let mut first = last.index();
-        while first > 0 && check_group(ir, first - 1, first - 1).is_ok() {
+        while first > 0 {
+            let before = StageId(first as u32 - 1);
+            let splits = check_group(ir, before.index(), before.index()).is_ok()
+                || (reductions == Reductions::Combined
+                    && combined_inside(ir, Group::new(before.index(), last.index()), before));
+            if !splits {
+                break;
+            }
             first -= 1;
         }
         Ok(SuffixTiler {
