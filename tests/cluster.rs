@@ -648,7 +648,10 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
     let programs = legion_codegen::programs(&ir, &names, &groups);
     // Every board shares the partial sums of the four pools (stages 2, 10, 17, 24)
     // with the other three and combines all four parts.
-    for p in programs.iter().filter(|p| p.party != legion_plan::Party::Coordinator) {
+    for p in programs
+        .iter()
+        .filter(|p| p.party != legion_plan::Party::Coordinator)
+    {
         let mut shared: Vec<StageId> = vec![];
         let mut combined: Vec<(StageId, usize)> = vec![];
         for step in &p.steps {

@@ -109,8 +109,9 @@ enum Bench {
     /// The paper's 42 setups run by both transports (the hub, and the boards running
     /// their own programs), each with the plan `legion compile` chooses for it.
     Transports,
-    /// Plans that may split groups by output channels against plans split by rows
-    /// only, on the paper's 6-board clusters, and VGG-16 on boards too small for fc6.
+    /// Plans that may split groups by output channels and combine global pools across
+    /// boards against plans split by rows only, on the paper's 6-board clusters (and
+    /// EfficientNet-B0), and VGG-16 on boards too small for fc6.
     Channels,
     /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
     /// memory under qemu serving VGG-16's first block.

@@ -1,7 +1,7 @@
-//! `cargo xtask bench channels`: plans that may split groups by output channels
-//! against plans split by rows only (the paper's space, `legion compile --rows-only`),
-//! on the same live clusters, profiles and rounds; and VGG-16 on boards whose memory
-//! holds no whole fc6.
+//! `cargo xtask bench channels`: plans that may split groups by output channels and
+//! combine global pools across a row group's boards, against plans split by rows only
+//! (the paper's space, `legion compile --rows-only`), on the same live clusters,
+//! profiles and rounds; and VGG-16 on boards whose memory holds no whole fc6.
 
 use super::load;
 use super::paper::{
@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
-/// The setups: the paper's 6-board clusters with its three models.
+/// The setups: the paper's 6-board clusters with its three models, and EfficientNet-B0
+/// for its squeeze-excitation blocks.
 pub const CLUSTERS: [&str; 2] = ["firefly-x6", "3f3o"];
-pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
+pub const MODELS: [&str; 4] = ["vgg16", "vgg19", "yolov2", "efficientnet-b0"];
 /// VGG-16 on four Fireflies with 300 MB each (testdata/memory): fc6 (411 MB) fits no
 /// board.
 const MEMORY_SETUP: (&str, &str) = ("vgg16", "firefly-x4-300mb");
@@ -61,6 +62,13 @@ struct Ran {
     weight_bytes: u64,
     /// The most bytes of rows one board held at once during an inference.
     held_bytes: u64,
+    /// Emulated µs of the groups run whole on one board, in the fastest run (not
+    /// recorded before reductions were combined).
+    #[serde(default)]
+    whole_us: Option<u64>,
+    /// Reductions over rows (global pools) its row groups combine across boards.
+    #[serde(default)]
+    combined: Option<usize>,
     /// The largest difference of its outputs from the single board's, relative.
     max_rel: f32,
 }
@@ -191,7 +199,11 @@ fn ran(
         .iter()
         .min_by_key(|r| r.total_us)
         .context("no timed run")?;
-    let head_start = ir.stages.iter().position(|s| !s.is_splittable());
+    // A reduction the boards can combine is not the head (EfficientNet's pools).
+    let head_start = ir
+        .stages
+        .iter()
+        .position(|s| !s.is_splittable() && !s.is_combined());
     let head_us = head_start.map(|h| {
         c.groups
             .iter()
@@ -220,6 +232,22 @@ fn ran(
             .max()
             .unwrap_or(0),
         max_rel: diff.max_rel,
+        whole_us: Some(
+            c.groups
+                .iter()
+                .zip(&best.groups)
+                .filter(|(g, _)| !g.split)
+                .map(|(_, t)| t.total_us)
+                .sum(),
+        ),
+        combined: Some(
+            c.groups
+                .iter()
+                .filter(|g| g.split && !g.channels)
+                .flat_map(|g| g.first.index()..=g.last.index())
+                .filter(|&s| ir.stages[s].is_combined())
+                .count(),
+        ),
     })
 }
 
@@ -239,7 +267,12 @@ fn report(rows: &[Row]) -> Result<String> {
          among its candidates by measuring them. Both plans and the whole model on one \
          board of each class then ran once to warm up and in rounds; the fastest run of \
          each is kept. *head*: the groups from the first stage that cannot split by rows \
-         (VGG's flatten) to the end, in that run. *weights MB*: the most weights one \
+         and is no reduction the boards combine (VGG's flatten) to the end, in that run. \
+         *whole*: the share of that run in groups run whole on one board. *pools \
+         combined*: global pools (squeeze-excitation) inside row groups, each board \
+         pooling its own rows and the boards exchanging partial sums \
+         (docs/architecture.md, \"Reductions across devices\"; the default, never with \
+         `--rows-only`). *weights MB*: the most weights one \
          board's tiles load. *rel err*: the largest difference of either plan's outputs \
          from the single board's. In the FLCs, `a..b/k` is a group on k boards, `c` \
          split by channels.\n",
@@ -247,19 +280,29 @@ fn report(rows: &[Row]) -> Result<String> {
     )?;
     writeln!(
         md,
-        "| setup | single ms | rows only ms | speedup | head ms | channels ms | speedup | \
-         predicted ms | head ms | weights MB rows / channels | rel err | host GFLOP/s |"
+        "| setup | single ms | rows only ms | speedup | head ms | whole | channels ms | \
+         speedup | predicted ms | head ms | whole | pools combined | weights MB rows / \
+         channels | rel err | host GFLOP/s |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
     for r in rows {
         let speedup = |us: u64| format!("{:.2}x", r.single.1 as f64 / us.max(1) as f64);
         let head = |p: &Ran| p.head_us.map_or("-".into(), ms);
+        let whole = |p: &Ran| {
+            p.whole_us.map_or("-".into(), |w| {
+                format!("{:.1}%", 100.0 * w as f64 / p.measured_us.max(1) as f64)
+            })
+        };
         let c = &r.channels;
-        let (rows_ms, rows_speedup, rows_head, rows_weights, rel) = match &r.rows_only {
+        let (rows_ms, rows_speedup, rows_head, rows_whole, rows_weights, rel) = match &r.rows_only {
             Some(p) => (
                 ms(p.measured_us),
                 speedup(p.measured_us),
                 head(p),
+                whole(p),
                 mb(p.weight_bytes),
                 p.max_rel.max(c.max_rel),
             ),
@@ -268,13 +311,14 @@ fn report(rows: &[Row]) -> Result<String> {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
                 c.max_rel,
             ),
         };
         writeln!(
             md,
-            "| {} {} | {} | {rows_ms} | {rows_speedup} | {rows_head} | {} | {} | {} | {} | \
-             {rows_weights} / {} | {rel:.1e} | {} |",
+            "| {} {} | {} | {rows_ms} | {rows_speedup} | {rows_head} | {rows_whole} | {} | {} | \
+             {} | {} | {} | {} | {rows_weights} / {} | {rel:.1e} | {} |",
             r.model,
             short_name(&r.cluster),
             ms(r.single.1),
@@ -282,6 +326,8 @@ fn report(rows: &[Row]) -> Result<String> {
             speedup(c.measured_us),
             ms(c.predicted_us),
             head(c),
+            whole(c),
+            c.combined.map_or("-".into(), |n| n.to_string()),
             mb(c.weight_bytes),
             host_label(r.host_gflops)
         )?;
