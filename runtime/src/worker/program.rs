@@ -98,16 +98,22 @@ impl Worker {
         let mut peers = HashMap::new();
         for step in &program.steps {
             match step {
-                Step::Run { group, tile, phase }
-                    if tiles
-                        .get(&(*group, *tile))
-                        .is_none_or(|t| *phase >= t.phases.len()) =>
-                {
-                    return Err(Status::invalid_argument(format!(
-                        "{name}'s program runs phase {phase} of tile {tile} of group {group}, \
-                         which was not given"
-                    )));
-                }
+                Step::Run { group, tile, phase } => match tiles.get(&(*group, *tile)) {
+                    None => {
+                        return Err(Status::invalid_argument(format!(
+                            "{name}'s program runs tile {tile} of group {group}, which was not \
+                             given"
+                        )));
+                    }
+                    Some(t) if *phase >= t.phases.len() => {
+                        return Err(Status::invalid_argument(format!(
+                            "{name}'s program runs phase {phase} of tile {tile} of group \
+                             {group}, which has {} phases",
+                            t.phases.len()
+                        )));
+                    }
+                    Some(_) => {}
+                },
                 Step::Send {
                     to: Party::Device(peer),
                     ..
