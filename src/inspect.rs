@@ -148,14 +148,14 @@ fn table(ir: &Ir, file: &str) -> String {
             match &s.split {
                 Split::Rows => "split".to_string(),
                 Split::Barrier(reason) => match s.partial {
-                    Some(how) => format!(
+                    Some(how) if legion_partition::combinable(ir, s.id) => format!(
                         "barrier: {reason}; combined across a row group's boards ({})",
                         match how {
                             legion_ir::Combine::Sum => "sum",
                             legion_ir::Combine::Max => "max",
                         }
                     ),
-                    None => format!("barrier: {reason}"),
+                    _ => format!("barrier: {reason}"),
                 },
             },
         ]);

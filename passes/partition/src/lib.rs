@@ -15,6 +15,6 @@ pub use rows::{InputRows, StageRows, row_map, window_rows};
 pub use shares::{cut, rebalance, strips_from_weights};
 pub use tiling::{
     Group, GroupTiler, PartitionError, Received, Reductions, StageInTile, SuffixTiler, Tile,
-    TileView, Tiling, Walk, boundary, candidate_groups, check_group, combined_inside, scale_cut,
-    tile, whole_group, whole_stage,
+    TileView, Tiling, Walk, boundary, candidate_groups, check_group, combinable, combined_inside,
+    scale_cut, tile, whole_group, whole_stage,
 };

@@ -244,6 +244,14 @@ pub fn combined_inside(ir: &Ir, group: Group, s: StageId) -> bool {
         && ir.consumers(s).iter().all(|c| group.contains(*c))
 }
 
+/// True when some row group can hold stage `s` as a reduction its devices combine:
+/// the smallest such group, from `s` to its last reader, is legal.
+pub fn combinable(ir: &Ir, s: StageId) -> bool {
+    let last = ir.consumers(s).into_iter().max();
+    ir.stage(s).is_combined()
+        && last.is_some_and(|last| check_group(ir, s.index(), last.index()).is_ok())
+}
+
 /// Every candidate group: runs of splittable stages up to `max_len` long (any length
 /// when `None`), ordered by first stage, then length.
 pub fn candidate_groups(ir: &Ir, max_len: Option<usize>) -> Vec<Group> {

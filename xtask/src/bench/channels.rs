@@ -203,7 +203,7 @@ fn ran(
     let head_start = ir
         .stages
         .iter()
-        .position(|s| !s.is_splittable() && !s.is_combined());
+        .position(|s| !s.is_splittable() && !legion_partition::combinable(ir, s.id));
     let head_us = head_start.map(|h| {
         c.groups
             .iter()
