@@ -8,6 +8,7 @@ use legion_partition::{
     Group, Tiling, channel_tile, check_channel_group, check_group, strips_from_weights, tile,
     whole_stage,
 };
+use legion_plan::TileSpec;
 use legion_runtime::{Reference, check};
 use serde::Serialize;
 use std::fmt::Write;
@@ -223,6 +224,13 @@ pub fn run(args: &Args) -> Result<()> {
                         check::check_tile(&ir, reference, spec).with_context(|| what.clone())?;
                     diff = diff.max(got);
                 }
+                // Reductions the devices combine: their partials against the whole.
+                let tiles: Vec<TileSpec> = specs.iter().map(|(_, spec)| spec.clone()).collect();
+                if tiles.iter().any(|t| t.partials().next().is_some()) {
+                    let got = check::check_partials(&ir, reference, &tiles)
+                        .context("combining the devices' partial results")?;
+                    diff = diff.max(got);
+                }
                 Some(CheckReport {
                     max_abs: diff.max_abs,
                     max_rel: diff.max_rel,
@@ -412,6 +420,11 @@ fn group_table(ir: &Ir, report: &GroupReport) -> String {
                 .map(|i| format!(" pad {}/{}", i.pad_top, i.pad_bottom))
                 .next()
                 .unwrap_or_default();
+            if st.partial {
+                // A reduction the devices combine: each reduces the rows it owns.
+                let owned = st.inputs.first().map(|i| i.rows).unwrap_or_default();
+                return format!("partial of rows {owned}, combined");
+            }
             format!(
                 "{} halo {} a {}{pads}",
                 st.computed,
