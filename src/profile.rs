@@ -24,7 +24,8 @@ pub struct Args {
     /// FSS: the longest group to measure.
     #[arg(long)]
     max_group_len: Option<usize>,
-    /// Timed runs per measurement, after one warm-up run; the median is kept.
+    /// Timed rounds, after a warm-up round; every measurement runs once a round, and its
+    /// median is kept.
     #[arg(long, default_value_t = 3)]
     runs: u32,
 }

@@ -246,19 +246,21 @@ impl WorkerClient {
         })
     }
 
-    /// Runs `spec` of `model` `runs` times on inputs the worker makes up; returns the
-    /// times. The deadline allows `runs + 1` runs (with the warm-up), each within the
-    /// compute timeout.
+    /// Runs `spec` of `model` `runs` times on inputs the worker makes up, after an
+    /// untimed warm-up run if `warm_up`; returns the times. The deadline allows
+    /// `runs + 1` runs, each within the compute timeout.
     pub async fn profile_stage(
         &self,
         model: &ModelId,
         spec: &TileSpec,
         runs: u32,
+        warm_up: bool,
     ) -> Result<ProfileStageReply> {
         let req = ProfileStageRequest {
             model: Some(model.to_proto()),
             tile_spec_json: serde_json::to_vec(spec)?,
             runs,
+            skip_warmup: !warm_up,
         };
         let timeout = self.compute_timeout * (runs + 1);
         let mut raw = self.raw.clone();

@@ -353,19 +353,21 @@ impl Coordinator {
             .collect()
     }
 
-    /// Runs `spec` on device `d` once to warm up, then `runs` times, on inputs the worker
-    /// makes up; returns the warm-up time and the run times on the cluster's clock, µs,
-    /// and on the emulated clock the range of the host's rates they were scaled with.
+    /// Runs `spec` on device `d` once to warm up if `warm_up`, then `runs` times, on
+    /// inputs the worker makes up; returns the warm-up time and the run times on the
+    /// cluster's clock, µs, and on the emulated clock the range of the host's rates
+    /// they were scaled with.
     pub async fn profile_tile(
         &self,
         d: DeviceId,
         spec: &TileSpec,
         runs: u32,
+        warm_up: bool,
     ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
         let device = self.device(d)?;
         let reply = device
             .client
-            .profile_stage(self.model()?, spec, runs)
+            .profile_stage(self.model()?, spec, runs, warm_up)
             .await
             .with_context(|| format!("device {}: profiling", device.name()))?;
         ensure!(

@@ -362,12 +362,14 @@ impl Worker {
         })
     }
 
-    /// Runs a tile `runs` times (after a warm-up run) on made-up inputs; blocking.
+    /// Runs a tile `runs` times (after a warm-up run unless skipped) on made-up
+    /// inputs; blocking.
     fn profile_blocking(&self, req: ProfileStageRequest) -> Result<ProfileStageReply, Status> {
-        if req.runs == 0 || req.runs > 1000 {
+        if req.runs > 1000 || (req.runs == 0 && req.skip_warmup) {
             return Err(Status::invalid_argument(format!(
-                "runs must be 1..=1000, got {}",
-                req.runs
+                "runs must be 1..=1000, or 0 with the warm-up run, got {}{}",
+                req.runs,
+                if req.skip_warmup { " without it" } else { "" }
             )));
         }
         let (m, ir, spec) = self.tile_request("ProfileStage", req.model, &req.tile_spec_json)?;
@@ -376,18 +378,22 @@ impl Worker {
             .iter()
             .map(|i| crate::check::test_input(&ir.tensor(i.tensor).strip_shape(i.rows)))
             .collect();
-        // Profiling builds each tile once and runs it a few times: not worth caching.
-        // An emulator keeps the tile's node times all the same: profiling the same
-        // work again, or running it in a plan, gets the same time.
-        let tile = build_tile(&ir, &spec)?;
-        let key = tile_key_text(&tile_key(&m, &spec)?);
+        // A profiler measuring in rounds comes back for the same tile once a round:
+        // it is kept with the tiles RunTile builds. An emulator keeps the tile's node
+        // times all the same: profiling the same work again, or running it in a plan,
+        // gets the same time.
+        let key = tile_key(&m, &spec)?;
+        let tile = self.tile(&key, &ir, &spec)?;
+        let key = tile_key_text(&key);
         let compute = &self.config.compute;
-        let (_, warmup) = compute.run_tile(&key, &tile, inputs.clone())?;
         let mut reply = ProfileStageReply {
             emulated: compute.emulated(),
-            warmup_us: warmup.compute.as_micros() as u64,
             ..Default::default()
         };
+        if !req.skip_warmup {
+            let (_, warmup) = compute.run_tile(&key, &tile, inputs.clone())?;
+            reply.warmup_us = warmup.compute.as_micros() as u64;
+        }
         for _ in 0..req.runs {
             let (_, time) = compute.run_tile(&key, &tile, inputs.clone())?;
             reply.host_us.push(time.host.as_micros() as u64);

@@ -492,3 +492,34 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
     assert_eq!(reply.peak_held_bytes, held);
     assert!(reply.outputs.is_empty());
 }
+
+/// ProfileStage in rounds: a warm-up call runs the tile once untimed (no times back),
+/// a timed call without a warm-up returns exactly its runs; a call that would run
+/// nothing is refused.
+#[tokio::test]
+async fn profile_stage_warms_up_or_times_as_asked() {
+    let (bytes, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let spec = three_tiles(&ir).remove(1);
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    let (model, _) = client.upload_model(&bytes, &ir.input.shape).await.unwrap();
+
+    let warm = client.profile_stage(&model, &spec, 0, true).await.unwrap();
+    assert!(warm.compute_us.is_empty() && warm.host_us.is_empty());
+    assert!(warm.warmup_us > 0);
+    let timed = client.profile_stage(&model, &spec, 2, false).await.unwrap();
+    assert_eq!((timed.compute_us.len(), timed.host_us.len()), (2, 2));
+    assert_eq!(timed.warmup_us, 0);
+    assert!(timed.compute_us.iter().all(|&us| us > 0));
+
+    let e = client
+        .profile_stage(&model, &spec, 0, false)
+        .await
+        .unwrap_err();
+    assert_eq!(status(&e).code(), Code::InvalidArgument);
+    assert!(
+        status(&e).message().contains("or 0 with the warm-up run"),
+        "{e:#}"
+    );
+}

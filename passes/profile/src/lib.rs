@@ -8,9 +8,11 @@
 //! - [`ProfileMode::Fss`] measures every candidate group directly across the cluster
 //!   (the Full Searching Scheme the paper compares against).
 //!
-//! Both report the time profiling took on the cluster's clock: in Legion mode devices
-//! profile in parallel, so it is the slowest device's total; FSS runs groups one after
-//! another on the whole cluster, so it is the sum.
+//! Both measure in rounds ([`Round`]): a warm-up round, then every measurement once per
+//! timed round, so none runs right after itself. Both report the time profiling took
+//! on the cluster's clock: in Legion mode devices profile in parallel, so it is the
+//! slowest device's total; FSS runs groups one after another on the whole cluster, so
+//! it is the sum.
 //!
 //! The profiler measures through a [`Testbed`]: the runtime's [`Coordinator`] on a
 //! connected cluster, or a fake in tests.
@@ -45,14 +47,14 @@ pub trait Testbed {
     fn coordinator_mbps(&self) -> f64;
     /// sha256 of the model the workers hold.
     fn model_sha256(&self) -> Result<String>;
-    /// Runs `spec` on device `d` once to warm up and `runs` times on inputs the worker
-    /// makes up: the warm-up time, each run's time (µs) and the host's rates (on the
-    /// emulated clock).
+    /// Runs `spec` on device `d` as `round` says (once untimed to warm up, or once
+    /// timed) on inputs the worker makes up: the warm-up time, each timed run's time
+    /// (µs) and the host's rates (on the emulated clock).
     fn profile_tile(
         &self,
         d: DeviceId,
         spec: &TileSpec,
-        runs: u32,
+        round: Round,
     ) -> impl Future<Output = Result<(u64, Vec<u64>, Option<HostRates>)>>;
     /// Sends `bytes` to device `d` and back.
     fn probe(&self, d: DeviceId, bytes: u64) -> impl Future<Output = Result<LinkProbe>>;
@@ -101,9 +103,13 @@ impl Testbed for Coordinator {
         &self,
         d: DeviceId,
         spec: &TileSpec,
-        runs: u32,
+        round: Round,
     ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
-        Coordinator::profile_tile(self, d, spec, runs).await
+        let (runs, warm_up) = match round {
+            Round::WarmUp => (0, true),
+            Round::Timed(_) => (1, false),
+        };
+        Coordinator::profile_tile(self, d, spec, runs, warm_up).await
     }
 
     async fn probe(&self, d: DeviceId, bytes: u64) -> Result<LinkProbe> {
@@ -124,12 +130,39 @@ impl Testbed for Coordinator {
     }
 }
 
+/// One round of a profile. Every measurement runs once per round, the rounds one
+/// after the other, so no measurement runs right after itself (its weights still in
+/// the caches) unless it is the only one (docs/architecture.md, "Profiling").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    /// Each tile once, untimed: built, and its weights touched once.
+    WarmUp,
+    /// Timed round `k` (from 1).
+    Timed(u32),
+}
+
+impl Round {
+    /// The warm-up round, then `runs` timed rounds.
+    pub fn all(runs: u32) -> impl Iterator<Item = Round> {
+        std::iter::once(Round::WarmUp).chain((1..=runs).map(Round::Timed))
+    }
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Round::WarmUp => write!(f, "warm-up round"),
+            Round::Timed(k) => write!(f, "round {k}"),
+        }
+    }
+}
+
 /// How to profile.
 #[derive(Clone, Debug)]
 pub struct ProfileOptions {
     /// Legion (single stages) or FSS (every candidate group).
     pub mode: ProfileMode,
-    /// Timed runs per measurement (after one warm-up run); the median is kept.
+    /// Timed rounds (after a warm-up round); each measurement's median is kept.
     pub runs: u32,
     /// FSS: the longest group measured (all lengths when `None`).
     pub max_group_len: Option<usize>,
@@ -293,9 +326,9 @@ async fn legion_mode(
         plan.push(per_device);
         channel_plan.push(channel_specs);
     }
-    let total: usize = plan.iter().flatten().map(Vec::len).sum::<usize>()
-        + channel_plan.iter().flatten().map(Vec::len).sum::<usize>()
-        + devices * PROBE_BYTES.len();
+    let cases: usize = plan.iter().flatten().map(Vec::len).sum::<usize>()
+        + channel_plan.iter().flatten().map(Vec::len).sum::<usize>();
+    let total = cases * (opts.runs as usize + 1) + devices * PROBE_BYTES.len();
     let bar = progress_bar(opts, total as u64, "profiling");
     // Devices measure in parallel on a real cluster; every device's time counts once.
     let mut device_us = vec![0u64; devices];
@@ -306,35 +339,40 @@ async fn legion_mode(
         .collect();
     for d in 0..devices {
         let name = profile.devices[d].name.clone();
-        let measures = plan
+        // Every measurement of the device: (stage, by channels, rows or channels, tile),
+        // in stage order, rows first.
+        let rows = plan
             .iter()
             .enumerate()
-            .map(|(s, p)| (s, false, &p[d]))
-            .chain(
-                channel_plan
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| !p.is_empty())
-                    .map(|(s, p)| (s, true, &p[d])),
-            );
-        for (s, by_channels, specs) in measures {
-            let unit = if by_channels { "channels" } else { "rows" };
-            bar.set_message(format!("{name}: stage {s}, {unit}"));
-            for (n, spec) in specs {
-                let (warmup, times, host) = bed
-                    .profile_tile(DeviceId(d), spec, opts.runs)
+            .flat_map(|(s, p)| p[d].iter().map(move |(n, spec)| (s, false, *n, spec)));
+        let channels = channel_plan
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_empty())
+            .flat_map(|(s, p)| p[d].iter().map(move |(n, spec)| (s, true, *n, spec)));
+        let measures: Vec<(usize, bool, usize, &TileSpec)> = rows.chain(channels).collect();
+        let mut times: Vec<Vec<u64>> = vec![vec![]; measures.len()];
+        for round in Round::all(opts.runs) {
+            for (k, &(s, by_channels, n, spec)) in measures.iter().enumerate() {
+                let unit = if by_channels { "channels" } else { "rows" };
+                bar.set_message(format!("{name}: {round}, stage {s}, {unit}"));
+                let (warmup, got, host) = bed
+                    .profile_tile(DeviceId(d), spec, round)
                     .await
-                    .with_context(|| format!("profiling stage {s} on {n} {unit}"))?;
+                    .with_context(|| format!("profiling stage {s} on {n} {unit} ({round})"))?;
                 profile.host_gflops = HostRates::union(profile.host_gflops, host);
-                device_us[d] += warmup + times.iter().sum::<u64>();
-                let kept = if by_channels {
-                    &mut channel_samples[s][d]
-                } else {
-                    &mut samples[s][d]
-                };
-                kept.push(sample(*n, times));
+                device_us[d] += warmup + got.iter().sum::<u64>();
+                times[k].extend(got);
                 bar.inc(1);
             }
+        }
+        for (&(s, by_channels, n, _), times) in measures.iter().zip(times) {
+            let kept = if by_channels {
+                &mut channel_samples[s][d]
+            } else {
+                &mut samples[s][d]
+            };
+            kept.push(sample(n, times));
         }
         for &bytes in &PROBE_BYTES {
             let probe = bed.probe(DeviceId(d), bytes).await?;
@@ -378,86 +416,101 @@ async fn fss_mode(
 ) -> Result<()> {
     let weights = weights(profile);
     let devices = profile.devices.len();
-    let groups = candidate_groups(ir, opts.max_group_len);
     let barriers: Vec<StageId> = ir
         .stages
         .iter()
         .filter(|s| check_group(ir, s.id.index(), s.id.index()).is_err())
         .map(|s| s.id)
         .collect();
-    let total = groups.len() + barriers.len() * devices;
-    let bar = progress_bar(opts, total as u64, "fss");
-    let mut profiling_us = 0;
-    for group in &groups {
-        bar.set_message(format!("group {}..{}", group.first, group.last));
+    // Every candidate group across the cluster, then every barrier stage whole on each
+    // device.
+    let mut cases: Vec<Case> = vec![];
+    for group in candidate_groups(ir, opts.max_group_len) {
         let height = ir.stage(group.last).output.height().context("splittable")?;
         let strips = strips_from_weights(height, &weights);
         // One strip per device in cluster order, so a tile's slot is its device's id.
-        let tiling = tile(ir, *group, &strips)?;
-        let tiles: Vec<(DeviceId, TileSpec)> = tiling
-            .tiles
-            .iter()
-            .map(|t| (DeviceId(t.slot), t.spec()))
-            .collect();
-        let (measured, spent, host) = measure(bed, ir, &tiling.inputs, &tiles, opts.runs)
-            .await
-            .with_context(|| format!("measuring group {}..{}", group.first, group.last))?;
-        profiling_us += spent;
-        profile.host_gflops = HostRates::union(profile.host_gflops, host);
-        profile.groups.push(GroupMeasurement {
-            first: group.first,
-            last: group.last,
+        let tiling = tile(ir, group, &strips)?;
+        cases.push(Case {
+            group,
             strips: tiling
                 .tiles
                 .iter()
                 .map(|t| (profile.devices[t.slot].name.clone(), t.strip))
                 .collect(),
-            median_us: measured.total_us,
-            runs: opts.runs,
-            devices: measured.devices,
+            inputs: tiling.inputs.clone(),
+            tiles: tiling
+                .tiles
+                .iter()
+                .map(|t| (DeviceId(t.slot), t.spec()))
+                .collect(),
         });
-        bar.inc(1);
     }
     for &s in &barriers {
         let spec = whole_stage(ir, s);
-        let inputs: Vec<TensorRef> = ir.stage(s).inputs.clone();
+        let rows = Rows::new(0, ir.stage(s).output.height().unwrap_or(0));
         for d in 0..devices {
-            bar.set_message(format!("stage {s} whole"));
-            let (measured, spent, host) =
-                measure(bed, ir, &inputs, &[(DeviceId(d), spec.clone())], opts.runs)
-                    .await
-                    .with_context(|| format!("measuring barrier stage {s}"))?;
-            profiling_us += spent;
-            profile.host_gflops = HostRates::union(profile.host_gflops, host);
-            let rows = Rows::new(0, ir.stage(s).output.height().unwrap_or(0));
-            profile.groups.push(GroupMeasurement {
-                first: s,
-                last: s,
+            cases.push(Case {
+                group: Group { first: s, last: s },
                 strips: vec![(profile.devices[d].name.clone(), rows)],
-                median_us: measured.total_us,
-                runs: opts.runs,
-                devices: measured.devices,
+                inputs: ir.stage(s).inputs.clone(),
+                tiles: vec![(DeviceId(d), spec.clone())],
             });
+        }
+    }
+    let total = cases.len() * (opts.runs as usize + 1);
+    let bar = progress_bar(opts, total as u64, "fss");
+    let mut profiling_us = 0;
+    let mut timings: Vec<Vec<StepTiming>> = vec![vec![]; cases.len()];
+    for round in Round::all(opts.runs) {
+        for (case, timings) in cases.iter().zip(&mut timings) {
+            let what = format!("group {}..{}", case.group.first, case.group.last);
+            bar.set_message(format!("{round}, {what}"));
+            let t = run_made_up(bed, ir, &case.inputs, &case.tiles)
+                .await
+                .with_context(|| format!("measuring {what} ({round})"))?;
+            profiling_us += t.total_us;
+            profile.host_gflops = HostRates::union(profile.host_gflops, HostRates::of_steps([&t]));
+            if round != Round::WarmUp {
+                timings.push(t);
+            }
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
+    for (case, mut timings) in cases.into_iter().zip(timings) {
+        timings.sort_by_key(|t| t.total_us);
+        let median = timings.swap_remove(timings.len() / 2);
+        profile.groups.push(GroupMeasurement {
+            first: case.group.first,
+            last: case.group.last,
+            strips: case.strips,
+            median_us: median.total_us,
+            runs: opts.runs,
+            devices: median.devices,
+        });
+    }
     profile.max_group_len = opts.max_group_len;
     profile.profiling_us = profiling_us;
     Ok(())
 }
 
-/// Runs a step once to warm up and `runs` times more on made-up inputs; returns the
-/// median run, the time all runs took on the cluster's clock and the host's rates
-/// over them (on the emulated clock).
-async fn measure(
+/// One FSS measurement: a group's tiles across the devices (or a barrier stage whole
+/// on one), the tensors it reads and the strips it records.
+struct Case {
+    group: Group,
+    strips: Vec<(String, Rows)>,
+    inputs: Vec<TensorRef>,
+    tiles: Vec<(DeviceId, TileSpec)>,
+}
+
+/// Runs a step once on made-up inputs (made up again for every run, so that a
+/// profile's rounds do not hold every case's inputs at once).
+async fn run_made_up(
     bed: &impl Testbed,
     ir: &Ir,
     inputs: &[TensorRef],
     tiles: &[(DeviceId, TileSpec)],
-    runs: u32,
-) -> Result<(StepTiming, u64, Option<HostRates>)> {
-    // Inputs made up once; every run starts from them with no outputs stored.
+) -> Result<StepTiming> {
     let made_up: Vec<MadeUp> = inputs
         .iter()
         .filter_map(|r| match r {
@@ -472,20 +525,7 @@ async fn measure(
             TensorRef::Input => None,
         })
         .collect();
-    let mut timings = vec![];
-    let mut spent = 0;
-    let mut host = None;
-    for run in 0..=runs {
-        let t = bed.run_step(ir, &made_up, tiles).await?;
-        spent += t.total_us;
-        host = HostRates::union(host, HostRates::of_steps([&t]));
-        if run > 0 {
-            timings.push(t);
-        }
-    }
-    timings.sort_by_key(|t| t.total_us);
-    let median = timings.swap_remove(timings.len() / 2);
-    Ok((median, spent, host))
+    bed.run_step(ir, &made_up, tiles).await
 }
 
 #[cfg(test)]

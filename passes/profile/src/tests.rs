@@ -9,11 +9,12 @@ use std::cell::RefCell;
 /// A call the profiler made.
 #[derive(Clone, Debug, PartialEq)]
 enum Call {
-    /// A single tile: its device, its (first) stage and the rows it computes.
+    /// A single tile: its device, its (first) stage, the rows it computes and the round.
     Tile {
         device: DeviceId,
         stage: StageId,
         rows: usize,
+        round: Round,
     },
     Probe {
         device: DeviceId,
@@ -43,12 +44,11 @@ impl Fake {
         }
     }
 
-    /// A tile's run times: 100 µs per row at rate 10, then +2 and +1 µs.
-    fn tile_times(device: DeviceId, rows: usize, runs: u32) -> Vec<u64> {
+    /// A tile's time in timed round `k`: 100 µs per row at rate 10, then +2 and +1 µs
+    /// in the next rounds.
+    fn tile_time(device: DeviceId, rows: usize, k: u32) -> u64 {
         let base = (rows as f64 * 1000.0 / RATES[device.index()]) as u64 + 1;
-        (0..runs)
-            .map(|k| base + [0, 2, 1][k as usize % 3])
-            .collect()
+        base + [0, 2, 1][(k as usize - 1) % 3]
     }
 
     fn probe_of(device: DeviceId, bytes: u64) -> LinkProbe {
@@ -108,7 +108,7 @@ impl Testbed for Fake {
         &self,
         d: DeviceId,
         spec: &TileSpec,
-        runs: u32,
+        round: Round,
     ) -> Result<(u64, Vec<u64>, Option<HostRates>)> {
         let stage = &spec.stages[0];
         let rows = stage.computed.len();
@@ -116,8 +116,12 @@ impl Testbed for Fake {
             device: d,
             stage: stage.stage,
             rows,
+            round,
         });
-        Ok((7, Fake::tile_times(d, rows, runs), None))
+        Ok(match round {
+            Round::WarmUp => (7, vec![], None),
+            Round::Timed(k) => (0, vec![Fake::tile_time(d, rows, k)], None),
+        })
     }
 
     async fn probe(&self, d: DeviceId, bytes: u64) -> Result<LinkProbe> {
@@ -172,7 +176,7 @@ fn run(fake: &Fake, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
 }
 
 #[test]
-fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_device() {
+fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() {
     let ir = tiny_head();
     let fake = Fake::new(&ir);
     let p = run(&fake, &ir, &ProfileOptions::default()).unwrap();
@@ -180,6 +184,9 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
     let mut want = vec![];
     let mut device_us = [0u64; 2];
     for d in 0..2 {
+        // The device's measurements, in stage order: (stage, rows the fake sees, rows or
+        // channels sampled, by channels).
+        let mut measures: Vec<(StageId, usize, usize, bool)> = vec![];
         for stage in &ir.stages {
             let rows = match (&stage.split, stage.output.height()) {
                 (Split::Rows, Some(height)) => {
@@ -188,19 +195,7 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
                 }
                 _ => vec![stage.output.height().unwrap_or(0)],
             };
-            for (k, &n) in rows.iter().enumerate() {
-                want.push(Call::Tile {
-                    device: DeviceId(d),
-                    stage: stage.id,
-                    rows: n,
-                });
-                let times = Fake::tile_times(DeviceId(d), n, 3);
-                device_us[d] += 7 + times.iter().sum::<u64>();
-                // The median and the fastest of the 3 runs are kept.
-                let sample = &p.stages[stage.id.index()].samples[d][k];
-                assert_eq!((sample.rows, sample.runs), (n, 3));
-                assert_eq!((sample.median_us, sample.min_us), (times[0] + 1, times[0]));
-            }
+            measures.extend(rows.into_iter().map(|n| (stage.id, n, n, false)));
         }
         // Then the channel tiles of the stages worth them (tiny-head's FC layer), at
         // the device's share of the channels; the fake sees their rows (none: the FC
@@ -209,17 +204,38 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
             let count = stage.channels.unwrap().count;
             let shares = strips_from_weights(count, &RATES);
             let rows = stage.output.height().unwrap_or(0);
-            for (k, &n) in sample_rows(shares[d].len(), count).iter().enumerate() {
+            for n in sample_rows(shares[d].len(), count) {
+                measures.push((stage.id, rows, n, true));
+            }
+        }
+        // A warm-up round, then 3 timed rounds, each over every measurement: none runs
+        // right after itself.
+        for round in Round::all(3) {
+            for &(stage, rows, _, _) in &measures {
                 want.push(Call::Tile {
                     device: DeviceId(d),
-                    stage: stage.id,
+                    stage,
                     rows,
+                    round,
                 });
-                let times = Fake::tile_times(DeviceId(d), rows, 3);
-                device_us[d] += 7 + times.iter().sum::<u64>();
-                let sample = &p.stages[stage.id.index()].channel_samples[d][k];
-                assert_eq!((sample.rows, sample.runs), (n, 3));
             }
+        }
+        let mut k_of: std::collections::HashMap<(StageId, bool), usize> = Default::default();
+        for &(stage, rows, n, by_channels) in &measures {
+            let times: Vec<u64> = (1..=3)
+                .map(|k| Fake::tile_time(DeviceId(d), rows, k))
+                .collect();
+            device_us[d] += 7 + times.iter().sum::<u64>();
+            let k = k_of.entry((stage, by_channels)).or_default();
+            let s = &p.stages[stage.index()];
+            let sample = match by_channels {
+                false => &s.samples[d][*k],
+                true => &s.channel_samples[d][*k],
+            };
+            *k += 1;
+            // The median and the fastest of the 3 rounds are kept.
+            assert_eq!((sample.rows, sample.runs), (n, 3));
+            assert_eq!((sample.median_us, sample.min_us), (times[0] + 1, times[0]));
         }
         for bytes in PROBE_BYTES {
             want.push(Call::Probe {
@@ -248,7 +264,7 @@ fn legion_mode_measures_every_stage_at_its_sample_rows_then_the_links_device_by_
 }
 
 #[test]
-fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device() {
+fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device_in_rounds() {
     let ir = tiny_head();
     let fake = Fake::new(&ir);
     let runs = 2;
@@ -260,21 +276,18 @@ fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device() {
     };
     let p = run(&fake, &ir, &opts).unwrap();
 
-    let mut want = vec![];
     let groups = candidate_groups(&ir, Some(3));
     assert!(groups.iter().all(|g| g.last.index() - g.first.index() < 3));
+    let mut cases = vec![];
     for g in &groups {
         let height = ir.stage(g.last).output.height().unwrap();
         let tiling = tile(&ir, *g, &strips_from_weights(height, &RATES)).unwrap();
         let devices: Vec<DeviceId> = tiling.tiles.iter().map(|t| DeviceId(t.slot)).collect();
-        // One warm-up run, then the timed ones.
-        for _ in 0..=runs {
-            want.push(Call::Step {
-                devices: devices.clone(),
-                first: g.first,
-                last: g.last,
-            });
-        }
+        cases.push(Call::Step {
+            devices,
+            first: g.first,
+            last: g.last,
+        });
     }
     let barriers: Vec<StageId> = ir
         .stages
@@ -285,15 +298,15 @@ fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device() {
     assert!(!barriers.is_empty(), "tiny-head ends in barriers");
     for &s in &barriers {
         for d in 0..2 {
-            for _ in 0..=runs {
-                want.push(Call::Step {
-                    devices: vec![DeviceId(d)],
-                    first: s,
-                    last: s,
-                });
-            }
+            cases.push(Call::Step {
+                devices: vec![DeviceId(d)],
+                first: s,
+                last: s,
+            });
         }
     }
+    // A warm-up round, then the timed rounds, each over every case.
+    let want: Vec<Call> = (0..=runs).flat_map(|_| cases.clone()).collect();
     assert_eq!(*fake.calls.borrow(), want);
     assert_eq!(p.groups.len(), groups.len() + 2 * barriers.len());
     assert_eq!(p.max_group_len, Some(3));
