@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use legion_cost::{CostModel, Predictor};
 use legion_ir::Ir;
 use legion_partition::{Group, check_group};
-use legion_plan::{Profile, ProfileMode, Transport};
+use legion_plan::{HostRates, Profile, ProfileMode, Transport};
 use std::fmt::Write;
 
 /// Clusters of the benchmark (files under testdata/clusters).
@@ -51,6 +51,8 @@ struct Timing {
     legion_wall_us: u64,
     fss_wall_us: u64,
     groups: usize,
+    /// The host's rates over both profiles (emulated clock).
+    host: Option<HostRates>,
 }
 
 /// Profiles `model` on `cluster` in both modes (or reads the profiles kept earlier).
@@ -146,6 +148,7 @@ pub fn run(opts: &Options) -> Result<String> {
                 legion_wall_us: legion.wall_us,
                 fss_wall_us: fss.wall_us,
                 groups,
+                host: HostRates::union(legion.host_gflops, fss.host_gflops),
             });
         }
     }
@@ -160,8 +163,9 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(md, "# Predicted vs measured group times\n")?;
     writeln!(
         md,
-        "Measured by `cargo xtask bench accuracy --clusters {} --models {}` (runs per \
-         measurement: {}; profiles kept under target/bench-profiles), on emulated \
+        "Measured by `cargo xtask bench accuracy --clusters {} --models {}` (timed rounds \
+         per profile: {}, after a warm-up round, every measurement once a round; profiles \
+         kept under target/bench-profiles), on emulated \
          clusters started in-process (testdata/clusters; compute measured on this host \
          and scaled to the boards, links modelled). Every group FSS measured is predicted \
          from the legion-mode profile at the strips FSS ran it with (devices' shares \
@@ -191,19 +195,29 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         )?;
     }
     writeln!(md, "\n## Per setup (MAPE %)\n")?;
-    writeln!(md, "| setup | groups | legion | affine | aofl |")?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "*host GFLOP/s*: the range of the host's rates the emulated times of both \
+         profiles were scaled with, flagged where it moved more than 5% (profiles \
+         measured in one run of the command are one after the other).\n"
+    )?;
+    writeln!(
+        md,
+        "| setup | groups | legion | affine | aofl | host GFLOP/s |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---|")?;
     for t in timings {
         let mine: Vec<&Case> = cases.iter().filter(|c| c.setup == t.setup).collect();
         let mape = |i: usize| mean_ape(&mine, i);
         writeln!(
             md,
-            "| {} | {} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {} |",
             t.setup,
             t.groups,
             mape(0),
             mape(1),
-            mape(2)
+            mape(2),
+            super::paper::host_label(t.host)
         )?;
     }
     writeln!(md, "\n## By group length (MAPE %)\n")?;
