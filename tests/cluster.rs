@@ -675,6 +675,15 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
         groups,
         programs,
     };
+    // Between boards, the partials add 4 boards x 3 peers x (8 + 32 + 64 + 96)
+    // channels x 4 bytes to the rows.
+    let mut rows_only = candidate.clone();
+    for p in &mut rows_only.programs {
+        p.steps.retain(|s| !matches!(s, Step::Share { .. }));
+    }
+    let shared = legion_codegen::traffic(&ir, &candidate).boards
+        - legion_codegen::traffic(&ir, &rows_only).boards;
+    assert_eq!(shared, 4 * 3 * (8 + 32 + 64 + 96) * 4);
     let plan = legion_codegen::plan(
         &ir,
         &names,

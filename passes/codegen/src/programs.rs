@@ -280,7 +280,7 @@ pub struct Traffic {
     pub hub: u64,
     /// Under the programs: to and from the coordinator (the model's input and outputs).
     pub coordinator: u64,
-    /// Under the programs: from board to board.
+    /// Under the programs: from board to board (rows, and partial results shared).
     pub boards: u64,
 }
 
@@ -314,19 +314,25 @@ pub fn traffic(ir: &Ir, candidate: &Candidate) -> Traffic {
     };
     for program in &candidate.programs {
         for step in &program.steps {
-            if let Step::Send {
-                tensor,
-                rows,
-                channels,
-                to,
-            } = step
-            {
-                let b = bytes(*tensor, *rows, *channels);
-                if program.party == Party::Coordinator || *to == Party::Coordinator {
-                    traffic.coordinator += b;
-                } else {
-                    traffic.boards += b;
+            match step {
+                Step::Send {
+                    tensor,
+                    rows,
+                    channels,
+                    to,
+                } => {
+                    let b = bytes(*tensor, *rows, *channels);
+                    if program.party == Party::Coordinator || *to == Party::Coordinator {
+                        traffic.coordinator += b;
+                    } else {
+                        traffic.boards += b;
+                    }
                 }
+                // A partial result: the reduction's whole (one-row) output.
+                Step::Share { stage, .. } => {
+                    traffic.boards += bytes(TensorRef::Stage(*stage), Rows::new(0, 1), None);
+                }
+                _ => {}
             }
         }
     }
