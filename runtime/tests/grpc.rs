@@ -303,6 +303,9 @@ async fn token_is_required_when_the_worker_has_one() {
     let e = w.client(Some("guess")).await.info().await.unwrap_err();
     assert_eq!(status(&e).code(), Code::Unauthenticated);
     assert!(status(&e).message().contains("wrong token"), "{e:#}");
+    // The right token with more after it is wrong too.
+    let e = w.client(Some("s3cret2")).await.health().await.unwrap_err();
+    assert!(status(&e).message().contains("wrong token"), "{e:#}");
     w.client(Some("s3cret")).await.health().await.unwrap();
 }
 
