@@ -440,6 +440,21 @@ enum Layout {
     Whole,
 }
 
+/// Writes a plan of the hand-made `candidate` for `names` and validates it.
+fn validate_hand_plan(ir: &Ir, names: &[String], candidate: &legion_plan::Candidate) {
+    let plan = legion_codegen::plan(
+        ir,
+        names,
+        "hand",
+        vec![candidate.clone()],
+        legion_codegen::Chosen {
+            index: 0,
+            reason: "test".into(),
+        },
+    );
+    legion_codegen::validate(&plan, ir, Some(names)).unwrap();
+}
+
 fn plan_group(
     ir: &Ir,
     (first, last): (usize, usize),
@@ -586,17 +601,7 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
             groups,
             programs,
         };
-        let plan = legion_codegen::plan(
-            &ir,
-            &names,
-            "hand",
-            vec![candidate.clone()],
-            legion_codegen::Chosen {
-                index: 0,
-                reason: "test".into(),
-            },
-        );
-        legion_codegen::validate(&plan, &ir, Some(&names)).unwrap();
+        validate_hand_plan(&ir, &names, &candidate);
         assert!(
             candidate
                 .programs
@@ -684,17 +689,7 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
     let shared = legion_codegen::traffic(&ir, &candidate).boards
         - legion_codegen::traffic(&ir, &rows_only).boards;
     assert_eq!(shared, 4 * 3 * (8 + 32 + 64 + 96) * 4);
-    let plan = legion_codegen::plan(
-        &ir,
-        &names,
-        "hand",
-        vec![candidate.clone()],
-        legion_codegen::Chosen {
-            index: 0,
-            reason: "test".into(),
-        },
-    );
-    legion_codegen::validate(&plan, &ir, Some(&names)).unwrap();
+    validate_hand_plan(&ir, &names, &candidate);
     let input = test_input(&ir.input.shape);
     let reference = Reference::run(&ir, input.clone()).unwrap();
     let run = rt

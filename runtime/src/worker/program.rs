@@ -365,15 +365,9 @@ impl Worker {
                     match to {
                         Party::Coordinator => reply.outputs.push(m),
                         Party::Device(peer) => {
-                            let client = loaded.peers[peer].clone();
                             m.program = peer_program(peer)?;
                             let what = format!("{me}: sending rows {rows} of {tensor:?} to {peer}");
-                            pushes.spawn(async move {
-                                client
-                                    .push_rows(m)
-                                    .await
-                                    .map_err(|e| format!("{what}: {e:#}"))
-                            });
+                            spawn_push(&mut pushes, loaded.peers[peer].clone(), m, what);
                         }
                     }
                 }
@@ -392,14 +386,8 @@ impl Worker {
                     let mut m = rows_to_wire(peer_program(peer)?, req.inference, me, part, partial)
                         .map_err(stored)?;
                     m.partial = true;
-                    let client = loaded.peers[peer].clone();
                     let what = format!("{me}: sending its partial of stage {stage} to {peer}");
-                    pushes.spawn(async move {
-                        client
-                            .push_rows(m)
-                            .await
-                            .map_err(|e| format!("{what}: {e:#}"))
-                    });
+                    spawn_push(&mut pushes, loaded.peers[peer].clone(), m, what);
                 }
                 Step::Combine { stage, parts } => {
                     let how = ir.stage(*stage).partial.ok_or_else(|| {
@@ -453,6 +441,21 @@ impl Worker {
         }
         Ok(reply)
     }
+}
+
+/// Pushes `m` to a peer in the background; a failure names `what`.
+fn spawn_push(
+    pushes: &mut tokio::task::JoinSet<Result<(), String>>,
+    client: WorkerClient,
+    m: WireRows,
+    what: String,
+) {
+    pushes.spawn(async move {
+        client
+            .push_rows(m)
+            .await
+            .map_err(|e| format!("{what}: {e:#}"))
+    });
 }
 
 /// Per tensor, the hull of the rows `program` puts of it (received or computed by its
