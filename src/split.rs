@@ -31,8 +31,9 @@ pub struct Args {
     groups: Option<String>,
     /// Split each group's last stage by output channels (convs) or neurons (matmuls)
     /// instead of rows: each device computes all rows of its channels from the whole
-    /// input and its slice of the weights; stages before it run whole on every device.
-    /// Needs --group or --groups.
+    /// input and its slice of the weights (a depthwise conv: its channels of the input,
+    /// also after an expand conv chained before it); stages before those run whole on
+    /// every device. Needs --group or --groups.
     #[arg(long)]
     channels: bool,
     /// Run every strip with tract and compare with the single-device run.

@@ -512,7 +512,8 @@ fn plan_group(
 
 /// Candidates mixing groups split by rows, by channels (an FC layer by neurons after a
 /// flatten, or a global pool and a flatten, every board runs; convs by output channels,
-/// read by a row split next, one inside a residual block) and run whole: each validates as a plan, and runs by the boards' programs and through
+/// read by a row split next, one inside a residual block; depthwise convs, alone and
+/// chained after an expand conv) and run whole: each validates as a plan, and runs by the boards' programs and through
 /// the hub equal to one device. Tensors split by channels move in parts, one per owner.
 #[test]
 fn channel_groups_run_by_programs_and_through_the_hub() {
@@ -542,6 +543,20 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
                 ((1, 2), Layout::Rows),
                 ((3, 3), Layout::Channels),
                 ((4, 6), Layout::Rows),
+            ],
+        ),
+        // Depthwise convs by channels, each board reading its channels of the input:
+        // alone, and chained after an expand conv inside a residual block.
+        (
+            "tiny-mobile",
+            vec![
+                ((0, 0), Layout::Channels),
+                ((1, 1), Layout::Channels),
+                ((2, 2), Layout::Rows),
+                ((3, 4), Layout::Channels),
+                ((5, 6), Layout::Rows),
+                ((7, 7), Layout::Channels),
+                ((8, 12), Layout::Whole),
             ],
         ),
         // A residual block's conv by channels while its input waits for the add, and

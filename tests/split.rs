@@ -105,6 +105,48 @@ fn mobilenetv2_depthwise_and_inverted_residuals() {
     assert_split_equal(&ir, &reference, 13, last_split, &[2.0, 1.0]);
 }
 
+/// MobileNetV2's depthwise convs split by channels, each device reading its channels of
+/// the input: alone (the first block's at 112 rows, the last one's at 7), and chained
+/// after their block's expand conv, on 2 to 6 devices. The project conv after them
+/// would need every device's channels: such a group is refused.
+#[test]
+fn mobilenetv2_depthwise_convs_split_by_channels() {
+    let ir = load("mobilenetv2");
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let depthwise: Vec<usize> = ir
+        .stages
+        .iter()
+        .filter(|s| s.channels.is_some_and(|c| c.depthwise))
+        .map(|s| s.id.index())
+        .collect();
+    assert_eq!(
+        depthwise.len(),
+        17,
+        "one depthwise conv per inverted residual block"
+    );
+    let (first, last) = (depthwise[0], *depthwise.last().unwrap());
+    assert_eq!(ir.stages[first].output.shape, vec![1, 32, 112, 112]);
+    assert_eq!(ir.stages[last].output.shape, vec![1, 960, 7, 7]);
+    assert_channels_equal(&ir, &reference, first, first, &[1.0, 1.0]);
+    assert_channels_equal(&ir, &reference, last, last, &[3.0, 3.0, 2.0, 2.0, 2.0, 1.0]);
+    // The second block's expand conv, then its depthwise conv on the same channels.
+    let dw = depthwise[1];
+    assert_eq!(
+        legion_partition::split_chain(&ir, Group::new(dw - 1, dw)),
+        vec![
+            legion_ir::StageId((dw - 1) as u32),
+            legion_ir::StageId(dw as u32)
+        ]
+    );
+    assert_channels_equal(&ir, &reference, dw - 1, dw, &[2.0, 1.0, 1.0]);
+    assert_channels_equal(&ir, &reference, last - 1, last, &[1.0, 1.0, 1.0, 1.0]);
+    let project = dw + 1;
+    let err = check_channel_group(&ir, dw - 1, project)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiplies"), "{err}");
+}
+
 #[test]
 fn split_table_of_vgg16_on_4_devices() {
     let path = legion_models::test_model("vgg16").unwrap();

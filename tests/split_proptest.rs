@@ -8,8 +8,9 @@
 //! Concats of two branches; Upsample x2; SpaceToDepth and darknet reorg), imports it,
 //! runs it once whole, and checks up to three random (group, strips) picks against that
 //! run. Strips include empty and one-row strips and more devices than rows. When the
-//! group's last stage splits by output channels (a conv of one group, a matmul), a random cut of
-//! its channels is checked the same way (docs/architecture.md, "Channel splits").
+//! group's last stage splits by output channels (a conv of one group, a depthwise conv, a
+//! matmul), a random cut of its channels is checked the same way, for the stage alone and
+//! for the whole group where it can split so (docs/architecture.md, "Channel splits").
 //!
 //! `PROPTEST_CASES` and `PROPTEST_RNG_SEED` override the case count and the fixed seed.
 //! The `regression_*` tests are minimal repros of bugs the generator found, fixed
@@ -18,7 +19,7 @@
 
 use legion_ir::{Ir, Rows, StageKind, import};
 use legion_models::{Conv, GraphBuilder, Pool, Value};
-use legion_partition::{Group, channel_tile, cut, tile, whole_stage};
+use legion_partition::{Group, channel_tile, check_channel_group, cut, tile, whole_stage};
 use legion_runtime::{Reference, check};
 use proptest::prelude::*;
 use proptest::test_runner::{RngSeed, TestCaseError};
@@ -761,21 +762,42 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         let stage = &ir.stages[last];
         // Of more than one channel (a convs's axis 1, the generator's matmuls' last).
         let shape = &stage.output.shape;
-        let plain_conv = matches!(stage.kind, StageKind::Conv { group: 1, .. }) && shape[1] > 1;
+        let (plain_conv, depthwise) = match stage.kind {
+            StageKind::Conv {
+                group,
+                in_channels,
+                out_channels,
+                ..
+            } => (
+                group == 1 && shape[1] > 1,
+                group > 1 && group == in_channels && group == out_channels,
+            ),
+            _ => (false, false),
+        };
         let matmul = matches!(stage.kind, StageKind::MatMul { .. }) && shape[3] > 1;
         prop_assert_eq!(
             stage.channels.is_some(),
-            plain_conv || matmul,
-            "stage {:?}: only convs of one group and matmuls split by channels here\n{}",
+            plain_conv || depthwise || matmul,
+            "stage {:?}: only convs of one group, depthwise convs and matmuls split by \
+             channels here\n{}",
             stage.id,
             desc
         );
         if let Some(split) = stage.channels {
-            let axis = if plain_conv { 1 } else { 3 };
-            prop_assert_eq!((split.axis, split.count), (axis, shape[axis]));
+            let axis = if plain_conv || depthwise { 1 } else { 3 };
+            prop_assert_eq!(
+                (split.axis, split.count, split.depthwise),
+                (axis, shape[axis], depthwise)
+            );
             let cuts = strips(split.count, kinds);
             let what = format!("stage {last} by channels {cuts:?}\n{desc}");
             check_channels(&ir, &reference, Group::new(last, last), &cuts, &what)?;
+            // The whole pick by channels where legal: stages before the split whole on
+            // every device, or depthwise convs chained after it.
+            if first < last && check_channel_group(&ir, first, last).is_ok() {
+                let what = format!("group {group} by channels {cuts:?}\n{desc}");
+                check_channels(&ir, &reference, group, &cuts, &what)?;
+            }
         }
     }
     Ok(())

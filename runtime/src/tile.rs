@@ -82,6 +82,10 @@ impl TileModel {
     }
 }
 
+/// A slice of a tensor a tile holds: the tensor, its rows and, for a depthwise conv's
+/// read, the axis and range of its channels.
+type SliceKey = (TensorRef, Rows, Option<(usize, Rows)>);
+
 /// Copies stages of the imported model into a new model over strips.
 struct TileBuilder<'a> {
     ir: &'a Ir,
@@ -91,8 +95,8 @@ struct TileBuilder<'a> {
     tensors: HashMap<TensorRef, (OutletId, Rows, Option<Rows>)>,
     /// Constants already copied, by source outlet and the channel slice taken of it.
     consts: HashMap<(OutletId, Option<(usize, Rows)>), OutletId>,
-    /// Slices already wired, by tensor and rows.
-    slices: HashMap<(TensorRef, Rows), OutletId>,
+    /// Slices already wired.
+    slices: HashMap<SliceKey, OutletId>,
 }
 
 impl<'a> TileBuilder<'a> {
@@ -145,7 +149,7 @@ impl<'a> TileBuilder<'a> {
                         out.channels.is_none(),
                         "{r:?}: channels sent of a stage not split by them"
                     );
-                    outputs.push(self.slice(r, out.rows)?);
+                    outputs.push(self.slice(r, out.rows, None)?);
                 }
             }
         }
@@ -153,34 +157,50 @@ impl<'a> TileBuilder<'a> {
         Ok(self.model)
     }
 
-    /// The outlet holding exactly `rows` of tensor `r`, slicing what the tile holds.
-    fn slice(&mut self, r: TensorRef, rows: Rows) -> Result<OutletId> {
-        let (outlet, held, channels) = *self
+    /// The outlet holding exactly `rows` of tensor `r` and, when given, only the
+    /// `channels` (axis, range) of it that a depthwise conv split by channels reads,
+    /// slicing what the tile holds. A tensor the tile computed split by channels is
+    /// read on exactly those channels.
+    fn slice(
+        &mut self,
+        r: TensorRef,
+        rows: Rows,
+        channels: Option<(usize, Rows)>,
+    ) -> Result<OutletId> {
+        let (outlet, held, held_channels) = *self
             .tensors
             .get(&r)
             .with_context(|| format!("{r:?} is not in the tile"))?;
         ensure!(
-            channels.is_none(),
-            "{r:?} is split by channels; a tile reads only whole channels"
+            held_channels.is_none() || held_channels == channels.map(|(_, c)| c),
+            "{r:?} is computed on channels {held_channels:?}; a tile reads them alone"
         );
-        let Some(h) = self.ir.tensor(r).h_axis else {
-            return Ok(outlet);
-        };
-        ensure!(
-            held.contains(rows),
-            "{r:?}: rows {rows} wanted, the tile holds {held}"
-        );
-        if held == rows {
-            return Ok(outlet);
-        }
-        if let Some(w) = self.slices.get(&(r, rows)) {
+        if let Some(w) = self.slices.get(&(r, rows, channels)) {
             return Ok(*w);
         }
-        let name = format!("{r:?}.rows{}_{}", rows.start, rows.end);
-        let op = Slice::new(h, rows.start - held.start, rows.end - held.start);
-        let w = self.model.wire_node(name, op, &[outlet])?[0];
-        self.slices.insert((r, rows), w);
-        Ok(w)
+        let mut wire = outlet;
+        if let Some(h) = self.ir.tensor(r).h_axis {
+            ensure!(
+                held.contains(rows),
+                "{r:?}: rows {rows} wanted, the tile holds {held}"
+            );
+            if held != rows {
+                let name = format!("{r:?}.rows{}_{}", rows.start, rows.end);
+                let op = Slice::new(h, rows.start - held.start, rows.end - held.start);
+                wire = self.model.wire_node(name, op, &[wire])?[0];
+            }
+        }
+        if let (Some((axis, c)), None) = (channels, held_channels) {
+            let name = format!(
+                "{r:?}.rows{}_{}.ch{}_{}",
+                rows.start, rows.end, c.start, c.end
+            );
+            wire = self
+                .model
+                .wire_node(name, Slice::new(axis, c.start, c.end), &[wire])?[0];
+        }
+        self.slices.insert((r, rows, channels), wire);
+        Ok(wire)
     }
 
     fn copy_stage(&mut self, stage: &Stage, st: &legion_plan::TileStage) -> Result<()> {
@@ -195,6 +215,11 @@ impl<'a> TileBuilder<'a> {
             st.channels.is_none() || !channel_consts.is_empty(),
             "the stage does not split by channels"
         );
+        // A depthwise conv split by channels reads its own channels of its input.
+        let own_channels = match (stage.channels, st.channels) {
+            (Some(split), Some(c)) if split.depthwise => Some((split.axis, c)),
+            _ => None,
+        };
         for (n, &id) in stage.nodes.iter().enumerate() {
             let node = src.node(id);
             let mut inputs = tvec![];
@@ -225,7 +250,7 @@ impl<'a> TileBuilder<'a> {
                         .iter()
                         .position(|x| *x == r)
                         .context("undeclared stage input")?;
-                    self.slice(r, st.reads[i].rows)?
+                    self.slice(r, st.reads[i].rows, own_channels)?
                 };
                 inputs.push(wire);
             }
@@ -258,8 +283,18 @@ impl<'a> TileBuilder<'a> {
             } else {
                 node.op.clone()
             };
-            // A conv split by channels computes only its slice of them.
+            // A conv split by channels computes only its slice of them; a depthwise one
+            // reads as many, one group each.
             let op = match (n, st.channels, op.downcast_ref::<Conv>()) {
+                (0, Some(channels), Some(conv)) if own_channels.is_some() => Box::new(Conv {
+                    pool_spec: PoolSpec {
+                        input_channels: channels.len(),
+                        output_channels: channels.len(),
+                        ..conv.pool_spec.clone()
+                    },
+                    group: channels.len(),
+                    ..conv.clone()
+                }),
                 (0, Some(channels), Some(conv)) => Box::new(Conv {
                     pool_spec: PoolSpec {
                         output_channels: channels.len(),

@@ -22,8 +22,10 @@ pub struct ConstSlice {
 /// How the stage made of tract nodes `nodes` (anchor first) splits by output channels,
 /// and the constants each slice reads a part of; `None` when it does not split so.
 ///
-/// The anchor is a conv with one group or a matmul with one data input whose output
-/// has an axis (the neurons) that only constants carry. Every later node keeps the
+/// The anchor is a conv with one group, a depthwise conv (one group per channel, one
+/// output channel each: its slice reads the same slice of the input's channels), or a
+/// matmul with one data input whose output has an axis (the neurons) that only
+/// constants carry. Every later node keeps the
 /// anchor's output shape and is element-wise: an activation, or a binary op whose
 /// constant holds one value per channel (bias, BatchNorm) or is flat along them. A
 /// single channel does not split.
@@ -44,10 +46,17 @@ pub fn channel_split(model: &TypedModel, nodes: &[usize]) -> Option<(Channels, V
         let [data, kernel, rest @ ..] = &anchor.inputs[..] else {
             return None;
         };
-        if conv.group != 1 || conv.q_params.is_some() || is_const(data) || !is_const(kernel) {
+        let count = conv.pool_spec.output_channels;
+        // One group, or one group per channel with one output channel each (depthwise).
+        let depthwise =
+            conv.group > 1 && conv.group == count && conv.group == conv.pool_spec.input_channels;
+        if (conv.group != 1 && !depthwise)
+            || conv.q_params.is_some()
+            || is_const(data)
+            || !is_const(kernel)
+        {
             return None;
         }
-        let count = conv.pool_spec.output_channels;
         let format = conv.pool_spec.data_format;
         let axis = match (format.has_n(), format.c_is_last()) {
             (_, true) => out_shape.len() - 1,
@@ -77,7 +86,11 @@ pub fn channel_split(model: &TypedModel, nodes: &[usize]) -> Option<(Channels, V
             },
             _ => return None,
         }
-        Channels { axis, count }
+        Channels {
+            axis,
+            count,
+            depthwise,
+        }
     } else if let Some(einsum) = anchor.op_as::<EinSum>() {
         let data: Vec<usize> = (0..anchor.inputs.len())
             .filter(|&i| !is_const(&anchor.inputs[i]))
@@ -114,7 +127,11 @@ pub fn channel_split(model: &TypedModel, nodes: &[usize]) -> Option<(Channels, V
                 });
             }
         }
-        Channels { axis, count }
+        Channels {
+            axis,
+            count,
+            depthwise: false,
+        }
     } else {
         return None;
     };

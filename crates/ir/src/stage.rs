@@ -275,14 +275,18 @@ pub enum Split {
 
 /// How a stage splits by its second axis: output channels (a conv) or output neurons (a
 /// matmul). A device computes every row of a slice of `axis` from the stage's whole
-/// inputs and the matching slice of its weights (docs/architecture.md, "Channel
-/// splits").
+/// inputs and the matching slice of its weights; a depthwise conv reads only the same
+/// slice of its input's channels (docs/architecture.md, "Channel splits").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Channels {
     /// The output axis holding the channels.
     pub axis: usize,
     /// How many there are.
     pub count: usize,
+    /// True when output channel `c` reads input channel `c` alone (a depthwise conv):
+    /// a channel tile reads its own slice of the input's channels, on the same axis.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub depthwise: bool,
 }
 
 /// How partial results of a reduction over rows, each over one device's rows, combine

@@ -162,10 +162,22 @@ fn mobilenetv2_marks_depthwise_groups() {
     assert_eq!(depthwise.len(), 17);
     assert!(depthwise.iter().all(|&(g, i, o)| g == i && i == o));
     assert_eq!(depthwise[0], (32, 32, 32));
-    // Depthwise convs do not split by channels (yet); the pointwise ones do.
+    // Every conv splits by its output channels; a depthwise one reads the same
+    // channels of its input.
     for s in &ir.stages {
-        if let StageKind::Conv { group, .. } = s.kind {
-            assert_eq!(s.channels.is_some(), group == 1, "stage {}", s.id);
+        if let StageKind::Conv {
+            group,
+            out_channels,
+            ..
+        } = s.kind
+        {
+            let split = s.channels.unwrap_or_else(|| panic!("stage {}", s.id));
+            assert_eq!(
+                (split.axis, split.count, split.depthwise),
+                (1, out_channels, group > 1),
+                "stage {}",
+                s.id
+            );
         }
     }
     // ReLU6 (Clip) is fused into each conv stage.

@@ -1,11 +1,11 @@
 //! Predicting groups split by channels (docs/architecture.md, "Channel splits"): each
-//! device receives the group's inputs whole, runs the stages before the last whole and
-//! its channels of the last, and sends its part of the output.
+//! device receives the group's inputs whole, runs the stages before the split whole and
+//! its channels of the split ones, and sends its part of the output.
 
 use crate::{CostModel, DevicePrediction, Holdings, Prediction, Predictor};
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use legion_ir::{Rows, StageId, TensorRef};
-use legion_partition::{Group, boundary, rebalance};
+use legion_partition::{Group, boundary, rebalance, split_chain};
 use legion_plan::{DeviceId, Transport};
 
 impl CostModel<'_> {
@@ -74,13 +74,14 @@ impl CostModel<'_> {
             // Its readers receive it, and pay for it there.
             Transport::Programs => 0,
         };
+        let chain = split_chain(self.ir, group);
         let compute_us: Vec<(StageId, f64)> = group
             .stages()
             .map(|s| {
-                let e = if s == group.last {
+                let rows = self.ir.stage(s).output.height().unwrap_or(0);
+                let e = if chain.contains(&s) {
                     self.channel_time(predictor, d, s, channels.len())
                 } else {
-                    let rows = self.ir.stage(s).output.height().unwrap_or(0);
                     self.stage_time(d, s, rows)
                 };
                 (s, e)
@@ -109,11 +110,12 @@ impl CostModel<'_> {
         held: Option<&Holdings>,
     ) -> Result<Vec<(DeviceId, Rows)>> {
         ensure!(!devices.is_empty(), "a group needs at least one device");
-        ensure!(
-            self.splits_channels(group.last),
-            "the profile has no channel samples of stage {}",
-            group.last
-        );
+        if let Some(s) = split_chain(self.ir, group)
+            .into_iter()
+            .find(|s| !self.splits_channels(*s))
+        {
+            bail!("the profile has no channel samples of stage {s}");
+        }
         let count = self.ir.stage(group.last).channels.map_or(0, |c| c.count);
         let cost = |i: usize, c: Rows| {
             if c.is_empty() {

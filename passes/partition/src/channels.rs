@@ -3,7 +3,7 @@
 //! the weights (docs/architecture.md, "Channel splits").
 
 use crate::tiling::{Group, PartitionError, boundary, stage_range, whole_group};
-use legion_ir::{Ir, Rows};
+use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_plan::TileSpec;
 
 /// True when stage `s` is worth splitting by its output channels: it splits so, and its
@@ -28,11 +28,36 @@ pub fn tile_weight_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
         .sum()
 }
 
+/// The stages of channel group `group` computed on their devices' channels only: the
+/// last stage, with the depthwise convs chained before it back to the first split
+/// stage, each reading the one before it (a MobileNet block's expand conv and its
+/// depthwise conv); empty when the last stage does not split by channels.
+pub fn split_chain(ir: &Ir, group: Group) -> Vec<StageId> {
+    let Some(split) = ir.stage(group.last).channels else {
+        return vec![];
+    };
+    let mut chain = vec![group.last];
+    loop {
+        let stage = ir.stage(*chain.last().expect("the chain has a stage"));
+        let previous = match (stage.channels, &stage.inputs[..]) {
+            (Some(c), [TensorRef::Stage(p)]) if c.depthwise && group.contains(*p) => *p,
+            _ => break,
+        };
+        match ir.stage(previous).channels {
+            Some(c) if c.count == split.count && c.axis == split.axis => chain.push(previous),
+            _ => break,
+        }
+    }
+    chain.reverse();
+    chain
+}
+
 /// Checks that `first..=last` can split by channels: its last stage splits by output
-/// channels, and every stage before it runs whole on each device of the group (a
-/// flatten or a global pool before an FC layer), so it must multiply nothing (no conv,
-/// no matmul: that work would be repeated on every device) and be read only inside the
-/// group.
+/// channels, so may the depthwise convs chained before it ([`split_chain`]), and every
+/// stage before the chain runs whole on each device of the group (a flatten or a
+/// global pool before an FC layer), so it must multiply nothing (no conv, no matmul:
+/// that work would be repeated on every device). Only the last stage is read after
+/// the group.
 pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, PartitionError> {
     let group = stage_range(ir, first, last)?;
     let stage = ir.stage(group.last);
@@ -42,14 +67,20 @@ pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, 
             name: stage.name.clone(),
         });
     }
-    if let Some(s) = group
-        .stages()
-        .find(|s| *s != group.last && ir.stage(*s).macs() > 0)
-    {
-        return Err(PartitionError::Replicated {
-            stage: s,
-            name: ir.stage(s).name.clone(),
-        });
+    let chain = split_chain(ir, group);
+    for s in group.stages() {
+        if s > chain[0] && !chain.contains(&s) {
+            return Err(PartitionError::NotPerChannel {
+                stage: s,
+                name: ir.stage(s).name.clone(),
+            });
+        }
+        if s < chain[0] && ir.stage(s).macs() > 0 {
+            return Err(PartitionError::Replicated {
+                stage: s,
+                name: ir.stage(s).name.clone(),
+            });
+        }
     }
     let (_, outputs) = boundary(ir, group);
     if let Some(s) = outputs.iter().find(|s| **s != group.last) {
@@ -62,12 +93,16 @@ pub fn check_channel_group(ir: &Ir, first: usize, last: usize) -> Result<Group, 
 }
 
 /// The tile of a channel group (see [`check_channel_group`]) computing `channels` of its
-/// last stage: the stages before it whole, the last on its channels only, every input
-/// whole, and those channels of all its rows sent.
+/// last stage: the stages before its [`split_chain`] whole, the chain on those channels
+/// only, every input whole, and those channels of all its rows sent.
 pub fn channel_tile(ir: &Ir, group: Group, channels: Rows) -> TileSpec {
+    let chain = split_chain(ir, group);
     let mut spec = whole_group(ir, group);
-    let last = spec.stages.last_mut().expect("a group has stages");
-    last.channels = Some(channels);
+    for st in &mut spec.stages {
+        if chain.contains(&st.stage) {
+            st.channels = Some(channels);
+        }
+    }
     for out in &mut spec.outputs {
         out.channels = Some(channels);
     }

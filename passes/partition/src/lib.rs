@@ -8,7 +8,9 @@ mod rows;
 mod shares;
 mod tiling;
 
-pub use channels::{channel_tile, check_channel_group, tile_weight_bytes, worth_channels};
+pub use channels::{
+    channel_tile, check_channel_group, split_chain, tile_weight_bytes, worth_channels,
+};
 pub use held::Held;
 pub use legion_ir::Rows;
 pub use rows::{InputRows, StageRows, row_map, window_rows};

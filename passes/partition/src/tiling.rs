@@ -89,6 +89,18 @@ pub enum PartitionError {
         /// Its name.
         name: String,
     },
+    /// A stage after a channel group's first split stage reads more than its own
+    /// device's channels of the one before.
+    #[error(
+        "stage {stage} ({name}) follows the channel split but is no depthwise conv of the \
+         stage before it; it would need every device's channels"
+    )]
+    NotPerChannel {
+        /// The stage.
+        stage: StageId,
+        /// Its name.
+        name: String,
+    },
     /// A stage that every device of a channel group runs whole is read after it.
     #[error(
         "stage {stage} ({name}) is read after the group; in a channel group only the last stage may be"
