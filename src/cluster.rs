@@ -1,4 +1,5 @@
-//! `legion cluster up`: start a cluster of workers on this host and write its file.
+//! `legion cluster up`: start a cluster of workers on this host and write its file;
+//! `legion cluster keygen`: a TLS certificate and key per board of a cluster file.
 
 use crate::BadInput;
 use anyhow::{Context, Result};
@@ -18,6 +19,22 @@ pub struct Args {
 enum Command {
     /// Start workers on 127.0.0.1 and stay in the foreground until interrupted.
     Up(UpArgs),
+    /// Make a self-signed TLS certificate and key for every board of a cluster file:
+    /// each board serves its own (`legion worker --tls-cert --tls-key`), and the cluster
+    /// file pins it (`tls_cert` per device).
+    Keygen(KeygenArgs),
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    /// The cluster file.
+    cluster: PathBuf,
+    /// Directory to write `<board>.pem` and `<board>.key` in (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace certificates and keys already there.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -50,10 +67,106 @@ struct UpArgs {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let Command::Up(up) = &args.command;
+    match &args.command {
+        Command::Up(up) => run_up(up),
+        Command::Keygen(keygen) => run_keygen(keygen),
+    }
+}
+
+/// Writes a certificate and key per board; prints the lines that pin them and how to
+/// start each worker.
+fn run_keygen(args: &KeygenArgs) -> Result<()> {
+    use legion_runtime::tls::WorkerIdentity;
+    use std::io::Write;
+    let cluster = Cluster::load(&args.cluster)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let files = |name: &str| {
+        (
+            args.out.join(format!("{name}.pem")),
+            args.out.join(format!("{name}.key")),
+        )
+    };
+    if !args.force
+        && let Some(path) = cluster.devices.iter().find_map(|d| {
+            let (cert, key) = files(&d.name);
+            [cert, key].into_iter().find(|p| p.exists())
+        })
+    {
+        return Err(BadInput(format!(
+            "{} exists; give --force to replace the certificates and keys in {}",
+            path.display(),
+            args.out.display()
+        ))
+        .into());
+    }
+    for d in &cluster.devices {
+        let host = d
+            .address
+            .rsplit_once(':')
+            .map_or(&d.address[..], |(h, _)| h);
+        let mut names = vec![d.name.clone()];
+        if !host.is_empty() && host != "0.0.0.0" {
+            names.push(host.trim_matches(['[', ']']).to_string());
+        }
+        let identity = WorkerIdentity::generate(&names)
+            .with_context(|| format!("device {}: making its certificate", d.name))?;
+        let (cert, key) = files(&d.name);
+        std::fs::write(&cert, &identity.cert_pem)
+            .with_context(|| format!("writing {}", cert.display()))?;
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key)
+                .with_context(|| format!("writing {}", key.display()))?
+        };
+        file.write_all(identity.key_pem.as_bytes())
+            .with_context(|| format!("writing {}", key.display()))?;
+    }
+    println!(
+        "wrote a certificate and key for {} boards in {}.",
+        cluster.devices.len(),
+        args.out.display()
+    );
+    println!(
+        "\nPin them in {}, in each [[device]]:",
+        args.cluster.display()
+    );
+    for d in &cluster.devices {
+        println!(
+            "  {:<20} tls_cert = \"{}\"",
+            d.name,
+            files(&d.name).0.display()
+        );
+    }
+    println!("\nCopy each board its two files and start it with:");
+    println!(
+        "  legion worker --tls-cert <board>.pem --tls-key <board>.key --token-file <token> ..."
+    );
+    println!("Keep the .key files on their boards only.");
+    Ok(())
+}
+
+fn run_up(up: &UpArgs) -> Result<()> {
     crate::init_logging();
     let cluster = match (&up.file, up.local) {
-        (Some(file), _) => Cluster::load(file)?,
+        (Some(file), _) => {
+            let cluster = Cluster::load(file)?;
+            if let Some(d) = cluster.devices.iter().find(|d| d.tls_cert.is_some()) {
+                return Err(BadInput(format!(
+                    "{}: device {} pins a TLS certificate, but `cluster up` serves plain \
+                     text on this host; start such boards with `legion worker --tls-cert`",
+                    file.display(),
+                    d.name
+                ))
+                .into());
+            }
+            cluster
+        }
         (None, Some(n)) => {
             let emulate = parse_emulate(up.emulate.as_deref());
             local_cluster(n, &emulate, up.port).map_err(|e| BadInput(format!("{e:#}")))?

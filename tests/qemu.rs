@@ -4,6 +4,9 @@
 //! the two ARM workers run their programs of a plan and pass rows to each other, the
 //! x86 coordinator only feeding the input and collecting the output.
 //!
+//! Every worker serves TLS with a certificate of its own and wants a token; the cluster
+//! pins the certificates, so the boards' pushes to each other go over TLS too.
+//!
 //! The workers run on the real clock, as on a board: an emulated worker runs each tile
 //! several times until its time settles and reads a reference kernel every second,
 //! which under qemu takes minutes per tile.
@@ -27,20 +30,20 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-/// (target triple, qemu runner, its sysroot, board class, arch the worker reports).
+/// (target triple, qemu runner, its sysroot, the board's name, arch the worker reports).
 const BOARDS: [(&str, &str, &str, &str, &str); 2] = [
     (
         "aarch64-unknown-linux-gnu",
         "qemu-aarch64-static",
         "/usr/aarch64-linux-gnu",
-        "firefly-rk3399",
+        "firefly-aarch64",
         "aarch64",
     ),
     (
         "armv7-unknown-linux-gnueabihf",
         "qemu-arm-static",
         "/usr/arm-linux-gnueabihf",
-        "odroid-xu4",
+        "odroid-armv7",
         "arm",
     ),
 ];
@@ -54,8 +57,37 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
-/// Starts the cross-built worker for `triple` under qemu on a free loopback port.
-fn arm_worker(triple: &str, qemu: &str, sysroot: &str, class: &str) -> WorkerProcess {
+/// The token every worker of this test wants.
+fn token_file() -> PathBuf {
+    let path = scratch("qemu-token");
+    std::fs::write(&path, "qemu-s3cret\n").unwrap();
+    path
+}
+
+/// Where worker `name`'s certificate is.
+fn cert(name: &str) -> PathBuf {
+    scratch(&format!("qemu-{name}.pem"))
+}
+
+/// Makes worker `name` a certificate and has `command` serve TLS with it and want the
+/// token: the coordinator and the boards reach each other by pinned certificates.
+fn secure(command: &mut Command, name: &str) {
+    let identity = legion_runtime::tls::WorkerIdentity::generate(&[name.to_string()]).unwrap();
+    let key = scratch(&format!("qemu-{name}.key"));
+    std::fs::write(cert(name), &identity.cert_pem).unwrap();
+    std::fs::write(&key, &identity.key_pem).unwrap();
+    command
+        .arg("--tls-cert")
+        .arg(cert(name))
+        .arg("--tls-key")
+        .arg(key)
+        .arg("--token-file")
+        .arg(token_file());
+}
+
+/// Starts the cross-built worker for `triple` under qemu on a free loopback port, as
+/// `name`.
+fn arm_worker(triple: &str, qemu: &str, sysroot: &str, name: &str) -> WorkerProcess {
     let binary = target_dir()
         .join(triple)
         .join("release")
@@ -70,12 +102,13 @@ fn arm_worker(triple: &str, qemu: &str, sysroot: &str, class: &str) -> WorkerPro
     command
         .args(["-L", sysroot])
         .arg(&binary)
-        .args(["--listen", "127.0.0.1:0", "--name", class])
+        .args(["--listen", "127.0.0.1:0", "--name", name])
         // Measuring the device's rate would take minutes under qemu; the rate only
         // feeds profiles, which this test does not make.
         .args(["--host-gflops", "100"])
         .arg("--cache")
         .arg(scratch(&format!("qemu-cache-{triple}")));
+    secure(&mut command, name);
     WorkerProcess::spawn(command, triple, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{triple} worker under {qemu}: {e:#}"))
 }
@@ -86,14 +119,16 @@ fn x86_worker() -> WorkerProcess {
         .args(["worker", "--listen", "127.0.0.1:0", "--name", "x86"])
         .args(["--host-gflops", "100", "--cache"])
         .arg(scratch("qemu-cache-x86"));
+    secure(&mut command, "x86");
     WorkerProcess::spawn(command, "x86", Duration::from_secs(60)).unwrap()
 }
 
-/// The cluster of real-clock `workers`: (name, process).
+/// The cluster of real-clock `workers`: (name, process), each pinning its worker's
+/// certificate.
 fn cluster(workers: &[(&str, &WorkerProcess)]) -> Cluster {
     Cluster {
         coordinator: CoordinatorLink::default(),
-        token_file: None,
+        token_file: Some(token_file()),
         devices: workers
             .iter()
             .map(|(name, w)| Device {
@@ -103,6 +138,7 @@ fn cluster(workers: &[(&str, &WorkerProcess)]) -> Cluster {
                 link_mbps: 100.0,
                 latency_ms: 0.2,
                 memory_mb: None,
+                tls_cert: Some(cert(name)),
             })
             .collect(),
     }
@@ -267,8 +303,8 @@ fn programs_run(
 fn arm_workers_under_qemu_match_the_x86_run() {
     let arm: Vec<WorkerProcess> = BOARDS
         .iter()
-        .map(|&(triple, qemu, sysroot, class, arch)| {
-            let w = arm_worker(triple, qemu, sysroot, class);
+        .map(|&(triple, qemu, sysroot, name, arch)| {
+            let w = arm_worker(triple, qemu, sysroot, name);
             assert!(
                 w.start_line.contains(&format!("arch=\"{arch}\""))
                     && w.start_line.contains("clock=\"real\""),
@@ -280,8 +316,8 @@ fn arm_workers_under_qemu_match_the_x86_run() {
         .collect();
     let x86 = x86_worker();
     let cluster = cluster(&[
-        ("firefly-aarch64", &arm[0]),
-        ("odroid-armv7", &arm[1]),
+        (BOARDS[0].3, &arm[0]),
+        (BOARDS[1].3, &arm[1]),
         ("x86", &x86),
     ]);
     let rt = tokio::runtime::Runtime::new().unwrap();

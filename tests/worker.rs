@@ -49,7 +49,7 @@ fn worker_serves_and_stops_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let timeout = Duration::from_secs(5);
-        let client = legion_runtime::WorkerClient::connect(&addr, Some("s3cret"), timeout)
+        let client = legion_runtime::WorkerClient::connect(&addr, Some("s3cret"), None, timeout)
             .await
             .unwrap();
         let info = client.info().await.unwrap();
@@ -58,7 +58,7 @@ fn worker_serves_and_stops_on_sigterm() {
         assert_eq!(emulation.class, "odroid-xu4");
         assert_eq!(info.gflops, emulation.gflops);
         assert_eq!(emulation.host_gflops, 30.0, "the rate it was given");
-        let wrong = legion_runtime::WorkerClient::connect(&addr, Some("nope"), timeout)
+        let wrong = legion_runtime::WorkerClient::connect(&addr, Some("nope"), None, timeout)
             .await
             .unwrap();
         assert!(wrong.health().await.is_err(), "a wrong token is refused");
@@ -177,7 +177,14 @@ fn a_real_worker_computes_on_several_threads_and_matches_one() {
     let cache = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-threads-cache");
     let mut command = Command::new(env!("CARGO_BIN_EXE_legion"));
     command
-        .args(["worker", "--listen", "127.0.0.1:0", "--name", "host"])
+        .args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "host",
+            "--insecure",
+        ])
         .args(["--threads", "2", "--host-gflops", "30", "--cache"])
         .arg(&cache);
     let worker =
@@ -203,6 +210,7 @@ fn a_real_worker_computes_on_several_threads_and_matches_one() {
             link_mbps: 100.0,
             latency_ms: 0.2,
             memory_mb: None,
+            tls_cert: None,
         }],
     };
     // VGG-16's first block (conv1_1, conv1_2, pool1) at 224x224: matrix products large
@@ -251,8 +259,117 @@ fn a_real_worker_computes_on_several_threads_and_matches_one() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     };
     bad(&["--threads", "0"], "--threads 0: give at least 1 thread");
+    bad(&["--max-runs", "0"], "--max-runs 0: give at least 1");
+    bad(&[], "no --token-file");
+    bad(&["--tls-cert", "x.pem"], "--tls-key");
     bad(
         &["--threads", "2", "--emulate", "odroid-xu4"],
         "an emulated worker computes on one thread",
     );
+}
+
+/// `legion cluster keygen` makes a certificate per board; a worker started with its own
+/// serves TLS: a client pinning that certificate with the token gets through, a
+/// plain-text client, one pinning another board's certificate and one without the
+/// token do not.
+#[test]
+fn keygen_certificates_make_a_worker_serve_tls() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-tls");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster_file = dir.join("cluster.toml");
+    std::fs::write(
+        &cluster_file,
+        "token_file = \"token\"\n\
+         [[device]]\nname = \"board-a\"\naddress = \"10.0.0.7:7070\"\nlink_mbps = 100\nlatency_ms = 0.2\n\
+         [[device]]\nname = \"board-b\"\naddress = \"10.0.0.8:7070\"\nlink_mbps = 100\nlatency_ms = 0.2\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("token"), "s3cret\n").unwrap();
+    let certs = dir.join("certs");
+    let keygen = || {
+        Command::new(env!("CARGO_BIN_EXE_legion"))
+            .args(["cluster", "keygen"])
+            .arg(&cluster_file)
+            .arg("--out")
+            .arg(&certs)
+            .output()
+            .unwrap()
+    };
+    let out = keygen();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("board-b"), "{stdout}");
+    assert!(stdout.contains("tls_cert = "), "{stdout}");
+    let key = certs.join("board-a.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Run again, it keeps what is there.
+    let again = keygen();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_legion"));
+    command
+        .args(["worker", "--listen", "127.0.0.1:0", "--name", "board-a"])
+        .args(["--host-gflops", "30", "--cache"])
+        .arg(dir.join("cache"))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .arg("--tls-cert")
+        .arg(certs.join("board-a.pem"))
+        .arg("--tls-key")
+        .arg(&key);
+    let worker =
+        legion_runtime::process::WorkerProcess::spawn(command, "tls", Duration::from_secs(60))
+            .unwrap();
+    assert!(
+        worker.start_line.contains("tls=true"),
+        "{}",
+        worker.start_line
+    );
+    let pem = |name: &str| std::fs::read(certs.join(format!("{name}.pem"))).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let timeout = Duration::from_secs(5);
+        let connect = |token: Option<&'static str>, cert: Option<Vec<u8>>| {
+            let addr = worker.addr.clone();
+            async move {
+                legion_runtime::WorkerClient::connect(&addr, token, cert.as_deref(), timeout).await
+            }
+        };
+        let pinned = connect(Some("s3cret"), Some(pem("board-a"))).await.unwrap();
+        assert_eq!(pinned.info().await.unwrap().name, "board-a");
+        // Plain text against TLS: no answer.
+        let plain = match connect(Some("s3cret"), None).await {
+            Ok(c) => c.health().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(plain.is_err(), "a plain-text client is refused");
+        // Another board's certificate: the handshake fails.
+        let other = match connect(Some("s3cret"), Some(pem("board-b"))).await {
+            Ok(c) => c.health().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(
+            other.is_err(),
+            "a client pinning another certificate is refused"
+        );
+        // The right certificate without the token.
+        let e = connect(None, Some(pem("board-a")))
+            .await
+            .unwrap()
+            .health()
+            .await
+            .unwrap_err();
+        let status = e.downcast_ref::<tonic::Status>().expect("a worker status");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{e:#}");
+    });
 }

@@ -83,12 +83,24 @@ impl ModelId {
 }
 
 impl WorkerClient {
-    /// Connects to the worker at `addr` (`host:port`), sending `token` with every call;
-    /// every call, the connection included, fails after `timeout`.
-    pub async fn connect(addr: &str, token: Option<&str>, timeout: Duration) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    /// Connects to the worker at `addr` (`host:port`), sending `token` with every call,
+    /// over TLS when `cert_pem` pins the worker's certificate ([`crate::tls`]); every
+    /// call, the connection included, fails after `timeout`.
+    pub async fn connect(
+        addr: &str,
+        token: Option<&str>,
+        cert_pem: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let scheme = if cert_pem.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .with_context(|| format!("bad worker address {addr:?}"))?
             .connect_timeout(timeout);
+        if let Some(pem) = cert_pem {
+            endpoint = endpoint
+                .tls_config(crate::tls::pinned(pem))
+                .with_context(|| format!("worker {addr}: the pinned certificate"))?;
+        }
         let channel = tokio::time::timeout(timeout, endpoint.connect())
             .await
             .map_err(|_| anyhow!("worker {addr}: no connection after {timeout:?}"))?
@@ -271,27 +283,21 @@ impl WorkerClient {
     }
 
     /// Gives the worker its `program` of a candidate of a plan for `model`, the `tiles`
-    /// (group, tile, spec) it runs and the addresses of `peers` (name, `host:port`) it sends
-    /// to; returns the program's id.
+    /// (group, tile, spec) it runs and how to reach the `peers` it sends to (name,
+    /// `host:port`, pinned certificate); returns the program's id.
     pub async fn load_plan(
         &self,
         model: &ModelId,
         program: &Program,
         tiles: &[(usize, usize, TileSpec)],
-        peers: &[(String, String)],
+        peers: Vec<Peer>,
     ) -> Result<String> {
         let req = LoadPlanRequest {
             model: Some(model.to_proto()),
             plan_version: PLAN_VERSION,
             program_json: serde_json::to_vec(program)?,
             tiles_json: serde_json::to_vec(tiles)?,
-            peers: peers
-                .iter()
-                .map(|(name, address)| Peer {
-                    name: name.clone(),
-                    address: address.clone(),
-                })
-                .collect(),
+            peers,
         };
         let mut raw = self.raw.clone();
         Ok(self

@@ -33,6 +33,8 @@ pub struct ConnectedDevice {
     pub device: Device,
     /// What the worker said about itself.
     pub info: InfoReply,
+    /// Its worker's certificate (PEM) as the cluster file pins it; `None`: plain text.
+    pub tls_cert: Option<Vec<u8>>,
     client: WorkerClient,
 }
 
@@ -87,14 +89,26 @@ impl Coordinator {
             let (d, token) = (d.clone(), token.clone());
             pending.spawn(async move {
                 let connect = async {
-                    let client = WorkerClient::connect(&d.address, token.as_deref(), timeout)
-                        .await?
-                        .with_compute_timeout(COMPUTE_TIMEOUT);
+                    let tls_cert = match &d.tls_cert {
+                        Some(path) => Some(std::fs::read(path).with_context(|| {
+                            format!("reading its pinned certificate {}", path.display())
+                        })?),
+                        None => None,
+                    };
+                    let client = WorkerClient::connect(
+                        &d.address,
+                        token.as_deref(),
+                        tls_cert.as_deref(),
+                        timeout,
+                    )
+                    .await?
+                    .with_compute_timeout(COMPUTE_TIMEOUT);
                     let info = client.info().await?;
                     check_emulation(&d, &info)?;
                     Ok::<_, anyhow::Error>(ConnectedDevice {
                         device: d.clone(),
                         info,
+                        tls_cert,
                         client,
                     })
                 };

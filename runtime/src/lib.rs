@@ -7,6 +7,7 @@ mod combine;
 pub mod emulate;
 mod reference;
 mod tile;
+pub mod tls;
 
 pub use combine::combine;
 pub use reference::Reference;
@@ -31,7 +32,7 @@ pub use local::{LocalCluster, default_cache_dir, local_cluster};
 pub use programs::{LoadedPrograms, RECEIVE_TIMEOUT};
 pub use tensors::Tensors;
 pub use wire::sha256_hex;
-pub use worker::{Compute, TILE_CACHE, Worker, WorkerConfig};
+pub use worker::{Compute, Limits, TILE_CACHE, Worker, WorkerConfig};
 
 /// Largest gRPC message a worker or client accepts: strips of big layers exceed tonic's
 /// 4 MiB default.

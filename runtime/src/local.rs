@@ -42,6 +42,7 @@ pub fn local_cluster(n: usize, emulate: &[String], base_port: u16) -> Result<Clu
                     link_mbps: 1000.0,
                     latency_ms: 0.0,
                     memory_mb: None,
+                    tls_cert: None,
                 });
             };
             let e: Emulation = spec.parse()?;
@@ -53,6 +54,7 @@ pub fn local_cluster(n: usize, emulate: &[String], base_port: u16) -> Result<Clu
                 latency_ms: e.latency_ms,
                 emulate: Some(e),
                 memory_mb: None,
+                tls_cert: None,
             })
         })
         .collect::<Result<Vec<Device>>>()?;
@@ -141,7 +143,10 @@ impl LocalCluster {
             let worker = Worker::new(WorkerConfig {
                 name: device.name.clone(),
                 cache_dir: cache_dir.clone(),
+                // On loopback, in this process.
                 token: None,
+                tls: None,
+                limits: crate::Limits::default(),
                 compute,
             })?;
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -4,7 +4,7 @@
 //! other, and the coordinator assembles the model's outputs from the rows sent to it.
 
 use crate::execute::PlanRun;
-use crate::proto::{Rows as WireRows, RunProgramReply, RunProgramRequest};
+use crate::proto::{Peer, Rows as WireRows, RunProgramReply, RunProgramRequest};
 use crate::tensors::tensor_bytes;
 use crate::wire::{rows_from_wire, rows_to_wire};
 use crate::{Coordinator, Tensors};
@@ -56,7 +56,7 @@ impl Coordinator {
                         .map(move |(k, t)| (g, k, t.tile.clone()))
                 })
                 .collect();
-            let mut peers: Vec<(String, String)> = vec![];
+            let mut peers: Vec<Peer> = vec![];
             for step in &program.steps {
                 if let Step::Send {
                     to: Party::Device(peer),
@@ -66,21 +66,23 @@ impl Coordinator {
                     to: Party::Device(peer),
                     ..
                 } = step
-                    && !peers.iter().any(|(n, _)| n == peer)
+                    && !peers.iter().any(|p: &Peer| &p.name == peer)
                 {
-                    let address = self
-                        .cluster()
-                        .device(peer)
-                        .with_context(|| format!("{name} sends to {peer}, not in the cluster"))?
-                        .address
-                        .clone();
-                    peers.push((peer.clone(), address));
+                    let to = self
+                        .id_of(peer)
+                        .and_then(|id| self.device(id).ok())
+                        .with_context(|| format!("{name} sends to {peer}, not in the cluster"))?;
+                    peers.push(Peer {
+                        name: peer.clone(),
+                        address: to.device.address.clone(),
+                        tls_cert_pem: to.tls_cert.clone().unwrap_or_default(),
+                    });
                 }
             }
             let id = self
                 .device(d)?
                 .client()
-                .load_plan(model, program, &tiles, &peers)
+                .load_plan(model, program, &tiles, peers)
                 .await
                 .with_context(|| format!("loading {name}'s program"))?;
             ids.insert(name.clone(), id.clone());

@@ -3,7 +3,8 @@
 //! this entry point.
 
 use crate::emulate::{ComputeLock, Emulation, Emulator, HostRate, measure_device_gflops};
-use crate::{Compute, Worker, WorkerConfig};
+use crate::tls::WorkerIdentity;
+use crate::{Compute, Limits, Worker, WorkerConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use tract_linalg::multithread::{Executor, set_default_executor};
@@ -28,6 +29,30 @@ pub struct WorkerArgs {
     /// File holding the token the coordinator must present (first line, trimmed).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Serve without a token: anyone who reaches the port can upload models and run
+    /// them. Without --token-file the worker refuses to start unless this is given.
+    #[arg(long)]
+    pub insecure: bool,
+    /// This worker's certificate (PEM, from `legion cluster keygen`): serve TLS, so the
+    /// token and the tensors travel encrypted. Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM). Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The largest gRPC message accepted or sent, MiB (model uploads are streamed in
+    /// chunks; tensors are not).
+    #[arg(long, default_value_t = Limits::default().message_bytes >> 20)]
+    pub max_message_mb: usize,
+    /// The largest model accepted, MiB.
+    #[arg(long, default_value_t = Limits::default().upload_bytes >> 20)]
+    pub max_upload_mb: u64,
+    /// Disk the model cache may use, MiB; an upload beyond it is refused.
+    #[arg(long, default_value_t = Limits::default().cache_bytes >> 20)]
+    pub max_cache_mb: u64,
+    /// Tile runs, programs and profiling calls served at once; more are refused.
+    #[arg(long, default_value_t = Limits::default().runs)]
+    pub max_runs: usize,
     /// Emulate a board: a class (firefly-rk3399, odroid-xu4) or
     /// `speed=GFLOPS,mbps=MBITS,latency_ms=MS`. Compute is measured on this host and
     /// scaled to the board; emulated workers on one host take turns computing.
@@ -90,9 +115,30 @@ fn read_token(path: &std::path::Path) -> Result<String, BadWorkerOption> {
     Ok(token)
 }
 
+/// The limits the options give, each at least 1.
+fn limits(args: &WorkerArgs) -> Result<Limits, BadWorkerOption> {
+    let positive = |name: &str, v: u64| match v {
+        0 => Err(BadWorkerOption(format!("--{name} 0: give at least 1"))),
+        _ => Ok(v),
+    };
+    Ok(Limits {
+        message_bytes: (positive("max-message-mb", args.max_message_mb as u64)? as usize) << 20,
+        upload_bytes: positive("max-upload-mb", args.max_upload_mb)? << 20,
+        cache_bytes: positive("max-cache-mb", args.max_cache_mb)? << 20,
+        runs: positive("max-runs", args.max_runs as u64)? as usize,
+    })
+}
+
 /// Serves tiles until SIGINT or SIGTERM.
 pub fn run_worker(args: &WorkerArgs) -> Result<()> {
     let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(WorkerIdentity::read(cert, key).map_err(|e| BadWorkerOption(format!("{e:#}")))?)
+        }
+        _ => None,
+    };
+    let limits = limits(args)?;
     let name = args.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
@@ -107,6 +153,14 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         .into());
     }
     let threads = compute_threads(args)?;
+    if token.is_none() && !args.insecure {
+        return Err(BadWorkerOption(
+            "no --token-file: anyone who reaches the port could upload and run models. Give \
+             --token-file (the cluster file's token_file), or --insecure to serve without one"
+                .into(),
+        )
+        .into());
+    }
     if threads > 1 {
         // Set before the rate is measured, so that the rate is this executor's.
         set_default_executor(Executor::multithread(threads));
@@ -155,6 +209,8 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
         name: name.clone(),
         cache_dir: args.cache.clone(),
         token: token.clone(),
+        tls: tls.clone(),
+        limits,
         compute,
     })?;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -163,11 +219,18 @@ pub fn run_worker(args: &WorkerArgs) -> Result<()> {
             .await
             .map_err(|e| BadWorkerOption(format!("cannot listen on {}: {e}", args.listen)))?;
         let addr = listener.local_addr()?;
+        if token.is_some() && tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "the token crosses the network in clear text; give --tls-cert and --tls-key"
+            );
+        }
         tracing::info!(
             %addr,
             name,
             cache = %args.cache.display(),
             auth = if token.is_some() { "token" } else { "none" },
+            tls = tls.is_some(),
             clock,
             gflops = format!("{gflops:.1}"),
             host_gflops = format!("{host_gflops:.1}"),

@@ -5,6 +5,7 @@
 
 mod program;
 
+use crate::TileModel;
 use crate::emulate::{Emulator, thread_cpu_time};
 use crate::proto::worker_server::{Worker as WorkerService, WorkerServer};
 use crate::proto::{
@@ -14,7 +15,7 @@ use crate::proto::{
     RunTileReply, RunTileRequest, UploadReply,
 };
 use crate::wire::{from_wire, hex, is_sha256, to_wire};
-use crate::{MAX_MESSAGE_BYTES, TileModel};
+use anyhow::Context as _;
 use legion_ir::{Ir, TensorRef};
 use legion_plan::TileSpec;
 use sha2::{Digest, Sha256};
@@ -40,8 +41,40 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     /// When set, every call must carry `authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// When set, the worker serves TLS with this certificate ([`crate::tls`]).
+    pub tls: Option<crate::tls::WorkerIdentity>,
+    /// What it accepts from whoever reaches its port.
+    pub limits: Limits,
     /// How compute is timed: a real device, or an emulated board.
     pub compute: Compute,
+}
+
+/// What a worker accepts from whoever reaches its port (`legion worker --max-*`);
+/// beyond these a call is refused with RESOURCE_EXHAUSTED naming the limit, and the
+/// worker serves on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of one gRPC message, either way (a model upload is streamed in chunks).
+    pub message_bytes: usize,
+    /// Bytes of one uploaded model.
+    pub upload_bytes: u64,
+    /// Bytes of the model cache on disk, an upload in progress included.
+    pub cache_bytes: u64,
+    /// Tile runs, programs and profiling calls at once.
+    pub runs: usize,
+}
+
+impl Default for Limits {
+    /// 128 MiB messages (YOLOv2's largest whole map is 22 MB), 2 GiB models (VGG-16 is
+    /// 528 MB), an 8 GiB cache and 16 runs at once.
+    fn default() -> Limits {
+        Limits {
+            message_bytes: 128 << 20,
+            upload_bytes: 2 << 30,
+            cache_bytes: 8 << 30,
+            runs: 16,
+        }
+    }
 }
 
 /// How a worker times its compute.
@@ -218,6 +251,8 @@ pub struct Worker {
     mailbox: Mutex<std::collections::HashMap<program::MailKey, Tensor>>,
     /// Wakes the receive steps when rows arrive.
     arrived: tokio::sync::Notify,
+    /// A permit per run in flight, at most [`Limits::runs`].
+    runs: Arc<tokio::sync::Semaphore>,
 }
 
 impl Worker {
@@ -227,12 +262,25 @@ impl Worker {
             anyhow::anyhow!("creating cache dir {}: {e}", config.cache_dir.display())
         })?;
         Ok(Worker {
-            config,
             models: Mutex::new(Lru::new(MODEL_CACHE, MODEL_CACHE_WEIGHT_BYTES)),
             tiles: Mutex::new(Lru::new(TILE_CACHE, TILE_CACHE_WEIGHT_BYTES)),
             programs: Mutex::new(Lru::new(program::LOADED_PROGRAMS, u64::MAX)),
             mailbox: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
+            runs: Arc::new(tokio::sync::Semaphore::new(config.limits.runs)),
+            config,
+        })
+    }
+
+    /// A permit for one more run, or RESOURCE_EXHAUSTED when [`Limits::runs`] are in
+    /// flight.
+    fn run_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.runs.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{}: {} runs are in flight, the most it takes (legion worker --max-runs); \
+                 retry when one ends",
+                self.config.name, self.config.limits.runs
+            ))
         })
     }
 
@@ -243,14 +291,21 @@ impl Worker {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let token = self.config.token.clone();
+        let limit = self.config.limits.message_bytes;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(identity) = &self.config.tls {
+            builder = builder
+                .tls_config(identity.server_config())
+                .context("the worker's certificate and key")?;
+        }
         let server = WorkerServer::new(Arc::new(self))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         let service = InterceptedService::new(server, move |req: Request<()>| {
             authorize(token.as_deref(), &req)?;
             Ok(req)
         });
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await?;
@@ -463,7 +518,15 @@ impl WorkerService for Arc<Worker> {
         static UPLOADS: AtomicU64 = AtomicU64::new(0);
         let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
         let part = path.with_extension(format!("part{n}.{}", std::process::id()));
-        let result = receive(&part, first.data, &mut stream).await;
+        let room = Room {
+            upload: self.config.limits.upload_bytes,
+            cache: self
+                .config
+                .limits
+                .cache_bytes
+                .saturating_sub(cache_bytes(&self.config.cache_dir)),
+        };
+        let result = receive(&part, first.data, &mut stream, room).await;
         let (bytes, digest) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -487,24 +550,32 @@ impl WorkerService for Arc<Worker> {
         &self,
         req: Request<RunTileRequest>,
     ) -> Result<Response<RunTileReply>, Status> {
+        let permit = self.run_permit()?;
         let worker = self.clone();
         let req = req.into_inner();
-        tokio::task::spawn_blocking(move || worker.run_tile_blocking(req))
-            .await
-            .map_err(|e| Status::internal(format!("the tile task failed: {e}")))?
-            .map(Response::new)
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            worker.run_tile_blocking(req)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the tile task failed: {e}")))?
+        .map(Response::new)
     }
 
     async fn profile_stage(
         &self,
         req: Request<ProfileStageRequest>,
     ) -> Result<Response<ProfileStageReply>, Status> {
+        let permit = self.run_permit()?;
         let worker = self.clone();
         let req = req.into_inner();
-        tokio::task::spawn_blocking(move || worker.profile_blocking(req))
-            .await
-            .map_err(|e| Status::internal(format!("the profiling task failed: {e}")))?
-            .map(Response::new)
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            worker.profile_blocking(req)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the profiling task failed: {e}")))?
+        .map(Response::new)
     }
 
     async fn probe_transfer(
@@ -529,6 +600,7 @@ impl WorkerService for Arc<Worker> {
         &self,
         req: Request<RunProgramRequest>,
     ) -> Result<Response<RunProgramReply>, Status> {
+        let _permit = self.run_permit()?;
         Worker::run_program(self, req.into_inner())
             .await
             .map(Response::new)
@@ -542,20 +614,58 @@ impl WorkerService for Arc<Worker> {
     }
 }
 
+/// Bytes an upload may take: by [`Limits::upload_bytes`], and what the model cache has
+/// left of [`Limits::cache_bytes`].
+#[derive(Clone, Copy)]
+struct Room {
+    upload: u64,
+    cache: u64,
+}
+
+/// Bytes of the files in the model cache `dir` (models and uploads in progress).
+fn cache_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Writes the upload's chunks to `part`; returns the byte count and their sha256.
+/// Refuses an upload that outgrows `room`.
 async fn receive(
     part: &std::path::Path,
     first: Vec<u8>,
     stream: &mut Streaming<ModelChunk>,
+    room: Room,
 ) -> Result<(u64, String), Status> {
     let io = |e: std::io::Error| Status::internal(format!("writing {}: {e}", part.display()));
     let mut file = tokio::fs::File::create(part).await.map_err(io)?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
     let mut chunk = first;
+    let mib = |b: u64| b >> 20;
     loop {
         hasher.update(&chunk);
         bytes += chunk.len() as u64;
+        if bytes > room.upload {
+            return Err(Status::resource_exhausted(format!(
+                "the model is over {} MiB, the most this worker takes \
+                 (legion worker --max-upload-mb)",
+                mib(room.upload)
+            )));
+        }
+        if bytes > room.cache {
+            return Err(Status::resource_exhausted(format!(
+                "the model cache {} has {} MiB left and the model is larger; delete models \
+                 from it or raise legion worker --max-cache-mb",
+                part.parent()
+                    .map_or(String::new(), |d| d.display().to_string()),
+                mib(room.cache)
+            )));
+        }
         file.write_all(&chunk).await.map_err(io)?;
         match stream.message().await? {
             Some(c) => chunk = c.data,
@@ -681,12 +791,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_worker_refuses_runs_beyond_its_limit_until_one_ends() {
+        let dir = std::env::temp_dir().join(format!("legion-run-limit-{}", std::process::id()));
+        let worker = Worker::new(WorkerConfig {
+            name: "busy".into(),
+            cache_dir: dir.clone(),
+            token: None,
+            tls: None,
+            limits: Limits {
+                runs: 2,
+                ..Limits::default()
+            },
+            compute: Compute::Real { gflops: 1.0 },
+        })
+        .unwrap();
+        let first = worker.run_permit().unwrap();
+        let _second = worker.run_permit().unwrap();
+        let refused = worker.run_permit().unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("--max-runs"), "{refused:?}");
+        drop(first);
+        let _third = worker.run_permit().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn a_worker_keeps_a_bounded_number_of_imported_models() {
         let dir = std::env::temp_dir().join(format!("legion-model-lru-{}", std::process::id()));
         let worker = Worker::new(WorkerConfig {
             name: "lru".into(),
             cache_dir: dir.clone(),
             token: None,
+            tls: None,
+            limits: Limits::default(),
             compute: Compute::Real { gflops: 1.0 },
         })
         .unwrap();

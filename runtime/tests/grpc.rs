@@ -5,8 +5,9 @@ use legion_ir::{Ir, TensorRef, import};
 use legion_partition::{Group, strips_from_weights, tile};
 use legion_runtime::emulate::measure_device_gflops;
 use legion_runtime::proto::{F32Tensor, RunTileRequest};
+use legion_runtime::tls::WorkerIdentity;
 use legion_runtime::{
-    Compute, ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex,
+    Compute, Limits, ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex,
 };
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -36,6 +37,10 @@ struct TestWorker {
 
 impl TestWorker {
     fn start(token: Option<&str>) -> TestWorker {
+        TestWorker::start_with(token, None, Limits::default())
+    }
+
+    fn start_with(token: Option<&str>, tls: Option<WorkerIdentity>, limits: Limits) -> TestWorker {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let cache_dir =
@@ -45,6 +50,8 @@ impl TestWorker {
             name: format!("worker{n}"),
             cache_dir: cache_dir.clone(),
             token: token.map(str::to_string),
+            tls,
+            limits,
             compute: Compute::Real {
                 gflops: host_gflops(),
             },
@@ -76,7 +83,7 @@ impl TestWorker {
     }
 
     async fn client(&self, token: Option<&str>) -> WorkerClient {
-        WorkerClient::connect(&self.addr, token, TIMEOUT)
+        WorkerClient::connect(&self.addr, token, None, TIMEOUT)
             .await
             .unwrap()
     }
@@ -309,6 +316,86 @@ async fn token_is_required_when_the_worker_has_one() {
     w.client(Some("s3cret")).await.health().await.unwrap();
 }
 
+/// A message over the worker's limit, a model over its upload limit and one its cache
+/// has no room for are refused, each naming its limit, and the worker serves on.
+#[tokio::test]
+async fn limits_refuse_oversized_messages_and_uploads_and_the_worker_serves_on() {
+    let (bytes, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let model = bytes.len() as u64;
+    let limits = Limits {
+        message_bytes: 1 << 20,
+        upload_bytes: model - 1,
+        ..Limits::default()
+    };
+    let w = TestWorker::start_with(None, None, limits);
+    let client = w.client(None).await;
+    let e = client.probe_transfer(3 << 20).await.unwrap_err();
+    assert!(
+        status(&e).message().contains("too large"),
+        "a 3 MiB message against a 1 MiB limit: {e:#}"
+    );
+    client.probe_transfer(512 << 10).await.unwrap();
+    let e = client
+        .upload_model(&bytes, &ir.input.shape)
+        .await
+        .unwrap_err();
+    assert_eq!(status(&e).code(), Code::ResourceExhausted, "{e:#}");
+    assert!(status(&e).message().contains("--max-upload-mb"), "{e:#}");
+    client.health().await.unwrap();
+    // Nothing of the refused upload stays in the cache.
+    assert_eq!(std::fs::read_dir(&w.cache_dir).unwrap().count(), 0);
+
+    let cache = Limits {
+        cache_bytes: model - 1,
+        ..Limits::default()
+    };
+    let w = TestWorker::start_with(None, None, cache);
+    let client = w.client(None).await;
+    let e = client
+        .upload_model(&bytes, &ir.input.shape)
+        .await
+        .unwrap_err();
+    assert_eq!(status(&e).code(), Code::ResourceExhausted, "{e:#}");
+    assert!(status(&e).message().contains("--max-cache-mb"), "{e:#}");
+    client.health().await.unwrap();
+}
+
+/// A worker serving TLS answers a client pinning its certificate with the token, and
+/// refuses one without the token, a plain-text one and one pinning another certificate.
+#[tokio::test]
+async fn a_tls_worker_answers_only_clients_that_pin_its_certificate() {
+    let mine = WorkerIdentity::generate(&["board".into()]).unwrap();
+    let other = WorkerIdentity::generate(&["board".into()]).unwrap();
+    let w = TestWorker::start_with(Some("s3cret"), Some(mine.clone()), Limits::default());
+    let connect = |token: Option<&'static str>, pem: Option<String>| {
+        let addr = w.addr.clone();
+        async move {
+            let client =
+                WorkerClient::connect(&addr, token, pem.as_ref().map(|p| p.as_bytes()), TIMEOUT)
+                    .await?;
+            client.info().await
+        }
+    };
+    let info = connect(Some("s3cret"), Some(mine.cert_pem.clone()))
+        .await
+        .unwrap();
+    assert!(info.name.starts_with("worker"));
+    let e = connect(None, Some(mine.cert_pem.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(status(&e).code(), Code::Unauthenticated, "{e:#}");
+    assert!(connect(Some("s3cret"), None).await.is_err(), "plain text");
+    assert!(
+        connect(Some("s3cret"), Some(other.cert_pem.clone()))
+            .await
+            .is_err(),
+        "another certificate"
+    );
+    // It still serves the pinned client.
+    connect(Some("s3cret"), Some(mine.cert_pem)).await.unwrap();
+}
+
 #[tokio::test]
 async fn garbage_on_the_port_does_not_stop_the_worker() {
     use tokio::io::AsyncWriteExt;
@@ -340,7 +427,7 @@ async fn hung_worker_times_out_naming_it() {
     let addr = silent.local_addr().unwrap().to_string();
     let timeout = Duration::from_millis(500);
     let start = Instant::now();
-    let e = match WorkerClient::connect(&addr, None, timeout).await {
+    let e = match WorkerClient::connect(&addr, None, None, timeout).await {
         Err(e) => e,
         Ok(client) => client.health().await.unwrap_err(),
     };
@@ -385,7 +472,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
     };
     // A program that runs a group it has no tile of is refused at load.
     let err = client
-        .load_plan(&model, &program, &[], &[])
+        .load_plan(&model, &program, &[], vec![])
         .await
         .unwrap_err();
     assert!(
@@ -395,7 +482,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         "{err:#}"
     );
     let id = client
-        .load_plan(&model, &program, &[(0, 0, spec.clone())], &[])
+        .load_plan(&model, &program, &[(0, 0, spec.clone())], vec![])
         .await
         .unwrap();
     let started = Instant::now();

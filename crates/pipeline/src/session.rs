@@ -102,6 +102,7 @@ mod tests {
                     link_mbps: 100.0,
                     latency_ms: 0.2,
                     memory_mb: None,
+                    tls_cert: None,
                 })
                 .collect(),
         }

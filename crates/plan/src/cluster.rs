@@ -112,6 +112,11 @@ pub struct Device {
     /// Memory available to tiles, in MiB (checked by the compiler when given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u64>,
+    /// The worker's certificate (PEM, as `legion cluster keygen` writes it): the
+    /// coordinator and the other boards reach it over TLS, trusting this certificate
+    /// alone. Relative paths are relative to the cluster file. Absent: plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
 }
 
 /// A device as the file spells it, before its emulation is parsed (so that a bad spec
@@ -127,6 +132,8 @@ struct DeviceFields {
     latency_ms: f64,
     #[serde(default)]
     memory_mb: Option<u64>,
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
 }
 
 impl TryFrom<DeviceFields> for Device {
@@ -146,6 +153,7 @@ impl TryFrom<DeviceFields> for Device {
             link_mbps: f.link_mbps,
             latency_ms: f.latency_ms,
             memory_mb: f.memory_mb,
+            tls_cert: f.tls_cert,
         })
     }
 }
@@ -199,6 +207,13 @@ impl Cluster {
         {
             let dir = path.parent().unwrap_or(Path::new("."));
             cluster.token_file = Some(dir.join(t));
+        }
+        for d in &mut cluster.devices {
+            if let Some(c) = &d.tls_cert
+                && c.is_relative()
+            {
+                d.tls_cert = Some(path.parent().unwrap_or(Path::new(".")).join(c));
+            }
         }
         Ok(cluster)
     }

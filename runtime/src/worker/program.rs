@@ -90,11 +90,8 @@ impl Worker {
                 ((group, tile), phased)
             })
             .collect();
-        let addresses: HashMap<&str, &str> = req
-            .peers
-            .iter()
-            .map(|p| (p.name.as_str(), p.address.as_str()))
-            .collect();
+        let addresses: HashMap<&str, &crate::proto::Peer> =
+            req.peers.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut peers = HashMap::new();
         for step in &program.steps {
             match step {
@@ -122,17 +119,22 @@ impl Worker {
                     to: Party::Device(peer),
                     ..
                 } if !peers.contains_key(peer) => {
-                    let addr = addresses.get(peer.as_str()).ok_or_else(|| {
+                    let to = addresses.get(peer.as_str()).ok_or_else(|| {
                         Status::invalid_argument(format!(
                             "{name}'s program sends to {peer}, whose address was not given"
                         ))
                     })?;
-                    let client =
-                        WorkerClient::connect(addr, self.config.token.as_deref(), PEER_TIMEOUT)
-                            .await
-                            .map_err(|e| {
-                                Status::unavailable(format!("{name}: connecting to {peer}: {e:#}"))
-                            })?;
+                    let pinned = (!to.tls_cert_pem.is_empty()).then_some(&to.tls_cert_pem[..]);
+                    let client = WorkerClient::connect(
+                        &to.address,
+                        self.config.token.as_deref(),
+                        pinned,
+                        PEER_TIMEOUT,
+                    )
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!("{name}: connecting to {peer}: {e:#}"))
+                    })?;
                     peers.insert(peer.clone(), client);
                 }
                 _ => {}

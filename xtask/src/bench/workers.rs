@@ -39,7 +39,13 @@ fn serve_block(arch: Arch, bin: &std::path::Path) -> Result<(u64, u64, Duration)
     command
         .args(["-L", sysroot])
         .arg(bin)
-        .args(["--listen", "127.0.0.1:0", "--emulate", arch.board()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+            "--emulate",
+            arch.board(),
+        ])
         .args(["--host-gflops", "100", "--cache"])
         .arg(&cache);
     let worker = WorkerProcess::spawn(command, &arch.to_string(), Duration::from_secs(120))?;
@@ -54,6 +60,7 @@ fn serve_block(arch: Arch, bin: &std::path::Path) -> Result<(u64, u64, Duration)
             link_mbps: 100.0,
             latency_ms: 0.2,
             memory_mb: None,
+            tls_cert: None,
         }],
     };
     let ir = super::load("vgg16-conv")?;
