@@ -35,7 +35,8 @@ enum Command {
     Split(split::Args),
     /// Serve tiles over gRPC on this board until SIGINT or SIGTERM.
     Worker(legion_runtime::serve::WorkerArgs),
-    /// Start a cluster of workers on this host (`cluster up --local N`).
+    /// Start a cluster of workers on this host (`cluster up`), or make the boards' TLS
+    /// certificates (`cluster keygen`).
     Cluster(cluster::Args),
     /// Measure a model on a cluster: single stages (legion) or every group (fss).
     Profile(profile::Args),

@@ -59,21 +59,21 @@ fn target_dir() -> PathBuf {
 
 /// The token every worker of this test wants.
 fn token_file() -> PathBuf {
-    let path = scratch("qemu-token");
+    let path = scratch("qemu-tls").join("token");
     std::fs::write(&path, "qemu-s3cret\n").unwrap();
     path
 }
 
 /// Where worker `name`'s certificate is.
 fn cert(name: &str) -> PathBuf {
-    scratch(&format!("qemu-{name}.pem"))
+    scratch("qemu-tls").join(format!("{name}.pem"))
 }
 
 /// Makes worker `name` a certificate and has `command` serve TLS with it and want the
 /// token: the coordinator and the boards reach each other by pinned certificates.
 fn secure(command: &mut Command, name: &str) {
     let identity = legion_runtime::tls::WorkerIdentity::generate(&[name.to_string()]).unwrap();
-    let key = scratch(&format!("qemu-{name}.key"));
+    let key = scratch("qemu-tls").join(format!("{name}.key"));
     std::fs::write(cert(name), &identity.cert_pem).unwrap();
     std::fs::write(&key, &identity.key_pem).unwrap();
     command

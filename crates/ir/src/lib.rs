@@ -66,6 +66,25 @@ impl std::fmt::Debug for Ir {
 
 /// Imports an ONNX file. `input_shape` overrides (or fills in) the declared input shape.
 pub fn import(path: &Path, input_shape: Option<&[usize]>) -> Result<Ir, ImportError> {
+    // tract asserts on some malformed graphs (tests/fuzz.rs found a pad of a conv that
+    // panics while typing); such a file gets an error naming it, not a crash.
+    std::panic::catch_unwind(|| import_checked(path, input_shape)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(ImportError::Tract {
+            path: path.to_owned(),
+            detail: format!(
+                "tract failed on this graph ({why}); the file is malformed or uses a form \
+                 tract does not support"
+            ),
+        })
+    })
+}
+
+fn import_checked(path: &Path, input_shape: Option<&[usize]>) -> Result<Ir, ImportError> {
     let loaded = load::load(path, input_shape)?;
     let input = TensorInfo {
         h_axis: guess_h_axis(&loaded.input_shape),
