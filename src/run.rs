@@ -40,6 +40,13 @@ pub struct Args {
     /// runtime).
     #[arg(long, default_value = "programs", value_parser = crate::compile::parse_transport)]
     transport: Transport,
+    /// Keep going when boards fail: run --repeat inferences one after another by the
+    /// boards' programs, and when one fails or misses its deadline, mark the boards
+    /// that do not answer down, compile a plan for the others from this profile (the
+    /// one the plan was compiled from) and run it again; take back boards that answer
+    /// again.
+    #[arg(long, conflicts_with_all = ["save", "transport"])]
+    recover_with: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -57,6 +64,9 @@ pub fn run(args: &Args) -> Result<()> {
         None => test_input(&ir.input.shape),
     };
     let rt = tokio::runtime::Runtime::new()?;
+    if let Some(profile) = &args.recover_with {
+        return rt.block_on(run_recovering(args, profile, &plan, &ir, &cluster, input));
+    }
     let run = rt.block_on(async {
         let coord = args.model.connect(&cluster, &args.cluster, &ir).await?;
         execute(
@@ -79,6 +89,82 @@ pub fn run(args: &Args) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&run.results)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         println!("timings written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `legion run --recover-with PROFILE`: inference after inference, re-planning around
+/// boards that fail; each output checked against this host's run with --check.
+async fn run_recovering(
+    args: &Args,
+    profile_path: &Path,
+    plan: &legion_plan::Plan,
+    ir: &Ir,
+    cluster: &Cluster,
+    input: Tensor,
+) -> Result<()> {
+    use legion_pipeline::{CompileOptions, Resilient};
+    let text = std::fs::read_to_string(profile_path)
+        .with_context(|| format!("reading the profile {}", profile_path.display()))?;
+    let profile = legion_plan::Profile::from_json(&text)
+        .map_err(|e| BadInput(format!("{}: {e}", profile_path.display())))?;
+    let onnx = std::fs::read(&args.model.model)
+        .with_context(|| format!("reading {}", args.model.model.display()))?;
+    let reference = match args.check {
+        true => Some(legion_runtime::Reference::run(ir, input.clone())?),
+        false => None,
+    };
+    let coord = args.model.connect(cluster, &args.cluster, ir).await?;
+    let options = CompileOptions::legion(&profile_path.display().to_string());
+    let mut runner = Resilient::new(&coord, ir, &onnx, &profile, plan.clone(), options)?;
+    let mut last = vec![];
+    for i in 0..args.repeat {
+        let start = std::time::Instant::now();
+        let run = runner.infer(&input).await?;
+        let mut line = format!(
+            "inference {i}: {:.3} ms on the {} clock, {:.1} ms wall, on {}",
+            run.total_us as f64 / 1e3,
+            run.clock,
+            start.elapsed().as_secs_f64() * 1e3,
+            runner.boards().join(",")
+        );
+        if let Some(reference) = &reference {
+            let mut worst = legion_runtime::check::Diff::default();
+            for (got, r) in run.outputs.iter().zip(&ir.outputs) {
+                let want = reference.tensor(*r);
+                worst = worst.max(legion_runtime::check::compare(got, want, want)?);
+            }
+            anyhow::ensure!(
+                worst.within(legion_pipeline::CHECK_REL),
+                "inference {i}: the output differs from this host's run by {:.3e} relative",
+                worst.max_rel
+            );
+            line += &format!(", output checked (relative error {:.1e})", worst.max_rel);
+        }
+        println!("{line}");
+        last = run.outputs;
+    }
+    for r in &runner.recoveries {
+        println!(
+            "inference {}: {} down ({}); re-planned in {:.0} ms, output {:.0} ms after the failure",
+            r.inference,
+            r.down.join(", "),
+            r.reason,
+            r.replanned_after.as_secs_f64() * 1e3,
+            r.recovered_after.as_secs_f64() * 1e3
+        );
+    }
+    for (i, board) in &runner.taken_back {
+        println!("inference {i}: {board} answers again; taken back");
+    }
+    println!(
+        "{} inferences, {} failures recovered",
+        args.repeat,
+        runner.recoveries.len()
+    );
+    if let Some(path) = &args.output {
+        write_output(path, &last)?;
+        println!("output written to {}", path.display());
     }
     Ok(())
 }

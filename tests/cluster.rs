@@ -734,3 +734,106 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
         "{err:#}"
     );
 }
+
+/// A board dies between inferences: the next inference fails on it, the board is
+/// marked down, a plan for the three left is compiled from the profile and the
+/// inference runs again. A worker started again at its address is taken back at the
+/// next inference. Every output equals one device's.
+#[test]
+fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
+    use legion_pipeline::{CompileOptions, PassTimes, Resilient, compile};
+    let mut cluster = local_cluster(
+        4,
+        &[
+            "firefly-rk3399",
+            "firefly-rk3399",
+            "odroid-xu4",
+            "odroid-xu4",
+        ]
+        .map(String::from),
+        0,
+    )
+    .unwrap();
+    // The names of the committed profile of these four boards.
+    for (d, name) in
+        cluster
+            .devices
+            .iter_mut()
+            .zip(["firefly-0", "firefly-1", "odroid-0", "odroid-1"])
+    {
+        d.name = name.to_string();
+    }
+    let mut local = start(&cluster);
+    let rt = rt();
+    let (ir, onnx) = load("tiny-cnn");
+    let coord = connect(&rt, local.cluster(), &onnx, &ir);
+    let profile_text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/profiles/tiny-cnn-2f2o.json"),
+    )
+    .unwrap();
+    let profile = legion_plan::Profile::from_json(&profile_text).unwrap();
+    let options = CompileOptions::legion("tiny-cnn-2f2o.json");
+    let plan = compile(
+        &ir,
+        &profile,
+        local.cluster(),
+        &options,
+        None,
+        &mut PassTimes::default(),
+    )
+    .unwrap()
+    .plan
+    .unwrap();
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    let equal = |outputs: &[tract_onnx::prelude::Tensor]| {
+        for (got, r) in outputs.iter().zip(&ir.outputs) {
+            let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
+            assert!(diff.within(1e-5), "{diff:?}");
+        }
+    };
+    let mut runner = Resilient::new(&coord, &ir, &onnx, &profile, plan, options).unwrap();
+    let uses = |runner: &Resilient, board: &str| {
+        runner
+            .plan()
+            .chosen()
+            .groups
+            .iter()
+            .flat_map(|g| &g.tiles)
+            .any(|t| t.device == board)
+    };
+    assert!(
+        uses(&runner, "firefly-1"),
+        "the first plan runs on firefly-1"
+    );
+    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert!(runner.recoveries.is_empty());
+
+    let address = local.cluster().devices[1].address.clone();
+    local.kill(1);
+    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert_eq!(runner.recoveries.len(), 1);
+    let recovery = &runner.recoveries[0];
+    assert_eq!(
+        (recovery.inference, &recovery.down[..]),
+        (1, &["firefly-1".to_string()][..])
+    );
+    assert!(recovery.recovered_after >= recovery.replanned_after);
+    assert_eq!(runner.boards(), ["firefly-0", "odroid-0", "odroid-1"]);
+    assert!(!uses(&runner, "firefly-1"), "the new plan leaves it out");
+    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert_eq!(runner.recoveries.len(), 1, "no failure while it stays down");
+
+    // The board comes back at its address.
+    let mut again = cluster.clone();
+    again.devices = vec![cluster.devices[1].clone()];
+    again.devices[0].address = address;
+    let _back = start(&again);
+    // Boards down are asked again every PROBE_EVERY.
+    std::thread::sleep(legion_pipeline::PROBE_EVERY);
+    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert_eq!(runner.taken_back, [(3, "firefly-1".to_string())]);
+    assert_eq!(runner.boards().len(), 4);
+    assert!(uses(&runner, "firefly-1"), "planned for again");
+}

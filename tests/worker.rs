@@ -373,3 +373,125 @@ fn keygen_certificates_make_a_worker_serve_tls() {
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{e:#}");
     });
 }
+
+/// `legion run --recover-with`: the board a plan runs on is SIGSTOPped mid-stream. The
+/// inference in flight misses its deadline, the board does not answer Health and is
+/// marked down, the plan is compiled again for the others and the inference runs
+/// again; once SIGCONTed, the board is taken back. Every output is checked.
+#[test]
+fn a_stopped_board_is_detected_by_its_deadline_and_taken_back() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-recover");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let workers: Vec<legion_runtime::process::WorkerProcess> = (0..3)
+        .map(|i| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_legion"));
+            command
+                .args(["worker", "--listen", "127.0.0.1:0", "--insecure"])
+                .args(["--name", &format!("b{i}"), "--threads", "1"])
+                .args(["--host-gflops", "30", "--cache"])
+                .arg(dir.join(format!("cache{i}")));
+            legion_runtime::process::WorkerProcess::spawn(command, "b", Duration::from_secs(60))
+                .unwrap()
+        })
+        .collect();
+    let mut toml = String::new();
+    for (i, w) in workers.iter().enumerate() {
+        toml += &format!(
+            "[[device]]\nname = \"b{i}\"\naddress = \"{}\"\nlink_mbps = 100.0\nlatency_ms = 0.2\n",
+            w.addr
+        );
+    }
+    let cluster = dir.join("cluster.toml");
+    std::fs::write(&cluster, toml).unwrap();
+    let model = legion_models::test_model("tiny-cnn").unwrap();
+    let (profile, plan) = (dir.join("profile.json"), dir.join("plan.json"));
+    let legion = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_legion"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    legion(&[
+        &os("profile"),
+        model.as_os_str(),
+        &os("--cluster"),
+        cluster.as_os_str(),
+        &os("-o"),
+        profile.as_os_str(),
+    ]);
+    legion(&[
+        &os("compile"),
+        model.as_os_str(),
+        &os("--cluster"),
+        cluster.as_os_str(),
+        &os("--profile"),
+        profile.as_os_str(),
+        &os("-o"),
+        plan.as_os_str(),
+    ]);
+    // The board the plan's first group runs on.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let chosen = json["chosen"].as_u64().unwrap() as usize;
+    let board = json["candidates"][chosen]["groups"][0]["tiles"][0]["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = workers[board[1..].parse::<usize>().unwrap()].pid();
+    let mut run = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_legion"))
+            .arg("run")
+            .arg(&plan)
+            .arg(&model)
+            .arg("--cluster")
+            .arg(&cluster)
+            .arg("--recover-with")
+            .arg(&profile)
+            .args(["--repeat", "100000", "--check"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    // Each line: one inference, its output checked, and the boards of its plan.
+    let mut lines = BufReader::new(run.0.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let mut seen = vec![];
+    let mut next = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        for line in lines.by_ref() {
+            assert!(line.contains("output checked"), "{line}");
+            seen.push(line.clone());
+            if pred(&line) {
+                return;
+            }
+        }
+        panic!("the run ended before {what}: {seen:?}");
+    };
+    let on_board = |line: &str| {
+        line.split(", on ")
+            .nth(1)
+            .is_some_and(|b| b.contains(&board))
+    };
+    next("ten inferences", &|l| l.starts_with("inference 10:"));
+    signal("-STOP");
+    next("a plan without the stopped board", &|l| !on_board(l));
+    signal("-CONT");
+    next("the board taken back", &on_board);
+    drop(run);
+}

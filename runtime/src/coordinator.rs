@@ -136,6 +136,26 @@ impl Coordinator {
         })
     }
 
+    /// A coordinator of the devices `keep` alone (in that order), on the same
+    /// connections and with the same model: what a plan for the boards left runs on
+    /// when others are down.
+    pub fn only(&self, keep: &[DeviceId]) -> Result<Coordinator> {
+        let devices = keep
+            .iter()
+            .map(|d| self.device(*d).cloned())
+            .collect::<Result<Vec<_>>>()?;
+        let mut cluster = self.cluster.clone();
+        cluster.devices = devices.iter().map(|d| d.device.clone()).collect();
+        Ok(Coordinator {
+            cluster,
+            devices,
+            clock: self.clock,
+            model: self.model.clone(),
+            loaded: tokio::sync::Mutex::default(),
+            inferences: AtomicU64::new(self.inferences.load(Ordering::Relaxed)),
+        })
+    }
+
     /// The devices, in the cluster file's order (a [`DeviceId`] indexes them).
     pub fn devices(&self) -> &[ConnectedDevice] {
         &self.devices

@@ -7,17 +7,21 @@
 //!   add its Wild Card, emit the candidates, and choose one, by measuring both on a live
 //!   cluster or by prediction; with per-pass timings, dumps and `stop_after`.
 //! - [`execute`]: run a plan against the best single device, in turns.
+//! - [`Resilient`]: run a plan inference after inference, re-planning around boards
+//!   that fail.
 //!
 //! The `legion` CLI, `legion demo` and every `cargo xtask bench` go through here, so
 //! that a benchmark measures what users run.
 
 mod compile;
 mod passes;
+mod recover;
 mod run;
 mod session;
 
 pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
 pub use passes::{Dump, Pass, PassTimes};
+pub use recover::{ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient};
 pub use run::{
     Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, run_whole,
 };

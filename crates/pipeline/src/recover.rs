@@ -1,0 +1,272 @@
+//! Inference after inference through board failures (docs/architecture.md,
+//! "Recovery"): an inference that fails or misses its deadline has every board of its
+//! plan asked for Health; those that do not answer are marked down, the plan is
+//! compiled again from the profile for the boards left (milliseconds), and the
+//! inference runs again. A board marked down that answers Health again (asked every
+//! [`PROBE_EVERY`]) is taken back at the next inference. No inference is lost or answered wrong without an error: each
+//! returns the plan's output or an error naming it.
+
+use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
+use anyhow::{Context, Result, bail};
+use legion_ir::Ir;
+use legion_plan::{Cluster, DeviceId, Plan, Profile, Transport};
+use legion_runtime::{Coordinator, PlanRun, run_candidate};
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::Tensor;
+
+/// How long a board has to answer Health before it is marked down.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often boards marked down are asked whether they answer again (a stopped board
+/// takes [`HEALTH_TIMEOUT`] to not answer, so not before every inference).
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs of one inference before it is given up (a run that fails while every board
+/// answers Health is retried with twice the deadline).
+pub const ATTEMPTS: u32 = 3;
+
+/// A failure and what was done about it.
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    /// The inference (counted from 0 by this runner) that failed.
+    pub inference: u64,
+    /// The boards marked down.
+    pub down: Vec<String>,
+    /// What failed: the error, or the deadline missed.
+    pub reason: String,
+    /// From the failure to the plan for the boards left.
+    pub replanned_after: Duration,
+    /// From the failure to the inference's output.
+    pub recovered_after: Duration,
+}
+
+/// Runs a plan inference after inference, re-planning around boards that fail.
+pub struct Resilient<'a> {
+    full: &'a Coordinator,
+    ir: &'a Ir,
+    onnx: &'a [u8],
+    profile: &'a Profile,
+    options: CompileOptions,
+    /// The boards the current plan runs on.
+    up: Vec<DeviceId>,
+    current: Coordinator,
+    plan: Plan,
+    /// The wall time of the last inference that ran.
+    last_wall: Option<Duration>,
+    /// When the boards marked down were last asked for Health.
+    probed: Instant,
+    inferences: u64,
+    /// Every failure so far.
+    pub recoveries: Vec<Recovery>,
+    /// Boards taken back: (inference, board).
+    pub taken_back: Vec<(u64, String)>,
+}
+
+impl<'a> Resilient<'a> {
+    /// Starts with `plan` on every board of `full` (the model uploaded as `onnx`);
+    /// later plans are compiled from `profile` with `options`.
+    pub fn new(
+        full: &'a Coordinator,
+        ir: &'a Ir,
+        onnx: &'a [u8],
+        profile: &'a Profile,
+        plan: Plan,
+        options: CompileOptions,
+    ) -> Result<Resilient<'a>> {
+        let up: Vec<DeviceId> = full.ids().collect();
+        Ok(Resilient {
+            current: full.only(&up)?,
+            full,
+            ir,
+            onnx,
+            profile,
+            options,
+            up,
+            plan,
+            last_wall: None,
+            probed: Instant::now(),
+            inferences: 0,
+            recoveries: vec![],
+            taken_back: vec![],
+        })
+    }
+
+    /// The plan running now.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The boards the plan runs on now.
+    pub fn boards(&self) -> Vec<String> {
+        self.current
+            .devices()
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect()
+    }
+
+    /// One inference on `input` by the boards' programs, re-planned and run again when
+    /// a board fails.
+    pub async fn infer(&mut self, input: &Tensor) -> Result<PlanRun> {
+        let n = self.inferences;
+        self.inferences += 1;
+        self.take_back(n).await?;
+        let mut stretch = 1;
+        let mut failed_at: Option<(Instant, Recovery)> = None;
+        for _ in 0..ATTEMPTS {
+            let deadline = self.deadline() * stretch;
+            let start = Instant::now();
+            let candidate = self.plan.chosen();
+            let run = tokio::time::timeout(
+                deadline,
+                run_candidate(
+                    &self.current,
+                    self.ir,
+                    candidate,
+                    input.clone(),
+                    Transport::Programs,
+                ),
+            )
+            .await;
+            let reason = match run {
+                Ok(Ok(run)) => {
+                    self.last_wall = Some(start.elapsed());
+                    if let Some((at, mut r)) = failed_at {
+                        r.recovered_after = at.elapsed();
+                        tracing::warn!(
+                            inference = n,
+                            down = r.down.join(","),
+                            replanned_ms = r.replanned_after.as_millis() as u64,
+                            recovered_ms = r.recovered_after.as_millis() as u64,
+                            boards = self.boards().join(","),
+                            "recovered"
+                        );
+                        self.recoveries.push(r);
+                    }
+                    return Ok(run);
+                }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => format!("no output within the deadline of {deadline:?}"),
+            };
+            let at = failed_at.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+            let down = self.unhealthy(&self.up).await;
+            self.probed = Instant::now();
+            tracing::warn!(inference = n, reason, down = ?down, "an inference failed");
+            if down.is_empty() {
+                // Every board answers: a slow run, not a dead board.
+                stretch *= 2;
+                continue;
+            }
+            let names: Vec<String> = down.iter().map(|d| self.name(*d)).collect();
+            self.up.retain(|d| !down.contains(d));
+            if self.up.is_empty() {
+                bail!("inference {n}: every board is down ({})", names.join(", "));
+            }
+            self.replan()
+                .with_context(|| format!("inference {n}: re-planning without {names:?}"))?;
+            let recovery = match failed_at.take() {
+                Some((_, mut r)) => {
+                    r.down.extend(names);
+                    r.replanned_after = at.elapsed();
+                    r
+                }
+                None => Recovery {
+                    inference: n,
+                    down: names,
+                    reason,
+                    replanned_after: at.elapsed(),
+                    recovered_after: Duration::ZERO,
+                },
+            };
+            failed_at = Some((at, recovery));
+        }
+        bail!(
+            "inference {n} failed {ATTEMPTS} times; the last plan ran on {}",
+            self.boards().join(", ")
+        )
+    }
+
+    /// 3x the last inference's wall time, or the plan's prediction when longer, plus 1 s.
+    fn deadline(&self) -> Duration {
+        let predicted = Duration::from_micros(self.plan.chosen().predicted_us);
+        3 * self.last_wall.unwrap_or(predicted).max(predicted) + Duration::from_secs(1)
+    }
+
+    fn name(&self, d: DeviceId) -> String {
+        self.full
+            .device(d)
+            .map_or_else(|_| d.to_string(), |c| c.name().to_string())
+    }
+
+    /// The boards of `boards` that do not answer Health within [`HEALTH_TIMEOUT`].
+    async fn unhealthy(&self, boards: &[DeviceId]) -> Vec<DeviceId> {
+        let mut down = vec![];
+        for &d in boards {
+            let Ok(device) = self.full.device(d) else {
+                continue;
+            };
+            let answer = tokio::time::timeout(HEALTH_TIMEOUT, device.client().health()).await;
+            if !matches!(answer, Ok(Ok(()))) {
+                down.push(d);
+            }
+        }
+        down
+    }
+
+    /// Takes back the boards marked down that answer Health again, uploading the model
+    /// where they lost it, and plans for them.
+    async fn take_back(&mut self, n: u64) -> Result<()> {
+        let down: Vec<DeviceId> = self.full.ids().filter(|d| !self.up.contains(d)).collect();
+        if down.is_empty() || self.probed.elapsed() < PROBE_EVERY {
+            return Ok(());
+        }
+        let still = self.unhealthy(&down).await;
+        self.probed = Instant::now();
+        let back: Vec<DeviceId> = down.into_iter().filter(|d| !still.contains(d)).collect();
+        if back.is_empty() {
+            return Ok(());
+        }
+        let mut up: Vec<DeviceId> = self.full.ids().filter(|d| !still.contains(d)).collect();
+        up.sort();
+        self.up = up;
+        self.replan()?;
+        self.current
+            .upload(self.onnx, &self.ir.input.shape)
+            .await
+            .context("uploading the model to the boards taken back")?;
+        for d in back {
+            let name = self.name(d);
+            tracing::info!(
+                inference = n,
+                board = name,
+                "a board answers again; taken back"
+            );
+            self.taken_back.push((n, name));
+        }
+        Ok(())
+    }
+
+    /// Compiles a plan for the boards up, by prediction from the profile.
+    fn replan(&mut self) -> Result<()> {
+        let mut cluster: Cluster = self.full.cluster().clone();
+        cluster.devices = self
+            .up
+            .iter()
+            .map(|d| self.full.cluster().devices[d.index()].clone())
+            .collect();
+        let profile = boards_of(self.profile, &cluster)?;
+        let compiled = compile(
+            self.ir,
+            &profile,
+            &cluster,
+            &self.options,
+            None,
+            &mut PassTimes::default(),
+        )?;
+        self.plan = compiled
+            .plan
+            .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?;
+        self.current = self.full.only(&self.up)?;
+        Ok(())
+    }
+}
