@@ -44,7 +44,8 @@ pub struct Args {
     /// boards' programs, and when one fails or misses its deadline, mark the boards
     /// that do not answer down, compile a plan for the others from this profile (the
     /// one the plan was compiled from) and run it again; take back boards that answer
-    /// again.
+    /// again, and plan again around boards that compute 1.5x slower than predicted 3
+    /// times in a row.
     #[arg(long, conflicts_with_all = ["save", "transport"])]
     recover_with: Option<PathBuf>,
 }
@@ -116,7 +117,7 @@ async fn run_recovering(
     };
     let coord = args.model.connect(cluster, &args.cluster, ir).await?;
     let options = CompileOptions::legion(&profile_path.display().to_string());
-    let mut runner = Resilient::new(&coord, ir, &onnx, &profile, plan.clone(), options)?;
+    let mut runner = Resilient::new(&coord, ir, &onnx, profile, plan.clone(), options)?;
     let mut last = vec![];
     for i in 0..args.repeat {
         let start = std::time::Instant::now();
@@ -154,13 +155,24 @@ async fn run_recovering(
             r.recovered_after.as_secs_f64() * 1e3
         );
     }
+    for s in &runner.stragglers {
+        println!(
+            "inference {}: {} computed {:.2}x slower than predicted {} times in a row; its \
+             profile was rescaled and the plan compiled again",
+            s.inference,
+            s.board,
+            s.ratio,
+            legion_pipeline::STRAGGLER_RUNS
+        );
+    }
     for (i, board) in &runner.taken_back {
         println!("inference {i}: {board} answers again; taken back");
     }
     println!(
-        "{} inferences, {} failures recovered",
+        "{} inferences, {} failures recovered, {} stragglers planned around",
         args.repeat,
-        runner.recoveries.len()
+        runner.recoveries.len(),
+        runner.stragglers.len()
     );
     if let Some(path) = &args.output {
         write_output(path, &last)?;

@@ -735,13 +735,9 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
     );
 }
 
-/// A board dies between inferences: the next inference fails on it, the board is
-/// marked down, a plan for the three left is compiled from the profile and the
-/// inference runs again. A worker started again at its address is taken back at the
-/// next inference. Every output equals one device's.
-#[test]
-fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
-    use legion_pipeline::{CompileOptions, PassTimes, Resilient, compile};
+/// 2 emulated Fireflies and 2 Odroids named as in the committed profile of these four
+/// boards (testdata/profiles/tiny-cnn-2f2o.json), with that profile.
+fn profiled_two_and_two() -> (Cluster, LocalCluster, legion_plan::Profile) {
     let mut cluster = local_cluster(
         4,
         &[
@@ -754,7 +750,6 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
         0,
     )
     .unwrap();
-    // The names of the committed profile of these four boards.
     for (d, name) in
         cluster
             .devices
@@ -763,16 +758,42 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
     {
         d.name = name.to_string();
     }
-    let mut local = start(&cluster);
+    let local = start(&cluster);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/profiles/tiny-cnn-2f2o.json");
+    let profile = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    (cluster, local, profile)
+}
+
+/// True when the chosen candidate of `plan` runs a tile on `board`.
+fn plan_uses(plan: &legion_plan::Plan, board: &str) -> bool {
+    plan.chosen()
+        .groups
+        .iter()
+        .flat_map(|g| &g.tiles)
+        .any(|t| t.device == board)
+}
+
+/// Asserts that `outputs` equal the single-device run of `ir` on the test input.
+fn assert_model_outputs_equal(ir: &Ir, outputs: &[tract_onnx::prelude::Tensor]) {
+    let reference = Reference::run(ir, test_input(&ir.input.shape)).unwrap();
+    for (got, r) in outputs.iter().zip(&ir.outputs) {
+        let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
+        assert!(diff.within(1e-5), "{diff:?}");
+    }
+}
+
+/// A board dies between inferences: the next inference fails on it, the board is
+/// marked down, a plan for the three left is compiled from the profile and the
+/// inference runs again. A worker started again at its address is taken back at the
+/// next inference. Every output equals one device's.
+#[test]
+fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
+    use legion_pipeline::{CompileOptions, PassTimes, Resilient, compile};
+    let (cluster, mut local, profile) = profiled_two_and_two();
     let rt = rt();
     let (ir, onnx) = load("tiny-cnn");
     let coord = connect(&rt, local.cluster(), &onnx, &ir);
-    let profile_text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("testdata/profiles/tiny-cnn-2f2o.json"),
-    )
-    .unwrap();
-    let profile = legion_plan::Profile::from_json(&profile_text).unwrap();
     let options = CompileOptions::legion("tiny-cnn-2f2o.json");
     let plan = compile(
         &ir,
@@ -786,33 +807,17 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
     .plan
     .unwrap();
     let input = test_input(&ir.input.shape);
-    let reference = Reference::run(&ir, input.clone()).unwrap();
-    let equal = |outputs: &[tract_onnx::prelude::Tensor]| {
-        for (got, r) in outputs.iter().zip(&ir.outputs) {
-            let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
-            assert!(diff.within(1e-5), "{diff:?}");
-        }
-    };
-    let mut runner = Resilient::new(&coord, &ir, &onnx, &profile, plan, options).unwrap();
-    let uses = |runner: &Resilient, board: &str| {
-        runner
-            .plan()
-            .chosen()
-            .groups
-            .iter()
-            .flat_map(|g| &g.tiles)
-            .any(|t| t.device == board)
-    };
+    let mut runner = Resilient::new(&coord, &ir, &onnx, profile, plan, options).unwrap();
     assert!(
-        uses(&runner, "firefly-1"),
+        plan_uses(runner.plan(), "firefly-1"),
         "the first plan runs on firefly-1"
     );
-    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
     assert!(runner.recoveries.is_empty());
 
     let address = local.cluster().devices[1].address.clone();
     local.kill(1);
-    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
     assert_eq!(runner.recoveries.len(), 1);
     let recovery = &runner.recoveries[0];
     assert_eq!(
@@ -821,8 +826,11 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
     );
     assert!(recovery.recovered_after >= recovery.replanned_after);
     assert_eq!(runner.boards(), ["firefly-0", "odroid-0", "odroid-1"]);
-    assert!(!uses(&runner, "firefly-1"), "the new plan leaves it out");
-    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert!(
+        !plan_uses(runner.plan(), "firefly-1"),
+        "the new plan leaves it out"
+    );
+    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
     assert_eq!(runner.recoveries.len(), 1, "no failure while it stays down");
 
     // The board comes back at its address.
@@ -832,8 +840,54 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
     let _back = start(&again);
     // Boards down are asked again every PROBE_EVERY.
     std::thread::sleep(legion_pipeline::PROBE_EVERY);
-    equal(&rt.block_on(runner.infer(&input)).unwrap().outputs);
+    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
     assert_eq!(runner.taken_back, [(3, "firefly-1".to_string())]);
     assert_eq!(runner.boards().len(), 4);
-    assert!(uses(&runner, "firefly-1"), "planned for again");
+    assert!(plan_uses(runner.plan(), "firefly-1"), "planned for again");
+}
+
+/// A board slower than its profile says: the profile claims firefly-0 computes 6x
+/// faster than it does, so the first plan gives it more work. After 3 inferences with
+/// its compute more than 1.5x its prediction, its profile is rescaled by the measured
+/// ratio and the plan compiled again; in the 3 inferences after, no board is found slow.
+#[test]
+fn a_straggler_gets_its_profile_rescaled_and_a_new_plan() {
+    use legion_pipeline::{CompileOptions, PassTimes, Resilient, STRAGGLER_RUNS, compile};
+    let (_, local, mut profile) = profiled_two_and_two();
+    assert!(profile.scale_device("firefly-0", 1.0 / 6.0));
+    let rt = rt();
+    let (ir, onnx) = load("tiny-cnn");
+    let coord = connect(&rt, local.cluster(), &onnx, &ir);
+    let options = CompileOptions::legion("tiny-cnn-2f2o.json");
+    let plan = compile(
+        &ir,
+        &profile,
+        local.cluster(),
+        &options,
+        None,
+        &mut PassTimes::default(),
+    )
+    .unwrap()
+    .plan
+    .unwrap();
+    assert!(plan_uses(&plan, "firefly-0"));
+    let input = test_input(&ir.input.shape);
+    let mut runner = Resilient::new(&coord, &ir, &onnx, profile, plan, options).unwrap();
+    for _ in 0..2 * STRAGGLER_RUNS {
+        assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
+    }
+    let found: Vec<(u64, &str)> = runner
+        .stragglers
+        .iter()
+        .map(|s| (s.inference, s.board.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [(STRAGGLER_RUNS as u64 - 1, "firefly-0")],
+        "{:?}",
+        runner.stragglers
+    );
+    let ratio = runner.stragglers[0].ratio;
+    assert!(ratio > legion_pipeline::STRAGGLER_RATIO, "{ratio}");
+    assert!(runner.recoveries.is_empty());
 }

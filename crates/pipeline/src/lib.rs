@@ -21,7 +21,10 @@ mod session;
 
 pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
 pub use passes::{Dump, Pass, PassTimes};
-pub use recover::{ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient};
+pub use recover::{
+    ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient, STRAGGLER_RATIO, STRAGGLER_RUNS,
+    Straggler,
+};
 pub use run::{
     Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, run_whole,
 };

@@ -1,10 +1,13 @@
-//! Inference after inference through board failures (docs/architecture.md,
-//! "Recovery"): an inference that fails or misses its deadline has every board of its
-//! plan asked for Health; those that do not answer are marked down, the plan is
+//! Inference after inference through board failures (docs/architecture.md, "The
+//! driver", Recovery): an inference that fails or misses its deadline has every board
+//! of its plan asked for Health; those that do not answer are marked down, the plan is
 //! compiled again from the profile for the boards left (milliseconds), and the
 //! inference runs again. A board marked down that answers Health again (asked every
-//! [`PROBE_EVERY`]) is taken back at the next inference. No inference is lost or answered wrong without an error: each
-//! returns the plan's output or an error naming it.
+//! [`PROBE_EVERY`]) is taken back at the next inference. A board whose compute runs
+//! [`STRAGGLER_RATIO`] slower than predicted [`STRAGGLER_RUNS`] inferences in a row has
+//! its profile rescaled by that ratio, and the plan is compiled again. No inference is
+//! lost or answered wrong without an error: each returns the plan's output or an error
+//! naming it.
 
 use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
 use anyhow::{Context, Result, bail};
@@ -20,6 +23,12 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often boards marked down are asked whether they answer again (a stopped board
 /// takes [`HEALTH_TIMEOUT`] to not answer, so not before every inference).
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// A board whose compute takes more than this times its prediction ...
+pub const STRAGGLER_RATIO: f64 = 1.5;
+
+/// ... this many inferences in a row is a straggler.
+pub const STRAGGLER_RUNS: usize = 3;
 
 /// Runs of one inference before it is given up (a run that fails while every board
 /// answers Health is retried with twice the deadline).
@@ -45,7 +54,8 @@ pub struct Resilient<'a> {
     full: &'a Coordinator,
     ir: &'a Ir,
     onnx: &'a [u8],
-    profile: &'a Profile,
+    /// The profile plans are compiled from, rescaled for stragglers.
+    profile: Profile,
     options: CompileOptions,
     /// The boards the current plan runs on.
     up: Vec<DeviceId>,
@@ -56,10 +66,27 @@ pub struct Resilient<'a> {
     /// When the boards marked down were last asked for Health.
     probed: Instant,
     inferences: u64,
+    /// Per board, its measured / predicted compute time in the last inferences in a
+    /// row that it ran more than [`STRAGGLER_RATIO`] slower than predicted.
+    slow: Vec<(String, Vec<f64>)>,
     /// Every failure so far.
     pub recoveries: Vec<Recovery>,
     /// Boards taken back: (inference, board).
     pub taken_back: Vec<(u64, String)>,
+    /// Boards found slower than their profile and planned for again.
+    pub stragglers: Vec<Straggler>,
+}
+
+/// A board that ran slower than predicted [`STRAGGLER_RUNS`] inferences in a row: its
+/// profile was rescaled by the measured ratio and the plan compiled again.
+#[derive(Clone, Debug)]
+pub struct Straggler {
+    /// The inference (counted from 0 by this runner) after which it was rescaled.
+    pub inference: u64,
+    /// The board.
+    pub board: String,
+    /// Its measured / predicted compute time, the median over those inferences.
+    pub ratio: f64,
 }
 
 impl<'a> Resilient<'a> {
@@ -69,7 +96,7 @@ impl<'a> Resilient<'a> {
         full: &'a Coordinator,
         ir: &'a Ir,
         onnx: &'a [u8],
-        profile: &'a Profile,
+        profile: Profile,
         plan: Plan,
         options: CompileOptions,
     ) -> Result<Resilient<'a>> {
@@ -86,8 +113,10 @@ impl<'a> Resilient<'a> {
             last_wall: None,
             probed: Instant::now(),
             inferences: 0,
+            slow: vec![],
             recoveries: vec![],
             taken_back: vec![],
+            stragglers: vec![],
         })
     }
 
@@ -131,6 +160,8 @@ impl<'a> Resilient<'a> {
             let reason = match run {
                 Ok(Ok(run)) => {
                     self.last_wall = Some(start.elapsed());
+                    self.watch_stragglers(n, &run)
+                        .with_context(|| format!("inference {n}: re-planning for a straggler"))?;
                     if let Some((at, mut r)) = failed_at {
                         r.recovered_after = at.elapsed();
                         tracing::warn!(
@@ -184,6 +215,67 @@ impl<'a> Resilient<'a> {
             "inference {n} failed {ATTEMPTS} times; the last plan ran on {}",
             self.boards().join(", ")
         )
+    }
+
+    /// Compares each board's compute in `run` with the plan's prediction; a board
+    /// [`STRAGGLER_RATIO`] slower [`STRAGGLER_RUNS`] times in a row has its profile
+    /// rescaled by the median ratio, and the plan is compiled again.
+    fn watch_stragglers(&mut self, n: u64, run: &PlanRun) -> Result<()> {
+        let candidate = self.plan.chosen();
+        let mut found = vec![];
+        for board in self.boards() {
+            let predicted: u64 = candidate
+                .groups
+                .iter()
+                .flat_map(|g| &g.tiles)
+                .filter(|t| t.device == board)
+                .map(|t| t.compute_us)
+                .sum();
+            let measured: u64 = run
+                .groups
+                .iter()
+                .flat_map(|g| &g.devices)
+                .filter(|d| d.device == board)
+                .map(|d| d.compute_us)
+                .sum();
+            let ratio = measured as f64 / predicted.max(1) as f64;
+            let i = match self.slow.iter().position(|(b, _)| *b == board) {
+                Some(i) => i,
+                None => {
+                    self.slow.push((board.clone(), vec![]));
+                    self.slow.len() - 1
+                }
+            };
+            let ratios = &mut self.slow[i].1;
+            if predicted == 0 || ratio <= STRAGGLER_RATIO {
+                ratios.clear();
+                continue;
+            }
+            ratios.push(ratio);
+            if ratios.len() >= STRAGGLER_RUNS {
+                ratios.sort_by(f64::total_cmp);
+                found.push((board, ratios[ratios.len() / 2]));
+                ratios.clear();
+            }
+        }
+        if found.is_empty() {
+            return Ok(());
+        }
+        for (board, ratio) in found {
+            tracing::warn!(
+                inference = n,
+                board,
+                ratio,
+                "a board runs slower than profiled"
+            );
+            self.profile.scale_device(&board, ratio);
+            self.stragglers.push(Straggler {
+                inference: n,
+                board,
+                ratio,
+            });
+        }
+        self.replan()
     }
 
     /// 3x the last inference's wall time, or the plan's prediction when longer, plus 1 s.
@@ -254,7 +346,7 @@ impl<'a> Resilient<'a> {
             .iter()
             .map(|d| self.full.cluster().devices[d.index()].clone())
             .collect();
-        let profile = boards_of(self.profile, &cluster)?;
+        let profile = boards_of(&self.profile, &cluster)?;
         let compiled = compile(
             self.ir,
             &profile,

@@ -142,6 +142,31 @@ pub struct GroupMeasurement {
 }
 
 impl Profile {
+    /// Scales every compute time measured on device `name` by `factor` (its stage and
+    /// channel samples; its rate by the inverse), as when the board runs that much
+    /// slower than profiled. Links and group measurements stay. False when the profile
+    /// has no such device.
+    pub fn scale_device(&mut self, name: &str, factor: f64) -> bool {
+        let Some(d) = self.device_id(name) else {
+            return false;
+        };
+        let scale = |us: &mut u64| *us = (*us as f64 * factor).round() as u64;
+        for stage in &mut self.stages {
+            for sample in stage
+                .samples
+                .get_mut(d.index())
+                .into_iter()
+                .chain(stage.channel_samples.get_mut(d.index()))
+                .flatten()
+            {
+                scale(&mut sample.median_us);
+                scale(&mut sample.min_us);
+            }
+        }
+        self.devices[d.index()].gflops /= factor;
+        true
+    }
+
     /// The id of the device named `name` in the profile.
     pub fn device_id(&self, name: &str) -> Option<DeviceId> {
         self.devices
