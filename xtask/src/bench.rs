@@ -22,7 +22,7 @@ mod transports;
 mod workers;
 
 /// The `legion` binary next to this xtask (built here, in the same profile).
-fn legion_binary() -> Result<PathBuf> {
+pub(crate) fn legion_binary() -> Result<PathBuf> {
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--bin", "legion"])
         .status()
@@ -393,7 +393,7 @@ fn partition() -> Result<String> {
 }
 
 /// The host's CPU model and core count.
-fn host() -> String {
+pub(crate) fn host() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <task>` (see `cargo xtask --help`).
 
 mod bench;
+mod chaos;
 mod cross;
 mod gen_models;
 
@@ -22,6 +23,8 @@ enum Task {
     Bench(bench::Args),
     /// Cross-build the worker for a board: aarch64 (Firefly) or armv7 (Odroid).
     Cross(cross::Args),
+    /// Kill and stop workers at random while inferences run; writes bench/chaos.md.
+    Chaos(chaos::Args),
 }
 
 fn main() -> Result<()> {
@@ -29,5 +32,6 @@ fn main() -> Result<()> {
         Task::GenModels(args) => gen_models::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::Cross(args) => cross::run(&args),
+        Task::Chaos(args) => chaos::run(&args),
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
 /// How long a board has to answer Health before it is marked down.
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often boards marked down are asked whether they answer again (a stopped board
 /// takes [`HEALTH_TIMEOUT`] to not answer, so not before every inference).
@@ -184,8 +184,14 @@ impl<'a> Resilient<'a> {
             self.probed = Instant::now();
             tracing::warn!(inference = n, reason, down = ?down, "an inference failed");
             if down.is_empty() {
-                // Every board answers: a slow run, not a dead board.
+                // Every board answers: a slow run, or a board that restarted and lost
+                // the programs it held. Load them again, with a longer deadline.
                 stretch *= 2;
+                self.current = self.full.only(&self.up)?;
+                self.current
+                    .upload(self.onnx, &self.ir.input.shape)
+                    .await
+                    .with_context(|| format!("inference {n}: uploading the model again"))?;
                 continue;
             }
             let names: Vec<String> = down.iter().map(|d| self.name(*d)).collect();
@@ -290,18 +296,28 @@ impl<'a> Resilient<'a> {
             .map_or_else(|_| d.to_string(), |c| c.name().to_string())
     }
 
-    /// The boards of `boards` that do not answer Health within [`HEALTH_TIMEOUT`].
+    /// The boards of `boards` that do not answer Health within [`HEALTH_TIMEOUT`], all
+    /// asked at once.
     async fn unhealthy(&self, boards: &[DeviceId]) -> Vec<DeviceId> {
-        let mut down = vec![];
+        let mut asked = tokio::task::JoinSet::new();
         for &d in boards {
             let Ok(device) = self.full.device(d) else {
                 continue;
             };
-            let answer = tokio::time::timeout(HEALTH_TIMEOUT, device.client().health()).await;
-            if !matches!(answer, Ok(Ok(()))) {
-                down.push(d);
-            }
+            let client = device.client().clone();
+            asked.spawn(async move {
+                let answer = tokio::time::timeout(HEALTH_TIMEOUT, client.health()).await;
+                (d, matches!(answer, Ok(Ok(()))))
+            });
         }
+        let mut down: Vec<DeviceId> = asked
+            .join_all()
+            .await
+            .into_iter()
+            .filter(|(_, up)| !up)
+            .map(|(d, _)| d)
+            .collect();
+        down.sort();
         down
     }
 

@@ -1,0 +1,393 @@
+//! `cargo xtask chaos`: many inferences on a cluster of emulated worker processes while
+//! a random worker is SIGKILLed (then started again at its address) or SIGSTOPped
+//! (then SIGCONTed) at random moments. Every inference goes through the coordinator's
+//! recovery (`legion_pipeline::Resilient`); every output that returns is compared with
+//! this host's single-device run. Writes bench/chaos.md.
+
+use anyhow::{Context, Result, bail};
+use legion_pipeline::{CompileOptions, PassTimes, Resilient, compile, connect, profile};
+use legion_plan::{Cluster, CoordinatorLink, Device, Emulation};
+use legion_profile::ProfileOptions;
+use legion_runtime::Reference;
+use legion_runtime::check::{compare, test_input};
+use legion_runtime::process::WorkerProcess;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The generated model to run.
+    #[arg(long, default_value = "resnet18")]
+    model: String,
+    /// Inferences to run.
+    #[arg(long, default_value_t = 200)]
+    inferences: u32,
+    /// Seed of the fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the report.
+    #[arg(long, default_value = "bench/chaos.md")]
+    out: PathBuf,
+}
+
+/// The boards: two Fireflies and two Odroids.
+const CLASSES: [&str; 4] = [
+    "firefly-rk3399",
+    "firefly-rk3399",
+    "odroid-xu4",
+    "odroid-xu4",
+];
+
+/// One worker process and how to start it again.
+struct Board {
+    name: String,
+    class: &'static str,
+    addr: String,
+    cache: PathBuf,
+    process: Option<WorkerProcess>,
+}
+
+impl Board {
+    fn start(&mut self, legion: &Path, host_gflops: Option<f64>) -> Result<()> {
+        let mut command = Command::new(legion);
+        command
+            .args(["worker", "--insecure", "--listen", &self.addr])
+            .args(["--name", &self.name, "--emulate", self.class, "--cache"])
+            .arg(&self.cache);
+        if let Some(g) = host_gflops {
+            command.args(["--host-gflops", &g.to_string()]);
+        }
+        let w = WorkerProcess::spawn(command, &self.name, Duration::from_secs(120))?;
+        self.addr = w.addr.clone();
+        self.process = Some(w);
+        Ok(())
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.process.as_ref().context("not running")?.pid();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill {sig} {pid} failed");
+        Ok(())
+    }
+}
+
+/// What the fault thread did, in order: (seconds since start, what).
+type Events = Arc<Mutex<Vec<(f64, String)>>>;
+
+pub fn run(args: &Args) -> Result<()> {
+    let legion = crate::bench::legion_binary()?;
+    let dir = crate::cross::target_dir().join("chaos");
+    std::fs::create_dir_all(&dir)?;
+    let mut boards: Vec<Board> = CLASSES
+        .iter()
+        .enumerate()
+        .map(|(i, class)| Board {
+            name: format!("{class}-{i}"),
+            class,
+            addr: "127.0.0.1:0".into(),
+            cache: dir.join(format!("cache{i}")),
+            process: None,
+        })
+        .collect();
+    // The first worker calibrates the host; the others start from its rate.
+    eprintln!("starting 4 emulated workers (the first calibrates the host)...");
+    boards[0].start(&legion, None)?;
+    let start_line = boards[0]
+        .process
+        .as_ref()
+        .expect("started")
+        .start_line
+        .clone();
+    let host: f64 = start_line
+        .split("host_gflops=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .and_then(|s| s.parse().ok())
+        .context("the worker's start line names its host rate")?;
+    for b in &mut boards[1..] {
+        b.start(&legion, Some(host))?;
+    }
+    let cluster = Cluster {
+        coordinator: CoordinatorLink::default(),
+        token_file: None,
+        devices: boards
+            .iter()
+            .map(|b| {
+                Ok(Device {
+                    name: b.name.clone(),
+                    address: b.addr.clone(),
+                    emulate: Some(b.class.parse::<Emulation>().map_err(anyhow::Error::msg)?),
+                    link_mbps: 100.0,
+                    latency_ms: 0.2,
+                    memory_mb: None,
+                    tls_cert: None,
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    let path = legion_models::test_model(&args.model)?;
+    let ir = legion_ir::import(&path, None)?;
+    let onnx = std::fs::read(&path)?;
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let coord = rt.block_on(connect(&cluster, "chaos", &onnx, &args.model, &ir))?;
+    eprintln!("profiling {} on the 4 boards...", args.model);
+    let prof = rt.block_on(profile(&coord, &ir, &ProfileOptions::default()))?;
+    let options = CompileOptions::legion("chaos");
+    let plan = compile(
+        &ir,
+        &prof,
+        &cluster,
+        &options,
+        None,
+        &mut PassTimes::default(),
+    )?
+    .plan
+    .context("compile made no plan")?;
+    let predicted_all = plan.chosen().predicted_us;
+    let mut runner = Resilient::new(&coord, &ir, &onnx, prof, plan, options)?;
+
+    // Faults: every 2-6 s one board of those up (never the last two) is killed or
+    // stopped, and 2-5 s later started again or continued.
+    let events: Events = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let faults = {
+        let (events, done, legion) = (events.clone(), done.clone(), legion.clone());
+        let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+        std::thread::spawn(move || -> Result<Vec<Board>> {
+            let between = |rng: &mut ChaCha8Rng, lo: u64, hi: u64| {
+                Duration::from_millis(lo + rng.next_u64() % (hi - lo))
+            };
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(between(&mut rng, 2000, 6000));
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = (rng.next_u64() % boards.len() as u64) as usize;
+                let kill = rng.next_u64() % 2 == 0;
+                let log = |what: String| {
+                    let at = t0.elapsed().as_secs_f64();
+                    eprintln!("[chaos {at:.1} s] {what}");
+                    events.lock().expect("events").push((at, what));
+                };
+                if kill {
+                    boards[i].signal("-KILL")?;
+                    // Reaped, its port free for the restart.
+                    drop(boards[i].process.take());
+                    log(format!("killed {}", boards[i].name));
+                } else {
+                    boards[i].signal("-STOP")?;
+                    log(format!("stopped {}", boards[i].name));
+                }
+                std::thread::sleep(between(&mut rng, 2000, 5000));
+                if kill {
+                    boards[i].start(&legion, Some(host))?;
+                    log(format!("restarted {}", boards[i].name));
+                } else {
+                    boards[i].signal("-CONT")?;
+                    log(format!("continued {}", boards[i].name));
+                }
+            }
+            Ok(boards)
+        })
+    };
+
+    struct Done {
+        emulated_us: u64,
+        predicted_us: u64,
+        boards: usize,
+        recovering: bool,
+    }
+    let mut runs: Vec<Done> = vec![];
+    let (mut wrong, mut failed) = (0, vec![]);
+    for i in 0..args.inferences {
+        let predicted_us = runner.plan().chosen().predicted_us;
+        let recoveries = runner.recoveries.len();
+        match rt.block_on(runner.infer(&input)) {
+            Ok(run) => {
+                let mut ok = true;
+                for (got, r) in run.outputs.iter().zip(&ir.outputs) {
+                    let want = reference.tensor(*r);
+                    ok &= compare(got, want, want)?.within(legion_pipeline::CHECK_REL);
+                }
+                wrong += usize::from(!ok);
+                let recovering = runner.recoveries.len() > recoveries;
+                runs.push(Done {
+                    emulated_us: run.total_us,
+                    predicted_us: if recovering {
+                        runner.plan().chosen().predicted_us
+                    } else {
+                        predicted_us
+                    },
+                    boards: runner.boards().len(),
+                    recovering,
+                });
+            }
+            Err(e) => failed.push(format!("inference {i}: {e:#}")),
+        }
+        if i % 20 == 19 {
+            eprintln!(
+                "{} inferences, {} recoveries, {} wrong, {} failed",
+                i + 1,
+                runner.recoveries.len(),
+                wrong,
+                failed.len()
+            );
+        }
+    }
+    let elapsed = t0.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let mut boards = faults
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fault thread panicked"))??;
+    for b in &mut boards {
+        let _ = b.signal("-CONT");
+    }
+    drop(boards);
+    let events = events.lock().expect("events").clone();
+    let count = |what: &str| events.iter().filter(|(_, e)| e.starts_with(what)).count();
+
+    let mut recovery_ms: Vec<f64> = runner
+        .recoveries
+        .iter()
+        .map(|r| r.recovered_after.as_secs_f64() * 1e3)
+        .collect();
+    recovery_ms.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], q: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    let ratio = |filter: &dyn Fn(&Done) -> bool| {
+        let r: Vec<f64> = runs
+            .iter()
+            .filter(|d| filter(d))
+            .map(|d| d.emulated_us as f64 / d.predicted_us.max(1) as f64)
+            .collect();
+        (r.len(), r.iter().sum::<f64>() / r.len().max(1) as f64)
+    };
+    let (healthy_n, healthy) = ratio(&|d| d.boards == CLASSES.len() && !d.recovering);
+    let (degraded_n, degraded) = ratio(&|d| d.boards < CLASSES.len() && !d.recovering);
+    let median_us = |filter: &dyn Fn(&Done) -> bool| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|d| filter(d))
+            .map(|d| d.emulated_us as f64)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        pct(&v, 0.5) / 1e3
+    };
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Chaos: boards killed and stopped while inferences run\n"
+    )?;
+    writeln!(
+        md,
+        "Measured by `cargo xtask chaos --model {} --inferences {} --seed {}` on {}, in {:.0} s. \
+         Four emulated workers as processes (2 Firefly-RK3399, 2 Odroid-XU4 class, 100 \
+         Mbit/s), profiled in legion mode, the plan compiled by prediction; `legion run \
+         --recover-with`'s recovery (`Resilient`, docs/architecture.md, \"The driver\") runs \
+         the inferences one after another. Every 2-6 s a random worker is SIGKILLed (and \
+         started again at its address 2-5 s later) or SIGSTOPped (and SIGCONTed 2-5 s \
+         later). Times are on the emulated clock except recovery, which is wall time from \
+         the failure to the inference's output. Network faults (tc netem) are not \
+         injected here.\n",
+        args.model,
+        args.inferences,
+        args.seed,
+        crate::bench::host(),
+        elapsed.as_secs_f64()
+    )?;
+    writeln!(md, "| what | value |\n|---|---|")?;
+    writeln!(md, "| inferences run | {} |", args.inferences)?;
+    writeln!(
+        md,
+        "| boards killed / restarted | {} / {} |",
+        count("killed"),
+        count("restarted")
+    )?;
+    writeln!(
+        md,
+        "| boards stopped / continued | {} / {} |",
+        count("stopped"),
+        count("continued")
+    )?;
+    writeln!(md, "| outputs checked | {} |", runs.len())?;
+    writeln!(md, "| outputs wrong (goal 0) | {wrong} |")?;
+    writeln!(
+        md,
+        "| inferences lost: failed with an error (goal 0) | {} |",
+        failed.len()
+    )?;
+    writeln!(md, "| failures recovered | {} |", runner.recoveries.len())?;
+    writeln!(md, "| boards taken back | {} |", runner.taken_back.len())?;
+    writeln!(
+        md,
+        "| stragglers re-planned | {} |",
+        runner.stragglers.len()
+    )?;
+    writeln!(
+        md,
+        "| recovery, failure to output, p50 / max | {:.0} / {:.0} ms |",
+        pct(&recovery_ms, 0.5),
+        pct(&recovery_ms, 1.0)
+    )?;
+    writeln!(
+        md,
+        "| latency on 4 boards, median (predicted {:.1} ms) | {:.1} ms |",
+        predicted_all as f64 / 1e3,
+        median_us(&|d| d.boards == CLASSES.len() && !d.recovering)
+    )?;
+    writeln!(
+        md,
+        "| measured / predicted, 4 boards ({healthy_n} inferences) | {healthy:.2} |"
+    )?;
+    writeln!(
+        md,
+        "| measured / predicted for the smaller cluster's plan, degraded ({degraded_n} \
+         inferences) | {degraded:.2} |"
+    )?;
+    writeln!(md, "\nThe faults, in order (seconds from the start):\n")?;
+    for (at, what) in &events {
+        writeln!(md, "- {at:.1} s: {what}")?;
+    }
+    writeln!(md, "\nThe recoveries:\n")?;
+    for r in &runner.recoveries {
+        writeln!(
+            md,
+            "- inference {}: {} down ({}); new plan after {:.0} ms, output after {:.0} ms",
+            r.inference,
+            r.down.join(", "),
+            r.reason.chars().take(120).collect::<String>(),
+            r.replanned_after.as_secs_f64() * 1e3,
+            r.recovered_after.as_secs_f64() * 1e3
+        )?;
+    }
+    if !failed.is_empty() {
+        writeln!(md, "\nInferences that failed:\n")?;
+        for f in &failed {
+            writeln!(md, "- {}", f.chars().take(300).collect::<String>())?;
+        }
+    }
+    std::fs::write(&args.out, &md).with_context(|| format!("writing {}", args.out.display()))?;
+    print!("{md}");
+    if wrong > 0 {
+        bail!("{wrong} outputs were wrong");
+    }
+    Ok(())
+}
