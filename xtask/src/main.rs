@@ -3,6 +3,7 @@
 mod bench;
 mod chaos;
 mod cross;
+mod fuzz;
 mod gen_models;
 
 use anyhow::Result;
@@ -25,6 +26,9 @@ enum Task {
     Cross(cross::Args),
     /// Kill and stop workers at random while inferences run; writes bench/chaos.md.
     Chaos(chaos::Args),
+    /// Mutated models, plans, cluster files, profiles and worker requests; writes
+    /// bench/fuzz.md.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> Result<()> {
@@ -33,5 +37,6 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::Cross(args) => cross::run(&args),
         Task::Chaos(args) => chaos::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
