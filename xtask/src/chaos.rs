@@ -1,6 +1,7 @@
 //! `cargo xtask chaos`: many inferences on a cluster of emulated worker processes while
 //! a random worker is SIGKILLed (then started again at its address) or SIGSTOPped
-//! (then SIGCONTed) at random moments. Every inference goes through the coordinator's
+//! (then SIGCONTed) at random moments, or, where network namespaces can be made (root),
+//! its link is cut or slowed. Every inference goes through the coordinator's
 //! recovery (`legion_pipeline::Resilient`); every output that returns is compared with
 //! this host's single-device run. Writes bench/chaos.md.
 
@@ -50,12 +51,21 @@ struct Board {
     class: &'static str,
     addr: String,
     cache: PathBuf,
+    /// The network namespace it runs in, when the links can be faulted.
+    netns: Option<String>,
     process: Option<WorkerProcess>,
 }
 
 impl Board {
     fn start(&mut self, legion: &Path, host_gflops: Option<f64>) -> Result<()> {
-        let mut command = Command::new(legion);
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(legion);
+                c
+            }
+            None => Command::new(legion),
+        };
         command
             .args(["worker", "--insecure", "--listen", &self.addr])
             .args(["--name", &self.name, "--emulate", self.class, "--cache"])
@@ -83,18 +93,138 @@ impl Board {
 /// What the fault thread did, in order: (seconds since start, what).
 type Events = Arc<Mutex<Vec<(f64, String)>>>;
 
+/// The boards' links as network namespaces on a bridge (10.77.0.0/24, this host at
+/// .1, board i at .(10+i)), so that one board's link can be cut or slowed. Removed on
+/// drop.
+struct Links {
+    boards: usize,
+}
+
+const BRIDGE: &str = "lgchaos-br";
+
+/// What is done to a link.
+#[derive(Clone, Copy)]
+enum LinkFault {
+    /// Down: nothing crosses.
+    Cut,
+    /// 10 Mbit/s instead of the board's 100.
+    Slow,
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+impl Links {
+    fn namespace(i: usize) -> String {
+        format!("lgchaos{i}")
+    }
+
+    /// The host side of board i's link, where its faults go.
+    fn veth(i: usize) -> String {
+        format!("lgchaos{i}h")
+    }
+
+    fn address(i: usize) -> String {
+        format!("10.77.0.{}:7070", 10 + i)
+    }
+
+    /// Makes the bridge and a namespace per board; fails where the host does not
+    /// allow it (not root, no `ip`).
+    fn make(boards: usize) -> Result<Links> {
+        let links = Links { boards };
+        links.remove();
+        let made = (|| {
+            sh(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
+            sh(&["ip", "addr", "add", "10.77.0.1/24", "dev", BRIDGE])?;
+            sh(&["ip", "link", "set", BRIDGE, "up"])?;
+            for i in 0..boards {
+                let (ns, host, inner) = (Self::namespace(i), Self::veth(i), format!("lgchaos{i}b"));
+                let ip = format!("10.77.0.{}/24", 10 + i);
+                sh(&["ip", "netns", "add", &ns])?;
+                sh(&[
+                    "ip", "link", "add", &host, "type", "veth", "peer", "name", &inner,
+                ])?;
+                sh(&["ip", "link", "set", &inner, "netns", &ns])?;
+                sh(&["ip", "link", "set", &host, "master", BRIDGE])?;
+                sh(&["ip", "link", "set", &host, "up"])?;
+                for args in [
+                    vec!["ip", "addr", "add", &ip, "dev", &inner],
+                    vec!["ip", "link", "set", &inner, "up"],
+                    vec!["ip", "link", "set", "lo", "up"],
+                ] {
+                    let mut all = vec!["ip", "netns", "exec", &ns];
+                    all.extend(args);
+                    sh(&all)?;
+                }
+            }
+            Ok(())
+        })();
+        made.map(|()| links)
+    }
+
+    /// Cuts board i's link (the host side of its veth down), slows it to 10 Mbit/s
+    /// (`tc tbf`), or, with `None`, restores it. (`tc netem` would add loss and delay,
+    /// but this host's kernel lacks it.)
+    fn fault(i: usize, fault: Option<LinkFault>) -> Result<()> {
+        let dev = Self::veth(i);
+        let _ = sh(&["tc", "qdisc", "del", "dev", &dev, "root"]);
+        sh(&["ip", "link", "set", &dev, "up"])?;
+        match fault {
+            None => Ok(()),
+            Some(LinkFault::Cut) => sh(&["ip", "link", "set", &dev, "down"]),
+            Some(LinkFault::Slow) => sh(&[
+                "tc", "qdisc", "add", "dev", &dev, "root", "tbf", "rate", "10mbit", "burst",
+                "32kbit", "latency", "400ms",
+            ]),
+        }
+    }
+
+    fn remove(&self) {
+        for i in 0..self.boards {
+            let _ = sh(&["ip", "netns", "del", &Self::namespace(i)]);
+            let _ = sh(&["ip", "link", "del", &Self::veth(i)]);
+        }
+        let _ = sh(&["ip", "link", "del", BRIDGE]);
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let legion = crate::bench::legion_binary()?;
     let dir = crate::cross::target_dir().join("chaos");
     std::fs::create_dir_all(&dir)?;
+    let links = match Links::make(CLASSES.len()) {
+        Ok(links) => Some(links),
+        Err(e) => {
+            eprintln!("no link faults: network namespaces cannot be made here ({e:#})");
+            None
+        }
+    };
     let mut boards: Vec<Board> = CLASSES
         .iter()
         .enumerate()
         .map(|(i, class)| Board {
             name: format!("{class}-{i}"),
             class,
-            addr: "127.0.0.1:0".into(),
+            addr: match links {
+                Some(_) => Links::address(i),
+                None => "127.0.0.1:0".into(),
+            },
             cache: dir.join(format!("cache{i}")),
+            netns: links.as_ref().map(|_| Links::namespace(i)),
             process: None,
         })
         .collect();
@@ -164,6 +294,7 @@ pub fn run(args: &Args) -> Result<()> {
     let t0 = Instant::now();
     let faults = {
         let (events, done, legion) = (events.clone(), done.clone(), legion.clone());
+        let with_links = links.is_some();
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
         std::thread::spawn(move || -> Result<Vec<Board>> {
             let between = |rng: &mut ChaCha8Rng, lo: u64, hi: u64| {
@@ -175,28 +306,49 @@ pub fn run(args: &Args) -> Result<()> {
                     break;
                 }
                 let i = (rng.next_u64() % boards.len() as u64) as usize;
-                let kill = rng.next_u64() % 2 == 0;
+                // Kill, stop, and with namespaces cut or degrade the link.
+                let kinds = if with_links { 4 } else { 2 };
+                let kind = rng.next_u64() % kinds;
                 let log = |what: String| {
                     let at = t0.elapsed().as_secs_f64();
                     eprintln!("[chaos {at:.1} s] {what}");
                     events.lock().expect("events").push((at, what));
                 };
-                if kill {
-                    boards[i].signal("-KILL")?;
-                    // Reaped, its port free for the restart.
-                    drop(boards[i].process.take());
-                    log(format!("killed {}", boards[i].name));
-                } else {
-                    boards[i].signal("-STOP")?;
-                    log(format!("stopped {}", boards[i].name));
+                let name = boards[i].name.clone();
+                match kind {
+                    0 => {
+                        boards[i].signal("-KILL")?;
+                        // Reaped, its port free for the restart.
+                        drop(boards[i].process.take());
+                        log(format!("killed {name}"));
+                    }
+                    1 => {
+                        boards[i].signal("-STOP")?;
+                        log(format!("stopped {name}"));
+                    }
+                    2 => {
+                        Links::fault(i, Some(LinkFault::Cut))?;
+                        log(format!("cut the link of {name}"));
+                    }
+                    _ => {
+                        Links::fault(i, Some(LinkFault::Slow))?;
+                        log(format!("degraded the link of {name} to 10 Mbit/s"));
+                    }
                 }
                 std::thread::sleep(between(&mut rng, 2000, 5000));
-                if kill {
-                    boards[i].start(&legion, Some(host))?;
-                    log(format!("restarted {}", boards[i].name));
-                } else {
-                    boards[i].signal("-CONT")?;
-                    log(format!("continued {}", boards[i].name));
+                match kind {
+                    0 => {
+                        boards[i].start(&legion, Some(host))?;
+                        log(format!("restarted {name}"));
+                    }
+                    1 => {
+                        boards[i].signal("-CONT")?;
+                        log(format!("continued {name}"));
+                    }
+                    _ => {
+                        Links::fault(i, None)?;
+                        log(format!("restored the link of {name}"));
+                    }
                 }
             }
             Ok(boards)
@@ -304,14 +456,21 @@ pub fn run(args: &Args) -> Result<()> {
          --recover-with`'s recovery (`Resilient`, docs/architecture.md, \"The driver\") runs \
          the inferences one after another. Every 2-6 s a random worker is SIGKILLed (and \
          started again at its address 2-5 s later) or SIGSTOPped (and SIGCONTed 2-5 s \
-         later). Times are on the emulated clock except recovery, which is wall time from \
-         the failure to the inference's output. Network faults (tc netem) are not \
-         injected here.\n",
+         later){}. Times are on the emulated clock except recovery, which is wall time \
+         from the failure seen (an error, or the deadline passed) to the inference's \
+         output.\n",
         args.model,
         args.inferences,
         args.seed,
         crate::bench::host(),
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        match links {
+            Some(_) => {
+                ", or its link, a veth into its own network namespace, is cut (set down) or \
+                 slowed to 10 Mbit/s (`tc tbf`; this host's kernel has no `netem`) for 2-5 s"
+            }
+            None => "; no link faults: network namespaces could not be made on this host",
+        }
     )?;
     writeln!(md, "| what | value |\n|---|---|")?;
     writeln!(md, "| inferences run | {} |", args.inferences)?;
@@ -326,6 +485,13 @@ pub fn run(args: &Args) -> Result<()> {
         "| boards stopped / continued | {} / {} |",
         count("stopped"),
         count("continued")
+    )?;
+    writeln!(
+        md,
+        "| links cut / degraded / restored | {} / {} / {} |",
+        count("cut"),
+        count("degraded"),
+        count("restored")
     )?;
     writeln!(md, "| outputs checked | {} |", runs.len())?;
     writeln!(md, "| outputs wrong (goal 0) | {wrong} |")?;
