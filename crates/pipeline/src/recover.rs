@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
 /// How long a board has to answer Health before it is marked down.
-pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// How often boards marked down are asked whether they answer again (a stopped board
 /// takes [`HEALTH_TIMEOUT`] to not answer, so not before every inference).
@@ -186,12 +186,12 @@ impl<'a> Resilient<'a> {
             if down.is_empty() {
                 // Every board answers: a slow run, or a board that restarted and lost
                 // the programs it held. Load them again, with a longer deadline.
+                // A board failing meanwhile shows in the next run.
                 stretch *= 2;
                 self.current = self.full.only(&self.up)?;
-                self.current
-                    .upload(self.onnx, &self.ir.input.shape)
-                    .await
-                    .with_context(|| format!("inference {n}: uploading the model again"))?;
+                if let Err(e) = self.current.upload(self.onnx, &self.ir.input.shape).await {
+                    tracing::warn!(inference = n, "uploading the model again: {e:#}");
+                }
                 continue;
             }
             let names: Vec<String> = down.iter().map(|d| self.name(*d)).collect();
@@ -334,14 +334,16 @@ impl<'a> Resilient<'a> {
         if back.is_empty() {
             return Ok(());
         }
+        // The model first: a board that fails to take it stays down.
+        let mut returning = self.full.only(&back)?;
+        if let Err(e) = returning.upload(self.onnx, &self.ir.input.shape).await {
+            tracing::warn!(inference = n, "not taken back: {e:#}");
+            return Ok(());
+        }
         let mut up: Vec<DeviceId> = self.full.ids().filter(|d| !still.contains(d)).collect();
         up.sort();
         self.up = up;
         self.replan()?;
-        self.current
-            .upload(self.onnx, &self.ir.input.shape)
-            .await
-            .context("uploading the model to the boards taken back")?;
         for d in back {
             let name = self.name(d);
             tracing::info!(
