@@ -774,12 +774,68 @@ fn plan_uses(plan: &legion_plan::Plan, board: &str) -> bool {
         .any(|t| t.device == board)
 }
 
-/// Asserts that `outputs` equal the single-device run of `ir` on the test input.
-fn assert_model_outputs_equal(ir: &Ir, outputs: &[tract_onnx::prelude::Tensor]) {
-    let reference = Reference::run(ir, test_input(&ir.input.shape)).unwrap();
-    for (got, r) in outputs.iter().zip(&ir.outputs) {
-        let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
-        assert!(diff.within(1e-5), "{diff:?}");
+/// tiny-cnn on [`profiled_two_and_two`], planned from its profile (scaled first by
+/// `slower`: a board and the factor its profile is scaled by), for the recovering
+/// runner; the single-device run to check its outputs against.
+struct Recovering {
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    ir: Ir,
+    onnx: Vec<u8>,
+    coord: Coordinator,
+    plan: legion_plan::Plan,
+    profile: legion_plan::Profile,
+    reference: Reference,
+}
+
+impl Recovering {
+    /// The setup and the workers, apart, so that a test can kill one while the runner
+    /// borrows the setup.
+    fn new(slower: Option<(&str, f64)>) -> (Recovering, LocalCluster) {
+        use legion_pipeline::{CompileOptions, PassTimes, compile};
+        let (cluster, local, mut profile) = profiled_two_and_two();
+        if let Some((board, factor)) = slower {
+            assert!(profile.scale_device(board, factor));
+        }
+        let rt = rt();
+        let (ir, onnx) = load("tiny-cnn");
+        let coord = connect(&rt, local.cluster(), &onnx, &ir);
+        let options = CompileOptions::legion("tiny-cnn-2f2o.json");
+        let mut times = PassTimes::default();
+        let plan = compile(&ir, &profile, local.cluster(), &options, None, &mut times)
+            .unwrap()
+            .plan
+            .unwrap();
+        let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
+        let setup = Recovering {
+            cluster,
+            rt,
+            ir,
+            onnx,
+            coord,
+            plan,
+            profile,
+            reference,
+        };
+        (setup, local)
+    }
+
+    fn runner(&self) -> legion_pipeline::Resilient<'_> {
+        let options = legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json");
+        let (profile, plan) = (self.profile.clone(), self.plan.clone());
+        legion_pipeline::Resilient::new(&self.coord, &self.ir, &self.onnx, profile, plan, options)
+            .unwrap()
+    }
+
+    /// One inference by `runner`, its outputs checked against one device's.
+    fn infer_equal(&self, runner: &mut legion_pipeline::Resilient) {
+        let input = test_input(&self.ir.input.shape);
+        let run = self.rt.block_on(runner.infer(&input)).unwrap();
+        for (got, r) in run.outputs.iter().zip(&self.ir.outputs) {
+            let want = self.reference.tensor(*r);
+            let diff = compare(got, want, want).unwrap();
+            assert!(diff.within(1e-5), "{diff:?}");
+        }
     }
 }
 
@@ -789,35 +845,18 @@ fn assert_model_outputs_equal(ir: &Ir, outputs: &[tract_onnx::prelude::Tensor]) 
 /// next inference. Every output equals one device's.
 #[test]
 fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
-    use legion_pipeline::{CompileOptions, PassTimes, Resilient, compile};
-    let (cluster, mut local, profile) = profiled_two_and_two();
-    let rt = rt();
-    let (ir, onnx) = load("tiny-cnn");
-    let coord = connect(&rt, local.cluster(), &onnx, &ir);
-    let options = CompileOptions::legion("tiny-cnn-2f2o.json");
-    let plan = compile(
-        &ir,
-        &profile,
-        local.cluster(),
-        &options,
-        None,
-        &mut PassTimes::default(),
-    )
-    .unwrap()
-    .plan
-    .unwrap();
-    let input = test_input(&ir.input.shape);
-    let mut runner = Resilient::new(&coord, &ir, &onnx, profile, plan, options).unwrap();
+    let (setup, mut local) = Recovering::new(None);
+    let mut runner = setup.runner();
     assert!(
         plan_uses(runner.plan(), "firefly-1"),
         "the first plan runs on firefly-1"
     );
-    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
+    setup.infer_equal(&mut runner);
     assert!(runner.recoveries.is_empty());
 
     let address = local.cluster().devices[1].address.clone();
     local.kill(1);
-    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
+    setup.infer_equal(&mut runner);
     assert_eq!(runner.recoveries.len(), 1);
     let recovery = &runner.recoveries[0];
     assert_eq!(
@@ -830,17 +869,17 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
         !plan_uses(runner.plan(), "firefly-1"),
         "the new plan leaves it out"
     );
-    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
+    setup.infer_equal(&mut runner);
     assert_eq!(runner.recoveries.len(), 1, "no failure while it stays down");
 
     // The board comes back at its address.
-    let mut again = cluster.clone();
-    again.devices = vec![cluster.devices[1].clone()];
+    let mut again = setup.cluster.clone();
+    again.devices = vec![setup.cluster.devices[1].clone()];
     again.devices[0].address = address;
     let _back = start(&again);
     // Boards down are asked again every PROBE_EVERY.
     std::thread::sleep(legion_pipeline::PROBE_EVERY);
-    assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
+    setup.infer_equal(&mut runner);
     assert_eq!(runner.taken_back, [(3, "firefly-1".to_string())]);
     assert_eq!(runner.boards().len(), 4);
     assert!(plan_uses(runner.plan(), "firefly-1"), "planned for again");
@@ -852,29 +891,12 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
 /// ratio and the plan compiled again; in the 3 inferences after, no board is found slow.
 #[test]
 fn a_straggler_gets_its_profile_rescaled_and_a_new_plan() {
-    use legion_pipeline::{CompileOptions, PassTimes, Resilient, STRAGGLER_RUNS, compile};
-    let (_, local, mut profile) = profiled_two_and_two();
-    assert!(profile.scale_device("firefly-0", 1.0 / 6.0));
-    let rt = rt();
-    let (ir, onnx) = load("tiny-cnn");
-    let coord = connect(&rt, local.cluster(), &onnx, &ir);
-    let options = CompileOptions::legion("tiny-cnn-2f2o.json");
-    let plan = compile(
-        &ir,
-        &profile,
-        local.cluster(),
-        &options,
-        None,
-        &mut PassTimes::default(),
-    )
-    .unwrap()
-    .plan
-    .unwrap();
-    assert!(plan_uses(&plan, "firefly-0"));
-    let input = test_input(&ir.input.shape);
-    let mut runner = Resilient::new(&coord, &ir, &onnx, profile, plan, options).unwrap();
+    use legion_pipeline::STRAGGLER_RUNS;
+    let (setup, _local) = Recovering::new(Some(("firefly-0", 1.0 / 6.0)));
+    assert!(plan_uses(&setup.plan, "firefly-0"));
+    let mut runner = setup.runner();
     for _ in 0..2 * STRAGGLER_RUNS {
-        assert_model_outputs_equal(&ir, &rt.block_on(runner.infer(&input)).unwrap().outputs);
+        setup.infer_equal(&mut runner);
     }
     let found: Vec<(u64, &str)> = runner
         .stragglers

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use legion_ir::Ir;
 use legion_plan::{Cluster, DeviceId, Plan, Profile, Transport};
 use legion_runtime::{Coordinator, PlanRun, run_candidate};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
@@ -68,7 +69,7 @@ pub struct Resilient<'a> {
     inferences: u64,
     /// Per board, its measured / predicted compute time in the last inferences in a
     /// row that it ran more than [`STRAGGLER_RATIO`] slower than predicted.
-    slow: Vec<(String, Vec<f64>)>,
+    slow: HashMap<String, Vec<f64>>,
     /// Every failure so far.
     pub recoveries: Vec<Recovery>,
     /// Boards taken back: (inference, board).
@@ -113,7 +114,7 @@ impl<'a> Resilient<'a> {
             last_wall: None,
             probed: Instant::now(),
             inferences: 0,
-            slow: vec![],
+            slow: HashMap::new(),
             recoveries: vec![],
             taken_back: vec![],
             stragglers: vec![],
@@ -245,14 +246,7 @@ impl<'a> Resilient<'a> {
                 .map(|d| d.compute_us)
                 .sum();
             let ratio = measured as f64 / predicted.max(1) as f64;
-            let i = match self.slow.iter().position(|(b, _)| *b == board) {
-                Some(i) => i,
-                None => {
-                    self.slow.push((board.clone(), vec![]));
-                    self.slow.len() - 1
-                }
-            };
-            let ratios = &mut self.slow[i].1;
+            let ratios = self.slow.entry(board.clone()).or_default();
             if predicted == 0 || ratio <= STRAGGLER_RATIO {
                 ratios.clear();
                 continue;
