@@ -17,10 +17,18 @@ use legion_profile::{ProfileOptions, candidate_groups, profile};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::emulate::{ComputeLock, Emulation, HostRate};
 use legion_runtime::{Coordinator, LocalCluster, Reference, Tensors, local_cluster};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 const CONNECT: Duration = Duration::from_secs(10);
+
+/// The host, as the tests of this file share it: a test that compares host times takes
+/// it alone, every other test takes a share (the test harness runs two at once).
+static HOST: RwLock<()> = RwLock::new(());
+
+fn share_host() -> RwLockReadGuard<'static, ()> {
+    HOST.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn load(name: &str) -> (Ir, Vec<u8>) {
     let path = legion_models::test_model(name).unwrap();
@@ -155,6 +163,7 @@ fn every_group_equals_the_reference(
 
 #[test]
 fn four_emulated_boards_run_every_group_of_the_tiny_models() {
+    let _host = share_host();
     let cluster = two_and_two();
     let rt = rt();
     let mut coord = rt
@@ -176,6 +185,7 @@ fn four_emulated_boards_run_every_group_of_the_tiny_models() {
 
 #[test]
 fn the_first_two_vgg16_blocks_split_over_four_emulated_boards() {
+    let _host = share_host();
     let cluster = two_and_two();
     let (ir, onnx) = load("vgg16-conv");
     let input = test_input(&ir.input.shape);
@@ -210,6 +220,7 @@ fn the_first_two_vgg16_blocks_split_over_four_emulated_boards() {
 
 #[test]
 fn emulated_step_times_follow_the_link_model() {
+    let _host = share_host();
     let cluster = two_and_two();
     let (ir, onnx) = load("tiny-cnn");
     let rt = rt();
@@ -277,11 +288,15 @@ fn emulated_step_times_follow_the_link_model() {
 /// end within 8% of each other (seen up to 5.6% apart; before the emulator kept fastest
 /// node times, up to 2x), and a tile's time never grows with more runs. A tile first
 /// measured during one of the host's slow spells (up to about 10 s) starts high, up to
-/// 1.4x here, and comes down at its first quiet run: rounds go on until neither time
-/// has moved for 5 rounds, for up to a minute. (A plan that keeps a group whole runs
+/// 1.4x here, and comes down at its first quiet run; one measured in a fast spell that
+/// does not come back keeps that time (in CI a tile's first run was 11% below every
+/// later run of the other). Rounds therefore go on until neither time has moved for 5
+/// rounds and the two agree, for up to two minutes, with no other test of this file
+/// running. (A plan that keeps a group whole runs
 /// the single-board program itself: the same tile, the same time.)
 #[test]
 fn identical_work_gets_the_same_emulated_time() {
+    let _host = HOST.write().unwrap_or_else(|poisoned| poisoned.into_inner());
     let path = legion_models::test_model("vgg16-conv").unwrap();
     let ir = import(&path, Some(&[1, 3, 48, 48])).unwrap();
     let onnx = std::fs::read(&path).unwrap();
@@ -305,8 +320,12 @@ fn identical_work_gets_the_same_emulated_time() {
     let mut times: [Vec<u64>; 2] = [vec![], vec![]];
     let still =
         |t: &Vec<u64>| t.len() > STILL_ROUNDS && t[t.len() - 1] == t[t.len() - 1 - STILL_ROUNDS];
+    let agree = |t: &[Vec<u64>; 2]| {
+        (t[0][t[0].len() - 1] as f64 / t[1][t[1].len() - 1] as f64 - 1.0).abs() < 0.08
+    };
     while times[0].len() < MIN_ROUNDS
-        || !(times.iter().all(still) || started.elapsed() > Duration::from_secs(60))
+        || !((times.iter().all(still) && agree(&times))
+            || started.elapsed() > Duration::from_secs(120))
     {
         for (k, spec) in [&single, &plan_tile].into_iter().enumerate() {
             let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
@@ -320,15 +339,12 @@ fn identical_work_gets_the_same_emulated_time() {
     for t in &times {
         assert!(t.windows(2).all(|w| w[1] <= w[0]), "{times:?}");
     }
-    let (a, b) = (
-        times[0][times[0].len() - 1] as f64,
-        times[1][times[1].len() - 1] as f64,
-    );
-    assert!((a / b - 1.0).abs() < 0.08, "{times:?}");
+    assert!(agree(&times), "{times:?}");
 }
 
 #[test]
 fn a_dead_worker_is_named_and_a_mismatched_one_refused() {
+    let _host = share_host();
     let mut cluster = two_and_two();
     let (ir, onnx) = load("tiny-cnn");
     let rt = rt();
@@ -368,6 +384,7 @@ fn a_dead_worker_is_named_and_a_mismatched_one_refused() {
 
 #[test]
 fn profiling_measures_stages_links_and_groups() {
+    let _host = share_host();
     let classes = vec!["firefly-rk3399".to_string(), "odroid-xu4".to_string()];
     let cluster = start(&local_cluster(2, &classes, 0).unwrap());
     let (ir, onnx) = load("tiny-head");
@@ -517,6 +534,7 @@ fn plan_group(
 /// the hub equal to one device. Tensors split by channels move in parts, one per owner.
 #[test]
 fn channel_groups_run_by_programs_and_through_the_hub() {
+    let _host = share_host();
     use legion_plan::{Candidate, Party, Step, Transport};
     let cluster = two_and_two();
     let rt = rt();
@@ -650,6 +668,7 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
 /// refuses it by naming the pool.
 #[test]
 fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
+    let _host = share_host();
     use legion_plan::{Candidate, Step, Transport};
     let cluster = two_and_two();
     let rt = rt();
@@ -845,6 +864,7 @@ impl Recovering {
 /// next inference. Every output equals one device's.
 #[test]
 fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
+    let _host = share_host();
     let (setup, mut local) = Recovering::new(None);
     let mut runner = setup.runner();
     assert!(
@@ -891,6 +911,7 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
 /// ratio and the plan compiled again; in the 3 inferences after, no board is found slow.
 #[test]
 fn a_straggler_gets_its_profile_rescaled_and_a_new_plan() {
+    let _host = share_host();
     use legion_pipeline::STRAGGLER_RUNS;
     let (setup, _local) = Recovering::new(Some(("firefly-0", 1.0 / 6.0)));
     assert!(plan_uses(&setup.plan, "firefly-0"));
