@@ -296,7 +296,9 @@ fn emulated_step_times_follow_the_link_model() {
 /// the single-board program itself: the same tile, the same time.)
 #[test]
 fn identical_work_gets_the_same_emulated_time() {
-    let _host = HOST.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _host = HOST
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let path = legion_models::test_model("vgg16-conv").unwrap();
     let ir = import(&path, Some(&[1, 3, 48, 48])).unwrap();
     let onnx = std::fs::read(&path).unwrap();
@@ -903,6 +905,45 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
     assert_eq!(runner.taken_back, [(3, "firefly-1".to_string())]);
     assert_eq!(runner.boards().len(), 4);
     assert!(plan_uses(runner.plan(), "firefly-1"), "planned for again");
+}
+
+/// With standby plans, a board's loss is recovered by the plan loaded for it in
+/// advance, and plans for the next loss are loaded before the next inference: two
+/// boards die one after the other, each recovery by a standby plan, every output equal
+/// to one device's.
+#[test]
+fn standby_plans_take_over_when_boards_die() {
+    let _host = share_host();
+    let (setup, mut local) = Recovering::new(None);
+    let mut runner = setup.runner();
+    assert_eq!(setup.rt.block_on(runner.prepare_standby()).unwrap(), 4);
+    setup.infer_equal(&mut runner);
+    let names = ["firefly-0", "firefly-1", "odroid-0", "odroid-1"];
+    let mut dead = vec![];
+    for n in 0..2 {
+        // A board the plan running now computes on.
+        let victim = (0..names.len())
+            .rev()
+            .find(|&i| !dead.contains(&i) && plan_uses(runner.plan(), names[i]))
+            .unwrap();
+        local.kill(victim);
+        dead.push(victim);
+        setup.infer_equal(&mut runner);
+        let recovery = &runner.recoveries[n];
+        assert_eq!(recovery.down, [names[victim]]);
+        assert!(
+            recovery.standby,
+            "recovered by a standby plan: {recovery:?}"
+        );
+        let up: Vec<&str> = (0..names.len())
+            .filter(|i| !dead.contains(i))
+            .map(|i| names[i])
+            .collect();
+        assert_eq!(runner.boards(), up);
+        // The next inference loads the plans for the next loss first.
+        setup.infer_equal(&mut runner);
+    }
+    assert_eq!(runner.recoveries.len(), 2);
 }
 
 /// A board slower than its profile says: the profile claims firefly-0 computes 6x

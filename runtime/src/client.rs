@@ -299,9 +299,11 @@ impl WorkerClient {
             tiles_json: serde_json::to_vec(tiles)?,
             peers,
         };
+        // The board builds the tiles before it answers.
+        let timeout = self.timeout + self.compute_timeout * tiles.len() as u32;
         let mut raw = self.raw.clone();
         Ok(self
-            .call("LoadPlan", self.timeout, raw.load_plan(req))
+            .call("LoadPlan", timeout, raw.load_plan(req))
             .await?
             .program)
     }

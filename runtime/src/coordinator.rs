@@ -63,8 +63,10 @@ pub struct Coordinator {
     model: Option<ModelId>,
     /// Candidates whose programs the boards hold, by the programs' hash.
     loaded: tokio::sync::Mutex<Vec<(String, Arc<LoadedPrograms>)>>,
-    /// The next inference's number.
-    inferences: AtomicU64,
+    /// The next inference's number, shared with the coordinators made by
+    /// [`Coordinator::only`]: the boards key rows in flight by program and inference, so
+    /// no two runs on the same boards may share a number.
+    inferences: Arc<AtomicU64>,
 }
 
 impl Coordinator {
@@ -132,7 +134,7 @@ impl Coordinator {
             clock,
             model: None,
             loaded: tokio::sync::Mutex::default(),
-            inferences: AtomicU64::new(0),
+            inferences: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -152,7 +154,7 @@ impl Coordinator {
             clock: self.clock,
             model: self.model.clone(),
             loaded: tokio::sync::Mutex::default(),
-            inferences: AtomicU64::new(self.inferences.load(Ordering::Relaxed)),
+            inferences: self.inferences.clone(),
         })
     }
 

@@ -31,11 +31,11 @@ pub struct LoadedPrograms {
 
 impl Coordinator {
     /// Gives every board of `candidate` (of a plan for `ir`, checked against it) its
-    /// program, its tiles and the addresses of the boards it sends to.
+    /// program, its tiles and the addresses of the boards it sends to, all boards at
+    /// once; each builds its tiles before it answers.
     pub async fn load_programs(&self, candidate: &Candidate) -> Result<LoadedPrograms> {
         let model = self.model()?;
-        let mut boards = vec![];
-        let mut ids = HashMap::new();
+        let mut loading = tokio::task::JoinSet::new();
         for (p, program) in candidate.programs.iter().enumerate() {
             let Party::Device(name) = &program.party else {
                 continue;
@@ -79,15 +79,24 @@ impl Coordinator {
                     });
                 }
             }
-            let id = self
-                .device(d)?
-                .client()
-                .load_plan(model, program, &tiles, peers)
-                .await
-                .with_context(|| format!("loading {name}'s program"))?;
-            ids.insert(name.clone(), id.clone());
+            let client = self.device(d)?.client().clone();
+            let (model, program, name) = (model.clone(), program.clone(), name.clone());
+            loading.spawn(async move {
+                let id = client
+                    .load_plan(&model, &program, &tiles, peers)
+                    .await
+                    .with_context(|| format!("loading {name}'s program"));
+                (p, d, name, id)
+            });
+        }
+        let mut boards = vec![];
+        let mut ids = HashMap::new();
+        for (p, d, name, id) in loading.join_all().await {
+            let id = id?;
+            ids.insert(name, id.clone());
             boards.push((p, d, id));
         }
+        boards.sort();
         Ok(LoadedPrograms { boards, ids })
     }
 

@@ -154,8 +154,10 @@ struct TileTime {
     host_gflops: Option<f64>,
 }
 
-/// Tiles a worker keeps built: more than a plan's groups on one device.
-pub const TILE_CACHE: usize = 32;
+/// Tiles a worker keeps built: the tiles of several plans' programs on one device (a
+/// recovering coordinator keeps a plan for each board's loss loaded); their weights
+/// are bounded apart.
+pub const TILE_CACHE: usize = 256;
 
 /// Weight bytes the kept tiles may hold together (each tile packs its own copy of its
 /// stages' weights); the least recently used go first, the newest always stays. FSS

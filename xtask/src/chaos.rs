@@ -32,6 +32,9 @@ pub struct Args {
     /// Seed of the fault schedule.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep a plan for each board's loss loaded (`legion run --standby`).
+    #[arg(long)]
+    standby: bool,
     /// Where to write the report.
     #[arg(long, default_value = "bench/chaos.md")]
     out: PathBuf,
@@ -203,6 +206,8 @@ impl Drop for Links {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    // The runner logs each failure, recovery and board taken back.
+    legion_runtime::serve::init_logging();
     let legion = crate::bench::legion_binary()?;
     let dir = crate::cross::target_dir().join("chaos");
     std::fs::create_dir_all(&dir)?;
@@ -286,6 +291,10 @@ pub fn run(args: &Args) -> Result<()> {
     .context("compile made no plan")?;
     let predicted_all = plan.chosen().predicted_us;
     let mut runner = Resilient::new(&coord, &ir, &onnx, prof, plan, options)?;
+    if args.standby {
+        let loaded = rt.block_on(runner.prepare_standby())?;
+        eprintln!("{loaded} standby plans loaded");
+    }
 
     // Faults: every 2-6 s one board of those up (never the last two) is killed or
     // stopped, and 2-5 s later started again or continued.
@@ -450,11 +459,12 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     writeln!(
         md,
-        "Measured by `cargo xtask chaos --model {} --inferences {} --seed {}` on {}, in {:.0} s. \
+        "Measured by `cargo xtask chaos --model {} --inferences {} --seed {}{}` on {}, in {:.0} \
+         s. \
          Four emulated workers as processes (2 Firefly-RK3399, 2 Odroid-XU4 class, 100 \
          Mbit/s), profiled in legion mode, the plan compiled by prediction; `legion run \
          --recover-with`'s recovery (`Resilient`, docs/architecture.md, \"The driver\") runs \
-         the inferences one after another. Every 2-6 s a random worker is SIGKILLed (and \
+         the inferences one after another{}. Every 2-6 s a random worker is SIGKILLed (and \
          started again at its address 2-5 s later) or SIGSTOPped (and SIGCONTed 2-5 s \
          later){}. Times are on the emulated clock except recovery, which is wall time \
          from the failure seen (an error, or the deadline passed) to the inference's \
@@ -462,8 +472,14 @@ pub fn run(args: &Args) -> Result<()> {
         args.model,
         args.inferences,
         args.seed,
+        if args.standby { " --standby" } else { "" },
         crate::bench::host(),
         elapsed.as_secs_f64(),
+        if args.standby {
+            ", with a plan for each board's loss loaded in advance (`--standby`)"
+        } else {
+            ""
+        },
         match links {
             Some(_) => {
                 ", or its link, a veth into its own network namespace, is cut (set down) or \
@@ -536,13 +552,28 @@ pub fn run(args: &Args) -> Result<()> {
     for r in &runner.recoveries {
         writeln!(
             md,
-            "- inference {}: {} down ({}); new plan after {:.0} ms, output after {:.0} ms",
+            "- inference {}: {} down ({}); new plan{} after {:.0} ms, output after {:.0} ms",
             r.inference,
             r.down.join(", "),
             r.reason.chars().take(120).collect::<String>(),
+            if r.standby { " (standby)" } else { "" },
             r.replanned_after.as_secs_f64() * 1e3,
             r.recovered_after.as_secs_f64() * 1e3
         )?;
+    }
+    if !runner.stragglers.is_empty() {
+        writeln!(md, "\nThe stragglers:\n")?;
+        for s in &runner.stragglers {
+            writeln!(
+                md,
+                "- after inference {}: {} computed {:.2}x its prediction {} inferences in a \
+                 row; its profile rescaled, the plan compiled again",
+                s.inference,
+                s.board,
+                s.ratio,
+                legion_pipeline::STRAGGLER_RUNS
+            )?;
+        }
     }
     if !failed.is_empty() {
         writeln!(md, "\nInferences that failed:\n")?;

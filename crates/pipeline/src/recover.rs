@@ -7,7 +7,9 @@
 //! [`STRAGGLER_RATIO`] slower than predicted [`STRAGGLER_RUNS`] inferences in a row has
 //! its profile rescaled by that ratio, and the plan is compiled again. No inference is
 //! lost or answered wrong without an error: each returns the plan's output or an error
-//! naming it.
+//! naming it. With standby plans ([`Resilient::prepare_standby`]) the plan for each
+//! board's loss is loaded on the others in advance, so that recovering costs the Health
+//! round and one run.
 
 use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
 use anyhow::{Context, Result, bail};
@@ -48,6 +50,15 @@ pub struct Recovery {
     pub replanned_after: Duration,
     /// From the failure to the inference's output.
     pub recovered_after: Duration,
+    /// Whether the plan that recovered it was a standby plan, loaded in advance.
+    pub standby: bool,
+}
+
+/// A plan for some of the boards, its programs loaded on them (their tiles built).
+struct Standby {
+    boards: Vec<DeviceId>,
+    plan: Plan,
+    coord: Coordinator,
 }
 
 /// Runs a plan inference after inference, re-planning around boards that fail.
@@ -76,6 +87,13 @@ pub struct Resilient<'a> {
     pub taken_back: Vec<(u64, String)>,
     /// Boards found slower than their profile and planned for again.
     pub stragglers: Vec<Straggler>,
+    /// Plans loaded for other sets of boards: for each board's loss, once prepared, and
+    /// the plans left when others took over.
+    standby: Vec<Standby>,
+    /// Whether plans for each board's loss are kept loaded, prepared again before the
+    /// next inference when the boards up or the profile change.
+    keep_standby: bool,
+    restock: bool,
 }
 
 /// A board that ran slower than predicted [`STRAGGLER_RUNS`] inferences in a row: its
@@ -118,7 +136,57 @@ impl<'a> Resilient<'a> {
             recoveries: vec![],
             taken_back: vec![],
             stragglers: vec![],
+            standby: vec![],
+            keep_standby: false,
+            restock: false,
         })
+    }
+
+    /// Loads the plan running now and, for each of its boards, a plan for the others,
+    /// on their boards (each board builds its tiles), and keeps doing so whenever the
+    /// boards up or the profile change; returns the number of standby plans. Each board
+    /// then holds up to one plan per board of the cluster (its worker bounds the weights
+    /// it keeps built, rebuilding what it dropped at the next run).
+    pub async fn prepare_standby(&mut self) -> Result<usize> {
+        self.keep_standby = true;
+        self.restock = false;
+        self.current
+            .loaded_programs(self.plan.chosen())
+            .await
+            .context("loading the plan's programs")?;
+        // Kept: plans for one board fewer or one more than the boards up (the next loss,
+        // or a board taken back).
+        let up = self.up.clone();
+        self.standby.retain(|s| {
+            let gone = s.boards.iter().filter(|b| !up.contains(b)).count();
+            let new = up.iter().filter(|b| !s.boards.contains(b)).count();
+            gone + new <= 1
+        });
+        if up.len() < 2 {
+            return Ok(0);
+        }
+        for &lost in &up {
+            let boards: Vec<DeviceId> = up.iter().copied().filter(|&b| b != lost).collect();
+            if self.standby.iter().any(|s| s.boards == boards) {
+                continue;
+            }
+            let plan = self.compile_for(&boards)?;
+            let coord = self.full.only(&boards)?;
+            coord
+                .loaded_programs(plan.chosen())
+                .await
+                .with_context(|| format!("loading the plan without {}", self.name(lost)))?;
+            self.standby.push(Standby {
+                boards,
+                plan,
+                coord,
+            });
+        }
+        Ok(self
+            .standby
+            .iter()
+            .filter(|s| s.boards.len() + 1 == up.len())
+            .count())
     }
 
     /// The plan running now.
@@ -141,6 +209,13 @@ impl<'a> Resilient<'a> {
         let n = self.inferences;
         self.inferences += 1;
         self.take_back(n).await?;
+        if self.restock {
+            let loaded = self
+                .prepare_standby()
+                .await
+                .with_context(|| format!("inference {n}: loading standby plans"))?;
+            tracing::info!(inference = n, loaded, "standby plans loaded");
+        }
         let mut stretch = 1;
         let mut failed_at: Option<(Instant, Recovery)> = None;
         for _ in 0..ATTEMPTS {
@@ -200,12 +275,14 @@ impl<'a> Resilient<'a> {
             if self.up.is_empty() {
                 bail!("inference {n}: every board is down ({})", names.join(", "));
             }
-            self.replan()
+            let standby = self
+                .replan()
                 .with_context(|| format!("inference {n}: re-planning without {names:?}"))?;
             let recovery = match failed_at.take() {
                 Some((_, mut r)) => {
                     r.down.extend(names);
                     r.replanned_after = at.elapsed();
+                    r.standby = standby;
                     r
                 }
                 None => Recovery {
@@ -214,6 +291,7 @@ impl<'a> Resilient<'a> {
                     reason,
                     replanned_after: at.elapsed(),
                     recovered_after: Duration::ZERO,
+                    standby,
                 },
             };
             failed_at = Some((at, recovery));
@@ -275,7 +353,9 @@ impl<'a> Resilient<'a> {
                 ratio,
             });
         }
-        self.replan()
+        // Plans compiled from the profile before are stale.
+        self.standby.clear();
+        self.replan().map(|_| ())
     }
 
     /// 3x the last inference's wall time, or the plan's prediction when longer, plus 1 s.
@@ -338,6 +418,15 @@ impl<'a> Resilient<'a> {
         up.sort();
         self.up = up;
         self.replan()?;
+        // A board that restarted lost the programs it held: every board gets its program
+        // again (a board that kept it has its tiles built, so this is quick for it).
+        self.current = self.full.only(&self.up)?;
+        if let Err(e) = self.current.loaded_programs(self.plan.chosen()).await {
+            tracing::warn!(
+                inference = n,
+                "loading the programs of the boards back: {e:#}"
+            );
+        }
         for d in back {
             let name = self.name(d);
             tracing::info!(
@@ -350,11 +439,42 @@ impl<'a> Resilient<'a> {
         Ok(())
     }
 
-    /// Compiles a plan for the boards up, by prediction from the profile.
-    fn replan(&mut self) -> Result<()> {
+    /// Moves to a plan for the boards up: a standby plan for them, or one compiled by
+    /// prediction from the profile; true for a standby plan. The plan left becomes a
+    /// standby plan.
+    fn replan(&mut self) -> Result<bool> {
+        let (plan, coord, standby) = match self.standby.iter().position(|s| s.boards == self.up) {
+            Some(i) => {
+                let s = self.standby.swap_remove(i);
+                (s.plan, s.coord, true)
+            }
+            None => (
+                self.compile_for(&self.up)?,
+                self.full.only(&self.up)?,
+                false,
+            ),
+        };
+        let boards: Vec<DeviceId> = self
+            .current
+            .devices()
+            .iter()
+            .filter_map(|d| self.full.id_of(d.name()))
+            .collect();
+        let left = Standby {
+            boards,
+            plan: std::mem::replace(&mut self.plan, plan),
+            coord: std::mem::replace(&mut self.current, coord),
+        };
+        self.standby.retain(|s| s.boards != left.boards);
+        self.standby.push(left);
+        self.restock = self.keep_standby;
+        Ok(standby)
+    }
+
+    /// A plan for `boards`, compiled by prediction from the profile.
+    fn compile_for(&self, boards: &[DeviceId]) -> Result<Plan> {
         let mut cluster: Cluster = self.full.cluster().clone();
-        cluster.devices = self
-            .up
+        cluster.devices = boards
             .iter()
             .map(|d| self.full.cluster().devices[d.index()].clone())
             .collect();
@@ -367,10 +487,8 @@ impl<'a> Resilient<'a> {
             None,
             &mut PassTimes::default(),
         )?;
-        self.plan = compiled
+        Ok(compiled
             .plan
-            .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?;
-        self.current = self.full.only(&self.up)?;
-        Ok(())
+            .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?)
     }
 }

@@ -56,7 +56,10 @@ fn rows_of(ir: &Ir, m: &WireRows) -> Result<(Part, Tensor), Status> {
 impl Worker {
     /// LoadPlan: checks the program against the model and the plan version, connects to
     /// the boards it sends to, and keeps it under an id.
-    pub(super) async fn load_plan(&self, req: LoadPlanRequest) -> Result<LoadPlanReply, Status> {
+    pub(super) async fn load_plan(
+        self: &Arc<Self>,
+        req: LoadPlanRequest,
+    ) -> Result<LoadPlanReply, Status> {
         if req.plan_version != PLAN_VERSION {
             return Err(Status::failed_precondition(format!(
                 "the program follows plan format {}, this worker runs format {PLAN_VERSION}; \
@@ -141,6 +144,14 @@ impl Worker {
             }
         }
         let windows = windows(&program, &tiles);
+        // Built and run once now, so that the program's first run (after a re-plan, the
+        // one that recovers an inference) waits for neither; an emulated board's first
+        // runs of a tile also settle its time here.
+        let specs: Vec<TileSpec> = tiles.values().flat_map(|t| t.phases.clone()).collect();
+        let (worker, warm_model, warm_ir) = (self.clone(), model.clone(), ir.clone());
+        tokio::task::spawn_blocking(move || worker.warm_up(&warm_model, &warm_ir, &specs))
+            .await
+            .map_err(|e| Status::internal(format!("{name}: building the tiles failed: {e}")))??;
         let mut id = Sha256::new();
         id.update(model.sha256.as_bytes());
         id.update(&req.program_json);
@@ -216,6 +227,23 @@ impl Worker {
         drop(mailbox);
         self.arrived.notify_waiters();
         Ok(PushRowsReply {})
+    }
+
+    /// Builds each tile of `specs` and runs it once on made-up inputs; blocking.
+    fn warm_up(&self, model: &ModelRef, ir: &Ir, specs: &[TileSpec]) -> Result<(), Status> {
+        for spec in specs {
+            let key = tile_key(model, spec)?;
+            let tile = self.tile(&key, ir, spec)?;
+            let inputs = spec
+                .inputs
+                .iter()
+                .map(|i| crate::check::test_input(&ir.tensor(i.tensor).strip_shape(i.rows)))
+                .collect();
+            self.config
+                .compute
+                .run_tile(&tile_key_text(&key), &tile, inputs)?;
+        }
+        Ok(())
     }
 
     fn loaded(&self, id: &str) -> Result<Arc<Loaded>, Status> {
