@@ -29,8 +29,10 @@ pub fn run(args: &Args) -> Result<()> {
         "Measured by `cargo xtask fuzz --cases {} --seed {}` on {}. Each case applies 1-8 \
          random edits (flipped, overwritten, inserted, deleted bytes, or a cut) to a valid \
          seed (crates/fuzz). *accepted*: read without an error (a request: served). The \
-         requests go to a worker in the same process, which answered Health after all of \
-         them.\n",
+         requests' mutated bytes go as they are to their method on a worker in the same \
+         process, which decodes them itself; every 16th case writes random bytes, or the \
+         HTTP/2 preface and random bytes, on a new connection to its port instead. The \
+         worker answered Health after all of them.\n",
         args.cases,
         args.seed,
         crate::bench::host()

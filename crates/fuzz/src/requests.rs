@@ -1,25 +1,33 @@
 //! The worker's gRPC requests, mutated: each request type's valid protobuf bytes (for
-//! tiny-cnn, uploaded first) get random edits; those that still decode go to a worker
-//! serving in this process, which must answer Health after all of them.
+//! tiny-cnn, uploaded first) get random edits and go, as they are, to the method's path
+//! on a worker serving in this process, which decodes them itself; every 16th case
+//! writes random bytes, or the HTTP/2 preface and random bytes, on a new connection to
+//! its port instead. The worker must answer Health after all of them.
 
 use crate::mutate;
 use anyhow::{Context, Result};
+use bytes::{Buf, BufMut};
 use legion_plan::{Party, TileSpec};
-use legion_runtime::proto::worker_client::WorkerClient as Raw;
 use legion_runtime::proto::{
-    self, F32Tensor, HealthRequest, LoadPlanRequest, ModelRef, ProbeRequest, ProfileStageRequest,
+    self, F32Tensor, LoadPlanRequest, ModelChunk, ModelRef, ProbeRequest, ProfileStageRequest,
     RunProgramRequest, RunTileRequest,
 };
 use legion_runtime::{Compute, Limits, Worker, WorkerClient, WorkerConfig, sha256_hex};
 use prost::Message;
 use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::RngCore;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
 
 /// How long one mutated call may take before the next is sent.
 const CALL: Duration = Duration::from_secs(3);
 
 /// The seeds: each request type's valid message.
 struct Seeds {
+    upload: ModelChunk,
     has_model: ModelRef,
     run_tile: RunTileRequest,
     profile: ProfileStageRequest,
@@ -58,15 +66,19 @@ pub(crate) fn fuzz(rng: &mut ChaCha8Rng, cases: u64) -> Result<u64> {
         };
         debug_assert_eq!(model.sha256, sha256_hex(&onnx));
         let seeds = seeds(&ir, model, &client).await?;
-        let mut raw = Raw::connect(format!("http://{addr}"))
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
             .await
-            .context("connecting to the worker")?
-            .max_decoding_message_size(1 << 30);
+            .context("connecting to the worker")?;
         let mut accepted = 0;
         for case in 0..cases {
-            accepted += u64::from(one(&mut raw, &seeds, rng, case).await);
+            accepted += u64::from(match case % 16 {
+                15 => garbage(&addr, rng).await,
+                _ => one(&channel, &seeds, rng, case).await,
+            });
         }
-        raw.health(HealthRequest {})
+        client
+            .health()
             .await
             .context("the worker no longer answers Health after the fuzzed requests")?;
         Ok::<_, anyhow::Error>(accepted)
@@ -76,31 +88,99 @@ pub(crate) fn fuzz(rng: &mut ChaCha8Rng, cases: u64) -> Result<u64> {
     result
 }
 
-/// Sends case `case`'s request (the seeds in turn), mutated; true when it decoded and
-/// the worker served it.
-async fn one(
-    raw: &mut Raw<tonic::transport::Channel>,
-    seeds: &Seeds,
-    rng: &mut ChaCha8Rng,
-    case: u64,
-) -> bool {
-    macro_rules! send {
-        ($seed:expr, $ty:ty, $call:ident) => {{
-            let bytes = mutate(rng, &$seed.encode_to_vec());
-            match <$ty>::decode(&bytes[..]) {
-                Ok(req) => matches!(tokio::time::timeout(CALL, raw.$call(req)).await, Ok(Ok(_))),
-                Err(_) => false,
+/// Sends case `case`'s request (the seeds in turn), mutated, as raw bytes to its
+/// method; true when the worker served it.
+async fn one(channel: &Channel, seeds: &Seeds, rng: &mut ChaCha8Rng, case: u64) -> bool {
+    let (method, seed) = match case % 8 {
+        0 => ("HasModel", seeds.has_model.encode_to_vec()),
+        1 => ("RunTile", seeds.run_tile.encode_to_vec()),
+        2 => ("ProfileStage", seeds.profile.encode_to_vec()),
+        3 => ("LoadPlan", seeds.load_plan.encode_to_vec()),
+        4 => ("RunProgram", seeds.run_program.encode_to_vec()),
+        5 => ("PushRows", seeds.push_rows.encode_to_vec()),
+        6 => ("UploadModel", seeds.upload.encode_to_vec()),
+        _ => ("ProbeTransfer", seeds.probe.encode_to_vec()),
+    };
+    let body = mutate(rng, &seed);
+    let path =
+        PathAndQuery::try_from(format!("/legion.v1.Worker/{method}")).expect("a method's path");
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let call = async {
+        grpc.ready().await.ok()?;
+        match method {
+            "UploadModel" => {
+                let chunks = tonic::codegen::tokio_stream::iter([body]);
+                let request = tonic::Request::new(chunks);
+                grpc.client_streaming(request, path, RawBytes).await.ok()
             }
-        }};
+            _ => grpc
+                .unary(tonic::Request::new(body), path, RawBytes)
+                .await
+                .ok(),
+        }
+    };
+    matches!(tokio::time::timeout(CALL, call).await, Ok(Some(_)))
+}
+
+/// Writes random bytes, or the HTTP/2 preface and random bytes, on a new connection to
+/// `addr`, and reads what comes back for a moment; never served.
+async fn garbage(addr: &str, rng: &mut ChaCha8Rng) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut bytes = match rng.next_u32() % 2 {
+        0 => PREFACE.to_vec(),
+        _ => vec![],
+    };
+    let mut tail = vec![0; 1 + (rng.next_u32() % 4096) as usize];
+    rng.fill_bytes(&mut tail);
+    bytes.extend(tail);
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(&bytes).await.ok()?;
+        let mut reply = [0; 1024];
+        let _ = stream.read(&mut reply).await;
+        Some(())
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), exchange).await;
+    false
+}
+
+/// A request body sent and a reply received as bytes: the worker decodes them itself.
+#[derive(Clone, Copy)]
+struct RawBytes;
+
+impl Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
     }
-    match case % 7 {
-        0 => send!(seeds.has_model, ModelRef, has_model),
-        1 => send!(seeds.run_tile, RunTileRequest, run_tile),
-        2 => send!(seeds.profile, ProfileStageRequest, profile_stage),
-        3 => send!(seeds.load_plan, LoadPlanRequest, load_plan),
-        4 => send!(seeds.run_program, RunProgramRequest, run_program),
-        5 => send!(seeds.push_rows, proto::Rows, push_rows),
-        _ => send!(seeds.probe, ProbeRequest, probe_transfer),
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut bytes = vec![0; src.remaining()];
+        src.copy_to_slice(&mut bytes);
+        Ok(Some(bytes))
     }
 }
 
@@ -162,7 +242,12 @@ async fn seeds(ir: &legion_ir::Ir, model: ModelRef, client: &WorkerClient) -> Re
         channels: None,
         partial: false,
     };
+    let onnx = legion_models::bytes("tiny-cnn")?;
     Ok(Seeds {
+        upload: ModelChunk {
+            model: Some(model.clone()),
+            data: onnx[..onnx.len().min(4096)].to_vec(),
+        },
         has_model: model.clone(),
         run_tile: RunTileRequest {
             model: Some(model.clone()),
