@@ -64,9 +64,26 @@ pub struct Args {
     /// Stop after this pass (partition, cost, fusion or codegen); no plan is written.
     #[arg(long, value_parser = parse_pass)]
     stop_after: Option<Pass>,
+    /// latency: one plan over the boards, for the fastest inference; throughput: the
+    /// cluster cut into sub-clusters with a plan each, each on its own frames, for the
+    /// most frames per second within --latency-budget (a serving plan, for `legion
+    /// serve`; plans by prediction).
+    #[arg(long, value_enum, default_value_t = Objective::Latency)]
+    objective: Objective,
+    /// With --objective throughput: the longest a frame may take on the predicted
+    /// clock, in milliseconds (500) or as a multiple of the best plan over every board
+    /// (1.5x).
+    #[arg(long, default_value = "2x")]
+    latency_budget: legion_pipeline::LatencyBudget,
     /// Where to write the plan.
     #[arg(short, long, required_unless_present = "stop_after")]
     output: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Objective {
+    Latency,
+    Throughput,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -95,6 +112,15 @@ pub fn run(args: &Args) -> Result<()> {
         Mode::Legion => ProfileMode::Legion,
         Mode::Fss => ProfileMode::Fss,
     };
+    let throughput = args.objective == Objective::Throughput;
+    if throughput && (args.measure || args.stop_after.is_some() || !args.dump_after.is_empty()) {
+        return Err(BadInput(
+            "--objective throughput compiles a plan per subset of the boards by prediction; \
+             --measure, --stop-after and --dump-after apply to one plan (--objective latency)"
+                .into(),
+        )
+        .into());
+    }
     let cluster = Cluster::load(&args.cluster)?;
     let mut times = PassTimes::default();
     let ir = times.time("import", || args.model.import())?;
@@ -147,6 +173,17 @@ pub fn run(args: &Args) -> Result<()> {
         sub_strips: !args.no_sub_strips,
         rows_only: args.rows_only,
     };
+    if throughput {
+        let output = args.output.as_ref().expect("required without --stop-after");
+        return compile_serving(
+            &ir,
+            &profile,
+            &cluster,
+            &options,
+            args.latency_budget,
+            output,
+        );
+    }
     let live = coord.as_ref().map(|c| (c, &rt));
     let compiled = legion_pipeline::compile(&ir, &profile, &cluster, &options, live, &mut times)?;
     for dump in &compiled.dumps {
@@ -174,6 +211,37 @@ pub fn run(args: &Args) -> Result<()> {
             eprintln!("stopped after {pass}: no plan written");
         }
     }
+    Ok(())
+}
+
+/// `legion compile --objective throughput`: a plan for every subset of the boards, the
+/// best cut into sub-clusters, written as a serving plan.
+fn compile_serving(
+    ir: &legion_ir::Ir,
+    profile: &Profile,
+    cluster: &Cluster,
+    options: &CompileOptions,
+    budget: legion_pipeline::LatencyBudget,
+    output: &std::path::Path,
+) -> Result<()> {
+    let subsets = (1u64 << cluster.devices.len().min(63)) - 1;
+    let bar = indicatif::ProgressBar::new(subsets);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("sub-clusters");
+    let plan =
+        legion_pipeline::compile_serving(ir, profile, cluster, options, budget, |done, _| {
+            bar.set_position(done as u64)
+        });
+    bar.finish_and_clear();
+    let plan = plan?;
+    std::fs::write(output, serde_json::to_string_pretty(&plan)? + "\n")
+        .with_context(|| format!("writing {}", output.display()))?;
+    print!("{}", crate::serve::describe(&plan));
+    println!("serving plan written to {}", output.display());
     Ok(())
 }
 

@@ -8,6 +8,7 @@ mod plan;
 mod predict;
 mod profile;
 mod run;
+mod serve;
 mod split;
 mod timeline;
 
@@ -48,6 +49,11 @@ enum Command {
     Plan(plan::Args),
     /// Execute a plan on the cluster: per-group timings, latency, speedup, --check.
     Run(run::Args),
+    /// Take frames over gRPC and run them on the sub-clusters of a serving plan (or on
+    /// one plan), re-planning around boards that fail.
+    Serve(serve::Args),
+    /// Send one frame to `legion serve` and print (or save) its outputs.
+    Infer(serve::InferArgs),
     /// The whole job on an emulated local cluster of 4 boards, no setup needed.
     Demo(demo::Args),
 }
@@ -83,6 +89,11 @@ fn main() -> ExitCode {
         Command::Compile(args) => compile::run(&args),
         Command::Plan(args) => plan::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Serve(args) => {
+            init_logging();
+            serve::run(&args)
+        }
+        Command::Infer(args) => serve::infer(&args),
         Command::Demo(args) => demo::run(&args),
     };
     match result {

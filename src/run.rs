@@ -219,7 +219,7 @@ fn read_input(path: &Path, ir: &Ir) -> Result<Tensor> {
 }
 
 /// Writes the first output to `path` and any further ones to `path.1.npy`, ...
-fn write_output(path: &Path, outputs: &[Tensor]) -> Result<()> {
+pub(crate) fn write_output(path: &Path, outputs: &[Tensor]) -> Result<()> {
     for (k, t) in outputs.iter().enumerate() {
         let file = if k == 0 {
             path.to_path_buf()

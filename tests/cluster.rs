@@ -975,3 +975,215 @@ fn a_straggler_gets_its_profile_rescaled_and_a_new_plan() {
     assert!(ratio > legion_pipeline::STRAGGLER_RATIO, "{ratio}");
     assert!(runner.recoveries.is_empty());
 }
+
+/// A stream of 50 frames through 3 emulated boards cut into sub-clusters for
+/// throughput, with a board killed after the 15th answer: every frame is answered once,
+/// each output equals one device's, and the frames the dead board's sub-cluster failed
+/// ran on another.
+#[test]
+fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
+    use legion_pipeline::{CompileOptions, LatencyBudget, ServeOptions, compile_serving, serve};
+    use legion_runtime::proto::InferRequest;
+    use legion_runtime::proto::inference_client::InferenceClient;
+    let _host = share_host();
+    const FRAMES: usize = 50;
+    let mut cluster = local_cluster(
+        3,
+        &["firefly-rk3399", "firefly-rk3399", "odroid-xu4"].map(String::from),
+        0,
+    )
+    .unwrap();
+    for (d, name) in cluster
+        .devices
+        .iter_mut()
+        .zip(["firefly-0", "firefly-1", "odroid-0"])
+    {
+        d.name = name.to_string();
+    }
+    let mut local = start(&cluster);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/profiles/tiny-cnn-2f2o.json");
+    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let profile = legion_pipeline::boards_of(&four, local.cluster()).unwrap();
+    let (ir, onnx) = load("tiny-cnn");
+    let rt = rt();
+    let coord = connect(&rt, local.cluster(), &onnx, &ir);
+    let options = CompileOptions::legion("tiny-cnn-2f2o.json");
+    // A loose budget: the most frames per second, whatever the latency.
+    let plan = compile_serving(
+        &ir,
+        &profile,
+        local.cluster(),
+        &options,
+        LatencyBudget::Relative(100.0),
+        |_, _| {},
+    )
+    .unwrap();
+    let victim = plan.sub_clusters.last().unwrap().boards[0].clone();
+    let victim_index = coord.id_of(&victim).unwrap().index();
+    let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
+
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let input = legion_runtime::to_wire(&test_input(&ir.input.shape)).unwrap();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let replies = rt.block_on(async {
+            let client = InferenceClient::connect(address).await.unwrap();
+            let mut calls = tokio::task::JoinSet::new();
+            let mut replies = vec![];
+            for i in 0..FRAMES {
+                // At most 4 frames in flight.
+                if calls.len() == 4 {
+                    replies.push(calls.join_next().await.unwrap().unwrap());
+                }
+                if replies.len() == 15 && local.cluster().devices.len() == 3 {
+                    local.kill(victim_index);
+                }
+                let mut client = client.clone();
+                let request = InferRequest {
+                    id: format!("frame-{i}"),
+                    input: Some(input.clone()),
+                };
+                calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
+            }
+            replies.extend(calls.join_all().await);
+            replies
+        });
+        let _ = stop.send(());
+        (replies, local)
+    });
+    let served = rt
+        .block_on(serve(
+            &coord,
+            &ir,
+            &onnx,
+            &plan,
+            &profile,
+            options,
+            &ServeOptions {
+                queue: 16,
+                token: None,
+                standby: false,
+            },
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ))
+        .unwrap();
+    let (replies, _local) = client.join().unwrap();
+    let mut ids: Vec<String> = vec![];
+    for reply in replies {
+        let reply = reply.unwrap();
+        let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
+        let want = reference.tensor(ir.outputs[0]);
+        assert!(
+            compare(&got, want, want).unwrap().within(1e-5),
+            "{}",
+            reply.id
+        );
+        ids.push(reply.id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), FRAMES, "every frame answered");
+    assert_eq!(served.answered, FRAMES as u64, "none answered twice");
+    assert_eq!((served.refused, served.failed), (0, 0));
+    // A sub-cluster of the dead board alone cannot re-plan: the frame it took next went
+    // back to the queue for another.
+    if plan.sub_clusters.last().unwrap().boards.len() == 1 {
+        assert!(served.retried >= 1, "{served:?}");
+    }
+}
+
+/// Backpressure: with room for one waiting frame, 12 frames sent at once are each
+/// answered with the right output or refused at once with RESOURCE_EXHAUSTED; none is
+/// lost.
+#[test]
+fn a_full_queue_refuses_frames_at_once() {
+    use legion_pipeline::{CompileOptions, LatencyBudget, ServeOptions, compile_serving, serve};
+    use legion_runtime::proto::InferRequest;
+    use legion_runtime::proto::inference_client::InferenceClient;
+    let _host = share_host();
+    const FRAMES: usize = 12;
+    let mut cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
+    cluster.devices[0].name = "firefly-0".into();
+    let local = start(&cluster);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/profiles/tiny-cnn-2f2o.json");
+    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let profile = legion_pipeline::boards_of(&four, local.cluster()).unwrap();
+    let (ir, onnx) = load("tiny-cnn");
+    let rt = rt();
+    let coord = connect(&rt, local.cluster(), &onnx, &ir);
+    let compile = CompileOptions::legion("tiny-cnn-2f2o.json");
+    let budget = LatencyBudget::Relative(1.0);
+    let plan = compile_serving(&ir, &profile, local.cluster(), &compile, budget, |_, _| {});
+    let plan = plan.unwrap();
+    let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let input = legion_runtime::to_wire(&test_input(&ir.input.shape)).unwrap();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let replies = rt.block_on(async {
+            let client = InferenceClient::connect(address).await.unwrap();
+            let mut calls = tokio::task::JoinSet::new();
+            for i in 0..FRAMES {
+                let mut client = client.clone();
+                let request = InferRequest {
+                    id: format!("frame-{i}"),
+                    input: Some(input.clone()),
+                };
+                calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
+            }
+            calls.join_all().await
+        });
+        let _ = stop.send(());
+        replies
+    });
+    let options = ServeOptions {
+        queue: 1,
+        token: None,
+        standby: false,
+    };
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let served = rt
+        .block_on(serve(
+            &coord, &ir, &onnx, &plan, &profile, compile, &options, listener, shutdown,
+        ))
+        .unwrap();
+    let (mut answered, mut refused) = (0, 0);
+    for reply in client.join().unwrap() {
+        match reply {
+            Ok(reply) => {
+                let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
+                let want = reference.tensor(ir.outputs[0]);
+                assert!(compare(&got, want, want).unwrap().within(1e-5));
+                answered += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(answered + refused, FRAMES);
+    assert!(
+        refused >= 1 && answered >= 1,
+        "{answered} answered, {refused} refused"
+    );
+    assert_eq!(
+        (served.answered, served.refused),
+        (answered as u64, refused as u64)
+    );
+}

@@ -31,8 +31,8 @@ pub use execute::{PlanRun, run_candidate};
 pub use local::{LocalCluster, default_cache_dir, local_cluster};
 pub use programs::{LoadedPrograms, RECEIVE_TIMEOUT};
 pub use tensors::Tensors;
-pub use wire::sha256_hex;
-pub use worker::{Compute, Limits, TILE_CACHE, Worker, WorkerConfig};
+pub use wire::{from_wire, sha256_hex, to_wire};
+pub use worker::{Compute, Limits, TILE_CACHE, Worker, WorkerConfig, authorize};
 
 /// Largest gRPC message a worker or client accepts: strips of big layers exceed tonic's
 /// 4 MiB default.

@@ -98,7 +98,9 @@ pub fn init_logging() {
         .init();
 }
 
-fn read_token(path: &std::path::Path) -> Result<String, BadWorkerOption> {
+/// The token in the first line of `path`, trimmed; an error naming the file when it
+/// cannot be read or is empty.
+pub fn read_token(path: &std::path::Path) -> Result<String, BadWorkerOption> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         BadWorkerOption(format!(
             "{}: cannot read the token file ({e})",

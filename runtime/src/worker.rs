@@ -678,8 +678,9 @@ async fn receive(
     Ok((bytes, hex(&hasher.finalize())))
 }
 
-/// Checks the bearer token of a call against the worker's.
-fn authorize(token: Option<&str>, req: &Request<()>) -> Result<(), Status> {
+/// Checks the bearer token of a call against `token` (the worker's, or a serving
+/// coordinator's); any call passes without one.
+pub fn authorize(token: Option<&str>, req: &Request<()>) -> Result<(), Status> {
     let Some(token) = token else { return Ok(()) };
     let got = req
         .metadata()

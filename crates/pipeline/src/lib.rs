@@ -9,6 +9,10 @@
 //! - [`execute`]: run a plan against the best single device, in turns.
 //! - [`Resilient`]: run a plan inference after inference, re-planning around boards
 //!   that fail.
+//! - [`serve`]: take frames over gRPC and run them on the sub-clusters of a serving
+//!   plan.
+//! - [`compile_serving`]: cut the cluster into sub-clusters with a plan each, for the
+//!   most frames per second within a latency budget.
 //!
 //! The `legion` CLI, `legion demo` and every `cargo xtask bench` go through here, so
 //! that a benchmark measures what users run.
@@ -17,6 +21,8 @@ mod compile;
 mod passes;
 mod recover;
 mod run;
+mod serve;
+mod serving;
 mod session;
 
 pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
@@ -28,6 +34,8 @@ pub use recover::{
 pub use run::{
     Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, run_whole,
 };
+pub use serve::{FRAME_ATTEMPTS, REPORT_EVERY, ServeOptions, Served, serve, serving_plan_of};
+pub use serving::{LatencyBudget, MAX_SERVING_BOARDS, compile_serving};
 pub use session::{boards_of, connect, profile};
 
 /// Input that does not fit (a profile of another model or cluster, a bad option): the

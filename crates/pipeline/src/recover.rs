@@ -209,6 +209,9 @@ impl<'a> Resilient<'a> {
         let n = self.inferences;
         self.inferences += 1;
         self.take_back(n).await?;
+        if self.up.is_empty() {
+            bail!("inference {n}: every board is down");
+        }
         if self.restock {
             let loaded = self
                 .prepare_standby()
@@ -393,6 +396,14 @@ impl<'a> Resilient<'a> {
             .collect();
         down.sort();
         down
+    }
+
+    /// Asks the boards marked down whether they answer again (when [`PROBE_EVERY`] has
+    /// passed since the last time), taking back those that do; returns the number of
+    /// boards up.
+    pub async fn probe_down(&mut self) -> Result<usize> {
+        self.take_back(self.inferences).await?;
+        Ok(self.up.len())
     }
 
     /// Takes back the boards marked down that answer Health again, uploading the model

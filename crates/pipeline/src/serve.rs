@@ -1,0 +1,405 @@
+//! Serving a stream of frames (docs/architecture.md, "Serving a stream"): a long-lived
+//! coordinator takes frames over gRPC (the `Inference` service), queues them, and each
+//! sub-cluster of a serving plan takes the next frame as soon as it is free, running
+//! its plan through [`Resilient`]. A frame whose sub-cluster fails it goes back to the
+//! front of the queue for another; a full queue refuses a frame at once.
+
+use crate::{BadInput, CompileOptions, Resilient};
+use anyhow::{Context, Result};
+use legion_ir::Ir;
+use legion_plan::{Clock, Plan, Profile, ServingPlan, SubCluster};
+use legion_runtime::Coordinator;
+use legion_runtime::proto::inference_server::{Inference, InferenceServer};
+use legion_runtime::proto::{InferReply, InferRequest};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tonic::{Request, Response, Status};
+use tract_onnx::prelude::Tensor;
+
+/// Sub-clusters a frame is given to before it is answered UNAVAILABLE.
+pub const FRAME_ATTEMPTS: u32 = 3;
+
+/// How often the server logs its throughput and latency.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// How a serving coordinator runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Frames waiting at most; one more is refused with RESOURCE_EXHAUSTED.
+    pub queue: usize,
+    /// The Bearer token callers must present, if any.
+    pub token: Option<String>,
+    /// Keep a plan for each board's loss loaded in every sub-cluster
+    /// ([`Resilient::prepare_standby`]).
+    pub standby: bool,
+}
+
+/// What a serving coordinator did, when it stops.
+#[derive(Clone, Debug, Default)]
+pub struct Served {
+    /// Frames answered with outputs.
+    pub answered: u64,
+    /// Frames refused because the queue was full.
+    pub refused: u64,
+    /// Frames answered UNAVAILABLE after [`FRAME_ATTEMPTS`] sub-clusters failed them.
+    pub failed: u64,
+    /// Frames given to another sub-cluster after one failed them.
+    pub retried: u64,
+    /// Wall latency of every answered frame, from arrival to reply, µs.
+    pub latencies_us: Vec<u64>,
+}
+
+impl Served {
+    /// The `q` quantile (0..=1) of the answered frames' latencies, µs; 0 with none.
+    pub fn latency_quantile_us(&self, q: f64) -> u64 {
+        let mut v = self.latencies_us.clone();
+        v.sort_unstable();
+        match v.len() {
+            0 => 0,
+            n => v[((n - 1) as f64 * q).round() as usize],
+        }
+    }
+}
+
+/// A serving plan, or a plan for the whole cluster as the one sub-cluster of one.
+pub fn serving_plan_of(text: &str) -> Result<ServingPlan, String> {
+    if let Ok(plan) = ServingPlan::from_json(text) {
+        return Ok(plan);
+    }
+    let plan =
+        Plan::from_json(text).map_err(|e| format!("neither a serving plan nor a plan: {e}"))?;
+    let latency = plan.chosen().predicted_us.max(1);
+    let boards: Vec<String> = plan.devices.clone();
+    Ok(ServingPlan {
+        version: legion_plan::SERVING_VERSION,
+        model_sha256: plan.model_sha256.clone(),
+        input_shape: plan.input_shape.clone(),
+        devices: boards.clone(),
+        latency_budget_us: latency,
+        idle: vec![],
+        predicted_fps: 1e6 / latency as f64,
+        predicted_latency_us: latency,
+        single_plan_us: latency,
+        data_parallel_fps: 0.0,
+        reason: "one plan over the cluster".into(),
+        sub_clusters: vec![SubCluster {
+            boards,
+            predicted_fps: 1e6 / latency as f64,
+            plan,
+        }],
+    })
+}
+
+/// A frame waiting for, or held by, a sub-cluster.
+struct Frame {
+    id: String,
+    input: Tensor,
+    arrived: Instant,
+    attempts: u32,
+    reply: oneshot::Sender<Result<InferReply, Status>>,
+}
+
+/// The frames waiting, in order; retried frames go first.
+struct Queue {
+    frames: Mutex<VecDeque<Frame>>,
+    ready: Notify,
+    capacity: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a new frame; false (the frame dropped) when the queue is full.
+    fn push(&self, frame: Frame) -> bool {
+        let mut frames = self.lock();
+        if frames.len() >= self.capacity {
+            return false;
+        }
+        frames.push_back(frame);
+        drop(frames);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Puts a frame a sub-cluster failed back at the front.
+    fn retry(&self, frame: Frame) {
+        self.lock().push_front(frame);
+        self.ready.notify_one();
+    }
+
+    async fn pop(&self) -> Frame {
+        loop {
+            let ready = self.ready.notified();
+            if let Some(frame) = self.lock().pop_front() {
+                return frame;
+            }
+            ready.await;
+        }
+    }
+}
+
+/// The gRPC face: checks a frame and queues it.
+struct Frontend {
+    queue: Arc<Queue>,
+    input_shape: Vec<usize>,
+    served: Arc<Mutex<Served>>,
+}
+
+#[tonic::async_trait]
+impl Inference for Frontend {
+    async fn infer(&self, req: Request<InferRequest>) -> Result<Response<InferReply>, Status> {
+        let req = req.into_inner();
+        let input = req
+            .input
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument(format!("frame {}: no input", req.id)))?;
+        let input = legion_runtime::from_wire(input)
+            .map_err(|e| Status::invalid_argument(format!("frame {}: {e:#}", req.id)))?;
+        if input.shape() != self.input_shape.as_slice() {
+            return Err(Status::invalid_argument(format!(
+                "frame {}: input of shape {:?}, but the model takes {:?}",
+                req.id,
+                input.shape(),
+                self.input_shape
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        let frame = Frame {
+            id: req.id.clone(),
+            input,
+            arrived: Instant::now(),
+            attempts: 0,
+            reply,
+        };
+        if !self.queue.push(frame) {
+            lock(&self.served).refused += 1;
+            return Err(Status::resource_exhausted(format!(
+                "frame {}: {} frames are waiting already; send it again later",
+                req.id, self.queue.capacity
+            )));
+        }
+        match answer.await {
+            Ok(reply) => reply.map(Response::new),
+            Err(_) => Err(Status::unavailable(
+                "the server stopped before the frame ran",
+            )),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serves frames on `listener` until `shutdown` resolves: each sub-cluster of `plan`
+/// (its boards on `coord`, the model uploaded as `onnx`) runs the frames it takes
+/// through its own [`Resilient`], re-planned from `profile` when boards fail. Frames
+/// still waiting at shutdown are answered UNAVAILABLE.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    coord: &Coordinator,
+    ir: &Ir,
+    onnx: &[u8],
+    plan: &ServingPlan,
+    profile: &Profile,
+    compile: CompileOptions,
+    options: &ServeOptions,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<Served> {
+    if options.queue == 0 {
+        return Err(BadInput("the queue must hold at least 1 frame".into()).into());
+    }
+    if plan.input_shape != ir.input.shape {
+        return Err(BadInput(format!(
+            "the serving plan is for input shape {:?}, the model takes {:?}",
+            plan.input_shape, ir.input.shape
+        ))
+        .into());
+    }
+    let mut runners = vec![];
+    for sub in &plan.sub_clusters {
+        let ids = sub
+            .boards
+            .iter()
+            .map(|b| {
+                coord.id_of(b).ok_or_else(|| {
+                    BadInput(format!("sub-cluster board {b} is not in the cluster file"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cut = crate::boards_of(profile, &coord.only(&ids)?.cluster().clone())?;
+        let sub_coord = coord.only(&ids)?;
+        runners.push((sub.boards.join(","), sub_coord, cut, sub.plan.clone()));
+    }
+    let queue = Arc::new(Queue {
+        frames: Mutex::new(VecDeque::new()),
+        ready: Notify::new(),
+        capacity: options.queue,
+    });
+    let served = Arc::new(Mutex::new(Served::default()));
+    let frontend = Frontend {
+        queue: queue.clone(),
+        input_shape: ir.input.shape.clone(),
+        served: served.clone(),
+    };
+    let token = options.token.clone();
+    let service = tonic::service::interceptor::InterceptedService::new(
+        InferenceServer::new(frontend)
+            .max_decoding_message_size(legion_runtime::Limits::default().message_bytes)
+            .max_encoding_message_size(legion_runtime::Limits::default().message_bytes),
+        move |req: Request<()>| {
+            legion_runtime::authorize(token.as_deref(), &req)?;
+            Ok(req)
+        },
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        );
+    let mut drains = vec![];
+    for (name, sub_coord, cut, sub_plan) in &runners {
+        let runner = Resilient::new(
+            sub_coord,
+            ir,
+            onnx,
+            cut.clone(),
+            sub_plan.clone(),
+            compile.clone(),
+        )?;
+        drains.push(drain(runner, name, options.standby, &queue, &served));
+    }
+    // The sub-clusters take frames until the server has answered every call it
+    // accepted (a graceful shutdown waits for them); then they are dropped.
+    tokio::select! {
+        result = server => result.context("serving frames")?,
+        result = futures_util::future::try_join_all(drains) => {
+            result?;
+        }
+        () = report_every(served.clone()) => {}
+    }
+    for frame in lock(&queue.frames).drain(..) {
+        let _ = frame.reply.send(Err(Status::unavailable(
+            "the server stopped before the frame ran",
+        )));
+    }
+    let served = lock(&served).clone();
+    Ok(served)
+}
+
+/// One sub-cluster: takes the next frame whenever it is free; returns only on an error
+/// loading its standby plans.
+async fn drain(
+    mut runner: Resilient<'_>,
+    name: &str,
+    standby: bool,
+    queue: &Queue,
+    served: &Mutex<Served>,
+) -> Result<()> {
+    if standby {
+        runner
+            .prepare_standby()
+            .await
+            .with_context(|| format!("loading standby plans on {name}"))?;
+    }
+    loop {
+        let frame = queue.pop().await;
+        run_frame(&mut runner, name, frame, queue, served).await;
+    }
+}
+
+/// Runs one frame on a sub-cluster and answers it, or puts it back for another.
+async fn run_frame(
+    runner: &mut Resilient<'_>,
+    name: &str,
+    mut frame: Frame,
+    queue: &Queue,
+    served: &Mutex<Served>,
+) {
+    frame.attempts += 1;
+    match runner.infer(&frame.input).await {
+        Ok(run) => {
+            let outputs = run
+                .outputs
+                .iter()
+                .map(legion_runtime::to_wire)
+                .collect::<Result<Vec<_>>>();
+            let latency = frame.arrived.elapsed();
+            let reply = outputs
+                .map(|outputs| InferReply {
+                    id: frame.id.clone(),
+                    outputs,
+                    latency_us: latency.as_micros() as u64,
+                    run_us: run.total_us,
+                    clock: match run.clock {
+                        Clock::Real => "real".into(),
+                        Clock::Emulated => "emulated".into(),
+                    },
+                    sub_cluster: name.to_string(),
+                    attempts: frame.attempts,
+                })
+                .map_err(|e| Status::internal(format!("frame {}: {e:#}", frame.id)));
+            let mut s = lock(served);
+            s.answered += 1;
+            s.latencies_us.push(latency.as_micros() as u64);
+            drop(s);
+            let _ = frame.reply.send(reply);
+        }
+        Err(e) => {
+            tracing::warn!(
+                frame = frame.id,
+                sub_cluster = name,
+                "the frame failed: {e:#}"
+            );
+            if frame.attempts < FRAME_ATTEMPTS {
+                lock(served).retried += 1;
+                queue.retry(frame);
+            } else {
+                lock(served).failed += 1;
+                let _ = frame.reply.send(Err(Status::unavailable(format!(
+                    "frame {} failed on {} sub-clusters; the last: {e:#}",
+                    frame.id, FRAME_ATTEMPTS
+                ))));
+            }
+            // Until a board of this sub-cluster answers again, it takes no frame.
+            while !matches!(runner.probe_down().await, Ok(n) if n > 0) {
+                tokio::time::sleep(crate::PROBE_EVERY).await;
+            }
+        }
+    }
+}
+
+/// Logs the frames answered, the rate and the latency quantiles every
+/// [`REPORT_EVERY`]; never returns.
+async fn report_every(served: Arc<Mutex<Served>>) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(REPORT_EVERY).await;
+        let s = lock(&served).clone();
+        let recent = &s.latencies_us[last..];
+        let mut sorted = recent.to_vec();
+        sorted.sort_unstable();
+        let q = |q: f64| match sorted.len() {
+            0 => 0.0,
+            n => sorted[((n - 1) as f64 * q).round() as usize] as f64 / 1e3,
+        };
+        tracing::info!(
+            answered = s.answered,
+            refused = s.refused,
+            failed = s.failed,
+            fps = recent.len() as f64 / REPORT_EVERY.as_secs_f64(),
+            p50_ms = q(0.5),
+            p99_ms = q(0.99),
+            "serving"
+        );
+        last = s.latencies_us.len();
+    }
+}

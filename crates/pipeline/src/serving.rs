@@ -1,0 +1,264 @@
+//! Compiling for throughput (docs/architecture.md, "Serving a stream"): the cluster is
+//! cut into sub-clusters, each running its own plan on its own frames. Every subset of
+//! the boards gets a plan compiled by prediction; every cut of the boards into subsets
+//! (and boards left idle) is scored by the frames per second its plans predict
+//! together, and the best cut whose every plan meets the latency budget is kept.
+
+use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
+use anyhow::{Context, Result};
+use legion_ir::Ir;
+use legion_plan::{Cluster, Plan, Profile, SERVING_VERSION, ServingPlan, SubCluster};
+
+/// The most boards a cluster may have for a throughput compile: every subset is
+/// compiled (2^n - 1 plans) and every cut scored (the Bell number of n + 1).
+pub const MAX_SERVING_BOARDS: usize = 10;
+
+/// How long a frame may take, on the predicted clock.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LatencyBudget {
+    /// Microseconds.
+    Absolute(u64),
+    /// A multiple of the best plan over every board's predicted latency.
+    Relative(f64),
+}
+
+impl std::str::FromStr for LatencyBudget {
+    type Err = String;
+
+    /// `500` (milliseconds) or `1.5x` (times the best plan over every board).
+    fn from_str(s: &str) -> Result<LatencyBudget, String> {
+        let bad = || format!("latency budget {s:?}: give milliseconds (500) or a multiple (1.5x)");
+        let budget = match s.strip_suffix('x') {
+            Some(factor) => LatencyBudget::Relative(factor.parse().map_err(|_| bad())?),
+            None => {
+                LatencyBudget::Absolute((s.parse::<f64>().map_err(|_| bad())? * 1e3).round() as u64)
+            }
+        };
+        match budget {
+            LatencyBudget::Relative(f) if !(f.is_finite() && f > 0.0) => Err(bad()),
+            LatencyBudget::Absolute(0) => Err(bad()),
+            _ => Ok(budget),
+        }
+    }
+}
+
+/// A subset of the boards (bit i: the cluster's device i) and its plan.
+struct Compiled {
+    plan: Plan,
+    latency_us: u64,
+}
+
+/// Cuts `cluster` into sub-clusters for the most predicted frames per second within
+/// `budget`, each with a plan compiled by prediction from `profile` with `options`.
+/// `progress` is called after each subset's plan with (done, total).
+pub fn compile_serving(
+    ir: &Ir,
+    profile: &Profile,
+    cluster: &Cluster,
+    options: &CompileOptions,
+    budget: LatencyBudget,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ServingPlan> {
+    let n = cluster.devices.len();
+    if n > MAX_SERVING_BOARDS {
+        return Err(BadInput(format!(
+            "a throughput compile tries every subset of the boards; {n} boards are more than \
+             {MAX_SERVING_BOARDS}"
+        ))
+        .into());
+    }
+    let total = (1usize << n) - 1;
+    let mut plans: Vec<Option<Compiled>> = (0..=total).map(|_| None).collect();
+    for (done, mask) in (1..=total).enumerate() {
+        let mut sub = cluster.clone();
+        sub.devices = (0..n)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| cluster.devices[i].clone())
+            .collect();
+        let names: Vec<&str> = sub.devices.iter().map(|d| d.name.as_str()).collect();
+        let cut = boards_of(profile, &sub)?;
+        let compiled = compile(ir, &cut, &sub, options, None, &mut PassTimes::default())
+            .with_context(|| format!("compiling for {}", names.join(",")))?;
+        let plan = compiled
+            .plan
+            .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?;
+        plans[mask] = Some(Compiled {
+            latency_us: plan.chosen().predicted_us.max(1),
+            plan,
+        });
+        progress(done + 1, total);
+    }
+    let latency = |mask: usize| plans[mask].as_ref().expect("compiled").latency_us;
+    let single_plan_us = latency(total);
+    let budget_us = match budget {
+        LatencyBudget::Absolute(us) => us,
+        LatencyBudget::Relative(f) => (single_plan_us as f64 * f).round() as u64,
+    };
+    let data_parallel_fps: f64 = (0..n).map(|i| 1e6 / latency(1 << i) as f64).sum();
+
+    let best = best_cut(n, &|mask| latency(mask), budget_us).ok_or_else(|| {
+        BadInput(format!(
+            "no sub-cluster meets the latency budget of {:.1} ms: the best plan over every \
+             board predicts {:.1} ms",
+            budget_us as f64 / 1e3,
+            single_plan_us as f64 / 1e3
+        ))
+    })?;
+    let names = |mask: usize| -> Vec<String> {
+        (0..n)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| cluster.devices[i].name.clone())
+            .collect()
+    };
+    let idle_mask = total & !best.blocks.iter().fold(0, |a, b| a | b);
+    let predicted_latency_us = best.blocks.iter().map(|&m| latency(m)).max().unwrap_or(0);
+    let mut sub_clusters = vec![];
+    for &mask in &best.blocks {
+        let compiled = plans[mask].take().expect("compiled once");
+        sub_clusters.push(SubCluster {
+            boards: names(mask),
+            predicted_fps: 1e6 / compiled.latency_us as f64,
+            plan: compiled.plan,
+        });
+    }
+    Ok(ServingPlan {
+        version: SERVING_VERSION,
+        model_sha256: sub_clusters[0].plan.model_sha256.clone(),
+        input_shape: ir.input.shape.clone(),
+        devices: names(total),
+        latency_budget_us: budget_us,
+        idle: names(idle_mask),
+        predicted_fps: best.fps,
+        predicted_latency_us,
+        single_plan_us,
+        data_parallel_fps,
+        reason: format!(
+            "of {} cuts of {n} boards into sub-clusters, the most frames per second with \
+             every plan within {:.1} ms",
+            best.considered,
+            budget_us as f64 / 1e3
+        ),
+        sub_clusters,
+    })
+}
+
+/// The best cut found: its blocks (board masks), its frames per second, and how many
+/// cuts were scored.
+#[derive(Debug, PartialEq)]
+struct Cut {
+    blocks: Vec<usize>,
+    fps: f64,
+    considered: usize,
+}
+
+/// Among every cut of `n` boards into blocks and idle boards whose every block's
+/// `latency` (µs) is within `budget_us`, the one with the most frames per second; ties
+/// go to the lower slowest block, then to fewer blocks. None when no block fits.
+fn best_cut(n: usize, latency: &dyn Fn(usize) -> u64, budget_us: u64) -> Option<Cut> {
+    // Restricted growth strings over the boards, label 0 meaning idle: board i joins
+    // an existing block or opens the next one.
+    let mut best: Option<(f64, u64, usize, Vec<usize>)> = None;
+    let mut considered = 0;
+    let mut labels = vec![0usize; n];
+    fn walk(
+        i: usize,
+        opened: usize,
+        labels: &mut Vec<usize>,
+        visit: &mut dyn FnMut(&[usize], usize),
+    ) {
+        if i == labels.len() {
+            visit(labels, opened);
+            return;
+        }
+        for label in 0..=opened + 1 {
+            labels[i] = label;
+            walk(i + 1, opened.max(label), labels, visit);
+        }
+    }
+    walk(0, 0, &mut labels, &mut |labels, opened| {
+        considered += 1;
+        let mut blocks = vec![0usize; opened];
+        for (i, &label) in labels.iter().enumerate() {
+            if label > 0 {
+                blocks[label - 1] |= 1 << i;
+            }
+        }
+        if blocks.is_empty() {
+            return;
+        }
+        let latencies: Vec<u64> = blocks.iter().map(|&b| latency(b)).collect();
+        let slowest = *latencies.iter().max().expect("a block");
+        if slowest > budget_us {
+            return;
+        }
+        let fps: f64 = latencies.iter().map(|&l| 1e6 / l as f64).sum();
+        let better = match &best {
+            None => true,
+            Some((f, s, k, _)) => {
+                fps > f * (1.0 + 1e-9)
+                    || (fps >= f * (1.0 - 1e-9) && (slowest, blocks.len()) < (*s, *k))
+            }
+        };
+        if better {
+            best = Some((fps, slowest, blocks.len(), blocks));
+        }
+    });
+    best.map(|(fps, _, _, blocks)| Cut {
+        blocks,
+        fps,
+        considered,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse_as_milliseconds_or_multiples() {
+        assert_eq!("500".parse(), Ok(LatencyBudget::Absolute(500_000)));
+        assert_eq!("1.5x".parse(), Ok(LatencyBudget::Relative(1.5)));
+        for bad in ["", "x", "0", "-2x", "fast", "0x"] {
+            assert!(bad.parse::<LatencyBudget>().is_err(), "{bad}");
+        }
+    }
+
+    /// Four boards, each alone 1100 µs; any k boards together 1000 / k + 100 µs.
+    fn even(mask: usize) -> u64 {
+        let k = mask.count_ones() as u64;
+        1000 / k + 100
+    }
+
+    #[test]
+    fn a_loose_budget_gives_every_board_its_own_frames() {
+        let cut = best_cut(4, &even, 1100).unwrap();
+        assert_eq!(cut.blocks, [1, 2, 4, 8]);
+        assert!((cut.fps - 4e6 / 1100.0).abs() < 1e-6);
+        // Bell(5): every cut of 4 boards with an idle block.
+        assert_eq!(cut.considered, 52);
+    }
+
+    #[test]
+    fn a_tight_budget_gives_one_plan_over_every_board() {
+        // All four: 350 µs; any three: 433 µs.
+        let cut = best_cut(4, &even, 350).unwrap();
+        assert_eq!(cut.blocks, [15]);
+    }
+
+    #[test]
+    fn a_middle_budget_pairs_the_boards() {
+        // Pairs: 600 µs each, 2 pairs 3333 fps; a triple and a board alone miss 600.
+        let cut = best_cut(4, &even, 600).unwrap();
+        assert_eq!(cut.blocks.len(), 2);
+        assert!(cut.blocks.iter().all(|b| b.count_ones() == 2));
+    }
+
+    #[test]
+    fn a_board_that_slows_every_plan_it_joins_idles() {
+        // Board 3 is so slow that any plan with it takes 10 ms.
+        let latency = |mask: usize| if mask & 8 != 0 { 10_000 } else { even(mask) };
+        let cut = best_cut(4, &latency, 1100).unwrap();
+        assert_eq!(cut.blocks, [1, 2, 4]);
+        assert!(best_cut(4, &latency, 200).is_none());
+    }
+}

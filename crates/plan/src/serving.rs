@@ -1,0 +1,83 @@
+//! Serving plans (JSON): what `legion compile --objective throughput` emits and
+//! `legion serve` runs. The cluster is cut into sub-clusters, each running its own plan
+//! on its own frames; one plan over every board and one board per frame (data
+//! parallel) are the two extremes. Documented in docs/plan.md, "Serving plans".
+
+use crate::plan::Plan;
+use serde::{Deserialize, Serialize};
+
+/// Version of the serving plan format; readers reject other versions.
+pub const SERVING_VERSION: u32 = 1;
+
+/// A cluster cut into sub-clusters for a stream of frames.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServingPlan {
+    /// [`SERVING_VERSION`].
+    pub version: u32,
+    /// sha256 of the model's ONNX bytes.
+    pub model_sha256: String,
+    /// The model's input shape.
+    pub input_shape: Vec<usize>,
+    /// The cluster's device names, in the cluster file's order.
+    pub devices: Vec<String>,
+    /// No sub-cluster's predicted latency may exceed this, µs.
+    pub latency_budget_us: u64,
+    /// The sub-clusters, each with its plan; together they hold every board not in
+    /// `idle`.
+    pub sub_clusters: Vec<SubCluster>,
+    /// Boards no sub-cluster uses (alone they miss the budget, and every sub-cluster
+    /// they could join would be slower for it).
+    pub idle: Vec<String>,
+    /// The frames per second the sub-clusters predict together.
+    pub predicted_fps: f64,
+    /// The slowest sub-cluster's predicted latency, µs: a frame's latency when it
+    /// waits for no other.
+    pub predicted_latency_us: u64,
+    /// The best plan over every board: its predicted latency, µs.
+    pub single_plan_us: u64,
+    /// Every board on its own frames: the sum of the boards' predicted rates, frames
+    /// per second (the data-parallel bound when no board idles).
+    pub data_parallel_fps: f64,
+    /// How the cut was chosen.
+    pub reason: String,
+}
+
+/// Some of the cluster's boards, running one plan on their own frames.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubCluster {
+    /// The boards, in the cluster file's order.
+    pub boards: Vec<String>,
+    /// Frames per second it predicts: 1 / its plan's predicted latency.
+    pub predicted_fps: f64,
+    /// Its plan (compiled for these boards alone).
+    pub plan: Plan,
+}
+
+impl ServingPlan {
+    /// Reads a serving plan, checking its version and its plans'.
+    pub fn from_json(text: &str) -> Result<ServingPlan, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a serving plan file: {e}"))?;
+        let version = value.get("version").and_then(|v| v.as_u64());
+        if version != Some(SERVING_VERSION as u64) {
+            return Err(format!(
+                "serving plan format version {version:?} is not supported (this build reads \
+                 {SERVING_VERSION}); compile it again"
+            ));
+        }
+        let plan: ServingPlan =
+            serde_json::from_value(value).map_err(|e| format!("not a serving plan file: {e}"))?;
+        for sub in &plan.sub_clusters {
+            if sub.plan.version != crate::PLAN_VERSION {
+                return Err(format!(
+                    "the plan of sub-cluster {} is in plan format {} (this build reads {}); \
+                     compile it again",
+                    sub.boards.join(","),
+                    sub.plan.version,
+                    crate::PLAN_VERSION
+                ));
+            }
+        }
+        Ok(plan)
+    }
+}
