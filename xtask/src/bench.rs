@@ -18,6 +18,7 @@ mod channels;
 mod compile;
 mod models;
 mod paper;
+mod serve;
 mod transports;
 mod workers;
 
@@ -52,19 +53,19 @@ pub struct Args {
     /// Where to write the table (default bench/<what>.md).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// accuracy, channels, models, paper, transports: clusters under testdata/clusters, comma-separated
+    /// accuracy, channels, models, paper, serve, transports: clusters under testdata/clusters, comma-separated
     /// (default: the benchmark's own list).
     #[arg(long, value_delimiter = ',')]
     clusters: Option<Vec<String>>,
-    /// accuracy, channels, models, paper, transports: models, comma-separated (default: the benchmark's own
+    /// accuracy, channels, models, paper, serve, transports: models, comma-separated (default: the benchmark's own
     /// list).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
     /// accuracy, channels, models, paper, transports: timed runs per measurement (paper: at least 10 on
-    /// 1-board clusters).
+    /// 1-board clusters); serve: frames per sub-cluster.
     #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
-    /// accuracy, channels, compile, paper, transports: reuse the profiles kept under target/bench-profiles by
+    /// accuracy, channels, compile, paper, serve, transports: reuse the profiles kept under target/bench-profiles by
     /// an earlier run.
     #[arg(long)]
     reuse: bool,
@@ -116,6 +117,9 @@ enum Bench {
     /// The worker cross-built for aarch64 and armv7: binary size, cold build time, peak
     /// memory under qemu serving VGG-16's first block.
     Workers,
+    /// Streams of frames through `legion serve` for serving plans under several latency
+    /// budgets: frames per second on the emulated clock, latency, against data parallel.
+    Serve,
     /// Today's architectures (YOLOv8, ConvNeXt, EfficientNet, ShuffleNetV2) through
     /// `legion split --check`, `legion compile` and `legion run --check` on emulated
     /// clusters: barrier share, errors, speedup, predicted against measured.
@@ -172,6 +176,15 @@ pub fn run(args: &Args) -> Result<()> {
                 clusters: list(&args.clusters, &models::CLUSTERS),
                 models: list(&args.models, &models::MODELS),
                 runs: args.runs,
+            })?,
+        ),
+        Bench::Serve => (
+            "serve",
+            serve::run(&serve::Options {
+                clusters: list(&args.clusters, &serve::CLUSTERS),
+                models: list(&args.models, &serve::MODELS),
+                frames: args.runs,
+                reuse: args.reuse,
             })?,
         ),
         Bench::Accuracy => (

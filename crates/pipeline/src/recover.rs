@@ -213,11 +213,11 @@ impl<'a> Resilient<'a> {
             bail!("inference {n}: every board is down");
         }
         if self.restock {
-            let loaded = self
-                .prepare_standby()
-                .await
-                .with_context(|| format!("inference {n}: loading standby plans"))?;
-            tracing::info!(inference = n, loaded, "standby plans loaded");
+            // A board failing meanwhile shows in the run; the inference goes on.
+            match self.prepare_standby().await {
+                Ok(loaded) => tracing::info!(inference = n, loaded, "standby plans loaded"),
+                Err(e) => tracing::warn!(inference = n, "loading standby plans: {e:#}"),
+            }
         }
         let mut stretch = 1;
         let mut failed_at: Option<(Instant, Recovery)> = None;

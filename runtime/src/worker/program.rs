@@ -55,7 +55,8 @@ fn rows_of(ir: &Ir, m: &WireRows) -> Result<(Part, Tensor), Status> {
 
 impl Worker {
     /// LoadPlan: checks the program against the model and the plan version, connects to
-    /// the boards it sends to, and keeps it under an id.
+    /// the boards it sends to, builds its tiles and runs each once on made-up inputs,
+    /// and keeps it under an id.
     pub(super) async fn load_plan(
         self: &Arc<Self>,
         req: LoadPlanRequest,
