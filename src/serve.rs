@@ -117,6 +117,74 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Connects to the serving coordinator at `server`.
+async fn connect(server: &str, token: Option<String>) -> Result<Client> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+        .map_err(|e| BadInput(format!("--server {server}: {e}")))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let bearer = token
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| BadInput("the token holds characters a header cannot".into()))?;
+    Ok(InferenceClient::with_interceptor(channel, Bearer(bearer))
+        .max_decoding_message_size(legion_runtime::Limits::default().message_bytes))
+}
+
+/// `legion infer --rate R --duration S`: frames sent on time, whatever the replies.
+async fn load(
+    args: &InferArgs,
+    token: Option<String>,
+    input: legion_runtime::proto::F32Tensor,
+    rate: f64,
+    duration: f64,
+) -> Result<()> {
+    if !(rate > 0.0 && rate.is_finite() && duration > 0.0 && duration.is_finite()) {
+        return Err(BadInput("--rate and --duration must be positive".into()).into());
+    }
+    let client = connect(&args.server, token).await?;
+    let frames = (rate * duration).ceil() as u64;
+    let start = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..frames {
+        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(i as f64 / rate)).await;
+        let mut client = client.clone();
+        let request = InferRequest {
+            id: format!("{}-{i}", args.id),
+            input: Some(input.clone()),
+        };
+        calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
+    }
+    let (mut latencies, mut refused, mut failed) = (vec![], 0, vec![]);
+    for result in calls.join_all().await {
+        match result {
+            Ok(reply) => latencies.push(reply.latency_us),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+            Err(s) => failed.push(s.message().to_string()),
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let q = |q: f64| match latencies.len() {
+        0 => 0.0,
+        n => latencies[((n - 1) as f64 * q).round() as usize] as f64 / 1e3,
+    };
+    println!(
+        "{frames} frames sent at {rate} frames/s: {} answered ({:.2} frames/s over {elapsed:.1} \
+         s; latency p50 {:.1} ms, p99 {:.1} ms), {refused} refused (queue full), {} failed",
+        latencies.len(),
+        latencies.len() as f64 / elapsed,
+        q(0.5),
+        q(0.99),
+        failed.len()
+    );
+    for f in failed.iter().take(5) {
+        println!("failed: {f}");
+    }
+    Ok(())
+}
+
 /// The sub-clusters of a serving plan and what they predict.
 pub fn describe(plan: &ServingPlan) -> String {
     let mut out = String::new();
@@ -164,6 +232,32 @@ pub struct InferArgs {
     /// The frame's name, echoed in the reply.
     #[arg(long, default_value = "frame")]
     id: String,
+    /// A load generator: send the frame this many times per second (open loop: on
+    /// time, whatever the replies) for --duration seconds, then print how many were
+    /// answered, refused (queue full) and failed, and the latency quantiles.
+    #[arg(long, requires = "duration", conflicts_with = "output")]
+    rate: Option<f64>,
+    /// With --rate: seconds to send for.
+    #[arg(long, requires = "rate")]
+    duration: Option<f64>,
+}
+
+/// An `Inference` client that presents a token.
+type Client = InferenceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// Puts `authorization: Bearer <token>` on every call, when there is a token.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
 }
 
 pub fn infer(args: &InferArgs) -> Result<()> {
@@ -181,24 +275,11 @@ pub fn infer(args: &InferArgs) -> Result<()> {
         .map(legion_runtime::serve::read_token)
         .transpose()?;
     let rt = tokio::runtime::Runtime::new()?;
+    if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
+        return rt.block_on(load(args, token, input, rate, duration));
+    }
     let reply = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.server))
-            .map_err(|e| BadInput(format!("--server {}: {e}", args.server)))?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", args.server))?;
-        let bearer: Option<tonic::metadata::MetadataValue<_>> = token
-            .map(|t| format!("Bearer {t}").parse())
-            .transpose()
-            .map_err(|_| BadInput("the token holds characters a header cannot".into()))?;
-        let mut client =
-            InferenceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                if let Some(v) = &bearer {
-                    req.metadata_mut().insert("authorization", v.clone());
-                }
-                Ok(req)
-            })
-            .max_decoding_message_size(legion_runtime::Limits::default().message_bytes);
+        let mut client = connect(&args.server, token).await?;
         let request = InferRequest {
             id: args.id.clone(),
             input: Some(input),
