@@ -40,13 +40,13 @@ pub struct Args {
     /// runtime).
     #[arg(long, default_value = "programs", value_parser = crate::compile::parse_transport)]
     transport: Transport,
-    /// Keep going when boards fail: run --repeat inferences one after another by the
-    /// boards' programs, and when one fails or misses its deadline, mark the boards
-    /// that do not answer down, compile a plan for the others from this profile (the
-    /// one the plan was compiled from) and run it again; take back boards that answer
-    /// again, and plan again around boards that compute 1.5x slower than predicted 3
-    /// times in a row.
-    #[arg(long, conflicts_with_all = ["save", "transport"])]
+    /// Keep going when boards fail: run --repeat inferences one after another (by
+    /// --transport), and when one fails or misses its deadline, mark the boards that do
+    /// not answer down, compile a plan for the others from this profile (the one the
+    /// plan was compiled from) and run it again; take back boards that answer again,
+    /// and plan again around boards that compute 1.5x slower than predicted 3 times in
+    /// a row.
+    #[arg(long, conflicts_with = "save")]
     recover_with: Option<PathBuf>,
     /// With --recover-with: before the first inference, load on the boards a plan for
     /// each board's loss (each board builds its tiles for up to one plan per board of
@@ -122,7 +122,10 @@ async fn run_recovering(
         false => None,
     };
     let coord = args.model.connect(cluster, &args.cluster, ir).await?;
-    let options = CompileOptions::legion(&profile_path.display().to_string());
+    let options = CompileOptions {
+        transport: args.transport,
+        ..CompileOptions::legion(&profile_path.display().to_string())
+    };
     let mut runner = Resilient::new(&coord, ir, &onnx, profile, plan.clone(), options)?;
     if args.standby {
         let start = std::time::Instant::now();

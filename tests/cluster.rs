@@ -12,7 +12,7 @@ use legion_partition::{
     whole_stage,
 };
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
-use legion_plan::{Clock, Cluster, DeviceId, ProfileMode, StepTiming, TileSpec};
+use legion_plan::{Clock, Cluster, DeviceId, ProfileMode, StepTiming, TileSpec, Transport};
 use legion_profile::{ProfileOptions, candidate_groups, profile};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::emulate::{ComputeLock, Emulation, HostRate};
@@ -537,7 +537,7 @@ fn plan_group(
 #[test]
 fn channel_groups_run_by_programs_and_through_the_hub() {
     let _host = share_host();
-    use legion_plan::{Candidate, Party, Step, Transport};
+    use legion_plan::{Candidate, Party, Step};
     let cluster = two_and_two();
     let rt = rt();
     let boards = [
@@ -671,7 +671,7 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
 #[test]
 fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
     let _host = share_host();
-    use legion_plan::{Candidate, Step, Transport};
+    use legion_plan::{Candidate, Step};
     let cluster = two_and_two();
     let rt = rt();
     let (ir, onnx) = load("tiny-effnet");
@@ -842,7 +842,14 @@ impl Recovering {
     }
 
     fn runner(&self) -> legion_pipeline::Resilient<'_> {
-        let options = legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json");
+        self.runner_by(Transport::Programs)
+    }
+
+    fn runner_by(&self, transport: Transport) -> legion_pipeline::Resilient<'_> {
+        let options = legion_pipeline::CompileOptions {
+            transport,
+            ..legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json")
+        };
         let (profile, plan) = (self.profile.clone(), self.plan.clone());
         legion_pipeline::Resilient::new(&self.coord, &self.ir, &self.onnx, profile, plan, options)
             .unwrap()
@@ -905,6 +912,38 @@ fn a_dead_board_is_planned_around_and_taken_back_when_it_answers() {
     assert_eq!(runner.taken_back, [(3, "firefly-1".to_string())]);
     assert_eq!(runner.boards().len(), 4);
     assert!(plan_uses(runner.plan(), "firefly-1"), "planned for again");
+}
+
+/// Through the hub too: a board dies, the inference runs again on a plan for the
+/// three left, its output equal to one device's.
+#[test]
+fn a_dead_board_is_planned_around_through_the_hub() {
+    let _host = share_host();
+    let (mut setup, mut local) = Recovering::new(None);
+    // A plan costed for the hub (the programs' plan has sub-strips, which it cannot run).
+    let options = legion_pipeline::CompileOptions {
+        transport: Transport::Hub,
+        ..legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json")
+    };
+    let mut times = legion_pipeline::PassTimes::default();
+    let compiled = legion_pipeline::compile(
+        &setup.ir,
+        &setup.profile,
+        &setup.cluster,
+        &options,
+        None,
+        &mut times,
+    );
+    setup.plan = compiled.unwrap().plan.unwrap();
+    assert!(plan_uses(&setup.plan, "firefly-1"));
+    let mut runner = setup.runner_by(Transport::Hub);
+    setup.infer_equal(&mut runner);
+    local.kill(1);
+    setup.infer_equal(&mut runner);
+    let down: Vec<&[String]> = runner.recoveries.iter().map(|r| &r.down[..]).collect();
+    assert_eq!(down, [&["firefly-1".to_string()][..]]);
+    assert!(!plan_uses(runner.plan(), "firefly-1"));
+    setup.infer_equal(&mut runner);
 }
 
 /// With standby plans, a board's loss is recovered by the plan loaded for it in

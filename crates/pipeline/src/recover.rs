@@ -150,10 +150,13 @@ impl<'a> Resilient<'a> {
     pub async fn prepare_standby(&mut self) -> Result<usize> {
         self.keep_standby = true;
         self.restock = false;
-        self.current
-            .loaded_programs(self.plan.chosen())
-            .await
-            .context("loading the plan's programs")?;
+        let programs = self.options.transport == Transport::Programs;
+        if programs {
+            self.current
+                .loaded_programs(self.plan.chosen())
+                .await
+                .context("loading the plan's programs")?;
+        }
         // Kept: plans for one board fewer or one more than the boards up (the next loss,
         // or a board taken back).
         let up = self.up.clone();
@@ -172,10 +175,12 @@ impl<'a> Resilient<'a> {
             }
             let plan = self.compile_for(&boards)?;
             let coord = self.full.only(&boards)?;
-            coord
-                .loaded_programs(plan.chosen())
-                .await
-                .with_context(|| format!("loading the plan without {}", self.name(lost)))?;
+            if programs {
+                coord
+                    .loaded_programs(plan.chosen())
+                    .await
+                    .with_context(|| format!("loading the plan without {}", self.name(lost)))?;
+            }
             self.standby.push(Standby {
                 boards,
                 plan,
@@ -203,7 +208,7 @@ impl<'a> Resilient<'a> {
             .collect()
     }
 
-    /// One inference on `input` by the boards' programs, re-planned and run again when
+    /// One inference on `input` (by the options' transport), re-planned and run again when
     /// a board fails.
     pub async fn infer(&mut self, input: &Tensor) -> Result<PlanRun> {
         let n = self.inferences;
@@ -221,6 +226,7 @@ impl<'a> Resilient<'a> {
         }
         let mut stretch = 1;
         let mut failed_at: Option<(Instant, Recovery)> = None;
+        let mut last_reason = String::new();
         for _ in 0..ATTEMPTS {
             let deadline = self.deadline() * stretch;
             let start = Instant::now();
@@ -232,7 +238,7 @@ impl<'a> Resilient<'a> {
                     self.ir,
                     candidate,
                     input.clone(),
-                    Transport::Programs,
+                    self.options.transport,
                 ),
             )
             .await;
@@ -262,6 +268,7 @@ impl<'a> Resilient<'a> {
             let down = self.unhealthy(&self.up).await;
             self.probed = Instant::now();
             tracing::warn!(inference = n, reason, down = ?down, "an inference failed");
+            last_reason.clone_from(&reason);
             if down.is_empty() {
                 // Every board answers: a slow run, or a board that restarted and lost
                 // the programs it held. Load them again, with a longer deadline.
@@ -300,7 +307,7 @@ impl<'a> Resilient<'a> {
             failed_at = Some((at, recovery));
         }
         bail!(
-            "inference {n} failed {ATTEMPTS} times; the last plan ran on {}",
+            "inference {n} failed {ATTEMPTS} times; the last plan ran on {}: {last_reason}",
             self.boards().join(", ")
         )
     }
@@ -432,7 +439,9 @@ impl<'a> Resilient<'a> {
         // A board that restarted lost the programs it held: every board gets its program
         // again (a board that kept it has its tiles built, so this is quick for it).
         self.current = self.full.only(&self.up)?;
-        if let Err(e) = self.current.loaded_programs(self.plan.chosen()).await {
+        if self.options.transport == Transport::Programs
+            && let Err(e) = self.current.loaded_programs(self.plan.chosen()).await
+        {
             tracing::warn!(
                 inference = n,
                 "loading the programs of the boards back: {e:#}"

@@ -2,12 +2,13 @@
 //! cut into sub-clusters, each running its own plan on its own frames. Every subset of
 //! the boards gets a plan compiled by prediction; every cut of the boards into subsets
 //! (and boards left idle) is scored by the frames per second its plans predict
-//! together, and the best cut whose every plan meets the latency budget is kept.
+//! together, at most what the coordinator's link carries, and the best cut whose every
+//! plan meets the latency budget is kept.
 
 use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Cluster, Plan, Profile, SERVING_VERSION, ServingPlan, SubCluster};
+use legion_plan::{Cluster, Plan, Profile, SERVING_VERSION, ServingPlan, SubCluster, Transport};
 
 /// The most boards a cluster may have for a throughput compile: every subset is
 /// compiled (2^n - 1 plans) and every cut scored (the Bell number of n + 1).
@@ -46,6 +47,9 @@ impl std::str::FromStr for LatencyBudget {
 struct Compiled {
     plan: Plan,
     latency_us: u64,
+    /// Seconds of the coordinator's link one frame takes (its input and outputs, or
+    /// through the hub every strip).
+    coordinator_s: f64,
 }
 
 /// Cuts `cluster` into sub-clusters for the most predicted frames per second within
@@ -82,8 +86,14 @@ pub fn compile_serving(
         let plan = compiled
             .plan
             .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?;
+        let traffic = legion_codegen::traffic(ir, plan.chosen());
+        let bytes = match options.transport {
+            Transport::Programs => traffic.coordinator,
+            Transport::Hub => traffic.hub,
+        };
         plans[mask] = Some(Compiled {
             latency_us: plan.chosen().predicted_us.max(1),
+            coordinator_s: bytes as f64 * 8.0 / (cluster.coordinator.mbps * 1e6),
             plan,
         });
         progress(done + 1, total);
@@ -96,7 +106,8 @@ pub fn compile_serving(
     };
     let data_parallel_fps: f64 = (0..n).map(|i| 1e6 / latency(1 << i) as f64).sum();
 
-    let best = best_cut(n, &|mask| latency(mask), budget_us).ok_or_else(|| {
+    let coordinator = |mask: usize| plans[mask].as_ref().expect("compiled").coordinator_s;
+    let best = best_cut(n, &|mask| latency(mask), &coordinator, budget_us).ok_or_else(|| {
         BadInput(format!(
             "no sub-cluster meets the latency budget of {:.1} ms: the best plan over every \
              board predicts {:.1} ms",
@@ -153,8 +164,15 @@ struct Cut {
 
 /// Among every cut of `n` boards into blocks and idle boards whose every block's
 /// `latency` (µs) is within `budget_us`, the one with the most frames per second; ties
-/// go to the lower slowest block, then to fewer blocks. None when no block fits.
-fn best_cut(n: usize, latency: &dyn Fn(usize) -> u64, budget_us: u64) -> Option<Cut> {
+/// go to the lower slowest block, then to fewer blocks. None when no block fits. A
+/// block's frame takes `coordinator` seconds of the coordinator's link; when the
+/// blocks' rates would need more than all of it, every rate is scaled down to fit.
+fn best_cut(
+    n: usize,
+    latency: &dyn Fn(usize) -> u64,
+    coordinator: &dyn Fn(usize) -> f64,
+    budget_us: u64,
+) -> Option<Cut> {
     // Restricted growth strings over the boards, label 0 meaning idle: board i joins
     // an existing block or opens the next one.
     let mut best: Option<(f64, u64, usize, Vec<usize>)> = None;
@@ -191,7 +209,13 @@ fn best_cut(n: usize, latency: &dyn Fn(usize) -> u64, budget_us: u64) -> Option<
         if slowest > budget_us {
             return;
         }
-        let fps: f64 = latencies.iter().map(|&l| 1e6 / l as f64).sum();
+        let rates: Vec<f64> = latencies.iter().map(|&l| 1e6 / l as f64).collect();
+        let link: f64 = blocks
+            .iter()
+            .zip(&rates)
+            .map(|(&b, r)| r * coordinator(b))
+            .sum();
+        let fps = rates.iter().sum::<f64>() / link.max(1.0);
         let better = match &best {
             None => true,
             Some((f, s, k, _)) => {
@@ -229,9 +253,14 @@ mod tests {
         1000 / k + 100
     }
 
+    /// A coordinator link that costs nothing.
+    fn no_link(_: usize) -> f64 {
+        0.0
+    }
+
     #[test]
     fn a_loose_budget_gives_every_board_its_own_frames() {
-        let cut = best_cut(4, &even, 1100).unwrap();
+        let cut = best_cut(4, &even, &no_link, 1100).unwrap();
         assert_eq!(cut.blocks, [1, 2, 4, 8]);
         assert!((cut.fps - 4e6 / 1100.0).abs() < 1e-6);
         // Bell(5): every cut of 4 boards with an idle block.
@@ -241,14 +270,14 @@ mod tests {
     #[test]
     fn a_tight_budget_gives_one_plan_over_every_board() {
         // All four: 350 µs; any three: 433 µs.
-        let cut = best_cut(4, &even, 350).unwrap();
+        let cut = best_cut(4, &even, &no_link, 350).unwrap();
         assert_eq!(cut.blocks, [15]);
     }
 
     #[test]
     fn a_middle_budget_pairs_the_boards() {
         // Pairs: 600 µs each, 2 pairs 3333 fps; a triple and a board alone miss 600.
-        let cut = best_cut(4, &even, 600).unwrap();
+        let cut = best_cut(4, &even, &no_link, 600).unwrap();
         assert_eq!(cut.blocks.len(), 2);
         assert!(cut.blocks.iter().all(|b| b.count_ones() == 2));
     }
@@ -257,8 +286,16 @@ mod tests {
     fn a_board_that_slows_every_plan_it_joins_idles() {
         // Board 3 is so slow that any plan with it takes 10 ms.
         let latency = |mask: usize| if mask & 8 != 0 { 10_000 } else { even(mask) };
-        let cut = best_cut(4, &latency, 1100).unwrap();
+        let cut = best_cut(4, &latency, &no_link, 1100).unwrap();
         assert_eq!(cut.blocks, [1, 2, 4]);
-        assert!(best_cut(4, &latency, 200).is_none());
+        assert!(best_cut(4, &latency, &no_link, 200).is_none());
+    }
+
+    #[test]
+    fn a_busy_coordinator_link_caps_the_rate() {
+        // Each frame takes 0.5 ms of the coordinator's link: four boards alone would
+        // need 4 x 909 x 0.0005 = 1.8 s of it per second; the rate is capped at 2000.
+        let cut = best_cut(4, &even, &|_| 0.0005, 1100).unwrap();
+        assert!((cut.fps - 2000.0).abs() < 1e-6, "{cut:?}");
     }
 }
