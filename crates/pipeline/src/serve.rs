@@ -234,8 +234,8 @@ pub async fn serve(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let cut = crate::boards_of(profile, &coord.only(&ids)?.cluster().clone())?;
         let sub_coord = coord.only(&ids)?;
+        let cut = crate::boards_of(profile, sub_coord.cluster())?;
         runners.push((sub.boards.join(","), sub_coord, cut, sub.plan.clone()));
     }
     let queue = Arc::new(Queue {
