@@ -40,6 +40,14 @@ pub struct Args {
     /// Keep a plan for each board's loss loaded in every sub-cluster.
     #[arg(long)]
     standby: bool,
+    /// Serve TLS with this certificate (PEM, as `legion cluster keygen` writes one), so
+    /// that the token and the frames travel encrypted; callers pin it (`legion infer
+    /// --tls-cert`). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM). Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -73,10 +81,18 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let onnx = std::fs::read(&args.model.model)
         .with_context(|| format!("reading {}", args.model.model.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            legion_runtime::tls::WorkerIdentity::read(cert, key)
+                .map_err(|e| BadInput(format!("{e:#}")))?,
+        ),
+        _ => None,
+    };
     let options = ServeOptions {
         queue: args.queue,
         token,
         standby: args.standby,
+        tls,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let served = rt.block_on(async {
@@ -117,14 +133,36 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Connects to the serving coordinator at `server`.
-async fn connect(server: &str, token: Option<String>) -> Result<Client> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
-        .map_err(|e| BadInput(format!("--server {server}: {e}")))?
+/// A serving coordinator and how to reach it.
+struct Target<'a> {
+    server: &'a str,
+    token: Option<String>,
+    /// Its certificate, PEM, when it serves TLS.
+    pinned: Option<Vec<u8>>,
+}
+
+/// Connects to the serving coordinator.
+async fn connect(target: &Target<'_>) -> Result<Client> {
+    let server = target.server;
+    let scheme = if target.pinned.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{server}"))
+        .map_err(|e| BadInput(format!("--server {server}: {e}")))?;
+    if let Some(pem) = &target.pinned {
+        endpoint = endpoint
+            .tls_config(legion_runtime::tls::pinned(pem))
+            .context("the server's certificate")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {server}"))?;
-    let bearer = token
+    let bearer = target
+        .token
+        .clone()
         .map(|t| format!("Bearer {t}").parse())
         .transpose()
         .map_err(|_| BadInput("the token holds characters a header cannot".into()))?;
@@ -135,7 +173,7 @@ async fn connect(server: &str, token: Option<String>) -> Result<Client> {
 /// `legion infer --rate R --duration S`: frames sent on time, whatever the replies.
 async fn load(
     args: &InferArgs,
-    token: Option<String>,
+    target: &Target<'_>,
     input: legion_runtime::proto::F32Tensor,
     rate: f64,
     duration: f64,
@@ -143,7 +181,7 @@ async fn load(
     if !(rate > 0.0 && rate.is_finite() && duration > 0.0 && duration.is_finite()) {
         return Err(BadInput("--rate and --duration must be positive".into()).into());
     }
-    let client = connect(&args.server, token).await?;
+    let client = connect(target).await?;
     let frames = (rate * duration).ceil() as u64;
     let start = tokio::time::Instant::now();
     let mut calls = tokio::task::JoinSet::new();
@@ -240,6 +278,9 @@ pub struct InferArgs {
     /// With --rate: seconds to send for.
     #[arg(long, requires = "rate")]
     duration: Option<f64>,
+    /// The server's certificate (PEM): connect over TLS, trusting it alone.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
 }
 
 /// An `Inference` client that presents a token.
@@ -275,11 +316,28 @@ pub fn infer(args: &InferArgs) -> Result<()> {
         .map(legion_runtime::serve::read_token)
         .transpose()?;
     let rt = tokio::runtime::Runtime::new()?;
+    let pinned = args
+        .tls_cert
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| {
+                BadInput(format!(
+                    "{}: cannot read the certificate ({e})",
+                    path.display()
+                ))
+            })
+        })
+        .transpose()?;
+    let target = Target {
+        server: &args.server,
+        token,
+        pinned,
+    };
     if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
-        return rt.block_on(load(args, token, input, rate, duration));
+        return rt.block_on(load(args, &target, input, rate, duration));
     }
     let reply = rt.block_on(async {
-        let mut client = connect(&args.server, token).await?;
+        let mut client = connect(&target).await?;
         let request = InferRequest {
             id: args.id.clone(),
             input: Some(input),

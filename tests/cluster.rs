@@ -1107,6 +1107,7 @@ fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
                 queue: 16,
                 token: None,
                 standby: false,
+                tls: None,
             },
             listener,
             async {
@@ -1192,6 +1193,7 @@ fn a_full_queue_refuses_frames_at_once() {
         queue: 1,
         token: None,
         standby: false,
+        tls: None,
     };
     let shutdown = async {
         let _ = stopped.await;
@@ -1225,4 +1227,99 @@ fn a_full_queue_refuses_frames_at_once() {
         (served.answered, served.refused),
         (answered as u64, refused as u64)
     );
+}
+
+/// The serving port with TLS and a token: a plain-text client is refused, a TLS client
+/// without the token is refused, and one with it gets the right output.
+#[test]
+fn the_serving_port_takes_tls_and_the_token() {
+    use legion_pipeline::{CompileOptions, LatencyBudget, ServeOptions, compile_serving, serve};
+    use legion_runtime::proto::InferRequest;
+    use legion_runtime::proto::inference_client::InferenceClient;
+    use legion_runtime::tls::{WorkerIdentity, pinned};
+    let _host = share_host();
+    let mut cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
+    cluster.devices[0].name = "firefly-0".into();
+    let local = start(&cluster);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/profiles/tiny-cnn-2f2o.json");
+    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let profile = legion_pipeline::boards_of(&four, local.cluster()).unwrap();
+    let (ir, onnx) = load("tiny-cnn");
+    let rt = rt();
+    let coord = connect(&rt, local.cluster(), &onnx, &ir);
+    let compile = CompileOptions::legion("tiny-cnn-2f2o.json");
+    let budget = LatencyBudget::Relative(1.0);
+    let plan = compile_serving(&ir, &profile, local.cluster(), &compile, budget, |_, _| {});
+    let plan = plan.unwrap();
+    let identity = WorkerIdentity::generate(&[]).unwrap();
+    let cert = identity.cert_pem.clone();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let input = legion_runtime::to_wire(&test_input(&ir.input.shape)).unwrap();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let outcome = rt.block_on(async {
+            let request = |token: Option<&str>| {
+                let mut r = tonic::Request::new(InferRequest {
+                    id: "frame".into(),
+                    input: Some(input.clone()),
+                });
+                if let Some(t) = token {
+                    r.metadata_mut()
+                        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                }
+                r
+            };
+            let plain = async {
+                let mut c = InferenceClient::connect(format!("http://127.0.0.1:{port}")).await?;
+                c.infer(request(Some("secret"))).await.map_err(Into::into)
+            };
+            let plain: anyhow::Result<_> = tokio::time::timeout(CONNECT, plain)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+                    .unwrap()
+                    .tls_config(pinned(cert.as_bytes()))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+            let mut tls = InferenceClient::new(channel);
+            let no_token = tls.infer(request(None)).await;
+            let with_token = tls.infer(request(Some("secret"))).await;
+            (
+                plain.is_err(),
+                no_token.map(|_| ()),
+                with_token.map(|r| r.into_inner()),
+            )
+        });
+        let _ = stop.send(());
+        outcome
+    });
+    let options = ServeOptions {
+        queue: 4,
+        token: Some("secret".into()),
+        standby: false,
+        tls: Some(identity),
+    };
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    rt.block_on(serve(
+        &coord, &ir, &onnx, &plan, &profile, compile, &options, listener, shutdown,
+    ))
+    .unwrap();
+    let (plain_refused, no_token, with_token) = client.join().unwrap();
+    assert!(plain_refused, "a plain-text client was served");
+    assert_eq!(no_token.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let reply = with_token.unwrap();
+    let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
+    let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
+    let want = reference.tensor(ir.outputs[0]);
+    assert!(compare(&got, want, want).unwrap().within(1e-5));
 }

@@ -57,14 +57,14 @@ impl WorkerIdentity {
     }
 
     /// The server side of TLS with this identity.
-    pub(crate) fn server_config(&self) -> ServerTlsConfig {
+    pub fn server_config(&self) -> ServerTlsConfig {
         ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
     }
 }
 
 /// The client side of TLS to a worker whose certificate is `cert_pem`: that
 /// certificate is the only one trusted.
-pub(crate) fn pinned(cert_pem: &[u8]) -> ClientTlsConfig {
+pub fn pinned(cert_pem: &[u8]) -> ClientTlsConfig {
     ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(cert_pem))
         .domain_name(WORKER_TLS_NAME)

@@ -36,6 +36,8 @@ pub struct ServeOptions {
     /// Keep a plan for each board's loss loaded in every sub-cluster
     /// ([`Resilient::prepare_standby`]).
     pub standby: bool,
+    /// Serve TLS with this certificate and key (callers pin the certificate).
+    pub tls: Option<legion_runtime::tls::WorkerIdentity>,
 }
 
 /// What a serving coordinator did, when it stops.
@@ -259,12 +261,16 @@ pub async fn serve(
             Ok(req)
         },
     );
-    let server = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = &options.tls {
+        builder = builder
+            .tls_config(identity.server_config())
+            .context("the serving coordinator's certificate and key")?;
+    }
+    let server = builder.add_service(service).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        shutdown,
+    );
     let mut drains = vec![];
     for (name, sub_coord, cut, sub_plan) in &runners {
         let runner = Resilient::new(

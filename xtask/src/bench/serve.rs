@@ -213,6 +213,7 @@ fn stream(
             queue: total,
             token: None,
             standby: false,
+            tls: None,
         },
         listener,
         async {
