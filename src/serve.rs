@@ -239,16 +239,23 @@ pub fn describe(plan: &ServingPlan) -> String {
     if !plan.idle.is_empty() {
         let _ = writeln!(out, "idle: {}", plan.idle.join(","));
     }
+    let alone = if plan.data_parallel_fps > 0.0 {
+        format!(
+            "every board on its own frames: {:.2} frames/s",
+            plan.data_parallel_fps
+        )
+    } else {
+        "no board holds the model alone".to_string()
+    };
     let _ = writeln!(
         out,
         "predicted: {:.2} frames/s, latency {:.1} ms (budget {:.1} ms); one plan over every \
-         board: {:.1} ms, {:.2} frames/s; every board on its own frames: {:.2} frames/s",
+         board: {:.1} ms, {:.2} frames/s; {alone}",
         plan.predicted_fps,
         ms(plan.predicted_latency_us),
         ms(plan.latency_budget_us),
         ms(plan.single_plan_us),
         1e6 / plan.single_plan_us.max(1) as f64,
-        plan.data_parallel_fps
     );
     out
 }

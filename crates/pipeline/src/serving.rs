@@ -82,10 +82,20 @@ pub fn compile_serving(
         let names: Vec<&str> = sub.devices.iter().map(|d| d.name.as_str()).collect();
         let cut = boards_of(profile, &sub)?;
         let compiled = compile(ir, &cut, &sub, options, None, &mut PassTimes::default())
-            .with_context(|| format!("compiling for {}", names.join(",")))?;
-        let plan = compiled
-            .plan
-            .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?;
+            .with_context(|| format!("compiling for {}", names.join(",")));
+        let plan = match compiled {
+            Ok(compiled) => compiled
+                .plan
+                .ok_or_else(|| BadInput("compile stopped before making a plan".into()))?,
+            // These boards have no plan (the model fits none of their tiles in memory):
+            // no sub-cluster of them; the whole cluster's plan is needed.
+            Err(e) if mask != total => {
+                tracing::info!("no sub-cluster of {}: {e:#}", names.join(","));
+                progress(done + 1, total);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let traffic = legion_codegen::traffic(ir, plan.chosen());
         let bytes = match options.transport {
             Transport::Programs => traffic.coordinator,
@@ -98,15 +108,19 @@ pub fn compile_serving(
         });
         progress(done + 1, total);
     }
-    let latency = |mask: usize| plans[mask].as_ref().expect("compiled").latency_us;
+    // Boards without a plan never meet a budget.
+    let latency = |mask: usize| plans[mask].as_ref().map_or(u64::MAX, |c| c.latency_us);
     let single_plan_us = latency(total);
     let budget_us = match budget {
         LatencyBudget::Absolute(us) => us,
         LatencyBudget::Relative(f) => (single_plan_us as f64 * f).round() as u64,
     };
-    let data_parallel_fps: f64 = (0..n).map(|i| 1e6 / latency(1 << i) as f64).sum();
+    let data_parallel_fps: f64 = (0..n)
+        .filter_map(|i| plans[1 << i].as_ref())
+        .map(|c| 1e6 / c.latency_us as f64)
+        .sum();
 
-    let coordinator = |mask: usize| plans[mask].as_ref().expect("compiled").coordinator_s;
+    let coordinator = |mask: usize| plans[mask].as_ref().map_or(0.0, |c| c.coordinator_s);
     let best = best_cut(n, &|mask| latency(mask), &coordinator, budget_us).ok_or_else(|| {
         BadInput(format!(
             "no sub-cluster meets the latency budget of {:.1} ms: the best plan over every \
@@ -297,5 +311,17 @@ mod tests {
         // need 4 x 909 x 0.0005 = 1.8 s of it per second; the rate is capped at 2000.
         let cut = best_cut(4, &even, &|_| 0.0005, 1100).unwrap();
         assert!((cut.fps - 2000.0).abs() < 1e-6, "{cut:?}");
+    }
+
+    #[test]
+    fn boards_without_a_plan_alone_are_paired() {
+        // No board holds the model alone (no plan: latency u64::MAX); pairs do.
+        let latency = |mask: usize| match mask.count_ones() {
+            1 => u64::MAX,
+            _ => even(mask),
+        };
+        let cut = best_cut(4, &latency, &no_link, 10_000).unwrap();
+        assert_eq!(cut.blocks.len(), 2, "{cut:?}");
+        assert!(cut.blocks.iter().all(|b| b.count_ones() == 2));
     }
 }
