@@ -203,11 +203,7 @@ async fn load(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let q = |q: f64| match latencies.len() {
-        0 => 0.0,
-        n => latencies[((n - 1) as f64 * q).round() as usize] as f64 / 1e3,
-    };
+    let q = |q: f64| legion_pipeline::quantile(&latencies, q).unwrap_or(0) as f64 / 1e3;
     println!(
         "{frames} frames sent at {rate} frames/s: {} answered ({:.2} frames/s over {elapsed:.1} \
          s; latency p50 {:.1} ms, p99 {:.1} ms), {refused} refused (queue full), {} failed",
@@ -239,18 +235,15 @@ pub fn describe(plan: &ServingPlan) -> String {
     if !plan.idle.is_empty() {
         let _ = writeln!(out, "idle: {}", plan.idle.join(","));
     }
-    let alone = if plan.data_parallel_fps > 0.0 {
-        format!(
-            "every board on its own frames: {:.2} frames/s",
-            plan.data_parallel_fps
-        )
-    } else {
-        "no board holds the model alone".to_string()
+    let alone = match plan.data_parallel_fps {
+        Some(fps) if fps > 0.0 => format!("; every board on its own frames: {fps:.2} frames/s"),
+        Some(_) => "; no board holds the model alone".to_string(),
+        None => String::new(),
     };
     let _ = writeln!(
         out,
         "predicted: {:.2} frames/s, latency {:.1} ms (budget {:.1} ms); one plan over every \
-         board: {:.1} ms, {:.2} frames/s; {alone}",
+         board: {:.1} ms, {:.2} frames/s{alone}",
         plan.predicted_fps,
         ms(plan.predicted_latency_us),
         ms(plan.latency_budget_us),

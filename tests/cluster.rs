@@ -482,15 +482,7 @@ fn plan_group(
     weights: &[f64],
 ) -> legion_plan::PlanGroup {
     let group = Group::new(first, last);
-    let tile_of = |device: &str, strip, tile| legion_plan::PlanTile {
-        device: device.to_string(),
-        strip,
-        halo_rows: 0,
-        in_us: 0,
-        compute_us: 0,
-        out_us: 0,
-        tile,
-    };
+    let tile_of = legion_plan::PlanTile::unpredicted;
     let (split, channels, tiles) = match layout {
         Layout::Whole => {
             let all = legion_ir::Rows::new(0, ir.stage(group.last).output.height().unwrap_or(0));
@@ -756,34 +748,32 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
     );
 }
 
-/// 2 emulated Fireflies and 2 Odroids named as in the committed profile of these four
-/// boards (testdata/profiles/tiny-cnn-2f2o.json), with that profile.
-fn profiled_two_and_two() -> (Cluster, LocalCluster, legion_plan::Profile) {
-    let mut cluster = local_cluster(
-        4,
-        &[
-            "firefly-rk3399",
-            "firefly-rk3399",
-            "odroid-xu4",
-            "odroid-xu4",
-        ]
-        .map(String::from),
-        0,
-    )
-    .unwrap();
-    for (d, name) in
-        cluster
-            .devices
-            .iter_mut()
-            .zip(["firefly-0", "firefly-1", "odroid-0", "odroid-1"])
-    {
+/// Emulated boards named as in the committed profile of four boards
+/// (testdata/profiles/tiny-cnn-2f2o.json: firefly-0, firefly-1, odroid-0, odroid-1),
+/// those of `names` in that order, with that profile cut to them.
+fn profiled_boards(names: &[&str]) -> (Cluster, LocalCluster, legion_plan::Profile) {
+    let classes: Vec<String> = names
+        .iter()
+        .map(|n| match n.split('-').next() {
+            Some("firefly") => "firefly-rk3399".to_string(),
+            _ => "odroid-xu4".to_string(),
+        })
+        .collect();
+    let mut cluster = local_cluster(names.len(), &classes, 0).unwrap();
+    for (d, name) in cluster.devices.iter_mut().zip(names) {
         d.name = name.to_string();
     }
     let local = start(&cluster);
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("testdata/profiles/tiny-cnn-2f2o.json");
-    let profile = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let profile = legion_pipeline::boards_of(&four, &cluster).unwrap();
     (cluster, local, profile)
+}
+
+/// 2 emulated Fireflies and 2 Odroids with the committed profile of these four boards.
+fn profiled_two_and_two() -> (Cluster, LocalCluster, legion_plan::Profile) {
+    profiled_boards(&["firefly-0", "firefly-1", "odroid-0", "odroid-1"])
 }
 
 /// True when the chosen candidate of `plan` runs a tile on `board`.
@@ -1015,59 +1005,127 @@ fn a_straggler_gets_its_profile_rescaled_and_a_new_plan() {
     assert!(runner.recoveries.is_empty());
 }
 
+/// tiny-cnn served by [`legion_pipeline::serve`] on [`profiled_boards`]: the serving
+/// plan compiled within a budget, a listener, and the single-device run to check
+/// answers against.
+struct Streaming {
+    rt: tokio::runtime::Runtime,
+    ir: Ir,
+    onnx: Vec<u8>,
+    coord: Coordinator,
+    profile: legion_plan::Profile,
+    plan: legion_plan::ServingPlan,
+    reference: Reference,
+    listener: Option<tokio::net::TcpListener>,
+}
+
+impl Streaming {
+    fn new(names: &[&str], budget: legion_pipeline::LatencyBudget) -> (Streaming, LocalCluster) {
+        let (_, local, profile) = profiled_boards(names);
+        let (ir, onnx) = load("tiny-cnn");
+        let rt = rt();
+        let coord = connect(&rt, local.cluster(), &onnx, &ir);
+        let plan = legion_pipeline::compile_serving(
+            &ir,
+            &profile,
+            local.cluster(),
+            &Self::compile(),
+            budget,
+            |_, _| {},
+        )
+        .unwrap();
+        let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let streaming = Streaming {
+            rt,
+            ir,
+            onnx,
+            coord,
+            profile,
+            plan,
+            reference,
+            listener: Some(listener),
+        };
+        (streaming, local)
+    }
+
+    fn compile() -> legion_pipeline::CompileOptions {
+        legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json")
+    }
+
+    fn port(&self) -> u16 {
+        self.listener.as_ref().unwrap().local_addr().unwrap().port()
+    }
+
+    /// The frame every client sends: the made-up input, on the wire.
+    fn input(&self) -> legion_runtime::proto::F32Tensor {
+        legion_runtime::to_wire(&test_input(&self.ir.input.shape)).unwrap()
+    }
+
+    /// Serves with `options` until `stopped` resolves (once).
+    fn serve(
+        &mut self,
+        options: legion_pipeline::ServeOptions,
+        stopped: tokio::sync::oneshot::Receiver<()>,
+    ) -> legion_pipeline::Served {
+        let listener = self.listener.take().expect("served once");
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        self.rt
+            .block_on(legion_pipeline::serve(
+                &self.coord,
+                &self.ir,
+                &self.onnx,
+                &self.plan,
+                &self.profile,
+                Self::compile(),
+                &options,
+                listener,
+                shutdown,
+            ))
+            .unwrap()
+    }
+
+    /// Asserts that `reply` holds the single-device run's output.
+    fn assert_answer(&self, reply: &legion_runtime::proto::InferReply) {
+        let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
+        let want = self.reference.tensor(self.ir.outputs[0]);
+        let diff = compare(&got, want, want).unwrap();
+        assert!(diff.within(1e-5), "{}: {diff:?}", reply.id);
+    }
+}
+
+/// The options of a test's serving coordinator: no token, no TLS, no standby plans.
+fn serve_options(queue: usize) -> legion_pipeline::ServeOptions {
+    legion_pipeline::ServeOptions {
+        queue,
+        token: None,
+        standby: false,
+        tls: None,
+    }
+}
+
 /// A stream of 50 frames through 3 emulated boards cut into sub-clusters for
 /// throughput, with a board killed after the 15th answer: every frame is answered once,
 /// each output equals one device's, and the frames the dead board's sub-cluster failed
 /// ran on another.
 #[test]
 fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
-    use legion_pipeline::{CompileOptions, LatencyBudget, ServeOptions, compile_serving, serve};
     use legion_runtime::proto::InferRequest;
     use legion_runtime::proto::inference_client::InferenceClient;
     let _host = share_host();
     const FRAMES: usize = 50;
-    let mut cluster = local_cluster(
-        3,
-        &["firefly-rk3399", "firefly-rk3399", "odroid-xu4"].map(String::from),
-        0,
-    )
-    .unwrap();
-    for (d, name) in cluster
-        .devices
-        .iter_mut()
-        .zip(["firefly-0", "firefly-1", "odroid-0"])
-    {
-        d.name = name.to_string();
-    }
-    let mut local = start(&cluster);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/profiles/tiny-cnn-2f2o.json");
-    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let profile = legion_pipeline::boards_of(&four, local.cluster()).unwrap();
-    let (ir, onnx) = load("tiny-cnn");
-    let rt = rt();
-    let coord = connect(&rt, local.cluster(), &onnx, &ir);
-    let options = CompileOptions::legion("tiny-cnn-2f2o.json");
     // A loose budget: the most frames per second, whatever the latency.
-    let plan = compile_serving(
-        &ir,
-        &profile,
-        local.cluster(),
-        &options,
-        LatencyBudget::Relative(100.0),
-        |_, _| {},
-    )
-    .unwrap();
-    let victim = plan.sub_clusters.last().unwrap().boards[0].clone();
-    let victim_index = coord.id_of(&victim).unwrap().index();
-    let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
-
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
+    let budget = legion_pipeline::LatencyBudget::Relative(100.0);
+    let (mut setup, mut local) = Streaming::new(&["firefly-0", "firefly-1", "odroid-0"], budget);
+    let victim = setup.plan.sub_clusters.last().unwrap().boards[0].clone();
+    let victim_index = setup.coord.id_of(&victim).unwrap().index();
+    let address = format!("http://127.0.0.1:{}", setup.port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let input = legion_runtime::to_wire(&test_input(&ir.input.shape)).unwrap();
+    let input = setup.input();
     let client = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let replies = rt.block_on(async {
@@ -1097,37 +1155,12 @@ fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
         let _ = stop.send(());
         (replies, local)
     });
-    let served = rt
-        .block_on(serve(
-            &coord,
-            &ir,
-            &onnx,
-            &plan,
-            &profile,
-            options,
-            &ServeOptions {
-                queue: 16,
-                token: None,
-                standby: false,
-                tls: None,
-            },
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ))
-        .unwrap();
+    let served = setup.serve(serve_options(16), stopped);
     let (replies, _local) = client.join().unwrap();
     let mut ids: Vec<String> = vec![];
     for reply in replies {
         let reply = reply.unwrap();
-        let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
-        let want = reference.tensor(ir.outputs[0]);
-        assert!(
-            compare(&got, want, want).unwrap().within(1e-5),
-            "{}",
-            reply.id
-        );
+        setup.assert_answer(&reply);
         ids.push(reply.id);
     }
     ids.sort();
@@ -1137,7 +1170,7 @@ fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
     assert_eq!((served.refused, served.failed), (0, 0));
     // A sub-cluster of the dead board alone cannot re-plan: the frame it took next went
     // back to the queue for another.
-    if plan.sub_clusters.last().unwrap().boards.len() == 1 {
+    if setup.plan.sub_clusters.last().unwrap().boards.len() == 1 {
         assert!(served.retried >= 1, "{served:?}");
     }
 }
@@ -1147,32 +1180,15 @@ fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
 /// lost.
 #[test]
 fn a_full_queue_refuses_frames_at_once() {
-    use legion_pipeline::{CompileOptions, LatencyBudget, ServeOptions, compile_serving, serve};
     use legion_runtime::proto::InferRequest;
     use legion_runtime::proto::inference_client::InferenceClient;
     let _host = share_host();
     const FRAMES: usize = 12;
-    let mut cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
-    cluster.devices[0].name = "firefly-0".into();
-    let local = start(&cluster);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/profiles/tiny-cnn-2f2o.json");
-    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let profile = legion_pipeline::boards_of(&four, local.cluster()).unwrap();
-    let (ir, onnx) = load("tiny-cnn");
-    let rt = rt();
-    let coord = connect(&rt, local.cluster(), &onnx, &ir);
-    let compile = CompileOptions::legion("tiny-cnn-2f2o.json");
-    let budget = LatencyBudget::Relative(1.0);
-    let plan = compile_serving(&ir, &profile, local.cluster(), &compile, budget, |_, _| {});
-    let plan = plan.unwrap();
-    let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
+    let budget = legion_pipeline::LatencyBudget::Relative(1.0);
+    let (mut setup, _local) = Streaming::new(&["firefly-0"], budget);
+    let address = format!("http://127.0.0.1:{}", setup.port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let input = legion_runtime::to_wire(&test_input(&ir.input.shape)).unwrap();
+    let input = setup.input();
     let client = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let replies = rt.block_on(async {
@@ -1191,27 +1207,12 @@ fn a_full_queue_refuses_frames_at_once() {
         let _ = stop.send(());
         replies
     });
-    let options = ServeOptions {
-        queue: 1,
-        token: None,
-        standby: false,
-        tls: None,
-    };
-    let shutdown = async {
-        let _ = stopped.await;
-    };
-    let served = rt
-        .block_on(serve(
-            &coord, &ir, &onnx, &plan, &profile, compile, &options, listener, shutdown,
-        ))
-        .unwrap();
+    let served = setup.serve(serve_options(1), stopped);
     let (mut answered, mut refused) = (0, 0);
     for reply in client.join().unwrap() {
         match reply {
             Ok(reply) => {
-                let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
-                let want = reference.tensor(ir.outputs[0]);
-                assert!(compare(&got, want, want).unwrap().within(1e-5));
+                setup.assert_answer(&reply);
                 answered += 1;
             }
             Err(status) => {
@@ -1235,33 +1236,17 @@ fn a_full_queue_refuses_frames_at_once() {
 /// without the token is refused, and one with it gets the right output.
 #[test]
 fn the_serving_port_takes_tls_and_the_token() {
-    use legion_pipeline::{CompileOptions, LatencyBudget, ServeOptions, compile_serving, serve};
     use legion_runtime::proto::InferRequest;
     use legion_runtime::proto::inference_client::InferenceClient;
     use legion_runtime::tls::{WorkerIdentity, pinned};
     let _host = share_host();
-    let mut cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
-    cluster.devices[0].name = "firefly-0".into();
-    let local = start(&cluster);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/profiles/tiny-cnn-2f2o.json");
-    let four = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let profile = legion_pipeline::boards_of(&four, local.cluster()).unwrap();
-    let (ir, onnx) = load("tiny-cnn");
-    let rt = rt();
-    let coord = connect(&rt, local.cluster(), &onnx, &ir);
-    let compile = CompileOptions::legion("tiny-cnn-2f2o.json");
-    let budget = LatencyBudget::Relative(1.0);
-    let plan = compile_serving(&ir, &profile, local.cluster(), &compile, budget, |_, _| {});
-    let plan = plan.unwrap();
+    let budget = legion_pipeline::LatencyBudget::Relative(1.0);
+    let (mut setup, _local) = Streaming::new(&["firefly-0"], budget);
     let identity = WorkerIdentity::generate(&[]).unwrap();
     let cert = identity.cert_pem.clone();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let port = setup.port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let input = legion_runtime::to_wire(&test_input(&ir.input.shape)).unwrap();
+    let input = setup.input();
     let client = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let outcome = rt.block_on(async {
@@ -1303,25 +1288,14 @@ fn the_serving_port_takes_tls_and_the_token() {
         let _ = stop.send(());
         outcome
     });
-    let options = ServeOptions {
-        queue: 4,
+    let options = legion_pipeline::ServeOptions {
         token: Some("secret".into()),
-        standby: false,
         tls: Some(identity),
+        ..serve_options(4)
     };
-    let shutdown = async {
-        let _ = stopped.await;
-    };
-    rt.block_on(serve(
-        &coord, &ir, &onnx, &plan, &profile, compile, &options, listener, shutdown,
-    ))
-    .unwrap();
+    setup.serve(options, stopped);
     let (plain_refused, no_token, with_token) = client.join().unwrap();
     assert!(plain_refused, "a plain-text client was served");
     assert_eq!(no_token.unwrap_err().code(), tonic::Code::Unauthenticated);
-    let reply = with_token.unwrap();
-    let reference = Reference::run(&ir, test_input(&ir.input.shape)).unwrap();
-    let got = legion_runtime::from_wire(&reply.outputs[0]).unwrap();
-    let want = reference.tensor(ir.outputs[0]);
-    assert!(compare(&got, want, want).unwrap().within(1e-5));
+    setup.assert_answer(&with_token.unwrap());
 }

@@ -239,15 +239,7 @@ fn programs_run(
                 tiles: tiling
                     .tiles
                     .iter()
-                    .map(|t| PlanTile {
-                        device: boards[t.slot].to_string(),
-                        strip: t.strip,
-                        halo_rows: 0,
-                        in_us: 0,
-                        compute_us: 0,
-                        out_us: 0,
-                        tile: t.spec(),
-                    })
+                    .map(|t| PlanTile::unpredicted(boards[t.slot], t.strip, t.spec()))
                     .collect(),
             }
         })

@@ -419,19 +419,12 @@ pub fn run(args: &Args) -> Result<()> {
     let events = events.lock().expect("events").clone();
     let count = |what: &str| events.iter().filter(|(_, e)| e.starts_with(what)).count();
 
-    let mut recovery_ms: Vec<f64> = runner
+    let recovery_ms: Vec<f64> = runner
         .recoveries
         .iter()
         .map(|r| r.recovered_after.as_secs_f64() * 1e3)
         .collect();
-    recovery_ms.sort_by(f64::total_cmp);
-    let pct = |v: &[f64], q: f64| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v[((v.len() - 1) as f64 * q).round() as usize]
-        }
-    };
+    let pct = |v: &[f64], q: f64| legion_pipeline::quantile(v, q).unwrap_or(f64::NAN);
     let ratio = |filter: &dyn Fn(&Done) -> bool| {
         let r: Vec<f64> = runs
             .iter()
@@ -443,12 +436,11 @@ pub fn run(args: &Args) -> Result<()> {
     let (healthy_n, healthy) = ratio(&|d| d.boards == CLASSES.len() && !d.recovering);
     let (degraded_n, degraded) = ratio(&|d| d.boards < CLASSES.len() && !d.recovering);
     let median_us = |filter: &dyn Fn(&Done) -> bool| {
-        let mut v: Vec<f64> = runs
+        let v: Vec<f64> = runs
             .iter()
             .filter(|d| filter(d))
             .map(|d| d.emulated_us as f64)
             .collect();
-        v.sort_by(f64::total_cmp);
         pct(&v, 0.5) / 1e3
     };
 

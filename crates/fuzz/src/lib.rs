@@ -184,15 +184,7 @@ fn seed_groups(ir: &legion_ir::Ir, devices: &[String]) -> Result<Vec<legion_plan
     use legion_partition::{Group, strips_from_weights, tile, whole_group};
     let n = ir.stages.len();
     let split = ir.stages.iter().take_while(|s| s.is_splittable()).count();
-    let tile_of = |device: &str, strip, tile| legion_plan::PlanTile {
-        device: device.to_string(),
-        strip,
-        halo_rows: 0,
-        in_us: 0,
-        compute_us: 0,
-        out_us: 0,
-        tile,
-    };
+    let tile_of = legion_plan::PlanTile::unpredicted;
     let mut groups = vec![];
     if split > 0 {
         let group = Group::new(0, split - 1);

@@ -32,7 +32,8 @@ pub use recover::{
     Straggler,
 };
 pub use run::{
-    Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, run_whole,
+    Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, quantile,
+    run_whole,
 };
 pub use serve::{FRAME_ATTEMPTS, REPORT_EVERY, ServeOptions, Served, serve, serving_plan_of};
 pub use serving::{LatencyBudget, MAX_SERVING_BOARDS, compile_serving};

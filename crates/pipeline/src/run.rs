@@ -95,6 +95,15 @@ impl Measured {
     }
 }
 
+/// The `q` quantile (0..=1) of `values` by nearest rank, the values sorted first;
+/// None when there are none.
+pub fn quantile<T: Copy + PartialOrd>(values: &[T], q: f64) -> Option<T> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[(last as f64 * q.clamp(0.0, 1.0)).round() as usize])
+}
+
 /// The middle value (the upper one of an even count).
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();

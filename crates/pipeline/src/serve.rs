@@ -7,7 +7,7 @@
 use crate::{BadInput, CompileOptions, Resilient};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Clock, Plan, Profile, ServingPlan, SubCluster};
+use legion_plan::{Clock, Plan, Profile, ServingPlan};
 use legion_runtime::Coordinator;
 use legion_runtime::proto::inference_server::{Inference, InferenceServer};
 use legion_runtime::proto::{InferReply, InferRequest};
@@ -58,12 +58,7 @@ pub struct Served {
 impl Served {
     /// The `q` quantile (0..=1) of the answered frames' latencies, µs; 0 with none.
     pub fn latency_quantile_us(&self, q: f64) -> u64 {
-        let mut v = self.latencies_us.clone();
-        v.sort_unstable();
-        match v.len() {
-            0 => 0,
-            n => v[((n - 1) as f64 * q).round() as usize],
-        }
+        crate::quantile(&self.latencies_us, q).unwrap_or(0)
     }
 }
 
@@ -74,26 +69,7 @@ pub fn serving_plan_of(text: &str) -> Result<ServingPlan, String> {
     }
     let plan =
         Plan::from_json(text).map_err(|e| format!("neither a serving plan nor a plan: {e}"))?;
-    let latency = plan.chosen().predicted_us.max(1);
-    let boards: Vec<String> = plan.devices.clone();
-    Ok(ServingPlan {
-        version: legion_plan::SERVING_VERSION,
-        model_sha256: plan.model_sha256.clone(),
-        input_shape: plan.input_shape.clone(),
-        devices: boards.clone(),
-        latency_budget_us: latency,
-        idle: vec![],
-        predicted_fps: 1e6 / latency as f64,
-        predicted_latency_us: latency,
-        single_plan_us: latency,
-        data_parallel_fps: 0.0,
-        reason: "one plan over the cluster".into(),
-        sub_clusters: vec![SubCluster {
-            boards,
-            predicted_fps: 1e6 / latency as f64,
-            plan,
-        }],
-    })
+    Ok(ServingPlan::one(plan))
 }
 
 /// A frame waiting for, or held by, a sub-cluster.
@@ -391,12 +367,7 @@ async fn report_every(served: Arc<Mutex<Served>>) {
         tokio::time::sleep(REPORT_EVERY).await;
         let s = lock(&served).clone();
         let recent = &s.latencies_us[last..];
-        let mut sorted = recent.to_vec();
-        sorted.sort_unstable();
-        let q = |q: f64| match sorted.len() {
-            0 => 0.0,
-            n => sorted[((n - 1) as f64 * q).round() as usize] as f64 / 1e3,
-        };
+        let q = |q: f64| crate::quantile(recent, q).unwrap_or(0) as f64 / 1e3;
         tracing::info!(
             answered = s.answered,
             refused = s.refused,

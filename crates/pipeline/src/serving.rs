@@ -156,7 +156,7 @@ pub fn compile_serving(
         predicted_fps: best.fps,
         predicted_latency_us,
         single_plan_us,
-        data_parallel_fps,
+        data_parallel_fps: Some(data_parallel_fps),
         reason: format!(
             "of {} cuts of {n} boards into sub-clusters, the most frames per second with \
              every plan within {:.1} ms",

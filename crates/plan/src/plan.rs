@@ -107,6 +107,22 @@ pub struct PlanTile {
     pub tile: TileSpec,
 }
 
+impl PlanTile {
+    /// `device` running `tile` for `strip`, with no halo and no predicted times: a tile
+    /// of a plan made by hand (tests, fuzz seeds), not by the compiler.
+    pub fn unpredicted(device: &str, strip: Rows, tile: TileSpec) -> PlanTile {
+        PlanTile {
+            device: device.to_string(),
+            strip,
+            halo_rows: 0,
+            in_us: 0,
+            compute_us: 0,
+            out_us: 0,
+            tile,
+        }
+    }
+}
+
 /// Who runs a program, and the other end of a transfer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

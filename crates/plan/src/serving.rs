@@ -35,9 +35,12 @@ pub struct ServingPlan {
     pub predicted_latency_us: u64,
     /// The best plan over every board: its predicted latency, µs.
     pub single_plan_us: u64,
-    /// Every board on its own frames: the sum of the boards' predicted rates, frames
-    /// per second (the data-parallel bound when no board idles).
-    pub data_parallel_fps: f64,
+    /// Every board on its own frames: the sum of the predicted rates of the boards
+    /// that hold the model alone, frames per second (the data-parallel bound); 0 when
+    /// none does. None for a plan served as one sub-cluster ([`ServingPlan::one`]),
+    /// which compiled nothing for single boards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel_fps: Option<f64>,
     /// How the cut was chosen.
     pub reason: String,
 }
@@ -54,6 +57,30 @@ pub struct SubCluster {
 }
 
 impl ServingPlan {
+    /// `plan` over all its boards as the one sub-cluster: a stream run by one plan.
+    pub fn one(plan: Plan) -> ServingPlan {
+        let latency = plan.chosen().predicted_us.max(1);
+        let fps = 1e6 / latency as f64;
+        ServingPlan {
+            version: SERVING_VERSION,
+            model_sha256: plan.model_sha256.clone(),
+            input_shape: plan.input_shape.clone(),
+            devices: plan.devices.clone(),
+            latency_budget_us: latency,
+            idle: vec![],
+            predicted_fps: fps,
+            predicted_latency_us: latency,
+            single_plan_us: latency,
+            data_parallel_fps: None,
+            reason: "one plan over the cluster".into(),
+            sub_clusters: vec![SubCluster {
+                boards: plan.devices.clone(),
+                predicted_fps: fps,
+                plan,
+            }],
+        }
+    }
+
     /// Reads a serving plan, checking its version and its plans'.
     pub fn from_json(text: &str) -> Result<ServingPlan, String> {
         let value: serde_json::Value =

@@ -48,7 +48,9 @@ fn groups(ir: &Ir, picks: &[Pick]) -> Vec<PlanGroup> {
                 .into_iter()
                 .enumerate()
                 .filter(|(_, c)| !c.is_empty())
-                .map(|(slot, c)| plan_tile(&names[devices[slot]], c, channel_tile(ir, group, c)))
+                .map(|(slot, c)| {
+                    PlanTile::unpredicted(&names[devices[slot]], c, channel_tile(ir, group, c))
+                })
                 .collect();
             groups.push(PlanGroup {
                 first: group.first,
@@ -67,11 +69,15 @@ fn groups(ir: &Ir, picks: &[Pick]) -> Vec<PlanGroup> {
             tiling
                 .tiles
                 .iter()
-                .map(|t| plan_tile(&names[devices[t.slot]], t.strip, t.spec()))
+                .map(|t| PlanTile::unpredicted(&names[devices[t.slot]], t.strip, t.spec()))
                 .collect()
         } else {
             let rows = Rows::new(0, ir.stage(group.last).output.height().unwrap_or(0));
-            vec![plan_tile(&names[devices[0]], rows, whole_group(ir, group))]
+            vec![PlanTile::unpredicted(
+                &names[devices[0]],
+                rows,
+                whole_group(ir, group),
+            )]
         };
         groups.push(PlanGroup {
             first: group.first,
@@ -84,18 +90,6 @@ fn groups(ir: &Ir, picks: &[Pick]) -> Vec<PlanGroup> {
         first = last + 1;
     }
     groups
-}
-
-fn plan_tile(device: &str, strip: Rows, tile: legion_plan::TileSpec) -> PlanTile {
-    PlanTile {
-        device: device.into(),
-        strip,
-        halo_rows: 0,
-        in_us: 0,
-        compute_us: 0,
-        out_us: 0,
-        tile,
-    }
 }
 
 /// Cells of a tensor held: (row index, or `usize::MAX` for a tensor without rows;

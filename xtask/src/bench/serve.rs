@@ -14,7 +14,7 @@ use super::{host, load};
 use anyhow::{Context, Result, ensure};
 use legion_ir::Ir;
 use legion_pipeline::{
-    CompileOptions, LatencyBudget, ServeOptions, compile_serving, connect, serve, serving_plan_of,
+    CompileOptions, LatencyBudget, ServeOptions, compile_serving, connect, serve,
 };
 use legion_plan::{Cluster, ServingPlan};
 use legion_runtime::check::{compare, test_input};
@@ -64,17 +64,13 @@ impl Stream {
     }
 
     fn latency_ms(&self, q: f64) -> f64 {
-        let mut all: Vec<u64> = self
+        let all: Vec<u64> = self
             .runs
             .values()
             .flat_map(|r| Stream::counted(r))
             .copied()
             .collect();
-        all.sort_unstable();
-        match all.len() {
-            0 => f64::NAN,
-            n => all[((n - 1) as f64 * q).round() as usize] as f64 / 1e3,
-        }
+        legion_pipeline::quantile(&all, q).map_or(f64::NAN, |us| us as f64 / 1e3)
     }
 }
 
@@ -124,7 +120,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     )?
     .plan
     .context("compile made no plan")?;
-    let mut single = serving_plan_of(&single.to_json()).map_err(anyhow::Error::msg)?;
+    let mut single = ServingPlan::one(single);
     single.data_parallel_fps = everyone.data_parallel_fps;
     let mut plans = vec![("one plan".to_string(), single)];
     for factor in [1.0, 1.5, 2.0] {
@@ -317,7 +313,7 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
                 st.plan.predicted_fps,
                 st.fps(),
                 st.fps() / st.plan.predicted_fps,
-                100.0 * st.fps() / st.plan.data_parallel_fps,
+                100.0 * st.fps() / st.plan.data_parallel_fps.unwrap_or(f64::NAN),
                 st.latency_ms(0.5),
                 st.latency_ms(0.99),
                 st.worst_rel
