@@ -40,6 +40,11 @@ pub struct Args {
     /// Keep a plan for each board's loss loaded in every sub-cluster.
     #[arg(long)]
     standby: bool,
+    /// Frames in flight per sub-cluster: a board starts its part of the next frame as
+    /// soon as it is done with the one before, while the others finish it. 1 runs one
+    /// frame after the other (and is all the hub transport does).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pipeline: u16,
     /// Serve TLS with this certificate (PEM, as `legion cluster keygen` writes one), so
     /// that the token and the frames travel encrypted; callers pin it (`legion infer
     /// --tls-cert`). Needs --tls-key.
@@ -93,6 +98,8 @@ pub fn run(args: &Args) -> Result<()> {
         token,
         standby: args.standby,
         tls,
+        depth: args.pipeline.into(),
+        keep_runs: false,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let served = rt.block_on(async {

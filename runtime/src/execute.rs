@@ -11,6 +11,7 @@ use legion_plan::{Candidate, Clock, StepTiming, Transport};
 use tract_onnx::prelude::Tensor;
 
 /// One run of a candidate.
+#[derive(Clone, Debug)]
 pub struct PlanRun {
     /// The model's outputs, in the model's order.
     pub outputs: Vec<Tensor>,
@@ -26,6 +27,9 @@ pub struct PlanRun {
     /// hub, one tile's strips in and out; running its program, the rows it computed,
     /// received and kept (tiles' weights and their scratch are in neither).
     pub held_bytes: Vec<(String, u64)>,
+    /// Running its programs: per program of the candidate, per step, a run step's
+    /// compute time on `clock`, µs (0 for other steps); empty through the hub.
+    pub compute_us: Vec<Vec<u64>>,
 }
 
 /// Runs `candidate` (of a plan for `ir`, already checked against it) on `input` by
@@ -42,7 +46,7 @@ pub async fn run_candidate(
         Transport::Programs => {
             let loaded = coord.loaded_programs(candidate).await?;
             coord
-                .run_programs(ir, candidate, &loaded, input, coord.next_inference())
+                .run_programs(ir, candidate, &loaded, input, coord.next_inference(), None)
                 .await
         }
         Transport::Hub => run_hub(coord, ir, candidate, input).await,
@@ -106,5 +110,6 @@ async fn run_hub(
         clock: coord.clock(),
         coordinator_bytes,
         held_bytes,
+        compute_us: vec![],
     })
 }

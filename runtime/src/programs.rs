@@ -8,9 +8,9 @@ use crate::proto::{Peer, Rows as WireRows, RunProgramReply, RunProgramRequest};
 use crate::tensors::tensor_bytes;
 use crate::wire::{rows_from_wire, rows_to_wire};
 use crate::{Coordinator, Tensors};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use legion_ir::{Ir, Rows, TensorRef};
-use legion_plan::network::{group_ends, programs_timeline};
+use legion_plan::network::{StreamTimes, group_ends, programs_timeline, stream_timeline};
 use legion_plan::{
     Candidate, Clock, DeviceId, DeviceTiming, Link, Party, Program, Step, StepTiming,
 };
@@ -101,7 +101,8 @@ impl Coordinator {
     }
 
     /// Runs `candidate` (loaded by [`Coordinator::load_programs`]) once on `input`,
-    /// as inference number `inference`.
+    /// as inference number `inference`; in a stream, each board starts it once it has
+    /// run inference `after` of the same programs.
     pub async fn run_programs(
         &self,
         ir: &Ir,
@@ -109,6 +110,7 @@ impl Coordinator {
         loaded: &LoadedPrograms,
         input: Tensor,
         inference: u64,
+        after: Option<u64>,
     ) -> Result<PlanRun> {
         let mut tensors = Tensors::new(ir, input)?;
         let coordinator = candidate
@@ -151,6 +153,7 @@ impl Coordinator {
                 inputs: inputs.remove(name.as_str()).unwrap_or_default(),
                 receive_timeout_ms: RECEIVE_TIMEOUT.as_millis() as u64,
                 peer_programs: loaded.ids.clone(),
+                after,
             };
             let (client, p) = (device.client().clone(), *p);
             pending.spawn(async move {
@@ -190,6 +193,15 @@ impl Coordinator {
                 Ok((self.device(*d)?.name().to_string(), held))
             })
             .collect::<Result<_>>()?;
+        let compute_us = candidate
+            .programs
+            .iter()
+            .enumerate()
+            .map(|(p, program)| match replies.get(&p) {
+                Some(r) => r.compute_us.clone(),
+                None => vec![0; program.steps.len()],
+            })
+            .collect();
         Ok(PlanRun {
             outputs,
             groups,
@@ -197,7 +209,58 @@ impl Coordinator {
             clock: self.clock(),
             coordinator_bytes,
             held_bytes,
+            compute_us,
         })
+    }
+
+    /// The links of the parties of `programs`, in order: the coordinator's and each
+    /// board's as the cluster file gives them.
+    fn program_links(&self, programs: &[Program]) -> Result<Vec<Link>> {
+        programs
+            .iter()
+            .map(|prog| match &prog.party {
+                Party::Coordinator => Ok(Link {
+                    mbps: self.cluster().coordinator.mbps,
+                    latency_ms: 0.0,
+                }),
+                Party::Device(name) => Ok(self
+                    .cluster()
+                    .device(name)
+                    .with_context(|| format!("{name} is not in the cluster"))?
+                    .link()),
+            })
+            .collect()
+    }
+
+    /// The emulated timeline of `runs`, runs of `candidate`'s programs one after the
+    /// other, as a stream with `depth` frames in flight ([`stream_timeline`]): each
+    /// board runs the frames in order, each run step taking the compute time its run
+    /// measured.
+    pub fn stream_times(
+        &self,
+        ir: &Ir,
+        candidate: &Candidate,
+        runs: &[&PlanRun],
+        depth: usize,
+    ) -> Result<StreamTimes> {
+        let programs = &candidate.programs;
+        for run in runs {
+            ensure!(
+                run.compute_us.len() == programs.len()
+                    && run
+                        .compute_us
+                        .iter()
+                        .zip(programs)
+                        .all(|(c, p)| c.len() == p.steps.len()),
+                "a run of another candidate's programs (or through the hub) is not in the stream"
+            );
+        }
+        let links = self.program_links(programs)?;
+        let bytes =
+            |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
+        let compute = |f: usize, p: usize, k: usize| runs[f].compute_us[p][k] as f64;
+        stream_timeline(programs, &links, bytes, compute, runs.len(), depth)
+            .map_err(anyhow::Error::msg)
     }
 
     /// Per group, its step's timing, and the end-to-end time. On the emulated clock the
@@ -228,20 +291,7 @@ impl Coordinator {
                 .and_then(|r| r.host_gflops.get(k).copied())
                 .filter(|g| *g > 0.0)
         };
-        let links: Vec<Link> = programs
-            .iter()
-            .map(|prog| match &prog.party {
-                Party::Coordinator => Ok(Link {
-                    mbps: self.cluster().coordinator.mbps,
-                    latency_ms: 0.0,
-                }),
-                Party::Device(name) => Ok(self
-                    .cluster()
-                    .device(name)
-                    .with_context(|| format!("{name} is not in the cluster"))?
-                    .link()),
-            })
-            .collect::<Result<_>>()?;
+        let links = self.program_links(programs)?;
         let ends = programs_timeline(programs, &links, bytes, |p, k| compute(p, k) as f64)
             .map_err(anyhow::Error::msg)?;
         let group_end = group_ends(programs, &ends, candidate.groups.len());

@@ -253,6 +253,11 @@ pub struct Worker {
     mailbox: Mutex<std::collections::HashMap<program::MailKey, Tensor>>,
     /// Wakes the receive steps when rows arrive.
     arrived: tokio::sync::Notify,
+    /// Per program, the inferences it last ran (or failed), at most
+    /// [`program::RAN_KEPT`], for runs that wait their turn in a stream.
+    ran: Mutex<std::collections::HashMap<String, std::collections::VecDeque<u64>>>,
+    /// Wakes the runs waiting their turn when a run ends.
+    run_ended: tokio::sync::Notify,
     /// A permit per run in flight, at most [`Limits::runs`].
     runs: Arc<tokio::sync::Semaphore>,
 }
@@ -269,6 +274,8 @@ impl Worker {
             programs: Mutex::new(Lru::new(program::LOADED_PROGRAMS, u64::MAX)),
             mailbox: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
+            ran: Mutex::default(),
+            run_ended: tokio::sync::Notify::new(),
             runs: Arc::new(tokio::sync::Semaphore::new(config.limits.runs)),
             config,
         })

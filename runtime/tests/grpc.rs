@@ -492,6 +492,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         inputs: vec![],
         receive_timeout_ms: 300,
         peer_programs: Default::default(),
+        after: None,
     };
     let err = client
         .run_program(req, 1, Duration::from_secs(5))
@@ -567,6 +568,7 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
                 inputs: vec![],
                 receive_timeout_ms: 300,
                 peer_programs: Default::default(),
+                after: None,
             },
             1,
             Duration::from_secs(5),
@@ -581,6 +583,42 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
             .sum::<u64>();
     assert_eq!(reply.peak_held_bytes, held);
     assert!(reply.outputs.is_empty());
+
+    // In a stream, a run waits for the inference before it on this board: one that
+    // never ran here fails the run naming it; once it has run, the run goes ahead.
+    let in_stream = |inference, after| legion_runtime::proto::RunProgramRequest {
+        program: id.clone(),
+        inference,
+        inputs: vec![],
+        receive_timeout_ms: 300,
+        peer_programs: Default::default(),
+        after: Some(after),
+    };
+    let err = client
+        .run_program(in_stream(4, 99), 1, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(status(&err).code(), Code::DeadlineExceeded, "{err:#}");
+    assert!(
+        status(&err)
+            .message()
+            .contains("inference 4 waits for inference 99"),
+        "{err:#}"
+    );
+    // Inference 6 arrives first and waits for 5, which arrives later: 5 runs first.
+    let early = tokio::spawn({
+        let client = client.clone();
+        let req = in_stream(6, 5);
+        async move { client.run_program(req, 1, Duration::from_secs(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!early.is_finished());
+    let five = client
+        .run_program(in_stream(5, 3), 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let six = early.await.unwrap().unwrap();
+    assert!(six.wall_us >= 100_000 && five.wall_us < six.wall_us);
 }
 
 /// ProfileStage in rounds: a warm-up call runs the tile once untimed (no times back),

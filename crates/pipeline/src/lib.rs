@@ -29,13 +29,15 @@ pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
 pub use passes::{Dump, Pass, PassTimes};
 pub use recover::{
     ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient, STRAGGLER_RATIO, STRAGGLER_RUNS,
-    Straggler,
+    Started, Straggler,
 };
 pub use run::{
     Alone, CHECK_REL, Executed, Measured, every_device_alone, execute, measure_in_rounds, quantile,
     run_whole,
 };
-pub use serve::{FRAME_ATTEMPTS, REPORT_EVERY, ServeOptions, Served, serve, serving_plan_of};
+pub use serve::{
+    FRAME_ATTEMPTS, KeptRun, REPORT_EVERY, ServeOptions, Served, serve, serving_plan_of,
+};
 pub use serving::{LatencyBudget, MAX_SERVING_BOARDS, compile_serving};
 pub use session::{boards_of, connect, profile};
 

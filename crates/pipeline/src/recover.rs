@@ -12,11 +12,14 @@
 //! round and one run.
 
 use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use legion_ir::Ir;
 use legion_plan::{Cluster, DeviceId, Plan, Profile, Transport};
 use legion_runtime::{Coordinator, PlanRun, run_candidate};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
@@ -54,11 +57,14 @@ pub struct Recovery {
     pub standby: bool,
 }
 
+/// A frame's run started by [`Resilient::start`].
+pub type Started<'a> = Pin<Box<dyn Future<Output = Result<PlanRun>> + Send + 'a>>;
+
 /// A plan for some of the boards, its programs loaded on them (their tiles built).
 struct Standby {
     boards: Vec<DeviceId>,
     plan: Plan,
-    coord: Coordinator,
+    coord: Arc<Coordinator>,
 }
 
 /// Runs a plan inference after inference, re-planning around boards that fail.
@@ -71,8 +77,15 @@ pub struct Resilient<'a> {
     options: CompileOptions,
     /// The boards the current plan runs on.
     up: Vec<DeviceId>,
-    current: Coordinator,
+    /// Their coordinator (shared with the frames started on it, [`Resilient::start`]).
+    current: Arc<Coordinator>,
     plan: Plan,
+    /// Bumped at every change of plan: frames of a stream wait for the one before
+    /// only on the same plan.
+    epoch: u64,
+    /// The last frame started by [`Resilient::start`]: the plan's epoch and the
+    /// boards' inference number.
+    last_started: Option<(u64, u64)>,
     /// The wall time of the last inference that ran.
     last_wall: Option<Duration>,
     /// When the boards marked down were last asked for Health.
@@ -121,7 +134,9 @@ impl<'a> Resilient<'a> {
     ) -> Result<Resilient<'a>> {
         let up: Vec<DeviceId> = full.ids().collect();
         Ok(Resilient {
-            current: full.only(&up)?,
+            current: Arc::new(full.only(&up)?),
+            epoch: 0,
+            last_started: None,
             full,
             ir,
             onnx,
@@ -174,7 +189,7 @@ impl<'a> Resilient<'a> {
                 continue;
             }
             let plan = self.compile_for(&boards)?;
-            let coord = self.full.only(&boards)?;
+            let coord = Arc::new(self.full.only(&boards)?);
             if programs {
                 coord
                     .loaded_programs(plan.chosen())
@@ -274,10 +289,12 @@ impl<'a> Resilient<'a> {
                 // the programs it held. Load them again, with a longer deadline.
                 // A board failing meanwhile shows in the next run.
                 stretch *= 2;
-                self.current = self.full.only(&self.up)?;
-                if let Err(e) = self.current.upload(self.onnx, &self.ir.input.shape).await {
+                let mut current = self.full.only(&self.up)?;
+                if let Err(e) = current.upload(self.onnx, &self.ir.input.shape).await {
                     tracing::warn!(inference = n, "uploading the model again: {e:#}");
                 }
+                self.current = Arc::new(current);
+                self.epoch += 1;
                 continue;
             }
             let names: Vec<String> = down.iter().map(|d| self.name(*d)).collect();
@@ -310,6 +327,59 @@ impl<'a> Resilient<'a> {
             "inference {n} failed {ATTEMPTS} times; the last plan ran on {}: {last_reason}",
             self.boards().join(", ")
         )
+    }
+
+    /// Whether frames can be started without waiting ([`Resilient::start`]): boards
+    /// running their programs, not the hub.
+    pub fn pipelines(&self) -> bool {
+        self.options.transport == Transport::Programs
+    }
+
+    /// Starts one inference on `input` with the current plan and returns its number
+    /// (counted from 0 by this runner) and the run, to be awaited; `ahead` frames
+    /// started before it are still running. Each board runs it once it has run the
+    /// frame started before it on the same plan, so that frames overlap on the boards
+    /// in order (a stream). Nothing is recovered here: a frame whose run fails runs
+    /// again through [`Resilient::infer`] once the frames ahead of it are done. Boards
+    /// marked down are asked whether they answer again first, as by `infer`.
+    pub async fn start(&mut self, input: Tensor, ahead: usize) -> Result<(u64, Started<'a>)> {
+        ensure!(
+            self.pipelines(),
+            "frames start without waiting only on boards running their programs"
+        );
+        let n = self.inferences;
+        self.inferences += 1;
+        self.take_back(n).await?;
+        if self.up.is_empty() {
+            bail!("inference {n}: every board is down");
+        }
+        let coord = self.current.clone();
+        let candidate = self.plan.chosen().clone();
+        let inference = coord.next_inference();
+        let after = match self.last_started {
+            Some((epoch, before)) if epoch == self.epoch => Some(before),
+            _ => None,
+        };
+        self.last_started = Some((self.epoch, inference));
+        let deadline = self.deadline() * (1 + ahead as u32);
+        let ir = self.ir;
+        let run = async move {
+            let loaded = coord.loaded_programs(&candidate).await?;
+            tokio::time::timeout(
+                deadline,
+                coord.run_programs(ir, &candidate, &loaded, input, inference, after),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no output within the deadline of {deadline:?}"))?
+        };
+        Ok((n, Box::pin(run)))
+    }
+
+    /// Takes the run of frame `n`, started by [`Resilient::start`], into account:
+    /// boards slower than profiled are planned around as after `infer`.
+    pub fn finished(&mut self, n: u64, run: &PlanRun) -> Result<()> {
+        self.watch_stragglers(n, run)
+            .with_context(|| format!("inference {n}: re-planning for a straggler"))
     }
 
     /// Compares each board's compute in `run` with the plan's prediction; a board
@@ -438,7 +508,8 @@ impl<'a> Resilient<'a> {
         self.replan()?;
         // A board that restarted lost the programs it held: every board gets its program
         // again (a board that kept it has its tiles built, so this is quick for it).
-        self.current = self.full.only(&self.up)?;
+        self.current = Arc::new(self.full.only(&self.up)?);
+        self.epoch += 1;
         if self.options.transport == Transport::Programs
             && let Err(e) = self.current.loaded_programs(self.plan.chosen()).await
         {
@@ -470,7 +541,7 @@ impl<'a> Resilient<'a> {
             }
             None => (
                 self.compile_for(&self.up)?,
-                self.full.only(&self.up)?,
+                Arc::new(self.full.only(&self.up)?),
                 false,
             ),
         };
@@ -487,6 +558,7 @@ impl<'a> Resilient<'a> {
         };
         self.standby.retain(|s| s.boards != left.boards);
         self.standby.push(left);
+        self.epoch += 1;
         self.restock = self.keep_standby;
         Ok(standby)
     }

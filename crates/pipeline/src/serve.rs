@@ -4,14 +4,14 @@
 //! its plan through [`Resilient`]. A frame whose sub-cluster fails it goes back to the
 //! front of the queue for another; a full queue refuses a frame at once.
 
-use crate::{BadInput, CompileOptions, Resilient};
+use crate::{BadInput, CompileOptions, Resilient, Started};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Clock, Plan, Profile, ServingPlan};
-use legion_runtime::Coordinator;
+use legion_plan::{Candidate, Clock, Plan, Profile, ServingPlan};
 use legion_runtime::proto::inference_server::{Inference, InferenceServer};
 use legion_runtime::proto::{InferReply, InferRequest};
-use std::collections::VecDeque;
+use legion_runtime::{Coordinator, PlanRun};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,6 +38,13 @@ pub struct ServeOptions {
     pub standby: bool,
     /// Serve TLS with this certificate and key (callers pin the certificate).
     pub tls: Option<legion_runtime::tls::WorkerIdentity>,
+    /// Frames in flight per sub-cluster: each board starts a frame's part as soon as it
+    /// is done with the frame before (boards running their programs); 1 runs one
+    /// frame after the other.
+    pub depth: usize,
+    /// Keep every frame's run in [`Served::runs`] (for the emulated clock's stream
+    /// timeline, [`Coordinator::stream_times`]).
+    pub keep_runs: bool,
 }
 
 /// What a serving coordinator did, when it stops.
@@ -53,6 +60,20 @@ pub struct Served {
     pub retried: u64,
     /// Wall latency of every answered frame, from arrival to reply, µs.
     pub latencies_us: Vec<u64>,
+    /// With [`ServeOptions::keep_runs`]: per sub-cluster, in the order the frames
+    /// started, each answered frame's run (outputs dropped) and the candidate it ran.
+    pub runs: BTreeMap<String, Vec<KeptRun>>,
+}
+
+/// A frame's run, kept by [`ServeOptions::keep_runs`].
+#[derive(Clone, Debug)]
+pub struct KeptRun {
+    /// The candidate whose programs ran it.
+    pub candidate: Arc<Candidate>,
+    /// Its run, without the outputs.
+    pub run: PlanRun,
+    /// Whether it started while the frame before it on this sub-cluster was running.
+    pub overlapped: bool,
 }
 
 impl Served {
@@ -109,6 +130,11 @@ impl Queue {
     fn retry(&self, frame: Frame) {
         self.lock().push_front(frame);
         self.ready.notify_one();
+    }
+
+    /// The next frame, if one waits.
+    fn try_pop(&self) -> Option<Frame> {
+        self.lock().pop_front()
     }
 
     async fn pop(&self) -> Frame {
@@ -257,7 +283,7 @@ pub async fn serve(
             sub_plan.clone(),
             compile.clone(),
         )?;
-        drains.push(drain(runner, name, options.standby, &queue, &served));
+        drains.push(drain(runner, name, options, &queue, &served));
     }
     // The sub-clusters take frames until the server has answered every call it
     // accepted (a graceful shutdown waits for them); then they are dropped.
@@ -277,63 +303,204 @@ pub async fn serve(
     Ok(served)
 }
 
-/// One sub-cluster: takes the next frame whenever it is free; returns only on an error
-/// loading its standby plans.
+/// One sub-cluster: takes the next frame whenever it has room for one, up to
+/// `options.depth` in flight; returns only on an error loading its standby plans.
 async fn drain(
     mut runner: Resilient<'_>,
     name: &str,
-    standby: bool,
+    options: &ServeOptions,
     queue: &Queue,
     served: &Mutex<Served>,
 ) -> Result<()> {
-    if standby {
+    if options.standby {
         runner
             .prepare_standby()
             .await
             .with_context(|| format!("loading standby plans on {name}"))?;
     }
+    let keep = options.keep_runs;
+    let depth = if runner.pipelines() { options.depth } else { 1 };
+    if depth <= 1 {
+        loop {
+            let frame = queue.pop().await;
+            run_frame(&mut runner, name, frame, queue, served, keep).await;
+        }
+    }
+    // Frames in flight, oldest first.
+    let mut window: VecDeque<InFlight<'_>> = VecDeque::new();
     loop {
-        let frame = queue.pop().await;
-        run_frame(&mut runner, name, frame, queue, served).await;
+        if window.is_empty() {
+            let frame = queue.pop().await;
+            start_frame(&mut runner, name, frame, &mut window, queue, served, keep).await;
+            continue;
+        }
+        while window.len() < depth {
+            let Some(frame) = queue.try_pop() else { break };
+            start_frame(&mut runner, name, frame, &mut window, queue, served, keep).await;
+        }
+        let Some(mut oldest) = window.pop_front() else {
+            continue;
+        };
+        // While the oldest runs, a frame that arrives joins if there is room.
+        let result = loop {
+            if window.len() + 1 >= depth {
+                break (&mut oldest.run).await;
+            }
+            tokio::select! {
+                result = &mut oldest.run => break result,
+                next = queue.pop() => {
+                    start_frame(&mut runner, name, next, &mut window, queue, served, keep).await;
+                }
+            }
+        };
+        match result {
+            Ok(run) => oldest.answer(run, &mut runner, name, served, keep),
+            Err(e) => {
+                tracing::warn!(
+                    frame = oldest.frame.id,
+                    sub_cluster = name,
+                    "the frame failed in the stream: {e:#}"
+                );
+                // The frames in flight finish or fail; then each that failed runs again
+                // with recovery, one at a time, before the stream goes on.
+                let mut failed = vec![oldest.frame];
+                while let Some(mut next) = window.pop_front() {
+                    match (&mut next.run).await {
+                        Ok(run) => next.answer(run, &mut runner, name, served, keep),
+                        Err(_) => failed.push(next.frame),
+                    }
+                }
+                for frame in failed {
+                    run_frame(&mut runner, name, frame, queue, served, keep).await;
+                }
+            }
+        }
     }
 }
 
-/// Runs one frame on a sub-cluster and answers it, or puts it back for another.
+/// A frame started on a sub-cluster.
+struct InFlight<'a> {
+    frame: Frame,
+    /// Its number by the sub-cluster's runner.
+    n: u64,
+    candidate: Arc<Candidate>,
+    /// Whether it started while another frame was in flight.
+    overlapped: bool,
+    run: Started<'a>,
+}
+
+impl InFlight<'_> {
+    /// Answers the frame with its run, after the runner took the run into account.
+    fn answer(
+        self,
+        run: PlanRun,
+        runner: &mut Resilient<'_>,
+        name: &str,
+        served: &Mutex<Served>,
+        keep: bool,
+    ) {
+        if let Err(e) = runner.finished(self.n, &run) {
+            tracing::warn!(sub_cluster = name, "{e:#}");
+        }
+        answer(
+            self.frame,
+            run,
+            name,
+            self.candidate,
+            self.overlapped,
+            served,
+            keep,
+        );
+    }
+}
+
+/// Starts `frame` on the sub-cluster's current plan and puts it at the end of
+/// `window`; a frame that cannot start runs through recovery instead.
+async fn start_frame<'a>(
+    runner: &mut Resilient<'a>,
+    name: &str,
+    frame: Frame,
+    window: &mut VecDeque<InFlight<'a>>,
+    queue: &Queue,
+    served: &Mutex<Served>,
+    keep: bool,
+) {
+    let candidate = Arc::new(runner.plan().chosen().clone());
+    match runner.start(frame.input.clone(), window.len()).await {
+        Ok((n, run)) => window.push_back(InFlight {
+            frame,
+            n,
+            candidate,
+            overlapped: !window.is_empty(),
+            run,
+        }),
+        Err(e) => {
+            tracing::warn!(sub_cluster = name, "starting a frame: {e:#}");
+            run_frame(runner, name, frame, queue, served, keep).await;
+        }
+    }
+}
+
+/// Answers `frame` with the outputs of `run`.
+fn answer(
+    frame: Frame,
+    mut run: PlanRun,
+    name: &str,
+    candidate: Arc<Candidate>,
+    overlapped: bool,
+    served: &Mutex<Served>,
+    keep: bool,
+) {
+    let outputs = run
+        .outputs
+        .iter()
+        .map(legion_runtime::to_wire)
+        .collect::<Result<Vec<_>>>();
+    let latency = frame.arrived.elapsed();
+    let reply = outputs
+        .map(|outputs| InferReply {
+            id: frame.id.clone(),
+            outputs,
+            latency_us: latency.as_micros() as u64,
+            run_us: run.total_us,
+            clock: match run.clock {
+                Clock::Real => "real".into(),
+                Clock::Emulated => "emulated".into(),
+            },
+            sub_cluster: name.to_string(),
+            attempts: frame.attempts.max(1),
+        })
+        .map_err(|e| Status::internal(format!("frame {}: {e:#}", frame.id)));
+    let mut s = lock(served);
+    s.answered += 1;
+    s.latencies_us.push(latency.as_micros() as u64);
+    if keep {
+        run.outputs.clear();
+        s.runs.entry(name.to_string()).or_default().push(KeptRun {
+            candidate,
+            run,
+            overlapped,
+        });
+    }
+    drop(s);
+    let _ = frame.reply.send(reply);
+}
+
+/// Runs one frame on a sub-cluster, recovering from failed boards, and answers it, or
+/// puts it back for another.
 async fn run_frame(
     runner: &mut Resilient<'_>,
     name: &str,
     mut frame: Frame,
     queue: &Queue,
     served: &Mutex<Served>,
+    keep: bool,
 ) {
     frame.attempts += 1;
     match runner.infer(&frame.input).await {
         Ok(run) => {
-            let outputs = run
-                .outputs
-                .iter()
-                .map(legion_runtime::to_wire)
-                .collect::<Result<Vec<_>>>();
-            let latency = frame.arrived.elapsed();
-            let reply = outputs
-                .map(|outputs| InferReply {
-                    id: frame.id.clone(),
-                    outputs,
-                    latency_us: latency.as_micros() as u64,
-                    run_us: run.total_us,
-                    clock: match run.clock {
-                        Clock::Real => "real".into(),
-                        Clock::Emulated => "emulated".into(),
-                    },
-                    sub_cluster: name.to_string(),
-                    attempts: frame.attempts,
-                })
-                .map_err(|e| Status::internal(format!("frame {}: {e:#}", frame.id)));
-            let mut s = lock(served);
-            s.answered += 1;
-            s.latencies_us.push(latency.as_micros() as u64);
-            drop(s);
-            let _ = frame.reply.send(reply);
+            let candidate = Arc::new(runner.plan().chosen().clone());
+            answer(frame, run, name, candidate, false, served, keep);
         }
         Err(e) => {
             tracing::warn!(

@@ -230,26 +230,59 @@ pub fn programs_timeline(
     bytes: impl Fn(TensorRef, Rows, Option<Rows>) -> u64,
     compute: impl Fn(usize, usize) -> f64,
 ) -> Result<Vec<Vec<f64>>, String> {
+    let mut ids = HashMap::new();
+    let frame = timed_frame(programs, &bytes, &compute, 0, &mut ids)?;
+    let steps: Vec<Vec<TimedStep>> = frame.iter().map(|t| t.steps.clone()).collect();
+    let timed_ends = program_timeline(&steps, links)
+        .ok_or_else(|| "the programs wait on rows no program sends".to_string())?;
+    Ok(programs
+        .iter()
+        .zip(timed_ends.iter().zip(&frame))
+        .map(|(program, (ends, timed))| {
+            let mut by_step = vec![0.0f64; program.steps.len()];
+            for (end, &k) in ends.iter().zip(&timed.origin) {
+                by_step[k] = by_step[k].max(*end);
+            }
+            by_step
+        })
+        .collect())
+}
+
+/// One party's program of one frame as timed steps.
+struct TimedProgram {
+    steps: Vec<TimedStep>,
+    /// The program step each timed step comes from.
+    origin: Vec<usize>,
+}
+
+/// A message: frame, sender, receiver, tensor, rows, channels, and whether it is a
+/// partial result of a reduction.
+type MessageKey = (usize, usize, usize, TensorRef, Rows, Option<Rows>, bool);
+
+/// Every party's program of frame `frame` as timed steps; messages get ids from `ids`,
+/// unique per frame.
+fn timed_frame(
+    programs: &[Program],
+    bytes: &impl Fn(TensorRef, Rows, Option<Rows>) -> u64,
+    compute: &impl Fn(usize, usize) -> f64,
+    frame: usize,
+    ids: &mut HashMap<MessageKey, usize>,
+) -> Result<Vec<TimedProgram>, String> {
     let index = |party: &Party| -> Result<usize, String> {
         programs
             .iter()
             .position(|p| &p.party == party)
             .ok_or_else(|| format!("a program moves rows with {party}, who has no program"))
     };
-    // A message: sender, receiver, tensor, rows, channels, and whether it is a partial
-    // result of a reduction.
-    type Key = (usize, usize, TensorRef, Rows, Option<Rows>, bool);
-    let mut ids: HashMap<Key, usize> = HashMap::new();
-    let mut steps = vec![];
-    // Per party, the program step each timed step belongs to.
-    let mut origins = vec![];
+    let mut timed_programs = vec![];
     for (p, program) in programs.iter().enumerate() {
         let mut timed = vec![];
         let mut origin = vec![];
         for (k, step) in program.steps.iter().enumerate() {
-            let mut id_of = |key| {
+            let mut id_of = |(from, to, tensor, rows, channels, partial)| {
                 let next = ids.len();
-                *ids.entry(key).or_insert(next)
+                *ids.entry((frame, from, to, tensor, rows, channels, partial))
+                    .or_insert(next)
             };
             let one_row = Rows::new(0, 1);
             if let Step::Combine { stage, parts } = step {
@@ -303,22 +336,139 @@ pub fn programs_timeline(
                 Step::Drop { .. } | Step::Combine { .. } => TimedStep::Nothing,
             });
         }
-        steps.push(timed);
-        origins.push(origin);
+        timed_programs.push(TimedProgram {
+            steps: timed,
+            origin,
+        });
     }
-    let timed_ends = program_timeline(&steps, links)
-        .ok_or_else(|| "the programs wait on rows no program sends".to_string())?;
-    Ok(programs
+    Ok(timed_programs)
+}
+
+/// A stream of frames through one candidate's programs ([`stream_timeline`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamTimes {
+    /// Per frame, when the coordinator sent its input, µs from the stream's start.
+    pub admitted_us: Vec<f64>,
+    /// Per frame, when every party had run its part of it.
+    pub done_us: Vec<f64>,
+}
+
+impl StreamTimes {
+    /// Frames per second from the first frame's end to the last's (every frame after
+    /// the first, over the time they took); `None` with fewer than two frames.
+    pub fn fps(&self) -> Option<f64> {
+        let (first, last) = (self.done_us.first()?, self.done_us.last()?);
+        (self.done_us.len() >= 2 && last > first)
+            .then(|| (self.done_us.len() - 1) as f64 * 1e6 / (last - first))
+    }
+
+    /// Per frame, from its admission to its end, µs.
+    pub fn latencies_us(&self) -> Vec<f64> {
+        self.admitted_us
+            .iter()
+            .zip(&self.done_us)
+            .map(|(a, d)| d - a)
+            .collect()
+    }
+}
+
+/// The timeline of `frames` frames streamed through one candidate's programs, at most
+/// `depth` in flight: the coordinator sends frame `f`'s inputs once frame `f - depth`
+/// has come back (the first `depth` at once), and each board runs its program's steps
+/// frame after frame, in order, so that frame `f + 1`'s first tiles start on a board as
+/// soon as it is done with frame `f`, while other boards still work on `f`. Run step
+/// `k` of party `p` in frame `f` takes `compute(f, p, k)` µs; transfers as in
+/// [`programs_timeline`]. Depth 1 is one inference after another.
+pub fn stream_timeline(
+    programs: &[Program],
+    links: &[Link],
+    bytes: impl Fn(TensorRef, Rows, Option<Rows>) -> u64,
+    compute: impl Fn(usize, usize, usize) -> f64,
+    frames: usize,
+    depth: usize,
+) -> Result<StreamTimes, String> {
+    let depth = depth.max(1);
+    let coordinator = programs
         .iter()
-        .zip(timed_ends.iter().zip(&origins))
-        .map(|(program, (ends, origin))| {
-            let mut by_step = vec![0.0f64; program.steps.len()];
-            for (end, &k) in ends.iter().zip(origin) {
-                by_step[k] = by_step[k].max(*end);
-            }
-            by_step
+        .position(|p| p.party == Party::Coordinator)
+        .ok_or("the programs have no coordinator")?;
+    let mut ids = HashMap::new();
+    let mut by_frame = vec![];
+    for f in 0..frames {
+        let compute = |p: usize, k: usize| compute(f, p, k);
+        by_frame.push(timed_frame(programs, &bytes, &compute, f, &mut ids)?);
+    }
+    // Every party's steps, frame after frame; per frame, the index of its last step
+    // in each party's sequence (None where it has none).
+    let mut steps: Vec<Vec<TimedStep>> = vec![vec![]; programs.len()];
+    let mut last: Vec<Vec<Option<usize>>> = vec![vec![None; programs.len()]; frames];
+    // The coordinator's step before each frame's first send (None: the stream's start).
+    let mut admitted_after: Vec<Option<usize>> = vec![None; frames];
+    let collect = |steps: &mut Vec<Vec<TimedStep>>,
+                   last: &mut Vec<Vec<Option<usize>>>,
+                   f: usize,
+                   p: usize,
+                   part: Vec<TimedStep>| {
+        if !part.is_empty() {
+            steps[p].extend(part);
+            last[f][p] = Some(steps[p].len() - 1);
+        }
+    };
+    for (p, _) in programs
+        .iter()
+        .enumerate()
+        .filter(|(p, _)| *p != coordinator)
+    {
+        for (f, frame) in by_frame.iter().enumerate() {
+            collect(&mut steps, &mut last, f, p, frame[p].steps.clone());
+        }
+    }
+    // The coordinator sends a frame's inputs once the frame `depth` before it is back.
+    let (sends, rest): (Vec<_>, Vec<_>) = by_frame
+        .iter()
+        .map(|frame| {
+            frame[coordinator]
+                .steps
+                .iter()
+                .partition::<Vec<TimedStep>, _>(|s| matches!(s, TimedStep::Send { .. }))
         })
-        .collect())
+        .unzip();
+    let mut sends = sends.into_iter();
+    for f in 0..frames + depth {
+        if f >= depth {
+            collect(
+                &mut steps,
+                &mut last,
+                f - depth,
+                coordinator,
+                rest[f - depth].clone(),
+            );
+        }
+        if let Some(part) = sends.next() {
+            admitted_after[f] = steps[coordinator].len().checked_sub(1);
+            steps[coordinator].extend(part);
+        }
+    }
+    let ends = program_timeline(&steps, links)
+        .ok_or_else(|| "the programs wait on rows no program sends".to_string())?;
+    let done_us = last
+        .iter()
+        .map(|frame| {
+            frame
+                .iter()
+                .enumerate()
+                .filter_map(|(p, k)| k.map(|k| ends[p][k]))
+                .fold(0.0f64, f64::max)
+        })
+        .collect();
+    let admitted_us = admitted_after
+        .iter()
+        .map(|k| k.map_or(0.0, |k| ends[coordinator][k]))
+        .collect();
+    Ok(StreamTimes {
+        admitted_us,
+        done_us,
+    })
 }
 
 /// When each of `groups` groups ends on a programs timeline (`ends`, from
@@ -438,6 +588,84 @@ mod tests {
         ];
         let ends = program_timeline(&fan_out, &[hub, FAST, FAST]).unwrap();
         assert_eq!((ends[1][0], ends[2][0]), (280.0, 288.0));
+    }
+
+    /// Two boards in a chain: the coordinator sends the input to A, A runs and sends its
+    /// output to B, B runs and sends the result back.
+    fn chain() -> Vec<Program> {
+        use crate::Party::{Coordinator, Device};
+        let (a, b) = (Device("a".into()), Device("b".into()));
+        let (input, mid, out) = (
+            TensorRef::Input,
+            TensorRef::Stage(legion_ir::StageId(0)),
+            TensorRef::Stage(legion_ir::StageId(1)),
+        );
+        let rows = Rows::new(0, 1);
+        let send = |tensor, to: &Party| Step::Send {
+            tensor,
+            rows,
+            channels: None,
+            to: to.clone(),
+        };
+        let receive = |tensor, from: &Party| Step::Receive {
+            tensor,
+            rows,
+            channels: None,
+            from: from.clone(),
+        };
+        let run = |group| Step::Run {
+            group,
+            tile: 0,
+            phase: 0,
+        };
+        vec![
+            Program {
+                party: Coordinator,
+                steps: vec![send(input, &a), receive(out, &b)],
+            },
+            Program {
+                party: a.clone(),
+                steps: vec![receive(input, &Coordinator), run(0), send(mid, &b)],
+            },
+            Program {
+                party: b.clone(),
+                steps: vec![receive(mid, &a), run(1), send(out, &Coordinator)],
+            },
+        ]
+    }
+
+    #[test]
+    fn frames_overlap_on_boards_in_a_chain() {
+        let no_latency = Link {
+            mbps: 100.0,
+            latency_ms: 0.0,
+        };
+        let links = [no_latency; 3];
+        // 1250 bytes take 100 µs at 100 Mbit/s; every run takes 1000 µs.
+        let bytes = |_, _, _| 1250;
+        let compute = |_, p, _| if p == 0 { 0.0 } else { 1000.0 };
+        // One frame: 100 in, 1000 on A, 100 to B, 1000 on B, 100 back.
+        let one = stream_timeline(&chain(), &links, bytes, compute, 3, 1).unwrap();
+        assert_eq!(one.done_us, [2300.0, 4600.0, 6900.0]);
+        assert_eq!(one.admitted_us, [0.0, 2300.0, 4600.0]);
+        assert_eq!(
+            one.done_us,
+            [1, 2, 3].map(|n| n as f64
+                * programs_timeline(&chain(), &links, bytes, |p, k| compute(0, p, k)).unwrap()[0]
+                    [1])
+        );
+        // Two in flight: A starts frame 1 once it is done with frame 0 (its input is
+        // there since 200), so a frame leaves B every 1000 µs.
+        let two = stream_timeline(&chain(), &links, bytes, compute, 3, 2).unwrap();
+        assert_eq!(two.done_us, [2300.0, 3300.0, 4600.0]);
+        // Frame 2 goes in when frame 0 is back.
+        assert_eq!(two.admitted_us, [0.0, 0.0, 2300.0]);
+        assert_eq!(two.latencies_us(), [2300.0, 3300.0, 2300.0]);
+        assert_eq!(one.fps(), Some(2.0 * 1e6 / 4600.0));
+        assert_eq!(two.fps(), Some(2.0 * 1e6 / 2300.0));
+        // Three in flight: A is never idle after the first frame.
+        let three = stream_timeline(&chain(), &links, bytes, compute, 3, 3).unwrap();
+        assert_eq!(three.done_us, [2300.0, 3300.0, 4300.0]);
     }
 
     #[test]

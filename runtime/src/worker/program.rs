@@ -23,6 +23,10 @@ use tract_onnx::prelude::Tensor;
 /// Programs a worker keeps loaded (a plan's candidates, a few plans).
 pub(super) const LOADED_PROGRAMS: usize = 16;
 
+/// Inferences a worker remembers having run, per program, for the runs of a stream
+/// that wait their turn (`RunProgramRequest.after`).
+pub(super) const RAN_KEPT: usize = 64;
+
 /// A board's program of one candidate, ready to run.
 pub(super) struct Loaded {
     model: ModelRef,
@@ -275,19 +279,68 @@ impl Worker {
         }
     }
 
-    /// RunProgram: runs the loaded program once.
+    /// RunProgram: runs the loaded program once (after inference `req.after` of it, if
+    /// given).
     pub(super) async fn run_program(
         self: &Arc<Self>,
         req: RunProgramRequest,
     ) -> Result<RunProgramReply, Status> {
         let started = Instant::now();
         let loaded = self.loaded(&req.program)?;
-        let result = self.run_loaded(&loaded, &req).await;
+        let turn = match req.after {
+            Some(after) => {
+                let until = started + Duration::from_millis(req.receive_timeout_ms.max(1));
+                self.wait_turn(&loaded.name, &req, after, until).await
+            }
+            None => Ok(()),
+        };
+        let result = match turn {
+            Ok(()) => self.run_loaded(&loaded, &req).await,
+            Err(e) => Err(e),
+        };
+        // Run or failed, the inference's turn is over: the next may go.
+        let mut ran = lock(&self.ran);
+        let recent = ran.entry(req.program.clone()).or_default();
+        recent.push_back(req.inference);
+        if recent.len() > RAN_KEPT {
+            recent.pop_front();
+        }
+        drop(ran);
+        self.run_ended.notify_waiters();
         // Rows of a failed inference that arrived too late are not kept.
         lock(&self.mailbox).retain(|k, _| !(k.0 == req.program && k.1 == req.inference));
         let mut reply = result?;
         reply.wall_us = started.elapsed().as_micros() as u64;
         Ok(reply)
+    }
+
+    /// Waits until this board has run inference `after` of `req`'s program, or until
+    /// `until`.
+    async fn wait_turn(
+        &self,
+        me: &str,
+        req: &RunProgramRequest,
+        after: u64,
+        until: Instant,
+    ) -> Result<(), Status> {
+        loop {
+            let ended = self.run_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if lock(&self.ran)
+                .get(&req.program)
+                .is_some_and(|r| r.contains(&after))
+            {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(until.into(), ended).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "{me}: inference {} waits for inference {after} of the same program, \
+                     which did not run here",
+                    req.inference
+                )));
+            }
+        }
     }
 
     async fn run_loaded(

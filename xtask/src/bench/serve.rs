@@ -223,6 +223,8 @@ fn stream(
             token: None,
             standby: false,
             tls: None,
+            depth: 1,
+            keep_runs: true,
         },
         listener,
         async {
