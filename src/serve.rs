@@ -40,11 +40,12 @@ pub struct Args {
     /// Keep a plan for each board's loss loaded in every sub-cluster.
     #[arg(long)]
     standby: bool,
-    /// Frames in flight per sub-cluster: a board starts its part of the next frame as
-    /// soon as it is done with the one before, while the others finish it. 1 runs one
-    /// frame after the other (and is all the hub transport does).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
-    pipeline: u16,
+    /// Frames in flight per sub-cluster, instead of the serving plan's (which the
+    /// compiler chose within the latency budget; 1 for a plain plan): a board starts
+    /// its part of the next frame as soon as it is done with the one before, while the
+    /// others finish it. 1 runs one frame after the other (all the hub does).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pipeline: Option<u16>,
     /// Serve TLS with this certificate (PEM, as `legion cluster keygen` writes one), so
     /// that the token and the frames travel encrypted; callers pin it (`legion infer
     /// --tls-cert`). Needs --tls-key.
@@ -98,7 +99,7 @@ pub fn run(args: &Args) -> Result<()> {
         token,
         standby: args.standby,
         tls,
-        depth: args.pipeline.into(),
+        depth: args.pipeline.map(usize::from),
         keep_runs: false,
     };
     let rt = tokio::runtime::Runtime::new()?;
@@ -189,37 +190,26 @@ async fn load(
         return Err(BadInput("--rate and --duration must be positive".into()).into());
     }
     let client = connect(target).await?;
-    let frames = (rate * duration).ceil() as u64;
-    let start = tokio::time::Instant::now();
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..frames {
-        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(i as f64 / rate)).await;
+    let infer = |request| {
         let mut client = client.clone();
-        let request = InferRequest {
-            id: format!("{}-{i}", args.id),
-            input: Some(input.clone()),
-        };
-        calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
-    }
-    let (mut latencies, mut refused, mut failed) = (vec![], 0, vec![]);
-    for result in calls.join_all().await {
-        match result {
-            Ok(reply) => latencies.push(reply.latency_us),
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
-            Err(s) => failed.push(s.message().to_string()),
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let q = |q: f64| legion_pipeline::quantile(&latencies, q).unwrap_or(0) as f64 / 1e3;
+        async move { client.infer(request).await.map(|r| r.into_inner()) }
+    };
+    let offered = legion_pipeline::offer(infer, input, &args.id, rate, duration).await;
+    let elapsed = offered.elapsed.as_secs_f64();
+    let latencies = &offered.latencies_us;
+    let q = |q: f64| legion_pipeline::quantile(latencies, q).unwrap_or(0) as f64 / 1e3;
     println!(
-        "{frames} frames sent at {rate} frames/s: {} answered ({:.2} frames/s over {elapsed:.1} \
-         s; latency p50 {:.1} ms, p99 {:.1} ms), {refused} refused (queue full), {} failed",
+        "{} frames sent at {rate} frames/s: {} answered ({:.2} frames/s over {elapsed:.1} \
+         s; latency p50 {:.1} ms, p99 {:.1} ms), {} refused (queue full), {} failed",
+        offered.sent,
         latencies.len(),
         latencies.len() as f64 / elapsed,
         q(0.5),
         q(0.99),
-        failed.len()
+        offered.refused,
+        offered.failed.len()
     );
+    let failed = &offered.failed;
     for f in failed.iter().take(5) {
         println!("failed: {f}");
     }
@@ -233,9 +223,11 @@ pub fn describe(plan: &ServingPlan) -> String {
     for sub in &plan.sub_clusters {
         let _ = writeln!(
             out,
-            "sub-cluster {}: {:.1} ms per frame, {:.2} frames/s",
+            "sub-cluster {}: {:.1} ms per frame alone, {} in flight: {:.1} ms, {:.2} frames/s",
             sub.boards.join(","),
             ms(sub.plan.chosen().predicted_us),
+            sub.depth,
+            ms(sub.predicted_latency_us),
             sub.predicted_fps
         );
     }

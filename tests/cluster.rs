@@ -1099,14 +1099,14 @@ impl Streaming {
 }
 
 /// The options of a test's serving coordinator: no token, no TLS, no standby plans,
-/// one frame at a time per sub-cluster.
+/// the serving plan's frames in flight.
 fn serve_options(queue: usize) -> legion_pipeline::ServeOptions {
     legion_pipeline::ServeOptions {
         queue,
         token: None,
         standby: false,
         tls: None,
-        depth: 1,
+        depth: None,
         keep_runs: false,
     }
 }
@@ -1211,7 +1211,7 @@ fn a_pipelined_stream_survives_a_board_killed_mid_stream() {
         "one plan over every board"
     );
     let options = legion_pipeline::ServeOptions {
-        depth: 2,
+        depth: Some(2),
         keep_runs: true,
         ..serve_options(16)
     };

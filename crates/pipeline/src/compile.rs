@@ -11,6 +11,7 @@ use legion_fusion::{
     wild_card,
 };
 use legion_ir::Ir;
+use legion_plan::network::StreamTimes;
 use legion_plan::{Candidate, Cluster, Link, Party, Plan, Profile, ProfileMode, Transport};
 use legion_runtime::Coordinator;
 use legion_runtime::check::test_input;
@@ -159,6 +160,21 @@ fn program_links(model: &CostModel, profile: &Profile, candidate: &Candidate) ->
                 .with_context(|| format!("the plan runs on {name}, which is not in the profile")),
         })
         .collect()
+}
+
+/// The predicted stream of `frames` frames through `candidate`'s programs, `depth` in
+/// flight: its tiles' predicted compute and the profile's links
+/// ([`legion_codegen::predict_stream`]).
+pub fn predict_stream(
+    ir: &Ir,
+    profile: &Profile,
+    candidate: &Candidate,
+    frames: usize,
+    depth: usize,
+) -> Result<StreamTimes> {
+    let model = CostModel::new(ir, profile, Transport::Programs)?;
+    let links = program_links(&model, profile, candidate)?;
+    legion_codegen::predict_stream(ir, candidate, &links, frames, depth)
 }
 
 /// One search of a cost table: the assumption the table was costed under, the table,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use legion_ir::Ir;
 use legion_plan::{Candidate, Clock, Plan, Profile, ServingPlan};
 use legion_runtime::proto::inference_server::{Inference, InferenceServer};
-use legion_runtime::proto::{InferReply, InferRequest};
+use legion_runtime::proto::{F32Tensor, InferReply, InferRequest};
 use legion_runtime::{Coordinator, PlanRun};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -38,10 +38,10 @@ pub struct ServeOptions {
     pub standby: bool,
     /// Serve TLS with this certificate and key (callers pin the certificate).
     pub tls: Option<legion_runtime::tls::WorkerIdentity>,
-    /// Frames in flight per sub-cluster: each board starts a frame's part as soon as it
-    /// is done with the frame before (boards running their programs); 1 runs one
-    /// frame after the other.
-    pub depth: usize,
+    /// Frames in flight per sub-cluster, instead of the serving plan's: each board
+    /// starts a frame's part as soon as it is done with the frame before (boards
+    /// running their programs); 1 runs one frame after the other.
+    pub depth: Option<usize>,
     /// Keep every frame's run in [`Served::runs`] (for the emulated clock's stream
     /// timeline, [`Coordinator::stream_times`]).
     pub keep_runs: bool,
@@ -240,7 +240,8 @@ pub async fn serve(
             .collect::<Result<Vec<_>, _>>()?;
         let sub_coord = coord.only(&ids)?;
         let cut = crate::boards_of(profile, sub_coord.cluster())?;
-        runners.push((sub.boards.join(","), sub_coord, cut, sub.plan.clone()));
+        let depth = options.depth.unwrap_or(sub.depth);
+        runners.push((sub.boards.join(","), sub_coord, cut, sub.plan.clone(), depth));
     }
     let queue = Arc::new(Queue {
         frames: Mutex::new(VecDeque::new()),
@@ -274,7 +275,7 @@ pub async fn serve(
         shutdown,
     );
     let mut drains = vec![];
-    for (name, sub_coord, cut, sub_plan) in &runners {
+    for (name, sub_coord, cut, sub_plan, depth) in &runners {
         let runner = Resilient::new(
             sub_coord,
             ir,
@@ -283,7 +284,7 @@ pub async fn serve(
             sub_plan.clone(),
             compile.clone(),
         )?;
-        drains.push(drain(runner, name, options, &queue, &served));
+        drains.push(drain(runner, name, *depth, options, &queue, &served));
     }
     // The sub-clusters take frames until the server has answered every call it
     // accepted (a graceful shutdown waits for them); then they are dropped.
@@ -303,11 +304,12 @@ pub async fn serve(
     Ok(served)
 }
 
-/// One sub-cluster: takes the next frame whenever it has room for one, up to
-/// `options.depth` in flight; returns only on an error loading its standby plans.
+/// One sub-cluster: takes the next frame whenever it has room for one, up to `depth`
+/// in flight; returns only on an error loading its standby plans.
 async fn drain(
     mut runner: Resilient<'_>,
     name: &str,
+    depth: usize,
     options: &ServeOptions,
     queue: &Queue,
     served: &Mutex<Served>,
@@ -319,7 +321,7 @@ async fn drain(
             .with_context(|| format!("loading standby plans on {name}"))?;
     }
     let keep = options.keep_runs;
-    let depth = if runner.pipelines() { options.depth } else { 1 };
+    let depth = if runner.pipelines() { depth } else { 1 };
     if depth <= 1 {
         loop {
             let frame = queue.pop().await;
@@ -524,6 +526,59 @@ async fn run_frame(
             }
         }
     }
+}
+
+/// What frames offered at a fixed rate got back ([`offer`]).
+#[derive(Clone, Debug, Default)]
+pub struct Offered {
+    /// Frames sent.
+    pub sent: u64,
+    /// Per frame answered, its latency as the server measured it, µs.
+    pub latencies_us: Vec<u64>,
+    /// Frames refused with RESOURCE_EXHAUSTED (the queue was full).
+    pub refused: u64,
+    /// Every other error, its message.
+    pub failed: Vec<String>,
+    /// From the first frame sent to the last reply.
+    pub elapsed: Duration,
+}
+
+/// Sends `rate` frames per second for `duration` seconds through `infer` (a client's
+/// call; an open loop: each frame on time, whatever the replies, ids `{id}-{i}`), and
+/// waits for every reply.
+pub async fn offer<Reply>(
+    infer: impl Fn(InferRequest) -> Reply,
+    input: F32Tensor,
+    id: &str,
+    rate: f64,
+    duration: f64,
+) -> Offered
+where
+    Reply: std::future::Future<Output = Result<InferReply, Status>> + Send + 'static,
+{
+    let sent = (rate * duration).ceil() as u64;
+    let start = tokio::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..sent {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        calls.spawn(infer(InferRequest {
+            id: format!("{id}-{i}"),
+            input: Some(input.clone()),
+        }));
+    }
+    let mut offered = Offered {
+        sent,
+        ..Offered::default()
+    };
+    for result in calls.join_all().await {
+        match result {
+            Ok(reply) => offered.latencies_us.push(reply.latency_us),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => offered.refused += 1,
+            Err(s) => offered.failed.push(s.message().to_string()),
+        }
+    }
+    offered.elapsed = start.elapsed();
+    offered
 }
 
 /// Logs the frames answered, the rate and the latency quantiles every

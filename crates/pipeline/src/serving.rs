@@ -46,14 +46,58 @@ impl std::str::FromStr for LatencyBudget {
 /// A subset of the boards (bit i: the cluster's device i) and its plan.
 struct Compiled {
     plan: Plan,
-    latency_us: u64,
+    /// Per depth (frames in flight, from 1), the predicted stream.
+    streams: Vec<Streamed>,
     /// Seconds of the coordinator's link one frame takes (its input and outputs, or
     /// through the hub every strip).
     coordinator_s: f64,
 }
 
+/// A plan's predicted stream at one depth.
+#[derive(Clone, Copy, Debug)]
+struct Streamed {
+    depth: usize,
+    /// The longest frame latency in the stream, µs.
+    latency_us: u64,
+    fps: f64,
+}
+
+impl Compiled {
+    /// The depth with the most frames per second whose latency is within `budget_us`
+    /// (the shallower of equals).
+    fn within(&self, budget_us: u64) -> Option<Streamed> {
+        best_within(&self.streams, budget_us)
+    }
+
+    /// One frame after the other: the plan's predicted latency.
+    fn alone(&self) -> Streamed {
+        self.streams[0]
+    }
+}
+
+/// Of `streams`, the one with the most frames per second whose latency is within
+/// `budget_us`; the first of equals.
+fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
+    streams
+        .iter()
+        .filter(|s| s.latency_us <= budget_us)
+        .fold(None, |best: Option<Streamed>, s| match best {
+            Some(b) if b.fps >= s.fps => Some(b),
+            _ => Some(*s),
+        })
+}
+
+/// Frames in flight a throughput compile tries per sub-cluster (1 to this).
+pub const MAX_DEPTH: usize = 3;
+
+/// Frames of a predicted stream, enough for the pipeline to fill.
+const PREDICTED_FRAMES: usize = 8;
+
 /// Cuts `cluster` into sub-clusters for the most predicted frames per second within
-/// `budget`, each with a plan compiled by prediction from `profile` with `options`.
+/// `budget`, each with a plan compiled by prediction from `profile` with `options` and
+/// the number of frames it keeps in flight (up to [`MAX_DEPTH`] when its boards run
+/// their programs, so frames overlap on them; the budget bounds a frame's latency in
+/// the stream).
 /// `progress` is called after each subset's plan with (done, total).
 pub fn compile_serving(
     ir: &Ir,
@@ -101,27 +145,37 @@ pub fn compile_serving(
             Transport::Programs => traffic.coordinator,
             Transport::Hub => traffic.hub,
         };
+        let streams = streams(ir, &cut, &plan, options.transport)
+            .with_context(|| format!("predicting a stream on {}", names.join(",")))?;
         plans[mask] = Some(Compiled {
-            latency_us: plan.chosen().predicted_us.max(1),
+            streams,
             coordinator_s: bytes as f64 * 8.0 / (cluster.coordinator.mbps * 1e6),
             plan,
         });
         progress(done + 1, total);
     }
-    // Boards without a plan never meet a budget.
-    let latency = |mask: usize| plans[mask].as_ref().map_or(u64::MAX, |c| c.latency_us);
-    let single_plan_us = latency(total);
+    let single_plan_us = plans[total]
+        .as_ref()
+        .map_or(u64::MAX, |c| c.alone().latency_us);
     let budget_us = match budget {
         LatencyBudget::Absolute(us) => us,
         LatencyBudget::Relative(f) => (single_plan_us as f64 * f).round() as u64,
     };
+    // Every board on its own frames, each at its best depth.
     let data_parallel_fps: f64 = (0..n)
-        .filter_map(|i| plans[1 << i].as_ref())
-        .map(|c| 1e6 / c.latency_us as f64)
+        .filter_map(|i| plans[1 << i].as_ref()?.within(u64::MAX))
+        .map(|s| s.fps)
         .sum();
-
+    // Per subset, its best stream within the budget; boards without a plan, or whose
+    // plan misses the budget, never make a block.
+    let chosen: Vec<Option<Streamed>> = plans
+        .iter()
+        .map(|c| c.as_ref().and_then(|c| c.within(budget_us)))
+        .collect();
+    let latency = |mask: usize| chosen[mask].map_or(u64::MAX, |s| s.latency_us);
+    let rate = |mask: usize| chosen[mask].map_or(0.0, |s| s.fps);
     let coordinator = |mask: usize| plans[mask].as_ref().map_or(0.0, |c| c.coordinator_s);
-    let best = best_cut(n, &|mask| latency(mask), &coordinator, budget_us).ok_or_else(|| {
+    let best = best_cut(n, &latency, &rate, &coordinator, budget_us).ok_or_else(|| {
         BadInput(format!(
             "no sub-cluster meets the latency budget of {:.1} ms: the best plan over every \
              board predicts {:.1} ms",
@@ -140,9 +194,12 @@ pub fn compile_serving(
     let mut sub_clusters = vec![];
     for &mask in &best.blocks {
         let compiled = plans[mask].take().expect("compiled once");
+        let stream = chosen[mask].expect("within the budget");
         sub_clusters.push(SubCluster {
             boards: names(mask),
-            predicted_fps: 1e6 / compiled.latency_us as f64,
+            predicted_fps: stream.fps,
+            depth: stream.depth,
+            predicted_latency_us: stream.latency_us,
             plan: compiled.plan,
         });
     }
@@ -167,6 +224,30 @@ pub fn compile_serving(
     })
 }
 
+/// `plan`'s predicted streams at depths 1 to [`MAX_DEPTH`] (through the hub, where
+/// frames do not overlap, depth 1 alone): the plan's own prediction one frame after
+/// the other, the programs' stream timeline beyond.
+fn streams(ir: &Ir, profile: &Profile, plan: &Plan, transport: Transport) -> Result<Vec<Streamed>> {
+    let latency_us = plan.chosen().predicted_us.max(1);
+    let mut streams = vec![Streamed {
+        depth: 1,
+        latency_us,
+        fps: 1e6 / latency_us as f64,
+    }];
+    if transport == Transport::Programs {
+        for depth in 2..=MAX_DEPTH {
+            let times = crate::compile::predict_stream(ir, profile, plan.chosen(), PREDICTED_FRAMES, depth)?;
+            let latency = times.latencies_us().into_iter().fold(0.0f64, f64::max);
+            streams.push(Streamed {
+                depth,
+                latency_us: latency.round() as u64,
+                fps: times.fps().unwrap_or(0.0),
+            });
+        }
+    }
+    Ok(streams)
+}
+
 /// The best cut found: its blocks (board masks), its frames per second, and how many
 /// cuts were scored.
 #[derive(Debug, PartialEq)]
@@ -177,13 +258,15 @@ struct Cut {
 }
 
 /// Among every cut of `n` boards into blocks and idle boards whose every block's
-/// `latency` (µs) is within `budget_us`, the one with the most frames per second; ties
-/// go to the lower slowest block, then to fewer blocks. None when no block fits. A
-/// block's frame takes `coordinator` seconds of the coordinator's link; when the
-/// blocks' rates would need more than all of it, every rate is scaled down to fit.
+/// `latency` (µs) is within `budget_us`, the one with the most frames per second (the
+/// sum of the blocks' `rate`s); ties go to the lower slowest block, then to fewer
+/// blocks. None when no block fits. A block's frame takes `coordinator` seconds of the
+/// coordinator's link; when the blocks' rates would need more than all of it, every
+/// rate is scaled down to fit.
 fn best_cut(
     n: usize,
     latency: &dyn Fn(usize) -> u64,
+    rate: &dyn Fn(usize) -> f64,
     coordinator: &dyn Fn(usize) -> f64,
     budget_us: u64,
 ) -> Option<Cut> {
@@ -223,7 +306,7 @@ fn best_cut(
         if slowest > budget_us {
             return;
         }
-        let rates: Vec<f64> = latencies.iter().map(|&l| 1e6 / l as f64).collect();
+        let rates: Vec<f64> = blocks.iter().map(|&b| rate(b)).collect();
         let link: f64 = blocks
             .iter()
             .zip(&rates)
@@ -272,9 +355,34 @@ mod tests {
         0.0
     }
 
+    /// One frame after the other: the rate of a block of latency `latency`.
+    fn rate_of(latency: impl Fn(usize) -> u64) -> impl Fn(usize) -> f64 {
+        move |mask| 1e6 / latency(mask) as f64
+    }
+
+    #[test]
+    fn the_deepest_pipeline_within_the_budget_wins() {
+        let stream = |depth, latency_us, fps| Streamed {
+            depth,
+            latency_us,
+            fps,
+        };
+        // Two frames in flight: 1.3x the rate, 1.6x the latency; three: no faster.
+        let streams = [
+            stream(1, 1000, 1000.0),
+            stream(2, 1600, 1300.0),
+            stream(3, 2400, 1300.0),
+        ];
+        assert_eq!(best_within(&streams, 1000).unwrap().depth, 1);
+        assert_eq!(best_within(&streams, 1599).unwrap().depth, 1);
+        assert_eq!(best_within(&streams, 1600).unwrap().depth, 2);
+        assert_eq!(best_within(&streams, u64::MAX).unwrap().depth, 2);
+        assert!(best_within(&streams, 999).is_none());
+    }
+
     #[test]
     fn a_loose_budget_gives_every_board_its_own_frames() {
-        let cut = best_cut(4, &even, &no_link, 1100).unwrap();
+        let cut = best_cut(4, &even, &rate_of(even), &no_link, 1100).unwrap();
         assert_eq!(cut.blocks, [1, 2, 4, 8]);
         assert!((cut.fps - 4e6 / 1100.0).abs() < 1e-6);
         // Bell(5): every cut of 4 boards with an idle block.
@@ -284,14 +392,14 @@ mod tests {
     #[test]
     fn a_tight_budget_gives_one_plan_over_every_board() {
         // All four: 350 µs; any three: 433 µs.
-        let cut = best_cut(4, &even, &no_link, 350).unwrap();
+        let cut = best_cut(4, &even, &rate_of(even), &no_link, 350).unwrap();
         assert_eq!(cut.blocks, [15]);
     }
 
     #[test]
     fn a_middle_budget_pairs_the_boards() {
         // Pairs: 600 µs each, 2 pairs 3333 fps; a triple and a board alone miss 600.
-        let cut = best_cut(4, &even, &no_link, 600).unwrap();
+        let cut = best_cut(4, &even, &rate_of(even), &no_link, 600).unwrap();
         assert_eq!(cut.blocks.len(), 2);
         assert!(cut.blocks.iter().all(|b| b.count_ones() == 2));
     }
@@ -300,16 +408,16 @@ mod tests {
     fn a_board_that_slows_every_plan_it_joins_idles() {
         // Board 3 is so slow that any plan with it takes 10 ms.
         let latency = |mask: usize| if mask & 8 != 0 { 10_000 } else { even(mask) };
-        let cut = best_cut(4, &latency, &no_link, 1100).unwrap();
+        let cut = best_cut(4, &latency, &rate_of(latency), &no_link, 1100).unwrap();
         assert_eq!(cut.blocks, [1, 2, 4]);
-        assert!(best_cut(4, &latency, &no_link, 200).is_none());
+        assert!(best_cut(4, &latency, &rate_of(latency), &no_link, 200).is_none());
     }
 
     #[test]
     fn a_busy_coordinator_link_caps_the_rate() {
         // Each frame takes 0.5 ms of the coordinator's link: four boards alone would
         // need 4 x 909 x 0.0005 = 1.8 s of it per second; the rate is capped at 2000.
-        let cut = best_cut(4, &even, &|_| 0.0005, 1100).unwrap();
+        let cut = best_cut(4, &even, &rate_of(even), &|_| 0.0005, 1100).unwrap();
         assert!((cut.fps - 2000.0).abs() < 1e-6, "{cut:?}");
     }
 
@@ -320,7 +428,7 @@ mod tests {
             1 => u64::MAX,
             _ => even(mask),
         };
-        let cut = best_cut(4, &latency, &no_link, 10_000).unwrap();
+        let cut = best_cut(4, &latency, &rate_of(latency), &no_link, 10_000).unwrap();
         assert_eq!(cut.blocks.len(), 2, "{cut:?}");
         assert!(cut.blocks.iter().all(|b| b.count_ones() == 2));
     }

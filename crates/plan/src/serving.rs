@@ -7,7 +7,7 @@ use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 /// Version of the serving plan format; readers reject other versions.
-pub const SERVING_VERSION: u32 = 1;
+pub const SERVING_VERSION: u32 = 2;
 
 /// A cluster cut into sub-clusters for a stream of frames.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,8 +30,8 @@ pub struct ServingPlan {
     pub idle: Vec<String>,
     /// The frames per second the sub-clusters predict together.
     pub predicted_fps: f64,
-    /// The slowest sub-cluster's predicted latency, µs: a frame's latency when it
-    /// waits for no other.
+    /// The slowest sub-cluster's predicted latency in its stream, µs (a frame waits on
+    /// the boards for the frames ahead of it, but not in the queue).
     pub predicted_latency_us: u64,
     /// The best plan over every board: its predicted latency, µs.
     pub single_plan_us: u64,
@@ -50,8 +50,14 @@ pub struct ServingPlan {
 pub struct SubCluster {
     /// The boards, in the cluster file's order.
     pub boards: Vec<String>,
-    /// Frames per second it predicts: 1 / its plan's predicted latency.
+    /// Frames per second it predicts, `depth` frames in flight.
     pub predicted_fps: f64,
+    /// Frames in flight: each board starts its part of the next frame as soon as it is
+    /// done with the one before (1: one frame after the other).
+    pub depth: usize,
+    /// A frame's predicted latency in the stream, from the coordinator sending its
+    /// input to its output, the longest over the frames, µs.
+    pub predicted_latency_us: u64,
     /// Its plan (compiled for these boards alone).
     pub plan: Plan,
 }
@@ -76,6 +82,8 @@ impl ServingPlan {
             sub_clusters: vec![SubCluster {
                 boards: plan.devices.clone(),
                 predicted_fps: fps,
+                depth: 1,
+                predicted_latency_us: latency,
                 plan,
             }],
         }

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use legion_fusion::Placement;
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_partition::{Group, channel_tile, check_channel_group, check_group, tile, whole_group};
-use legion_plan::network::{group_ends, programs_timeline};
+use legion_plan::network::{StreamTimes, group_ends, programs_timeline, stream_timeline};
 use legion_plan::{
     Candidate, DeviceId, Link, Plan, PlanGroup, PlanTile, Step, TileSpec, TileStage,
 };
@@ -139,6 +139,23 @@ pub fn run_compute_us(ir: &Ir, groups: &[PlanGroup], step: &Step) -> f64 {
         }
         _ => 0.0,
     }
+}
+
+/// Predicts a stream of `frames` frames through `candidate`'s programs with `depth` in
+/// flight ([`stream_timeline`]): each run takes its tile's predicted compute, each
+/// transfer its bytes over `links` (one per program, in order).
+pub fn predict_stream(
+    ir: &Ir,
+    candidate: &Candidate,
+    links: &[Link],
+    frames: usize,
+    depth: usize,
+) -> Result<StreamTimes> {
+    let groups = &candidate.groups;
+    let programs = &candidate.programs;
+    let compute = |_: usize, p: usize, k: usize| run_compute_us(ir, groups, &programs[p].steps[k]);
+    let bytes = |t: TensorRef, rows: Rows, channels: Option<Rows>| ir.part_bytes(t, rows, channels);
+    stream_timeline(programs, links, bytes, compute, frames, depth).map_err(anyhow::Error::msg)
 }
 
 /// The share of a tile's compute that its phase `phase` takes ([`TileSpec::phases`]):

@@ -1,22 +1,27 @@
 //! `cargo xtask bench serve`: streams of frames through `legion serve`
-//! (`legion_pipeline::serve`) on emulated clusters, for serving plans compiled under
-//! several latency budgets, one plan over every board, and no budget.
+//! (`legion_pipeline::serve`) on emulated clusters, for one plan over every board (one
+//! frame at a time, and pipelined), serving plans compiled under several latency
+//! budgets, and no budget; then a load 20% above what the host serves.
 //!
 //! The emulated boards of a cluster take turns on this host, so sub-clusters that
 //! would run side by side on boards run interleaved here, and wall time says nothing
-//! of a stream's rate. Each sub-cluster's rate is measured on the emulated clock
-//! instead: the frames it ran over the sum of their emulated run times (it is never
-//! idle while frames wait). A serving plan's rate is the sum of its sub-clusters'.
+//! of a stream's rate. Each sub-cluster's stream is timed on the emulated clock
+//! instead: its frames' runs, each board's compute as measured, composed on the
+//! programs' stream timeline at the sub-cluster's depth (`Coordinator::stream_times`;
+//! it is never idle while frames wait). A serving plan's rate is the sum of its
+//! sub-clusters'.
 
-use super::paper::legion_profile;
+use super::paper::{host_label, legion_profile};
 use super::transports::cluster_file;
 use super::{host, load};
 use anyhow::{Context, Result, ensure};
 use legion_ir::Ir;
 use legion_pipeline::{
-    CompileOptions, LatencyBudget, ServeOptions, compile_serving, connect, serve,
+    CompileOptions, LatencyBudget, MAX_DEPTH, ServeOptions, compile_serving, connect,
+    predict_stream, serve,
 };
-use legion_plan::{Cluster, ServingPlan};
+use legion_plan::network::StreamTimes;
+use legion_plan::{Cluster, HostRates, ServingPlan};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::proto::InferRequest;
 use legion_runtime::proto::inference_client::InferenceClient;
@@ -41,43 +46,62 @@ struct Stream {
     name: String,
     plan: ServingPlan,
     frames: usize,
-    /// Per sub-cluster, the emulated run times of its frames, µs.
-    runs: BTreeMap<String, Vec<u64>>,
+    /// Per sub-cluster: its depth, the frames it ran, and its stream on the emulated
+    /// clock (every frame but its first).
+    subs: BTreeMap<String, (usize, usize, StreamTimes)>,
     /// The largest relative difference of an output from one device's.
     worst_rel: f64,
+    /// The host's rates over the frames' runs.
+    host: Option<HostRates>,
 }
 
 impl Stream {
-    /// A sub-cluster's runs but its first (a new plan's first frame is slower on the
-    /// emulator, whose tile times are their fastest over the runs so far), unless it
-    /// ran only one.
-    fn counted(runs: &[u64]) -> &[u64] {
-        if runs.len() > 1 { &runs[1..] } else { runs }
-    }
-
     fn fps(&self) -> f64 {
-        self.runs
+        self.subs
             .values()
-            .map(|r| Stream::counted(r))
-            .map(|r| r.len() as f64 * 1e6 / r.iter().sum::<u64>().max(1) as f64)
+            .map(|(_, _, t)| t.fps().unwrap_or(0.0))
             .sum()
     }
 
     fn latency_ms(&self, q: f64) -> f64 {
         let all: Vec<u64> = self
-            .runs
+            .subs
             .values()
-            .flat_map(|r| Stream::counted(r))
-            .copied()
+            .flat_map(|(_, _, t)| t.latencies_us())
+            .map(|us| us.round() as u64)
             .collect();
         legion_pipeline::quantile(&all, q).map_or(f64::NAN, |us| us as f64 / 1e3)
     }
+
+    fn depths(&self) -> String {
+        let depths: Vec<String> = self
+            .plan
+            .sub_clusters
+            .iter()
+            .map(|c| c.depth.to_string())
+            .collect();
+        depths.join("+")
+    }
+}
+
+/// Frames offered 20% above what the host served in a closed loop.
+struct Overload {
+    plan: String,
+    /// Frames per second on the wall clock, closed loop.
+    capacity_fps: f64,
+    offered_fps: f64,
+    sent: u64,
+    answered: u64,
+    refused: u64,
+    failed: u64,
+    queue: usize,
 }
 
 struct Setup {
     model: String,
     cluster: String,
     streams: Vec<Stream>,
+    overload: Overload,
     wall_s: f64,
 }
 
@@ -91,6 +115,36 @@ pub fn run(opts: &Options) -> Result<String> {
         }
     }
     report(&setups, opts)
+}
+
+/// Frames a stream's prediction takes, as the throughput compile's.
+const PREDICTED_FRAMES: usize = 8;
+
+/// `plan` served alone at its best depth (the most frames per second predicted),
+/// beyond one frame at a time.
+fn pipelined(
+    ir: &Ir,
+    profile: &legion_plan::Profile,
+    mut plan: ServingPlan,
+) -> Result<ServingPlan> {
+    let mut best: Option<(usize, StreamTimes)> = None;
+    for depth in 2..=MAX_DEPTH {
+        let sub = &plan.sub_clusters[0];
+        let times = predict_stream(ir, profile, sub.plan.chosen(), PREDICTED_FRAMES, depth)?;
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| times.fps() > b.fps())
+        {
+            best = Some((depth, times));
+        }
+    }
+    let (depth, times) = best.context("no depth above 1")?;
+    let latency = times.latencies_us().into_iter().fold(0.0f64, f64::max).round() as u64;
+    let fps = times.fps().unwrap_or(0.0);
+    let sub = &mut plan.sub_clusters[0];
+    (sub.depth, sub.predicted_fps, sub.predicted_latency_us) = (depth, fps, latency);
+    (plan.predicted_fps, plan.predicted_latency_us) = (fps, latency);
+    Ok(plan)
 }
 
 fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options) -> Result<Setup> {
@@ -122,7 +176,13 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     .context("compile made no plan")?;
     let mut single = ServingPlan::one(single);
     single.data_parallel_fps = everyone.data_parallel_fps;
-    let mut plans = vec![("one plan".to_string(), single)];
+    let mut plans = vec![
+        ("one plan, one at a time".to_string(), single.clone()),
+        (
+            "one plan, pipelined".to_string(),
+            pipelined(ir, &profile, single)?,
+        ),
+    ];
     for factor in [1.0, 1.5, 2.0] {
         plans.push((
             format!("budget {factor}x"),
@@ -130,144 +190,260 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         ));
     }
     plans.push(("no budget".to_string(), everyone));
+    let measure = Measure {
+        rt: &rt,
+        coord: &coord,
+        ir,
+        onnx,
+        profile: &profile,
+        options: &options,
+    };
     let mut streams = vec![];
-    for (name, plan) in plans {
+    for (name, plan) in &plans {
         eprintln!(
             "{model} on {cluster_name}, {name}: {} sub-clusters",
             plan.sub_clusters.len()
         );
-        let served = stream(
-            &rt,
-            &coord,
-            ir,
-            onnx,
-            &profile,
-            &options,
-            &reference,
-            name,
-            plan,
-            opts.frames,
-        )?;
-        streams.push(served);
+        streams.push(measure.stream(&reference, name, plan.clone(), opts.frames)?);
     }
+    let (name, plan) = &plans[plans.len() - 2];
+    let overload = measure.overload(name, plan)?;
     Ok(Setup {
         model: model.to_string(),
         cluster: cluster_name.to_string(),
         streams,
+        overload,
         wall_s: start.elapsed().as_secs_f64(),
     })
 }
 
-/// Serves `frames` frames per sub-cluster of `plan`, twice as many in flight as it has
-/// sub-clusters, and checks every output against `reference`.
-#[allow(clippy::too_many_arguments)]
-fn stream(
-    rt: &tokio::runtime::Runtime,
-    coord: &legion_runtime::Coordinator,
-    ir: &Ir,
-    onnx: &[u8],
-    profile: &legion_plan::Profile,
-    options: &CompileOptions,
-    reference: &Reference,
-    name: String,
-    plan: ServingPlan,
-    frames: u32,
-) -> Result<Stream> {
-    let total = frames as usize * plan.sub_clusters.len();
-    let in_flight = 2 * plan.sub_clusters.len();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let address = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let input = legion_runtime::to_wire(&test_input(&ir.input.shape))?;
-    let client = std::thread::spawn(move || -> Result<Vec<legion_runtime::proto::InferReply>> {
-        let rt = tokio::runtime::Runtime::new()?;
-        let replies = rt.block_on(async {
-            // The server loads every sub-cluster's programs before it answers.
-            let client = loop {
-                if let Ok(c) = InferenceClient::connect(address.clone()).await {
-                    break c.max_decoding_message_size(1 << 30);
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            };
-            let mut calls = tokio::task::JoinSet::new();
-            let mut replies = vec![];
-            for i in 0..total {
-                if calls.len() == in_flight {
-                    replies.push(calls.join_next().await.expect("a call")?);
-                }
-                let mut client = client.clone();
-                let request = InferRequest {
-                    id: format!("frame-{i}"),
-                    input: Some(input.clone()),
-                };
-                calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
-            }
-            replies.extend(calls.join_all().await);
-            replies
-                .into_iter()
-                .map(|r| r.map_err(|s| anyhow::anyhow!("{}", s.message())))
-                .collect()
+/// What every stream of a setup is served with.
+struct Measure<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    coord: &'a legion_runtime::Coordinator,
+    ir: &'a Ir,
+    onnx: &'a [u8],
+    profile: &'a legion_plan::Profile,
+    options: &'a CompileOptions,
+}
+
+impl Measure<'_> {
+    /// Serves `plan` with a queue of `queue` frames while `client` (given the server's
+    /// address) runs on its own thread; returns what both did.
+    fn serve<T: Send + 'static>(
+        &self,
+        plan: &ServingPlan,
+        queue: usize,
+        client: impl FnOnce(String) -> Result<T> + Send + 'static,
+    ) -> Result<(legion_pipeline::Served, T)> {
+        let listener = self
+            .rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let address = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = std::thread::spawn(move || {
+            let done = client(address);
+            let _ = stop.send(());
+            done
         });
-        let _ = stop.send(());
-        replies
-    });
-    let served = rt.block_on(serve(
-        coord,
-        ir,
-        onnx,
-        &plan,
-        profile,
-        options.clone(),
-        &ServeOptions {
-            queue: total,
-            token: None,
-            standby: false,
-            tls: None,
-            depth: 1,
-            keep_runs: true,
-        },
-        listener,
-        async {
-            let _ = stopped.await;
-        },
-    ))?;
-    let replies = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("the client panicked"))??;
-    ensure!(
-        served.answered as usize == total && replies.len() == total,
-        "{name}: {} of {total} frames answered",
-        served.answered
-    );
-    let mut runs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    let mut worst_rel: f64 = 0.0;
-    // In the order the frames were sent, so that a sub-cluster's first is first.
-    let mut replies = replies;
-    replies.sort_by_key(|r| {
-        r.id.trim_start_matches("frame-")
-            .parse::<usize>()
-            .unwrap_or(usize::MAX)
-    });
-    for reply in &replies {
-        ensure!(
-            reply.clock == "emulated",
-            "{name}: frames ran on the {} clock",
-            reply.clock
-        );
-        let got = legion_runtime::from_wire(&reply.outputs[0])?;
-        let want = reference.tensor(ir.outputs[0]);
-        worst_rel = worst_rel.max(compare(&got, want, want)?.max_rel as f64);
-        runs.entry(reply.sub_cluster.clone())
-            .or_default()
-            .push(reply.run_us);
+        let served = self.rt.block_on(serve(
+            self.coord,
+            self.ir,
+            self.onnx,
+            plan,
+            self.profile,
+            self.options.clone(),
+            &ServeOptions {
+                queue,
+                token: None,
+                standby: false,
+                tls: None,
+                depth: None,
+                keep_runs: true,
+            },
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ))?;
+        let done = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client panicked"))??;
+        Ok((served, done))
     }
-    Ok(Stream {
-        name,
-        plan,
-        frames: total,
-        runs,
-        worst_rel,
-    })
+
+    /// Serves `frames` frames per sub-cluster of `plan`, as many in flight from the
+    /// client as the sub-clusters hold plus one each, and checks every output against
+    /// `reference`.
+    fn stream(
+        &self,
+        reference: &Reference,
+        name: &str,
+        plan: ServingPlan,
+        frames: u32,
+    ) -> Result<Stream> {
+        let total = frames as usize * plan.sub_clusters.len();
+        let in_flight: usize = plan.sub_clusters.iter().map(|c| c.depth + 1).sum();
+        let input = legion_runtime::to_wire(&test_input(&self.ir.input.shape))?;
+        let (served, replies) = self.serve(&plan, total, move |address| {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let client = connected(&address).await;
+                let mut calls = tokio::task::JoinSet::new();
+                let mut replies = vec![];
+                for i in 0..total {
+                    if calls.len() == in_flight {
+                        replies.push(calls.join_next().await.expect("a call")?);
+                    }
+                    let mut client = client.clone();
+                    let request = InferRequest {
+                        id: format!("frame-{i}"),
+                        input: Some(input.clone()),
+                    };
+                    calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
+                }
+                replies.extend(calls.join_all().await);
+                replies
+                    .into_iter()
+                    .map(|r| r.map_err(|s| anyhow::anyhow!("{}", s.message())))
+                    .collect::<Result<Vec<_>>>()
+            })
+        })?;
+        ensure!(
+            served.answered as usize == total && replies.len() == total,
+            "{name}: {} of {total} frames answered",
+            served.answered
+        );
+        let mut worst_rel: f64 = 0.0;
+        for reply in &replies {
+            ensure!(
+                reply.clock == "emulated",
+                "{name}: frames ran on the {} clock",
+                reply.clock
+            );
+            let got = legion_runtime::from_wire(&reply.outputs[0])?;
+            let want = reference.tensor(self.ir.outputs[0]);
+            worst_rel = worst_rel.max(compare(&got, want, want)?.max_rel as f64);
+        }
+        let mut subs = BTreeMap::new();
+        for sub in &plan.sub_clusters {
+            let key = sub.boards.join(",");
+            let runs = served.runs.get(&key).map_or(&[][..], |r| r.as_slice());
+            let first = runs
+                .first()
+                .with_context(|| format!("{name}: {key} ran no frame"))?;
+            ensure!(
+                runs.iter()
+                    .all(|r| r.candidate.programs == first.candidate.programs),
+                "{name}: {key} changed plans during the stream (a board failed or straggled)"
+            );
+            // A new plan's first frame is slower on the emulator, whose tile times are
+            // their fastest over the runs so far: not counted, unless it is the only one.
+            let counted: Vec<&legion_runtime::PlanRun> = runs
+                .iter()
+                .skip(usize::from(runs.len() > 2))
+                .map(|r| &r.run)
+                .collect();
+            let times = self
+                .coord
+                .stream_times(self.ir, &first.candidate, &counted, sub.depth)?;
+            subs.insert(key, (sub.depth, runs.len(), times));
+        }
+        let host = HostRates::of_steps(
+            served
+                .runs
+                .values()
+                .flatten()
+                .flat_map(|r| &r.run.groups),
+        );
+        Ok(Stream {
+            name: name.to_string(),
+            plan,
+            frames: total,
+            subs,
+            worst_rel,
+            host,
+        })
+    }
+
+    /// Serves `plan` to a closed loop for its capacity on the wall clock, then offers
+    /// 20% more for 20 s with a queue as deep as the frames the sub-clusters hold:
+    /// every frame must be answered or refused with RESOURCE_EXHAUSTED.
+    fn overload(&self, name: &str, plan: &ServingPlan) -> Result<Overload> {
+        let in_flight: usize = plan.sub_clusters.iter().map(|c| c.depth + 1).sum();
+        let input = legion_runtime::to_wire(&test_input(&self.ir.input.shape))?;
+        let closed = 4 * in_flight;
+        let for_closed = input.clone();
+        let (_, capacity_fps) = self.serve(plan, closed, move |address| {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let client = connected(&address).await;
+                // One round to warm the sub-clusters up, then one timed.
+                let mut rate = 0.0;
+                for _ in 0..2 {
+                    let start = Instant::now();
+                    let mut calls = tokio::task::JoinSet::new();
+                    for i in 0..closed {
+                        let mut client = client.clone();
+                        let request = InferRequest {
+                            id: format!("closed-{i}"),
+                            input: Some(for_closed.clone()),
+                        };
+                        calls.spawn(async move { client.infer(request).await });
+                    }
+                    for r in calls.join_all().await {
+                        r.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    }
+                    rate = closed as f64 / start.elapsed().as_secs_f64();
+                }
+                Ok(rate)
+            })
+        })?;
+        let offered_fps = 1.2 * capacity_fps;
+        let queue = in_flight;
+        let (served, offered) = self.serve(plan, queue, move |address| {
+            let rt = tokio::runtime::Runtime::new()?;
+            Ok(rt.block_on(async {
+                let client = connected(&address).await;
+                let infer = |request| {
+                    let mut client = client.clone();
+                    async move { client.infer(request).await.map(|r| r.into_inner()) }
+                };
+                legion_pipeline::offer(infer, input, "over", offered_fps, OVERLOAD_S).await
+            }))
+        })?;
+        ensure!(
+            offered.latencies_us.len() as u64 + offered.refused + offered.failed.len() as u64
+                == offered.sent,
+            "{name} under overload: {} frames sent, {} came back",
+            offered.sent,
+            offered.latencies_us.len() as u64 + offered.refused + offered.failed.len() as u64
+        );
+        Ok(Overload {
+            plan: name.to_string(),
+            capacity_fps,
+            offered_fps,
+            sent: offered.sent,
+            answered: served.answered,
+            refused: served.refused,
+            failed: served.failed + offered.failed.len() as u64,
+            queue,
+        })
+    }
+}
+
+/// Seconds of the overload.
+const OVERLOAD_S: f64 = 20.0;
+
+/// A client of the server at `address`, once it answers (it loads every sub-cluster's
+/// programs first).
+async fn connected(address: &str) -> InferenceClient<tonic::transport::Channel> {
+    loop {
+        if let Ok(c) = InferenceClient::connect(address.to_string()).await {
+            return c.max_decoding_message_size(1 << 30);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 fn report(setups: &[Setup], opts: &Options) -> Result<String> {
@@ -275,18 +451,23 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
     writeln!(md, "# Serving a stream: throughput against latency\n")?;
     writeln!(
         md,
-        "Measured by `cargo xtask bench serve --runs {}{}` on {}. Per setup, serving plans \
-         compiled by prediction from the setup's legion profile (`legion compile \
-         --objective throughput`): one plan over every board, the best cut within 1.0x, \
-         1.5x and 2x that plan's predicted latency, and with no budget; each serves {} \
-         frames per sub-cluster through `legion serve` (in process, twice as many frames \
-         in flight as sub-clusters, every output checked against one device's). The \
-         emulated boards take turns on this host, so each sub-cluster's rate is measured \
-         on the emulated clock, as the frames it ran over the sum of their run times, and \
-         a plan's rate is the sum of its sub-clusters' (each is never idle while frames \
-         wait); a sub-cluster's first frame is not counted when it ran more than one. Latency is a frame's run on the emulated clock, not counting the queue. \
-         *of DP*: the rate as a fraction of every board on its own frames, predicted from \
-         the same profile.\n",
+        "Measured by `cargo xtask bench serve --runs {}{}` on {}. Per setup, from the \
+         setup's legion profile: one plan over every board (`legion compile` by \
+         prediction) served one frame at a time (as `legion run --repeat`) and pipelined \
+         (at the depth predicted fastest, up to {MAX_DEPTH}: each board starts its part of \
+         the next frame once done with the one before); serving plans compiled by \
+         prediction (`legion compile --objective throughput`) within 1.0x, 1.5x and 2x \
+         that plan's predicted latency, and with no budget. Each serves {} frames per \
+         sub-cluster through `legion serve` (in process, every output checked against one \
+         device's). The emulated boards take turns on this host, so each sub-cluster's \
+         stream is timed on the emulated clock: the compute each frame's run measured, \
+         composed on the programs' stream timeline at the sub-cluster's depth \
+         (`Coordinator::stream_times`; docs/architecture.md, \"Serving a stream\"), \
+         without its first frame; a plan's rate is the sum of its sub-clusters'. Latency \
+         is a frame's in the stream, from its input leaving the coordinator to its output, \
+         not counting the queue. *depth*: frames in flight per sub-cluster. *of DP*: the \
+         rate as a fraction of every board on its own frames, predicted from the same \
+         profile. *host*: the host's rates over the runs (GFLOP/s).\n",
         opts.frames,
         if opts.reuse { " --reuse" } else { "" },
         host(),
@@ -294,9 +475,9 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
     )?;
     writeln!(
         md,
-        "| model | cluster | plan | sub-clusters | predicted frames/s | measured frames/s | measured / predicted | of DP | latency p50 / p99 ms | max rel |"
+        "| model | cluster | plan | sub-clusters | depth | predicted frames/s | measured frames/s | measured / predicted | of DP | latency p50 / p99 ms | max rel | host |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for s in setups {
         for st in &s.streams {
             let subs: Vec<String> = st
@@ -307,22 +488,75 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
                 .collect();
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.1} / {:.1} | {:.1e} |",
+                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.1} / {:.1} | {:.1e} | {} |",
                 s.model,
                 s.cluster,
                 st.name,
                 subs.join("+"),
+                st.depths(),
                 st.plan.predicted_fps,
                 st.fps(),
                 st.fps() / st.plan.predicted_fps,
                 100.0 * st.fps() / st.plan.data_parallel_fps.unwrap_or(f64::NAN),
                 st.latency_ms(0.5),
                 st.latency_ms(0.99),
-                st.worst_rel
+                st.worst_rel,
+                host_label(st.host)
             )?;
         }
     }
-    writeln!(md, "\nThe sub-clusters (boards, frames run):\n")?;
+    writeln!(
+        md,
+        "\nPipelining one plan, measured frames/s over one frame at a time (the same \
+         plan, the same setup):\n"
+    )?;
+    for s in setups {
+        let rate = |name: &str| {
+            s.streams
+                .iter()
+                .find(|st| st.name == name)
+                .map_or(f64::NAN, Stream::fps)
+        };
+        writeln!(
+            md,
+            "- {} on {}: {:.2}x",
+            s.model,
+            s.cluster,
+            rate("one plan, pipelined") / rate("one plan, one at a time")
+        )?;
+    }
+    writeln!(
+        md,
+        "\nOverload (wall clock): the plan served to a closed loop for its rate on this \
+         host (the emulated boards share its 2 cores), then offered 20% more frames per \
+         second for {OVERLOAD_S:.0} s, open loop (`legion_pipeline::offer`, as `legion infer \
+         --rate`), with a queue as deep as the frames its sub-clusters hold. Every frame \
+         must come back answered or refused with RESOURCE_EXHAUSTED.\n"
+    )?;
+    writeln!(
+        md,
+        "| model | cluster | plan | capacity frames/s | offered frames/s | queue | sent | answered | refused | failed | lost |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for s in setups {
+        let o = &s.overload;
+        writeln!(
+            md,
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            s.model,
+            s.cluster,
+            o.plan,
+            o.capacity_fps,
+            o.offered_fps,
+            o.queue,
+            o.sent,
+            o.answered,
+            o.refused,
+            o.failed,
+            o.sent - (o.answered + o.refused + o.failed).min(o.sent)
+        )?;
+    }
+    writeln!(md, "\nThe sub-clusters (boards, depth, frames run):\n")?;
     for s in setups {
         writeln!(
             md,
@@ -331,9 +565,9 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
         )?;
         for st in &s.streams {
             let runs: Vec<String> = st
-                .runs
+                .subs
                 .iter()
-                .map(|(b, r)| format!("{b} ({})", r.len()))
+                .map(|(b, (depth, n, _))| format!("{b} (depth {depth}, {n})"))
                 .collect();
             writeln!(
                 md,
