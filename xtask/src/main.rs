@@ -32,6 +32,14 @@ enum Task {
 }
 
 fn main() -> Result<()> {
+    // Warnings of the runs a task drives (re-plans, failed frames) on stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().task {
         Task::GenModels(args) => gen_models::run(&args),
         Task::Bench(args) => bench::run(&args),

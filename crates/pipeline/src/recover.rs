@@ -166,12 +166,7 @@ impl<'a> Resilient<'a> {
         self.keep_standby = true;
         self.restock = false;
         let programs = self.options.transport == Transport::Programs;
-        if programs {
-            self.current
-                .loaded_programs(self.plan.chosen())
-                .await
-                .context("loading the plan's programs")?;
-        }
+        self.load().await?;
         // Kept: plans for one board fewer or one more than the boards up (the next loss,
         // or a board taken back).
         let up = self.up.clone();
@@ -228,17 +223,7 @@ impl<'a> Resilient<'a> {
     pub async fn infer(&mut self, input: &Tensor) -> Result<PlanRun> {
         let n = self.inferences;
         self.inferences += 1;
-        self.take_back(n).await?;
-        if self.up.is_empty() {
-            bail!("inference {n}: every board is down");
-        }
-        if self.restock {
-            // A board failing meanwhile shows in the run; the inference goes on.
-            match self.prepare_standby().await {
-                Ok(loaded) => tracing::info!(inference = n, loaded, "standby plans loaded"),
-                Err(e) => tracing::warn!(inference = n, "loading standby plans: {e:#}"),
-            }
-        }
+        self.before_inference(n).await?;
         let mut stretch = 1;
         let mut failed_at: Option<(Instant, Recovery)> = None;
         let mut last_reason = String::new();
@@ -329,6 +314,55 @@ impl<'a> Resilient<'a> {
         )
     }
 
+    /// Loads the current plan's programs on its boards (their tiles built and run once),
+    /// so that the first inference pays none of it; nothing to do through the hub.
+    pub async fn load(&self) -> Result<()> {
+        if self.options.transport == Transport::Programs {
+            self.current
+                .loaded_programs(self.plan.chosen())
+                .await
+                .context("loading the plan's programs")?;
+        }
+        Ok(())
+    }
+
+    /// Loads the current plan and runs it once on made-up input, with no deadline but
+    /// the boards' own: its wall time sets the first deadlines (an emulated cluster's
+    /// first run takes many times its emulated time on this host).
+    pub async fn warm_up(&mut self) -> Result<()> {
+        self.load().await?;
+        let input = legion_runtime::check::test_input(&self.ir.input.shape);
+        let start = Instant::now();
+        run_candidate(
+            &self.current,
+            self.ir,
+            self.plan.chosen(),
+            input,
+            self.options.transport,
+        )
+        .await
+        .context("a warm-up run of the plan")?;
+        self.last_wall = Some(start.elapsed());
+        Ok(())
+    }
+
+    /// Before inference `n`: takes back the boards that answer again, and loads the
+    /// standby plans when the boards up changed.
+    async fn before_inference(&mut self, n: u64) -> Result<()> {
+        self.take_back(n).await?;
+        if self.up.is_empty() {
+            bail!("inference {n}: every board is down");
+        }
+        if self.restock {
+            // A board failing meanwhile shows in the run; the inference goes on.
+            match self.prepare_standby().await {
+                Ok(loaded) => tracing::info!(inference = n, loaded, "standby plans loaded"),
+                Err(e) => tracing::warn!(inference = n, "loading standby plans: {e:#}"),
+            }
+        }
+        Ok(())
+    }
+
     /// Whether frames can be started without waiting ([`Resilient::start`]): boards
     /// running their programs, not the hub.
     pub fn pipelines(&self) -> bool {
@@ -341,7 +375,8 @@ impl<'a> Resilient<'a> {
     /// frame started before it on the same plan, so that frames overlap on the boards
     /// in order (a stream). Nothing is recovered here: a frame whose run fails runs
     /// again through [`Resilient::infer`] once the frames ahead of it are done. Boards
-    /// marked down are asked whether they answer again first, as by `infer`.
+    /// marked down are asked whether they answer again first, and standby plans
+    /// loaded, as by `infer`.
     pub async fn start(&mut self, input: Tensor, ahead: usize) -> Result<(u64, Started<'a>)> {
         ensure!(
             self.pipelines(),
@@ -349,10 +384,7 @@ impl<'a> Resilient<'a> {
         );
         let n = self.inferences;
         self.inferences += 1;
-        self.take_back(n).await?;
-        if self.up.is_empty() {
-            bail!("inference {n}: every board is down");
-        }
+        self.before_inference(n).await?;
         let coord = self.current.clone();
         let candidate = self.plan.chosen().clone();
         let inference = coord.next_inference();
@@ -375,9 +407,12 @@ impl<'a> Resilient<'a> {
         Ok((n, Box::pin(run)))
     }
 
-    /// Takes the run of frame `n`, started by [`Resilient::start`], into account:
-    /// boards slower than profiled are planned around as after `infer`.
-    pub fn finished(&mut self, n: u64, run: &PlanRun) -> Result<()> {
+    /// Takes the run of frame `n`, started by [`Resilient::start`] with `ahead` frames
+    /// ahead of it, into account: `wall` from its start to its output sets the next
+    /// deadlines (shared by the frames in flight), and boards slower than profiled are
+    /// planned around as after `infer`.
+    pub fn finished(&mut self, n: u64, run: &PlanRun, wall: Duration, ahead: usize) -> Result<()> {
+        self.last_wall = Some(wall / (1 + ahead as u32));
         self.watch_stragglers(n, run)
             .with_context(|| format!("inference {n}: re-planning for a straggler"))
     }

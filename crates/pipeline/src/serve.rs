@@ -304,8 +304,9 @@ pub async fn serve(
     Ok(served)
 }
 
-/// One sub-cluster: takes the next frame whenever it has room for one, up to `depth`
-/// in flight; returns only on an error loading its standby plans.
+/// One sub-cluster: loads its plan (and its standby plans) and runs it once on made-up
+/// input, then takes the next frame whenever it has room for one, up to `depth` in
+/// flight; returns only on an error loading its standby plans.
 async fn drain(
     mut runner: Resilient<'_>,
     name: &str,
@@ -319,6 +320,10 @@ async fn drain(
             .prepare_standby()
             .await
             .with_context(|| format!("loading standby plans on {name}"))?;
+    }
+    if let Err(e) = runner.warm_up().await {
+        // The first frame finds out what is wrong, and recovers.
+        tracing::warn!(sub_cluster = name, "{e:#}");
     }
     let keep = options.keep_runs;
     let depth = if runner.pipelines() { depth } else { 1 };
@@ -386,8 +391,9 @@ struct InFlight<'a> {
     /// Its number by the sub-cluster's runner.
     n: u64,
     candidate: Arc<Candidate>,
-    /// Whether it started while another frame was in flight.
-    overlapped: bool,
+    /// Frames in flight ahead of it when it started, and when.
+    ahead: usize,
+    started: Instant,
     run: Started<'a>,
 }
 
@@ -401,7 +407,8 @@ impl InFlight<'_> {
         served: &Mutex<Served>,
         keep: bool,
     ) {
-        if let Err(e) = runner.finished(self.n, &run) {
+        let wall = self.started.elapsed();
+        if let Err(e) = runner.finished(self.n, &run, wall, self.ahead) {
             tracing::warn!(sub_cluster = name, "{e:#}");
         }
         answer(
@@ -409,7 +416,7 @@ impl InFlight<'_> {
             run,
             name,
             self.candidate,
-            self.overlapped,
+            self.ahead > 0,
             served,
             keep,
         );
@@ -427,13 +434,15 @@ async fn start_frame<'a>(
     served: &Mutex<Served>,
     keep: bool,
 ) {
-    let candidate = Arc::new(runner.plan().chosen().clone());
-    match runner.start(frame.input.clone(), window.len()).await {
+    let ahead = window.len();
+    match runner.start(frame.input.clone(), ahead).await {
         Ok((n, run)) => window.push_back(InFlight {
             frame,
             n,
-            candidate,
-            overlapped: !window.is_empty(),
+            // The plan it started on.
+            candidate: Arc::new(runner.plan().chosen().clone()),
+            ahead,
+            started: Instant::now(),
             run,
         }),
         Err(e) => {

@@ -49,6 +49,29 @@ struct Phased {
     phases: Vec<TileSpec>,
 }
 
+/// Ends a RunProgram call's turn when dropped: records its inference as run (for the
+/// runs waiting their turn) and drops its rows still in the mailbox.
+struct TurnEnds<'a> {
+    worker: &'a Worker,
+    program: &'a str,
+    inference: u64,
+}
+
+impl Drop for TurnEnds<'_> {
+    fn drop(&mut self) {
+        let w = self.worker;
+        let mut ran = lock(&w.ran);
+        let recent = ran.entry(self.program.to_string()).or_default();
+        recent.push_back(self.inference);
+        if recent.len() > RAN_KEPT {
+            recent.pop_front();
+        }
+        drop(ran);
+        w.run_ended.notify_waiters();
+        lock(&w.mailbox).retain(|k, _| !(k.0 == self.program && k.1 == self.inference));
+    }
+}
+
 /// Rows waiting in the mailbox: program, inference, sender, and the part.
 pub(super) type MailKey = (String, u64, String, Part);
 
@@ -287,6 +310,13 @@ impl Worker {
     ) -> Result<RunProgramReply, Status> {
         let started = Instant::now();
         let loaded = self.loaded(&req.program)?;
+        // Run, failed or cancelled by its caller, the inference's turn ends with this
+        // call: the next may go, and its rows that arrive too late are not kept.
+        let _ended = TurnEnds {
+            worker: self,
+            program: &req.program,
+            inference: req.inference,
+        };
         let turn = match req.after {
             Some(after) => {
                 let until = started + Duration::from_millis(req.receive_timeout_ms.max(1));
@@ -298,17 +328,6 @@ impl Worker {
             Ok(()) => self.run_loaded(&loaded, &req).await,
             Err(e) => Err(e),
         };
-        // Run or failed, the inference's turn is over: the next may go.
-        let mut ran = lock(&self.ran);
-        let recent = ran.entry(req.program.clone()).or_default();
-        recent.push_back(req.inference);
-        if recent.len() > RAN_KEPT {
-            recent.pop_front();
-        }
-        drop(ran);
-        self.run_ended.notify_waiters();
-        // Rows of a failed inference that arrived too late are not kept.
-        lock(&self.mailbox).retain(|k, _| !(k.0 == req.program && k.1 == req.inference));
         let mut reply = result?;
         reply.wall_us = started.elapsed().as_micros() as u64;
         Ok(reply)
