@@ -39,7 +39,7 @@ pub use serve::{
     FRAME_ATTEMPTS, KeptRun, Offered, REPORT_EVERY, ServeOptions, Served, offer, serve,
     serving_plan_of,
 };
-pub use serving::{LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, compile_serving};
+pub use serving::{DEPTH_GAIN, LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, compile_serving};
 pub use session::{boards_of, connect, profile};
 
 /// Input that does not fit (a profile of another model or cluster, a bad option): the

@@ -241,7 +241,13 @@ pub async fn serve(
         let sub_coord = coord.only(&ids)?;
         let cut = crate::boards_of(profile, sub_coord.cluster())?;
         let depth = options.depth.unwrap_or(sub.depth);
-        runners.push((sub.boards.join(","), sub_coord, cut, sub.plan.clone(), depth));
+        runners.push((
+            sub.boards.join(","),
+            sub_coord,
+            cut,
+            sub.plan.clone(),
+            depth,
+        ));
     }
     let queue = Arc::new(Queue {
         frames: Mutex::new(VecDeque::new()),
@@ -338,25 +344,48 @@ async fn drain(
     loop {
         if window.is_empty() {
             let frame = queue.pop().await;
-            start_frame(&mut runner, name, frame, &mut window, queue, served, keep).await;
+            start_frame(
+                &mut runner,
+                name,
+                frame,
+                &mut window,
+                0,
+                queue,
+                served,
+                keep,
+            )
+            .await;
             continue;
         }
         while window.len() < depth {
             let Some(frame) = queue.try_pop() else { break };
-            start_frame(&mut runner, name, frame, &mut window, queue, served, keep).await;
+            let ahead = window.len();
+            start_frame(
+                &mut runner,
+                name,
+                frame,
+                &mut window,
+                ahead,
+                queue,
+                served,
+                keep,
+            )
+            .await;
         }
         let Some(mut oldest) = window.pop_front() else {
             continue;
         };
         // While the oldest runs, a frame that arrives joins if there is room.
         let result = loop {
-            if window.len() + 1 >= depth {
+            let ahead = window.len() + 1;
+            if ahead >= depth {
                 break (&mut oldest.run).await;
             }
             tokio::select! {
                 result = &mut oldest.run => break result,
                 next = queue.pop() => {
-                    start_frame(&mut runner, name, next, &mut window, queue, served, keep).await;
+                    start_frame(&mut runner, name, next, &mut window, ahead, queue, served, keep)
+                        .await;
                 }
             }
         };
@@ -423,18 +452,20 @@ impl InFlight<'_> {
     }
 }
 
-/// Starts `frame` on the sub-cluster's current plan and puts it at the end of
-/// `window`; a frame that cannot start runs through recovery instead.
+/// Starts `frame` on the sub-cluster's current plan, `ahead` frames in flight before
+/// it, and puts it at the end of `window`; a frame that cannot start runs through
+/// recovery instead.
+#[allow(clippy::too_many_arguments)]
 async fn start_frame<'a>(
     runner: &mut Resilient<'a>,
     name: &str,
     frame: Frame,
     window: &mut VecDeque<InFlight<'a>>,
+    ahead: usize,
     queue: &Queue,
     served: &Mutex<Served>,
     keep: bool,
 ) {
-    let ahead = window.len();
     match runner.start(frame.input.clone(), ahead).await {
         Ok((n, run)) => window.push_back(InFlight {
             frame,

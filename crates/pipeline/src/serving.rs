@@ -75,17 +75,21 @@ impl Compiled {
     }
 }
 
-/// Of `streams`, the one with the most frames per second whose latency is within
-/// `budget_us`; the first of equals.
+/// Of `streams` (by depth), the one with the most frames per second whose latency is
+/// within `budget_us`, where a deeper one must be [`DEPTH_GAIN`] faster than the
+/// shallower to be kept (each frame in flight costs latency and the boards' memory).
 fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
     streams
         .iter()
         .filter(|s| s.latency_us <= budget_us)
         .fold(None, |best: Option<Streamed>, s| match best {
-            Some(b) if b.fps >= s.fps => Some(b),
+            Some(b) if s.fps < b.fps * DEPTH_GAIN => Some(b),
             _ => Some(*s),
         })
 }
+
+/// How much faster a deeper pipeline must be than a shallower one to be chosen.
+pub const DEPTH_GAIN: f64 = 1.02;
 
 /// Frames in flight a throughput compile tries per sub-cluster (1 to this).
 pub const MAX_DEPTH: usize = 3;
@@ -236,7 +240,13 @@ fn streams(ir: &Ir, profile: &Profile, plan: &Plan, transport: Transport) -> Res
     }];
     if transport == Transport::Programs {
         for depth in 2..=MAX_DEPTH {
-            let times = crate::compile::predict_stream(ir, profile, plan.chosen(), PREDICTED_FRAMES, depth)?;
+            let times = crate::compile::predict_stream(
+                ir,
+                profile,
+                plan.chosen(),
+                PREDICTED_FRAMES,
+                depth,
+            )?;
             let latency = times.latencies_us().into_iter().fold(0.0f64, f64::max);
             streams.push(Streamed {
                 depth,
@@ -367,11 +377,12 @@ mod tests {
             latency_us,
             fps,
         };
-        // Two frames in flight: 1.3x the rate, 1.6x the latency; three: no faster.
+        // Two frames in flight: 1.3x the rate, 1.6x the latency; three: 1% faster
+        // still, not enough to be worth a third frame.
         let streams = [
             stream(1, 1000, 1000.0),
             stream(2, 1600, 1300.0),
-            stream(3, 2400, 1300.0),
+            stream(3, 2400, 1313.0),
         ];
         assert_eq!(best_within(&streams, 1000).unwrap().depth, 1);
         assert_eq!(best_within(&streams, 1599).unwrap().depth, 1);
