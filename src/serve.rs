@@ -101,6 +101,7 @@ pub fn run(args: &Args) -> Result<()> {
         tls,
         depth: args.pipeline.map(usize::from),
         keep_runs: false,
+        replan_stragglers: true,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let served = rt.block_on(async {

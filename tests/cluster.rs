@@ -1108,6 +1108,7 @@ fn serve_options(queue: usize) -> legion_pipeline::ServeOptions {
         tls: None,
         depth: None,
         keep_runs: false,
+        replan_stragglers: true,
     }
 }
 

@@ -107,6 +107,8 @@ pub struct Resilient<'a> {
     /// next inference when the boards up or the profile change.
     keep_standby: bool,
     restock: bool,
+    /// Whether boards slower than profiled are planned around.
+    replan_stragglers: bool,
 }
 
 /// A board that ran slower than predicted [`STRAGGLER_RUNS`] inferences in a row: its
@@ -154,6 +156,7 @@ impl<'a> Resilient<'a> {
             standby: vec![],
             keep_standby: false,
             restock: false,
+            replan_stragglers: true,
         })
     }
 
@@ -363,6 +366,12 @@ impl<'a> Resilient<'a> {
         Ok(())
     }
 
+    /// Keeps the plan when boards run slower than profiled (a benchmark of the plan);
+    /// failed boards are still planned around.
+    pub fn keep_plan_for_stragglers(&mut self) {
+        self.replan_stragglers = false;
+    }
+
     /// Whether frames can be started without waiting ([`Resilient::start`]): boards
     /// running their programs, not the hub.
     pub fn pipelines(&self) -> bool {
@@ -421,6 +430,9 @@ impl<'a> Resilient<'a> {
     /// [`STRAGGLER_RATIO`] slower [`STRAGGLER_RUNS`] times in a row has its profile
     /// rescaled by the median ratio, and the plan is compiled again.
     fn watch_stragglers(&mut self, n: u64, run: &PlanRun) -> Result<()> {
+        if !self.replan_stragglers {
+            return Ok(());
+        }
         let candidate = self.plan.chosen();
         let mut found = vec![];
         for board in self.boards() {

@@ -45,6 +45,9 @@ pub struct ServeOptions {
     /// Keep every frame's run in [`Served::runs`] (for the emulated clock's stream
     /// timeline, [`Coordinator::stream_times`]).
     pub keep_runs: bool,
+    /// Re-plan a sub-cluster around a board slower than profiled
+    /// ([`Resilient::keep_plan_for_stragglers`] when not).
+    pub replan_stragglers: bool,
 }
 
 /// What a serving coordinator did, when it stops.
@@ -282,7 +285,7 @@ pub async fn serve(
     );
     let mut drains = vec![];
     for (name, sub_coord, cut, sub_plan, depth) in &runners {
-        let runner = Resilient::new(
+        let mut runner = Resilient::new(
             sub_coord,
             ir,
             onnx,
@@ -290,6 +293,9 @@ pub async fn serve(
             sub_plan.clone(),
             compile.clone(),
         )?;
+        if !options.replan_stragglers {
+            runner.keep_plan_for_stragglers();
+        }
         drains.push(drain(runner, name, *depth, options, &queue, &served));
     }
     // The sub-clusters take frames until the server has answered every call it

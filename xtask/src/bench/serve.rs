@@ -271,6 +271,8 @@ impl Measure<'_> {
                 tls: None,
                 depth: None,
                 keep_runs: true,
+                // The plans as compiled are what is measured.
+                replan_stragglers: false,
             },
             listener,
             async {
@@ -353,7 +355,7 @@ impl Measure<'_> {
             ensure!(
                 runs.iter()
                     .all(|r| r.candidate.programs == first.candidate.programs),
-                "{name}: {key} changed plans during the stream (a board failed or straggled)"
+                "{name}: {key} changed plans during the stream (a board failed)"
             );
             // A new plan's first frame is slower on the emulator, whose tile times are
             // their fastest over the runs so far: not counted, unless it is the only one.
@@ -472,7 +474,8 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
          that plan's predicted latency, and with no budget. Each serves {} frames per \
          sub-cluster through `legion serve` (in process, every output checked against one \
          device's; the client keeps as many frames in flight as the deepest sub-cluster \
-         holds, so that fewer frames share this host at once). The emulated boards take turns on this host, so each sub-cluster's \
+         holds, so that fewer frames share this host at once; no re-planning for boards \
+         slower than profiled, so that the plans measured are the plans compiled). The emulated boards take turns on this host, so each sub-cluster's \
          stream is timed on the emulated clock: the compute each frame's run measured, \
          composed on the programs' stream timeline at the sub-cluster's depth \
          (`Coordinator::stream_times`; docs/architecture.md, \"Serving a stream\"), \
