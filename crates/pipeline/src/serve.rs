@@ -283,6 +283,9 @@ pub async fn serve(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
         shutdown,
     );
+    // Every sub-cluster warms up before any takes a frame: a frame run beside the
+    // warm-ups of the others would wait behind them.
+    let warm = tokio::sync::Barrier::new(runners.len());
     let mut drains = vec![];
     for (name, sub_coord, cut, sub_plan, depth) in &runners {
         let mut runner = Resilient::new(
@@ -296,7 +299,7 @@ pub async fn serve(
         if !options.replan_stragglers {
             runner.keep_plan_for_stragglers();
         }
-        drains.push(drain(runner, name, *depth, options, &queue, &served));
+        drains.push(drain(runner, name, *depth, options, &warm, &queue, &served));
     }
     // The sub-clusters take frames until the server has answered every call it
     // accepted (a graceful shutdown waits for them); then they are dropped.
@@ -317,26 +320,36 @@ pub async fn serve(
 }
 
 /// One sub-cluster: loads its plan (and its standby plans) and runs it once on made-up
-/// input, then takes the next frame whenever it has room for one, up to `depth` in
-/// flight; returns only on an error loading its standby plans.
+/// input, waits at `warm` for the other sub-clusters to do so, then takes the next
+/// frame whenever it has room for one, up to `depth` in flight; returns only on an
+/// error loading its standby plans.
+#[allow(clippy::too_many_arguments)]
 async fn drain(
     mut runner: Resilient<'_>,
     name: &str,
     depth: usize,
     options: &ServeOptions,
+    warm: &tokio::sync::Barrier,
     queue: &Queue,
     served: &Mutex<Served>,
 ) -> Result<()> {
-    if options.standby {
+    let loaded = if options.standby {
         runner
             .prepare_standby()
             .await
-            .with_context(|| format!("loading standby plans on {name}"))?;
-    }
-    if let Err(e) = runner.warm_up().await {
+            .with_context(|| format!("loading standby plans on {name}"))
+            .map(|_| ())
+    } else {
+        Ok(())
+    };
+    if loaded.is_ok()
+        && let Err(e) = runner.warm_up().await
+    {
         // The first frame finds out what is wrong, and recovers.
         tracing::warn!(sub_cluster = name, "{e:#}");
     }
+    warm.wait().await;
+    loaded?;
     let keep = options.keep_runs;
     let depth = if runner.pipelines() { depth } else { 1 };
     if depth <= 1 {
