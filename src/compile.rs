@@ -65,14 +65,14 @@ pub struct Args {
     #[arg(long, value_parser = parse_pass)]
     stop_after: Option<Pass>,
     /// latency: one plan over the boards, for the fastest inference; throughput: the
-    /// cluster cut into sub-clusters with a plan each, each on its own frames, for the
-    /// most frames per second within --latency-budget (a serving plan, for `legion
-    /// serve`; plans by prediction).
+    /// cluster cut into sub-clusters with a plan each, each on its own frames with up
+    /// to 3 in flight, for the most frames per second within --latency-budget (a
+    /// serving plan, for `legion serve`; plans by prediction).
     #[arg(long, value_enum, default_value_t = Objective::Latency)]
     objective: Objective,
     /// With --objective throughput: the longest a frame may take on the predicted
-    /// clock, in milliseconds (500) or as a multiple of the best plan over every board
-    /// (1.5x).
+    /// clock (in its stream, frames ahead of it included), in milliseconds (500) or as
+    /// a multiple of the best plan over every board (1.5x).
     #[arg(long, default_value = "2x")]
     latency_budget: legion_pipeline::LatencyBudget,
     /// Where to write the plan.
