@@ -1138,7 +1138,6 @@ impl Streaming {
         kill_after: usize,
         options: legion_pipeline::ServeOptions,
     ) -> legion_pipeline::Served {
-        use legion_runtime::proto::InferRequest;
         use legion_runtime::proto::inference_client::InferenceClient;
         let victim_index = self.coord.id_of(victim).unwrap().index();
         let address = format!("http://127.0.0.1:{}", self.port());
@@ -1148,26 +1147,18 @@ impl Streaming {
             let rt = tokio::runtime::Runtime::new().unwrap();
             let replies = rt.block_on(async {
                 let client = InferenceClient::connect(address).await.unwrap();
-                let mut calls = tokio::task::JoinSet::new();
-                let mut replies = vec![];
+                let infer = |request| {
+                    let mut client = client.clone();
+                    async move { client.infer(request).await.map(|r| r.into_inner()) }
+                };
                 let mut killed = false;
-                for i in 0..frames {
-                    if calls.len() == 4 {
-                        replies.push(calls.join_next().await.unwrap().unwrap());
-                    }
-                    if replies.len() == kill_after && !killed {
+                let kill = |answered: usize| {
+                    if answered == kill_after && !killed {
                         local.kill(victim_index);
                         killed = true;
                     }
-                    let mut client = client.clone();
-                    let request = InferRequest {
-                        id: format!("frame-{i}"),
-                        input: Some(input.clone()),
-                    };
-                    calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
-                }
-                replies.extend(calls.join_all().await);
-                replies
+                };
+                legion_pipeline::closed_loop(infer, input, "frame", frames, 4, kill).await
             });
             let _ = stop.send(());
             (replies, local)

@@ -25,7 +25,7 @@ mod serve;
 mod serving;
 mod session;
 
-pub use compile::{CompileOptions, Compiled, Search, compile, cost_table, predict_stream};
+pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
 pub use passes::{Dump, Pass, PassTimes};
 pub use recover::{
     ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient, STRAGGLER_RATIO, STRAGGLER_RUNS,
@@ -36,10 +36,13 @@ pub use run::{
     run_whole,
 };
 pub use serve::{
-    FRAME_ATTEMPTS, KeptRun, Offered, REPORT_EVERY, ServeOptions, Served, offer, serve,
-    serving_plan_of,
+    FRAME_ATTEMPTS, KeptRun, Offered, REPORT_EVERY, ServeOptions, Served, closed_loop, offer,
+    serve, serving_plan_of,
 };
-pub use serving::{DEPTH_GAIN, LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, compile_serving};
+pub use serving::{
+    DEPTH_GAIN, LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, Streamed, best_within,
+    compile_serving, predict_depths,
+};
 pub use session::{boards_of, connect, profile};
 
 /// Input that does not fit (a profile of another model or cluster, a bad option): the

@@ -640,6 +640,38 @@ where
     offered
 }
 
+/// Sends `frames` frames through `infer` (a client's call, ids `{id}-{i}`) with at most
+/// `in_flight` awaiting their replies (a closed loop), calling `before_send` with the
+/// number of replies so far before each frame; returns the replies as they came.
+pub async fn closed_loop<Reply>(
+    infer: impl Fn(InferRequest) -> Reply,
+    input: F32Tensor,
+    id: &str,
+    frames: usize,
+    in_flight: usize,
+    mut before_send: impl FnMut(usize),
+) -> Vec<Result<InferReply, Status>>
+where
+    Reply: std::future::Future<Output = Result<InferReply, Status>> + Send + 'static,
+{
+    let mut calls = tokio::task::JoinSet::new();
+    let mut replies = vec![];
+    for i in 0..frames {
+        if calls.len() >= in_flight.max(1)
+            && let Some(reply) = calls.join_next().await
+        {
+            replies.push(reply.unwrap_or_else(|e| Err(Status::internal(e.to_string()))));
+        }
+        before_send(replies.len());
+        calls.spawn(infer(InferRequest {
+            id: format!("{id}-{i}"),
+            input: Some(input.clone()),
+        }));
+    }
+    replies.extend(calls.join_all().await);
+    replies
+}
+
 /// Logs the frames answered, the rate and the latency quantiles every
 /// [`REPORT_EVERY`]; never returns.
 async fn report_every(served: Arc<Mutex<Served>>) {

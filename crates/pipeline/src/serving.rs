@@ -53,13 +53,15 @@ struct Compiled {
     coordinator_s: f64,
 }
 
-/// A plan's predicted stream at one depth.
+/// A plan's predicted stream at one depth ([`predict_depths`]).
 #[derive(Clone, Copy, Debug)]
-struct Streamed {
-    depth: usize,
+pub struct Streamed {
+    /// Frames in flight.
+    pub depth: usize,
     /// The longest frame latency in the stream, µs.
-    latency_us: u64,
-    fps: f64,
+    pub latency_us: u64,
+    /// Frames per second.
+    pub fps: f64,
 }
 
 impl Compiled {
@@ -78,7 +80,7 @@ impl Compiled {
 /// Of `streams` (by depth), the one with the most frames per second whose latency is
 /// within `budget_us`, where a deeper one must be [`DEPTH_GAIN`] faster than the
 /// shallower to be kept (each frame in flight costs latency and the boards' memory).
-fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
+pub fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
     streams
         .iter()
         .filter(|s| s.latency_us <= budget_us)
@@ -149,7 +151,7 @@ pub fn compile_serving(
             Transport::Programs => traffic.coordinator,
             Transport::Hub => traffic.hub,
         };
-        let streams = streams(ir, &cut, &plan, options.transport)
+        let streams = predict_depths(ir, &cut, &plan, options.transport)
             .with_context(|| format!("predicting a stream on {}", names.join(",")))?;
         plans[mask] = Some(Compiled {
             streams,
@@ -231,7 +233,12 @@ pub fn compile_serving(
 /// `plan`'s predicted streams at depths 1 to [`MAX_DEPTH`] (through the hub, where
 /// frames do not overlap, depth 1 alone): the plan's own prediction one frame after
 /// the other, the programs' stream timeline beyond.
-fn streams(ir: &Ir, profile: &Profile, plan: &Plan, transport: Transport) -> Result<Vec<Streamed>> {
+pub fn predict_depths(
+    ir: &Ir,
+    profile: &Profile,
+    plan: &Plan,
+    transport: Transport,
+) -> Result<Vec<Streamed>> {
     let latency_us = plan.chosen().predicted_us.max(1);
     let mut streams = vec![Streamed {
         depth: 1,

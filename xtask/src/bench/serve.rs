@@ -17,13 +17,12 @@ use super::{host, load};
 use anyhow::{Context, Result, ensure};
 use legion_ir::Ir;
 use legion_pipeline::{
-    CompileOptions, DEPTH_GAIN, LatencyBudget, MAX_DEPTH, ServeOptions, compile_serving, connect,
-    predict_stream, serve,
+    CompileOptions, LatencyBudget, MAX_DEPTH, ServeOptions, best_within, compile_serving, connect,
+    predict_depths, serve,
 };
 use legion_plan::network::StreamTimes;
-use legion_plan::{Cluster, HostRates, ServingPlan};
+use legion_plan::{Cluster, HostRates, ServingPlan, Transport};
 use legion_runtime::check::{compare, test_input};
-use legion_runtime::proto::InferRequest;
 use legion_runtime::proto::inference_client::InferenceClient;
 use legion_runtime::{LocalCluster, Reference, default_cache_dir};
 use std::collections::BTreeMap;
@@ -117,37 +116,20 @@ pub fn run(opts: &Options) -> Result<String> {
     report(&setups, opts)
 }
 
-/// Frames a stream's prediction takes, as the throughput compile's.
-const PREDICTED_FRAMES: usize = 8;
-
-/// `plan` served alone at its best depth (the most frames per second predicted),
-/// beyond one frame at a time.
+/// `plan` served alone at its best depth above one frame at a time, as the throughput
+/// compile picks depths (`legion_pipeline::best_within`, no budget).
 fn pipelined(
     ir: &Ir,
     profile: &legion_plan::Profile,
     mut plan: ServingPlan,
 ) -> Result<ServingPlan> {
-    let mut best: Option<(usize, StreamTimes)> = None;
-    for depth in 2..=MAX_DEPTH {
-        let sub = &plan.sub_clusters[0];
-        let times = predict_stream(ir, profile, sub.plan.chosen(), PREDICTED_FRAMES, depth)?;
-        if best
-            .as_ref()
-            .is_none_or(|(_, b)| times.fps().unwrap_or(0.0) > b.fps().unwrap_or(0.0) * DEPTH_GAIN)
-        {
-            best = Some((depth, times));
-        }
-    }
-    let (depth, times) = best.context("no depth above 1")?;
-    let latency = times
-        .latencies_us()
-        .into_iter()
-        .fold(0.0f64, f64::max)
-        .round() as u64;
-    let fps = times.fps().unwrap_or(0.0);
+    let sub = &plan.sub_clusters[0];
+    let streams = predict_depths(ir, profile, &sub.plan, Transport::Programs)?;
+    let best = best_within(&streams[1..], u64::MAX).context("no depth above 1")?;
     let sub = &mut plan.sub_clusters[0];
-    (sub.depth, sub.predicted_fps, sub.predicted_latency_us) = (depth, fps, latency);
-    (plan.predicted_fps, plan.predicted_latency_us) = (fps, latency);
+    (sub.depth, sub.predicted_fps, sub.predicted_latency_us) =
+        (best.depth, best.fps, best.latency_us);
+    (plan.predicted_fps, plan.predicted_latency_us) = (best.fps, best.latency_us);
     Ok(plan)
 }
 
@@ -306,21 +288,12 @@ impl Measure<'_> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let client = connected(&address).await;
-                let mut calls = tokio::task::JoinSet::new();
-                let mut replies = vec![];
-                for i in 0..total {
-                    if calls.len() == in_flight {
-                        replies.push(calls.join_next().await.expect("a call")?);
-                    }
+                let infer = |request| {
                     let mut client = client.clone();
-                    let request = InferRequest {
-                        id: format!("frame-{i}"),
-                        input: Some(input.clone()),
-                    };
-                    calls.spawn(async move { client.infer(request).await.map(|r| r.into_inner()) });
-                }
-                replies.extend(calls.join_all().await);
-                replies
+                    async move { client.infer(request).await.map(|r| r.into_inner()) }
+                };
+                legion_pipeline::closed_loop(infer, input, "frame", total, in_flight, |_| {})
+                    .await
                     .into_iter()
                     .map(|r| r.map_err(|s| anyhow::anyhow!("{}", s.message())))
                     .collect::<Result<Vec<_>>>()
@@ -392,20 +365,24 @@ impl Measure<'_> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let client = connected(&address).await;
+                let infer = |request| {
+                    let mut client = client.clone();
+                    async move { client.infer(request).await.map(|r| r.into_inner()) }
+                };
                 // One round to warm the sub-clusters up, then one timed.
                 let mut rate = 0.0;
                 for _ in 0..2 {
                     let start = Instant::now();
-                    let mut calls = tokio::task::JoinSet::new();
-                    for i in 0..closed {
-                        let mut client = client.clone();
-                        let request = InferRequest {
-                            id: format!("closed-{i}"),
-                            input: Some(for_closed.clone()),
-                        };
-                        calls.spawn(async move { client.infer(request).await });
-                    }
-                    for r in calls.join_all().await {
+                    let round = legion_pipeline::closed_loop(
+                        &infer,
+                        for_closed.clone(),
+                        "closed",
+                        closed,
+                        closed,
+                        |_| {},
+                    )
+                    .await;
+                    for r in round {
                         r.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
                     }
                     rate = closed as f64 / start.elapsed().as_secs_f64();
