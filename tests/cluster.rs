@@ -295,21 +295,18 @@ fn emulated_step_times_follow_the_link_model() {
 /// measured during one of the host's slow spells (up to about 10 s) starts high, up to
 /// 1.4x here, and comes down at its first quiet run; one measured in a fast spell that
 /// does not come back keeps that time (in CI a tile's first run was 11% below every
-/// later run of the other). Rounds therefore go on until neither time has moved for 5
-/// rounds and the two agree, for up to two minutes, with no other test of this file
-/// running. (A plan that keeps a group whole runs
-/// the single-board program itself: the same tile, the same time.)
+/// later run of the other, and once two tiles stayed apart for two minutes). Rounds
+/// therefore go on until neither time has moved for 5 rounds and the two agree, for up
+/// to 40 s, on a fresh emulated board (no fastest times kept) for each of up to 3
+/// attempts, with no other test of this file running. (A plan that keeps a group whole
+/// runs the single-board program itself: the same tile, the same time.)
 #[test]
 fn identical_work_gets_the_same_emulated_time() {
+    const ATTEMPTS: usize = 3;
     let _host = own_host();
     let path = legion_models::test_model("vgg16-conv").unwrap();
     let ir = import(&path, Some(&[1, 3, 48, 48])).unwrap();
     let onnx = std::fs::read(&path).unwrap();
-    let host = Arc::new(HostRate::fixed(common::HOST_GFLOPS).unwrap());
-    let cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
-    let local = LocalCluster::start_on(&cluster, cache_dir(), Some(host)).unwrap();
-    let rt = rt();
-    let coord = connect(&rt, local.cluster(), &onnx, &ir);
     let all = Group::new(0, ir.stages.len() - 1);
     let height = ir.stage(all.last).output.height().unwrap();
     let single = whole_group(&ir, all);
@@ -317,34 +314,61 @@ fn identical_work_gets_the_same_emulated_time() {
         .unwrap()
         .tiles[0]
         .spec();
-    let input = test_input(&ir.input.shape);
     assert_ne!(single, plan_tile);
+    let input = test_input(&ir.input.shape);
+    let rt = rt();
+    let mut attempts = vec![];
+    for _ in 0..ATTEMPTS {
+        let host = Arc::new(HostRate::fixed(common::HOST_GFLOPS).unwrap());
+        let cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
+        let local = LocalCluster::start_on(&cluster, cache_dir(), Some(host)).unwrap();
+        let coord = connect(&rt, local.cluster(), &onnx, &ir);
+        let times = settle(|k| {
+            let spec = [&single, &plan_tile][k];
+            let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
+            let step = rt
+                .block_on(coord.run_step(&[(DeviceId(0), spec.clone())], &mut tensors))
+                .unwrap();
+            assert_eq!(step.devices[0].host_gflops, Some(30.0));
+            step.devices[0].compute_us
+        });
+        for t in &times {
+            assert!(t.windows(2).all(|w| w[1] <= w[0]), "{times:?}");
+        }
+        let agreed = last_agree(&times);
+        attempts.push(times);
+        if agreed {
+            return;
+        }
+    }
+    panic!("the two tiles' times never agreed within 8%: {attempts:?}");
+}
+
+/// Whether the last of two series of times are within 8% of each other.
+fn last_agree(t: &[Vec<u64>; 2]) -> bool {
+    let last = |k: usize| *t[k].last().unwrap() as f64;
+    (last(0) / last(1) - 1.0).abs() < 0.08
+}
+
+/// Runs `run(0)` and `run(1)` (each returning an emulated time) in turn, at least 10
+/// rounds, until neither time has moved for 5 rounds and the last two agree within 8%,
+/// or for 40 s; returns both series.
+fn settle(mut run: impl FnMut(usize) -> u64) -> [Vec<u64>; 2] {
     const MIN_ROUNDS: usize = 10;
     const STILL_ROUNDS: usize = 5;
     let started = std::time::Instant::now();
     let mut times: [Vec<u64>; 2] = [vec![], vec![]];
     let still =
         |t: &Vec<u64>| t.len() > STILL_ROUNDS && t[t.len() - 1] == t[t.len() - 1 - STILL_ROUNDS];
-    let agree = |t: &[Vec<u64>; 2]| {
-        (t[0][t[0].len() - 1] as f64 / t[1][t[1].len() - 1] as f64 - 1.0).abs() < 0.08
-    };
     while times[0].len() < MIN_ROUNDS
-        || !((times.iter().all(still) && agree(&times))
-            || started.elapsed() > Duration::from_secs(120))
+        || !((times.iter().all(still) && last_agree(&times))
+            || started.elapsed() > Duration::from_secs(40))
     {
-        for (k, spec) in [&single, &plan_tile].into_iter().enumerate() {
-            let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
-            let step = rt
-                .block_on(coord.run_step(&[(DeviceId(0), spec.clone())], &mut tensors))
-                .unwrap();
-            assert_eq!(step.devices[0].host_gflops, Some(30.0));
-            times[k].push(step.devices[0].compute_us);
+        for (k, t) in times.iter_mut().enumerate() {
+            t.push(run(k));
         }
     }
-    for t in &times {
-        assert!(t.windows(2).all(|w| w[1] <= w[0]), "{times:?}");
-    }
-    assert!(agree(&times), "{times:?}");
+    times
 }
 
 #[test]
@@ -1126,14 +1150,16 @@ fn serve_options(queue: usize) -> legion_pipeline::ServeOptions {
 }
 
 impl Streaming {
-    /// Serves `frames` frames with `options`, at most 4 in flight from the client,
-    /// killing board `victim` of `local` after `kill_after` answers; asserts that every
-    /// frame is answered once with one device's output, and returns what the server
-    /// did.
+    /// Serves `frames` frames with `options`, at most `in_flight` in flight from the
+    /// client, killing board `victim` of `local` after `kill_after` answers; asserts
+    /// that every frame is answered once, within [`STREAM_LIMIT`], with one device's
+    /// output, and returns what the server did.
+    #[allow(clippy::too_many_arguments)]
     fn stream_killing(
         &mut self,
         mut local: LocalCluster,
         frames: usize,
+        in_flight: usize,
         victim: &str,
         kill_after: usize,
         options: legion_pipeline::ServeOptions,
@@ -1158,7 +1184,11 @@ impl Streaming {
                         killed = true;
                     }
                 };
-                legion_pipeline::closed_loop(infer, input, "frame", frames, 4, kill).await
+                let stream =
+                    legion_pipeline::closed_loop(infer, input, "frame", frames, in_flight, kill);
+                tokio::time::timeout(STREAM_LIMIT, stream)
+                    .await
+                    .expect("the stream stalled: frames unanswered")
             });
             let _ = stop.send(());
             (replies, local)
@@ -1180,10 +1210,16 @@ impl Streaming {
     }
 }
 
+/// A stream's frames are all answered within this, or the test fails (a frame held by
+/// a sub-cluster that never runs it).
+const STREAM_LIMIT: Duration = Duration::from_secs(300);
+
 /// A stream of 50 frames through 3 emulated boards cut into sub-clusters for
-/// throughput, with a board killed after the 15th answer: every frame is answered once,
-/// each output equals one device's, and the frames the dead board's sub-cluster failed
-/// ran on another.
+/// throughput, each with two frames in flight and the client keeping more waiting,
+/// with a board killed after the 15th answer: every frame is answered once, each output
+/// equals one device's, and the frames the dead board's sub-cluster failed ran on
+/// another (both frames in flight on it, one of which once waited for it to answer
+/// again).
 #[test]
 fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
     let _host = share_host();
@@ -1191,7 +1227,12 @@ fn a_stream_of_frames_survives_a_board_killed_mid_stream() {
     let budget = legion_pipeline::LatencyBudget::Relative(100.0);
     let (mut setup, local) = Streaming::new(&["firefly-0", "firefly-1", "odroid-0"], budget);
     let victim = setup.plan.sub_clusters.last().unwrap().boards[0].clone();
-    let served = setup.stream_killing(local, 50, &victim, 15, serve_options(16));
+    let options = legion_pipeline::ServeOptions {
+        depth: Some(2),
+        ..serve_options(16)
+    };
+    let in_flight = 2 * setup.plan.sub_clusters.len() + 2;
+    let served = setup.stream_killing(local, 50, in_flight, &victim, 15, options);
     // A sub-cluster of the dead board alone cannot re-plan: the frame it took next went
     // back to the queue for another.
     if setup.plan.sub_clusters.last().unwrap().boards.len() == 1 {
@@ -1220,7 +1261,7 @@ fn a_pipelined_stream_survives_a_board_killed_mid_stream() {
         keep_runs: true,
         ..serve_options(16)
     };
-    let served = setup.stream_killing(local, 24, "firefly-1", 8, options);
+    let served = setup.stream_killing(local, 24, 4, "firefly-1", 8, options);
     let runs = served.runs.values().next().expect("runs kept");
     assert_eq!(runs.len(), 24);
     let runs_on = |r: &legion_pipeline::KeptRun, board: &str| {

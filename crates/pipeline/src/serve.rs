@@ -101,7 +101,8 @@ struct Frame {
     id: String,
     input: Tensor,
     arrived: Instant,
-    attempts: u32,
+    /// Sub-clusters that failed it so far.
+    failures: u32,
     reply: oneshot::Sender<Result<InferReply, Status>>,
 }
 
@@ -181,7 +182,7 @@ impl Inference for Frontend {
             id: req.id.clone(),
             input,
             arrived: Instant::now(),
-            attempts: 0,
+            failures: 0,
             reply,
         };
         if !self.queue.push(frame) {
@@ -361,35 +362,28 @@ async fn drain(
     // Frames in flight, oldest first.
     let mut window: VecDeque<InFlight<'_>> = VecDeque::new();
     loop {
+        let mut failed = None;
         if window.is_empty() {
             let frame = queue.pop().await;
-            start_frame(
+            failed = start_frame(&mut runner, name, frame, &mut window, 0).await;
+        }
+        while failed.is_none() && window.len() < depth {
+            let Some(frame) = queue.try_pop() else { break };
+            let ahead = window.len();
+            failed = start_frame(&mut runner, name, frame, &mut window, ahead).await;
+        }
+        if let Some(frame) = failed {
+            recover_stream(
                 &mut runner,
                 name,
-                frame,
+                vec![frame],
                 &mut window,
-                0,
                 queue,
                 served,
                 keep,
             )
             .await;
             continue;
-        }
-        while window.len() < depth {
-            let Some(frame) = queue.try_pop() else { break };
-            let ahead = window.len();
-            start_frame(
-                &mut runner,
-                name,
-                frame,
-                &mut window,
-                ahead,
-                queue,
-                served,
-                keep,
-            )
-            .await;
         }
         let Some(mut oldest) = window.pop_front() else {
             continue;
@@ -403,11 +397,16 @@ async fn drain(
             tokio::select! {
                 result = &mut oldest.run => break result,
                 next = queue.pop() => {
-                    start_frame(&mut runner, name, next, &mut window, ahead, queue, served, keep)
-                        .await;
+                    if let Some(frame) =
+                        start_frame(&mut runner, name, next, &mut window, ahead).await
+                    {
+                        failed = Some(frame);
+                        break (&mut oldest.run).await;
+                    }
                 }
             }
         };
+        let mut failures = vec![];
         match result {
             Ok(run) => oldest.answer(run, &mut runner, name, served, keep),
             Err(e) => {
@@ -416,21 +415,56 @@ async fn drain(
                     sub_cluster = name,
                     "the frame failed in the stream: {e:#}"
                 );
-                // The frames in flight finish or fail; then each that failed runs again
-                // with recovery, one at a time, before the stream goes on.
-                let mut failed = vec![oldest.frame];
-                while let Some(mut next) = window.pop_front() {
-                    match (&mut next.run).await {
-                        Ok(run) => next.answer(run, &mut runner, name, served, keep),
-                        Err(_) => failed.push(next.frame),
-                    }
-                }
-                for frame in failed {
-                    run_frame(&mut runner, name, frame, queue, served, keep).await;
-                }
+                failures.push(oldest.frame);
             }
         }
+        failures.extend(failed);
+        if !failures.is_empty() {
+            recover_stream(
+                &mut runner,
+                name,
+                failures,
+                &mut window,
+                queue,
+                served,
+                keep,
+            )
+            .await;
+        }
     }
+}
+
+/// After `failed` frames (oldest first) failed in a sub-cluster's stream: the frames
+/// still in flight finish or fail; those that finished are answered. The oldest that
+/// failed runs again with recovery ([`run_frame`]); the others go back to the front of
+/// the queue first, so that they do not wait on this sub-cluster while it recovers (or,
+/// its boards all down, waits for one to answer again).
+async fn recover_stream<'a>(
+    runner: &mut Resilient<'a>,
+    name: &str,
+    mut failed: Vec<Frame>,
+    window: &mut VecDeque<InFlight<'a>>,
+    queue: &Queue,
+    served: &Mutex<Served>,
+    keep: bool,
+) {
+    while let Some(mut next) = window.pop_front() {
+        match (&mut next.run).await {
+            Ok(run) => next.answer(run, runner, name, served, keep),
+            Err(_) => failed.push(next.frame),
+        }
+    }
+    let mut failed = failed.into_iter();
+    let Some(first) = failed.next() else { return };
+    for frame in failed.rev() {
+        give_back(
+            frame,
+            queue,
+            served,
+            "it failed in a stream whose boards failed",
+        );
+    }
+    run_frame(runner, name, first, queue, served, keep).await;
 }
 
 /// A frame started on a sub-cluster.
@@ -472,32 +506,34 @@ impl InFlight<'_> {
 }
 
 /// Starts `frame` on the sub-cluster's current plan, `ahead` frames in flight before
-/// it, and puts it at the end of `window`; a frame that cannot start runs through
-/// recovery instead.
-#[allow(clippy::too_many_arguments)]
+/// it, and puts it at the end of `window`; returns the frame if it cannot start.
 async fn start_frame<'a>(
     runner: &mut Resilient<'a>,
     name: &str,
     frame: Frame,
     window: &mut VecDeque<InFlight<'a>>,
     ahead: usize,
-    queue: &Queue,
-    served: &Mutex<Served>,
-    keep: bool,
-) {
+) -> Option<Frame> {
     match runner.start(frame.input.clone(), ahead).await {
-        Ok((n, run)) => window.push_back(InFlight {
-            frame,
-            n,
-            // The plan it started on.
-            candidate: Arc::new(runner.plan().chosen().clone()),
-            ahead,
-            started: Instant::now(),
-            run,
-        }),
+        Ok((n, run)) => {
+            window.push_back(InFlight {
+                frame,
+                n,
+                // The plan it started on.
+                candidate: Arc::new(runner.plan().chosen().clone()),
+                ahead,
+                started: Instant::now(),
+                run,
+            });
+            None
+        }
         Err(e) => {
-            tracing::warn!(sub_cluster = name, "starting a frame: {e:#}");
-            run_frame(runner, name, frame, queue, served, keep).await;
+            tracing::warn!(
+                sub_cluster = name,
+                frame = frame.id,
+                "starting a frame: {e:#}"
+            );
+            Some(frame)
         }
     }
 }
@@ -529,7 +565,7 @@ fn answer(
                 Clock::Emulated => "emulated".into(),
             },
             sub_cluster: name.to_string(),
-            attempts: frame.attempts.max(1),
+            attempts: frame.failures + 1,
         })
         .map_err(|e| Status::internal(format!("frame {}: {e:#}", frame.id)));
     let mut s = lock(served);
@@ -552,12 +588,11 @@ fn answer(
 async fn run_frame(
     runner: &mut Resilient<'_>,
     name: &str,
-    mut frame: Frame,
+    frame: Frame,
     queue: &Queue,
     served: &Mutex<Served>,
     keep: bool,
 ) {
-    frame.attempts += 1;
     match runner.infer(&frame.input).await {
         Ok(run) => {
             let candidate = Arc::new(runner.plan().chosen().clone());
@@ -569,21 +604,29 @@ async fn run_frame(
                 sub_cluster = name,
                 "the frame failed: {e:#}"
             );
-            if frame.attempts < FRAME_ATTEMPTS {
-                lock(served).retried += 1;
-                queue.retry(frame);
-            } else {
-                lock(served).failed += 1;
-                let _ = frame.reply.send(Err(Status::unavailable(format!(
-                    "frame {} failed on {} sub-clusters; the last: {e:#}",
-                    frame.id, FRAME_ATTEMPTS
-                ))));
-            }
+            give_back(frame, queue, served, &format!("{e:#}"));
             // Until a board of this sub-cluster answers again, it takes no frame.
             while !matches!(runner.probe_down().await, Ok(n) if n > 0) {
                 tokio::time::sleep(crate::PROBE_EVERY).await;
             }
         }
+    }
+}
+
+/// Counts a sub-cluster's failed attempt at `frame` and puts it back at the front of
+/// the queue for another, or answers it UNAVAILABLE after [`FRAME_ATTEMPTS`];
+/// `reason` is why the last attempt failed.
+fn give_back(mut frame: Frame, queue: &Queue, served: &Mutex<Served>, reason: &str) {
+    frame.failures += 1;
+    if frame.failures < FRAME_ATTEMPTS {
+        lock(served).retried += 1;
+        queue.retry(frame);
+    } else {
+        lock(served).failed += 1;
+        let _ = frame.reply.send(Err(Status::unavailable(format!(
+            "frame {} failed on {} sub-clusters; the last: {reason}",
+            frame.id, FRAME_ATTEMPTS
+        ))));
     }
 }
 
