@@ -41,9 +41,10 @@ pub struct Args {
     #[arg(long)]
     standby: bool,
     /// Frames in flight per sub-cluster, instead of the serving plan's (which the
-    /// compiler chose within the latency budget; 1 for a plain plan): a board starts
-    /// its part of the next frame as soon as it is done with the one before, while the
-    /// others finish it. 1 runs one frame after the other (all the hub does).
+    /// compiler chose within the latency budget; 1 for a plain plan): each board works
+    /// on every frame in flight, the oldest frame's ready tile first, computing the
+    /// next frame while one waits for rows. 1 runs one frame after the other (all the
+    /// hub does).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
     pipeline: Option<u16>,
     /// Serve TLS with this certificate (PEM, as `legion cluster keygen` writes one), so

@@ -46,7 +46,7 @@ pub async fn run_candidate(
         Transport::Programs => {
             let loaded = coord.loaded_programs(candidate).await?;
             coord
-                .run_programs(ir, candidate, &loaded, input, coord.next_inference(), None)
+                .run_programs(ir, candidate, &loaded, input, coord.next_inference())
                 .await
         }
         Transport::Hub => run_hub(coord, ir, candidate, input).await,

@@ -101,8 +101,9 @@ impl Coordinator {
     }
 
     /// Runs `candidate` (loaded by [`Coordinator::load_programs`]) once on `input`,
-    /// as inference number `inference`; in a stream, each board starts it once it has
-    /// run inference `after` of the same programs.
+    /// as inference number `inference`. Runs of several inferences may go on at once
+    /// (a stream): each board computes their tiles one at a time, the lowest
+    /// inference's first of those ready.
     pub async fn run_programs(
         &self,
         ir: &Ir,
@@ -110,7 +111,6 @@ impl Coordinator {
         loaded: &LoadedPrograms,
         input: Tensor,
         inference: u64,
-        after: Option<u64>,
     ) -> Result<PlanRun> {
         let mut tensors = Tensors::new(ir, input)?;
         let coordinator = candidate
@@ -153,7 +153,6 @@ impl Coordinator {
                 inputs: inputs.remove(name.as_str()).unwrap_or_default(),
                 receive_timeout_ms: RECEIVE_TIMEOUT.as_millis() as u64,
                 peer_programs: loaded.ids.clone(),
-                after,
             };
             let (client, p) = (device.client().clone(), *p);
             pending.spawn(async move {

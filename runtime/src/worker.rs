@@ -4,6 +4,7 @@
 //! (`program.rs`).
 
 mod program;
+mod turns;
 
 use crate::TileModel;
 use crate::emulate::{Emulator, thread_cpu_time};
@@ -31,6 +32,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use tract_onnx::prelude::Tensor;
+use turns::ComputeTurns;
 
 /// How a worker presents itself and where it keeps models.
 #[derive(Debug)]
@@ -253,11 +255,8 @@ pub struct Worker {
     mailbox: Mutex<std::collections::HashMap<program::MailKey, Tensor>>,
     /// Wakes the receive steps when rows arrive.
     arrived: tokio::sync::Notify,
-    /// Per program, the inferences it last ran (or failed), at most
-    /// [`program::RAN_KEPT`], for runs that wait their turn in a stream.
-    ran: Mutex<std::collections::HashMap<String, std::collections::VecDeque<u64>>>,
-    /// Wakes the runs waiting their turn when a run ends.
-    run_ended: tokio::sync::Notify,
+    /// The board's compute, one tile at a time, for the runs of several inferences.
+    compute_turns: Arc<ComputeTurns>,
     /// A permit per run in flight, at most [`Limits::runs`].
     runs: Arc<tokio::sync::Semaphore>,
 }
@@ -274,8 +273,7 @@ impl Worker {
             programs: Mutex::new(Lru::new(program::LOADED_PROGRAMS, u64::MAX)),
             mailbox: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
-            ran: Mutex::default(),
-            run_ended: tokio::sync::Notify::new(),
+            compute_turns: Arc::default(),
             runs: Arc::new(tokio::sync::Semaphore::new(config.limits.runs)),
             config,
         })

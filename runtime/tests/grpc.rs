@@ -492,7 +492,6 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         inputs: vec![],
         receive_timeout_ms: 300,
         peer_programs: Default::default(),
-        after: None,
     };
     let err = client
         .run_program(req, 1, Duration::from_secs(5))
@@ -568,7 +567,6 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
                 inputs: vec![],
                 receive_timeout_ms: 300,
                 peer_programs: Default::default(),
-                after: None,
             },
             1,
             Duration::from_secs(5),
@@ -584,41 +582,35 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
     assert_eq!(reply.peak_held_bytes, held);
     assert!(reply.outputs.is_empty());
 
-    // In a stream, a run waits for the inference before it on this board: one that
-    // never ran here fails the run naming it; once it has run, the run goes ahead.
-    let in_stream = |inference, after| legion_runtime::proto::RunProgramRequest {
+    // In a stream, runs of several inferences go on at once: inference 20, whose rows
+    // have not come, waits for them while inference 6 (its rows waiting) runs.
+    let run = |inference, timeout_ms| legion_runtime::proto::RunProgramRequest {
         program: id.clone(),
         inference,
         inputs: vec![],
-        receive_timeout_ms: 300,
+        receive_timeout_ms: timeout_ms,
         peer_programs: Default::default(),
-        after: Some(after),
     };
-    let err = client
-        .run_program(in_stream(4, 99), 1, Duration::from_secs(5))
-        .await
-        .unwrap_err();
-    assert_eq!(status(&err).code(), Code::DeadlineExceeded, "{err:#}");
-    assert!(
-        status(&err)
-            .message()
-            .contains("inference 4 waits for inference 99"),
-        "{err:#}"
-    );
-    // Inference 6 arrives first and waits for 5, which arrives later: 5 runs first.
-    let early = tokio::spawn({
+    let waiting = tokio::spawn({
         let client = client.clone();
-        let req = in_stream(6, 5);
-        async move { client.run_program(req, 1, Duration::from_secs(5)).await }
+        let req = run(20, 5000);
+        async move { client.run_program(req, 1, Duration::from_secs(10)).await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!early.is_finished());
-    let five = client
-        .run_program(in_stream(5, 3), 1, Duration::from_secs(5))
+    let six = client
+        .run_program(run(6, 300), 1, Duration::from_secs(5))
         .await
         .unwrap();
-    let six = early.await.unwrap().unwrap();
-    assert!(six.wall_us >= 100_000 && five.wall_us < six.wall_us);
+    assert!(!waiting.is_finished());
+    client
+        .push_rows(push("ghost", 20, wanted.rows.end))
+        .await
+        .unwrap();
+    let twenty = waiting.await.unwrap().unwrap();
+    assert!(
+        twenty.wall_us >= 100_000 + six.wall_us,
+        "{twenty:?} {six:?}"
+    );
 }
 
 /// ProfileStage in rounds: a warm-up call runs the tile once untimed (no times back),

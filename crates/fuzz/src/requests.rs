@@ -267,7 +267,6 @@ async fn seeds(ir: &legion_ir::Ir, model: ModelRef, client: &WorkerClient) -> Re
             inputs: vec![input_rows.clone()],
             receive_timeout_ms: 200,
             peer_programs: Default::default(),
-            after: None,
         },
         push_rows: proto::Rows {
             program: id,

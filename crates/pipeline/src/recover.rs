@@ -80,12 +80,6 @@ pub struct Resilient<'a> {
     /// Their coordinator (shared with the frames started on it, [`Resilient::start`]).
     current: Arc<Coordinator>,
     plan: Plan,
-    /// Bumped at every change of plan: frames of a stream wait for the one before
-    /// only on the same plan.
-    epoch: u64,
-    /// The last frame started by [`Resilient::start`]: the plan's epoch and the
-    /// boards' inference number.
-    last_started: Option<(u64, u64)>,
     /// The wall time of the last inference that ran.
     last_wall: Option<Duration>,
     /// When the boards marked down were last asked for Health.
@@ -137,8 +131,6 @@ impl<'a> Resilient<'a> {
         let up: Vec<DeviceId> = full.ids().collect();
         Ok(Resilient {
             current: Arc::new(full.only(&up)?),
-            epoch: 0,
-            last_started: None,
             full,
             ir,
             onnx,
@@ -282,7 +274,6 @@ impl<'a> Resilient<'a> {
                     tracing::warn!(inference = n, "uploading the model again: {e:#}");
                 }
                 self.current = Arc::new(current);
-                self.epoch += 1;
                 continue;
             }
             let names: Vec<String> = down.iter().map(|d| self.name(*d)).collect();
@@ -380,9 +371,9 @@ impl<'a> Resilient<'a> {
 
     /// Starts one inference on `input` with the current plan and returns its number
     /// (counted from 0 by this runner) and the run, to be awaited; `ahead` frames
-    /// started before it are still running. Each board runs it once it has run the
-    /// frame started before it on the same plan, so that frames overlap on the boards
-    /// in order (a stream). Nothing is recovered here: a frame whose run fails runs
+    /// started before it are still running. Frames overlap on the boards (a stream):
+    /// each board runs its part of every frame in flight, computing their tiles one
+    /// at a time, the oldest frame's first of those ready. Nothing is recovered here: a frame whose run fails runs
     /// again through [`Resilient::infer`] once the frames ahead of it are done. Boards
     /// marked down are asked whether they answer again first, and standby plans
     /// loaded, as by `infer`.
@@ -397,18 +388,13 @@ impl<'a> Resilient<'a> {
         let coord = self.current.clone();
         let candidate = self.plan.chosen().clone();
         let inference = coord.next_inference();
-        let after = match self.last_started {
-            Some((epoch, before)) if epoch == self.epoch => Some(before),
-            _ => None,
-        };
-        self.last_started = Some((self.epoch, inference));
         let deadline = self.deadline() * (1 + ahead as u32);
         let ir = self.ir;
         let run = async move {
             let loaded = coord.loaded_programs(&candidate).await?;
             tokio::time::timeout(
                 deadline,
-                coord.run_programs(ir, &candidate, &loaded, input, inference, after),
+                coord.run_programs(ir, &candidate, &loaded, input, inference),
             )
             .await
             .map_err(|_| anyhow::anyhow!("no output within the deadline of {deadline:?}"))?
@@ -556,7 +542,6 @@ impl<'a> Resilient<'a> {
         // A board that restarted lost the programs it held: every board gets its program
         // again (a board that kept it has its tiles built, so this is quick for it).
         self.current = Arc::new(self.full.only(&self.up)?);
-        self.epoch += 1;
         if self.options.transport == Transport::Programs
             && let Err(e) = self.current.loaded_programs(self.plan.chosen()).await
         {
@@ -605,7 +590,6 @@ impl<'a> Resilient<'a> {
         };
         self.standby.retain(|s| s.boards != left.boards);
         self.standby.push(left);
-        self.epoch += 1;
         self.restock = self.keep_standby;
         Ok(standby)
     }

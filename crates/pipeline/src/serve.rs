@@ -39,7 +39,7 @@ pub struct ServeOptions {
     /// Serve TLS with this certificate and key (callers pin the certificate).
     pub tls: Option<legion_runtime::tls::WorkerIdentity>,
     /// Frames in flight per sub-cluster, instead of the serving plan's: each board
-    /// starts a frame's part as soon as it is done with the frame before (boards
+    /// works on every frame in flight, the oldest frame's ready tile first (boards
     /// running their programs); 1 runs one frame after the other.
     pub depth: Option<usize>,
     /// Keep every frame's run in [`Served::runs`] (for the emulated clock's stream

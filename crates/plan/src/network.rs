@@ -173,28 +173,51 @@ pub enum TimedStep {
 /// party `p`'s program and `links[p]` its link. Returns, per party and step, when the
 /// step ends, µs from the start; `None` when some receive has no send.
 pub fn program_timeline(steps: &[Vec<TimedStep>], links: &[Link]) -> Option<Vec<Vec<f64>>> {
-    let parties = steps.len();
-    let mut now = vec![0.0f64; parties];
-    let mut pc = vec![0usize; parties];
+    let party: Vec<usize> = (0..steps.len()).collect();
+    threads_timeline(steps, &party, links)
+}
+
+/// [`program_timeline`] for several programs per party (`threads[t]` run by party
+/// `party[t]`, e.g. one per frame of a stream): each thread goes on by itself, and a
+/// party computes one run step at a time. A run step starts once its thread is there
+/// and its party is free; of the run steps waiting for a party, the lowest thread
+/// goes first (the oldest frame); a started run is never interrupted. Sends and
+/// receives do not wait for the party. Returns, per thread and step, when the step
+/// ends.
+pub fn threads_timeline(
+    threads: &[Vec<TimedStep>],
+    party: &[usize],
+    links: &[Link],
+) -> Option<Vec<Vec<f64>>> {
+    let parties = links.len();
+    let mut now = vec![0.0f64; threads.len()];
+    let mut pc = vec![0usize; threads.len()];
+    let mut free = vec![0.0f64; parties];
     let mut up_free = vec![0.0f64; parties];
     let mut down_free = vec![0.0f64; parties];
     let mut arrival: HashMap<usize, f64> = HashMap::new();
-    let mut ends: Vec<Vec<f64>> = steps.iter().map(|s| vec![0.0; s.len()]).collect();
+    let mut ends: Vec<Vec<f64>> = threads.iter().map(|s| vec![0.0; s.len()]).collect();
     loop {
-        // The party that can go on earliest; a receive can once its message is sent.
-        let next = (0..parties)
-            .filter_map(|p| {
-                let step = steps[p].get(pc[p])?;
+        // The thread that can go on earliest (the lowest of equals); a receive can once
+        // its message is sent, a run once its party is free.
+        let next = (0..threads.len())
+            .filter_map(|t| {
+                let step = threads[t].get(pc[t])?;
                 let at = match step {
-                    TimedStep::Receive(id) => now[p].max(*arrival.get(id)?),
-                    _ => now[p],
+                    TimedStep::Receive(id) => now[t].max(*arrival.get(id)?),
+                    TimedStep::Run(_) => now[t].max(free[party[t]]),
+                    _ => now[t],
                 };
-                Some((at, p))
+                Some((at, t))
             })
-            .min_by(|a, b| a.0.total_cmp(&b.0));
-        let Some((at, p)) = next else { break };
-        match steps[p][pc[p]] {
-            TimedStep::Run(us) => now[p] = at + us,
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let Some((at, t)) = next else { break };
+        let p = party[t];
+        match threads[t][pc[t]] {
+            TimedStep::Run(us) => {
+                now[t] = at + us;
+                free[p] = now[t];
+            }
             TimedStep::Send { id, bytes, to } => {
                 let (from, into) = (links[p], links[to]);
                 let bits = bytes as f64 * 8.0;
@@ -207,15 +230,15 @@ pub fn program_timeline(steps: &[Vec<TimedStep>], links: &[Link]) -> Option<Vec<
                 up_free[p] = at.max(up_free[p]) + bits / from.mbps;
                 down_free[to] = start.max(down_free[to]) + bits / into.mbps;
                 arrival.insert(id, end + from.latency_ms.max(into.latency_ms) * 1e3);
-                now[p] = at;
+                now[t] = at;
             }
-            TimedStep::Receive(_) | TimedStep::Nothing => now[p] = at,
+            TimedStep::Receive(_) | TimedStep::Nothing => now[t] = at,
         }
-        ends[p][pc[p]] = now[p];
-        pc[p] += 1;
+        ends[t][pc[t]] = now[t];
+        pc[t] += 1;
     }
-    (0..parties)
-        .all(|p| pc[p] == steps[p].len())
+    (0..threads.len())
+        .all(|t| pc[t] == threads[t].len())
         .then_some(ends)
 }
 
@@ -374,10 +397,11 @@ impl StreamTimes {
 
 /// The timeline of `frames` frames streamed through one candidate's programs, at most
 /// `depth` in flight: the coordinator sends frame `f`'s inputs once frame `f - depth`
-/// has come back (the first `depth` at once), and each board runs its program's steps
-/// frame after frame, in order, so that frame `f + 1`'s first tiles start on a board as
-/// soon as it is done with frame `f`, while other boards still work on `f`. Run step
-/// `k` of party `p` in frame `f` takes `compute(f, p, k)` µs; transfers as in
+/// has come back (the first `depth` at once), and takes the frames' outputs in order.
+/// Each board runs its program of every frame in flight at once ([`threads_timeline`]):
+/// while its part of frame `f` waits for rows, it computes frame `f + 1`'s tiles whose
+/// inputs are there, and of the tiles ready at once, the oldest frame's first. Run
+/// step `k` of party `p` in frame `f` takes `compute(f, p, k)` µs; transfers as in
 /// [`programs_timeline`]. Depth 1 is one inference after another.
 pub fn stream_timeline(
     programs: &[Program],
@@ -398,29 +422,20 @@ pub fn stream_timeline(
         let compute = |p: usize, k: usize| compute(f, p, k);
         by_frame.push(timed_frame(programs, &bytes, &compute, f, &mut ids)?);
     }
-    // Every party's steps, frame after frame; per frame, the index of its last step
-    // in each party's sequence (None where it has none).
-    let mut steps: Vec<Vec<TimedStep>> = vec![vec![]; programs.len()];
-    let mut last: Vec<Vec<Option<usize>>> = vec![vec![None; programs.len()]; frames];
-    // The coordinator's step before each frame's first send (None: the stream's start).
-    let mut admitted_after: Vec<Option<usize>> = vec![None; frames];
-    let collect = |steps: &mut Vec<Vec<TimedStep>>,
-                   last: &mut Vec<Vec<Option<usize>>>,
-                   f: usize,
-                   p: usize,
-                   part: Vec<TimedStep>| {
-        if !part.is_empty() {
-            steps[p].extend(part);
-            last[f][p] = Some(steps[p].len() - 1);
-        }
-    };
-    for (p, _) in programs
-        .iter()
-        .enumerate()
-        .filter(|(p, _)| *p != coordinator)
-    {
-        for (f, frame) in by_frame.iter().enumerate() {
-            collect(&mut steps, &mut last, f, p, frame[p].steps.clone());
+    // Thread 0: the coordinator's steps, in the order it takes them. Then per frame,
+    // each board's program of it: the threads of older frames come first.
+    let mut threads: Vec<Vec<TimedStep>> = vec![vec![]];
+    let mut party = vec![coordinator];
+    // Per frame and party, the thread and step of its last step (None where it has
+    // none).
+    let mut last: Vec<Vec<Option<(usize, usize)>>> = vec![vec![None; programs.len()]; frames];
+    for (f, frame) in by_frame.iter().enumerate() {
+        for (p, timed) in frame.iter().enumerate() {
+            if p != coordinator && !timed.steps.is_empty() {
+                last[f][p] = Some((threads.len(), timed.steps.len() - 1));
+                threads.push(timed.steps.clone());
+                party.push(p);
+            }
         }
     }
     // The coordinator sends a frame's inputs once the frame `depth` before it is back.
@@ -433,37 +448,33 @@ pub fn stream_timeline(
                 .partition::<Vec<TimedStep>, _>(|s| matches!(s, TimedStep::Send { .. }))
         })
         .unzip();
+    // The coordinator's step before each frame's first send (None: the stream's start).
+    let mut admitted_after: Vec<Option<usize>> = vec![None; frames];
     let mut sends = sends.into_iter();
     for f in 0..frames + depth {
-        if f >= depth {
-            collect(
-                &mut steps,
-                &mut last,
-                f - depth,
-                coordinator,
-                rest[f - depth].clone(),
-            );
+        if f >= depth && !rest[f - depth].is_empty() {
+            threads[0].extend(rest[f - depth].iter().cloned());
+            last[f - depth][coordinator] = Some((0, threads[0].len() - 1));
         }
         if let Some(part) = sends.next() {
-            admitted_after[f] = steps[coordinator].len().checked_sub(1);
-            steps[coordinator].extend(part);
+            admitted_after[f] = threads[0].len().checked_sub(1);
+            threads[0].extend(part);
         }
     }
-    let ends = program_timeline(&steps, links)
+    let ends = threads_timeline(&threads, &party, links)
         .ok_or_else(|| "the programs wait on rows no program sends".to_string())?;
     let done_us = last
         .iter()
         .map(|frame| {
             frame
                 .iter()
-                .enumerate()
-                .filter_map(|(p, k)| k.map(|k| ends[p][k]))
+                .filter_map(|at| at.map(|(t, k)| ends[t][k]))
                 .fold(0.0f64, f64::max)
         })
         .collect();
     let admitted_us = admitted_after
         .iter()
-        .map(|k| k.map_or(0.0, |k| ends[coordinator][k]))
+        .map(|k| k.map_or(0.0, |k| ends[0][k]))
         .collect();
     Ok(StreamTimes {
         admitted_us,
@@ -666,6 +677,78 @@ mod tests {
         // Three in flight: A is never idle after the first frame.
         let three = stream_timeline(&chain(), &links, bytes, compute, 3, 3).unwrap();
         assert_eq!(three.done_us, [2300.0, 3300.0, 4300.0]);
+    }
+
+    /// The coordinator feeds boards A and B; A computes a map B needs halfway through
+    /// its own part (like a halo).
+    fn diamond() -> Vec<Program> {
+        let (a, b) = (Party::Device("a".into()), Party::Device("b".into()));
+        let rows = Rows::new(0, 1);
+        let (input, mid, out) = (
+            TensorRef::Input,
+            TensorRef::Stage(legion_ir::StageId(0)),
+            TensorRef::Stage(legion_ir::StageId(1)),
+        );
+        let send = |tensor, to: &Party| Step::Send {
+            tensor,
+            rows,
+            channels: None,
+            to: to.clone(),
+        };
+        let receive = |tensor, from: &Party| Step::Receive {
+            tensor,
+            rows,
+            channels: None,
+            from: from.clone(),
+        };
+        let run = |group| Step::Run {
+            group,
+            tile: 0,
+            phase: 0,
+        };
+        vec![
+            Program {
+                party: Party::Coordinator,
+                steps: vec![send(input, &a), send(input, &b), receive(out, &b)],
+            },
+            Program {
+                party: a.clone(),
+                steps: vec![receive(input, &Party::Coordinator), run(0), send(mid, &b)],
+            },
+            Program {
+                party: b.clone(),
+                steps: vec![
+                    receive(input, &Party::Coordinator),
+                    run(0),
+                    receive(mid, &a),
+                    run(1),
+                    send(out, &Party::Coordinator),
+                ],
+            },
+        ]
+    }
+
+    #[test]
+    fn a_board_computes_the_next_frame_while_one_waits_for_rows() {
+        let links = [Link {
+            mbps: 100.0,
+            latency_ms: 0.0,
+        }; 3];
+        // A's map takes 1000 µs to B, every other message 100 µs; every run 1000 µs.
+        let mid = TensorRef::Stage(legion_ir::StageId(0));
+        let bytes = |t, _, _| if t == mid { 12_500 } else { 1250 };
+        let compute = |_, p, _| if p == 0 { 0.0 } else { 1000.0 };
+        // One frame: inputs at 100 (A) and 200 (B); A's map 1100-2100; B runs 200-1200
+        // and 2100-3100; the output is back at 3200.
+        let one = stream_timeline(&diamond(), &links, bytes, compute, 2, 1).unwrap();
+        assert_eq!(one.done_us, [3200.0, 6400.0]);
+        // Two in flight (inputs at 100, 200, 300, 400): B runs frame 1's first tile
+        // 1200-2200 while frame 0 waits for A's map (there at 2100); frame 0's second
+        // tile waits for it (a running tile is not interrupted): 2200-3200, back at
+        // 3300. Frame 1's map (A 1100-2100, sent 2100-3100) and tile 3200-4200: 4300.
+        let two = stream_timeline(&diamond(), &links, bytes, compute, 2, 2).unwrap();
+        assert_eq!(two.done_us, [3300.0, 4300.0]);
+        assert_eq!(two.admitted_us, [0.0, 0.0]);
     }
 
     #[test]

@@ -52,8 +52,8 @@ pub struct SubCluster {
     pub boards: Vec<String>,
     /// Frames per second it predicts, `depth` frames in flight.
     pub predicted_fps: f64,
-    /// Frames in flight: each board starts its part of the next frame as soon as it is
-    /// done with the one before (1: one frame after the other).
+    /// Frames in flight: each board works on every frame in flight, the oldest frame's
+    /// ready tile first (1: one frame after the other).
     pub depth: usize,
     /// A frame's predicted latency in the stream, from the coordinator sending its
     /// input to its output, the longest over the frames, µs.

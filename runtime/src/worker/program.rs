@@ -23,10 +23,6 @@ use tract_onnx::prelude::Tensor;
 /// Programs a worker keeps loaded (a plan's candidates, a few plans).
 pub(super) const LOADED_PROGRAMS: usize = 16;
 
-/// Inferences a worker remembers having run, per program, for the runs of a stream
-/// that wait their turn (`RunProgramRequest.after`).
-pub(super) const RAN_KEPT: usize = 64;
-
 /// A board's program of one candidate, ready to run.
 pub(super) struct Loaded {
     model: ModelRef,
@@ -49,26 +45,17 @@ struct Phased {
     phases: Vec<TileSpec>,
 }
 
-/// Ends a RunProgram call's turn when dropped: records its inference as run (for the
-/// runs waiting their turn) and drops its rows still in the mailbox.
-struct TurnEnds<'a> {
+/// Drops a RunProgram call's rows still in the mailbox when the call ends (run,
+/// failed or cancelled by its caller): rows that arrive too late are not kept.
+struct MailboxCleared<'a> {
     worker: &'a Worker,
     program: &'a str,
     inference: u64,
 }
 
-impl Drop for TurnEnds<'_> {
+impl Drop for MailboxCleared<'_> {
     fn drop(&mut self) {
-        let w = self.worker;
-        let mut ran = lock(&w.ran);
-        let recent = ran.entry(self.program.to_string()).or_default();
-        recent.push_back(self.inference);
-        if recent.len() > RAN_KEPT {
-            recent.pop_front();
-        }
-        drop(ran);
-        w.run_ended.notify_waiters();
-        lock(&w.mailbox).retain(|k, _| !(k.0 == self.program && k.1 == self.inference));
+        lock(&self.worker.mailbox).retain(|k, _| !(k.0 == self.program && k.1 == self.inference));
     }
 }
 
@@ -302,64 +289,23 @@ impl Worker {
         }
     }
 
-    /// RunProgram: runs the loaded program once (after inference `req.after` of it, if
-    /// given).
+    /// RunProgram: runs the loaded program once. Runs of other inferences may go on
+    /// at the same time (a stream of frames): their tiles take turns on the board's
+    /// compute ([`super::ComputeTurns`]).
     pub(super) async fn run_program(
         self: &Arc<Self>,
         req: RunProgramRequest,
     ) -> Result<RunProgramReply, Status> {
         let started = Instant::now();
         let loaded = self.loaded(&req.program)?;
-        // Run, failed or cancelled by its caller, the inference's turn ends with this
-        // call: the next may go, and its rows that arrive too late are not kept.
-        let _ended = TurnEnds {
+        let _cleared = MailboxCleared {
             worker: self,
             program: &req.program,
             inference: req.inference,
         };
-        let turn = match req.after {
-            Some(after) => {
-                let until = started + Duration::from_millis(req.receive_timeout_ms.max(1));
-                self.wait_turn(&loaded.name, &req, after, until).await
-            }
-            None => Ok(()),
-        };
-        let result = match turn {
-            Ok(()) => self.run_loaded(&loaded, &req).await,
-            Err(e) => Err(e),
-        };
-        let mut reply = result?;
+        let mut reply = self.run_loaded(&loaded, &req).await?;
         reply.wall_us = started.elapsed().as_micros() as u64;
         Ok(reply)
-    }
-
-    /// Waits until this board has run inference `after` of `req`'s program, or until
-    /// `until`.
-    async fn wait_turn(
-        &self,
-        me: &str,
-        req: &RunProgramRequest,
-        after: u64,
-        until: Instant,
-    ) -> Result<(), Status> {
-        loop {
-            let ended = self.run_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if lock(&self.ran)
-                .get(&req.program)
-                .is_some_and(|r| r.contains(&after))
-            {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(until.into(), ended).await.is_err() {
-                return Err(Status::deadline_exceeded(format!(
-                    "{me}: inference {} waits for inference {after} of the same program, \
-                     which did not run here",
-                    req.inference
-                )));
-            }
-        }
     }
 
     async fn run_loaded(
@@ -434,7 +380,10 @@ impl Worker {
                     let key = tile_key(&loaded.model, spec)?;
                     let tile = self.tile(&key, ir, spec)?;
                     let worker = self.clone();
+                    // Held until the tile is done, even if this call is cancelled.
+                    let turn = self.compute_turns.take(req.inference).await;
                     let (outputs, time) = tokio::task::spawn_blocking(move || {
+                        let _turn = turn;
                         worker
                             .config
                             .compute

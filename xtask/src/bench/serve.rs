@@ -445,8 +445,8 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
         "Measured by `cargo xtask bench serve --runs {}{}` on {}. Per setup, from the \
          setup's legion profile: one plan over every board (`legion compile` by \
          prediction) served one frame at a time (as `legion run --repeat`) and pipelined \
-         (at the depth predicted fastest, up to {MAX_DEPTH}: each board starts its part of \
-         the next frame once done with the one before); serving plans compiled by \
+         (at the depth predicted fastest, up to {MAX_DEPTH}: each board works on every frame \
+         in flight, the oldest frame's ready tile first); serving plans compiled by \
          prediction (`legion compile --objective throughput`) within 1.0x, 1.5x and 2x \
          that plan's predicted latency, and with no budget. Each serves {} frames per \
          sub-cluster through `legion serve` (in process, every output checked against one \
