@@ -233,8 +233,8 @@ impl Coordinator {
 
     /// The emulated timeline of `runs`, runs of `candidate`'s programs one after the
     /// other, as a stream with `depth` frames in flight ([`stream_timeline`]): each
-    /// board runs the frames in order, each run step taking the compute time its run
-    /// measured.
+    /// board works on every frame in flight, each run step taking the compute time its
+    /// run measured.
     pub fn stream_times(
         &self,
         ir: &Ir,

@@ -461,7 +461,7 @@ async fn recover_stream<'a>(
             frame,
             queue,
             served,
-            "it failed in a stream whose boards failed",
+            &format!("it failed in flight on {name}"),
         );
     }
     run_frame(runner, name, first, queue, served, keep).await;

@@ -96,8 +96,9 @@ pub const DEPTH_GAIN: f64 = 1.02;
 /// Frames in flight a throughput compile tries per sub-cluster (1 to this).
 pub const MAX_DEPTH: usize = 3;
 
-/// Frames of a predicted stream, enough for the pipeline to fill.
-const PREDICTED_FRAMES: usize = 8;
+/// Frames of a predicted stream: enough for a steady rate after the first
+/// [`MAX_DEPTH`] ([`legion_plan::network::StreamTimes::fps`]).
+const PREDICTED_FRAMES: usize = 16;
 
 /// Cuts `cluster` into sub-clusters for the most predicted frames per second within
 /// `budget`, each with a plan compiled by prediction from `profile` with `options` and
