@@ -319,14 +319,10 @@ impl Measure<'_> {
         for sub in &plan.sub_clusters {
             let key = sub.boards.join(",");
             let runs = served.runs.get(&key).map_or(&[][..], |r| r.as_slice());
-            // The first frame is not counted, nor the first `depth` of the rest (the
-            // stream's rate counts the frames after them).
             ensure!(
-                runs.len() >= sub.depth + 2,
-                "{name}: {key} ran {} frames, too few to time a stream at depth {} \
-                 (give more --runs)",
-                runs.len(),
-                sub.depth
+                runs.len() >= 3,
+                "{name}: {key} ran {} frames, too few to time a stream (give more --runs)",
+                runs.len()
             );
             let first = &runs[0];
             ensure!(
@@ -460,9 +456,9 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
          stream is timed on the emulated clock: the compute each frame's run measured, \
          composed on the programs' stream timeline at the sub-cluster's depth \
          (`Coordinator::stream_times`; docs/architecture.md, \"Serving a stream\"), \
-         without its first frame; its rate counts the frames after the first `depth` of \
-         the stream, which start together and end closer together than the stream goes on \
-         (`StreamTimes::fps`); a plan's rate is the sum of its sub-clusters'. Latency \
+         without its first frame; its rate is its frames over the stream's time from the \
+         first input sent, filling the pipeline included (`StreamTimes::fps`); a plan's \
+         rate is the sum of its sub-clusters'. Latency \
          is a frame's in the stream, from its input leaving the coordinator to its output, \
          not counting the queue. *depth*: frames in flight per sub-cluster. *of DP*: the \
          rate as a fraction of every board on its own frames, predicted from the same \
