@@ -93,8 +93,11 @@ pub fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
 /// How much faster a deeper pipeline must be than a shallower one to be chosen.
 pub const DEPTH_GAIN: f64 = 1.02;
 
-/// Frames in flight a throughput compile tries per sub-cluster (1 to this).
-pub const MAX_DEPTH: usize = 3;
+/// Frames in flight a throughput compile tries per sub-cluster (1 to this): VGG-16's
+/// plan over 6 Fireflies predicts its most frames per second from depth 4 on (5.52 at
+/// 4, 5.34 at 3 over 256 frames); every frame in flight costs latency and a board's
+/// memory for its tensors.
+pub const MAX_DEPTH: usize = 4;
 
 /// Frames of a predicted stream ([`legion_plan::network::StreamTimes::fps`]: over 16
 /// frames, within 1% of the rate of a long stream on the bench's plans).
