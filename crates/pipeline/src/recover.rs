@@ -373,10 +373,10 @@ impl<'a> Resilient<'a> {
     /// (counted from 0 by this runner) and the run, to be awaited; `ahead` frames
     /// started before it are still running. Frames overlap on the boards (a stream):
     /// each board runs its part of every frame in flight, computing their tiles one
-    /// at a time, the oldest frame's first of those ready. Nothing is recovered here: a frame whose run fails runs
-    /// again through [`Resilient::infer`] once the frames ahead of it are done. Boards
-    /// marked down are asked whether they answer again first, and standby plans
-    /// loaded, as by `infer`.
+    /// at a time, the oldest frame's first of those ready. Nothing is recovered here:
+    /// a frame whose run fails runs again through [`Resilient::infer`] once the frames
+    /// ahead of it are done. Boards marked down are asked whether they answer again
+    /// first, and standby plans loaded, as by `infer`.
     pub async fn start(&mut self, input: Tensor, ahead: usize) -> Result<(u64, Started<'a>)> {
         ensure!(
             self.pipelines(),

@@ -624,6 +624,33 @@ mod tests {
         assert_eq!((ends[1][0], ends[2][0]), (280.0, 288.0));
     }
 
+    /// Program steps on row 0 of a tensor, for hand-timed programs.
+    fn send(tensor: TensorRef, to: &Party) -> Step {
+        Step::Send {
+            tensor,
+            rows: Rows::new(0, 1),
+            channels: None,
+            to: to.clone(),
+        }
+    }
+
+    fn receive(tensor: TensorRef, from: &Party) -> Step {
+        Step::Receive {
+            tensor,
+            rows: Rows::new(0, 1),
+            channels: None,
+            from: from.clone(),
+        }
+    }
+
+    fn run(group: usize) -> Step {
+        Step::Run {
+            group,
+            tile: 0,
+            phase: 0,
+        }
+    }
+
     /// Two boards in a chain: the coordinator sends the input to A, A runs and sends its
     /// output to B, B runs and sends the result back.
     fn chain() -> Vec<Program> {
@@ -634,24 +661,6 @@ mod tests {
             TensorRef::Stage(legion_ir::StageId(0)),
             TensorRef::Stage(legion_ir::StageId(1)),
         );
-        let rows = Rows::new(0, 1);
-        let send = |tensor, to: &Party| Step::Send {
-            tensor,
-            rows,
-            channels: None,
-            to: to.clone(),
-        };
-        let receive = |tensor, from: &Party| Step::Receive {
-            tensor,
-            rows,
-            channels: None,
-            from: from.clone(),
-        };
-        let run = |group| Step::Run {
-            group,
-            tile: 0,
-            phase: 0,
-        };
         vec![
             Program {
                 party: Coordinator,
@@ -706,29 +715,11 @@ mod tests {
     /// its own part (like a halo).
     fn diamond() -> Vec<Program> {
         let (a, b) = (Party::Device("a".into()), Party::Device("b".into()));
-        let rows = Rows::new(0, 1);
         let (input, mid, out) = (
             TensorRef::Input,
             TensorRef::Stage(legion_ir::StageId(0)),
             TensorRef::Stage(legion_ir::StageId(1)),
         );
-        let send = |tensor, to: &Party| Step::Send {
-            tensor,
-            rows,
-            channels: None,
-            to: to.clone(),
-        };
-        let receive = |tensor, from: &Party| Step::Receive {
-            tensor,
-            rows,
-            channels: None,
-            from: from.clone(),
-        };
-        let run = |group| Step::Run {
-            group,
-            tile: 0,
-            phase: 0,
-        };
         vec![
             Program {
                 party: Party::Coordinator,
