@@ -6,8 +6,9 @@ use crate::proto::worker_client::WorkerClient as Raw;
 use crate::proto::{
     HealthRequest, InfoReply, InfoRequest, LoadPlanRequest, ModelChunk, ModelRef, Peer,
     ProbeRequest, ProfileStageReply, ProfileStageRequest, Rows as WireRows, RunProgramReply,
-    RunProgramRequest, RunTileRequest,
+    RunProgramRequest, RunTileRequest, TileModels,
 };
+use crate::tile::ShippedTiles;
 use crate::wire::{from_wire, sha256_hex, to_wire};
 use anyhow::{Context, Result, anyhow};
 use legion_plan::{PLAN_VERSION, Program, TileSpec};
@@ -78,6 +79,7 @@ impl ModelId {
         ModelRef {
             sha256: self.sha256.clone(),
             input_shape: self.input_shape.iter().map(|&d| d as u64).collect(),
+            tile: false,
         }
     }
 }
@@ -195,17 +197,41 @@ impl WorkerClient {
 
     /// Streams `bytes` announced as model `id`, cached or not (the worker verifies).
     pub async fn upload_as(&self, id: &ModelId, bytes: &[u8]) -> Result<u64> {
+        self.upload_ref(id.to_proto(), bytes).await
+    }
+
+    /// Uploads a tile's model (NNEF, [`crate::export_tile`]) unless the worker has it
+    /// cached; returns its reference.
+    async fn upload_tile(&self, bytes: &[u8]) -> Result<ModelRef> {
+        let tile = ModelRef {
+            sha256: sha256_hex(bytes),
+            input_shape: vec![],
+            tile: true,
+        };
+        let mut raw = self.raw.clone();
+        let cached = self
+            .call("HasModel", self.timeout, raw.has_model(tile.clone()))
+            .await?
+            .cached;
+        if !cached {
+            self.upload_ref(tile.clone(), bytes).await?;
+        }
+        Ok(tile)
+    }
+
+    /// Streams `bytes` announced as `model`.
+    async fn upload_ref(&self, model: ModelRef, bytes: &[u8]) -> Result<u64> {
         let chunks: Vec<ModelChunk> = bytes
             .chunks(CHUNK_BYTES)
             .enumerate()
             .map(|(i, c)| ModelChunk {
-                model: (i == 0).then(|| id.to_proto()),
+                model: (i == 0).then(|| model.clone()),
                 data: c.to_vec(),
             })
             .collect();
         let chunks = if chunks.is_empty() {
             vec![ModelChunk {
-                model: Some(id.to_proto()),
+                model: Some(model),
                 data: vec![],
             }]
         } else {
@@ -282,30 +308,59 @@ impl WorkerClient {
             .await
     }
 
-    /// Gives the worker its `program` of a candidate of a plan for `model`, the `tiles`
-    /// (group, tile, spec) it runs and how to reach the `peers` it sends to (name,
-    /// `host:port`, pinned certificate); returns the program's id.
+    /// Gives the worker its `program` of a candidate of a plan for `model` (whose
+    /// [`legion_ir::Shapes`] are `shapes_json`), the `tiles` it runs, built (each
+    /// phase's model uploaded first unless cached), and how to reach the `peers` it
+    /// sends to (name, `host:port`, pinned certificate); returns the program's id.
     pub async fn load_plan(
         &self,
         model: &ModelId,
+        shapes_json: &[u8],
         program: &Program,
-        tiles: &[(usize, usize, TileSpec)],
+        tiles: &ShippedTiles,
         peers: Vec<Peer>,
     ) -> Result<String> {
-        let req = LoadPlanRequest {
-            model: Some(model.to_proto()),
-            plan_version: PLAN_VERSION,
-            program_json: serde_json::to_vec(program)?,
-            tiles_json: serde_json::to_vec(tiles)?,
-            peers,
-        };
-        // The board builds the tiles before it answers.
-        let timeout = self.timeout + self.compute_timeout * tiles.len() as u32;
+        let req = self
+            .plan_request(model, shapes_json, program, tiles, peers)
+            .await?;
+        // The board loads the tiles and runs each once before it answers.
+        let timeout = self.timeout + self.compute_timeout * tiles.tiles.len() as u32;
         let mut raw = self.raw.clone();
         Ok(self
             .call("LoadPlan", timeout, raw.load_plan(req))
             .await?
             .program)
+    }
+
+    /// The LoadPlan request of [`WorkerClient::load_plan`], with the tiles' models
+    /// uploaded.
+    pub async fn plan_request(
+        &self,
+        model: &ModelId,
+        shapes_json: &[u8],
+        program: &Program,
+        tiles: &ShippedTiles,
+        peers: Vec<Peer>,
+    ) -> Result<LoadPlanRequest> {
+        let mut tile_models = vec![];
+        for (phases, (group, tile, _)) in tiles.phases.iter().zip(&tiles.tiles) {
+            let mut refs = vec![];
+            for bytes in phases {
+                refs.push(self.upload_tile(bytes).await.with_context(|| {
+                    format!("uploading the model of tile {tile} of group {group}")
+                })?);
+            }
+            tile_models.push(TileModels { phases: refs });
+        }
+        Ok(LoadPlanRequest {
+            model: Some(model.to_proto()),
+            plan_version: PLAN_VERSION,
+            program_json: serde_json::to_vec(program)?,
+            tiles_json: serde_json::to_vec(&tiles.tiles)?,
+            peers,
+            shapes_json: shapes_json.to_vec(),
+            tile_models,
+        })
     }
 
     /// Runs a loaded program once; the deadline allows its receives to wait `wait` and

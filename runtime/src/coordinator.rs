@@ -13,6 +13,7 @@ use crate::proto::InfoReply;
 use crate::tensors::{Tensors, tensor_bytes};
 use crate::wire::sha256_hex;
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use legion_ir::Ir;
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{
     Candidate, Clock, Cluster, Device, DeviceId, DeviceTiming, HostRates, LinkProbe, StepTiming,
@@ -183,9 +184,13 @@ impl Coordinator {
             .with_context(|| format!("{d}: the cluster has {} devices", self.devices.len()))
     }
 
-    /// The programs of `candidate`, loaded on its boards on first use (and again after
-    /// another model is uploaded).
-    pub async fn loaded_programs(&self, candidate: &Candidate) -> Result<Arc<LoadedPrograms>> {
+    /// The programs of `candidate` (of a plan for `ir`), loaded on its boards on first
+    /// use (and again after another model is uploaded).
+    pub async fn loaded_programs(
+        &self,
+        ir: &Ir,
+        candidate: &Candidate,
+    ) -> Result<Arc<LoadedPrograms>> {
         let key = format!(
             "{} {}",
             self.model()?.sha256,
@@ -195,7 +200,7 @@ impl Coordinator {
         if let Some((_, l)) = loaded.iter().find(|(k, _)| *k == key) {
             return Ok(l.clone());
         }
-        let l = Arc::new(self.load_programs(candidate).await?);
+        let l = Arc::new(self.load_programs(ir, candidate).await?);
         loaded.push((key, l.clone()));
         Ok(l)
     }

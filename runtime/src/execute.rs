@@ -44,7 +44,7 @@ pub async fn run_candidate(
 ) -> Result<PlanRun> {
     match transport {
         Transport::Programs => {
-            let loaded = coord.loaded_programs(candidate).await?;
+            let loaded = coord.loaded_programs(ir, candidate).await?;
             coord
                 .run_programs(ir, candidate, &loaded, input, coord.next_inference())
                 .await

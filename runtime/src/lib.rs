@@ -3,6 +3,7 @@
 //! the coordinator that drives a cluster of workers, and the single-device reference.
 
 pub mod check;
+
 mod combine;
 pub mod emulate;
 mod reference;
@@ -11,7 +12,7 @@ pub mod tls;
 
 pub use combine::combine;
 pub use reference::Reference;
-pub use tile::TileModel;
+pub use tile::{ShippedTiles, TileModel, export_tile};
 mod client;
 pub mod process;
 pub mod proto;

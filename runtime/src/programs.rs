@@ -31,10 +31,12 @@ pub struct LoadedPrograms {
 
 impl Coordinator {
     /// Gives every board of `candidate` (of a plan for `ir`, checked against it) its
-    /// program, its tiles and the addresses of the boards it sends to, all boards at
-    /// once; each builds its tiles before it answers.
-    pub async fn load_programs(&self, candidate: &Candidate) -> Result<LoadedPrograms> {
+    /// program, its tiles built here (the boards never import the model) and the
+    /// addresses of the boards it sends to, all boards at once; each loads its tiles
+    /// before it answers.
+    pub async fn load_programs(&self, ir: &Ir, candidate: &Candidate) -> Result<LoadedPrograms> {
         let model = self.model()?;
+        let shapes_json = std::sync::Arc::new(serde_json::to_vec(&ir.shapes())?);
         let mut loading = tokio::task::JoinSet::new();
         for (p, program) in candidate.programs.iter().enumerate() {
             let Party::Device(name) = &program.party else {
@@ -79,11 +81,14 @@ impl Coordinator {
                     });
                 }
             }
+            let tiles = crate::ShippedTiles::build(ir, tiles)
+                .with_context(|| format!("building {name}'s tiles"))?;
             let client = self.device(d)?.client().clone();
             let (model, program, name) = (model.clone(), program.clone(), name.clone());
+            let shapes_json = shapes_json.clone();
             loading.spawn(async move {
                 let id = client
-                    .load_plan(&model, &program, &tiles, peers)
+                    .load_plan(&model, &shapes_json, &program, &tiles, peers)
                     .await
                     .with_context(|| format!("loading {name}'s program"));
                 (p, d, name, id)

@@ -14,7 +14,7 @@ pub struct Reference {
 impl Reference {
     /// Runs the whole model on `input` with every stage output kept as a model output.
     pub fn run(ir: &Ir, input: Tensor) -> Result<Reference> {
-        let mut model = ir.model.clone();
+        let mut model = ir.model().clone();
         let refs: Vec<TensorRef> = ir.stages.iter().map(|s| TensorRef::Stage(s.id)).collect();
         let outlets: Vec<OutletId> = ir.stages.iter().map(|s| s.output_outlet()).collect();
         model.select_output_outlets(&outlets)?;

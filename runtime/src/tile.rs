@@ -20,22 +20,31 @@ pub struct TileModel {
 }
 
 impl TileModel {
-    /// Builds and optimizes the tile's model.
+    /// Builds and optimizes the tile's model from the imported model's.
     pub fn build(ir: &Ir, spec: &TileSpec) -> Result<TileModel> {
         let model = TileBuilder::new(ir).build(spec)?;
-        // tract 0.23.9 fails to optimize some strided convs after a space-to-depth
-        // ("Pulling Downsample over Reshape: Invalid axis", declutter too); the typed
-        // model runs the same computation unoptimized, only slower.
-        let plan = match model.clone().into_optimized() {
-            Ok(optimized) => optimized.into_runnable(),
-            Err(e) => {
-                tracing::warn!("tract could not optimize a tile ({e:#}); it runs unoptimized");
-                model.into_runnable()
-            }
-        }
-        .context("optimizing the tile")?;
         Ok(TileModel {
-            plan,
+            plan: runnable(model)?,
+            spec: spec.clone(),
+        })
+    }
+
+    /// Loads and optimizes a tile shipped built ([`export_tile`]): the board needs neither
+    /// the model nor its weights beyond the tile's.
+    pub fn from_nnef(bytes: &[u8], spec: &TileSpec) -> Result<TileModel> {
+        let model = nnef()
+            .model_for_read(&mut &bytes[..])
+            .context("reading the tile's model (NNEF)")?;
+        ensure!(
+            model.inputs.len() == spec.inputs.len() && model.outputs.len() == spec.outputs.len(),
+            "the tile's model takes {} inputs and gives {} outputs, its TileSpec {} and {}",
+            model.inputs.len(),
+            model.outputs.len(),
+            spec.inputs.len(),
+            spec.outputs.len()
+        );
+        Ok(TileModel {
+            plan: runnable(model)?,
             spec: spec.clone(),
         })
     }
@@ -82,6 +91,152 @@ impl TileModel {
     }
 }
 
+/// A board's tiles, built to ship: the tiles it runs (group, tile index, spec) and,
+/// per tile, each phase's model written as NNEF ([`export_tile`], [`TileSpec::phases`]).
+pub struct ShippedTiles {
+    /// The tiles, as LoadPlan lists them.
+    pub tiles: Vec<(usize, usize, TileSpec)>,
+    /// Per tile, per phase, its model's NNEF bytes.
+    pub phases: Vec<Vec<Vec<u8>>>,
+}
+
+impl ShippedTiles {
+    /// Builds and writes every phase of `tiles` of a plan for `ir`.
+    pub fn build(ir: &Ir, tiles: Vec<(usize, usize, TileSpec)>) -> Result<ShippedTiles> {
+        let phases = tiles
+            .iter()
+            .map(|(group, tile, spec)| {
+                spec.phases(ir)
+                    .iter()
+                    .map(|phase| export_tile(ir, &phase.spec))
+                    .collect::<Result<Vec<_>>>()
+                    .with_context(|| format!("building tile {tile} of group {group}"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ShippedTiles { tiles, phases })
+    }
+}
+
+/// Optimizes a tile's model and makes it runnable.
+fn runnable(model: TypedModel) -> Result<std::sync::Arc<TypedSimplePlan>> {
+    // tract 0.23.9 fails to optimize some strided convs after a space-to-depth
+    // ("Pulling Downsample over Reshape: Invalid axis", declutter too); the typed
+    // model runs the same computation unoptimized, only slower.
+    match model.clone().into_optimized() {
+        Ok(optimized) => optimized.into_runnable(),
+        Err(e) => {
+            tracing::warn!("tract could not optimize a tile ({e:#}); it runs unoptimized");
+            model.into_runnable()
+        }
+    }
+    .context("optimizing the tile")
+}
+
+/// The tile `spec` of `ir` built and written as NNEF (a tar, the same bytes for the
+/// same tile), for a board that loads it with [`TileModel::from_nnef`]
+/// (docs/architecture.md, "Shipped tiles").
+pub fn export_tile(ir: &Ir, spec: &TileSpec) -> Result<Vec<u8>> {
+    ensure!(
+        ir.has_model(),
+        "building a tile needs the imported model, not its shapes alone"
+    );
+    let model = TileBuilder::new(ir).build(spec)?;
+    // NNEF has no operators of the ONNX form that declutter rewrites (StridedSlice,
+    // Dropout); a model tract cannot declutter is written as built.
+    let mut model = model.clone().into_decluttered().unwrap_or(model);
+    explicit_ceil_pools(&mut model)?;
+    let bytes = nnef()
+        .write_to_tar_with_config(&model, vec![], false, true)
+        .context("writing the tile's model as NNEF")?;
+    Ok(bytes)
+}
+
+/// tract's NNEF reader and writer: its core ops, the ONNX ones, and the exact GELU,
+/// which tract 0.23.9 writes under no name.
+fn nnef() -> &'static tract_nnef::framework::Nnef {
+    use tract_nnef::internal::Registry;
+    use tract_onnx::tract_core::ops::nn::GeluExact;
+    static NNEF: std::sync::OnceLock<tract_nnef::framework::Nnef> = std::sync::OnceLock::new();
+    NNEF.get_or_init(|| {
+        let mut legion = Registry::new("legion");
+        legion.register_unit_element_wise("legion_gelu_exact", &GeluExact {});
+        use tract_onnx::WithOnnx;
+        tract_nnef::nnef().with_onnx().with_registry(legion)
+    })
+}
+
+/// Rewrites every pool of `model` in ONNX's ceil mode to explicit pads that give the
+/// same outputs (NNEF has no ceil mode): the pads after each axis grow to cover the
+/// last window. A max ignores pads; an average that counts them is refused.
+fn explicit_ceil_pools(model: &mut TypedModel) -> Result<()> {
+    for id in 0..model.nodes.len() {
+        let (spec, counts_pads) = if let Some(p) = model.node(id).op_as::<MaxPool>() {
+            (&p.pool_spec, false)
+        } else if let Some(p) = model.node(id).op_as::<SumPool>() {
+            (&p.pool_spec, p.count_include_pad)
+        } else {
+            continue;
+        };
+        let PaddingSpec::ExplicitOnnxPool(before, after, true) = &spec.padding else {
+            continue;
+        };
+        let node = model.node(id);
+        let input = model
+            .outlet_fact(node.inputs[0])?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec());
+        let output = model
+            .outlet_fact(OutletId::new(id, 0))?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec());
+        let (Some(input), Some(output)) = (input, output) else {
+            bail!(
+                "pool {}: ceil mode over a shape that is not concrete",
+                node.name
+            );
+        };
+        let (input, output) = (
+            spec.data_format.shape(input)?,
+            spec.data_format.shape(output)?,
+        );
+        let mut grown = after.clone();
+        for (axis, grown) in grown.iter_mut().enumerate() {
+            let window = (spec.kernel_shape[axis] - 1) * spec.dilation(axis) + 1;
+            let covered = (output.hw_dims()[axis] - 1) * spec.stride(axis) + window;
+            *grown = (*grown).max(covered.saturating_sub(input.hw_dims()[axis] + before[axis]));
+        }
+        ensure!(
+            !counts_pads || grown == *after,
+            "pool {}: an average in ceil mode that counts its pads cannot be written as NNEF",
+            node.name
+        );
+        let padding = PaddingSpec::Explicit(before.clone(), grown);
+        let node = model.node_mut(id);
+        if let Some(p) = node.op_as::<MaxPool>() {
+            let pool_spec = PoolSpec {
+                padding,
+                ..p.pool_spec.clone()
+            };
+            node.op = Box::new(MaxPool {
+                pool_spec,
+                ..p.clone()
+            });
+        } else if let Some(p) = node.op_as::<SumPool>() {
+            let pool_spec = PoolSpec {
+                padding,
+                ..p.pool_spec.clone()
+            };
+            node.op = Box::new(SumPool {
+                pool_spec,
+                ..p.clone()
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A slice of a tensor a tile holds: the tensor, its rows and, for a depthwise conv's
 /// read, the axis and range of its channels.
 type SliceKey = (TensorRef, Rows, Option<(usize, Rows)>);
@@ -102,7 +257,7 @@ struct TileBuilder<'a> {
 impl<'a> TileBuilder<'a> {
     fn new(ir: &'a Ir) -> Self {
         let model = TypedModel {
-            symbols: ir.model.symbols.clone(),
+            symbols: ir.model().symbols.clone(),
             ..TypedModel::default()
         };
         TileBuilder {
@@ -204,7 +359,7 @@ impl<'a> TileBuilder<'a> {
     }
 
     fn copy_stage(&mut self, stage: &Stage, st: &legion_plan::TileStage) -> Result<()> {
-        let src = &self.ir.model;
+        let src = self.ir.model();
         let model_input = src.input_outlets()?[0];
         let mut mapped: HashMap<OutletId, OutletId> = HashMap::new();
         let channel_consts = match st.channels {
@@ -345,7 +500,7 @@ impl<'a> TileBuilder<'a> {
         inputs: &mut TVec<OutletId>,
         computed: Rows,
     ) -> Result<()> {
-        let src = &self.ir.model;
+        let src = self.ir.model();
         let facts = node
             .inputs
             .iter()
@@ -395,7 +550,7 @@ impl<'a> TileBuilder<'a> {
         if let Some(w) = self.consts.get(&(o, cut)) {
             return Ok(*w);
         }
-        let mut name = format!("{}.const{}", self.ir.model.node(o.node).name, o.slot);
+        let mut name = format!("{}.const{}", self.ir.model().node(o.node).name, o.slot);
         let k = match cut {
             Some((axis, channels)) => {
                 name += &format!(".ch{}_{}", channels.start, channels.end);

@@ -319,8 +319,12 @@ impl Worker {
         Ok(())
     }
 
-    fn model_path(&self, sha: &str) -> PathBuf {
-        self.config.cache_dir.join(format!("{sha}.onnx"))
+    /// Where the cache keeps an uploaded model (`.onnx`) or a tile's model (`.nnef.tar`).
+    fn cached_path(&self, m: &ModelRef) -> PathBuf {
+        let extension = if m.tile { "nnef.tar" } else { "onnx" };
+        self.config
+            .cache_dir
+            .join(format!("{}.{extension}", m.sha256))
     }
 
     /// The imported model, importing it from the cache on first use.
@@ -330,7 +334,13 @@ impl Worker {
         if let Some(ir) = lock(&self.models).get(&key) {
             return Ok(ir);
         }
-        let path = self.model_path(&m.sha256);
+        if m.tile {
+            return Err(Status::invalid_argument(format!(
+                "{} is a tile's model, not a model to import",
+                m.sha256
+            )));
+        }
+        let path = self.cached_path(m);
         if !path.exists() {
             return Err(Status::failed_precondition(format!(
                 "model {} not uploaded; upload it first",
@@ -377,6 +387,34 @@ impl Worker {
             .map(|s| ir.stage(s.stage).weight_bytes)
             .sum();
         lock(&self.tiles).insert(key.clone(), tile.clone(), weights);
+        Ok(tile)
+    }
+
+    /// The tile `spec` shipped built as `model` (cached under `key`), loading it on
+    /// first use.
+    fn shipped_tile(
+        &self,
+        key: &TileKey,
+        model: &ModelRef,
+        spec: &TileSpec,
+    ) -> Result<Arc<TileModel>, Status> {
+        check_sha(&model.sha256)?;
+        if let Some(tile) = lock(&self.tiles).get(key) {
+            return Ok(tile);
+        }
+        let path = self.cached_path(model);
+        if !model.tile || !path.exists() {
+            return Err(Status::failed_precondition(format!(
+                "tile model {} not uploaded; upload it first",
+                model.sha256
+            )));
+        }
+        let bytes = std::fs::read(&path)
+            .map_err(|e| Status::internal(format!("reading {}: {e}", path.display())))?;
+        let tile = TileModel::from_nnef(&bytes, spec)
+            .map_err(|e| Status::invalid_argument(format!("tile model {}: {e:#}", model.sha256)))?;
+        let tile = Arc::new(tile);
+        lock(&self.tiles).insert(key.clone(), tile.clone(), bytes.len() as u64);
         Ok(tile)
     }
 
@@ -496,7 +534,7 @@ impl WorkerService for Arc<Worker> {
     async fn has_model(&self, req: Request<ModelRef>) -> Result<Response<HasModelReply>, Status> {
         let sha = &req.get_ref().sha256;
         check_sha(sha)?;
-        let cached = self.model_path(sha).exists();
+        let cached = self.cached_path(req.get_ref()).exists();
         Ok(Response::new(HasModelReply { cached }))
     }
 
@@ -509,15 +547,12 @@ impl WorkerService for Arc<Worker> {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty upload"))?;
-        let sha = first
-            .model
-            .as_ref()
-            .map(|m| m.sha256.clone())
-            .ok_or_else(|| {
-                Status::invalid_argument("the first chunk must carry the model's sha256")
-            })?;
+        let model = first.model.clone().ok_or_else(|| {
+            Status::invalid_argument("the first chunk must carry the model's sha256")
+        })?;
+        let sha = model.sha256.clone();
         check_sha(&sha)?;
-        let path = self.model_path(&sha);
+        let path = self.cached_path(&model);
         if path.exists() {
             return Ok(Response::new(UploadReply { bytes: 0 }));
         }
@@ -837,14 +872,16 @@ mod tests {
         .unwrap();
         let onnx = legion_models::bytes("tiny-cnn").unwrap();
         let sha = hex(&Sha256::digest(&onnx));
-        std::fs::write(worker.model_path(&sha), &onnx).unwrap();
+        let model = |side| ModelRef {
+            sha256: sha.clone(),
+            input_shape: vec![1, 3, side, side],
+            tile: false,
+        };
+        std::fs::write(worker.cached_path(&model(32)), &onnx).unwrap();
         // The same file imported at another input shape is another model to keep.
         let sizes = 32..32 + MODEL_CACHE as u64 + 3;
         for side in sizes.clone() {
-            let m = ModelRef {
-                sha256: sha.clone(),
-                input_shape: vec![1, 3, side, side],
-            };
+            let m = model(side);
             assert_eq!(worker.model(&m).unwrap().input.shape[2], side as usize);
         }
         let kept: Vec<u64> = lock(&worker.models)

@@ -7,7 +7,8 @@ use legion_runtime::emulate::measure_device_gflops;
 use legion_runtime::proto::{F32Tensor, RunTileRequest};
 use legion_runtime::tls::WorkerIdentity;
 use legion_runtime::{
-    Compute, Limits, ModelId, Reference, Worker, WorkerClient, WorkerConfig, check, sha256_hex,
+    Compute, Limits, ModelId, Reference, ShippedTiles, Worker, WorkerClient, WorkerConfig, check,
+    sha256_hex,
 };
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -267,6 +268,7 @@ async fn run_tile_errors_name_the_problem() {
         model: Some(legion_runtime::proto::ModelRef {
             sha256: model.sha256.clone(),
             input_shape: vec![],
+            tile: false,
         }),
         tile_spec_json: serde_json::to_vec(&spec).unwrap(),
         inputs: vec![F32Tensor {
@@ -282,6 +284,7 @@ async fn run_tile_errors_name_the_problem() {
         model: Some(legion_runtime::proto::ModelRef {
             sha256: model.sha256.clone(),
             input_shape: vec![],
+            tile: false,
         }),
         tile_spec_json: b"{not json".to_vec(),
         inputs: vec![],
@@ -471,8 +474,10 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
         ],
     };
     // A program that runs a group it has no tile of is refused at load.
+    let shapes = serde_json::to_vec(&ir.shapes()).unwrap();
+    let none = ShippedTiles::build(&ir, vec![]).unwrap();
     let err = client
-        .load_plan(&model, &program, &[], vec![])
+        .load_plan(&model, &shapes, &program, &none, vec![])
         .await
         .unwrap_err();
     assert!(
@@ -481,8 +486,9 @@ async fn rows_that_never_come_fail_the_program_naming_sender_tensor_and_rows() {
             .contains("runs tile 0 of group 0, which was not given"),
         "{err:#}"
     );
+    let tiles = ShippedTiles::build(&ir, vec![(0, 0, spec.clone())]).unwrap();
     let id = client
-        .load_plan(&model, &program, &[(0, 0, spec.clone())], vec![])
+        .load_plan(&model, &shapes, &program, &tiles, vec![])
         .await
         .unwrap();
     let started = Instant::now();
@@ -640,4 +646,100 @@ async fn profile_stage_warms_up_or_times_as_asked() {
         status(&e).message().contains("or 0 with the warm-up run"),
         "{e:#}"
     );
+}
+
+/// A board runs its program from the tiles the coordinator built and shipped (NNEF):
+/// the model itself never reaches it, and the outputs are exactly those of the tile
+/// built from the model. tiny-cnn's max pool in ceil mode goes out as explicit pads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_runs_shipped_tiles_without_the_model() {
+    use legion_plan::{Party, Program, Step};
+    let (_, path) = model_bytes();
+    let ir = import(&path, None).unwrap();
+    let spec = three_tiles(&ir)[1].clone();
+    assert!(
+        spec.stages
+            .iter()
+            .any(|s| ir.stage(s.stage).name == "pool1"),
+        "the tile holds the ceil-mode pool"
+    );
+    let w = TestWorker::start(None);
+    let client = w.client(None).await;
+    let model = ModelId {
+        sha256: ir.sha256.clone(),
+        input_shape: ir.input.shape.clone(),
+    };
+    let wanted = spec.inputs[0];
+    let out = spec.outputs[0];
+    let program = Program {
+        party: Party::Device("middle".into()),
+        steps: vec![
+            Step::Receive {
+                tensor: wanted.tensor,
+                rows: wanted.rows,
+                channels: None,
+                from: Party::Coordinator,
+            },
+            Step::Run {
+                group: 0,
+                tile: 0,
+                phase: 0,
+            },
+            Step::Send {
+                tensor: TensorRef::Stage(out.stage),
+                rows: out.rows,
+                channels: None,
+                to: Party::Coordinator,
+            },
+        ],
+    };
+    let shapes = serde_json::to_vec(&ir.shapes()).unwrap();
+    let tiles = ShippedTiles::build(&ir, vec![(0, 0, spec.clone())]).unwrap();
+    let id = client
+        .load_plan(&model, &shapes, &program, &tiles, vec![])
+        .await
+        .unwrap();
+    // The board's cache holds the tile's model and not the model.
+    let mut cached: Vec<String> = std::fs::read_dir(&w.cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    cached.sort();
+    let tile_sha = sha256_hex(&tiles.phases[0][0]);
+    assert_eq!(cached, vec![format!("{tile_sha}.nnef.tar")]);
+
+    let reference = Reference::run(&ir, input(&ir)).unwrap();
+    let strip = check::strip(&ir, &reference, wanted.tensor, wanted.rows).unwrap();
+    let rows = legion_runtime::proto::Rows {
+        program: id.clone(),
+        inference: 1,
+        from: String::new(),
+        tensor: -1,
+        start: wanted.rows.start as u64,
+        end: wanted.rows.end as u64,
+        channels: None,
+        partial: false,
+        data: Some(legion_runtime::to_wire(&strip).unwrap()),
+    };
+    let reply = client
+        .run_program(
+            legion_runtime::proto::RunProgramRequest {
+                program: id,
+                inference: 1,
+                inputs: vec![rows],
+                receive_timeout_ms: 1000,
+                peer_programs: Default::default(),
+            },
+            1,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.outputs.len(), 1);
+    let got = legion_runtime::from_wire(reply.outputs[0].data.as_ref().unwrap()).unwrap();
+    let built = legion_runtime::TileModel::build(&ir, &spec)
+        .unwrap()
+        .run(vec![strip])
+        .unwrap();
+    assert_eq!(got, built[0]);
 }

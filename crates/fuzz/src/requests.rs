@@ -63,6 +63,7 @@ pub(crate) fn fuzz(rng: &mut ChaCha8Rng, cases: u64) -> Result<u64> {
         let model = ModelRef {
             sha256: id.sha256.clone(),
             input_shape: ir.input.shape.iter().map(|&d| d as u64).collect(),
+            tile: false,
         };
         debug_assert_eq!(model.sha256, sha256_hex(&onnx));
         let seeds = seeds(&ir, model, &client).await?;
@@ -213,23 +214,17 @@ async fn seeds(ir: &legion_ir::Ir, model: ModelRef, client: &WorkerClient) -> Re
                 .map(move |(k, t)| (g, k, t.tile.clone()))
         })
         .collect();
-    let load_plan = LoadPlanRequest {
-        model: Some(model.clone()),
-        plan_version: legion_plan::PLAN_VERSION,
-        program_json: serde_json::to_vec(program)?,
-        tiles_json: serde_json::to_vec(&tiles)?,
-        peers: vec![],
+    let tiles = legion_runtime::ShippedTiles::build(ir, tiles)?;
+    let id = legion_runtime::ModelId {
+        sha256: model.sha256.clone(),
+        input_shape: ir.input.shape.clone(),
     };
+    let shapes = serde_json::to_vec(&ir.shapes())?;
+    let load_plan = client
+        .plan_request(&id, &shapes, program, &tiles, vec![])
+        .await?;
     let id = client
-        .load_plan(
-            &legion_runtime::ModelId {
-                sha256: model.sha256.clone(),
-                input_shape: ir.input.shape.clone(),
-            },
-            program,
-            &tiles,
-            vec![],
-        )
+        .load_plan(&id, &shapes, program, &tiles, vec![])
         .await?;
     let input_rows = proto::Rows {
         program: String::new(),

@@ -30,6 +30,7 @@ pub use stage::{
 };
 
 use petgraph::graph::{DiGraph, NodeIndex};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tract_onnx::prelude::TypedModel;
 
@@ -49,8 +50,26 @@ pub struct Ir {
     pub outputs: Vec<TensorRef>,
     /// Data flow between stages: node `i` is stage `i`, an edge runs producer -> consumer.
     pub graph: DiGraph<StageId, ()>,
-    /// The typed model (right after `into_typed()`), with the concrete input shape.
-    pub model: TypedModel,
+    /// The typed model (right after `into_typed()`), with the concrete input shape;
+    /// `None` in an Ir made from its [`Shapes`] alone.
+    model: Option<TypedModel>,
+}
+
+/// An Ir without its tract model: the stages, their tensors and the outputs. A board
+/// given its tiles built needs these and not the model's weights (docs/architecture.md,
+/// "Shipped tiles").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Shapes {
+    /// sha256 of the ONNX file the Ir was imported from.
+    pub sha256: String,
+    /// Name of the graph input.
+    pub input_name: String,
+    /// The model input.
+    pub input: TensorInfo,
+    /// The stages, in order.
+    pub stages: Vec<Stage>,
+    /// The model outputs.
+    pub outputs: Vec<TensorRef>,
 }
 
 impl std::fmt::Debug for Ir {
@@ -95,29 +114,73 @@ fn import_checked(path: &Path, input_shape: Option<&[usize]>) -> Result<Ir, Impo
             path: path.to_owned(),
             detail: format!("{e:#}").replace('\n', " "),
         })?;
+    let mut ir = Ir::from_shapes(Shapes {
+        sha256: loaded.sha256,
+        input_name: loaded.input_name,
+        input,
+        stages,
+        outputs,
+    });
+    ir.model = Some(loaded.typed);
+    Ok(ir)
+}
+
+/// The data flow between `stages`: node `i` is stage `i`, an edge runs producer -> consumer.
+fn stage_graph(stages: &[Stage]) -> DiGraph<StageId, ()> {
     let mut graph = DiGraph::new();
-    for s in &stages {
+    for s in stages {
         graph.add_node(s.id);
     }
-    for s in &stages {
+    for s in stages {
         for r in &s.inputs {
             if let TensorRef::Stage(p) = r {
                 graph.add_edge(NodeIndex::new(p.index()), NodeIndex::new(s.id.index()), ());
             }
         }
     }
-    Ok(Ir {
-        sha256: loaded.sha256,
-        input_name: loaded.input_name,
-        input,
-        stages,
-        outputs,
-        graph,
-        model: loaded.typed,
-    })
+    graph
 }
 
 impl Ir {
+    /// An Ir of `shapes` without a model: everything but [`Ir::model`] (and what reads
+    /// it: building tiles, the constants of a channel split) works.
+    pub fn from_shapes(shapes: Shapes) -> Ir {
+        Ir {
+            graph: stage_graph(&shapes.stages),
+            sha256: shapes.sha256,
+            input_name: shapes.input_name,
+            input: shapes.input,
+            stages: shapes.stages,
+            outputs: shapes.outputs,
+            model: None,
+        }
+    }
+
+    /// The Ir without its model, to send to a board.
+    pub fn shapes(&self) -> Shapes {
+        Shapes {
+            sha256: self.sha256.clone(),
+            input_name: self.input_name.clone(),
+            input: self.input.clone(),
+            stages: self.stages.clone(),
+            outputs: self.outputs.clone(),
+        }
+    }
+
+    /// Whether the Ir holds its tract model (it was imported, not made from [`Shapes`]).
+    pub fn has_model(&self) -> bool {
+        self.model.is_some()
+    }
+
+    /// The typed tract model (right after `into_typed()`), with the concrete input
+    /// shape. Only an imported Ir has it; callers that may hold one made from
+    /// [`Shapes`] check [`Ir::has_model`] first.
+    pub fn model(&self) -> &TypedModel {
+        self.model
+            .as_ref()
+            .expect("an Ir made from its shapes alone has no model to build tiles from")
+    }
+
     /// The stage with this id.
     #[inline]
     pub fn stage(&self, id: StageId) -> &Stage {
@@ -151,7 +214,7 @@ impl Ir {
     /// The constants a channel tile of stage `id` slices to its channels; empty when
     /// the stage does not split by channels.
     pub fn channel_consts(&self, id: StageId) -> Vec<ConstSlice> {
-        match channels::channel_split(&self.model, &self.stage(id).nodes) {
+        match channels::channel_split(self.model(), &self.stage(id).nodes) {
             Some((_, slices)) if self.stage(id).channels.is_some() => slices,
             _ => vec![],
         }
@@ -167,9 +230,9 @@ impl Ir {
         let sliced = self.channel_consts(id);
         let mut bytes = 0;
         for &node in &stage.nodes {
-            for (slot, o) in self.model.node(node).inputs.iter().enumerate() {
+            for (slot, o) in self.model().node(node).inputs.iter().enumerate() {
                 let Some(k) = self
-                    .model
+                    .model()
                     .outlet_fact(*o)
                     .ok()
                     .and_then(|f| f.konst.clone())

@@ -182,7 +182,7 @@ impl<'a> Resilient<'a> {
             let coord = Arc::new(self.full.only(&boards)?);
             if programs {
                 coord
-                    .loaded_programs(plan.chosen())
+                    .loaded_programs(self.ir, plan.chosen())
                     .await
                     .with_context(|| format!("loading the plan without {}", self.name(lost)))?;
             }
@@ -313,7 +313,7 @@ impl<'a> Resilient<'a> {
     pub async fn load(&self) -> Result<()> {
         if self.options.transport == Transport::Programs {
             self.current
-                .loaded_programs(self.plan.chosen())
+                .loaded_programs(self.ir, self.plan.chosen())
                 .await
                 .context("loading the plan's programs")?;
         }
@@ -391,7 +391,7 @@ impl<'a> Resilient<'a> {
         let deadline = self.deadline() * (1 + ahead as u32);
         let ir = self.ir;
         let run = async move {
-            let loaded = coord.loaded_programs(&candidate).await?;
+            let loaded = coord.loaded_programs(ir, &candidate).await?;
             tokio::time::timeout(
                 deadline,
                 coord.run_programs(ir, &candidate, &loaded, input, inference),
@@ -543,7 +543,10 @@ impl<'a> Resilient<'a> {
         // again (a board that kept it has its tiles built, so this is quick for it).
         self.current = Arc::new(self.full.only(&self.up)?);
         if self.options.transport == Transport::Programs
-            && let Err(e) = self.current.loaded_programs(self.plan.chosen()).await
+            && let Err(e) = self
+                .current
+                .loaded_programs(self.ir, self.plan.chosen())
+                .await
         {
             tracing::warn!(
                 inference = n,

@@ -25,7 +25,7 @@ pub(super) const LOADED_PROGRAMS: usize = 16;
 
 /// A board's program of one candidate, ready to run.
 pub(super) struct Loaded {
-    model: ModelRef,
+    /// The model's stages and shapes (not its weights: the tiles come built).
     ir: Arc<Ir>,
     /// This board's name in the plan.
     name: String,
@@ -42,7 +42,14 @@ pub(super) struct Loaded {
 struct Phased {
     /// The reducing stages whose partial results the tile computes.
     partials: Vec<StageId>,
-    phases: Vec<TileSpec>,
+    phases: Vec<Phase>,
+}
+
+/// A phase of a tile: what it runs, and its model as shipped (NNEF, by sha256).
+#[derive(Clone)]
+struct Phase {
+    spec: TileSpec,
+    model: ModelRef,
 }
 
 /// Drops a RunProgram call's rows still in the mailbox when the call ends (run,
@@ -85,7 +92,15 @@ impl Worker {
         let model = req
             .model
             .ok_or_else(|| Status::invalid_argument("LoadPlan without a model"))?;
-        let ir = self.model(&model)?;
+        let shapes: legion_ir::Shapes = serde_json::from_slice(&req.shapes_json)
+            .map_err(|e| Status::invalid_argument(format!("bad shapes JSON: {e}")))?;
+        if shapes.sha256 != model.sha256 {
+            return Err(Status::invalid_argument(format!(
+                "the shapes are of model {}, the plan of model {}",
+                shapes.sha256, model.sha256
+            )));
+        }
+        let ir = Arc::new(Ir::from_shapes(shapes));
         let program: Program = serde_json::from_slice(&req.program_json)
             .map_err(|e| Status::invalid_argument(format!("bad program JSON: {e}")))?;
         let Party::Device(name) = program.party.clone() else {
@@ -95,19 +110,39 @@ impl Worker {
         };
         let tiles: Vec<(usize, usize, TileSpec)> = serde_json::from_slice(&req.tiles_json)
             .map_err(|e| Status::invalid_argument(format!("bad tiles JSON: {e}")))?;
-        for (_, _, spec) in &tiles {
-            validate(&ir, spec)?;
+        if req.tile_models.len() != tiles.len() {
+            return Err(Status::invalid_argument(format!(
+                "{} tiles given with the models of {}",
+                tiles.len(),
+                req.tile_models.len()
+            )));
         }
-        let tiles: HashMap<(usize, usize), Phased> = tiles
-            .into_iter()
-            .map(|(group, tile, spec)| {
-                let phased = Phased {
-                    partials: spec.partials().collect(),
-                    phases: spec.phases(&ir).into_iter().map(|p| p.spec).collect(),
-                };
-                ((group, tile), phased)
-            })
-            .collect();
+        let mut phased_tiles = HashMap::new();
+        for ((group, tile, spec), models) in tiles.into_iter().zip(req.tile_models) {
+            validate(&ir, &spec)?;
+            let phases = spec.phases(&ir);
+            if models.phases.len() != phases.len() {
+                return Err(Status::invalid_argument(format!(
+                    "tile {tile} of group {group} has {} phases, {} models given",
+                    phases.len(),
+                    models.phases.len()
+                )));
+            }
+            let phases = phases
+                .into_iter()
+                .zip(models.phases)
+                .map(|(p, model)| Phase {
+                    spec: p.spec,
+                    model,
+                })
+                .collect();
+            let phased = Phased {
+                partials: spec.partials().collect(),
+                phases,
+            };
+            phased_tiles.insert((group, tile), phased);
+        }
+        let tiles = phased_tiles;
         let addresses: HashMap<&str, &crate::proto::Peer> =
             req.peers.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut peers = HashMap::new();
@@ -159,21 +194,29 @@ impl Worker {
             }
         }
         let windows = windows(&program, &tiles);
-        // Built and run once now, so that the program's first run (after a re-plan, the
+        // Loaded and run once now, so that the program's first run (after a re-plan, the
         // one that recovers an inference) waits for neither; an emulated board's first
         // runs of a tile also settle its time here.
-        let specs: Vec<TileSpec> = tiles.values().flat_map(|t| t.phases.clone()).collect();
-        let (worker, warm_model, warm_ir) = (self.clone(), model.clone(), ir.clone());
-        tokio::task::spawn_blocking(move || worker.warm_up(&warm_model, &warm_ir, &specs))
+        let phases: Vec<Phase> = tiles.values().flat_map(|t| t.phases.clone()).collect();
+        let (worker, warm_ir) = (self.clone(), ir.clone());
+        tokio::task::spawn_blocking(move || worker.warm_up(&warm_ir, &phases))
             .await
-            .map_err(|e| Status::internal(format!("{name}: building the tiles failed: {e}")))??;
+            .map_err(|e| Status::internal(format!("{name}: loading the tiles failed: {e}")))??;
         let mut id = Sha256::new();
         id.update(model.sha256.as_bytes());
+        id.update(&req.shapes_json);
         id.update(&req.program_json);
         id.update(&req.tiles_json);
+        let mut shipped: Vec<&str> = tiles
+            .values()
+            .flat_map(|t| t.phases.iter().map(|p| p.model.sha256.as_str()))
+            .collect();
+        shipped.sort_unstable();
+        for sha in shipped {
+            id.update(sha.as_bytes());
+        }
         let id = hex(&id.finalize())[..16].to_string();
         let loaded = Loaded {
-            model,
             ir,
             name,
             program,
@@ -244,11 +287,11 @@ impl Worker {
         Ok(PushRowsReply {})
     }
 
-    /// Builds each tile of `specs` and runs it once on made-up inputs; blocking.
-    fn warm_up(&self, model: &ModelRef, ir: &Ir, specs: &[TileSpec]) -> Result<(), Status> {
-        for spec in specs {
+    /// Loads each tile of `phases` and runs it once on made-up inputs; blocking.
+    fn warm_up(&self, ir: &Ir, phases: &[Phase]) -> Result<(), Status> {
+        for Phase { spec, model } in phases {
             let key = tile_key(model, spec)?;
-            let tile = self.tile(&key, ir, spec)?;
+            let tile = self.shipped_tile(&key, model, spec)?;
             let inputs = spec
                 .inputs
                 .iter()
@@ -370,15 +413,15 @@ impl Worker {
                 }
                 Step::Run { group, tile, phase } => {
                     let phased = &loaded.tiles[&(*group, *tile)];
-                    let spec = &phased.phases[*phase];
+                    let Phase { spec, model } = &phased.phases[*phase];
                     let inputs = spec
                         .inputs
                         .iter()
                         .map(|i| tensors.strip(i.tensor, i.rows))
                         .collect::<anyhow::Result<Vec<_>>>()
                         .map_err(stored)?;
-                    let key = tile_key(&loaded.model, spec)?;
-                    let tile = self.tile(&key, ir, spec)?;
+                    let key = tile_key(model, spec)?;
+                    let tile = self.shipped_tile(&key, model, spec)?;
                     let worker = self.clone();
                     // Held until the tile is done, even if this call is cancelled.
                     let turn = self.compute_turns.take(req.inference).await;
@@ -527,7 +570,7 @@ fn windows(program: &Program, tiles: &HashMap<(usize, usize), Phased>) -> HashMa
             Step::Receive { tensor, rows, .. } => hold(*tensor, *rows),
             Step::Run { group, tile, phase } => {
                 let phased = &tiles[&(*group, *tile)];
-                for out in &phased.phases[*phase].outputs {
+                for out in &phased.phases[*phase].spec.outputs {
                     if !phased.partials.contains(&out.stage) {
                         hold(TensorRef::Stage(out.stage), out.rows);
                     }
