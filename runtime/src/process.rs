@@ -73,13 +73,23 @@ impl WorkerProcess {
 
     /// Peak resident memory so far, KiB (`VmHWM` in /proc/PID/status).
     pub fn peak_rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmHWM")
+    }
+
+    /// Resident memory now, KiB (`VmRSS` in /proc/PID/status).
+    pub fn rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmRSS")
+    }
+
+    /// A `field: N kB` line of /proc/PID/status.
+    fn status_kib(&self, field: &str) -> Result<u64> {
         let path = format!("/proc/{}/status", self.pid());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmHWM in {path}"))
+            .with_context(|| format!("no {field} in {path}"))
     }
 }
 

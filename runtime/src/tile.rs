@@ -22,29 +22,36 @@ pub struct TileModel {
 impl TileModel {
     /// Builds and optimizes the tile's model from the imported model's.
     pub fn build(ir: &Ir, spec: &TileSpec) -> Result<TileModel> {
-        let model = TileBuilder::new(ir).build(spec)?;
         Ok(TileModel {
-            plan: runnable(model)?,
+            plan: runnable(|| TileBuilder::new(ir).build(spec))?,
             spec: spec.clone(),
         })
     }
 
-    /// Loads and optimizes a tile shipped built ([`export_tile`]): the board needs neither
-    /// the model nor its weights beyond the tile's.
-    pub fn from_nnef(bytes: &[u8], spec: &TileSpec) -> Result<TileModel> {
-        let model = nnef()
-            .model_for_read(&mut &bytes[..])
-            .context("reading the tile's model (NNEF)")?;
-        ensure!(
-            model.inputs.len() == spec.inputs.len() && model.outputs.len() == spec.outputs.len(),
-            "the tile's model takes {} inputs and gives {} outputs, its TileSpec {} and {}",
-            model.inputs.len(),
-            model.outputs.len(),
-            spec.inputs.len(),
-            spec.outputs.len()
-        );
+    /// Loads and optimizes a tile shipped built ([`export_tile`]) from its NNEF file:
+    /// the board needs neither the model nor any weights beyond the tile's.
+    pub fn from_nnef_file(path: &std::path::Path, spec: &TileSpec) -> Result<TileModel> {
+        let read = || {
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let model = nnef()
+                .model_for_read(&mut std::io::BufReader::new(file))
+                .with_context(|| format!("reading the tile's model {}", path.display()))?;
+            ensure!(
+                model.inputs.len() == spec.inputs.len()
+                    && model.outputs.len() == spec.outputs.len(),
+                "{}: the tile's model takes {} inputs and gives {} outputs, its TileSpec {} \
+                 and {}",
+                path.display(),
+                model.inputs.len(),
+                model.outputs.len(),
+                spec.inputs.len(),
+                spec.outputs.len()
+            );
+            Ok(model)
+        };
         Ok(TileModel {
-            plan: runnable(model)?,
+            plan: runnable(read)?,
             spec: spec.clone(),
         })
     }
@@ -117,23 +124,25 @@ impl ShippedTiles {
     }
 }
 
-/// Optimizes a tile's model and makes it runnable.
-fn runnable(model: TypedModel) -> Result<std::sync::Arc<TypedSimplePlan>> {
+/// Optimizes the tile's model that `load` makes and makes it runnable. The model is
+/// not kept beside its optimized copy (a tile's weights would be held twice); it is
+/// made again only when tract cannot optimize it.
+fn runnable(load: impl Fn() -> Result<TypedModel>) -> Result<std::sync::Arc<TypedSimplePlan>> {
     // tract 0.23.9 fails to optimize some strided convs after a space-to-depth
     // ("Pulling Downsample over Reshape: Invalid axis", declutter too); the typed
     // model runs the same computation unoptimized, only slower.
-    match model.clone().into_optimized() {
+    match load()?.into_optimized() {
         Ok(optimized) => optimized.into_runnable(),
         Err(e) => {
             tracing::warn!("tract could not optimize a tile ({e:#}); it runs unoptimized");
-            model.into_runnable()
+            load()?.into_runnable()
         }
     }
     .context("optimizing the tile")
 }
 
 /// The tile `spec` of `ir` built and written as NNEF (a tar, the same bytes for the
-/// same tile), for a board that loads it with [`TileModel::from_nnef`]
+/// same tile), for a board that loads it with [`TileModel::from_nnef_file`]
 /// (docs/architecture.md, "Shipped tiles").
 pub fn export_tile(ir: &Ir, spec: &TileSpec) -> Result<Vec<u8>> {
     ensure!(

@@ -409,12 +409,13 @@ impl Worker {
                 model.sha256
             )));
         }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Status::internal(format!("reading {}: {e}", path.display())))?;
-        let tile = TileModel::from_nnef(&bytes, spec)
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| Status::internal(format!("reading {}: {e}", path.display())))?
+            .len();
+        let tile = TileModel::from_nnef_file(&path, spec)
             .map_err(|e| Status::invalid_argument(format!("tile model {}: {e:#}", model.sha256)))?;
         let tile = Arc::new(tile);
-        lock(&self.tiles).insert(key.clone(), tile.clone(), bytes.len() as u64);
+        lock(&self.tiles).insert(key.clone(), tile.clone(), bytes);
         Ok(tile)
     }
 

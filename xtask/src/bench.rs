@@ -16,6 +16,7 @@ mod accuracy;
 mod calibration;
 mod channels;
 mod compile;
+mod memory;
 mod models;
 mod paper;
 mod serve;
@@ -120,6 +121,9 @@ enum Bench {
     /// Streams of frames through `legion serve` for serving plans under several latency
     /// budgets: frames per second on the emulated clock, latency, against data parallel.
     Serve,
+    /// Each board's peak memory, its worker a process of its own: running its part of
+    /// a plan from shipped tiles, and after importing the whole model.
+    Memory,
     /// Today's architectures (YOLOv8, ConvNeXt, EfficientNet, ShuffleNetV2) through
     /// `legion split --check`, `legion compile` and `legion run --check` on emulated
     /// clusters: barrier share, errors, speedup, predicted against measured.
@@ -138,6 +142,7 @@ pub fn run(args: &Args) -> Result<()> {
         ),
         Bench::Compile => ("compile", compile::run(args.reuse)?),
         Bench::Workers => ("workers", workers::run()?),
+        Bench::Memory => ("memory", memory::run()?),
         Bench::Paper => (
             "paper",
             paper::run(&paper::Options {

@@ -287,8 +287,13 @@ impl Worker {
         Ok(PushRowsReply {})
     }
 
-    /// Loads each tile of `phases` and runs it once on made-up inputs; blocking.
+    /// Loads each tile of `phases` and runs it once on made-up inputs; blocking. The
+    /// largest first: loading a tile briefly takes a few times its weights, best done
+    /// while little else is held.
     fn warm_up(&self, ir: &Ir, phases: &[Phase]) -> Result<(), Status> {
+        let size = |p: &Phase| std::fs::metadata(self.cached_path(&p.model)).map_or(0, |m| m.len());
+        let mut phases: Vec<&Phase> = phases.iter().collect();
+        phases.sort_by_key(|p| std::cmp::Reverse(size(p)));
         for Phase { spec, model } in phases {
             let key = tile_key(model, spec)?;
             let tile = self.shipped_tile(&key, model, spec)?;

@@ -183,6 +183,18 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     })
 }
 
+/// A candidate's FLC: `a..b/k` a group on k boards, `c` when split by channels.
+pub(super) fn flc_text(c: &Candidate) -> String {
+    c.groups
+        .iter()
+        .map(|g| {
+            let axis = if g.channels { "c" } else { "" };
+            format!("{}..{}/{}{axis}", g.first, g.last, g.devices().len())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn ran(
     ir: &Ir,
     c: &Candidate,
@@ -213,15 +225,7 @@ fn ran(
             .sum()
     });
     Ok(Ran {
-        flc: c
-            .groups
-            .iter()
-            .map(|g| {
-                let axis = if g.channels { "c" } else { "" };
-                format!("{}..{}/{}{axis}", g.first, g.last, g.devices().len())
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
+        flc: flc_text(c),
         measured_us: fastest(runs.iter().map(|r| r.total_us).collect()),
         predicted_us: c.predicted_us,
         head_us,
