@@ -123,6 +123,33 @@ fn vgg16_whose_fc6_fits_no_board_splits_it_by_neurons() {
     );
 }
 
+/// With 150 MB per board every tile of VGG-16 still fits one board (fc6 split four
+/// ways is 98 MiB), but no board can hold all its tiles (the convs alone are 56 MiB on
+/// each): compile refuses, naming the board.
+#[test]
+fn a_board_whose_tiles_together_outgrow_its_memory_is_refused() {
+    let file = scratch("compile").join("firefly-x4-150mb.toml");
+    let cluster = std::fs::read_to_string("testdata/memory/firefly-x4-300mb.toml")
+        .unwrap()
+        .replace("memory_mb = 300", "memory_mb = 150");
+    std::fs::write(&file, cluster).unwrap();
+    let m = model("vgg16");
+    let out = legion(&[
+        "compile",
+        &m,
+        "--cluster",
+        file.to_str().unwrap(),
+        "--profile",
+        "testdata/profiles/vgg16-firefly-x4.json",
+        "-o",
+        scratch("compile")
+            .join("vgg16-150mb.json")
+            .to_str()
+            .unwrap(),
+    ]);
+    fails_with(out, "MiB of weights, above its memory_mb 150");
+}
+
 #[test]
 fn vgg16_on_3f3o() {
     snapshot("vgg16", "3f3o");

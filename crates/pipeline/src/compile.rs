@@ -386,6 +386,30 @@ pub fn compile(
     if options.stop_after == Some(Pass::Codegen) {
         return Ok(stopped(dumps));
     }
+    // A board holds every tile it runs at once; the table checked each tile alone.
+    let over: Vec<String> = candidates
+        .iter()
+        .filter_map(|c| over_memory(ir, cluster, c).map(|why| format!("{}: {why}", c.name)))
+        .collect();
+    candidates.retain(|c| over_memory(ir, cluster, c).is_none());
+    if candidates.is_empty() {
+        let strips = match sub_strips {
+            true => {
+                ", or compile with --no-sub-strips (each of a board's sub-strips of a \
+                     group holds the group's weights again)"
+            }
+            false => "",
+        };
+        return Err(BadInput(format!(
+            "no candidate fits the boards' memory ({}); give those boards more memory_mb \
+             in the cluster file, add boards{strips}",
+            over.join("; ")
+        ))
+        .into());
+    }
+    if !over.is_empty() {
+        times.note(format!("dropped {}", over.join("; ")));
+    }
 
     let chosen = match (live, candidates.len()) {
         (Some((coord, rt)), 2..) => {
@@ -434,6 +458,23 @@ pub fn compile(
         plan: Some(plan),
         report,
         dumps,
+    })
+}
+
+/// Why `candidate` does not fit `cluster`: the first board whose tiles together hold
+/// more weights than its `memory_mb`.
+fn over_memory(ir: &Ir, cluster: &Cluster, candidate: &Candidate) -> Option<String> {
+    let held = legion_partition::weights_per_board(ir, candidate);
+    cluster.devices.iter().find_map(|d| {
+        let limit = d.memory_mb?;
+        let bytes = *held.get(&d.name)?;
+        (bytes > limit << 20).then(|| {
+            format!(
+                "{}'s tiles hold {} MiB of weights, above its memory_mb {limit}",
+                d.name,
+                bytes >> 20
+            )
+        })
     })
 }
 

@@ -4,7 +4,8 @@
 
 use crate::tiling::{Group, PartitionError, boundary, stage_range, whole_group};
 use legion_ir::{Ir, Rows, StageId, TensorRef};
-use legion_plan::TileSpec;
+use legion_plan::{Candidate, TileSpec};
+use std::collections::HashMap;
 
 /// True when stage `s` is worth splitting by its output channels: it splits so, and its
 /// weights outweigh its output. Each device then reads the whole input, so channel
@@ -26,6 +27,17 @@ pub fn tile_weight_bytes(ir: &Ir, spec: &TileSpec) -> u64 {
             None => ir.stage(s.stage).weight_bytes,
         })
         .sum()
+}
+
+/// Per board of `candidate`, the bytes of weights its tiles hold together: every tile
+/// is a model of its own, so a board running several tiles of a group (sub-strips)
+/// holds the group's weights once per tile; a channel tile holds its slice.
+pub fn weights_per_board(ir: &Ir, candidate: &Candidate) -> HashMap<String, u64> {
+    let mut per_board: HashMap<String, u64> = HashMap::new();
+    for t in candidate.groups.iter().flat_map(|g| &g.tiles) {
+        *per_board.entry(t.device.clone()).or_default() += tile_weight_bytes(ir, &t.tile);
+    }
+    per_board
 }
 
 /// The stages of channel group `group` computed on their devices' channels only: the

@@ -7,9 +7,10 @@ use super::load;
 use super::paper::{
     fastest, fastest_board, host_label, legion_profile, one_board_per_class, short_name, timed_runs,
 };
-use super::transports::{cluster_file, compile_live, weights_per_board};
+use super::transports::{cluster_file, compile_live};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
+use legion_partition::weights_per_board;
 use legion_pipeline::{CompileOptions, connect, measure_in_rounds, run_whole};
 use legion_plan::{Candidate, Cluster, HostRates, Transport};
 use legion_runtime::check::{Diff, compare, test_input};

@@ -5,8 +5,8 @@
 
 use super::channels::flc_text;
 use super::load;
-use super::transports::weights_per_board;
 use anyhow::{Context, Result, ensure};
+use legion_partition::weights_per_board;
 use legion_pipeline::{CHECK_REL, CompileOptions, PassTimes, compile, connect, run_whole};
 use legion_plan::{Cluster, DeviceId, Profile, Transport};
 use legion_runtime::check::{compare, test_input};

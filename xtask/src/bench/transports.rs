@@ -11,13 +11,12 @@ use super::paper::{
 use anyhow::{Context, Result};
 use legion_cost::CostModel;
 use legion_ir::{Ir, TensorRef};
-use legion_partition::Group;
+use legion_partition::{Group, weights_per_board};
 use legion_pipeline::{CompileOptions, PassTimes, connect, measure_in_rounds, run_whole};
 use legion_plan::{Candidate, Cluster, DeviceId, HostRates, Party, Profile, Step, Transport};
 use legion_runtime::check::{Diff, compare, test_input};
 use legion_runtime::{Coordinator, LocalCluster, PlanRun, default_cache_dir};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
@@ -266,18 +265,6 @@ fn whole_on(ir: &Ir, profile: &Profile, cluster: &Cluster, board: &str) -> Resul
 /// The largest of `f` over the runs.
 fn most(runs: &[PlanRun], f: impl Fn(&PlanRun) -> u64) -> u64 {
     runs.iter().map(f).max().unwrap_or(0)
-}
-
-/// Per board, the bytes of weights its tiles load: every tile is its own model, so a
-/// board running sub-strips of a group holds that group's weights once per sub-strip;
-/// a channel tile holds its slice of them.
-pub(super) fn weights_per_board(ir: &Ir, c: &Candidate) -> HashMap<String, u64> {
-    let mut per_board: HashMap<String, u64> = HashMap::new();
-    for t in c.groups.iter().flat_map(|g| &g.tiles) {
-        *per_board.entry(t.device.clone()).or_default() +=
-            legion_partition::tile_weight_bytes(ir, &t.tile);
-    }
-    per_board
 }
 
 fn report(opts: &Options, rows: &[Row]) -> Result<String> {
