@@ -23,7 +23,7 @@ impl TileModel {
     /// Builds and optimizes the tile's model from the imported model's.
     pub fn build(ir: &Ir, spec: &TileSpec) -> Result<TileModel> {
         Ok(TileModel {
-            plan: runnable(|| TileBuilder::new(ir).build(spec))?,
+            plan: runnable(|| TileBuilder::new(ir)?.build(spec))?,
             spec: spec.clone(),
         })
     }
@@ -145,11 +145,7 @@ fn runnable(load: impl Fn() -> Result<TypedModel>) -> Result<std::sync::Arc<Type
 /// same tile), for a board that loads it with [`TileModel::from_nnef_file`]
 /// (docs/architecture.md, "Shipped tiles").
 pub fn export_tile(ir: &Ir, spec: &TileSpec) -> Result<Vec<u8>> {
-    ensure!(
-        ir.has_model(),
-        "building a tile needs the imported model, not its shapes alone"
-    );
-    let model = TileBuilder::new(ir).build(spec)?;
+    let model = TileBuilder::new(ir)?.build(spec)?;
     // NNEF has no operators of the ONNX form that declutter rewrites (StridedSlice,
     // Dropout); a model tract cannot declutter is written as built.
     let mut model = model.clone().into_decluttered().unwrap_or(model);
@@ -264,18 +260,22 @@ struct TileBuilder<'a> {
 }
 
 impl<'a> TileBuilder<'a> {
-    fn new(ir: &'a Ir) -> Self {
+    fn new(ir: &'a Ir) -> Result<Self> {
+        ensure!(
+            ir.has_model(),
+            "building a tile needs the imported model, not its shapes alone"
+        );
         let model = TypedModel {
             symbols: ir.model().symbols.clone(),
             ..TypedModel::default()
         };
-        TileBuilder {
+        Ok(TileBuilder {
             ir,
             model,
             tensors: HashMap::new(),
             consts: HashMap::new(),
             slices: HashMap::new(),
-        }
+        })
     }
 
     fn build(mut self, spec: &TileSpec) -> Result<TypedModel> {
