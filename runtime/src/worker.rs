@@ -419,6 +419,47 @@ impl Worker {
         Ok(tile)
     }
 
+    /// Keeps tiles' models within half the cache: beyond that, the oldest that no loaded
+    /// program runs are deleted (a coordinator uploads them again before a LoadPlan
+    /// that needs them). Plans come and go on a long-lived worker (re-plans, recovery),
+    /// and each brings its own tiles.
+    fn prune_tiles(&self) {
+        let budget = self.config.limits.cache_bytes / 2;
+        let in_use: std::collections::HashSet<String> = lock(&self.programs)
+            .entries
+            .iter()
+            .flat_map(|(_, loaded, _)| loaded.tile_models())
+            .collect();
+        let Ok(dir) = std::fs::read_dir(&self.config.cache_dir) else {
+            return;
+        };
+        // Modified time, bytes, path, and whether a loaded program runs it.
+        let mut tiles: Vec<(std::time::SystemTime, u64, PathBuf, bool)> = dir
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().into_string().ok()?;
+                let sha = name.strip_suffix(".nnef.tar")?;
+                let meta = e.metadata().ok()?;
+                Some((
+                    meta.modified().ok()?,
+                    meta.len(),
+                    e.path(),
+                    in_use.contains(sha),
+                ))
+            })
+            .collect();
+        tiles.sort();
+        let mut held: u64 = tiles.iter().map(|t| t.1).sum();
+        for (_, len, path, _) in tiles.into_iter().filter(|t| !t.3) {
+            if held <= budget {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                held -= len;
+            }
+        }
+    }
+
     /// The model and the checked TileSpec of a RunTile or ProfileStage request.
     fn tile_request(
         &self,
@@ -556,6 +597,9 @@ impl WorkerService for Arc<Worker> {
         let path = self.cached_path(&model);
         if path.exists() {
             return Ok(Response::new(UploadReply { bytes: 0 }));
+        }
+        if model.tile {
+            self.prune_tiles();
         }
         // Unique in the process: local workers share a cache directory.
         static UPLOADS: AtomicU64 = AtomicU64::new(0);
@@ -892,6 +936,44 @@ mod tests {
             .collect();
         let newest: Vec<u64> = sizes.skip(3).collect();
         assert_eq!(kept, newest);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn old_tile_models_go_when_tiles_pass_half_the_cache() {
+        let dir = std::env::temp_dir().join(format!("legion-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let worker = Worker::new(WorkerConfig {
+            name: "prune".into(),
+            cache_dir: dir.clone(),
+            token: None,
+            tls: None,
+            limits: Limits {
+                cache_bytes: 1000,
+                ..Limits::default()
+            },
+            compute: Compute::Real { gflops: 1.0 },
+        })
+        .unwrap();
+        let start = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let write = |name: &str, age: u64| {
+            let path = dir.join(name);
+            std::fs::write(&path, [0u8; 400]).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(start + Duration::from_secs(age)).unwrap();
+        };
+        write("a.nnef.tar", 1);
+        write("b.nnef.tar", 2);
+        write("c.nnef.tar", 3);
+        write("m.onnx", 0);
+        worker.prune_tiles();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        // 1200 bytes of tiles against 500: the two oldest go; the model stays.
+        assert_eq!(left, ["c.nnef.tar", "m.onnx"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -38,6 +38,15 @@ pub(super) struct Loaded {
     windows: HashMap<TensorRef, Rows>,
 }
 
+impl Loaded {
+    /// The sha256 of every tile model it runs.
+    pub(super) fn tile_models(&self) -> impl Iterator<Item = String> + '_ {
+        self.tiles
+            .values()
+            .flat_map(|t| t.phases.iter().map(|p| p.model.sha256.clone()))
+    }
+}
+
 /// A tile and its phases.
 struct Phased {
     /// The reducing stages whose partial results the tile computes.
