@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::Output;
 
 /// Compiles `model` for a committed cluster (a name under testdata/clusters, or a
-/// path) and profile; returns the plan's JSON.
-fn compile(model_name: &str, cluster: &str, profile: &str, extra: &[&str]) -> String {
+/// path) and profile; returns the plan's JSON and what compile printed.
+fn compile(model_name: &str, cluster: &str, profile: &str, extra: &[&str]) -> (String, String) {
     let name = cluster
         .rsplit('/')
         .next()
@@ -33,7 +33,7 @@ fn compile(model_name: &str, cluster: &str, profile: &str, extra: &[&str]) -> St
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(stdout.contains("time per pass:"), "{stdout}");
     let validate = legion(&[
         "plan",
@@ -48,14 +48,14 @@ fn compile(model_name: &str, cluster: &str, profile: &str, extra: &[&str]) -> St
         "{}",
         String::from_utf8_lossy(&validate.stderr)
     );
-    std::fs::read_to_string(plan).unwrap()
+    (std::fs::read_to_string(plan).unwrap(), stdout)
 }
 
 /// The plan, without each tile's program (`tile`): `compile` has had `plan validate`
 /// derive every one of them again from its strip, and with them the snapshots of
 /// plans with sub-strips passed 1 MB.
 fn snapshot(model_name: &str, cluster: &str) {
-    let plan = compile(model_name, cluster, &format!("{model_name}-{cluster}"), &[]);
+    let (plan, _) = compile(model_name, cluster, &format!("{model_name}-{cluster}"), &[]);
     let mut plan: Value = serde_json::from_str(&plan).unwrap();
     for c in plan["candidates"].as_array_mut().unwrap() {
         for g in c["groups"].as_array_mut().unwrap() {
@@ -79,7 +79,12 @@ fn vgg16_on_4_fireflies() {
 #[test]
 fn vgg16_whose_fc6_fits_no_board_splits_it_by_neurons() {
     let cluster = "testdata/memory/firefly-x4-300mb.toml";
-    let plan = compile("vgg16", cluster, "vgg16-firefly-x4", &[]);
+    let (plan, printed) = compile("vgg16", cluster, "vgg16-firefly-x4", &[]);
+    assert!(
+        printed
+            .contains("fc6.ab (392 MiB of weights) fits no board whole: split by channels over 4"),
+        "{printed}"
+    );
     let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
     let fc6 = 19;
     assert_eq!(ir.stages[fc6].name, "fc6.ab");

@@ -453,7 +453,8 @@ pub fn compile(
     if cfg!(debug_assertions) {
         legion_codegen::validate(&plan, ir, Some(&names))?;
     }
-    let report = report(ir, &plan, &table, wild.map(|w| w.merged))?;
+    let mut report = report(ir, &plan, &table, wild.map(|w| w.merged))?;
+    report += &memory_report(ir, cluster, plan.chosen())?;
     Ok(Compiled {
         plan: Some(plan),
         report,
@@ -737,6 +738,54 @@ fn report(ir: &Ir, plan: &Plan, table: &CostTable, merged: Option<usize>) -> Res
         )?;
     }
     writeln!(out, "chosen: {} ({})", chosen.name, plan.reason)?;
+    Ok(out)
+}
+
+/// Where the cluster gives boards `memory_mb`: each board's tiles' weights against it,
+/// and the stages that fit no board whole and how the plan splits them.
+fn memory_report(ir: &Ir, cluster: &Cluster, chosen: &Candidate) -> Result<String> {
+    let mut out = String::new();
+    let limits: Vec<(&str, u64)> = cluster
+        .devices
+        .iter()
+        .filter_map(|d| Some((d.name.as_str(), d.memory_mb?)))
+        .collect();
+    let Some(&largest) = limits.iter().map(|(_, mb)| mb).max() else {
+        return Ok(out);
+    };
+    let held = legion_partition::weights_per_board(ir, chosen);
+    let boards: Vec<String> = limits
+        .iter()
+        .map(|(name, mb)| {
+            let weights = held.get(*name).copied().unwrap_or(0) >> 20;
+            format!("{name} {weights} of {mb} MiB")
+        })
+        .collect();
+    writeln!(
+        out,
+        "memory, tiles' weights per board: {}",
+        boards.join(", ")
+    )?;
+    let unlimited = cluster.devices.iter().any(|d| d.memory_mb.is_none());
+    for s in ir.stages.iter().filter(|_| !unlimited) {
+        if s.weight_bytes <= largest << 20 {
+            continue;
+        }
+        let how = match chosen
+            .groups
+            .iter()
+            .find(|g| g.first <= s.id && s.id <= g.last)
+        {
+            Some(g) if g.channels => format!("split by channels over {}", g.devices().len()),
+            _ => "not split by channels".into(),
+        };
+        writeln!(
+            out,
+            "{} ({} MiB of weights) fits no board whole: {how}",
+            s.name,
+            s.weight_bytes >> 20
+        )?;
+    }
     Ok(out)
 }
 
