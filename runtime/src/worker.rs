@@ -167,6 +167,10 @@ pub const TILE_CACHE: usize = 256;
 /// GB per worker, and six workers in one process ran this 24 GB host out of memory.
 pub const TILE_CACHE_WEIGHT_BYTES: u64 = 1 << 30;
 
+/// A tile's model uploaded, or found cached by HasModel, this recently is not pruned:
+/// the LoadPlan that needs it may be on its way.
+pub const TILE_RECENT: Duration = Duration::from_secs(600);
+
 /// Imported models a worker keeps: a coordinator switching between a few models
 /// (benchmarks, FSS) does not import them again, and a long-lived worker that has seen
 /// many models does not keep them all (a local cluster grew to 8 GB over a few dozen).
@@ -419,17 +423,15 @@ impl Worker {
         Ok(tile)
     }
 
-    /// Keeps tiles' models within half the cache: beyond that, the oldest that no loaded
-    /// program runs are deleted (a coordinator uploads them again before a LoadPlan
-    /// that needs them). Plans come and go on a long-lived worker (re-plans, recovery),
-    /// and each brings its own tiles.
+    /// Keeps tiles' models within half the cache: beyond that, the oldest that no
+    /// program loaded in this process runs and that were not uploaded or asked for in
+    /// the last [`TILE_RECENT`] are deleted (a coordinator uploads them again before a
+    /// LoadPlan that needs them). Plans come and go on a long-lived worker (re-plans,
+    /// recovery), and each brings its own tiles.
     fn prune_tiles(&self) {
         let budget = self.config.limits.cache_bytes / 2;
-        let in_use: std::collections::HashSet<String> = lock(&self.programs)
-            .entries
-            .iter()
-            .flat_map(|(_, loaded, _)| loaded.tile_models())
-            .collect();
+        let in_use = program::tiles_in_use();
+        let recent = std::time::SystemTime::now() - TILE_RECENT;
         let Ok(dir) = std::fs::read_dir(&self.config.cache_dir) else {
             return;
         };
@@ -450,7 +452,7 @@ impl Worker {
             .collect();
         tiles.sort();
         let mut held: u64 = tiles.iter().map(|t| t.1).sum();
-        for (_, len, path, _) in tiles.into_iter().filter(|t| !t.3) {
+        for (_, len, path, _) in tiles.into_iter().filter(|t| !t.3 && t.0 < recent) {
             if held <= budget {
                 break;
             }
@@ -576,7 +578,15 @@ impl WorkerService for Arc<Worker> {
     async fn has_model(&self, req: Request<ModelRef>) -> Result<Response<HasModelReply>, Status> {
         let sha = &req.get_ref().sha256;
         check_sha(sha)?;
-        let cached = self.cached_path(req.get_ref()).exists();
+        let path = self.cached_path(req.get_ref());
+        let cached = path.exists();
+        if cached && req.get_ref().tile {
+            // Asked for now: not pruned before the LoadPlan that follows.
+            let _ = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        }
         Ok(Response::new(HasModelReply { cached }))
     }
 

@@ -38,13 +38,24 @@ pub(super) struct Loaded {
     windows: HashMap<TensorRef, Rows>,
 }
 
-impl Loaded {
-    /// The sha256 of every tile model it runs.
-    pub(super) fn tile_models(&self) -> impl Iterator<Item = String> + '_ {
-        self.tiles
-            .values()
-            .flat_map(|t| t.phases.iter().map(|p| p.model.sha256.clone()))
-    }
+/// Every program loaded in this process: local workers share a cache directory, so a
+/// worker pruning it must spare the tiles of the others' programs too.
+static LOADED: std::sync::Mutex<Vec<std::sync::Weak<Loaded>>> = std::sync::Mutex::new(vec![]);
+
+/// The sha256 of every tile model a program loaded in this process runs.
+pub(super) fn tiles_in_use() -> std::collections::HashSet<String> {
+    let mut loaded = lock(&LOADED);
+    loaded.retain(|l| l.strong_count() > 0);
+    loaded
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .flat_map(|l| {
+            l.tiles
+                .values()
+                .flat_map(|t| t.phases.iter().map(|p| p.model.sha256.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// A tile and its phases.
@@ -233,7 +244,9 @@ impl Worker {
             peers,
             windows,
         };
-        lock(&self.programs).insert(id.clone(), Arc::new(loaded), 0);
+        let loaded = Arc::new(loaded);
+        lock(&LOADED).push(Arc::downgrade(&loaded));
+        lock(&self.programs).insert(id.clone(), loaded, 0);
         Ok(LoadPlanReply { program: id })
     }
 
