@@ -169,7 +169,7 @@ pub const TILE_CACHE_WEIGHT_BYTES: u64 = 1 << 30;
 
 /// A tile's model uploaded, or found cached by HasModel, this recently is not pruned:
 /// the LoadPlan that needs it may be on its way.
-pub const TILE_RECENT: Duration = Duration::from_secs(600);
+const TILE_RECENT: Duration = Duration::from_secs(600);
 
 /// Imported models a worker keeps: a coordinator switching between a few models
 /// (benchmarks, FSS) does not import them again, and a long-lived worker that has seen
