@@ -1427,3 +1427,60 @@ fn the_serving_port_takes_tls_and_the_token() {
     assert_eq!(no_token.unwrap_err().code(), tonic::Code::Unauthenticated);
     setup.assert_answer(&with_token.unwrap());
 }
+
+/// VGG-16 on four Fireflies of 300 MiB (testdata/memory): no board can hold the whole
+/// model, so `legion run` runs it on none of them (a real board would run out of
+/// memory), reports no speedup and checks the plan against this host's run.
+#[test]
+fn a_run_on_boards_too_small_for_the_model_checks_against_this_host() {
+    use legion_pipeline::{CompileOptions, PassTimes, compile, execute};
+    let _host = share_host();
+    let root = legion_models::workspace_root();
+    let mut cluster = Cluster::load(&root.join("testdata/memory/firefly-x4-300mb.toml")).unwrap();
+    for d in &mut cluster.devices {
+        d.address = "127.0.0.1:0".into();
+    }
+    let local = start(&cluster);
+    let (ir, onnx) = load("vgg16");
+    let path = root.join("testdata/profiles/vgg16-firefly-x4.json");
+    let profile = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let options = CompileOptions::legion("vgg16-firefly-x4.json");
+    let plan = compile(
+        &ir,
+        &profile,
+        local.cluster(),
+        &options,
+        None,
+        &mut PassTimes::default(),
+    )
+    .unwrap()
+    .plan
+    .unwrap();
+    let rt = rt();
+    let coord = connect(&rt, local.cluster(), &onnx, &ir);
+    let input = test_input(&ir.input.shape);
+    let run = rt
+        .block_on(execute(
+            &coord,
+            &ir,
+            &plan,
+            input,
+            1,
+            true,
+            Transport::Programs,
+        ))
+        .unwrap();
+    assert!(
+        run.report.contains("best single device: none")
+            && run.report.contains(
+                "not run alone (the whole model's weights are above their memory_mb): \
+                 firefly-0, firefly-1, firefly-2, firefly-3"
+            )
+            && run.report.contains("check against this host's run"),
+        "{}",
+        run.report
+    );
+    assert_eq!(run.results.best_single_device, None);
+    assert!(run.results.devices_alone.is_empty());
+    assert!(run.results.check_max_rel.unwrap() < 1e-5);
+}

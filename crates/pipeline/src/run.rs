@@ -7,7 +7,7 @@ use legion_ir::Ir;
 use legion_partition::{Group, whole_group};
 use legion_plan::{DeviceId, HOST_DRIFT_LIMIT, HostRates, Plan, RunResults, StepTiming, Transport};
 use legion_runtime::check::{Diff, compare};
-use legion_runtime::{Coordinator, PlanRun, Tensors, run_candidate};
+use legion_runtime::{Coordinator, PlanRun, Reference, Tensors, run_candidate};
 use std::fmt::Write;
 use tract_onnx::prelude::Tensor;
 
@@ -33,27 +33,38 @@ pub async fn run_whole<'a>(
 
 /// Every device running the whole model alone.
 pub struct Alone {
-    /// The fastest device.
-    pub best: DeviceId,
-    /// Its outputs.
-    pub outputs: Vec<Tensor>,
-    /// Per device, its name and compute time, µs.
+    /// The fastest device and its outputs; `None` when no board can hold the model.
+    pub best: Option<(DeviceId, Vec<Tensor>)>,
+    /// Per device run, its name and compute time, µs.
     pub times: Vec<(String, u64)>,
+    /// The boards not run: the whole model's weights are more than their `memory_mb`.
+    pub too_small: Vec<String>,
     /// On the emulated clock: the host's rates over these runs.
     pub host_gflops: Option<HostRates>,
 }
 
-/// Runs the whole model on every device: a warm-up on each, then once timed on each.
+/// Runs the whole model on every device that can hold its weights (by the cluster
+/// file's `memory_mb`): a warm-up on each, then once timed on each.
 pub async fn every_device_alone(coord: &Coordinator, ir: &Ir, input: &Tensor) -> Result<Alone> {
+    let weights: u64 = ir.stages.iter().map(|s| s.weight_bytes).sum();
+    let mut fits = vec![];
+    let mut too_small = vec![];
+    for d in coord.ids() {
+        let device = &coord.device(d)?.device;
+        match device.memory_mb {
+            Some(mb) if weights > mb << 20 => too_small.push(device.name.clone()),
+            _ => fits.push(d),
+        }
+    }
     let mut best: Option<(DeviceId, u64, Tensors)> = None;
     let mut times = vec![];
     let mut host = None;
     // Every warm-up first: emulated boards sharing a host then all time the model
     // with the host's estimate of it refined by every warm-up.
-    for d in coord.ids() {
+    for &d in &fits {
         run_whole(coord, ir, d, input).await?;
     }
-    for d in coord.ids() {
+    for &d in &fits {
         let (step, tensors) = run_whole(coord, ir, d, input).await?;
         host = HostRates::union(host, HostRates::of_steps([&step]));
         let us = step.total_us;
@@ -63,12 +74,14 @@ pub async fn every_device_alone(coord: &Coordinator, ir: &Ir, input: &Tensor) ->
             best = Some((d, us, tensors));
         }
     }
-    let (d, _, tensors) = best.context("the cluster has no devices")?;
-    let outputs = tensors.outputs()?;
+    let best = match best {
+        Some((d, _, tensors)) => Some((d, tensors.outputs()?)),
+        None => None,
+    };
     Ok(Alone {
-        best: d,
-        outputs,
+        best,
         times,
+        too_small,
         host_gflops: host,
     })
 }
@@ -160,11 +173,12 @@ pub struct Executed {
     pub report: String,
 }
 
-/// `legion run`: runs the whole model on every device (after a warm-up each) and picks
-/// the fastest, then the plan's chosen candidate (by `transport`) and that device in
-/// `repeat` rounds after a warm-up round ([`measure_in_rounds`]); the medians are
-/// compared. With `check`, fails when the output differs from the best single device's
-/// by more than [`CHECK_REL`].
+/// `legion run`: runs the whole model on every device that can hold it (after a
+/// warm-up each) and picks the fastest, then the plan's chosen candidate (by
+/// `transport`) and that device in `repeat` rounds after a warm-up round
+/// ([`measure_in_rounds`]); the medians are compared. With `check`, fails when the
+/// output differs from the best single device's (this host's run when no board can
+/// hold the model) by more than [`CHECK_REL`].
 pub async fn execute(
     coord: &Coordinator,
     ir: &Ir,
@@ -176,19 +190,24 @@ pub async fn execute(
 ) -> Result<Executed> {
     let candidate = plan.chosen();
     let alone = every_device_alone(coord, ir, &input).await?;
-    let single = alone.best;
-    let single_name = coord.device(single)?.name().to_string();
+    let single: Vec<DeviceId> = alone.best.iter().map(|(d, _)| *d).collect();
     let measured = measure_in_rounds(
         coord,
         ir,
         &input,
-        &[single],
+        &single,
         &[(candidate, transport)],
         repeat,
     )
     .await?;
     let host = HostRates::union(alone.host_gflops, measured.host_gflops);
-    let single_us = measured.board_median(0);
+    let single = match single.first() {
+        Some(&d) => Some((
+            coord.device(d)?.name().to_string(),
+            measured.board_median(0),
+        )),
+        None => None,
+    };
     let mut runs = measured
         .candidates
         .into_iter()
@@ -228,23 +247,40 @@ pub async fn execute(
         median.total_us as f64 / 1e3,
         candidate.predicted_us as f64 / 1e3
     )?;
-    writeln!(
-        out,
-        "best single device: {single_name}, {:.3} ms (median of {repeat}, run in turn with \
-         the plan); speedup {:.2}x",
-        single_us as f64 / 1e3,
-        single_us as f64 / median.total_us.max(1) as f64
-    )?;
-    let alone_list: Vec<String> = alone
-        .times
-        .iter()
-        .map(|(name, us)| format!("{name} {:.1}", *us as f64 / 1e3))
-        .collect();
-    writeln!(
-        out,
-        "every device alone, compute ms (one run after a warm-up): {}",
-        alone_list.join(", ")
-    )?;
+    match &single {
+        Some((name, us)) => writeln!(
+            out,
+            "best single device: {name}, {:.3} ms (median of {repeat}, run in turn with the \
+             plan); speedup {:.2}x",
+            *us as f64 / 1e3,
+            *us as f64 / median.total_us.max(1) as f64
+        )?,
+        None => writeln!(
+            out,
+            "best single device: none, no board's memory_mb holds the whole model ({} MiB \
+             of weights): no speedup to report",
+            ir.stages.iter().map(|s| s.weight_bytes).sum::<u64>() >> 20
+        )?,
+    }
+    if !alone.times.is_empty() {
+        let alone_list: Vec<String> = alone
+            .times
+            .iter()
+            .map(|(name, us)| format!("{name} {:.1}", *us as f64 / 1e3))
+            .collect();
+        writeln!(
+            out,
+            "every device alone, compute ms (one run after a warm-up): {}",
+            alone_list.join(", ")
+        )?;
+    }
+    if !alone.too_small.is_empty() {
+        writeln!(
+            out,
+            "not run alone (the whole model's weights are above their memory_mb): {}",
+            alone.too_small.join(", ")
+        )?;
+    }
     if let Some(h) = host {
         writeln!(out, "emulated clock: {h} over these runs")?;
         if h.drifted() {
@@ -285,13 +321,22 @@ pub async fn execute(
     }
     let mut checked = None;
     if check {
+        // Against the best board's run, or this host's when no board can hold the model.
+        let (against, want) = match (&single, alone.best) {
+            (Some((name, _)), Some((_, outputs))) => (format!("{name} alone"), outputs),
+            _ => {
+                let reference = Reference::run(ir, input)?;
+                let outputs = ir.outputs.iter().map(|&o| reference.tensor(o).clone());
+                ("this host's run".to_string(), outputs.collect())
+            }
+        };
         let mut worst = Diff::default();
-        for (got, want) in median.outputs.iter().zip(&alone.outputs) {
+        for (got, want) in median.outputs.iter().zip(&want) {
             worst = worst.max(compare(got, want, want)?);
         }
         writeln!(
             out,
-            "check against {single_name} alone: max abs error {:.3e}, relative {:.3e}",
+            "check against {against}: max abs error {:.3e}, relative {:.3e}",
             worst.max_abs, worst.max_rel
         )?;
         anyhow::ensure!(
@@ -310,7 +355,7 @@ pub async fn execute(
         runs_us,
         median_us: median.total_us,
         groups: median.groups,
-        best_single_device: Some((single_name, single_us)),
+        best_single_device: single,
         devices_alone: alone.times,
         check_max_rel: checked,
         host_gflops: host,
