@@ -1430,7 +1430,8 @@ fn the_serving_port_takes_tls_and_the_token() {
 
 /// VGG-16 on four Fireflies of 300 MiB (testdata/memory): no board can hold the whole
 /// model, so `legion run` runs it on none of them (a real board would run out of
-/// memory), reports no speedup and checks the plan against this host's run.
+/// memory), reports no speedup and checks the plan against this host's run; profiling
+/// (which imports the model on the boards) is refused.
 #[test]
 fn a_run_on_boards_too_small_for_the_model_checks_against_this_host() {
     use legion_pipeline::{CompileOptions, PassTimes, compile, execute};
@@ -1483,4 +1484,16 @@ fn a_run_on_boards_too_small_for_the_model_checks_against_this_host() {
     assert_eq!(run.results.best_single_device, None);
     assert!(run.results.devices_alone.is_empty());
     assert!(run.results.check_max_rel.unwrap() < 1e-5);
+    // Profiling imports the model on every board: refused before anything runs.
+    let err = rt
+        .block_on(legion_pipeline::profile(
+            &coord,
+            &ir,
+            &ProfileOptions::default(),
+        ))
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("more than the memory_mb of firefly-0 (300 MiB)"),
+        "{err:#}"
+    );
 }

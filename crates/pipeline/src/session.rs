@@ -32,8 +32,27 @@ pub async fn connect(
     Ok(coord)
 }
 
-/// Profiles `ir` on the connected cluster (the profile pass).
+/// Profiles `ir` on the connected cluster (the profile pass). Profiling imports the
+/// whole model on every board, so a board whose `memory_mb` cannot hold its weights is
+/// refused before anything runs (it would run out of memory).
 pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
+    let weights: u64 = ir.stages.iter().map(|s| s.weight_bytes).sum();
+    let small: Vec<String> = coord
+        .devices()
+        .iter()
+        .filter(|d| d.device.memory_mb.is_some_and(|mb| weights > mb << 20))
+        .map(|d| format!("{} ({} MiB)", d.name(), d.device.memory_mb.unwrap_or(0)))
+        .collect();
+    if !small.is_empty() {
+        return Err(crate::BadInput(format!(
+            "profiling imports the whole model on every board, {} MiB of weights, more than \
+             the memory_mb of {}; profile boards of the same classes and names with more \
+             memory and compile with that profile (a plan ships each board only its tiles)",
+            weights >> 20,
+            small.join(", ")
+        ))
+        .into());
+    }
     legion_profile::profile(coord, ir, opts).await
 }
 
