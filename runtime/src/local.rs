@@ -146,7 +146,13 @@ impl LocalCluster {
                 // On loopback, in this process.
                 token: None,
                 tls: None,
-                limits: crate::Limits::default(),
+                // An emulated board keeps no more tiles than the cluster file gives it.
+                limits: crate::Limits {
+                    tiles_bytes: device
+                        .memory_mb
+                        .map_or(crate::Limits::default().tiles_bytes, |mb| mb << 20),
+                    ..crate::Limits::default()
+                },
                 compute,
             })?;
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -50,6 +50,11 @@ pub struct WorkerArgs {
     /// Disk the model cache may use, MiB; an upload beyond it is refused.
     #[arg(long, default_value_t = Limits::default().cache_bytes >> 20)]
     pub max_cache_mb: u64,
+    /// Memory the tiles kept built may hold, MiB (their weights): the least recently
+    /// used beyond it are dropped, and a plan whose own tiles hold more is refused.
+    /// Give a small board its memory for Legion (the cluster file's memory_mb).
+    #[arg(long, default_value_t = Limits::default().tiles_bytes >> 20)]
+    pub max_tiles_mb: u64,
     /// Tile runs, programs and profiling calls served at once; more are refused.
     #[arg(long, default_value_t = Limits::default().runs)]
     pub max_runs: usize,
@@ -127,6 +132,7 @@ fn limits(args: &WorkerArgs) -> Result<Limits, BadWorkerOption> {
         message_bytes: (positive("max-message-mb", args.max_message_mb as u64)? as usize) << 20,
         upload_bytes: positive("max-upload-mb", args.max_upload_mb)? << 20,
         cache_bytes: positive("max-cache-mb", args.max_cache_mb)? << 20,
+        tiles_bytes: positive("max-tiles-mb", args.max_tiles_mb)? << 20,
         runs: positive("max-runs", args.max_runs as u64)? as usize,
     })
 }

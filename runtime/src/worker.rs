@@ -62,18 +62,26 @@ pub struct Limits {
     pub upload_bytes: u64,
     /// Bytes of the model cache on disk, an upload in progress included.
     pub cache_bytes: u64,
+    /// Weight bytes the tiles kept in memory may hold together (each tile holds its own
+    /// copy of its stages' weights; the least recently used go first, the newest always
+    /// stays), and the most one program's tiles may hold (LoadPlan refuses more). FSS
+    /// profiling runs every group once: 32 YOLOv2 groups of up to 6 stages held about
+    /// 3.5 GB per worker, and six workers in one process ran this 24 GB host out of
+    /// memory.
+    pub tiles_bytes: u64,
     /// Tile runs, programs and profiling calls at once.
     pub runs: usize,
 }
 
 impl Default for Limits {
     /// 128 MiB messages (YOLOv2's largest whole map is 22 MB), 2 GiB models (VGG-16 is
-    /// 528 MB), an 8 GiB cache and 16 runs at once.
+    /// 528 MB), an 8 GiB cache, 1 GiB of tiles and 16 runs at once.
     fn default() -> Limits {
         Limits {
             message_bytes: 128 << 20,
             upload_bytes: 2 << 30,
             cache_bytes: 8 << 30,
+            tiles_bytes: 1 << 30,
             runs: 16,
         }
     }
@@ -161,12 +169,6 @@ struct TileTime {
 /// are bounded apart.
 pub const TILE_CACHE: usize = 256;
 
-/// Weight bytes the kept tiles may hold together (each tile packs its own copy of its
-/// stages' weights); the least recently used go first, the newest always stays. FSS
-/// profiling runs every group once: 32 YOLOv2 groups of up to 6 stages held about 3.5
-/// GB per worker, and six workers in one process ran this 24 GB host out of memory.
-pub const TILE_CACHE_WEIGHT_BYTES: u64 = 1 << 30;
-
 /// A tile's model uploaded, or found cached by HasModel, this recently is not pruned:
 /// the LoadPlan that needs it may be on its way.
 const TILE_RECENT: Duration = Duration::from_secs(600);
@@ -250,7 +252,7 @@ pub struct Worker {
     models: Mutex<Lru<ModelKey, Arc<Ir>>>,
     /// Built tiles, by model key and the TileSpec's canonical JSON, with their weight
     /// bytes, least recently used first; at most [`TILE_CACHE`] tiles and
-    /// [`TILE_CACHE_WEIGHT_BYTES`].
+    /// [`Limits::tiles_bytes`].
     tiles: Mutex<Lru<TileKey, Arc<TileModel>>>,
     /// Loaded programs by id, least recently used first; at most
     /// [`program::LOADED_PROGRAMS`].
@@ -273,7 +275,7 @@ impl Worker {
         })?;
         Ok(Worker {
             models: Mutex::new(Lru::new(MODEL_CACHE, MODEL_CACHE_WEIGHT_BYTES)),
-            tiles: Mutex::new(Lru::new(TILE_CACHE, TILE_CACHE_WEIGHT_BYTES)),
+            tiles: Mutex::new(Lru::new(TILE_CACHE, config.limits.tiles_bytes)),
             programs: Mutex::new(Lru::new(program::LOADED_PROGRAMS, u64::MAX)),
             mailbox: Mutex::default(),
             arrived: tokio::sync::Notify::new(),

@@ -651,6 +651,7 @@ async fn profile_stage_warms_up_or_times_as_asked() {
 /// A board runs its program from the tiles the coordinator built and shipped (NNEF):
 /// the model itself never reaches it, and the outputs are exactly those of the tile
 /// built from the model. tiny-cnn's max pool in ceil mode goes out as explicit pads.
+/// A board keeping less than the program's tiles refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_board_runs_shipped_tiles_without_the_model() {
     use legion_plan::{Party, Program, Step};
@@ -742,4 +743,19 @@ async fn a_board_runs_shipped_tiles_without_the_model() {
         .run(vec![strip])
         .unwrap();
     assert_eq!(got, built[0]);
+
+    // A board that keeps fewer bytes of tiles than the program's refuses it.
+    let small = Limits {
+        tiles_bytes: 1024,
+        ..Limits::default()
+    };
+    let w = TestWorker::start_with(None, None, small);
+    let err = w
+        .client(None)
+        .await
+        .load_plan(&model, &shapes, &program, &tiles, vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(status(&err).code(), Code::ResourceExhausted, "{err:#}");
+    assert!(status(&err).message().contains("--max-tiles-mb"), "{err:#}");
 }

@@ -214,6 +214,23 @@ impl Worker {
             }
         }
         let windows = windows(&program, &tiles);
+        // A board whose memory cannot hold the program's tiles refuses it rather than
+        // run out of memory loading them, or load them again on every run.
+        let bytes: u64 = tiles
+            .values()
+            .flat_map(|t| &t.phases)
+            .map(|p| std::fs::metadata(self.cached_path(&p.model)).map_or(0, |m| m.len()))
+            .sum();
+        let limit = self.config.limits.tiles_bytes;
+        if bytes > limit {
+            return Err(Status::resource_exhausted(format!(
+                "{name}: the program's tiles hold {} MiB, more than the {} MiB this board \
+                 keeps (legion worker --max-tiles-mb; the cluster file's memory_mb); \
+                 compile for more boards or give this one more memory",
+                bytes >> 20,
+                limit >> 20
+            )));
+        }
         // Loaded and run once now, so that the program's first run (after a re-plan, the
         // one that recovers an inference) waits for neither; an emulated board's first
         // runs of a tile also settle its time here.
