@@ -114,13 +114,17 @@ fn import_checked(path: &Path, input_shape: Option<&[usize]>) -> Result<Ir, Impo
             path: path.to_owned(),
             detail: format!("{e:#}").replace('\n', " "),
         })?;
-    let mut ir = Ir::from_shapes(Shapes {
+    let shapes = Shapes {
         sha256: loaded.sha256,
         input_name: loaded.input_name,
         input,
         stages,
         outputs,
-    });
+    };
+    let mut ir = Ir::from_shapes(shapes).map_err(|detail| ImportError::Tract {
+        path: path.to_owned(),
+        detail,
+    })?;
     ir.model = Some(loaded.typed);
     Ok(ir)
 }
@@ -143,9 +147,43 @@ fn stage_graph(stages: &[Stage]) -> DiGraph<StageId, ()> {
 
 impl Ir {
     /// An Ir of `shapes` without a model: everything but [`Ir::model`] (and what reads
-    /// it: building tiles, the constants of a channel split) works.
-    pub fn from_shapes(shapes: Shapes) -> Ir {
-        Ir {
+    /// it: building tiles, the constants of a channel split) works. Shapes from elsewhere
+    /// (a coordinator's LoadPlan) are checked: stage `i` is numbered `i` and reads only
+    /// the input and stages before it, its channel axis and every row axis lie within
+    /// their shapes, and the outputs are stages.
+    pub fn from_shapes(shapes: Shapes) -> Result<Ir, String> {
+        let n = shapes.stages.len();
+        let axes_fit = |t: &TensorInfo| t.h_axis.is_none_or(|h| h < t.shape.len());
+        if !axes_fit(&shapes.input) {
+            return Err(format!(
+                "the input's row axis lies outside {:?}",
+                shapes.input.shape
+            ));
+        }
+        for (i, s) in shapes.stages.iter().enumerate() {
+            if s.id.index() != i {
+                return Err(format!("stage {i} is numbered {}", s.id));
+            }
+            let channels_fit = s.channels.is_none_or(|c| c.axis < s.output.shape.len());
+            if !axes_fit(&s.output) || !s.input_shapes.iter().all(axes_fit) || !channels_fit {
+                return Err(format!(
+                    "stage {i}: an axis lies outside its tensor's shape"
+                ));
+            }
+            if let Some(r) = s.inputs.iter().find(|r| match r {
+                TensorRef::Stage(p) => p.index() >= i,
+                TensorRef::Input => false,
+            }) {
+                return Err(format!("stage {i} reads {r:?}, not an earlier stage"));
+            }
+        }
+        if let Some(r) = shapes.outputs.iter().find(|r| match r {
+            TensorRef::Stage(p) => p.index() >= n,
+            TensorRef::Input => false,
+        }) {
+            return Err(format!("output {r:?} is not one of the {n} stages"));
+        }
+        Ok(Ir {
             graph: stage_graph(&shapes.stages),
             sha256: shapes.sha256,
             input_name: shapes.input_name,
@@ -153,7 +191,7 @@ impl Ir {
             stages: shapes.stages,
             outputs: shapes.outputs,
             model: None,
-        }
+        })
     }
 
     /// The Ir without its model, to send to a board.

@@ -376,3 +376,32 @@ fn todays_architectures_keep_few_barriers() {
     // Squeeze-excitation: the global pools remain; their 1x1 convs and the scaling split.
     assert_eq!(barriers("tiny-effnet"), ["reduce"; 4]);
 }
+
+/// An Ir's shapes travel to the boards and back unchanged; shapes that do not hold
+/// together (a stage reading a later one, a row axis outside its shape, an output that
+/// is no stage) are refused, not trusted.
+#[test]
+fn shapes_round_trip_and_bad_shapes_are_refused() {
+    let ir = load("tiny-residual");
+    let json = serde_json::to_vec(&ir.shapes()).unwrap();
+    let back = Ir::from_shapes(serde_json::from_slice(&json).unwrap()).unwrap();
+    assert!(!back.has_model());
+    assert_eq!(back.stages, ir.stages);
+    assert_eq!(back.outputs, ir.outputs);
+    assert_eq!(back.graph.edge_count(), ir.graph.edge_count());
+
+    let mut later = ir.shapes();
+    later.stages[0].inputs = vec![TensorRef::Stage(legion_ir::StageId(3))];
+    let e = Ir::from_shapes(later).unwrap_err();
+    assert!(e.contains("stage 0 reads"), "{e}");
+
+    let mut axis = ir.shapes();
+    axis.stages[1].output.h_axis = Some(9);
+    let e = Ir::from_shapes(axis).unwrap_err();
+    assert!(e.contains("stage 1: an axis lies outside"), "{e}");
+
+    let mut output = ir.shapes();
+    output.outputs = vec![TensorRef::Stage(legion_ir::StageId(999))];
+    let e = Ir::from_shapes(output).unwrap_err();
+    assert!(e.contains("is not one of the"), "{e}");
+}

@@ -120,7 +120,9 @@ impl Worker {
                 shapes.sha256, model.sha256
             )));
         }
-        let ir = Arc::new(Ir::from_shapes(shapes));
+        let ir = Ir::from_shapes(shapes)
+            .map_err(|e| Status::invalid_argument(format!("bad shapes: {e}")))?;
+        let ir = Arc::new(ir);
         let program: Program = serde_json::from_slice(&req.program_json)
             .map_err(|e| Status::invalid_argument(format!("bad program JSON: {e}")))?;
         let Party::Device(name) = program.party.clone() else {
