@@ -3,7 +3,7 @@
 //! to; RunProgram runs it once per inference; PushRows delivers rows from another
 //! board to the receive step waiting for them.
 
-use super::{Worker, lock, tile_key, tile_key_text, validate};
+use super::{Worker, check_sha, lock, tile_key, tile_key_text, validate};
 use crate::WorkerClient;
 use crate::proto::{
     LoadPlanReply, LoadPlanRequest, ModelRef, PushRowsReply, Rows as WireRows, RunProgramReply,
@@ -149,6 +149,15 @@ impl Worker {
                     phases.len(),
                     models.phases.len()
                 )));
+            }
+            for model in &models.phases {
+                check_sha(&model.sha256)?;
+                if !model.tile {
+                    return Err(Status::invalid_argument(format!(
+                        "tile {tile} of group {group}: {} is not a tile's model",
+                        model.sha256
+                    )));
+                }
             }
             let phases = phases
                 .into_iter()
