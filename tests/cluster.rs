@@ -60,9 +60,14 @@ fn two_and_two() -> LocalCluster {
 
 /// Starts `cluster`'s workers here, from the tests' host rate rather than a calibration.
 fn start(cluster: &Cluster) -> LocalCluster {
+    start_in(cluster, cache_dir())
+}
+
+/// [`start`] with its own model cache `dir`.
+fn start_in(cluster: &Cluster, dir: std::path::PathBuf) -> LocalCluster {
     let lock = ComputeLock::open(ComputeLock::default_path()).unwrap();
     let host = Arc::new(HostRate::from_rate(common::HOST_GFLOPS, &lock).unwrap());
-    LocalCluster::start_on(cluster, cache_dir(), Some(host)).unwrap()
+    LocalCluster::start_on(cluster, dir, Some(host)).unwrap()
 }
 
 /// Connects to `cluster` and uploads `onnx`, as every command does.
@@ -1441,7 +1446,9 @@ fn a_run_on_boards_too_small_for_the_model_checks_against_this_host() {
     for d in &mut cluster.devices {
         d.address = "127.0.0.1:0".into();
     }
-    let local = start(&cluster);
+    // VGG-16 and its tiles take 1.3 GB: a cache of its own, removed at the end.
+    let dir = std::env::temp_dir().join(format!("legion-test-small-{}", std::process::id()));
+    let local = start_in(&cluster, dir.clone());
     let (ir, onnx) = load("vgg16");
     let path = root.join("testdata/profiles/vgg16-firefly-x4.json");
     let profile = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -1496,4 +1503,6 @@ fn a_run_on_boards_too_small_for_the_model_checks_against_this_host() {
         format!("{err:#}").contains("more than the memory_mb of firefly-0 (300 MiB)"),
         "{err:#}"
     );
+    drop((coord, local));
+    std::fs::remove_dir_all(dir).unwrap();
 }
