@@ -375,7 +375,7 @@ impl Worker {
             }
         };
         drop(imported);
-        let weights = ir.stages.iter().map(|s| s.weight_bytes).sum();
+        let weights = ir.total_weight_bytes();
         lock(&self.models).insert(key, ir.clone(), weights);
         Ok(ir)
     }

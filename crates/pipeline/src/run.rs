@@ -46,7 +46,7 @@ pub struct Alone {
 /// Runs the whole model on every device that can hold its weights (by the cluster
 /// file's `memory_mb`): a warm-up on each, then once timed on each.
 pub async fn every_device_alone(coord: &Coordinator, ir: &Ir, input: &Tensor) -> Result<Alone> {
-    let weights: u64 = ir.stages.iter().map(|s| s.weight_bytes).sum();
+    let weights = ir.total_weight_bytes();
     let mut fits = vec![];
     let mut too_small = vec![];
     for d in coord.ids() {
@@ -259,7 +259,7 @@ pub async fn execute(
             out,
             "best single device: none, no board's memory_mb holds the whole model ({} MiB \
              of weights): no speedup to report",
-            ir.stages.iter().map(|s| s.weight_bytes).sum::<u64>() >> 20
+            ir.total_weight_bytes() >> 20
         )?,
     }
     if !alone.times.is_empty() {

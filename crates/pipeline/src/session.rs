@@ -36,7 +36,7 @@ pub async fn connect(
 /// whole model on every board, so a board whose `memory_mb` cannot hold its weights is
 /// refused before anything runs (it would run out of memory).
 pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
-    let weights: u64 = ir.stages.iter().map(|s| s.weight_bytes).sum();
+    let weights = ir.total_weight_bytes();
     let small: Vec<String> = coord
         .devices()
         .iter()
