@@ -227,11 +227,15 @@ impl Worker {
         let windows = windows(&program, &tiles);
         // A board whose memory cannot hold the program's tiles refuses it rather than
         // run out of memory loading them, or load them again on every run.
-        let bytes: u64 = tiles
+        let mut phases: Vec<(u64, Phase)> = tiles
             .values()
             .flat_map(|t| &t.phases)
-            .map(|p| std::fs::metadata(self.cached_path(&p.model)).map_or(0, |m| m.len()))
-            .sum();
+            .map(|p| {
+                let size = std::fs::metadata(self.cached_path(&p.model)).map_or(0, |m| m.len());
+                (size, p.clone())
+            })
+            .collect();
+        let bytes: u64 = phases.iter().map(|(size, _)| size).sum();
         let limit = self.config.limits.tiles_bytes;
         if bytes > limit {
             return Err(Status::resource_exhausted(format!(
@@ -244,8 +248,10 @@ impl Worker {
         }
         // Loaded and run once now, so that the program's first run (after a re-plan, the
         // one that recovers an inference) waits for neither; an emulated board's first
-        // runs of a tile also settle its time here.
-        let phases: Vec<Phase> = tiles.values().flat_map(|t| t.phases.clone()).collect();
+        // runs of a tile also settle its time here. The largest first: loading briefly
+        // takes a few times a tile's weights, best done while little else is held.
+        phases.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+        let phases: Vec<Phase> = phases.into_iter().map(|(_, p)| p).collect();
         let (worker, warm_ir) = (self.clone(), ir.clone());
         tokio::task::spawn_blocking(move || worker.warm_up(&warm_ir, &phases))
             .await
@@ -337,13 +343,9 @@ impl Worker {
         Ok(PushRowsReply {})
     }
 
-    /// Loads each tile of `phases` and runs it once on made-up inputs; blocking. The
-    /// largest first: loading a tile briefly takes a few times its weights, best done
-    /// while little else is held.
+    /// Loads each tile of `phases`, in order, and runs it once on made-up inputs;
+    /// blocking.
     fn warm_up(&self, ir: &Ir, phases: &[Phase]) -> Result<(), Status> {
-        let size = |p: &Phase| std::fs::metadata(self.cached_path(&p.model)).map_or(0, |m| m.len());
-        let mut phases: Vec<&Phase> = phases.iter().collect();
-        phases.sort_by_key(|p| std::cmp::Reverse(size(p)));
         for Phase { spec, model } in phases {
             let key = tile_key(model, spec)?;
             let tile = self.shipped_tile(&key, model, spec)?;
