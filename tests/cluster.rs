@@ -623,10 +623,11 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
             .map(|d| d.name().to_string())
             .collect();
         assert_eq!(names, boards);
-        let groups: Vec<_> = groups
+        let mut groups: Vec<_> = groups
             .into_iter()
             .map(|(range, layout)| plan_group(&ir, range, layout, &boards, &weights))
             .collect();
+        legion_codegen::in_parts(&ir, &mut groups);
         let programs = legion_codegen::programs(&ir, &names, &groups);
         // Every part of a tensor split by channels names its channels.
         let parts: Vec<(legion_ir::TensorRef, Option<legion_ir::Rows>)> = programs
@@ -652,6 +653,33 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
                 parts.iter().any(|(p, _)| *p == t),
                 "{model}: nothing moves {t:?}"
             );
+        }
+        // tiny-head's FC layer multiplies its input in parts, each board's strip as it
+        // arrives (its own first): a run per part, then the sum.
+        if model == "tiny-head" {
+            let fc = &groups[1];
+            for (k, t) in fc.tiles.iter().enumerate() {
+                // The row group ends at the pool the FC layer flattens.
+                let own = &groups[0].tiles[k];
+                assert_eq!(own.device, t.device);
+                assert_eq!(t.tile.parts.len(), 4, "{:?}", t.tile.parts);
+                assert_eq!(t.tile.parts[0], own.strip);
+                let program = programs
+                    .iter()
+                    .find(|p| p.party == Party::Device(t.device.clone()))
+                    .unwrap();
+                let phases: Vec<usize> = program
+                    .steps
+                    .iter()
+                    .filter_map(|s| match s {
+                        Step::Run {
+                            group: 1, phase, ..
+                        } => Some(*phase),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(phases, [0, 1, 2, 3, 4]);
+            }
         }
         let candidate = Candidate {
             name: "channels".into(),

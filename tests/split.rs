@@ -6,7 +6,10 @@ mod common;
 
 use common::legion;
 use legion_ir::{Ir, Rows, StageKind, import};
-use legion_partition::{Group, channel_tile, check_channel_group, strips_from_weights, tile};
+use legion_partition::{
+    Group, channel_tile, check_channel_group, product_in_parts, strips_from_weights, tile,
+};
+use legion_plan::TileSpec;
 use legion_runtime::{Reference, check};
 use tract_onnx::prelude::Tensor;
 
@@ -313,13 +316,51 @@ fn assert_channels_equal(
     }
 }
 
+/// Checks the channel tiles of the flatten-and-matmul group `first..=last` multiplying
+/// its input in `parts` (one phase per part, then their sum) against the reference.
+fn assert_parts_equal(
+    ir: &Ir,
+    reference: &Reference,
+    first: usize,
+    last: usize,
+    weights: &[f64],
+    parts: &[Rows],
+) {
+    let group = check_channel_group(ir, first, last).unwrap();
+    let input = product_in_parts(ir, group).expect("a flatten and its matmul multiply in parts");
+    assert_eq!(input, ir.stage(group.first).inputs[0]);
+    let split = ir.stage(group.last).channels.unwrap();
+    for c in strips_from_weights(split.count, weights) {
+        let spec = TileSpec {
+            parts: parts.to_vec(),
+            ..channel_tile(ir, group, c)
+        };
+        let phases = spec.phases(ir);
+        assert_eq!(phases.len(), parts.len() + 1);
+        for (phase, rows) in phases.iter().zip(parts) {
+            assert_eq!(phase.spec.inputs[0].rows, *rows);
+            assert_eq!(phase.spec.stages[0].part, Some(*rows));
+        }
+        assert!(phases.last().unwrap().spec.stages[0].summed);
+        let diff = check::check_tile(ir, reference, &spec).unwrap();
+        assert!(
+            diff.max_rel < 1e-5,
+            "group {group} channels {c} in parts {parts:?}: {diff:?}"
+        );
+    }
+}
+
 /// The FC heads split by neurons (the flatten run whole on every device), and late convs
-/// split by output channels, on 2 to 6 devices.
+/// split by output channels, on 2 to 6 devices; fc6 also multiplying pool5 in parts.
 #[test]
 fn channel_splits_equal_the_single_device_run() {
     let vgg = load("vgg16");
     let reference = Reference::run(&vgg, input(&vgg)).unwrap();
     assert_channels_equal(&vgg, &reference, 18, 19, &[3.0, 3.0, 2.0, 2.0, 2.0, 1.0]);
+    let parts = [Rows::new(2, 3), Rows::new(3, 7), Rows::new(0, 2)];
+    assert_parts_equal(&vgg, &reference, 18, 19, &[3.0, 2.0, 1.0], &parts);
+    // fc7 reads fc6 whole: no rows to multiply in parts.
+    assert_eq!(product_in_parts(&vgg, Group::new(20, 20)), None);
     assert_channels_equal(&vgg, &reference, 20, 20, &[1.0, 1.0]);
     assert_channels_equal(&vgg, &reference, 21, 21, &[2.0, 1.0, 1.0]);
     assert_channels_equal(&vgg, &reference, 16, 16, &[1.0, 1.0, 1.0, 1.0]);
@@ -354,6 +395,9 @@ fn alexnet_head_split_by_neurons_equals_the_single_device_run() {
     );
     let uneven = [3.0, 3.0, 2.0, 2.0, 2.0, 1.0];
     assert_channels_equal(&ir, &reference, flatten, fc1, &uneven);
+    let height = ir.stages[flatten].input_shapes[0].height().unwrap();
+    let parts = [Rows::new(height / 2, height), Rows::new(0, height / 2)];
+    assert_parts_equal(&ir, &reference, flatten, fc1, &[1.0, 1.0], &parts);
     assert_channels_equal(&ir, &reference, fc2, fc2, &[1.0, 1.0]);
     assert_channels_equal(&ir, &reference, fc3, fc3, &[2.0, 1.0, 1.0, 1.0]);
 }

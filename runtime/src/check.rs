@@ -113,15 +113,25 @@ fn run_phases(ir: &Ir, reference: &Reference, spec: &TileSpec) -> Result<PhaseOu
     let mut computed: HashMap<StageId, (Rows, Tensor)> = HashMap::new();
     let mut partials = vec![];
     let mut outputs: HashMap<(StageId, Rows), Tensor> = HashMap::new();
+    // A tile in parts: its partial products so far.
+    let mut products = vec![];
     for phase in spec.phases(ir).into_iter().map(|p| p.spec) {
         if phase.stages.is_empty() {
             continue;
         }
         let tile = TileModel::build(ir, &phase)?;
+        if phase.stages.iter().any(|s| s.part.is_some()) {
+            let input = phase.inputs[0];
+            let got = tile.run(vec![strip(ir, reference, input.tensor, input.rows)?])?;
+            products.extend(got);
+            continue;
+        }
+        let summed = phase.stages.iter().any(|s| s.summed);
         let inputs = phase
             .inputs
             .iter()
             .map(|i| match i.tensor {
+                _ if summed => crate::combine(legion_ir::Combine::Sum, &products),
                 TensorRef::Stage(q) if !partial.contains(&q) && computed.contains_key(&q) => {
                     let (rows, t) = &computed[&q];
                     anyhow::ensure!(

@@ -280,16 +280,31 @@ impl<'a> TileBuilder<'a> {
 
     fn build(mut self, spec: &TileSpec) -> Result<TypedModel> {
         for (i, input) in spec.inputs.iter().enumerate() {
-            // A tensor without a row axis (after a barrier) is always received whole.
-            let shape = self.ir.tensor(input.tensor).strip_shape(input.rows);
+            // A tensor without a row axis (after a barrier) is always received whole;
+            // the summed partial products of a tile in parts hold its channels only.
+            let shape = spec.input_shape(self.ir, i);
+            let channels = spec
+                .stages
+                .iter()
+                .find(|st| st.summed && TensorRef::Stage(st.stage) == input.tensor)
+                .and_then(|st| st.channels);
             let src = self
                 .model
                 .add_source(format!("strip{i}"), f32::fact(&shape))?;
-            self.tensors.insert(input.tensor, (src, input.rows, None));
+            self.tensors
+                .insert(input.tensor, (src, input.rows, channels));
         }
         for st in &spec.stages {
             let stage = self.ir.stage(st.stage);
-            self.copy_stage(stage, st).with_context(|| {
+            let built = match (st.part, st.summed) {
+                (Some(rows), _) => self.part_product(stage, st, rows),
+                (None, true) => {
+                    let summed = self.tensors[&TensorRef::Stage(stage.id)].0;
+                    self.copy_nodes(stage, st, Some(summed))
+                }
+                (None, false) => self.copy_nodes(stage, st, None),
+            };
+            built.with_context(|| {
                 format!("building the tile of stage {} ({})", stage.id, stage.name)
             })?;
         }
@@ -367,10 +382,94 @@ impl<'a> TileBuilder<'a> {
         Ok(wire)
     }
 
-    fn copy_stage(&mut self, stage: &Stage, st: &legion_plan::TileStage) -> Result<()> {
+    /// The partial product of matmul stage `stage` (its anchor alone) over `rows` of the
+    /// tensor its input flattens ([`legion_ir::RowProduct`]): those rows flattened, times
+    /// the matching rows of the weights, on the tile's channels.
+    fn part_product(
+        &mut self,
+        stage: &Stage,
+        st: &legion_plan::TileStage,
+        rows: Rows,
+    ) -> Result<()> {
+        let src = self.ir.model();
+        let [TensorRef::Stage(flatten)] = stage.inputs[..] else {
+            bail!("a product in parts reads one flattened tensor");
+        };
+        let product = self
+            .ir
+            .row_product(flatten, stage.id)
+            .context("the stage does not multiply a flatten of a tensor with rows")?;
+        let tensor = self.ir.stage(flatten).inputs[0];
+        let info = self.ir.tensor(tensor).clone();
+        let h = info.h_axis.context("a product in parts reads rows")?;
+        let strip = self.slice(tensor, rows, None)?;
+        let shape = info.strip_shape(rows);
+        let flat: usize = shape[1..].iter().product();
+        let name = format!(
+            "{}.rows{}_{}",
+            src.node(product.node).name,
+            rows.start,
+            rows.end
+        );
+        let op = AxisOp::Reshape(
+            1,
+            shape[1..].iter().map(|d| d.to_dim()).collect(),
+            tvec![flat.to_dim()],
+        );
+        let flat = self
+            .model
+            .wire_node(format!("{name}.flatten"), op, &[strip])?[0];
+        // The weights of the tile's channels, then of these rows: per position before
+        // the row axis, one run of `rows.len() * inner` elements.
+        let node = src.node(product.node);
+        let weights = src
+            .outlet_fact(node.inputs[product.slot])?
+            .konst
+            .clone()
+            .context("the weights are constant")?;
+        let cut = self
+            .ir
+            .channel_consts(stage.id)
+            .into_iter()
+            .find(|c| c.node == product.node && c.slot == product.slot)
+            .zip(st.channels);
+        let weights = match cut {
+            Some((c, channels)) => weights.slice(c.axis, channels.start, channels.end)?,
+            None => (*weights).clone(),
+        };
+        let (outer, height): (usize, usize) = (info.shape[1..h].iter().product(), info.shape[h]);
+        let inner: usize = info.shape[h + 1..].iter().product();
+        let runs = (0..outer)
+            .map(|o| {
+                let at = |r: usize| (o * height + r) * inner;
+                weights.slice(product.axis, at(rows.start), at(rows.end))
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        let weights = Tensor::stack_tensors(product.axis, &runs)?;
+        let weights = self.model.add_const(format!("{name}.weights"), weights)?;
+        let mut inputs = tvec![flat, flat];
+        inputs[product.slot] = weights;
+        let out = self.model.wire_node(name, node.op.clone(), &inputs)?[0];
+        self.tensors
+            .insert(TensorRef::Stage(stage.id), (out, st.computed, st.channels));
+        Ok(())
+    }
+
+    /// Copies `stage`'s nodes into the tile, reading the strips it holds; with
+    /// `summed`, the anchor's output is that outlet (a tile in parts sums its partial
+    /// products) and only the later nodes are copied.
+    fn copy_nodes(
+        &mut self,
+        stage: &Stage,
+        st: &legion_plan::TileStage,
+        summed: Option<OutletId>,
+    ) -> Result<()> {
         let src = self.ir.model();
         let model_input = src.input_outlets()?[0];
         let mut mapped: HashMap<OutletId, OutletId> = HashMap::new();
+        if let Some(summed) = summed {
+            mapped.insert(OutletId::new(stage.nodes[0], 0), summed);
+        }
         let channel_consts = match st.channels {
             Some(_) => self.ir.channel_consts(stage.id),
             None => vec![],
@@ -385,6 +484,9 @@ impl<'a> TileBuilder<'a> {
             _ => None,
         };
         for (n, &id) in stage.nodes.iter().enumerate() {
+            if n == 0 && summed.is_some() {
+                continue;
+            }
             let node = src.node(id);
             let mut inputs = tvec![];
             for (slot, o) in node.inputs.iter().enumerate() {

@@ -520,10 +520,8 @@ impl Worker {
             )));
         }
         let (m, ir, spec) = self.tile_request("ProfileStage", req.model, &req.tile_spec_json)?;
-        let inputs: Vec<Tensor> = spec
-            .inputs
-            .iter()
-            .map(|i| crate::check::test_input(&ir.tensor(i.tensor).strip_shape(i.rows)))
+        let inputs: Vec<Tensor> = (0..spec.inputs.len())
+            .map(|i| crate::check::test_input(&spec.input_shape(&ir, i)))
             .collect();
         // A profiler measuring in rounds comes back for the same tile once a round:
         // it is kept with the tiles RunTile builds. An emulator keeps the tile's node
@@ -843,6 +841,42 @@ fn validate(ir: &Ir, spec: &TileSpec) -> Result<(), Status> {
             o.stage
         ));
     }
+    if let Some(s) = spec.stages.iter().find(|s| s.part.is_some() || s.summed) {
+        return bad(format!(
+            "stage {} is given as a phase of a tile in parts; give the tile's parts",
+            s.stage
+        ));
+    }
+    if !spec.parts.is_empty() {
+        let height = match spec.inputs[..] {
+            [input] => ir.tensor(input.tensor).height(),
+            _ => None,
+        };
+        let Some(height) = height else {
+            return bad("a tile in parts takes one input, with rows".into());
+        };
+        if spec.stages.last().is_none_or(|s| s.channels.is_none()) {
+            return bad("a tile in parts ends with a stage split by channels".into());
+        }
+        let mut parts = spec.parts.clone();
+        parts.sort_by_key(|r| r.start);
+        let mut next = 0;
+        for r in &parts {
+            if r.start != next || r.is_empty() {
+                return bad(format!(
+                    "parts {:?} do not cut rows 0..{height} of its input",
+                    spec.parts
+                ));
+            }
+            next = r.end;
+        }
+        if next != height {
+            return bad(format!(
+                "parts {:?} do not cut rows 0..{height} of its input",
+                spec.parts
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -889,6 +923,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use legion_ir::Rows;
+
+    /// A tile in parts whose parts do not cut its input's rows, or which gives a
+    /// phase's fields itself, is refused before `TileSpec::phases` reads it.
+    #[test]
+    fn tiles_in_parts_must_cut_their_input() {
+        let path = legion_models::test_model("tiny-head").unwrap();
+        let ir = legion_ir::import(&path, None).unwrap();
+        let (flatten, fc) = (legion_ir::StageId(2), legion_ir::StageId(3));
+        let group = legion_partition::Group::new(flatten.index(), fc.index());
+        let whole = legion_partition::channel_tile(&ir, group, Rows::new(0, 5));
+        let with = |parts: &[Rows]| TileSpec {
+            parts: parts.to_vec(),
+            ..whole.clone()
+        };
+        assert!(validate(&ir, &with(&[Rows::new(4, 8), Rows::new(0, 4)])).is_ok());
+        for parts in [
+            &[Rows::new(0, 4), Rows::new(5, 8)][..],
+            &[Rows::new(0, 4), Rows::new(2, 8)],
+            &[Rows::new(0, 9)],
+            &[Rows::new(0, 0), Rows::new(0, 8)],
+        ] {
+            let refused = validate(&ir, &with(parts)).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+            assert!(
+                refused.message().contains("do not cut rows 0..8"),
+                "{refused:?}"
+            );
+        }
+        let mut phase = with(&[Rows::new(0, 8)]).phases(&ir).remove(0).spec;
+        phase.parts = vec![Rows::new(0, 8)];
+        let refused = validate(&ir, &phase).unwrap_err();
+        assert!(
+            refused.message().contains("phase of a tile in parts"),
+            "{refused:?}"
+        );
+        let no_input = TileSpec {
+            inputs: vec![],
+            ..with(&[Rows::new(0, 8)])
+        };
+        let refused = validate(&ir, &no_input).unwrap_err();
+        assert!(refused.message().contains("one input"), "{refused:?}");
+    }
 
     #[test]
     fn a_worker_refuses_runs_beyond_its_limit_until_one_ends() {

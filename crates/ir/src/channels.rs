@@ -4,6 +4,7 @@
 use crate::stage::Channels;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
@@ -173,4 +174,61 @@ pub fn channel_split(model: &TypedModel, nodes: &[usize]) -> Option<(Channels, V
         }
     }
     Some((channels, slices))
+}
+
+/// A matmul that multiplies a row-major flatten of a tensor with rows (VGG's fc6 after
+/// pool5): each row of that tensor meets its own rows of the weights, so the product
+/// is a sum of products over parts of the rows (docs/architecture.md, "Accumulating as
+/// rows arrive"). The weights are input `slot` of the anchor `node`; their axis `axis`
+/// runs over the flattened elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowProduct {
+    /// The matmul's tract node.
+    pub node: usize,
+    /// Its weights' input slot.
+    pub slot: usize,
+    /// The weights' axis over the flattened elements.
+    pub axis: usize,
+}
+
+/// The [`RowProduct`] of the matmul stage made of `product` (anchor first) reading the
+/// output of the stage made of `flatten`, when `flatten` only reshapes (no transpose:
+/// the flattened order is the tensor's own) and the matmul contracts that one axis with
+/// constant weights of rank 2.
+pub fn row_product(model: &TypedModel, flatten: &[usize], product: &[usize]) -> Option<RowProduct> {
+    let only_reshapes = flatten.iter().all(|&id| {
+        matches!(
+            model.node(id).op_as::<AxisOp>(),
+            Some(AxisOp::Reshape(..) | AxisOp::Add(_) | AxisOp::Rm(_))
+        )
+    });
+    let anchor = model.node(*product.first()?);
+    let einsum = anchor.op_as::<EinSum>()?;
+    let is_const = |o: &OutletId| model.outlet_fact(*o).is_ok_and(|f| f.konst.is_some());
+    let data = (0..anchor.inputs.len()).find(|&i| !is_const(&anchor.inputs[i]))?;
+    let slot = (0..anchor.inputs.len()).find(|&i| is_const(&anchor.inputs[i]))?;
+    if !only_reshapes
+        || anchor.inputs.len() != 2
+        || anchor.inputs[data] != OutletId::new(*flatten.last()?, 0)
+        || model.outlet_fact(anchor.inputs[slot]).ok()?.rank() != 2
+    {
+        return None;
+    }
+    // The one axis the data and the weights share and the output lacks.
+    let contracted: Vec<_> = einsum
+        .axes
+        .iter_all_axes()
+        .filter(|a| a.outputs[0].is_empty() && !a.inputs[data].is_empty())
+        .collect();
+    let [k] = contracted[..] else {
+        return None;
+    };
+    let [axis] = k.inputs[slot][..] else {
+        return None;
+    };
+    Some(RowProduct {
+        node: anchor.id,
+        slot,
+        axis,
+    })
 }

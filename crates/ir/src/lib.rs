@@ -22,7 +22,7 @@ mod reduce;
 mod rows;
 mod stage;
 
-pub use channels::ConstSlice;
+pub use channels::{ConstSlice, RowProduct};
 pub use error::ImportError;
 pub use rows::Rows;
 pub use stage::{
@@ -247,6 +247,19 @@ impl Ir {
             phase.push(p);
         }
         phase
+    }
+
+    /// How matmul stage `product` multiplies the flatten `flatten` of a tensor with
+    /// rows, when it is such a product ([`RowProduct`]); `None` without the model.
+    pub fn row_product(&self, flatten: StageId, product: StageId) -> Option<RowProduct> {
+        let f = self.stage(flatten);
+        let input = f.input_shapes.first()?;
+        let batch_first = input.shape.first() == Some(&1) && input.h_axis.is_some_and(|h| h > 0);
+        let flat = f.output.shape[..] == [1, input.len()];
+        if !self.has_model() || !batch_first || !flat || f.inputs.len() != 1 {
+            return None;
+        }
+        channels::row_product(self.model(), &f.nodes, &self.stage(product).nodes)
     }
 
     /// The constants a channel tile of stage `id` slices to its channels; empty when

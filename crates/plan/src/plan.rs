@@ -13,7 +13,7 @@ use legion_ir::{Rows, StageId, TensorRef};
 use serde::{Deserialize, Serialize};
 
 /// Version of the plan format; readers reject other versions.
-pub const PLAN_VERSION: u32 = 6;
+pub const PLAN_VERSION: u32 = 7;
 
 /// A compiled plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,6 +18,13 @@ pub struct TileSpec {
     pub stages: Vec<TileStage>,
     /// Strips sent, one per tensor leaving the group, in this order.
     pub outputs: Vec<TileOutput>,
+    /// For a channel tile that flattens a tensor with rows into a matrix product (an FC
+    /// head after its last pool): that tensor's rows in parts, in the order the device
+    /// multiplies them, each as soon as it has arrived; the partial products are summed
+    /// before the rest of the stage runs (docs/architecture.md, "Accumulating as rows
+    /// arrive"). Empty: the tile runs once its whole input has arrived.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Rows>,
 }
 
 /// A strip entering the tile.
@@ -47,6 +54,16 @@ pub struct TileStage {
     /// read the partials combined.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// In a phase of a tile in parts ([`TileSpec::parts`]): the rows of the flattened
+    /// tensor this phase multiplies; the stage computes its anchor's partial product
+    /// from them alone (its matrix's matching rows), and none of its later ops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<Rows>,
+    /// In the last phase of a tile in parts: the stage's anchor is not run; its output
+    /// is the sum of the parts' partial products, the phase's input, and the stage's
+    /// later ops (bias, activation) run on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub summed: bool,
 }
 
 impl TileStage {
@@ -80,6 +97,22 @@ pub struct TileOutput {
 }
 
 impl TileSpec {
+    /// The shape of input `i`: its strip of rows, and for the summed partial products
+    /// of a tile in parts ([`TileStage::summed`]) only the tile's channels of them.
+    pub fn input_shape(&self, ir: &Ir, i: usize) -> Vec<usize> {
+        let input = self.inputs[i];
+        let mut shape = ir.tensor(input.tensor).strip_shape(input.rows);
+        let summed = self
+            .stages
+            .iter()
+            .find(|st| st.summed && TensorRef::Stage(st.stage) == input.tensor);
+        if let Some((split, c)) = summed.and_then(|st| ir.stage(st.stage).channels.zip(st.channels))
+        {
+            shape[split.axis] = c.len();
+        }
+        shape
+    }
+
     /// The reducing stages whose partial results this tile computes: those of which it
     /// owns rows (a device may own none of a short tensor's rows).
     pub fn partials(&self) -> impl Iterator<Item = StageId> + '_ {
@@ -96,9 +129,12 @@ impl TileSpec {
     /// read (all rows computed) and the tile's outputs it computes. Later phases read
     /// earlier phases' outputs and the combined results (a partial stage's whole output)
     /// as inputs. Phases are numbered from the model's stages, so every tile of a group
-    /// has the same ones (some may run no stage). A tile without partials is one phase:
-    /// itself.
+    /// has the same ones (some may run no stage). A tile in parts ([`TileSpec::parts`])
+    /// has a phase per part and one summing them. Any other tile is one phase: itself.
     pub fn phases(&self, ir: &Ir) -> Vec<Phase> {
+        if let Some(phases) = self.part_phases() {
+            return phases;
+        }
         if !self.stages.iter().any(|s| s.partial) {
             return vec![Phase {
                 spec: self.clone(),
@@ -175,11 +211,70 @@ impl TileSpec {
                         inputs,
                         stages,
                         outputs,
+                        parts: vec![],
                     },
                     combines,
                 }
             })
             .collect()
+    }
+
+    /// The phases of a tile in parts: one per part, each multiplying its rows of the
+    /// flattened input into a partial product of the tile's channels, then one summing
+    /// them (its input, the stage's own output) and running the rest of the stage. The
+    /// flatten itself runs in each part's phase (it moves no data). `None` for a tile
+    /// without parts (or without the one input and the product a tile in parts has).
+    fn part_phases(&self) -> Option<Vec<Phase>> {
+        let (false, product, [input]) =
+            (self.parts.is_empty(), self.stages.last()?, &self.inputs[..])
+        else {
+            return None;
+        };
+        let input = input.tensor;
+        let mut phases: Vec<Phase> = self
+            .parts
+            .iter()
+            .map(|&rows| Phase {
+                spec: TileSpec {
+                    inputs: vec![TileInput {
+                        tensor: input,
+                        rows,
+                    }],
+                    stages: vec![TileStage {
+                        reads: vec![TileRead {
+                            rows,
+                            pad_top: 0,
+                            pad_bottom: 0,
+                        }],
+                        part: Some(rows),
+                        ..product.clone()
+                    }],
+                    outputs: vec![TileOutput {
+                        stage: product.stage,
+                        rows: product.computed,
+                        channels: product.channels,
+                    }],
+                    parts: vec![],
+                },
+                combines: vec![],
+            })
+            .collect();
+        phases.push(Phase {
+            spec: TileSpec {
+                inputs: vec![TileInput {
+                    tensor: TensorRef::Stage(product.stage),
+                    rows: product.computed,
+                }],
+                stages: vec![TileStage {
+                    summed: true,
+                    ..product.clone()
+                }],
+                outputs: self.outputs.clone(),
+                parts: vec![],
+            },
+            combines: vec![],
+        });
+        Some(phases)
     }
 }
 

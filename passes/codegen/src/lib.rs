@@ -5,9 +5,11 @@
 //! receives and from whom, the tiles it runs, the rows it sends on, what it frees).
 //! [`validate`] checks a plan against its model and cluster by deriving it again.
 
+mod parts;
 mod programs;
 mod sub_strips;
 
+pub use parts::in_parts;
 pub use programs::{Traffic, programs, traffic};
 pub use sub_strips::cut_edges;
 
@@ -98,6 +100,7 @@ pub fn candidate(
     if sub_strips {
         sub_strips::cut_edges(ir, &mut groups);
     }
+    parts::in_parts(ir, &mut groups);
     let programs = programs(ir, devices, &groups);
     Ok(Candidate {
         name: name.to_string(),
@@ -162,13 +165,22 @@ pub fn predict_stream(
 /// the FLOPs of the rows its stages compute (of the rows a partial reduces), over the
 /// tile's. 1 for a tile of one phase.
 fn phase_share(ir: &Ir, spec: &TileSpec, phase: usize) -> f64 {
+    // The height of the tensor a tile in parts multiplies in parts.
+    let parts_of = spec
+        .inputs
+        .first()
+        .and_then(|i| ir.tensor(i.tensor).height());
     let flops = |stages: &[TileStage]| -> f64 {
         stages
             .iter()
             .map(|st| {
                 let stage = ir.stage(st.stage);
-                let (rows, height) = match (st.partial, stage.input_shapes.first()) {
-                    (true, Some(input)) => (st.reads[0].rows.len(), input.height()),
+                if st.summed {
+                    return 0.0;
+                }
+                let (rows, height) = match (st.part, st.partial, stage.input_shapes.first()) {
+                    (Some(part), _, _) => (part.len(), parts_of),
+                    (None, true, Some(input)) => (st.reads[0].rows.len(), input.height()),
                     _ => (st.computed.len(), stage.output.height()),
                 };
                 let fraction = height.map_or(1.0, |h| rows as f64 / h.max(1) as f64);
@@ -270,8 +282,12 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
                     t.strip
                 );
                 next = t.strip.end;
+                let whole = TileSpec {
+                    parts: vec![],
+                    ..t.tile.clone()
+                };
                 ensure!(
-                    t.tile == channel_tile(ir, range, t.strip),
+                    whole == channel_tile(ir, range, t.strip),
                     "group {g}: the tile of device {} is not the one its channels {} need",
                     t.device,
                     t.strip
@@ -320,6 +336,24 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
         "the groups end at stage {next}, the model has {} stages",
         ir.stages.len()
     );
+    // Tiles in parts: each board's strip of the input, its own first.
+    let mut derived = c.groups.clone();
+    for t in derived.iter_mut().flat_map(|g| &mut g.tiles) {
+        t.tile.parts.clear();
+    }
+    in_parts(ir, &mut derived);
+    for (g, (group, want)) in c.groups.iter().zip(&derived).enumerate() {
+        for (t, w) in group.tiles.iter().zip(&want.tiles) {
+            ensure!(
+                t.tile.parts == w.tile.parts,
+                "group {g}: device {} takes its input in parts {:?}, where the boards that \
+                 computed it give {:?}",
+                t.device,
+                t.tile.parts,
+                w.tile.parts
+            );
+        }
+    }
     ensure!(
         c.programs == programs(ir, &plan.devices, &c.groups),
         "the programs do not match the groups' tiles"

@@ -156,11 +156,29 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         for &k in &order {
             let t = &group.tiles[k];
             let d = party_of(&t.device);
+            // A tile in parts runs a phase per part of its input, each in a block of its
+            // own right after that part's receives.
+            let parts = &t.tile.parts;
+            for (phase, &rows) in parts.iter().enumerate() {
+                let input = t.tile.inputs[0].tensor;
+                let block = parties[d].blocks.len();
+                parties[d].blocks.push(Block {
+                    run: vec![Step::Run {
+                        group: g,
+                        tile: k,
+                        phase,
+                    }],
+                    uses: vec![input],
+                    ..Block::default()
+                });
+                fetch(&mut parties, &owners, input, rows, d, block);
+            }
             let block = parties[d].blocks.len();
             block_of.insert(k, (d, block));
             let mut run = vec![];
             let mut uses = vec![];
-            for (phase, p) in t.tile.phases(ir).into_iter().enumerate() {
+            let phases = t.tile.phases(ir).into_iter().enumerate();
+            for (phase, p) in phases.skip(parts.len()) {
                 if !p.spec.stages.is_empty() {
                     run.push(Step::Run {
                         group: g,
@@ -193,7 +211,7 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                 uses,
                 ..Block::default()
             });
-            for input in &t.tile.inputs {
+            for input in t.tile.inputs.iter().filter(|_| parts.is_empty()) {
                 fetch(&mut parties, &owners, input.tensor, input.rows, d, block);
                 parties[d].blocks[block].uses.push(input.tensor);
             }

@@ -1,11 +1,12 @@
 //! Predicting groups split by channels (docs/architecture.md, "Channel splits"): each
 //! device receives the group's inputs whole, runs the stages before the split whole and
-//! its channels of the split ones, and sends its part of the output.
+//! its channels of the split ones, and sends its part of the output; a matmul over a
+//! flatten of rows multiplies them in parts as they arrive.
 
 use crate::{CostModel, DevicePrediction, Holdings, Prediction, Predictor};
 use anyhow::{Result, bail, ensure};
 use legion_ir::{Rows, StageId, TensorRef};
-use legion_partition::{Group, boundary, rebalance, split_chain};
+use legion_partition::{Group, boundary, product_in_parts, rebalance, split_chain};
 use legion_plan::{DeviceId, Transport};
 
 impl CostModel<'_> {
@@ -87,9 +88,23 @@ impl CostModel<'_> {
                 (s, e)
             })
             .collect();
-        let in_us = self.link_in[d.index()].time_us(self.channel_inputs_bytes(d, group, held));
+        let lacking = self.channel_inputs_bytes(d, group, held);
+        let in_us = self.link_in[d.index()].time_us(lacking);
         let out_us = self.link_out[d.index()].time_us(out);
-        let total_us = in_us + compute_us.iter().map(|(_, e)| e).sum::<f64>() + out_us;
+        let compute: f64 = compute_us.iter().map(|(_, e)| e).sum();
+        let total_us = match (self.transport, product_in_parts(self.ir, group)) {
+            // Multiplied in parts as its rows arrive (docs/architecture.md, "Accumulating
+            // as rows arrive"): its own rows while the others come, and after the last
+            // arrival the last part, taken as large as its own share (one row at least).
+            (Transport::Programs, Some(input)) => {
+                let height = self.ir.tensor(input).height().unwrap_or(1).max(1);
+                let whole = self.ir.part_bytes(input, Rows::new(0, height), None).max(1);
+                let own = 1.0 - lacking as f64 / whole as f64;
+                let last = compute * own.max(1.0 / height as f64);
+                (in_us + last).max(compute) + out_us
+            }
+            _ => in_us + compute + out_us,
+        };
         DevicePrediction {
             device: d,
             strip: channels,

@@ -120,3 +120,17 @@ pub fn channel_tile(ir: &Ir, group: Group, channels: Rows) -> TileSpec {
     }
     spec
 }
+
+/// The tensor that channel group `group` can multiply in parts, each as its rows arrive
+/// ([`legion_plan::TileSpec::parts`]): the group is a flatten of that tensor (which has
+/// rows) and the matmul reading it ([`Ir::row_product`]); `None` for any other group.
+pub fn product_in_parts(ir: &Ir, group: Group) -> Option<TensorRef> {
+    if group.first.index() + 1 != group.last.index()
+        || ir.stage(group.last).inputs[..] != [TensorRef::Stage(group.first)]
+    {
+        return None;
+    }
+    ir.row_product(group.first, group.last)?;
+    let input = *ir.stage(group.first).inputs.first()?;
+    ir.tensor(input).height().map(|_| input)
+}

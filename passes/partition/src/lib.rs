@@ -9,8 +9,8 @@ mod shares;
 mod tiling;
 
 pub use channels::{
-    channel_tile, check_channel_group, split_chain, tile_weight_bytes, weights_per_board,
-    worth_channels,
+    channel_tile, check_channel_group, product_in_parts, split_chain, tile_weight_bytes,
+    weights_per_board, worth_channels,
 };
 pub use held::Held;
 pub use legion_ir::Rows;

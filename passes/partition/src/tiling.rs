@@ -572,6 +572,8 @@ impl TileView<'_> {
                         .collect(),
                     channels: None,
                     partial: t.partial,
+                    part: None,
+                    summed: false,
                 })
                 .collect(),
             outputs: self
@@ -583,6 +585,7 @@ impl TileView<'_> {
                     channels: None,
                 })
                 .collect(),
+            parts: vec![],
         }
     }
 }
@@ -736,6 +739,8 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
                 reads,
                 channels: None,
                 partial: false,
+                part: None,
+                summed: false,
             }
         })
         .collect();
@@ -756,5 +761,6 @@ pub fn whole_group(ir: &Ir, group: Group) -> TileSpec {
                 channels: None,
             })
             .collect(),
+        parts: vec![],
     }
 }

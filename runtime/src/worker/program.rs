@@ -11,7 +11,7 @@ use crate::proto::{
 };
 use crate::tensors::{Tensors, tensor_bytes};
 use crate::wire::{Part, hex, rows_from_wire, rows_to_wire};
-use legion_ir::{Ir, Rows, StageId, TensorRef};
+use legion_ir::{Combine, Ir, Rows, StageId, TensorRef};
 use legion_plan::{PLAN_VERSION, Party, Program, Step, TileSpec};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -349,10 +349,8 @@ impl Worker {
         for Phase { spec, model } in phases {
             let key = tile_key(model, spec)?;
             let tile = self.shipped_tile(&key, model, spec)?;
-            let inputs = spec
-                .inputs
-                .iter()
-                .map(|i| crate::check::test_input(&ir.tensor(i.tensor).strip_shape(i.rows)))
+            let inputs = (0..spec.inputs.len())
+                .map(|i| crate::check::test_input(&spec.input_shape(ir, i)))
                 .collect();
             self.config
                 .compute
@@ -430,6 +428,8 @@ impl Worker {
         let mut pushes = tokio::task::JoinSet::new();
         // This board's partial results of reductions, by stage.
         let mut partials: HashMap<StageId, Tensor> = HashMap::new();
+        // The partial products of a tile in parts so far, by stage, in phase order.
+        let mut products: HashMap<StageId, Vec<Tensor>> = HashMap::new();
         let peer_program = |peer: &str| {
             req.peer_programs.get(peer).cloned().ok_or_else(|| {
                 Status::invalid_argument(format!("{me}: no program id of {peer} given"))
@@ -471,12 +471,19 @@ impl Worker {
                 Step::Run { group, tile, phase } => {
                     let phased = &loaded.tiles[&(*group, *tile)];
                     let Phase { spec, model } = &phased.phases[*phase];
-                    let inputs = spec
-                        .inputs
-                        .iter()
-                        .map(|i| tensors.strip(i.tensor, i.rows))
-                        .collect::<anyhow::Result<Vec<_>>>()
-                        .map_err(stored)?;
+                    let inputs = match spec.stages.iter().find(|s| s.summed) {
+                        Some(s) => {
+                            let parts = products.remove(&s.stage).unwrap_or_default();
+                            vec![crate::combine(Combine::Sum, &parts).map_err(stored)?]
+                        }
+                        None => spec
+                            .inputs
+                            .iter()
+                            .map(|i| tensors.strip(i.tensor, i.rows))
+                            .collect::<anyhow::Result<Vec<_>>>()
+                            .map_err(stored)?,
+                    };
+                    let part = spec.stages.iter().any(|s| s.part.is_some());
                     let key = tile_key(model, spec)?;
                     let tile = self.shipped_tile(&key, model, spec)?;
                     let worker = self.clone();
@@ -492,6 +499,10 @@ impl Worker {
                     .await
                     .map_err(|e| Status::internal(format!("{me}: the tile task failed: {e}")))??;
                     for (out, strip) in spec.outputs.iter().zip(outputs) {
+                        if part {
+                            products.entry(out.stage).or_default().push(strip);
+                            continue;
+                        }
                         if phased.partials.contains(&out.stage) {
                             partials.insert(out.stage, strip);
                             continue;

@@ -347,3 +347,58 @@ fn report(rows: &[Row]) -> Result<String> {
     }
     Ok(md)
 }
+
+/// The setup `bench paper` reports beyond the paper's runtime.
+const PAPER_SETUP: (&str, &str) = ("vgg16", "firefly-x6");
+
+/// For `bench paper` (bench/paper.md): VGG-16 on 6 Fireflies split by rows only and
+/// with channel splits, as this bench last measured it (bench/channels.json): end to
+/// end, the FC head, and the FLCs; `None` before it has measured that setup.
+pub(super) fn paper_section() -> Result<Option<String>> {
+    let Ok(json) = std::fs::read_to_string(ROWS) else {
+        return Ok(None);
+    };
+    let rows: Vec<Row> = serde_json::from_str(&json).with_context(|| format!("reading {ROWS}"))?;
+    let Some(r) = rows
+        .iter()
+        .find(|r| (r.model.as_str(), r.cluster.as_str()) == PAPER_SETUP)
+    else {
+        return Ok(None);
+    };
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1e3);
+    let mut md = String::new();
+    writeln!(
+        md,
+        "\n## Beyond the paper: the head split by neurons, VGG-16 on 6 Fireflies\n\n\
+         Measured by `cargo xtask bench channels` (bench/channels.md, kept in {ROWS}), \
+         not by this command: boards run their own programs and pass rows to each other \
+         (not the hub of the table above), one profile, both plans and the single board \
+         run in rounds, fastest run kept. *head*: the groups from VGG's flatten to the \
+         end (fc6, fc7, fc8, softmax). Goals (issue 22): head under 15 ms, end to end at \
+         least 4x.\n"
+    )?;
+    writeln!(md, "| plan | ms | speedup | head ms | FLC |")?;
+    writeln!(md, "|---|---:|---:|---:|---|")?;
+    writeln!(
+        md,
+        "| single board ({}) | {} | 1.00x | - | - |",
+        r.single.0,
+        ms(r.single.1)
+    )?;
+    let plans = [
+        ("rows only (the paper's space)", r.rows_only.as_ref()),
+        ("channels", Some(&r.channels)),
+    ];
+    for (name, p) in plans {
+        let Some(p) = p else { continue };
+        writeln!(
+            md,
+            "| {name} | {} | {:.2}x | {} | `{}` |",
+            ms(p.measured_us),
+            r.single.1 as f64 / p.measured_us.max(1) as f64,
+            p.head_us.map_or("-".into(), ms),
+            p.flc
+        )?;
+    }
+    Ok(Some(md))
+}

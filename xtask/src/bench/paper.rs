@@ -675,6 +675,9 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
         )?;
     }
     predicted_against_measured(&mut md, rows)?;
+    if let Some(section) = super::channels::paper_section()? {
+        md.push_str(&section);
+    }
     writeln!(md, "\n## FLCs run\n")?;
     writeln!(
         md,
