@@ -627,7 +627,7 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
             .into_iter()
             .map(|(range, layout)| plan_group(&ir, range, layout, &boards, &weights))
             .collect();
-        legion_codegen::in_parts(&ir, &mut groups);
+        legion_codegen::in_parts(&ir, &names, &mut groups);
         let programs = legion_codegen::programs(&ir, &names, &groups);
         // Every part of a tensor split by channels names its channels.
         let parts: Vec<(legion_ir::TensorRef, Option<legion_ir::Rows>)> = programs

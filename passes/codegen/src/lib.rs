@@ -100,7 +100,7 @@ pub fn candidate(
     if sub_strips {
         sub_strips::cut_edges(ir, &mut groups);
     }
-    parts::in_parts(ir, &mut groups);
+    parts::in_parts(ir, devices, &mut groups);
     let programs = programs(ir, devices, &groups);
     Ok(Candidate {
         name: name.to_string(),
@@ -341,7 +341,7 @@ fn validate_candidate(plan: &Plan, ir: &Ir, c: &Candidate) -> Result<()> {
     for t in derived.iter_mut().flat_map(|g| &mut g.tiles) {
         t.tile.parts.clear();
     }
-    in_parts(ir, &mut derived);
+    in_parts(ir, &plan.devices, &mut derived);
     for (g, (group, want)) in c.groups.iter().zip(&derived).enumerate() {
         for (t, w) in group.tiles.iter().zip(&want.tiles) {
             ensure!(

@@ -4,15 +4,21 @@
 //! instead of waiting for all of them. The parts are the strips of the row group that
 //! produced the tensor.
 
+use crate::programs::send_rank;
 use legion_ir::{Ir, Rows, TensorRef};
 use legion_partition::{Group, product_in_parts};
 use legion_plan::PlanGroup;
 
 /// Sets [`legion_plan::TileSpec::parts`] on every tile of every channel group of
-/// `groups` that can multiply its input in parts, when more than one board computed
-/// that input's rows (by rows, each row once): per tile, the rows its own board
-/// computed first, then the others' strips in row order from just after its own.
-pub fn in_parts(ir: &Ir, groups: &mut [PlanGroup]) {
+/// `groups` (on `devices`, cluster order) that can multiply its input in parts, when
+/// more than one board computed that input's rows (by rows, each row once): per tile,
+/// the rows its own board computed first, then the others' strips in the order they
+/// should arrive. Every sender sends its strip to the group's boards one after the
+/// other ([`send_rank`]), so a strip should arrive after as many strips' worth of
+/// its sender's rows as the receiver has places in that sender's queue.
+pub fn in_parts(ir: &Ir, devices: &[String], groups: &mut [PlanGroup]) {
+    let party = |name: &str| 1 + devices.iter().position(|d| d == name).unwrap_or(0);
+    let parties = devices.len() + 1;
     for g in 0..groups.len() {
         let (before, rest) = groups.split_at_mut(g);
         let group = &mut rest[0];
@@ -26,13 +32,25 @@ pub fn in_parts(ir: &Ir, groups: &mut [PlanGroup]) {
         let Some(pieces) = strips_of(ir, before, input) else {
             continue;
         };
+        let receivers: Vec<usize> = group.tiles.iter().map(|t| party(&t.device)).collect();
         for t in &mut group.tiles {
-            let own = pieces.iter().position(|(d, _)| *d == t.device);
-            let start = own.unwrap_or(0);
-            // A board's own strip, then the next ones round the tensor.
-            t.tile.parts = (0..pieces.len())
-                .map(|i| pieces[(start + i) % pieces.len()].1)
-                .collect();
+            let me = party(&t.device);
+            let arrival = |(sender, rows): &(String, Rows)| {
+                let from = party(sender);
+                if from == me {
+                    return (0, rows.start);
+                }
+                let place = receivers
+                    .iter()
+                    .filter(|&&r| {
+                        r != from && send_rank(from, r, parties) <= send_rank(from, me, parties)
+                    })
+                    .count();
+                (place * rows.len(), rows.start)
+            };
+            let mut order = pieces.clone();
+            order.sort_by_key(arrival);
+            t.tile.parts = order.into_iter().map(|(_, rows)| rows).collect();
         }
     }
 }

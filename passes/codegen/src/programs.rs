@@ -248,10 +248,20 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         fetch(&mut parties, &owners, o, whole(o), 0, end);
     }
 
+    let count = parties.len();
+    let index_of = |to: &Party| match to {
+        Party::Coordinator => 0,
+        Party::Device(name) => party_of(name),
+    };
     parties
         .into_iter()
         .enumerate()
-        .filter_map(|(p, blocks)| {
+        .filter_map(|(p, mut blocks)| {
+            if p != 0 {
+                for block in &mut blocks.blocks {
+                    rotate_sends(&mut block.sends, |to| send_rank(p, index_of(to), count));
+                }
+            }
             let steps = flatten(p != 0, blocks.blocks);
             (p == 0 || !steps.is_empty()).then(|| Program {
                 party: party(p),
@@ -259,6 +269,41 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
             })
         })
         .collect()
+}
+
+/// Where party `to` comes among the receivers of rows that party `from` sends to
+/// several (of `parties`): the party just before it first, then on down, wrapping
+/// round. So when every board sends its rows to every other (the input of a channel
+/// group), each receiver is near the front of one sender's queue and near the back of
+/// another's, and not last everywhere.
+pub(crate) fn send_rank(from: usize, to: usize, parties: usize) -> usize {
+    (from + parties - to) % parties
+}
+
+/// Orders each run of sends of the same rows to several receivers by `rank`; runs of
+/// other rows keep their order (that of the groups that read them).
+fn rotate_sends(sends: &mut [Step], rank: impl Fn(&Party) -> usize) {
+    let what = |s: &Step| match s {
+        Step::Send {
+            tensor,
+            rows,
+            channels,
+            ..
+        } => Some((*tensor, *rows, *channels)),
+        _ => None,
+    };
+    let mut start = 0;
+    while start < sends.len() {
+        let mut end = start + 1;
+        while end < sends.len() && what(&sends[end]) == what(&sends[start]) {
+            end += 1;
+        }
+        sends[start..end].sort_by_key(|s| match s {
+            Step::Send { to, .. } => rank(to),
+            _ => 0,
+        });
+        start = end;
+    }
 }
 
 /// A party's blocks in order, with a drop after the last block that uses each tensor
