@@ -9,9 +9,10 @@
 //! produced them, and receives a tile's rows right before running it, so data flows
 //! from earlier groups to later ones and no program waits on a later one.
 
+use crate::parts::relays;
 use legion_ir::{Ir, Rows, StageId, TensorRef};
 use legion_partition::Held;
-use legion_plan::{Candidate, Party, PlanGroup, Program, Step};
+use legion_plan::{Candidate, Party, PlanGroup, PlanTile, Program, Step};
 use std::collections::HashMap;
 
 /// The rows both ranges cover, if any.
@@ -44,6 +45,9 @@ struct Owner {
 #[derive(Default)]
 struct Block {
     receives: Vec<Step>,
+    /// Rows just received that it passes on to other boards (relays of a strip of a
+    /// tile in parts), before its run.
+    forwards: Vec<Step>,
     /// The tile it runs: one run step, or the phases of a tile whose group combines
     /// reductions, each followed by the exchange of its partial results.
     run: Vec<Step>,
@@ -151,6 +155,11 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                     .push(Party::Device(t.device.clone()));
             }
         }
+        // Tiles in parts: which strips of their input reach which boards through
+        // another ([`relays`]), and per (party, strip) the block that runs its part.
+        let relayed = group_relays(&group.tiles, &owners, &party_of, parties.len());
+        let mut part_blocks: HashMap<(usize, Rows), usize> = HashMap::new();
+        let mut forwarded: Vec<(usize, usize, Rows, usize)> = vec![];
         // Per tile: (party, block) that runs it.
         let mut block_of = HashMap::new();
         for &k in &order {
@@ -171,7 +180,12 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                     uses: vec![input],
                     ..Block::default()
                 });
-                fetch(&mut parties, &owners, input, rows, d, block);
+                part_blocks.insert((d, rows), block);
+                let owner = owner_of(&owners, input, rows);
+                match owner.and_then(|o| relayed.get(&(d, o))) {
+                    Some(&via) => forwarded.push((d, block, rows, via)),
+                    None => fetch(&mut parties, &owners, input, rows, d, block),
+                }
             }
             let block = parties[d].blocks.len();
             block_of.insert(k, (d, block));
@@ -215,6 +229,30 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
                 fetch(&mut parties, &owners, input.tensor, input.rows, d, block);
                 parties[d].blocks[block].uses.push(input.tensor);
             }
+        }
+        // Strips passed on: the relay sends them as soon as it has them.
+        for (to, block, rows, via) in forwarded {
+            let input = group.tiles[0].tile.inputs[0].tensor;
+            let from = part_blocks[&(via, rows)];
+            let relay = &mut parties[via].blocks[from];
+            relay.forwards.push(Step::Send {
+                tensor: input,
+                rows,
+                channels: None,
+                to: party(to),
+            });
+            relay.uses.push(input);
+            parties[to].blocks[block].receives.push(Step::Receive {
+                tensor: input,
+                rows,
+                channels: None,
+                from: party(via),
+            });
+            parties[to]
+                .held
+                .entry((input, None))
+                .or_default()
+                .insert(rows);
         }
         // Outputs are recorded after every tile of the group has fetched its inputs,
         // so no tile of a group reads another's output of the same group.
@@ -271,6 +309,41 @@ pub fn programs(ir: &Ir, devices: &[String], groups: &[PlanGroup]) -> Vec<Progra
         .collect()
 }
 
+/// The party that computed `rows` of `tensor` (the first row's owner).
+fn owner_of(
+    owners: &HashMap<TensorRef, Vec<Owner>>,
+    tensor: TensorRef,
+    rows: Rows,
+) -> Option<usize> {
+    owners
+        .get(&tensor)?
+        .iter()
+        .find(|o| o.rows.start <= rows.start && rows.start < o.rows.end)
+        .map(|o| o.party)
+}
+
+/// The relays of a group whose tiles are in parts ([`relays`]), keyed by (receiver
+/// party, sender party); none for other groups.
+fn group_relays(
+    tiles: &[PlanTile],
+    owners: &HashMap<TensorRef, Vec<Owner>>,
+    party_of: &impl Fn(&str) -> usize,
+    parties: usize,
+) -> HashMap<(usize, usize), usize> {
+    let Some(first) = tiles.iter().find(|t| !t.tile.parts.is_empty()) else {
+        return HashMap::new();
+    };
+    let input = first.tile.inputs[0].tensor;
+    let strips: Option<Vec<(usize, Rows)>> = first
+        .tile
+        .parts
+        .iter()
+        .map(|&rows| owner_of(owners, input, rows).map(|o| (o, rows)))
+        .collect();
+    let receivers: Vec<usize> = tiles.iter().map(|t| party_of(&t.device)).collect();
+    strips.map_or_else(HashMap::new, |s| relays(&s, &receivers, parties))
+}
+
 /// Where party `to` comes among the receivers of rows that party `from` sends to
 /// several (of `parties`): the party just before it first, then on down, wrapping
 /// round. So when every board sends its rows to every other (the input of a channel
@@ -318,6 +391,7 @@ fn flatten(drops: bool, blocks: Vec<Block>) -> Vec<Step> {
     let mut steps = vec![];
     for (b, block) in blocks.into_iter().enumerate() {
         steps.extend(block.receives);
+        steps.extend(block.forwards);
         steps.extend(block.run);
         let mut done: Vec<TensorRef> = block
             .uses
