@@ -483,6 +483,78 @@ fn profiling_measures_stages_links_and_groups() {
     assert!(fss.stages.is_empty() && !fss.groups.is_empty());
 }
 
+/// tiny-head's FC layer multiplying pool1 in parts when one board holds most of pool1's
+/// rows: it hands receivers to boards that got its strip, which pass it on right after
+/// receiving it; the output equals one device's.
+#[test]
+fn a_heavy_strip_reaches_some_boards_through_a_relay() {
+    let _host = share_host();
+    use legion_plan::{Candidate, Party, Step};
+    let cluster = two_and_two();
+    let rt = rt();
+    let (ir, onnx) = load("tiny-head");
+    let coord = connect(&rt, cluster.cluster(), &onnx, &ir);
+    let names: Vec<String> = coord
+        .devices()
+        .iter()
+        .map(|d| d.name().to_string())
+        .collect();
+    let boards: Vec<&str> = names.iter().map(String::as_str).collect();
+    // pool1's 8 rows cut 1, 1, 1, 5: the last board would send 15 rows, the others 3.
+    let weights = [1.0, 1.0, 1.0, 5.0];
+    let mut groups: Vec<_> = [
+        ((0, 1), Layout::Rows),
+        ((2, 3), Layout::Channels),
+        ((4, 4), Layout::Whole),
+    ]
+    .into_iter()
+    .map(|(range, layout)| plan_group(&ir, range, layout, &boards, &weights))
+    .collect();
+    let heavy = &groups[0].tiles[3];
+    assert_eq!(heavy.strip.len(), 5, "{:?}", heavy.strip);
+    let heavy = (heavy.device.clone(), heavy.strip);
+    legion_codegen::in_parts(&ir, &names, &mut groups);
+    let programs = legion_codegen::programs(&ir, &names, &groups);
+    // Sends of the heavy strip by boards that did not compute it.
+    let forwards: Vec<&str> = programs
+        .iter()
+        .filter(|p| p.party != Party::Device(heavy.0.clone()))
+        .flat_map(|p| p.steps.iter().map(move |s| (p, s)))
+        .filter_map(|(p, s)| match (s, &p.party) {
+            (Step::Send { tensor, rows, .. }, Party::Device(d))
+                if *tensor == TensorRef::Stage(StageId(1)) && *rows == heavy.1 =>
+            {
+                Some(d.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!forwards.is_empty(), "nobody relays {heavy:?}");
+    let candidate = Candidate {
+        name: "relays".into(),
+        predicted_us: 0,
+        measured_us: None,
+        groups,
+        programs,
+    };
+    validate_hand_plan(&ir, &names, &candidate);
+    let input = test_input(&ir.input.shape);
+    let reference = Reference::run(&ir, input.clone()).unwrap();
+    let run = rt
+        .block_on(legion_runtime::run_candidate(
+            &coord,
+            &ir,
+            &candidate,
+            input,
+            Transport::Programs,
+        ))
+        .unwrap();
+    for (got, r) in run.outputs.iter().zip(&ir.outputs) {
+        let diff = compare(got, reference.tensor(*r), reference.tensor(*r)).unwrap();
+        assert!(diff.within(1e-5), "{diff:?}");
+    }
+}
+
 /// A group of a hand-made candidate: stages `first..=last` split by rows or by the last
 /// stage's channels over `boards` in proportion to `weights`, or whole on `boards[0]`.
 enum Layout {

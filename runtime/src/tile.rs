@@ -298,10 +298,10 @@ impl<'a> TileBuilder<'a> {
             let stage = self.ir.stage(st.stage);
             let built = match (st.part, st.summed) {
                 (Some(rows), _) => self.part_product(stage, st, rows),
-                (None, true) => {
-                    let summed = self.tensors[&TensorRef::Stage(stage.id)].0;
-                    self.copy_nodes(stage, st, Some(summed))
-                }
+                (None, true) => match self.tensors.get(&TensorRef::Stage(stage.id)) {
+                    Some(&(summed, _, _)) => self.copy_nodes(stage, st, Some(summed)),
+                    None => Err(anyhow::anyhow!("the summed partial products are no input")),
+                },
                 (None, false) => self.copy_nodes(stage, st, None),
             };
             built.with_context(|| {

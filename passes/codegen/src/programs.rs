@@ -6,9 +6,10 @@
 //! coordinator owns the model input). A tensor computed split by channels has one owner
 //! per range of channels, and moves in parts: rows of one owner's channels. Only owners
 //! send (but the relays of a tile in parts, which pass a strip on), so a row crosses
-//! the network at most once per receiver. A device sends a consumer its rows right after the tile that
-//! produced them, and receives a tile's rows right before running it, so data flows
-//! from earlier groups to later ones and no program waits on a later one.
+//! the network at most once per receiver. A device sends a consumer its rows right
+//! after the tile that produced them, and receives a tile's rows right before running
+//! it, so data flows from earlier groups to later ones and no program waits on a later
+//! one.
 
 use crate::parts::relays;
 use legion_ir::{Ir, Rows, StageId, TensorRef};
