@@ -82,6 +82,15 @@ fn connect(rt: &tokio::runtime::Runtime, cluster: &Cluster, onnx: &[u8], ir: &Ir
     .unwrap()
 }
 
+/// The names of the coordinator's devices, in the cluster's order.
+fn device_names(coord: &Coordinator) -> Vec<String> {
+    coord
+        .devices()
+        .iter()
+        .map(|d| d.name().to_string())
+        .collect()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
@@ -494,11 +503,7 @@ fn a_heavy_strip_reaches_some_boards_through_a_relay() {
     let rt = rt();
     let (ir, onnx) = load("tiny-head");
     let coord = connect(&rt, cluster.cluster(), &onnx, &ir);
-    let names: Vec<String> = coord
-        .devices()
-        .iter()
-        .map(|d| d.name().to_string())
-        .collect();
+    let names = device_names(&coord);
     let boards: Vec<&str> = names.iter().map(String::as_str).collect();
     // pool1's 8 rows cut 1, 1, 1, 5: the last board would send 15 rows, the others 3.
     let weights = [1.0, 1.0, 1.0, 5.0];
@@ -689,11 +694,7 @@ fn channel_groups_run_by_programs_and_through_the_hub() {
     ] {
         let (ir, onnx) = load(model);
         let coord = connect(&rt, cluster.cluster(), &onnx, &ir);
-        let names: Vec<String> = coord
-            .devices()
-            .iter()
-            .map(|d| d.name().to_string())
-            .collect();
+        let names = device_names(&coord);
         assert_eq!(names, boards);
         let mut groups: Vec<_> = groups
             .into_iter()
@@ -800,11 +801,7 @@ fn squeeze_excitation_runs_inside_row_groups_by_the_boards_programs() {
     let rt = rt();
     let (ir, onnx) = load("tiny-effnet");
     let coord = connect(&rt, cluster.cluster(), &onnx, &ir);
-    let names: Vec<String> = coord
-        .devices()
-        .iter()
-        .map(|d| d.name().to_string())
-        .collect();
+    let names = device_names(&coord);
     let boards: Vec<&str> = names.iter().map(String::as_str).collect();
     let groups: Vec<_> = [(0, 7), (8, 21), (22, 30)]
         .into_iter()

@@ -283,11 +283,7 @@ impl<'a> TileBuilder<'a> {
             // A tensor without a row axis (after a barrier) is always received whole;
             // the summed partial products of a tile in parts hold its channels only.
             let shape = spec.input_shape(self.ir, i);
-            let channels = spec
-                .stages
-                .iter()
-                .find(|st| st.summed && TensorRef::Stage(st.stage) == input.tensor)
-                .and_then(|st| st.channels);
+            let channels = spec.summed(input.tensor).and_then(|st| st.channels);
             let src = self
                 .model
                 .add_source(format!("strip{i}"), f32::fact(&shape))?;

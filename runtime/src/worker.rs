@@ -925,6 +925,19 @@ mod tests {
     use super::*;
     use legion_ir::Rows;
 
+    /// A worker for tests, computing on this host, with its cache in `dir`.
+    fn test_worker(name: &str, dir: &std::path::Path, limits: Limits) -> Worker {
+        Worker::new(WorkerConfig {
+            name: name.into(),
+            cache_dir: dir.to_path_buf(),
+            token: None,
+            tls: None,
+            limits,
+            compute: Compute::Real { gflops: 1.0 },
+        })
+        .unwrap()
+    }
+
     /// A tile in parts whose parts do not cut its input's rows, or which gives a
     /// phase's fields itself, is refused before `TileSpec::phases` reads it.
     #[test]
@@ -970,18 +983,14 @@ mod tests {
     #[test]
     fn a_worker_refuses_runs_beyond_its_limit_until_one_ends() {
         let dir = std::env::temp_dir().join(format!("legion-run-limit-{}", std::process::id()));
-        let worker = Worker::new(WorkerConfig {
-            name: "busy".into(),
-            cache_dir: dir.clone(),
-            token: None,
-            tls: None,
-            limits: Limits {
+        let worker = test_worker(
+            "busy",
+            &dir,
+            Limits {
                 runs: 2,
                 ..Limits::default()
             },
-            compute: Compute::Real { gflops: 1.0 },
-        })
-        .unwrap();
+        );
         let first = worker.run_permit().unwrap();
         let _second = worker.run_permit().unwrap();
         let refused = worker.run_permit().unwrap_err();
@@ -995,15 +1004,7 @@ mod tests {
     #[test]
     fn a_worker_keeps_a_bounded_number_of_imported_models() {
         let dir = std::env::temp_dir().join(format!("legion-model-lru-{}", std::process::id()));
-        let worker = Worker::new(WorkerConfig {
-            name: "lru".into(),
-            cache_dir: dir.clone(),
-            token: None,
-            tls: None,
-            limits: Limits::default(),
-            compute: Compute::Real { gflops: 1.0 },
-        })
-        .unwrap();
+        let worker = test_worker("lru", &dir, Limits::default());
         let onnx = legion_models::bytes("tiny-cnn").unwrap();
         let sha = hex(&Sha256::digest(&onnx));
         let model = |side| ModelRef {
@@ -1032,18 +1033,14 @@ mod tests {
     fn old_tile_models_go_when_tiles_pass_half_the_cache() {
         let dir = std::env::temp_dir().join(format!("legion-prune-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let worker = Worker::new(WorkerConfig {
-            name: "prune".into(),
-            cache_dir: dir.clone(),
-            token: None,
-            tls: None,
-            limits: Limits {
+        let worker = test_worker(
+            "prune",
+            &dir,
+            Limits {
                 cache_bytes: 1000,
                 ..Limits::default()
             },
-            compute: Compute::Real { gflops: 1.0 },
-        })
-        .unwrap();
+        );
         let start = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let write = |name: &str, age: u64| {
             let path = dir.join(name);

@@ -102,15 +102,20 @@ impl TileSpec {
     pub fn input_shape(&self, ir: &Ir, i: usize) -> Vec<usize> {
         let input = self.inputs[i];
         let mut shape = ir.tensor(input.tensor).strip_shape(input.rows);
-        let summed = self
-            .stages
-            .iter()
-            .find(|st| st.summed && TensorRef::Stage(st.stage) == input.tensor);
+        let summed = self.summed(input.tensor);
         if let Some((split, c)) = summed.and_then(|st| ir.stage(st.stage).channels.zip(st.channels))
         {
             shape[split.axis] = c.len();
         }
         shape
+    }
+
+    /// The stage whose summed partial products input `tensor` is
+    /// ([`TileStage::summed`]), if it is such an input.
+    pub fn summed(&self, tensor: TensorRef) -> Option<&TileStage> {
+        self.stages
+            .iter()
+            .find(|st| st.summed && TensorRef::Stage(st.stage) == tensor)
     }
 
     /// The reducing stages whose partial results this tile computes: those of which it
