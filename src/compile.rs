@@ -112,6 +112,14 @@ pub fn run(args: &Args) -> Result<()> {
         Mode::Legion => ProfileMode::Legion,
         Mode::Fss => ProfileMode::Fss,
     };
+    if mode == ProfileMode::Fss && args.profile.is_none() {
+        return Err(BadInput(
+            "--mode fss compiles from an fss profile: measure one with `legion profile --mode \
+             fss --legion-profile LEGION.json` and give it with --profile"
+                .into(),
+        )
+        .into());
+    }
     let throughput = args.objective == Objective::Throughput;
     if throughput && (args.measure || args.stop_after.is_some() || !args.dump_after.is_empty()) {
         return Err(BadInput(
@@ -137,8 +145,8 @@ pub fn run(args: &Args) -> Result<()> {
             let opts = ProfileOptions {
                 mode,
                 runs: 3,
-                max_group_len: None,
                 progress: true,
+                ..ProfileOptions::default()
             };
             eprintln!("no --profile given: profiling in {mode} mode first");
             let p = times.time("profile", || {

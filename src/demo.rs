@@ -69,8 +69,8 @@ pub fn run(args: &Args) -> Result<()> {
     let opts = ProfileOptions {
         mode: ProfileMode::Legion,
         runs: 3,
-        max_group_len: None,
         progress: true,
+        ..ProfileOptions::default()
     };
     let measured = times.time("profile", || rt.block_on(profile(&coord, &ir, &opts)))?;
     times.note(format!(

@@ -8,12 +8,12 @@ mod common;
 
 use legion_ir::{Ir, StageId, TensorRef, import};
 use legion_partition::{
-    Group, channel_tile, check_channel_group, check_group, strips_from_weights, tile, whole_group,
-    whole_stage,
+    Group, candidate_groups, channel_tile, check_channel_group, check_group, strips_from_weights,
+    tile, whole_group, whole_stage,
 };
 use legion_plan::network::{Flow, StepPart, arrival_times, step_timeline};
 use legion_plan::{Clock, Cluster, DeviceId, ProfileMode, StepTiming, TileSpec, Transport};
-use legion_profile::{ProfileOptions, candidate_groups, profile};
+use legion_profile::{ProfileOptions, profile};
 use legion_runtime::check::{compare, test_input};
 use legion_runtime::emulate::{ComputeLock, Emulation, HostRate};
 use legion_runtime::{Coordinator, LocalCluster, Reference, Tensors, local_cluster};
@@ -470,24 +470,52 @@ fn profiling_measures_stages_links_and_groups() {
     let again = legion_plan::Profile::from_json(&legion.to_json()).unwrap();
     assert_eq!(again, legion);
 
+    // FSS: every choice of the cost table Legion searches through the hub, measured.
+    let options = legion_pipeline::CompileOptions {
+        transport: Transport::Hub,
+        ..legion_pipeline::CompileOptions::legion("the legion profile")
+    };
     let fss = rt
-        .block_on(profile(
-            &coord,
-            &ir,
-            &ProfileOptions {
-                mode: ProfileMode::Fss,
-                ..opts
-            },
+        .block_on(legion_pipeline::profile_fss(
+            &coord, &ir, &legion, &options, 2, false,
         ))
         .unwrap();
-    let barriers = ir.stages.iter().filter(|s| !s.is_splittable()).count();
-    assert_eq!(
-        fss.groups.len(),
-        candidate_groups(&ir, None).len() + barriers * 2
+    assert_eq!(fss.costed_from, Some(legion.sha256()));
+    let (predicted, _) = legion_pipeline::cost_table(
+        &ir,
+        &legion,
+        cluster.cluster(),
+        &options,
+        legion_cost::Producers::SameShares,
+    )
+    .unwrap();
+    let measured = legion_fusion::CostTable::measured(&ir, &fss).unwrap();
+    assert_eq!(fss.groups.len(), predicted.len());
+    let choices = |t: &legion_fusion::CostTable| -> Vec<_> {
+        t.entries()
+            .into_iter()
+            .map(|(choice, e)| {
+                let strips: Vec<_> = e.devices.iter().map(|d| (d.device, d.strip)).collect();
+                (choice, strips, e.whole, e.channels)
+            })
+            .collect()
+    };
+    assert_eq!(choices(&measured), choices(&predicted));
+    let kinds = |whole: bool, channels: bool| {
+        predicted
+            .entries()
+            .iter()
+            .filter(|(_, e)| e.whole == whole && e.channels == channels)
+            .count()
+    };
+    assert!(
+        kinds(true, false) > 0 && kinds(false, false) > 0 && kinds(false, true) > 0,
+        "tiny-head's table has whole, row and channel choices"
     );
     for g in &fss.groups {
         let slowest = g.devices.iter().map(|d| d.done_us).max().unwrap();
         assert_eq!(g.median_us, slowest, "{g:?}");
+        assert_eq!(g.runs, 2);
     }
     assert!(fss.stages.is_empty() && !fss.groups.is_empty());
 }

@@ -137,6 +137,52 @@ fn a_cluster_started_from_the_command_line_is_profiled_from_it() {
     assert_eq!(profile.devices.len(), 2);
     assert_eq!(profile.devices[0].class.as_deref(), Some("firefly-rk3399"));
 
+    // The FSS oracle from that profile: every choice of its hub cost table, one round.
+    let fss_file = dir.join("fss.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_legion"))
+        .arg("profile")
+        .arg(&model)
+        .arg("--cluster")
+        .arg(&cluster_file)
+        .args(["--mode", "fss", "--runs", "1", "--legion-profile"])
+        .arg(&profile_file)
+        .arg("-o")
+        .arg(&fss_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fss =
+        legion_plan::Profile::from_json(&std::fs::read_to_string(&fss_file).unwrap()).unwrap();
+    assert_eq!(fss.costed_from, Some(profile.sha256()));
+    assert!(
+        stdout.contains(&format!("{} measurements", fss.groups.len())),
+        "{stdout}"
+    );
+    let ir = legion_ir::import(&model, None).unwrap();
+    let stages = ir.stages.len();
+    // Every group of the model whole on one board, each splittable one over both by
+    // rows, and the channel splits.
+    let count = |option: usize, channels: bool| {
+        fss.groups
+            .iter()
+            .filter(|g| g.option == Some(option) && g.channels == channels)
+            .count()
+    };
+    assert_eq!(count(1, false), stages * (stages + 1) / 2, "{stdout}");
+    assert_eq!(
+        count(2, false),
+        legion_partition::candidate_groups(&ir, None).len()
+    );
+    assert_eq!(
+        count(1, false) + count(2, false) + count(2, true),
+        fss.groups.len()
+    );
+
     // Bad arguments: exit 2 with the reason.
     let bad = |args: &[&str], want: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_legion"))
@@ -155,6 +201,10 @@ fn a_cluster_started_from_the_command_line_is_profiled_from_it() {
     bad(
         &["--cluster", cluster_arg, "--max-group-len", "3"],
         "--max-group-len applies to --mode fss only",
+    );
+    bad(
+        &["--cluster", cluster_arg, "--mode", "fss"],
+        "give it with --legion-profile",
     );
     bad(
         &["--cluster", "/nonexistent/c.toml"],

@@ -232,58 +232,148 @@ fn lacks_channel_samples(profile: &Profile, ir: &Ir) -> bool {
     worth && profile.stages.iter().all(|s| s.channel_samples.is_empty())
 }
 
-/// A profile of `model` on the testdata cluster `cluster_name` in `mode`, measured on a
-/// local emulated cluster started here, or read back from target/bench-profiles when
+/// Where a profile of `model` on the testdata cluster `cluster_name` is kept.
+fn kept_path(cluster_name: &str, model: &str, mode: ProfileMode) -> PathBuf {
+    legion_models::workspace_root()
+        .join("target/bench-profiles")
+        .join(format!("{cluster_name}-{model}-{mode}.json"))
+}
+
+/// A kept profile, when it can be read and is of `ir`'s model.
+fn read_kept(path: &std::path::Path, setup: &str, ir: &Ir) -> Option<Profile> {
+    if !path.exists() {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    match Profile::from_json(&text) {
+        Ok(p) if p.model_sha256 == ir.sha256 => Some(p),
+        Ok(_) => {
+            eprintln!("{setup}: {} is of another model", path.display());
+            None
+        }
+        Err(e) => {
+            eprintln!("{setup}: not reusing {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// A legion-mode profile of `model` on the testdata cluster `cluster_name`, measured on
+/// a local emulated cluster started here, or read back from target/bench-profiles when
 /// `reuse` is set and a profile of this model is kept there.
 fn kept_profile(
     cluster_name: &str,
     model: &str,
     ir: &Ir,
-    mode: ProfileMode,
     runs: u32,
-    max_group_len: Option<usize>,
     reuse: bool,
 ) -> Result<Profile> {
     let setup = format!("{cluster_name}-{model}");
-    let tag = match mode {
-        ProfileMode::Legion => "legion",
-        ProfileMode::Fss => "fss",
-    };
-    let path = legion_models::workspace_root()
-        .join("target/bench-profiles")
-        .join(format!("{setup}-{tag}.json"));
-    if reuse && path.exists() {
-        match Profile::from_json(&std::fs::read_to_string(&path)?) {
-            // Profiles from before channel samples would hide every channel split.
-            Ok(p) if mode == ProfileMode::Legion && lacks_channel_samples(&p, ir) => {
-                eprintln!("{setup}: {} has no channel samples", path.display())
-            }
-            Ok(p) if p.model_sha256 == ir.sha256 => {
-                eprintln!("{setup}: reusing {}", path.display());
-                return Ok(p);
-            }
-            Ok(_) => eprintln!("{setup}: {} is of another model", path.display()),
-            Err(e) => eprintln!("{setup}: not reusing {}: {e}", path.display()),
+    let path = kept_path(cluster_name, model, ProfileMode::Legion);
+    if reuse && let Some(p) = read_kept(&path, &setup, ir) {
+        // Profiles from before channel samples would hide every channel split.
+        if !lacks_channel_samples(&p, ir) {
+            eprintln!("{setup}: reusing {}", path.display());
+            return Ok(p);
         }
+        eprintln!("{setup}: {} has no channel samples", path.display());
     }
-    let local = start_local(cluster_name)?;
-    let onnx = std::fs::read(legion_models::test_model(model)?)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let profile = rt.block_on(async {
-        let coord = connect(local.cluster(), cluster_name, &onnx, model, ir).await?;
-        eprintln!("{setup}: profiling in {tag} mode");
+    let profile = on_local_cluster(cluster_name, model, ir, |coord| async move {
+        eprintln!("{setup}: profiling in legion mode");
         let opts = ProfileOptions {
-            mode,
             runs,
-            max_group_len,
             progress: true,
+            ..ProfileOptions::default()
         };
         legion_pipeline::profile(&coord, ir, &opts).await
     })?;
-    drop(local);
     std::fs::create_dir_all(path.parent().expect("a directory"))?;
     std::fs::write(&path, profile.to_json())?;
     Ok(profile)
+}
+
+/// The FSS oracle's profile of `model` on `cluster_name` and the legion profile whose
+/// cost table's choices it measured, as kept under target/bench-profiles; `None` when
+/// no fss profile costed from the kept legion profile is there.
+fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Result<Option<(Profile, Profile)>> {
+    let setup = format!("{cluster_name}-{model}");
+    let legion = read_kept(
+        &kept_path(cluster_name, model, ProfileMode::Legion),
+        &setup,
+        ir,
+    );
+    let fss = read_kept(
+        &kept_path(cluster_name, model, ProfileMode::Fss),
+        &setup,
+        ir,
+    );
+    Ok(match (fss, legion) {
+        (Some(fss), Some(legion)) if fss.costed_from == Some(legion.sha256()) => {
+            Some((fss, legion))
+        }
+        _ => None,
+    })
+}
+
+/// A setup's legion and fss profiles measured in one sitting (docs/architecture.md,
+/// "The FSS oracle"): the legion profile, then right after it, on the same local
+/// cluster, every choice of the cost table Legion searches with `options` from it. With
+/// `reuse`, a pair kept earlier is read back instead.
+fn profile_pair(
+    cluster_name: &str,
+    model: &str,
+    ir: &Ir,
+    options: &legion_pipeline::CompileOptions,
+    runs: u32,
+    reuse: bool,
+) -> Result<(Profile, Profile)> {
+    let setup = format!("{cluster_name}-{model}");
+    if reuse
+        && let Some((fss, legion)) = kept_fss(cluster_name, model, ir)?
+        && fss.max_group_len == options.max_group_len
+    {
+        eprintln!("{setup}: reusing its kept legion and fss profiles");
+        return Ok((legion, fss));
+    }
+    let (legion, fss) = on_local_cluster(cluster_name, model, ir, |coord| async move {
+        eprintln!("{setup}: profiling in legion mode, then in fss mode");
+        let opts = ProfileOptions {
+            runs,
+            progress: true,
+            ..ProfileOptions::default()
+        };
+        let legion = legion_pipeline::profile(&coord, ir, &opts).await?;
+        let fss = legion_pipeline::profile_fss(&coord, ir, &legion, options, runs, true).await?;
+        Ok((legion, fss))
+    })?;
+    for (mode, p) in [(ProfileMode::Legion, &legion), (ProfileMode::Fss, &fss)] {
+        let path = kept_path(cluster_name, model, mode);
+        std::fs::create_dir_all(path.parent().expect("a directory"))?;
+        std::fs::write(&path, p.to_json())?;
+    }
+    Ok((legion, fss))
+}
+
+/// Runs `work` on a local emulated cluster of the testdata file `cluster_name` that
+/// holds `model`.
+fn on_local_cluster<T, F>(
+    cluster_name: &str,
+    model: &str,
+    ir: &Ir,
+    work: impl FnOnce(legion_runtime::Coordinator) -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    let local = start_local(cluster_name)?;
+    let onnx = std::fs::read(legion_models::test_model(model)?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let out = rt.block_on(async {
+        let coord = connect(local.cluster(), cluster_name, &onnx, model, ir).await?;
+        work(coord).await
+    })?;
+    drop(local);
+    Ok(out)
 }
 
 /// Starts the workers of the testdata cluster `cluster_name` in this process, on ports

@@ -11,8 +11,10 @@ use legion_fusion::{
     wild_card,
 };
 use legion_ir::Ir;
+use legion_partition::Group;
 use legion_plan::network::StreamTimes;
 use legion_plan::{Candidate, Cluster, Link, Party, Plan, Profile, ProfileMode, Transport};
+use legion_profile::FssChoice;
 use legion_runtime::Coordinator;
 use legion_runtime::check::test_input;
 use serde_json::json;
@@ -141,6 +143,43 @@ pub fn cost_table(
             Ok((table, "fss".to_string()))
         }
     }
+}
+
+/// The choices an fss profile measures: every entry of the cost table Legion searches
+/// when it compiles with `options` from the legion profile `legion` (its boards in the
+/// cluster's order), each group under each device option at the table's strips. The
+/// measurements run through the hub, so `options` must too: a group measured on its
+/// own is one hub step, its inputs from the coordinator and its outputs back.
+pub fn fss_choices(
+    ir: &Ir,
+    legion: &Profile,
+    cluster: &Cluster,
+    options: &CompileOptions,
+) -> Result<Vec<FssChoice>> {
+    if options.transport != Transport::Hub {
+        return Err(BadInput(format!(
+            "fss measures each group as one step through the hub, so the plans it is \
+             compared with must be costed for the hub too (not {})",
+            options.transport
+        ))
+        .into());
+    }
+    let options = CompileOptions {
+        mode: ProfileMode::Legion,
+        ..options.clone()
+    };
+    let (table, _) = cost_table(ir, legion, cluster, &options, Producers::SameShares)?;
+    Ok(table
+        .entries()
+        .into_iter()
+        .map(|(choice, entry)| FssChoice {
+            group: Group::new(choice.first, choice.last),
+            strips: entry.devices.iter().map(|d| (d.device, d.strip)).collect(),
+            option: choice.devices,
+            whole: entry.whole,
+            channels: entry.channels,
+        })
+        .collect())
 }
 
 /// The links of `candidate`'s parties, one per program: the coordinator's at the

@@ -1,7 +1,8 @@
 //! The driver: the pipeline that joins the passes (docs/architecture.md, "The driver").
 //!
 //! - [`connect`]: connect to a cluster's workers and upload the model.
-//! - [`profile`]: measure the model on them; [`boards_of`] cuts a profile down to some
+//! - [`profile`]: measure the model on them; [`profile_fss`] measures every choice of
+//!   Legion's cost table (the FSS oracle); [`boards_of`] cuts a profile down to some
 //!   of its boards.
 //! - [`compile`]: cost every candidate group, search the fused-layer configuration,
 //!   add its Wild Card, emit the candidates, and choose one, by measuring both on a live
@@ -25,7 +26,7 @@ mod serve;
 mod serving;
 mod session;
 
-pub use compile::{CompileOptions, Compiled, Search, compile, cost_table};
+pub use compile::{CompileOptions, Compiled, Search, compile, cost_table, fss_choices};
 pub use passes::{Dump, Pass, PassTimes};
 pub use recover::{
     ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient, STRAGGLER_RATIO, STRAGGLER_RUNS,
@@ -43,7 +44,7 @@ pub use serving::{
     DEPTH_GAIN, LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, Streamed, best_within,
     compile_serving, predict_depths,
 };
-pub use session::{boards_of, connect, profile};
+pub use session::{boards_of, connect, profile, profile_fss};
 
 /// Input that does not fit (a profile of another model or cluster, a bad option): the
 /// CLI reports it with exit code 2.

@@ -1,9 +1,9 @@
 //! Reaching a cluster: connect and upload, profile, and profiles cut to some boards.
 
-use crate::BadInput;
+use crate::{BadInput, CompileOptions};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Cluster, DeviceId, Profile};
+use legion_plan::{Cluster, DeviceId, Profile, ProfileMode};
 use legion_profile::ProfileOptions;
 use legion_runtime::Coordinator;
 use std::time::Duration;
@@ -56,14 +56,47 @@ pub async fn profile(coord: &Coordinator, ir: &Ir, opts: &ProfileOptions) -> Res
     legion_profile::profile(coord, ir, opts).await
 }
 
+/// Profiles `ir` in fss mode on the connected cluster: every choice of the cost table
+/// Legion searches from the legion profile `legion` with `options`
+/// ([`crate::fss_choices`]), measured through the hub in `runs` timed rounds. The
+/// profile names `legion` as the one it was costed from.
+pub async fn profile_fss(
+    coord: &Coordinator,
+    ir: &Ir,
+    legion: &Profile,
+    options: &CompileOptions,
+    runs: u32,
+    progress: bool,
+) -> Result<Profile> {
+    if legion.mode != ProfileMode::Legion {
+        return Err(BadInput(format!(
+            "{} was measured in {} mode; fss measures the choices costed from a legion-mode \
+             profile",
+            options.profile_name, legion.mode
+        ))
+        .into());
+    }
+    let boards = boards_of(legion, coord.cluster())
+        .map_err(|e| BadInput(format!("{}: {e:#}", options.profile_name)))?;
+    let choices = crate::fss_choices(ir, &boards, coord.cluster(), options)?;
+    let opts = ProfileOptions {
+        mode: ProfileMode::Fss,
+        runs,
+        max_group_len: options.max_group_len,
+        choices,
+        progress,
+    };
+    let mut fss = profile(coord, ir, &opts).await?;
+    fss.costed_from = Some(legion.sha256());
+    Ok(fss)
+}
+
 /// `profile` cut down to the boards of `cluster`, in the cluster's order. A legion
 /// profile measures each board on its own (single stages and its link), so a board's
 /// part does not depend on the others; an fss profile measured groups across all its
 /// boards and cannot be cut.
 pub fn boards_of(profile: &Profile, cluster: &Cluster) -> Result<Profile> {
-    if profile.mode == legion_plan::ProfileMode::Fss
-        && profile.devices.len() != cluster.devices.len()
-    {
+    if profile.mode == ProfileMode::Fss && profile.devices.len() != cluster.devices.len() {
         return Err(BadInput(
             "an fss profile measured groups across all its boards and cannot be cut down \
              to some of them; profile this cluster in fss mode"

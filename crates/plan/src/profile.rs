@@ -56,6 +56,11 @@ pub struct Profile {
     /// `fss` mode: the longest group measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_group_len: Option<usize>,
+    /// `fss` mode: sha256 ([`Profile::sha256`]) of the legion profile whose cost table's
+    /// choices were measured (absent in profiles that measured every group across all
+    /// boards at shares proportional to their rates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub costed_from: Option<String>,
     /// Time the profiling took on `clock`, µs (devices measured in parallel count once).
     pub profiling_us: u64,
     /// Wall time the profiling took on the host, µs.
@@ -123,7 +128,8 @@ pub struct Sample {
     pub runs: u32,
 }
 
-/// A candidate group measured across the cluster (FSS).
+/// A group measured under one device option (FSS): whole on one device, or split over
+/// several.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupMeasurement {
     /// First stage of the group.
@@ -131,8 +137,16 @@ pub struct GroupMeasurement {
     /// Last stage of the group.
     pub last: StageId,
     /// Each device's strip of the last stage's output rows (devices with no rows are
-    /// left out).
+    /// left out); of its output channels when `channels` is set.
     pub strips: Vec<(String, Rows)>,
+    /// The device option measured: how many of the fastest devices the choice could
+    /// use, 1 for a group whole on one device. Absent in fss profiles without
+    /// `costed_from`, whose option is the number of strips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option: Option<usize>,
+    /// The group was split by its last stage's output channels.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub channels: bool,
     /// Median over the runs of the group's time, µs.
     pub median_us: u64,
     /// Runs measured.
@@ -192,5 +206,15 @@ impl Profile {
     /// The profile as pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a profile serializes")
+    }
+
+    /// sha256 of [`Profile::to_json`], lowercase hex: names the profile an fss one was
+    /// costed from.
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.to_json().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }

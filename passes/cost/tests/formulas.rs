@@ -69,6 +69,7 @@ fn linear_profile(ir: &Ir, devices: usize, per_row: impl Fn(usize) -> u64) -> Pr
             .collect(),
         groups: vec![],
         max_group_len: None,
+        costed_from: None,
         profiling_us: 0,
         wall_us: 0,
         host_gflops: None,

@@ -224,9 +224,12 @@ impl CostTable {
         })
     }
 
-    /// Measured costs from an FSS profile: every group FSS ran across the cluster under
-    /// the option of all devices, and every barrier stage under option 1 on the device
-    /// that ran it fastest. FSS measures nothing else, so nothing else is legal.
+    /// Measured costs from an FSS profile: each measurement is the entry of its group
+    /// under the device option it records (split by channels when it was; option 1 runs
+    /// the group whole; older profiles: as many devices as it ran on); of two
+    /// measurements of one choice the faster counts. FSS measures every choice of the table Legion searches
+    /// (`legion_profile::FssChoice`), so both search the same space; nothing FSS did
+    /// not measure is legal.
     pub fn measured(ir: &Ir, profile: &Profile) -> Result<CostTable> {
         ensure!(
             profile.mode == ProfileMode::Fss,
@@ -241,7 +244,6 @@ impl CostTable {
                 ir.sha256
             );
         }
-        let all = profile.devices.len();
         let index = |name: &str| -> Result<DeviceId> {
             profile
                 .device_id(name)
@@ -253,6 +255,10 @@ impl CostTable {
             ensure!(
                 first <= last && last < ir.stages.len(),
                 "the profile measured group {first}..{last}, which is not in this model"
+            );
+            ensure!(
+                !g.strips.is_empty(),
+                "the profile measured group {first}..{last} on no device"
             );
             let devices = g
                 .strips
@@ -269,13 +275,18 @@ impl CostTable {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let barrier = check_group(ir, first, last).is_err();
-            let choice = FlcGroup::rows(first, last, if barrier { 1 } else { all });
+            let option = g.option.unwrap_or(devices.len());
+            let whole = option == 1;
+            let channels = g.channels && !whole;
+            let choice = FlcGroup {
+                channels,
+                ..FlcGroup::rows(first, last, option)
+            };
             let entry = Entry {
                 cost: Cost::from_us(g.median_us as f64),
                 devices,
-                whole: barrier || all == 1,
-                channels: false,
+                whole,
+                channels,
             };
             if entries.get(&choice).is_none_or(|e| entry.cost < e.cost) {
                 entries.insert(choice, entry);
@@ -283,7 +294,7 @@ impl CostTable {
         }
         Ok(CostTable {
             stages: ir.stages.len(),
-            order: (0..all).map(DeviceId).collect(),
+            order: device_order(profile),
             entries,
         })
     }

@@ -124,6 +124,7 @@ fn synthetic_profile(ir: &Ir) -> Profile {
         stages,
         groups: vec![],
         max_group_len: None,
+        costed_from: None,
         profiling_us: 0,
         wall_us: 0,
         host_gflops: None,

@@ -5,8 +5,10 @@
 //!   stage alone on each device at the device's expected share of rows and at
 //!   neighbouring row counts (fused groups compute a few halo rows more), barrier
 //!   stages whole, and transfer probes of a few sizes per link.
-//! - [`ProfileMode::Fss`] measures every candidate group directly across the cluster
-//!   (the Full Searching Scheme the paper compares against).
+//! - [`ProfileMode::Fss`] measures the choices it is given directly on the cluster (the
+//!   Full Searching Scheme the paper compares against): every entry of the cost table
+//!   Legion searches, each group under each device option at the strips a plan would
+//!   run it with ([`FssChoice`]).
 //!
 //! Both measure in rounds ([`Round`]): a warm-up round, then every measurement once per
 //! timed round, so none runs right after itself. Both report the time profiling took
@@ -17,12 +19,12 @@
 //! The profiler measures through a [`Testbed`]: the runtime's [`Coordinator`] on a
 //! connected cluster, or a fake in tests.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use legion_ir::{Ir, Rows, Split, StageId, TensorRef};
-pub use legion_partition::candidate_groups;
 use legion_partition::{
-    Group, channel_tile, check_group, strips_from_weights, tile, whole_stage, worth_channels,
+    Group, boundary, channel_tile, strips_from_weights, tile, whole_group, whole_stage,
+    worth_channels,
 };
 use legion_plan::{
     Clock, DeviceId, DeviceProfile, GroupMeasurement, HostRates, LinkProbe, PROFILE_VERSION,
@@ -157,15 +159,38 @@ impl std::fmt::Display for Round {
     }
 }
 
+/// One choice of a cost table, as FSS measures it: a group under one device option, at
+/// the strips a plan would run it with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FssChoice {
+    /// The group.
+    pub group: Group,
+    /// Per device, in strip order: its strip of the last stage's output rows (its
+    /// channels when `channels` is set); for a group whole on one device, that device
+    /// and all rows.
+    pub strips: Vec<(DeviceId, Rows)>,
+    /// The device option: how many of the fastest devices the choice may use (1 when
+    /// one device runs the group whole); devices given no rows are not in `strips`.
+    pub option: usize,
+    /// One device runs the group whole.
+    pub whole: bool,
+    /// Split by the last stage's output channels.
+    pub channels: bool,
+}
+
 /// How to profile.
 #[derive(Clone, Debug)]
 pub struct ProfileOptions {
-    /// Legion (single stages) or FSS (every candidate group).
+    /// Legion (single stages) or FSS (the choices given).
     pub mode: ProfileMode,
     /// Timed rounds (after a warm-up round); each measurement's median is kept.
     pub runs: u32,
-    /// FSS: the longest group measured (all lengths when `None`).
+    /// FSS: the longest group among the choices, recorded in the profile (all lengths
+    /// when `None`).
     pub max_group_len: Option<usize>,
+    /// FSS: the choices to measure, every entry of the cost table Legion would search
+    /// (`legion_pipeline::fss_choices` makes them).
+    pub choices: Vec<FssChoice>,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }
@@ -176,6 +201,7 @@ impl Default for ProfileOptions {
             mode: ProfileMode::Legion,
             runs: 3,
             max_group_len: None,
+            choices: vec![],
             progress: false,
         }
     }
@@ -208,6 +234,7 @@ pub async fn profile(bed: &impl Testbed, ir: &Ir, opts: &ProfileOptions) -> Resu
         stages: vec![],
         groups: vec![],
         max_group_len: None,
+        costed_from: None,
         profiling_us: 0,
         wall_us: 0,
         host_gflops: None,
@@ -414,48 +441,73 @@ async fn fss_mode(
     opts: &ProfileOptions,
     profile: &mut Profile,
 ) -> Result<()> {
-    let weights = weights(profile);
-    let devices = profile.devices.len();
-    let barriers: Vec<StageId> = ir
-        .stages
-        .iter()
-        .filter(|s| check_group(ir, s.id.index(), s.id.index()).is_err())
-        .map(|s| s.id)
-        .collect();
-    // Every candidate group across the cluster, then every barrier stage whole on each
-    // device.
+    ensure!(
+        !opts.choices.is_empty(),
+        "fss mode measures the choices of a cost table, and none were given"
+    );
+    let name = |d: DeviceId| -> Result<String> {
+        profile
+            .devices
+            .get(d.index())
+            .map(|p| p.name.clone())
+            .with_context(|| format!("a choice runs on device {d}, which the cluster lacks"))
+    };
     let mut cases: Vec<Case> = vec![];
-    for group in candidate_groups(ir, opts.max_group_len) {
-        let height = ir.stage(group.last).output.height().context("splittable")?;
-        let strips = strips_from_weights(height, &weights);
-        // One strip per device in cluster order, so a tile's slot is its device's id.
-        let tiling = tile(ir, group, &strips)?;
-        cases.push(Case {
-            group,
-            strips: tiling
-                .tiles
-                .iter()
-                .map(|t| (profile.devices[t.slot].name.clone(), t.strip))
-                .collect(),
-            inputs: tiling.inputs.clone(),
-            tiles: tiling
-                .tiles
-                .iter()
-                .map(|t| (DeviceId(t.slot), t.spec()))
-                .collect(),
-        });
-    }
-    for &s in &barriers {
-        let spec = whole_stage(ir, s);
-        let rows = Rows::new(0, ir.stage(s).output.height().unwrap_or(0));
-        for d in 0..devices {
-            cases.push(Case {
-                group: Group { first: s, last: s },
-                strips: vec![(profile.devices[d].name.clone(), rows)],
-                inputs: ir.stage(s).inputs.clone(),
-                tiles: vec![(DeviceId(d), spec.clone())],
-            });
-        }
+    for choice in &opts.choices {
+        let group = choice.group;
+        let what = || format!("group {group}");
+        let (inputs, _) = boundary(ir, group);
+        let case = if choice.whole {
+            let [(d, rows)] = choice.strips[..] else {
+                bail!("{} runs whole on {} devices", what(), choice.strips.len());
+            };
+            Case {
+                group,
+                strips: vec![(name(d)?, rows)],
+                option: choice.option,
+                channels: false,
+                inputs,
+                tiles: vec![(d, whole_group(ir, group))],
+            }
+        } else if choice.channels {
+            Case {
+                group,
+                strips: choice
+                    .strips
+                    .iter()
+                    .map(|&(d, c)| Ok((name(d)?, c)))
+                    .collect::<Result<_>>()?,
+                option: choice.option,
+                channels: true,
+                inputs,
+                tiles: choice
+                    .strips
+                    .iter()
+                    .map(|&(d, c)| (d, channel_tile(ir, group, c)))
+                    .collect(),
+            }
+        } else {
+            let cut: Vec<Rows> = choice.strips.iter().map(|(_, r)| *r).collect();
+            let tiling = tile(ir, group, &cut).with_context(what)?;
+            let device = |slot: usize| choice.strips[slot].0;
+            Case {
+                group,
+                strips: choice
+                    .strips
+                    .iter()
+                    .map(|&(d, rows)| Ok((name(d)?, rows)))
+                    .collect::<Result<_>>()?,
+                option: choice.option,
+                channels: false,
+                inputs: tiling.inputs.clone(),
+                tiles: tiling
+                    .tiles
+                    .iter()
+                    .map(|t| (device(t.slot), t.spec()))
+                    .collect(),
+            }
+        };
+        cases.push(case);
     }
     let total = cases.len() * (opts.runs as usize + 1);
     let bar = progress_bar(opts, total as u64, "fss");
@@ -463,7 +515,7 @@ async fn fss_mode(
     let mut timings: Vec<Vec<StepTiming>> = vec![vec![]; cases.len()];
     for round in Round::all(opts.runs) {
         for (case, timings) in cases.iter().zip(&mut timings) {
-            let what = format!("group {}..{}", case.group.first, case.group.last);
+            let what = format!("group {} on {} devices", case.group, case.tiles.len());
             bar.set_message(format!("{round}, {what}"));
             let t = run_made_up(bed, ir, &case.inputs, &case.tiles)
                 .await
@@ -484,6 +536,8 @@ async fn fss_mode(
             first: case.group.first,
             last: case.group.last,
             strips: case.strips,
+            option: Some(case.option),
+            channels: case.channels,
             median_us: median.total_us,
             runs: opts.runs,
             devices: median.devices,
@@ -494,11 +548,13 @@ async fn fss_mode(
     Ok(())
 }
 
-/// One FSS measurement: a group's tiles across the devices (or a barrier stage whole
-/// on one), the tensors it reads and the strips it records.
+/// One FSS measurement: a group's tiles across its devices (or the group whole on
+/// one), the tensors it reads and the strips it records.
 struct Case {
     group: Group,
     strips: Vec<(String, Rows)>,
+    option: usize,
+    channels: bool,
     inputs: Vec<TensorRef>,
     tiles: Vec<(DeviceId, TileSpec)>,
 }

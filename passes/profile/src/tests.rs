@@ -20,11 +20,13 @@ enum Call {
         device: DeviceId,
         bytes: u64,
     },
-    /// A step: its devices and the stages its tiles run.
+    /// A step: its devices, the stages its tiles run and, per tile, the rows and
+    /// channels of the last stage it computes.
     Step {
         devices: Vec<DeviceId>,
         first: StageId,
         last: StageId,
+        parts: Vec<(Rows, Option<Rows>)>,
     },
 }
 
@@ -138,10 +140,15 @@ impl Testbed for Fake {
         tiles: &[(DeviceId, TileSpec)],
     ) -> Result<StepTiming> {
         let spec = &tiles[0].1;
+        let last = |t: &TileSpec| t.stages[t.stages.len() - 1].clone();
         self.calls.borrow_mut().push(Call::Step {
             devices: tiles.iter().map(|(d, _)| *d).collect(),
             first: spec.stages[0].stage,
-            last: spec.stages[spec.stages.len() - 1].stage,
+            last: last(spec).stage,
+            parts: tiles
+                .iter()
+                .map(|(_, t)| (last(t).computed, last(t).channels))
+                .collect(),
         });
         let total_us = Fake::step_us(tiles);
         Ok(StepTiming {
@@ -264,53 +271,115 @@ fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() 
 }
 
 #[test]
-fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device_in_rounds() {
+fn fss_mode_measures_each_choice_given_once_a_round() {
     let ir = tiny_head();
     let fake = Fake::new(&ir);
     let runs = 2;
+    let rows_of = |s: u32| ir.stage(StageId(s)).output.height().unwrap();
+    let fc = ir
+        .stage(StageId(3))
+        .channels
+        .expect("tiny-head's FC layer")
+        .count;
+    let (pool1, last) = (rows_of(1), StageId(ir.stages.len() as u32 - 1));
+    let all = |s: StageId| Rows::new(0, ir.stage(s).output.height().unwrap_or(0));
+    let choices = vec![
+        // Split by rows, the slower board on top.
+        FssChoice {
+            group: Group::new(0, 1),
+            strips: vec![
+                (DeviceId(1), Rows::new(0, 3)),
+                (DeviceId(0), Rows::new(3, pool1)),
+            ],
+            option: 2,
+            whole: false,
+            channels: false,
+        },
+        // The whole model on the slower board.
+        FssChoice {
+            group: Group::new(0, last.index()),
+            strips: vec![(DeviceId(1), all(last))],
+            option: 1,
+            whole: true,
+            channels: false,
+        },
+        // The FC layer split by its output channels.
+        FssChoice {
+            group: Group::new(2, 3),
+            strips: vec![
+                (DeviceId(0), Rows::new(0, fc / 2)),
+                (DeviceId(1), Rows::new(fc / 2, fc)),
+            ],
+            option: 2,
+            whole: false,
+            channels: true,
+        },
+    ];
     let opts = ProfileOptions {
         mode: ProfileMode::Fss,
         runs,
-        max_group_len: Some(3),
+        max_group_len: Some(6),
+        choices: choices.clone(),
         progress: false,
     };
     let p = run(&fake, &ir, &opts).unwrap();
 
-    let groups = candidate_groups(&ir, Some(3));
-    assert!(groups.iter().all(|g| g.last.index() - g.first.index() < 3));
-    let mut cases = vec![];
-    for g in &groups {
-        let height = ir.stage(g.last).output.height().unwrap();
-        let tiling = tile(&ir, *g, &strips_from_weights(height, &RATES)).unwrap();
-        let devices: Vec<DeviceId> = tiling.tiles.iter().map(|t| DeviceId(t.slot)).collect();
-        cases.push(Call::Step {
-            devices,
-            first: g.first,
-            last: g.last,
-        });
-    }
-    let barriers: Vec<StageId> = ir
-        .stages
-        .iter()
-        .filter(|s| !s.is_splittable())
-        .map(|s| s.id)
-        .collect();
-    assert!(!barriers.is_empty(), "tiny-head ends in barriers");
-    for &s in &barriers {
-        for d in 0..2 {
-            cases.push(Call::Step {
-                devices: vec![DeviceId(d)],
-                first: s,
-                last: s,
-            });
-        }
-    }
-    // A warm-up round, then the timed rounds, each over every case.
-    let want: Vec<Call> = (0..=runs).flat_map(|_| cases.clone()).collect();
+    let round = vec![
+        Call::Step {
+            devices: vec![DeviceId(1), DeviceId(0)],
+            first: StageId(0),
+            last: StageId(1),
+            parts: vec![(Rows::new(0, 3), None), (Rows::new(3, pool1), None)],
+        },
+        Call::Step {
+            devices: vec![DeviceId(1)],
+            first: StageId(0),
+            last,
+            parts: vec![(all(last), None)],
+        },
+        Call::Step {
+            devices: vec![DeviceId(0), DeviceId(1)],
+            first: StageId(2),
+            last: StageId(3),
+            parts: vec![
+                (all(StageId(3)), Some(Rows::new(0, fc / 2))),
+                (all(StageId(3)), Some(Rows::new(fc / 2, fc))),
+            ],
+        },
+    ];
+    // A warm-up round, then the timed rounds, each over every choice in order.
+    let want: Vec<Call> = (0..=runs).flat_map(|_| round.clone()).collect();
     assert_eq!(*fake.calls.borrow(), want);
-    assert_eq!(p.groups.len(), groups.len() + 2 * barriers.len());
-    assert_eq!(p.max_group_len, Some(3));
-    // Groups run one after another: every run counts, warm-ups included.
+    let recorded: Vec<_> = p
+        .groups
+        .iter()
+        .map(|g| (g.first.0, g.last.0, g.strips.clone(), g.option, g.channels))
+        .collect();
+    let board = |d: usize| format!("board-{d}");
+    let split =
+        |a: usize, b: usize, top: Rows, bottom: Rows| vec![(board(a), top), (board(b), bottom)];
+    assert_eq!(
+        recorded,
+        vec![
+            (
+                0,
+                1,
+                split(1, 0, Rows::new(0, 3), Rows::new(3, pool1)),
+                Some(2),
+                false
+            ),
+            (0, last.0, vec![(board(1), all(last))], Some(1), false),
+            (
+                2,
+                3,
+                split(0, 1, Rows::new(0, fc / 2), Rows::new(fc / 2, fc)),
+                Some(2),
+                true
+            ),
+        ]
+    );
+    assert_eq!(p.max_group_len, Some(6));
+    // Choices run one after another: every run counts, warm-ups included.
     let spent: u64 = p
         .groups
         .iter()
@@ -318,6 +387,13 @@ fn fss_mode_runs_every_candidate_group_then_every_barrier_on_each_device_in_roun
         .sum();
     assert_eq!(p.profiling_us, spent);
     assert!(p.stages.is_empty());
+
+    let none = ProfileOptions {
+        choices: vec![],
+        ..opts
+    };
+    let e = run(&fake, &ir, &none).unwrap_err();
+    assert!(e.to_string().contains("none were given"), "{e}");
 }
 
 #[test]

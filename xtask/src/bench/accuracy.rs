@@ -5,8 +5,9 @@
 use anyhow::{Context, Result, bail};
 use legion_cost::{CostModel, Predictor};
 use legion_ir::Ir;
-use legion_partition::{Group, check_group};
-use legion_plan::{HostRates, Profile, ProfileMode, Transport};
+use legion_partition::Group;
+use legion_pipeline::CompileOptions;
+use legion_plan::{HostRates, Profile, Transport};
 use std::fmt::Write;
 
 /// Clusters of the benchmark (files under testdata/clusters).
@@ -36,10 +37,24 @@ pub struct Options {
     pub reuse: bool,
 }
 
-/// One group: measured by FSS and predicted.
+/// How a measured choice ran.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    /// Whole on one board.
+    Whole,
+    /// Split by rows.
+    Rows,
+    /// Split by the last stage's output channels.
+    Channels,
+}
+
+/// One choice: measured by FSS and predicted.
 struct Case {
     setup: String,
     group: Group,
+    option: Ran,
+    /// The boards it ran on, with "by channels" when split so.
+    boards: String,
     measured_us: f64,
     predicted_us: [f64; 3],
 }
@@ -55,26 +70,27 @@ struct Timing {
     host: Option<HostRates>,
 }
 
-/// Profiles `model` on `cluster` in both modes (or reads the profiles kept earlier).
+/// The options Legion compiles `model` with here, whose cost table FSS measures: the
+/// hub (a group measured alone is a hub step), YOLOv2's groups up to
+/// [`YOLO_MAX_GROUP_LEN`] stages.
+pub(super) fn fss_options(model: &str) -> CompileOptions {
+    CompileOptions {
+        transport: Transport::Hub,
+        max_group_len: (model == "yolov2").then_some(YOLO_MAX_GROUP_LEN),
+        ..CompileOptions::legion("the legion profile")
+    }
+}
+
+/// Profiles `model` on `cluster` in both modes, one after the other (or reads the pair
+/// kept earlier).
 fn profiles(cluster_name: &str, model: &str, opts: &Options) -> Result<(Ir, Profile, Profile)> {
     let ir = super::load(model)?;
-    let legion = super::kept_profile(
+    let (legion, fss) = super::profile_pair(
         cluster_name,
         model,
         &ir,
-        ProfileMode::Legion,
+        &fss_options(model),
         opts.runs,
-        None,
-        opts.reuse,
-    )?;
-    let max_len = (model == "yolov2").then_some(YOLO_MAX_GROUP_LEN);
-    let fss = super::kept_profile(
-        cluster_name,
-        model,
-        &ir,
-        ProfileMode::Fss,
-        opts.runs,
-        max_len,
         opts.reuse,
     )?;
     Ok((ir, legion, fss))
@@ -111,14 +127,11 @@ pub fn run(opts: &Options) -> Result<String> {
         for model in &opts.models {
             let setup = format!("{cluster}-{model}");
             let (ir, legion, fss) = profiles(cluster, model, opts)?;
-            // FSS measured each group as one hub step: predict the hub's transfers.
+            // FSS measured each choice as one hub step: predict the hub's transfers.
             let cost = CostModel::new(&ir, &legion, Transport::Hub)?;
             let mut groups = 0;
             for g in &fss.groups {
                 let group = Group::new(g.first.index(), g.last.index());
-                if check_group(&ir, g.first.index(), g.last.index()).is_err() {
-                    continue;
-                }
                 let strips = g
                     .strips
                     .iter()
@@ -129,13 +142,27 @@ pub fn run(opts: &Options) -> Result<String> {
                         Ok((d, *rows))
                     })
                     .collect::<Result<Vec<_>>>()?;
+                let option = match (strips.len(), g.channels) {
+                    (1, _) => Ran::Whole,
+                    (_, true) => Ran::Channels,
+                    (_, false) => Ran::Rows,
+                };
                 let mut predicted_us = [0.0; 3];
-                for (i, p) in Predictor::ALL.iter().enumerate() {
-                    predicted_us[i] = cost.predict(*p, group, &strips)?.total_us;
+                for (i, &p) in Predictor::ALL.iter().enumerate() {
+                    predicted_us[i] = match option {
+                        Ran::Whole => cost.predict_one(group, strips[0].0).total_us,
+                        Ran::Channels => cost.predict_channels(p, group, &strips, None).total_us,
+                        Ran::Rows => cost.predict(p, group, &strips)?.total_us,
+                    };
                 }
                 cases.push(Case {
                     setup: setup.clone(),
                     group,
+                    option,
+                    boards: match option {
+                        Ran::Channels => format!("{} by channels", strips.len()),
+                        _ => strips.len().to_string(),
+                    },
                     measured_us: g.median_us as f64,
                     predicted_us,
                 });
@@ -163,20 +190,27 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(md, "# Predicted vs measured group times\n")?;
     writeln!(
         md,
-        "Measured by `cargo xtask bench accuracy --clusters {} --models {}` (timed rounds \
+        "Measured by `cargo xtask bench accuracy --clusters {} --models {}{}` (timed rounds \
          per profile: {}, after a warm-up round, every measurement once a round; profiles \
          kept under target/bench-profiles), on emulated \
          clusters started in-process (testdata/clusters; compute measured on this host \
-         and scaled to the boards, links modelled). Every group FSS measured is predicted \
-         from the legion-mode profile at the strips FSS ran it with (devices' shares \
-         proportional to their rates). YOLOv2: groups up to {YOLO_MAX_GROUP_LEN} stages; \
-         VGG: all groups. Errors are |predicted - measured| / measured.\n",
+         and scaled to the boards, links modelled). A setup's legion and fss profiles are \
+         measured in one sitting, the fss one right after the legion one on the same \
+         cluster. FSS measures every choice of the cost table Legion searches through the \
+         hub (docs/architecture.md, \"The FSS oracle\"): every group whole on the board the \
+         table picked (runs with barriers included), split by rows over the k fastest \
+         boards at the table's min-max shares, and split by channels where the table \
+         does. Each choice is predicted from the legion-mode profile at the strips FSS ran \
+         it with. YOLOv2: groups up to {YOLO_MAX_GROUP_LEN} stages; VGG: all groups. \
+         Errors are |predicted - measured| / measured. Goal (#23): legion's MAPE 2.5% or \
+         less, p90 5% or less.\n",
         opts.clusters.join(","),
         opts.models.join(","),
+        if opts.reuse { " --reuse" } else { "" },
         opts.runs
     )?;
     writeln!(md, "Host: {}\n", super::host())?;
-    writeln!(md, "## Accuracy over all {} groups\n", cases.len())?;
+    writeln!(md, "## Accuracy over all {} choices\n", cases.len())?;
     writeln!(
         md,
         "| predictor | MAPE % | median APE % | p90 APE % | max APE % |"
@@ -203,7 +237,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     )?;
     writeln!(
         md,
-        "| setup | groups | legion | affine | aofl | host GFLOP/s |"
+        "| setup | choices | legion | affine | aofl | host GFLOP/s |"
     )?;
     writeln!(md, "|---|---:|---:|---:|---:|---|")?;
     for t in timings {
@@ -247,10 +281,35 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
             mape(2)
         )?;
     }
+    writeln!(md, "\n## By device option (MAPE %)\n")?;
+    writeln!(md, "| option | choices | legion | affine | aofl |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    for (label, ran) in [
+        ("whole on one board", Ran::Whole),
+        ("split by rows", Ran::Rows),
+        ("split by channels", Ran::Channels),
+    ] {
+        let mine: Vec<&Case> = cases.iter().filter(|c| c.option == ran).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let mape = |i: usize| mean_ape(&mine, i);
+        writeln!(
+            md,
+            "| {label} | {} | {:.2} | {:.2} | {:.2} |",
+            mine.len(),
+            mape(0),
+            mape(1),
+            mape(2)
+        )?;
+    }
     for (i, p) in Predictor::ALL.iter().enumerate() {
-        writeln!(md, "\n## Ten worst groups, {p}\n")?;
-        writeln!(md, "| setup | group | measured ms | predicted ms | APE % |")?;
-        writeln!(md, "|---|---|---:|---:|---:|")?;
+        writeln!(md, "\n## Ten worst choices, {p}\n")?;
+        writeln!(
+            md,
+            "| setup | group | boards | measured ms | predicted ms | APE % |"
+        )?;
+        writeln!(md, "|---|---|---|---:|---:|---:|")?;
         let mut order: Vec<usize> = (0..cases.len()).collect();
         let e = errors(cases, i);
         order.sort_by(|&a, &b| e[b].total_cmp(&e[a]));
@@ -258,9 +317,10 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
             let c = &cases[k];
             writeln!(
                 md,
-                "| {} | {} | {:.2} | {:.2} | {:.1} |",
+                "| {} | {} | {} | {:.2} | {:.2} | {:.1} |",
                 c.setup,
                 c.group,
+                c.boards,
                 c.measured_us / 1e3,
                 c.predicted_us[i] / 1e3,
                 e[k]

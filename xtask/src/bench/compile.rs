@@ -6,7 +6,7 @@ use anyhow::{Result, ensure};
 use legion_cost::Producers;
 use legion_fusion::{search_dp, search_egg};
 use legion_pipeline::{CompileOptions, cost_table};
-use legion_plan::{Cluster, ProfileMode};
+use legion_plan::Cluster;
 use std::fmt::Write;
 
 /// (cluster, model) pairs measured: 6 devices each.
@@ -41,7 +41,7 @@ pub fn run(reuse: bool) -> Result<String> {
     writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|")?;
     for (cluster, model) in SETUPS {
         let ir = load(model)?;
-        let profile = kept_profile(cluster, model, &ir, ProfileMode::Legion, 3, None, reuse)?;
+        let profile = kept_profile(cluster, model, &ir, 3, reuse)?;
         let devices = Cluster::load(
             &legion_models::workspace_root()
                 .join("testdata/clusters")
