@@ -295,7 +295,7 @@ fn kept_profile(
 /// The FSS oracle's profile of `model` on `cluster_name` and the legion profile whose
 /// cost table's choices it measured, as kept under target/bench-profiles; `None` when
 /// no fss profile costed from the kept legion profile is there.
-fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Result<Option<(Profile, Profile)>> {
+fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Option<(Profile, Profile)> {
     let setup = format!("{cluster_name}-{model}");
     let legion = read_kept(
         &kept_path(cluster_name, model, ProfileMode::Legion),
@@ -307,12 +307,12 @@ fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Result<Option<(Profile,
         &setup,
         ir,
     );
-    Ok(match (fss, legion) {
+    match (fss, legion) {
         (Some(fss), Some(legion)) if fss.costed_from == Some(legion.sha256()) => {
             Some((fss, legion))
         }
         _ => None,
-    })
+    }
 }
 
 /// A setup's legion and fss profiles measured in one sitting (docs/architecture.md,
@@ -329,7 +329,7 @@ fn profile_pair(
 ) -> Result<(Profile, Profile)> {
     let setup = format!("{cluster_name}-{model}");
     if reuse
-        && let Some((fss, legion)) = kept_fss(cluster_name, model, ir)?
+        && let Some((fss, legion)) = kept_fss(cluster_name, model, ir)
         && fss.max_group_len == options.max_group_len
     {
         eprintln!("{setup}: reusing its kept legion and fss profiles");

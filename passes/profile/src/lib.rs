@@ -455,59 +455,41 @@ async fn fss_mode(
     let mut cases: Vec<Case> = vec![];
     for choice in &opts.choices {
         let group = choice.group;
-        let what = || format!("group {group}");
-        let (inputs, _) = boundary(ir, group);
-        let case = if choice.whole {
-            let [(d, rows)] = choice.strips[..] else {
-                bail!("{} runs whole on {} devices", what(), choice.strips.len());
+        let strips = choice
+            .strips
+            .iter()
+            .map(|&(d, rows)| Ok((name(d)?, rows)))
+            .collect::<Result<Vec<_>>>()?;
+        let (inputs, tiles) = if choice.whole {
+            let [(d, _)] = choice.strips[..] else {
+                bail!("group {group} runs whole on {} devices", strips.len());
             };
-            Case {
-                group,
-                strips: vec![(name(d)?, rows)],
-                option: choice.option,
-                channels: false,
-                inputs,
-                tiles: vec![(d, whole_group(ir, group))],
-            }
+            (boundary(ir, group).0, vec![(d, whole_group(ir, group))])
         } else if choice.channels {
-            Case {
-                group,
-                strips: choice
-                    .strips
-                    .iter()
-                    .map(|&(d, c)| Ok((name(d)?, c)))
-                    .collect::<Result<_>>()?,
-                option: choice.option,
-                channels: true,
-                inputs,
-                tiles: choice
-                    .strips
-                    .iter()
-                    .map(|&(d, c)| (d, channel_tile(ir, group, c)))
-                    .collect(),
-            }
+            let tiles = choice
+                .strips
+                .iter()
+                .map(|&(d, c)| (d, channel_tile(ir, group, c)))
+                .collect();
+            (boundary(ir, group).0, tiles)
         } else {
             let cut: Vec<Rows> = choice.strips.iter().map(|(_, r)| *r).collect();
-            let tiling = tile(ir, group, &cut).with_context(what)?;
-            let device = |slot: usize| choice.strips[slot].0;
-            Case {
-                group,
-                strips: choice
-                    .strips
-                    .iter()
-                    .map(|&(d, rows)| Ok((name(d)?, rows)))
-                    .collect::<Result<_>>()?,
-                option: choice.option,
-                channels: false,
-                inputs: tiling.inputs.clone(),
-                tiles: tiling
-                    .tiles
-                    .iter()
-                    .map(|t| (device(t.slot), t.spec()))
-                    .collect(),
-            }
+            let tiling = tile(ir, group, &cut).with_context(|| format!("group {group}"))?;
+            let tiles = tiling
+                .tiles
+                .iter()
+                .map(|t| (choice.strips[t.slot].0, t.spec()))
+                .collect();
+            (tiling.inputs, tiles)
         };
-        cases.push(case);
+        cases.push(Case {
+            group,
+            strips,
+            option: choice.option,
+            channels: choice.channels && !choice.whole,
+            inputs,
+            tiles,
+        });
     }
     let total = cases.len() * (opts.runs as usize + 1);
     let bar = progress_bar(opts, total as u64, "fss");

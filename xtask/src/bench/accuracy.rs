@@ -331,8 +331,9 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(
         md,
         "Emulated clock: legion mode counts the slowest device's runs (devices profile in \
-         parallel) plus its link probes; fss counts every run of every group. Wall: this \
-         host, where all emulated devices share the cores.\n"
+         parallel) plus its link probes; fss counts every run of every choice. Wall: this \
+         host, where all emulated devices share the cores: how long measuring the setup's \
+         profiles took. Goal (#23): fss / legion at least 100.\n"
     )?;
     writeln!(
         md,

@@ -252,7 +252,7 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     let mut cluster = Cluster::load(&file)?;
     // Where FSS measured Legion's cost table, Legion compiles from the very profile that
     // table was costed from, so that both search the same choices.
-    let kept = super::kept_fss(cluster_name, model, ir)?;
+    let kept = super::kept_fss(cluster_name, model, ir);
     let (profile, profiled_on) = match &kept {
         Some((_, legion)) => (legion.clone(), None),
         None => legion_profile(cluster_name, &cluster, model, ir, opts.reuse)?,
@@ -518,8 +518,9 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          compile` makes on the live cluster: that FLC and its Wild Card measured (median \
          of 3 runs each, in rounds), the faster kept. Every plan is compiled by the \
          same driver as `legion compile`. *fss*: the same search over FSS-measured times, \
-         where an fss profile is kept ({} of the {} setups): `cargo xtask bench \
-         accuracy` measures every choice of the cost table Legion searches (each group \
+         where an fss profile is kept ({} of the {} setups; {} of them older ones that \
+         measured only groups across all boards at proportional shares, barriers whole \
+         on each board): `cargo xtask bench accuracy` measures every choice of the cost table Legion searches (each group \
          whole on one board, split by rows over the k fastest boards at the table's \
          shares, split by channels), in one sitting with the legion profile, and the \
          legion plans of that row are compiled from that very profile (docs/\
@@ -538,7 +539,10 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
         super::host(),
         args_label(opts),
         rows.iter().filter(|r| r.fss_profiling_us.is_some()).count(),
-        rows.len()
+        rows.len(),
+        rows.iter()
+            .filter(|r| r.fss_profiling_us.is_some() && !r.fss_oracle)
+            .count()
     )?;
     write!(md, "| model | cluster | boards | single ms |")?;
     for p in PLANS {
@@ -631,7 +635,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
         if !ahead.is_empty() {
             writeln!(
                 md,
-                "- Legion is ahead of the oracle in {} setups ({}): see \"Predicted against \
+                "- Legion is ahead of the oracle in {} of them ({}): see \"Predicted against \
                  measured\" below for how far FSS's sum of measured groups is from its plan's \
                  measured latency; an oracle over the same choices loses only by that and by \
                  run-to-run noise.",
