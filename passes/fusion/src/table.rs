@@ -227,9 +227,9 @@ impl CostTable {
     /// Measured costs from an FSS profile: each measurement is the entry of its group
     /// under the device option it records (split by channels when it was; option 1 runs
     /// the group whole; older profiles: as many devices as it ran on); of two
-    /// measurements of one choice the faster counts. FSS measures every choice of the table Legion searches
-    /// (`legion_profile::FssChoice`), so both search the same space; nothing FSS did
-    /// not measure is legal.
+    /// measurements of one choice the faster counts. FSS measures every choice of the
+    /// table Legion searches (`legion_profile::FssChoice`), so both search the same
+    /// space; nothing FSS did not measure is legal.
     pub fn measured(ir: &Ir, profile: &Profile) -> Result<CostTable> {
         ensure!(
             profile.mode == ProfileMode::Fss,
