@@ -115,49 +115,45 @@ fn a_cluster_started_from_the_command_line_is_profiled_from_it() {
     assert_eq!(emulated.as_deref(), Some("odroid-xu4"));
 
     let model = legion_models::test_model("tiny-cnn").unwrap();
+    // `legion profile` on the cluster with `args`, into `file`: its stdout and the profile.
+    let profile_into = |args: &[&str], file: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_legion"))
+            .arg("profile")
+            .arg(&model)
+            .arg("--cluster")
+            .arg(&cluster_file)
+            .args(args)
+            .arg("-o")
+            .arg(file)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let profile =
+            legion_plan::Profile::from_json(&std::fs::read_to_string(file).unwrap()).unwrap();
+        (stdout, profile)
+    };
     let profile_file = dir.join("profile.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_legion"))
-        .arg("profile")
-        .arg(&model)
-        .arg("--cluster")
-        .arg(&cluster_file)
-        .arg("-o")
-        .arg(&profile_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, profile) = profile_into(&[], &profile_file);
     assert!(stdout.contains("on the emulated clock"), "{stdout}");
-    let profile =
-        legion_plan::Profile::from_json(&std::fs::read_to_string(&profile_file).unwrap()).unwrap();
     assert_eq!(profile.devices.len(), 2);
     assert_eq!(profile.devices[0].class.as_deref(), Some("firefly-rk3399"));
 
     // The FSS oracle from that profile: every choice of its hub cost table, one round.
-    let fss_file = dir.join("fss.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_legion"))
-        .arg("profile")
-        .arg(&model)
-        .arg("--cluster")
-        .arg(&cluster_file)
-        .args(["--mode", "fss", "--runs", "1", "--legion-profile"])
-        .arg(&profile_file)
-        .arg("-o")
-        .arg(&fss_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fss =
-        legion_plan::Profile::from_json(&std::fs::read_to_string(&fss_file).unwrap()).unwrap();
+    let legion_profile = profile_file.to_str().unwrap();
+    let fss_args = [
+        "--mode",
+        "fss",
+        "--runs",
+        "1",
+        "--legion-profile",
+        legion_profile,
+    ];
+    let (stdout, fss) = profile_into(&fss_args, &dir.join("fss.json"));
     assert_eq!(fss.costed_from, Some(profile.sha256()));
     assert!(
         stdout.contains(&format!("{} measurements", fss.groups.len())),

@@ -111,6 +111,19 @@ fn mean_ape(cases: &[&Case], p: usize) -> f64 {
     cases.iter().map(|c| ape(c, p)).sum::<f64>() / cases.len().max(1) as f64
 }
 
+/// A row of MAPE by predictor: its label, how many cases, each predictor's MAPE.
+fn mape_row(md: &mut String, label: &str, cases: &[&Case]) -> Result<()> {
+    writeln!(
+        md,
+        "| {label} | {} | {:.2} | {:.2} | {:.2} |",
+        cases.len(),
+        mean_ape(cases, 0),
+        mean_ape(cases, 1),
+        mean_ape(cases, 2)
+    )?;
+    Ok(())
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -271,15 +284,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         if mine.is_empty() {
             continue;
         }
-        let mape = |i: usize| mean_ape(&mine, i);
-        writeln!(
-            md,
-            "| {label} | {} | {:.2} | {:.2} | {:.2} |",
-            mine.len(),
-            mape(0),
-            mape(1),
-            mape(2)
-        )?;
+        mape_row(&mut md, label, &mine)?;
     }
     writeln!(md, "\n## By device option (MAPE %)\n")?;
     writeln!(md, "| option | choices | legion | affine | aofl |")?;
@@ -293,15 +298,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         if mine.is_empty() {
             continue;
         }
-        let mape = |i: usize| mean_ape(&mine, i);
-        writeln!(
-            md,
-            "| {label} | {} | {:.2} | {:.2} | {:.2} |",
-            mine.len(),
-            mape(0),
-            mape(1),
-            mape(2)
-        )?;
+        mape_row(&mut md, label, &mine)?;
     }
     for (i, p) in Predictor::ALL.iter().enumerate() {
         writeln!(md, "\n## Ten worst choices, {p}\n")?;
