@@ -17,14 +17,18 @@ use tract_onnx::tract_core::ops::downsample::Downsample;
 pub struct TileModel {
     plan: std::sync::Arc<TypedSimplePlan>,
     spec: TileSpec,
+    /// Bytes of the constants (weights) of its model.
+    weight_bytes: u64,
 }
 
 impl TileModel {
     /// Builds and optimizes the tile's model from the imported model's.
     pub fn build(ir: &Ir, spec: &TileSpec) -> Result<TileModel> {
+        let (plan, weight_bytes) = runnable(|| TileBuilder::new(ir)?.build(spec))?;
         Ok(TileModel {
-            plan: runnable(|| TileBuilder::new(ir)?.build(spec))?,
+            plan,
             spec: spec.clone(),
+            weight_bytes,
         })
     }
 
@@ -50,15 +54,22 @@ impl TileModel {
             );
             Ok(model)
         };
+        let (plan, weight_bytes) = runnable(read)?;
         Ok(TileModel {
-            plan: runnable(read)?,
+            plan,
             spec: spec.clone(),
+            weight_bytes,
         })
     }
 
     /// The program this tile runs.
     pub fn spec(&self) -> &TileSpec {
         &self.spec
+    }
+
+    /// Bytes of its weights (the constants of its model).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// Runs the tile on its input strips (in [`TileSpec::inputs`] order).
@@ -127,18 +138,29 @@ impl ShippedTiles {
 /// Optimizes the tile's model that `load` makes and makes it runnable. The model is
 /// not kept beside its optimized copy (a tile's weights would be held twice); it is
 /// made again only when tract cannot optimize it.
-fn runnable(load: impl Fn() -> Result<TypedModel>) -> Result<std::sync::Arc<TypedSimplePlan>> {
+/// The model `load` gives, optimized and runnable, and the bytes of its constants.
+fn runnable(
+    load: impl Fn() -> Result<TypedModel>,
+) -> Result<(std::sync::Arc<TypedSimplePlan>, u64)> {
+    let model = load()?;
+    let weight_bytes = model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<tract_onnx::tract_core::ops::konst::Const>())
+        .map(|c| (c.val().len() * c.val().datum_type().size_of()) as u64)
+        .sum();
     // tract 0.23.9 fails to optimize some strided convs after a space-to-depth
     // ("Pulling Downsample over Reshape: Invalid axis", declutter too); the typed
     // model runs the same computation unoptimized, only slower.
-    match load()?.into_optimized() {
+    let plan = match model.into_optimized() {
         Ok(optimized) => optimized.into_runnable(),
         Err(e) => {
             tracing::warn!("tract could not optimize a tile ({e:#}); it runs unoptimized");
             load()?.into_runnable()
         }
     }
-    .context("optimizing the tile")
+    .context("optimizing the tile")?;
+    Ok((plan, weight_bytes))
 }
 
 /// The tile `spec` of `ir` built and written as NNEF (a tar, the same bytes for the

@@ -126,8 +126,15 @@ impl Compute {
                 ))
             }
             Compute::Emulated(e) => {
+                let bytes = tile.weight_bytes()
+                    + inputs
+                        .iter()
+                        .map(|t| (t.len() * t.datum_type().size_of()) as u64)
+                        .sum::<u64>();
                 let (out, t) = e
-                    .run_tile(key, || tile.run_timed(inputs.clone(), thread_cpu_time))
+                    .run_tile(key, bytes, || {
+                        tile.run_timed(inputs.clone(), thread_cpu_time)
+                    })
                     .map_err(failed)?;
                 Ok((
                     out,

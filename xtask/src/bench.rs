@@ -66,7 +66,7 @@ pub struct Args {
     /// 1-board clusters); serve: frames per sub-cluster.
     #[arg(long, default_value_t = DEFAULT_RUNS)]
     runs: u32,
-    /// accuracy, channels, compile, paper, serve, transports: reuse the profiles kept under target/bench-profiles by
+    /// accuracy, channels, compile, paper, serve, transports: reuse the profiles kept under bench/profiles by
     /// an earlier run.
     #[arg(long)]
     reuse: bool,
@@ -232,11 +232,15 @@ fn lacks_channel_samples(profile: &Profile, ir: &Ir) -> bool {
     worth && profile.stages.iter().all(|s| s.channel_samples.is_empty())
 }
 
+/// Where the benchmarks keep the profiles they measured: in the repository, so that a
+/// table can be written again with `--reuse` on a fresh clone.
+pub(crate) fn kept_dir() -> PathBuf {
+    legion_models::workspace_root().join("bench/profiles")
+}
+
 /// Where a profile of `model` on the testdata cluster `cluster_name` is kept.
 fn kept_path(cluster_name: &str, model: &str, mode: ProfileMode) -> PathBuf {
-    legion_models::workspace_root()
-        .join("target/bench-profiles")
-        .join(format!("{cluster_name}-{model}-{mode}.json"))
+    kept_dir().join(format!("{cluster_name}-{model}-{mode}.json"))
 }
 
 /// A kept profile, when it can be read and is of `ir`'s model.
@@ -259,7 +263,7 @@ fn read_kept(path: &std::path::Path, setup: &str, ir: &Ir) -> Option<Profile> {
 }
 
 /// A legion-mode profile of `model` on the testdata cluster `cluster_name`, measured on
-/// a local emulated cluster started here, or read back from target/bench-profiles when
+/// a local emulated cluster started here, or read back from bench/profiles when
 /// `reuse` is set and a profile of this model is kept there.
 fn kept_profile(
     cluster_name: &str,
@@ -293,7 +297,7 @@ fn kept_profile(
 }
 
 /// The FSS oracle's profile of `model` on `cluster_name` and the legion profile whose
-/// cost table's choices it measured, as kept under target/bench-profiles; `None` when
+/// cost table's choices it measured, as kept under bench/profiles; `None` when
 /// no fss profile costed from the kept legion profile is there.
 fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Option<(Profile, Profile)> {
     let setup = format!("{cluster_name}-{model}");

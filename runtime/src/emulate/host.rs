@@ -13,6 +13,7 @@
 //!   tiles, at most once per [`SAMPLE_EVERY`], the fastest reading of the last
 //!   [`WINDOW`] counting.
 
+use super::cache::CacheEvictor;
 use super::clock::{run_nodes_timed, thread_cpu_time};
 use super::{VGG16_FLOPS, positive};
 use anyhow::{Context, Result};
@@ -122,6 +123,8 @@ pub struct HostRate {
     /// key: a tile's host time does not depend on the board it is scaled to, so every
     /// emulator sharing this host adds to the same estimate.
     pub(super) tiles: Mutex<TileTimes>,
+    /// Evicts the host's caches before timed runs, one buffer for the process.
+    pub(super) evictor: CacheEvictor,
 }
 
 impl std::fmt::Debug for HostRate {
@@ -159,7 +162,10 @@ impl HostRate {
     pub fn calibrate() -> Result<HostRate> {
         let kernel = ReferenceKernel::build()?;
         let (plan, input) = catalog_model(CALIBRATION_MODEL)?;
+        // Each run starts with cold caches, as every tile's does.
+        let evictor = CacheEvictor::default();
         let run = || {
+            evictor.before_run(u64::MAX);
             run_nodes_timed(&plan, tvec!(input.clone().into_tvalue()), thread_cpu_time)
                 .context("running VGG-16 to calibrate the host")
         };
@@ -195,6 +201,7 @@ impl HostRate {
             base_gflops,
             tracker: Some(Tracker::new(kernel, reference)),
             tiles: Mutex::default(),
+            evictor,
         })
     }
 
@@ -213,6 +220,7 @@ impl HostRate {
             base_gflops,
             tracker: Some(Tracker::new(kernel, base)),
             tiles: Mutex::default(),
+            evictor: CacheEvictor::default(),
         })
     }
 
@@ -223,6 +231,7 @@ impl HostRate {
             base_gflops: positive("host rate (GFLOP/s)", gflops)?,
             tracker: None,
             tiles: Mutex::default(),
+            evictor: CacheEvictor::default(),
         })
     }
 

@@ -23,6 +23,7 @@
 //! runs a tile on the calling thread, and whatever else the host runs (the coordinator,
 //! other workers' decoding, a build) preempts it without adding to its CPU time.
 
+pub mod cache;
 mod clock;
 pub mod host;
 mod lock;
@@ -184,7 +185,9 @@ impl Emulator {
     ///
     /// `run` runs the tile once and returns its output and the host time of each of its
     /// nodes ([`run_nodes_timed`] on [`thread_cpu_time`]); `key` names the tile (the
-    /// same work, the same key). Each run's node times are scaled to the host's base
+    /// same work, the same key); `bytes` is what it reads (weights and input strips):
+    /// above [`cache::EVICT_ABOVE`] the host's caches are evicted before each run, as a
+    /// board's would hold nothing of them in a plan. Each run's node times are scaled to the host's base
     /// rate by the rate at that run ([`HostRate::now`]), and the host keeps each node's
     /// fastest, over the runs of every emulator sharing it: interference only adds
     /// time, and a burst that slows one node does not count against the others. The
@@ -196,6 +199,7 @@ impl Emulator {
     pub fn run_tile<T>(
         &self,
         key: &str,
+        bytes: u64,
         mut run: impl FnMut() -> Result<(T, Vec<Duration>)>,
     ) -> Result<(T, EmulatedTime)> {
         let _guard = self.lock.hold()?;
@@ -204,6 +208,7 @@ impl Emulator {
         let mut quiet_runs = 0;
         loop {
             let host_gflops = self.host.now()?;
+            self.host.evictor.before_run(bytes);
             let (output, nodes) = run()?;
             runs += 1;
             let mut tiles = self.host.tiles.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,7 +276,7 @@ mod tests {
         // First use: the third and fourth runs lower nothing, so the time has settled.
         let mut runs = [vec![10, 20], vec![12, 15], vec![11, 25], vec![10, 16]].into_iter();
         let (_, t) = emulator
-            .run_tile("tile", || nodes(&runs.next().unwrap()))
+            .run_tile("tile", 0, || nodes(&runs.next().unwrap()))
             .unwrap();
         assert_eq!(runs.len(), 0);
         assert_eq!(t.runs, 4);
@@ -281,20 +286,20 @@ mod tests {
         // A run that lowers the time by more than 1% is followed by two that do not.
         let mut runs = [vec![9, 30], vec![20, 20], vec![20, 20]].into_iter();
         let (_, t) = emulator
-            .run_tile("tile", || nodes(&runs.next().unwrap()))
+            .run_tile("tile", 0, || nodes(&runs.next().unwrap()))
             .unwrap();
         assert_eq!(runs.len(), 0);
         assert_eq!((t.runs, t.emulated), (3, Duration::from_millis(96)));
         // A slow run changes nothing; another tile has its own times.
-        let (_, t) = emulator.run_tile("tile", || nodes(&[50, 50])).unwrap();
+        let (_, t) = emulator.run_tile("tile", 0, || nodes(&[50, 50])).unwrap();
         assert_eq!((t.runs, t.emulated), (1, Duration::from_millis(96)));
-        let (_, t) = emulator.run_tile("other", || nodes(&[5])).unwrap();
+        let (_, t) = emulator.run_tile("other", 0, || nodes(&[5])).unwrap();
         assert_eq!(t.emulated, Duration::from_millis(20));
         // After SETTLED_RUNS runs, one run per call even when it lowers the time.
         for _ in 0..SETTLED_RUNS {
-            emulator.run_tile("other", || nodes(&[5])).unwrap();
+            emulator.run_tile("other", 0, || nodes(&[5])).unwrap();
         }
-        let (_, t) = emulator.run_tile("other", || nodes(&[4])).unwrap();
+        let (_, t) = emulator.run_tile("other", 0, || nodes(&[4])).unwrap();
         assert_eq!((t.runs, t.emulated), (1, Duration::from_millis(16)));
 
         // A host slower than the board: emulated times are shorter (with a warning).
@@ -321,12 +326,12 @@ mod tests {
         let slow = Emulator::new(board(10.0), host, Some(path.clone())).unwrap();
         let mut runs = [vec![10], vec![8], vec![9], vec![9]].into_iter();
         let (_, t) = fast
-            .run_tile("tile", || nodes(&runs.next().unwrap()))
+            .run_tile("tile", 0, || nodes(&runs.next().unwrap()))
             .unwrap();
         assert_eq!((t.runs, t.emulated), (4, Duration::from_millis(16))); // 8 x 2
         // The tile's host time is settled: the slower board runs it once, and a slow
         // run does not count against it.
-        let (_, t) = slow.run_tile("tile", || nodes(&[30])).unwrap();
+        let (_, t) = slow.run_tile("tile", 0, || nodes(&[30])).unwrap();
         assert_eq!((t.runs, t.emulated), (1, Duration::from_millis(32))); // 8 x 4
         std::fs::remove_file(path).unwrap();
     }
@@ -418,12 +423,12 @@ mod tests {
             let host = Arc::new(HostRate::fixed(50.0).unwrap());
             let emulator = Emulator::new(device, host, Some(path.clone())).unwrap();
             // Settled: every later call runs the tile once.
-            emulator.run_tile("tile", || nodes(&[1])).unwrap();
+            emulator.run_tile("tile", 0, || nodes(&[1])).unwrap();
             Arc::new(emulator)
         };
         let intervals = record_two_threads([emulator(), emulator()], |emulator, f| {
             emulator
-                .run_tile("tile", || {
+                .run_tile("tile", 0, || {
                     f();
                     nodes(&[1])
                 })

@@ -10,10 +10,18 @@ use legion_pipeline::CompileOptions;
 use legion_plan::{HostRates, Profile, Transport};
 use std::fmt::Write;
 
-/// Clusters of the benchmark (files under testdata/clusters).
-pub const CLUSTERS: [&str; 3] = ["firefly-x6", "odroid-x3", "3f3o"];
+/// Clusters of the benchmark (files under testdata/clusters): with [`MODELS`], the 12
+/// setups of issue #23.
+pub const CLUSTERS: [&str; 6] = [
+    "firefly-x2",
+    "firefly-x4",
+    "firefly-x6",
+    "odroid-x3",
+    "2f2o",
+    "3f3o",
+];
 /// Models of the benchmark.
-pub const MODELS: [&str; 3] = ["vgg16", "vgg19", "yolov2"];
+pub const MODELS: [&str; 2] = ["vgg16", "yolov2"];
 /// The longest YOLOv2 group FSS measures (VGG: all groups).
 pub const YOLO_MAX_GROUP_LEN: usize = 6;
 
@@ -33,7 +41,7 @@ pub struct Options {
     pub models: Vec<String>,
     /// Timed runs per measurement.
     pub runs: u32,
-    /// Reuse profiles measured earlier (kept under target/bench-profiles).
+    /// Reuse profiles measured earlier (kept under bench/profiles).
     pub reuse: bool,
 }
 
@@ -205,7 +213,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         md,
         "Measured by `cargo xtask bench accuracy --clusters {} --models {}{}` (timed rounds \
          per profile: {}, after a warm-up round, every measurement once a round; profiles \
-         kept under target/bench-profiles), on emulated \
+         kept under bench/profiles), on emulated \
          clusters started in-process (testdata/clusters; compute measured on this host \
          and scaled to the boards, links modelled). A setup's legion and fss profiles are \
          measured in one sitting, the fss one right after the legion one on the same \

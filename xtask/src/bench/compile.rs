@@ -25,7 +25,7 @@ pub fn run(reuse: bool) -> Result<String> {
         md,
         "Measured by `cargo xtask bench compile` on {} (dev profile; Legion's passes \
          built with opt-level 3). Legion-mode profiles measured on local emulated \
-         clusters (kept under target/bench-profiles; `--reuse` reads them back). Each \
+         clusters (kept under bench/profiles; `--reuse` reads them back). Each \
          time is the median of {RUNS} runs. *Table*: every candidate group under every \
          device option costed by the `legion` predictor at min-max shares (spread over \
          the host's cores), with the \

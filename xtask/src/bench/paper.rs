@@ -1,6 +1,6 @@
 //! `cargo xtask bench paper`: the paper's experiment (section V) on emulated clusters.
 //! For every model and cluster: profile in legion mode (kept under
-//! target/bench-profiles), compile, and run on a local emulated cluster the plans
+//! bench/profiles), compile, and run on a local emulated cluster the plans
 //! Legion, Legion + Wild Card, FSS (where an fss-mode profile is kept), no fusion and
 //! one fused block, against the best single board running the whole model.
 
@@ -442,11 +442,7 @@ pub(super) fn legion_profile(
     ir: &Ir,
     reuse: bool,
 ) -> Result<(Profile, Option<String>)> {
-    let kept = |c: &str| {
-        legion_models::workspace_root()
-            .join("target/bench-profiles")
-            .join(format!("{c}-{model}-legion.json"))
-    };
+    let kept = |c: &str| super::kept_dir().join(format!("{c}-{model}-legion.json"));
     if reuse && !kept(name).exists() {
         for big in PROFILED {
             let file = legion_models::workspace_root()
