@@ -83,6 +83,10 @@ pub struct Args {
     /// earlier run.
     #[arg(long)]
     overheads_only: bool,
+    /// accuracy: with `--reuse`, report the setups whose profiles are kept and skip the
+    /// others instead of measuring them.
+    #[arg(long, requires = "reuse")]
+    kept_only: bool,
     /// calibration: rows of the stability table (separate `legion demo` runs); the
     /// fourth runs beside two busy loops, the fifth during a build.
     #[arg(long, default_value_t = 5)]
@@ -199,6 +203,7 @@ pub fn run(args: &Args) -> Result<()> {
                 models: list(&args.models, &accuracy::MODELS),
                 runs: args.runs,
                 reuse: args.reuse,
+                kept_only: args.kept_only,
             })?,
         ),
     };
@@ -319,6 +324,19 @@ fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Option<(Profile, Profil
     }
 }
 
+/// A setup's legion and fss profiles as kept, when the fss one measured the cost table
+/// Legion searches with `options` from the legion one.
+fn kept_pair(
+    cluster_name: &str,
+    model: &str,
+    ir: &Ir,
+    options: &legion_pipeline::CompileOptions,
+) -> Option<(Profile, Profile)> {
+    kept_fss(cluster_name, model, ir)
+        .filter(|(fss, _)| fss.max_group_len == options.max_group_len)
+        .map(|(fss, legion)| (legion, fss))
+}
+
 /// A setup's legion and fss profiles measured in one sitting (docs/architecture.md,
 /// "The FSS oracle"): the legion profile, then right after it, on the same local
 /// cluster, every choice of the cost table Legion searches with `options` from it. With
@@ -332,12 +350,9 @@ fn profile_pair(
     reuse: bool,
 ) -> Result<(Profile, Profile)> {
     let setup = format!("{cluster_name}-{model}");
-    if reuse
-        && let Some((fss, legion)) = kept_fss(cluster_name, model, ir)
-        && fss.max_group_len == options.max_group_len
-    {
+    if reuse && let Some(pair) = kept_pair(cluster_name, model, ir, options) {
         eprintln!("{setup}: reusing its kept legion and fss profiles");
-        return Ok((legion, fss));
+        return Ok(pair);
     }
     let (legion, fss) = on_local_cluster(cluster_name, model, ir, |coord| async move {
         eprintln!("{setup}: profiling in legion mode, then in fss mode");

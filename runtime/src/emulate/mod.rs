@@ -186,16 +186,16 @@ impl Emulator {
     /// `run` runs the tile once and returns its output and the host time of each of its
     /// nodes ([`run_nodes_timed`] on [`thread_cpu_time`]); `key` names the tile (the
     /// same work, the same key); `bytes` is what it reads (weights and input strips):
-    /// above [`cache::EVICT_ABOVE`] the host's caches are evicted before each run, as a
-    /// board's would hold nothing of them in a plan. Each run's node times are scaled to the host's base
-    /// rate by the rate at that run ([`HostRate::now`]), and the host keeps each node's
-    /// fastest, over the runs of every emulator sharing it: interference only adds
-    /// time, and a burst that slows one node does not count against the others. The
-    /// emulated time is the sum of those fastest times x [`Emulator::slowdown`]. A tile
-    /// runs at least [`FIRST_RUNS`] times on first use, and until two runs in a row
-    /// lower its time by less than 1%, up to [`SETTLED_RUNS`] runs in all; later calls
-    /// run it once, and again while a run lowers it by more than 1% (up to
-    /// [`SETTLED_RUNS`]). The output is the last run's.
+    /// from [`cache::EVICT_ABOVE`] on, the host's caches are evicted before each run, as
+    /// a board's would hold none of it in a plan. Each run's node times are scaled to
+    /// the host's base rate by the rate at that run ([`HostRate::now`]), and the host
+    /// keeps each node's fastest, over the runs of every emulator sharing it:
+    /// interference only adds time, and a burst that slows one node does not count
+    /// against the others. The emulated time is the sum of those fastest times x
+    /// [`Emulator::slowdown`]. A tile runs at least [`FIRST_RUNS`] times on first use,
+    /// and until two runs in a row lower its time by less than 1%, up to
+    /// [`SETTLED_RUNS`] runs in all; later calls run it once, and again while a run
+    /// lowers it by more than 1% (up to [`SETTLED_RUNS`]). The output is the last run's.
     pub fn run_tile<T>(
         &self,
         key: &str,

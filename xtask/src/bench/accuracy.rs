@@ -43,6 +43,8 @@ pub struct Options {
     pub runs: u32,
     /// Reuse profiles measured earlier (kept under bench/profiles).
     pub reuse: bool,
+    /// Skip the setups whose profiles are not kept instead of measuring them.
+    pub kept_only: bool,
 }
 
 /// How a measured choice ran.
@@ -90,9 +92,17 @@ pub(super) fn fss_options(model: &str) -> CompileOptions {
 }
 
 /// Profiles `model` on `cluster` in both modes, one after the other (or reads the pair
-/// kept earlier).
-fn profiles(cluster_name: &str, model: &str, opts: &Options) -> Result<(Ir, Profile, Profile)> {
+/// kept earlier); `None` when only kept pairs are wanted and this one is not.
+fn profiles(
+    cluster_name: &str,
+    model: &str,
+    opts: &Options,
+) -> Result<Option<(Ir, Profile, Profile)>> {
     let ir = super::load(model)?;
+    if opts.kept_only && super::kept_pair(cluster_name, model, &ir, &fss_options(model)).is_none() {
+        eprintln!("{cluster_name}-{model}: no kept legion and fss profiles; skipped");
+        return Ok(None);
+    }
     let (legion, fss) = super::profile_pair(
         cluster_name,
         model,
@@ -101,7 +111,7 @@ fn profiles(cluster_name: &str, model: &str, opts: &Options) -> Result<(Ir, Prof
         opts.runs,
         opts.reuse,
     )?;
-    Ok((ir, legion, fss))
+    Ok(Some((ir, legion, fss)))
 }
 
 /// Absolute percentage error of predictor `p` on one case, %.
@@ -147,7 +157,9 @@ pub fn run(opts: &Options) -> Result<String> {
     for cluster in &opts.clusters {
         for model in &opts.models {
             let setup = format!("{cluster}-{model}");
-            let (ir, legion, fss) = profiles(cluster, model, opts)?;
+            let Some((ir, legion, fss)) = profiles(cluster, model, opts)? else {
+                continue;
+            };
             // FSS measured each choice as one hub step: predict the hub's transfers.
             let cost = CostModel::new(&ir, &legion, Transport::Hub)?;
             let mut groups = 0;
@@ -211,7 +223,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     writeln!(md, "# Predicted vs measured group times\n")?;
     writeln!(
         md,
-        "Measured by `cargo xtask bench accuracy --clusters {} --models {}{}` (timed rounds \
+        "Measured by `cargo xtask bench accuracy --clusters {} --models {}{}{}` (timed rounds \
          per profile: {}, after a warm-up round, every measurement once a round; profiles \
          kept under bench/profiles), on emulated \
          clusters started in-process (testdata/clusters; compute measured on this host \
@@ -228,6 +240,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         opts.clusters.join(","),
         opts.models.join(","),
         if opts.reuse { " --reuse" } else { "" },
+        if opts.kept_only { " --kept-only" } else { "" },
         opts.runs
     )?;
     writeln!(md, "Host: {}\n", super::host())?;
