@@ -137,8 +137,7 @@ impl ShippedTiles {
 
 /// Optimizes the tile's model that `load` makes and makes it runnable. The model is
 /// not kept beside its optimized copy (a tile's weights would be held twice); it is
-/// made again only when tract cannot optimize it.
-/// The model `load` gives, optimized and runnable, and the bytes of its constants.
+/// made again only when tract cannot optimize it. Also gives the bytes of its constants.
 fn runnable(
     load: impl Fn() -> Result<TypedModel>,
 ) -> Result<(std::sync::Arc<TypedSimplePlan>, u64)> {
