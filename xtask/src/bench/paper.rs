@@ -585,26 +585,34 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
     writeln!(md, "\n## Against the targets\n")?;
     // Against FSS on the choices FSS measured: where FSS was limited to short groups,
     // Legion + Wild Card searched within the same limit.
-    let gap = |r: &Row, plan: usize| -> Option<f64> {
-        let (legion, _) = r.plans.get(plan)?.as_ref()?;
-        let (fss, _) = r.plans[2].as_ref()?;
-        Some((*legion as f64 / *fss as f64 - 1.0) * 100.0)
+    // The latency gap, %, and whether both ran the same FLC.
+    let gap = |r: &Row, plan: usize| -> Option<(f64, bool)> {
+        let (legion, legion_flc) = r.plans.get(plan)?.as_ref()?;
+        let (fss, fss_flc) = r.plans[2].as_ref()?;
+        Some((
+            (*legion as f64 / *fss as f64 - 1.0) * 100.0,
+            legion_flc == fss_flc,
+        ))
     };
-    let same_choices: Vec<(&Row, f64)> = rows
+    let same_choices: Vec<(&Row, (f64, bool))> = rows
         .iter()
         .filter(|r| r.fss_oracle)
         .filter_map(|r| Some((r, gap(r, IN_FSS_GROUPS).or_else(|| gap(r, 1))?)))
         .collect();
+    let setup_gap = |r: &Row, (g, same): (f64, bool)| {
+        let flc = if same { " same FLC" } else { "" };
+        format!("{} {} {g:+.1}%{flc}", r.model, short_name(&r.cluster))
+    };
     let older = rows
         .iter()
         .filter(|r| !r.fss_oracle && r.plans[2].is_some())
         .count();
     if !same_choices.is_empty() {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let gaps: Vec<f64> = same_choices.iter().map(|(_, g)| *g).collect();
-        let (worst, worst_gap) = same_choices
+        let gaps: Vec<f64> = same_choices.iter().map(|(_, (g, _))| *g).collect();
+        let (worst, (worst_gap, _)) = same_choices
             .iter()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .max_by(|a, b| a.1.0.total_cmp(&b.1.0))
             .expect("not empty");
         writeln!(
             md,
@@ -619,22 +627,30 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
             worst.cluster,
             same_choices
                 .iter()
-                .map(|(r, g)| format!("{} {} {g:+.1}%", r.model, short_name(&r.cluster)))
+                .map(|(r, g)| setup_gap(r, *g))
                 .collect::<Vec<_>>()
                 .join(", ")
         )?;
+        let same_flc = same_choices.iter().filter(|(_, (_, same))| *same).count();
+        if same_flc > 0 {
+            writeln!(
+                md,
+                "- In {same_flc} of them Legion + Wild Card ran FSS's own FLC: there the \
+                 difference is two measurements of one plan."
+            )?;
+        }
         let ahead: Vec<String> = same_choices
             .iter()
-            .filter(|(_, g)| *g < 0.0)
-            .map(|(r, g)| format!("{} {} {g:+.1}%", r.model, short_name(&r.cluster)))
+            .filter(|(_, (g, same))| *g < 0.0 && !same)
+            .map(|(r, g)| setup_gap(r, *g))
             .collect();
         if !ahead.is_empty() {
             writeln!(
                 md,
-                "- Legion is ahead of the oracle in {} of them ({}): see \"Predicted against \
-                 measured\" below for how far FSS's sum of measured groups is from its plan's \
-                 measured latency; an oracle over the same choices loses only by that and by \
-                 run-to-run noise.",
+                "- Legion is ahead of the oracle with another FLC in {} of them ({}): see \
+                 \"Predicted against measured\" below for how far FSS's sum of measured \
+                 groups is from its plan's measured latency; an oracle over the same choices \
+                 loses only by that and by run-to-run noise.",
                 ahead.len(),
                 ahead.join(", ")
             )?;
