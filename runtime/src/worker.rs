@@ -180,6 +180,17 @@ pub const TILE_CACHE: usize = 256;
 /// the LoadPlan that needs it may be on its way.
 const TILE_RECENT: Duration = Duration::from_secs(600);
 
+/// The file in a cache directory whose lock orders prunes and HasModel
+/// ([`Worker::tiles_lock`]).
+const TILES_LOCK: &str = ".tiles.lock";
+
+/// How [`Worker::tiles_lock`] takes the lock.
+#[derive(Clone, Copy)]
+enum Lock {
+    Shared,
+    Exclusive,
+}
+
 /// Imported models a worker keeps: a coordinator switching between a few models
 /// (benchmarks, FSS) does not import them again, and a long-lived worker that has seen
 /// many models does not keep them all (a local cluster grew to 8 GB over a few dozen).
@@ -438,6 +449,9 @@ impl Worker {
     /// LoadPlan that needs them). Plans come and go on a long-lived worker (re-plans,
     /// recovery), and each brings its own tiles.
     fn prune_tiles(&self) {
+        let Some(_pruning) = self.tiles_lock(Lock::Exclusive) else {
+            return;
+        };
         let budget = self.config.limits.cache_bytes / 2;
         let in_use = program::tiles_in_use();
         let recent = std::time::SystemTime::now() - TILE_RECENT;
@@ -469,6 +483,30 @@ impl Worker {
                 held -= len;
             }
         }
+    }
+
+    /// The cache directory's lock on its tiles' models, held until the file drops;
+    /// `None` (logged) if it cannot be taken. Workers share a cache directory (a local
+    /// cluster's in one process, or several clusters on one host): a prune holds it
+    /// exclusively from listing to deleting, HasModel shared while it finds a tile and
+    /// marks it recent, so no prune deletes a tile HasModel just called cached.
+    fn tiles_lock(&self, lock: Lock) -> Option<std::fs::File> {
+        let path = self.config.cache_dir.join(TILES_LOCK);
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path);
+        let locked = file.and_then(|f| {
+            match lock {
+                Lock::Shared => f.lock_shared(),
+                Lock::Exclusive => f.lock(),
+            }
+            .map(|()| f)
+        });
+        locked
+            .inspect_err(|e| tracing::warn!("locking {}: {e}", path.display()))
+            .ok()
     }
 
     /// The model and the checked TileSpec of a RunTile or ProfileStage request.
@@ -586,6 +624,7 @@ impl WorkerService for Arc<Worker> {
         let sha = &req.get_ref().sha256;
         check_sha(sha)?;
         let path = self.cached_path(req.get_ref());
+        let _finding = req.get_ref().tile.then(|| self.tiles_lock(Lock::Shared));
         let cached = path.exists();
         if cached && req.get_ref().tile {
             // Asked for now: not pruned before the LoadPlan that follows.
@@ -1060,13 +1099,72 @@ mod tests {
         write("c.nnef.tar", 3);
         write("m.onnx", 0);
         worker.prune_tiles();
-        let mut left: Vec<String> = std::fs::read_dir(&dir)
+        // 1200 bytes of tiles against 500: the two oldest go; the model stays.
+        assert_eq!(cached_files(&dir), ["c.nnef.tar", "m.onnx"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The cache's files but its lock, sorted.
+    fn cached_files(dir: &std::path::Path) -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name != TILES_LOCK)
             .collect();
-        left.sort();
-        // 1200 bytes of tiles against 500: the two oldest go; the model stays.
-        assert_eq!(left, ["c.nnef.tar", "m.onnx"]);
+        files.sort();
+        files
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_waits_for_has_model_and_keeps_the_tile_it_found() {
+        let dir = std::env::temp_dir().join(format!("legion-prune-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let limits = Limits {
+            cache_bytes: 1000,
+            ..Limits::default()
+        };
+        // Two workers on one cache directory, as in a local cluster.
+        let asking = Arc::new(test_worker("asking", &dir, limits));
+        let pruning = test_worker("pruning", &dir, limits);
+        let sha = "ab".repeat(32);
+        let tile = ModelRef {
+            sha256: sha.clone(),
+            input_shape: vec![],
+            tile: true,
+        };
+        let path = asking.cached_path(&tile);
+        let cache_old_tile = || {
+            std::fs::write(&path, [0u8; 800]).unwrap();
+            let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(old).unwrap();
+        };
+        cache_old_tile();
+        // A prune that holds the lock past HasModel's arrival: HasModel waits, then
+        // finds the tile gone and says so (the coordinator uploads it again).
+        let held = pruning.tiles_lock(Lock::Exclusive).unwrap();
+        let ask = {
+            let asking = asking.clone();
+            let tile = tile.clone();
+            tokio::spawn(async move { asking.has_model(Request::new(tile)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!ask.is_finished(), "HasModel must wait for the prune");
+        std::fs::remove_file(&path).unwrap();
+        drop(held);
+        assert!(!ask.await.unwrap().unwrap().into_inner().cached);
+        // HasModel first: the tile it found cached is recent and survives the prune.
+        cache_old_tile();
+        assert!(
+            asking
+                .has_model(Request::new(tile))
+                .await
+                .unwrap()
+                .into_inner()
+                .cached
+        );
+        pruning.prune_tiles();
+        assert_eq!(cached_files(&dir), [format!("{sha}.nnef.tar")]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
