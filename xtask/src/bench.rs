@@ -368,7 +368,8 @@ fn profile_pair(
     for (mode, p) in [(ProfileMode::Legion, &legion), (ProfileMode::Fss, &fss)] {
         let path = kept_path(cluster_name, model, mode);
         std::fs::create_dir_all(path.parent().expect("a directory"))?;
-        std::fs::write(&path, p.to_json())?;
+        // Compact: FSS profiles of 6 boards pass 1 MB pretty-printed.
+        std::fs::write(&path, serde_json::to_string(p)?)?;
     }
     Ok((legion, fss))
 }
