@@ -4,10 +4,10 @@
 
 use anyhow::{Context, Result, bail};
 use legion_cost::{CostModel, Predictor};
-use legion_ir::Ir;
+use legion_ir::{Ir, Rows};
 use legion_partition::Group;
 use legion_pipeline::CompileOptions;
-use legion_plan::{HostRates, Profile, Transport};
+use legion_plan::{DeviceId, HostRates, Profile, Transport};
 use std::fmt::Write;
 
 /// Clusters of the benchmark (files under testdata/clusters): with [`MODELS`], the 12
@@ -67,6 +67,9 @@ struct Case {
     boards: String,
     measured_us: f64,
     predicted_us: [f64; 3],
+    /// A board computes some stage at more rows than it was sampled at
+    /// ([`beyond_samples`]).
+    beyond: bool,
 }
 
 struct Timing {
@@ -112,6 +115,39 @@ fn profiles(
         opts.reuse,
     )?;
     Ok(Some((ir, legion, fss)))
+}
+
+/// True when a board of the choice computes some stage at more rows than the legion
+/// profile sampled that stage at on that board, so that its E is extrapolated: whole
+/// on one board, the stage's height; split by rows, the board's strip scaled to the
+/// stage's height (its rows when the stage runs alone at that share). Barriers are
+/// sampled whole and channel splits by channels: never beyond.
+fn beyond_samples(
+    ir: &Ir,
+    legion: &Profile,
+    group: Group,
+    strips: &[(DeviceId, Rows)],
+    option: Ran,
+) -> bool {
+    let last = ir.stage(group.last).output.height();
+    group.stages().any(|s| {
+        let stage = &legion.stages[s.index()];
+        let Some(height) = ir.stage(s).output.height() else {
+            return false;
+        };
+        if stage.barrier {
+            return false;
+        }
+        strips.iter().any(|&(d, rows)| {
+            let share = match (option, last) {
+                (Ran::Whole, _) => height,
+                (Ran::Rows, Some(last)) if last > 0 => (rows.len() * height + last / 2) / last,
+                _ => return false,
+            };
+            let sampled = stage.samples[d.index()].iter().map(|x| x.rows).max();
+            sampled.is_some_and(|most| share > most)
+        })
+    })
 }
 
 /// Absolute percentage error of predictor `p` on one case, %.
@@ -198,6 +234,7 @@ pub fn run(opts: &Options) -> Result<String> {
                     },
                     measured_us: g.median_us as f64,
                     predicted_us,
+                    beyond: beyond_samples(&ir, &legion, group, &strips, option),
                 });
                 groups += 1;
             }
@@ -320,6 +357,42 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
             continue;
         }
         mape_row(&mut md, label, &mine)?;
+    }
+    writeln!(md, "\n## Within and beyond the sampled rows\n")?;
+    writeln!(
+        md,
+        "A choice is *beyond the samples* when one of its boards computes a stage at more \
+         rows than the legion profile sampled that stage at on that board (whole on one \
+         board: the stage's height; split by rows: the board's strip scaled to the \
+         stage's height). Its E is then extrapolated past the samples \
+         (docs/architecture.md, \"Costing a group\"). Split by channels counts as \
+         within.\n"
+    )?;
+    writeln!(
+        md,
+        "| rows | choices | legion MAPE % | legion p90 % | affine MAPE % | affine p90 % | aofl MAPE % |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    for (label, beyond) in [("within the samples", false), ("beyond the samples", true)] {
+        let mine: Vec<&Case> = cases.iter().filter(|c| c.beyond == beyond).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let p90 = |i: usize| {
+            let mut e: Vec<f64> = mine.iter().map(|c| ape(c, i)).collect();
+            e.sort_by(f64::total_cmp);
+            quantile(&e, 0.9)
+        };
+        writeln!(
+            md,
+            "| {label} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            mine.len(),
+            mean_ape(&mine, 0),
+            p90(0),
+            mean_ape(&mine, 1),
+            p90(1),
+            mean_ape(&mine, 2)
+        )?;
     }
     for (i, p) in Predictor::ALL.iter().enumerate() {
         writeln!(md, "\n## Ten worst choices, {p}\n")?;
