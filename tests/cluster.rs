@@ -304,8 +304,11 @@ fn emulated_step_times_follow_the_link_model() {
 /// sum of its nodes' fastest times over its runs, scaled at a host rate that does not
 /// move here (fixed). The single-board path (the whole model as one program) and a
 /// 1-board plan's split tile (a different program for the same work) run in turn and
-/// end within 8% of each other (seen up to 5.6% apart; before the emulator kept fastest
-/// node times, up to 2x), and a tile's time never grows with more runs. A tile first
+/// end within [`AGREE`] of each other (seen up to 5.6% apart; before the emulator kept
+/// fastest node times, up to 2x; since the dependencies are built without debug
+/// assertions, tract runs the split tile 8.2-8.5% faster in every attempt, settled over
+/// about 190 rounds each, so the two programs differ that much here), and a tile's time
+/// never grows with more runs. A tile first
 /// measured during one of the host's slow spells (up to about 10 s) starts high, up to
 /// 1.4x here, and comes down at its first quiet run; one measured in a fast spell that
 /// does not come back keeps that time (in CI a tile's first run was 11% below every
@@ -355,17 +358,23 @@ fn identical_work_gets_the_same_emulated_time() {
             return;
         }
     }
-    panic!("the two tiles' times never agreed within 8%: {attempts:?}");
+    panic!(
+        "the two tiles' times never agreed within {}%: {attempts:?}",
+        AGREE * 100.0
+    );
 }
 
-/// Whether the last of two series of times are within 8% of each other.
+/// How far apart the two programs' settled times may end (a fraction).
+const AGREE: f64 = 0.12;
+
+/// Whether the last of two series of times are within [`AGREE`] of each other.
 fn last_agree(t: &[Vec<u64>; 2]) -> bool {
     let last = |k: usize| *t[k].last().unwrap() as f64;
-    (last(0) / last(1) - 1.0).abs() < 0.08
+    (last(0) / last(1) - 1.0).abs() < AGREE
 }
 
 /// Runs `run(0)` and `run(1)` (each returning an emulated time) in turn, at least 10
-/// rounds, until neither time has moved for 5 rounds and the last two agree within 8%,
+/// rounds, until neither time has moved for 5 rounds and the last two agree within [`AGREE`],
 /// or for 40 s; returns both series.
 fn settle(mut run: impl FnMut(usize) -> u64) -> [Vec<u64>; 2] {
     const MIN_ROUNDS: usize = 10;
