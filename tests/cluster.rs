@@ -302,21 +302,20 @@ fn emulated_step_times_follow_the_link_model() {
 
 /// The emulator's mechanism for "identical work, identical time": a tile's time is the
 /// sum of its nodes' fastest times over its runs, scaled at a host rate that does not
-/// move here (fixed). The single-board path (the whole model as one program) and a
-/// 1-board plan's split tile (a different program for the same work) run in turn and
-/// end within [`AGREE`] of each other (seen up to 5.6% apart; before the emulator kept
-/// fastest node times, up to 2x; since the dependencies are built without debug
-/// assertions, tract runs the split tile 8.2-8.5% faster in every attempt, settled over
-/// about 190 rounds each, so the two programs differ that much here), and a tile's time
-/// never grows with more runs. A tile first
+/// move here (fixed). Two emulated boards that keep their own node times (each on its own
+/// host rate, as two worker processes do) run the same program in turn and end within
+/// [`AGREE`] of each other, and a tile's time never grows with more runs. A tile first
 /// measured during one of the host's slow spells (up to about 10 s) starts high, up to
 /// 1.4x here, and comes down at its first quiet run; one measured in a fast spell that
-/// does not come back keeps that time (in CI a tile's first run was 11% below every
-/// later run of the other, and once two tiles stayed apart for two minutes). Rounds
-/// therefore go on until neither time has moved for 5 rounds and the two agree, for up
-/// to 40 s, on a fresh emulated board (no fastest times kept) for each of up to 3
-/// attempts, with no other test of this file running. (A plan that keeps a group whole
-/// runs the single-board program itself: the same tile, the same time.)
+/// does not come back keeps that time (in CI one program's settled time was 2.5-4.4%
+/// apart between three fresh boards measured one after the other). Rounds therefore go on
+/// until neither time has moved for 5 rounds and the two agree, for up to 40 s, on fresh
+/// boards for each of up to 3 attempts, with no other test of this file running.
+///
+/// The whole-model program ([`whole_group`]) is not the same work as a 1-board plan's
+/// tile of the same group: at 48 rows VGG-16's last pool floors 3 rows to 1, the tile
+/// computes the 2 rows the pool reads, the whole program all 3. Its last conv node took
+/// 1870 µs against the tile's 1027 here, and the whole program settled 8-18% slower.
 #[test]
 fn identical_work_gets_the_same_emulated_time() {
     const ATTEMPTS: usize = 3;
@@ -326,25 +325,35 @@ fn identical_work_gets_the_same_emulated_time() {
     let onnx = std::fs::read(&path).unwrap();
     let all = Group::new(0, ir.stages.len() - 1);
     let height = ir.stage(all.last).output.height().unwrap();
-    let single = whole_group(&ir, all);
     let plan_tile = tile(&ir, all, &[legion_ir::Rows::new(0, height)])
         .unwrap()
         .tiles[0]
         .spec();
-    assert_ne!(single, plan_tile);
+    let single = whole_group(&ir, all);
+    let rows = |spec: &TileSpec| spec.stages.iter().map(|s| s.computed).collect::<Vec<_>>();
+    assert_eq!(rows(&plan_tile)[16], legion_ir::Rows::new(0, 2));
+    assert_eq!(rows(&single)[16], legion_ir::Rows::new(0, 3));
     let input = test_input(&ir.input.shape);
     let rt = rt();
     let mut attempts = vec![];
     for _ in 0..ATTEMPTS {
-        let host = Arc::new(HostRate::fixed(common::HOST_GFLOPS).unwrap());
-        let cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
-        let local = LocalCluster::start_on(&cluster, cache_dir(), Some(host)).unwrap();
-        let coord = connect(&rt, local.cluster(), &onnx, &ir);
+        let boards: Vec<(LocalCluster, Coordinator)> = (0..2)
+            .map(|_| {
+                let host = Arc::new(HostRate::fixed(common::HOST_GFLOPS).unwrap());
+                let cluster = local_cluster(1, &["firefly-rk3399".to_string()], 0).unwrap();
+                let local = LocalCluster::start_on(&cluster, cache_dir(), Some(host)).unwrap();
+                let coord = connect(&rt, local.cluster(), &onnx, &ir);
+                (local, coord)
+            })
+            .collect();
         let times = settle(|k| {
-            let spec = [&single, &plan_tile][k];
             let mut tensors = Tensors::new(&ir, input.clone()).unwrap();
             let step = rt
-                .block_on(coord.run_step(&[(DeviceId(0), spec.clone())], &mut tensors))
+                .block_on(
+                    boards[k]
+                        .1
+                        .run_step(&[(DeviceId(0), plan_tile.clone())], &mut tensors),
+                )
                 .unwrap();
             assert_eq!(step.devices[0].host_gflops, Some(30.0));
             step.devices[0].compute_us
@@ -359,13 +368,13 @@ fn identical_work_gets_the_same_emulated_time() {
         }
     }
     panic!(
-        "the two tiles' times never agreed within {}%: {attempts:?}",
+        "one program's times on two boards never agreed within {}%: {attempts:?}",
         AGREE * 100.0
     );
 }
 
-/// How far apart the two programs' settled times may end (a fraction).
-const AGREE: f64 = 0.12;
+/// How far apart two boards' settled times of one program may end (a fraction).
+const AGREE: f64 = 0.08;
 
 /// Whether the last of two series of times are within [`AGREE`] of each other.
 fn last_agree(t: &[Vec<u64>; 2]) -> bool {
