@@ -252,19 +252,33 @@ fn weights(profile: &Profile) -> Vec<f64> {
     profile.devices.iter().map(|d| d.gflops).collect()
 }
 
-/// Row counts measured for a device whose share of a stage is `n` of `height` rows: the
-/// share, one step below and two above (halo rows of deeper groups), `step = n/4`.
+/// Row counts measured for a device whose share of a stage is `n` of `height` rows:
+/// [`sample_channels`]'s counts around the share, and the whole stage (a group whole on
+/// one board, and the shares over fewer boards, are interpolated up to it rather than
+/// extrapolated past the share). A device with no share samples 1 and 2 rows only.
 pub fn sample_rows(n: usize, height: usize) -> Vec<usize> {
-    if n == 0 {
-        return vec![1.min(height), 2.min(height)]
-            .into_iter()
-            .filter(|&r| r > 0)
-            .collect();
+    let mut rows = sample_channels(n, height);
+    if n > 0 && !rows.contains(&height) {
+        rows.push(height);
     }
+    rows
+}
+
+/// Counts measured for a device whose share of a stage is `n` of `count` (rows or
+/// channels): the share, one step below and two above (halo rows of deeper groups),
+/// `step = n/4`, clamped to `1..=count`; 1 and 2 for a share of 0.
+pub fn sample_channels(n: usize, count: usize) -> Vec<usize> {
     let step = n.div_ceil(4).max(1);
-    let mut rows: Vec<usize> = [n.saturating_sub(step), n, n + step, n + 2 * step]
+    let around = if n == 0 {
+        vec![1, 2]
+    } else {
+        vec![n.saturating_sub(step), n, n + step, n + 2 * step]
+    };
+    // Clamped to 1..=count (none when count is 0).
+    let mut rows: Vec<usize> = around
         .into_iter()
-        .map(|r| r.clamp(1, height))
+        .map(|r| r.min(count).max(1))
+        .filter(|&r| r <= count)
         .collect();
     rows.sort_unstable();
     rows.dedup();
@@ -325,7 +339,7 @@ async fn legion_mode(
                 let shares = strips_from_weights(split.count, &weights);
                 let group = Group::new(stage.id.index(), stage.id.index());
                 channel_specs.push(
-                    sample_rows(shares[d].len(), split.count)
+                    sample_channels(shares[d].len(), split.count)
                         .into_iter()
                         .map(|n| {
                             let start = shares[d].start.min(split.count - n);

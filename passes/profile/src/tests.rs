@@ -182,6 +182,19 @@ fn run(fake: &Fake, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
         .block_on(profile(fake, ir, opts))
 }
 
+/// A share's neighbourhood, then the whole stage; channels only the neighbourhood.
+#[test]
+fn samples_reach_from_below_the_share_to_the_whole_stage() {
+    assert_eq!(sample_rows(3, 13), [2, 3, 4, 5, 13]);
+    assert_eq!(sample_rows(7, 13), [5, 7, 9, 11, 13]);
+    assert_eq!(sample_rows(10, 13), [7, 10, 13]);
+    assert_eq!(sample_rows(104, 416), [78, 104, 130, 156, 416]);
+    assert_eq!(sample_rows(0, 13), [1, 2]);
+    assert_eq!(sample_rows(1, 1), [1]);
+    assert_eq!(sample_channels(3, 13), [2, 3, 4, 5]);
+    assert_eq!(sample_channels(0, 1), [1]);
+}
+
 #[test]
 fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() {
     let ir = tiny_head();
@@ -211,7 +224,7 @@ fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() 
             let count = stage.channels.unwrap().count;
             let shares = strips_from_weights(count, &RATES);
             let rows = stage.output.height().unwrap_or(0);
-            for n in sample_rows(shares[d].len(), count) {
+            for n in sample_channels(shares[d].len(), count) {
                 measures.push((stage.id, rows, n, true));
             }
         }
