@@ -320,6 +320,16 @@ fn kept_fss(cluster_name: &str, model: &str, ir: &Ir) -> Option<(Profile, Profil
         (Some(fss), Some(legion)) if fss.costed_from == Some(legion.sha256()) => {
             Some((fss, legion))
         }
+        (Some(fss), Some(_)) if fss.costed_from.is_some() => {
+            eprintln!(
+                "{setup}: not using {}: it measured the choices of another legion profile \
+                 than {}; measure the pair again with `cargo xtask bench accuracy \
+                 --clusters {cluster_name} --models {model}`",
+                kept_path(cluster_name, model, ProfileMode::Fss).display(),
+                kept_path(cluster_name, model, ProfileMode::Legion).display()
+            );
+            None
+        }
         _ => None,
     }
 }
