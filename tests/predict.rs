@@ -31,7 +31,7 @@ fn stdout(out: Output) -> String {
 }
 
 #[test]
-fn every_group_with_the_paper_predictor() {
+fn every_group_with_the_legion_predictor() {
     insta::assert_snapshot!(stdout(predict("tiny-cnn", &["--verbose"])));
 }
 

@@ -347,6 +347,62 @@ fn kept_pair(
         .map(|(fss, legion)| (legion, fss))
 }
 
+/// The first choice of the cost table Legion now searches with `options` from `legion`
+/// that `fss` did not measure at the same strips, described; `None` when it measured
+/// them all. A kept pair goes stale when the predictor or the shares change after it
+/// was measured: FSS then measured other strips than Legion's plans run, and is no
+/// longer an oracle over Legion's choices (docs/architecture.md, "The FSS oracle").
+fn unmeasured_choice(
+    ir: &Ir,
+    legion: &Profile,
+    fss: &Profile,
+    cluster: &Cluster,
+    options: &legion_pipeline::CompileOptions,
+) -> Result<Option<String>> {
+    let key = |first: usize,
+               last: usize,
+               option: usize,
+               channels: bool,
+               strips: &[(String, legion_ir::Rows)]| {
+        (first, last, option, channels, strips.to_vec())
+    };
+    let measured: std::collections::HashSet<_> = fss
+        .groups
+        .iter()
+        .map(|g| {
+            let option = g.option.unwrap_or(g.strips.len());
+            key(
+                g.first.index(),
+                g.last.index(),
+                option,
+                g.channels,
+                &g.strips,
+            )
+        })
+        .collect();
+    for choice in legion_pipeline::fss_choices(ir, legion, cluster, options)? {
+        let strips: Vec<(String, legion_ir::Rows)> = choice
+            .strips
+            .iter()
+            .map(|(d, rows)| (legion.devices[d.index()].name.clone(), *rows))
+            .collect();
+        let (first, last) = (choice.group.first.index(), choice.group.last.index());
+        if !measured.contains(&key(first, last, choice.option, choice.channels, &strips)) {
+            let at: Vec<String> = strips
+                .iter()
+                .map(|(name, rows)| format!("{name} {}..{}", rows.start, rows.end))
+                .collect();
+            return Ok(Some(format!(
+                "{first}..{last} over {} board(s){} at {}",
+                choice.option,
+                if choice.channels { " by channels" } else { "" },
+                at.join(", ")
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// A setup's legion and fss profiles measured in one sitting (docs/architecture.md,
 /// "The FSS oracle"): the legion profile, then right after it, on the same local
 /// cluster, every choice of the cost table Legion searches with `options` from it. With

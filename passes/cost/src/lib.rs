@@ -1,9 +1,11 @@
 //! Cost pass: predicts the time of a fused group on a cluster from a `legion`-mode
 //! profile and the partition pass's tiles (docs/architecture.md, "Costing a group"). Three predictors:
 //!
-//! - [`Predictor::Legion`], the paper's formula as written:
+//! - [`Predictor::Legion`], the paper's formula
 //!   `T_d(G) = alpha_in * S_d(in strip alone) + sum_l alpha_l * E_d(l, share) + R_d(out)`,
-//!   `T(G) = max_d T_d(G)`.
+//!   `T(G) = max_d T_d(G)`, with `alpha_l * E_d(l, share)` replaced by `E_d` at the rows
+//!   stage `l` computes wherever its samples reach them (legion mode samples every stage
+//!   whole; a stage's time is not proportional to its rows).
 //! - [`Predictor::Affine`]: E at the rows each stage really computes in the group, on the
 //!   least-squares line through the stage's samples (affine in rows), and transfers that
 //!   share the coordinator's link (the network model of `legion_plan::network`), so
@@ -50,7 +52,8 @@ use std::sync::Mutex;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Predictor {
-    /// The paper's alpha-scaled formula.
+    /// The paper's formula: E at the rows each stage computes within the samples,
+    /// alpha-scaled past them.
     Legion,
     /// E on a line fitted to the samples, at fused row counts, with a shared
     /// coordinator link.
@@ -681,13 +684,21 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    /// The paper's `alpha * E_d(l, share)` of one stage of a tile.
+    /// Legion's `E_d(l)` of one stage of a tile: E at the rows the stage computes where
+    /// the stage's samples reach that far (legion mode samples every stage whole), and
+    /// the paper's `alpha * E_d(l, share)` past them (docs/architecture.md, "Costing a
+    /// group").
     fn legion_stage_time(&self, d: DeviceId, st: &StageInTile) -> f64 {
+        let sampled_up_to = self.samples[st.stage.index()][d.index()]
+            .iter()
+            .fold(0.0, |most, &(rows, _)| f64::max(most, rows));
         match st.alpha {
-            Some(alpha) => alpha * self.stage_time(d, st.stage, st.alone.len()),
-            // Owns no rows of this stage alone: E at the rows computed.
-            None if st.computed.is_empty() => 0.0,
-            None => self.stage_time(d, st.stage, st.computed.len()),
+            _ if st.computed.is_empty() => 0.0,
+            Some(alpha) if st.computed.len() as f64 > sampled_up_to => {
+                alpha * self.stage_time(d, st.stage, st.alone.len())
+            }
+            // Within the samples, or owns no rows of this stage alone.
+            _ => self.stage_time(d, st.stage, st.computed.len()),
         }
     }
 

@@ -89,6 +89,8 @@ fn close(got: f64, want: f64) {
 /// Device 1: conv2 rows [12,24) read conv1 [22,48), from input [21,48); alone conv1
 /// computes [24,48) from input [23,48): alpha(conv1) = 26/24, alpha_in = 27/25.
 /// An input row is 3 x 40 x 4 = 480 bytes; a conv2 output row 16 x 20 x 4 = 1280.
+/// Each stage's time is proportional to its rows here, so E at the rows computed is
+/// the paper's alpha * E(share).
 #[test]
 fn the_three_predictors_on_a_worked_example() {
     let ir = tiny("tiny-cnn");
@@ -129,6 +131,37 @@ fn the_three_predictors_on_a_worked_example() {
     let aofl = model.predict(Predictor::Aofl, group, &strips).unwrap();
     close(aofl.devices[0].in_us, s(26.0 * 480.0));
     close(aofl.devices[0].out_us, r);
+}
+
+/// Legion costs a stage at the rows it computes where the stage's samples reach them,
+/// and as the paper's `alpha * E(share)` only past them. The same worked example, with
+/// conv1 costing 1000 µs plus 100 µs a row: device 0's conv1 computes 25 rows, its
+/// share alone 24. Sampled at 1 and 48 rows, E(25) = 1100 + 24 * 100 = 3500 µs; sampled
+/// at 1 and 24 rows only, alpha * E(24) = 25/24 * 3400 = 3541.7 µs.
+#[test]
+fn legion_costs_the_rows_computed_within_the_samples_and_alpha_past_them() {
+    let ir = tiny("tiny-cnn");
+    let with_intercept = |rows: usize| Sample {
+        rows,
+        median_us: 1000 + 100 * rows as u64,
+        min_us: 1000 + 100 * rows as u64,
+        runs: 1,
+    };
+    let strips = [
+        (DeviceId(0), Rows::new(0, 12)),
+        (DeviceId(1), Rows::new(12, 24)),
+    ];
+    let conv1 = |sampled_up_to: usize| {
+        let mut profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
+        profile.stages[0].samples = vec![vec![with_intercept(1), with_intercept(sampled_up_to)]; 2];
+        let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
+        let p = model
+            .predict(Predictor::Legion, Group::new(0, 1), &strips)
+            .unwrap();
+        p.devices[0].compute_us[0].1
+    };
+    close(conv1(48), 3500.0);
+    close(conv1(24), 25.0 / 24.0 * 3400.0);
 }
 
 /// When boards run their programs a tile receives only the rows it lacks: its input

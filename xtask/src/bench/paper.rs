@@ -257,7 +257,24 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
         Some((_, legion)) => (legion.clone(), None),
         None => legion_profile(cluster_name, &cluster, model, ir, opts.reuse)?,
     };
-    let fss = kept.map(|(fss, _)| fss);
+    let fss = match kept {
+        Some((fss, legion)) => {
+            let options = super::accuracy::fss_options(model);
+            match super::unmeasured_choice(ir, &legion, &fss, &cluster, &options)? {
+                None => Some(fss),
+                Some(choice) => {
+                    eprintln!(
+                        "{cluster_name}-{model}: no FSS in this row: its kept fss profile did \
+                         not measure {choice}, a choice Legion now searches (the predictor or \
+                         the shares changed since); measure the pair again with `cargo xtask \
+                         bench accuracy --clusters {cluster_name} --models {model}`"
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     for d in &mut cluster.devices {
         d.address = "127.0.0.1:0".into();
     }
