@@ -359,24 +359,17 @@ fn unmeasured_choice(
     cluster: &Cluster,
     options: &legion_pipeline::CompileOptions,
 ) -> Result<Option<String>> {
-    let key = |first: usize,
-               last: usize,
-               option: usize,
-               channels: bool,
-               strips: &[(String, legion_ir::Rows)]| {
-        (first, last, option, channels, strips.to_vec())
-    };
     let measured: std::collections::HashSet<_> = fss
         .groups
         .iter()
         .map(|g| {
             let option = g.option.unwrap_or(g.strips.len());
-            key(
+            (
                 g.first.index(),
                 g.last.index(),
                 option,
                 g.channels,
-                &g.strips,
+                g.strips.clone(),
             )
         })
         .collect();
@@ -387,8 +380,10 @@ fn unmeasured_choice(
             .map(|(d, rows)| (legion.devices[d.index()].name.clone(), *rows))
             .collect();
         let (first, last) = (choice.group.first.index(), choice.group.last.index());
-        if !measured.contains(&key(first, last, choice.option, choice.channels, &strips)) {
-            let at: Vec<String> = strips
+        let key = (first, last, choice.option, choice.channels, strips);
+        if !measured.contains(&key) {
+            let at: Vec<String> = key
+                .4
                 .iter()
                 .map(|(name, rows)| format!("{name} {}..{}", rows.start, rows.end))
                 .collect();
