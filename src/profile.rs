@@ -3,8 +3,8 @@
 use crate::{BadInput, ModelArgs, predict::load_profile};
 use anyhow::{Context, Result};
 use legion_pipeline::{CompileOptions, profile, profile_fss};
-use legion_plan::{Cluster, ProfileMode, Transport};
-use legion_profile::ProfileOptions;
+use legion_plan::{Cluster, DeviceProfile, ProfileMode, Transport};
+use legion_profile::{CLASS_RATE_TOLERANCE, ProfileOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -32,6 +32,11 @@ pub struct Args {
     /// median is kept.
     #[arg(long, default_value_t = 3)]
     runs: u32,
+    /// Legion: every board measures all of its own samples. By default boards of one
+    /// class (`class` or `emulate` in the cluster file) at rates within 5% of each other
+    /// share one set of samples out among themselves.
+    #[arg(long)]
+    each_board: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -55,6 +60,9 @@ pub fn run(args: &Args) -> Result<()> {
                 .into(),
         )
         .into());
+    }
+    if args.each_board && mode == ProfileMode::Fss {
+        return Err(BadInput("--each-board applies to --mode legion only".into()).into());
     }
     if args.runs == 0 || args.max_group_len == Some(0) {
         return Err(BadInput("--runs and --max-group-len must be at least 1".into()).into());
@@ -82,6 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
                     mode,
                     runs: args.runs,
                     progress: true,
+                    each_board: args.each_board,
                     ..ProfileOptions::default()
                 };
                 profile(&coord, &ir, &opts).await
@@ -111,6 +120,9 @@ pub fn run(args: &Args) -> Result<()> {
         profile.clock,
         profile.wall_us as f64 / 1e6
     );
+    for line in class_notes(&profile.devices, args.each_board) {
+        println!("{line}");
+    }
     if let Some(h) = profile.host_gflops {
         println!("emulated clock: {h} over the measurements");
         if h.drifted() {
@@ -124,4 +136,41 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("profile written to {}", args.output.display());
     Ok(())
+}
+
+/// What legion mode did with board classes: which boards shared their samples out, and
+/// which of a shared class measured alone because their rates were off.
+fn class_notes(devices: &[DeviceProfile], each_board: bool) -> Vec<String> {
+    let mut notes = vec![];
+    for (d, device) in devices.iter().enumerate() {
+        let Some(class) = &device.class else { continue };
+        let first = devices
+            .iter()
+            .position(|o| o.class.as_ref() == Some(class))
+            .expect("the device itself");
+        if !device.profiled_with.is_empty() {
+            let index = |name: &String| devices.iter().position(|o| &o.name == name);
+            // Once per set, at its first device.
+            if device.profiled_with.iter().all(|o| index(o) > Some(d)) {
+                notes.push(format!(
+                    "{}, {} ({class}): profiled as one, each measuring a share of their samples",
+                    device.name,
+                    device.profiled_with.join(", ")
+                ));
+            }
+        } else if !each_board && first != d {
+            let of = &devices[first];
+            notes.push(format!(
+                "{} ({class}) measured its own samples: its rate, {:.1} GFLOP/s, is {:.0}% \
+                 from {}'s ({:.1}); over {:.0}% a board is not taken for its class",
+                device.name,
+                device.gflops,
+                (device.gflops / of.gflops - 1.0).abs() * 100.0,
+                of.name,
+                of.gflops,
+                CLASS_RATE_TOLERANCE * 100.0
+            ));
+        }
+    }
+    notes
 }

@@ -484,6 +484,11 @@ fn profiling_measures_stages_links_and_groups() {
             assert_eq!(p.in_us, d.link.time_us(p.bytes).round() as u64);
         }
     }
+    // Boards of two classes: each measured its own samples.
+    let classes_seen: Vec<Option<&str>> =
+        legion.devices.iter().map(|d| d.class.as_deref()).collect();
+    assert_eq!(classes_seen, [Some("firefly-rk3399"), Some("odroid-xu4")]);
+    assert!(legion.devices.iter().all(|d| d.profiled_with.is_empty()));
     assert!(legion.profiling_us > 0);
     let again = legion_plan::Profile::from_json(&legion.to_json()).unwrap();
     assert_eq!(again, legion);

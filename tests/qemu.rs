@@ -135,6 +135,7 @@ fn cluster(workers: &[(&str, &WorkerProcess)]) -> Cluster {
                 name: name.to_string(),
                 address: w.addr.clone(),
                 emulate: None,
+                class: None,
                 link_mbps: 100.0,
                 latency_ms: 0.2,
                 memory_mb: None,

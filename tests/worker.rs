@@ -253,6 +253,7 @@ fn a_real_worker_computes_on_several_threads_and_matches_one() {
             name: "host".into(),
             address: worker.addr.clone(),
             emulate: None,
+            class: None,
             link_mbps: 100.0,
             latency_ms: 0.2,
             memory_mb: None,

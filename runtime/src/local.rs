@@ -39,6 +39,7 @@ pub fn local_cluster(n: usize, emulate: &[String], base_port: u16) -> Result<Clu
                     name: format!("local-{i}"),
                     address,
                     emulate: None,
+                    class: None,
                     link_mbps: 1000.0,
                     latency_ms: 0.0,
                     memory_mb: None,
@@ -53,6 +54,7 @@ pub fn local_cluster(n: usize, emulate: &[String], base_port: u16) -> Result<Clu
                 link_mbps: e.mbps,
                 latency_ms: e.latency_ms,
                 emulate: Some(e),
+                class: None,
                 memory_mb: None,
                 tls_cert: None,
             })

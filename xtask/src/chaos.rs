@@ -261,6 +261,7 @@ pub fn run(args: &Args) -> Result<()> {
                     name: b.name.clone(),
                     address: b.addr.clone(),
                     emulate: Some(b.class.parse::<Emulation>().map_err(anyhow::Error::msg)?),
+                    class: None,
                     link_mbps: 100.0,
                     latency_ms: 0.2,
                     memory_mb: None,

@@ -85,6 +85,7 @@ pub async fn profile_fss(
         max_group_len: options.max_group_len,
         choices,
         progress,
+        each_board: false,
     };
     let mut fss = profile(coord, ir, &opts).await?;
     fss.costed_from = Some(legion.sha256());
@@ -92,9 +93,9 @@ pub async fn profile_fss(
 }
 
 /// `profile` cut down to the boards of `cluster`, in the cluster's order. A legion
-/// profile measures each board on its own (single stages and its link), so a board's
-/// part does not depend on the others; an fss profile measured groups across all its
-/// boards and cannot be cut.
+/// profile holds each board's own samples (single stages, measured on it or on boards
+/// of its class) and its link, so a board's part does not depend on the others; an fss
+/// profile measured groups across all its boards and cannot be cut.
 pub fn boards_of(profile: &Profile, cluster: &Cluster) -> Result<Profile> {
     if profile.mode == ProfileMode::Fss && profile.devices.len() != cluster.devices.len() {
         return Err(BadInput(
@@ -151,6 +152,7 @@ mod tests {
                     name: n.to_string(),
                     address: "127.0.0.1:0".into(),
                     emulate: None,
+                    class: None,
                     link_mbps: 100.0,
                     latency_ms: 0.2,
                     memory_mb: None,

@@ -105,6 +105,11 @@ pub struct Device {
     /// for a real board.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emulate: Option<Emulation>,
+    /// The board's class, for a real board: boards of one class are the same hardware,
+    /// and profiling measures them as one (docs/profile.md). An emulated board's class is
+    /// its `emulate` class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
     /// Link bandwidth in Mbit/s.
     pub link_mbps: f64,
     /// Link latency in milliseconds.
@@ -128,6 +133,8 @@ struct DeviceFields {
     address: String,
     #[serde(default)]
     emulate: Option<String>,
+    #[serde(default)]
+    class: Option<String>,
     link_mbps: f64,
     latency_ms: f64,
     #[serde(default)]
@@ -150,6 +157,7 @@ impl TryFrom<DeviceFields> for Device {
             name: f.name,
             address: f.address,
             emulate,
+            class: f.class,
             link_mbps: f.link_mbps,
             latency_ms: f.latency_ms,
             memory_mb: f.memory_mb,
@@ -159,6 +167,14 @@ impl TryFrom<DeviceFields> for Device {
 }
 
 impl Device {
+    /// Its board class: the file's `class`, else the class it emulates (`None` for a
+    /// real board without one and for an emulation given as numbers).
+    pub fn board_class(&self) -> Option<&str> {
+        self.class
+            .as_deref()
+            .or_else(|| self.emulate.as_ref()?.class.as_deref())
+    }
+
     /// The device's link.
     pub fn link(&self) -> Link {
         Link {
@@ -248,6 +264,23 @@ impl Cluster {
                     d.name, d.address
                 ));
             }
+            if let Some(class) = &d.class {
+                if class.is_empty() {
+                    return Err(format!(
+                        "device {}: class is empty; name the board's class or leave it out",
+                        d.name
+                    ));
+                }
+                if let Some(emulated) = d.emulate.as_ref().and_then(|e| e.class.as_ref())
+                    && emulated != class
+                {
+                    return Err(format!(
+                        "device {}: class = {class:?} but it emulates {emulated:?}; an \
+                         emulated board's class is the one it emulates, so leave class out",
+                        d.name
+                    ));
+                }
+            }
             positive(&format!("device {}: link_mbps", d.name), d.link_mbps)?;
             if !(d.latency_ms >= 0.0 && d.latency_ms.is_finite()) {
                 return Err(format!(
@@ -333,6 +366,21 @@ memory_mb = 2048
         assert_eq!(c.devices[0].link().time_us(1_000_000), 80_200.0);
     }
 
+    /// A real board's class is the file's; an emulated board's is the one it emulates.
+    #[test]
+    fn board_class_is_declared_or_emulated() {
+        let c = load_str(TWO).unwrap();
+        assert_eq!(c.devices[1].board_class(), Some("odroid-xu4"));
+        let real = TWO
+            .replace("emulate = \"firefly-rk3399\"\n", "class = \"rk3399\"\n")
+            .replace("emulate = \"odroid-xu4\"\n", "");
+        let c = load_str(&real).unwrap();
+        assert_eq!(c.devices[0].board_class(), Some("rk3399"));
+        assert_eq!(c.devices[1].board_class(), None);
+        let again: Cluster = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
     #[test]
     fn coordinator_defaults_to_1_gbit() {
         let text = TWO.replace("[coordinator]\nmbps = 1000.0\n", "");
@@ -370,6 +418,14 @@ memory_mb = 2048
                 "not host:port",
             ),
             (TWO.replace("memory_mb", "memroy_mb"), "unknown field"),
+            (
+                TWO.replace("memory_mb", "class = \"firefly-rk3399\"\nmemory_mb"),
+                "device odroid-0: class = \"firefly-rk3399\" but it emulates \"odroid-xu4\"",
+            ),
+            (
+                TWO.replace("memory_mb", "class = \"\"\nmemory_mb"),
+                "device odroid-0: class is empty",
+            ),
             ("[coordinator]\nmbps = 1000.0\n".to_string(), "no devices"),
         ];
         for (text, want) in cases {

@@ -76,7 +76,7 @@ pub struct Profile {
 pub struct DeviceProfile {
     /// Its name in the cluster file.
     pub name: String,
-    /// The emulated board class, if any.
+    /// Its board class, if any: the cluster file's `class`, else the one it emulates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
     /// Its compute rate on the calibration workload, GFLOP/s (the emulated rate for an
@@ -86,6 +86,11 @@ pub struct DeviceProfile {
     pub link: crate::Link,
     /// Transfer probes: bytes each way and the times measured.
     pub probes: Vec<LinkProbe>,
+    /// The other devices of its class it was profiled with (legion mode): each measured
+    /// part of the class's samples, and all of them hold all of those samples. Empty
+    /// when it measured its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiled_with: Vec<String>,
 }
 
 /// One transfer probe to a device and back.

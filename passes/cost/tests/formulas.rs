@@ -46,6 +46,7 @@ fn linear_profile(ir: &Ir, devices: usize, per_row: impl Fn(usize) -> u64) -> Pr
                     latency_ms: 0.2,
                 },
                 probes: probes.clone(),
+                profiled_with: vec![],
             })
             .collect(),
         stages: ir

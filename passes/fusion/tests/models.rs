@@ -41,6 +41,7 @@ fn synthetic_profile(ir: &Ir) -> Profile {
                         }
                     })
                     .collect(),
+                profiled_with: vec![],
             }
         })
         .collect();

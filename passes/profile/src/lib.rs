@@ -76,15 +76,11 @@ impl Testbed for Coordinator {
             .iter()
             .map(|d| DeviceProfile {
                 name: d.name().to_string(),
-                class: d
-                    .info
-                    .emulation
-                    .as_ref()
-                    .map(|e| e.class.clone())
-                    .filter(|c| !c.is_empty()),
+                class: d.device.board_class().map(str::to_string),
                 gflops: d.gflops(),
                 link: d.device.link(),
                 probes: vec![],
+                profiled_with: vec![],
             })
             .collect()
     }
@@ -193,6 +189,9 @@ pub struct ProfileOptions {
     pub choices: Vec<FssChoice>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Legion mode: every device measures all its own samples, rather than devices of
+    /// one class sharing theirs ([`profiling_sets`]).
+    pub each_board: bool,
 }
 
 impl Default for ProfileOptions {
@@ -203,6 +202,7 @@ impl Default for ProfileOptions {
             max_group_len: None,
             choices: vec![],
             progress: false,
+            each_board: false,
         }
     }
 }
@@ -319,6 +319,65 @@ fn progress_bar(opts: &ProfileOptions, total: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// How far a device's calibrated rate may be from that of the first device of its class
+/// for the two to be profiled as one (a board that runs hot, or is loaded, is not).
+pub const CLASS_RATE_TOLERANCE: f64 = 0.05;
+
+/// The sets of devices legion mode profiles as one, each in cluster order: with
+/// `by_class`, devices of one board class whose rates are within
+/// [`CLASS_RATE_TOLERANCE`] of the set's first device; every other device alone. A set's
+/// samples are measured at its first device's shares.
+pub fn profiling_sets(devices: &[DeviceProfile], by_class: bool) -> Vec<Vec<usize>> {
+    let mut sets: Vec<Vec<usize>> = vec![];
+    for (d, device) in devices.iter().enumerate() {
+        let joins = match &device.class {
+            Some(class) if by_class => sets.iter().position(|set| {
+                let first = &devices[set[0]];
+                first.class.as_ref() == Some(class)
+                    && (device.gflops / first.gflops - 1.0).abs() <= CLASS_RATE_TOLERANCE
+            }),
+            _ => None,
+        };
+        match joins {
+            Some(k) => sets[k].push(d),
+            None => sets.push(vec![d]),
+        }
+    }
+    sets
+}
+
+/// Splits measurements of estimated `costs` among `devices`: the costliest first, each
+/// to the device with the least so far. Each device's part is in the original order.
+fn share_out(costs: &[f64], devices: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].total_cmp(&costs[a]));
+    let mut load = vec![0.0f64; devices];
+    let mut parts = vec![vec![]; devices];
+    for k in order {
+        let least = (0..devices)
+            .min_by(|&x, &y| load[x].total_cmp(&load[y]))
+            .expect("a set has a device");
+        load[least] += costs[k];
+        parts[least].push(k);
+    }
+    for part in &mut parts {
+        part.sort_unstable();
+    }
+    parts
+}
+
+/// A measurement's estimated cost: its stage's FLOPs, in proportion to the rows (or
+/// channels) it computes.
+fn estimated_flops(ir: &Ir, s: usize, by_channels: bool, n: usize) -> f64 {
+    let stage = &ir.stages[s];
+    let fraction = match (by_channels, stage.channels, stage.output.height()) {
+        (true, Some(split), _) => n as f64 / split.count as f64,
+        (false, _, Some(height)) if height > 0 => n as f64 / height as f64,
+        _ => 1.0,
+    };
+    stage.flops.max(1) as f64 * fraction
+}
+
 async fn legion_mode(
     bed: &impl Testbed,
     ir: &Ir,
@@ -327,97 +386,115 @@ async fn legion_mode(
 ) -> Result<()> {
     let weights = weights(profile);
     let devices = profile.devices.len();
-    // Per stage, per device: the specs to measure and their row counts, then the
-    // channel tiles and their channel counts.
-    let mut plan: Vec<Vec<Vec<(usize, TileSpec)>>> = vec![];
-    let mut channel_plan: Vec<Vec<Vec<(usize, TileSpec)>>> = vec![];
-    for stage in &ir.stages {
-        let mut per_device = vec![];
-        let mut channel_specs = vec![];
-        for d in 0..devices {
+    let sets = profiling_sets(&profile.devices, !opts.each_board);
+    // Per set, at its first device's shares: every measurement (stage, by channels, rows
+    // or channels, tile), in stage order, rows first.
+    let mut measures: Vec<Vec<(usize, bool, usize, TileSpec)>> = vec![];
+    for set in &sets {
+        let d = set[0];
+        let mut rows = vec![];
+        let mut channels = vec![];
+        for stage in &ir.stages {
+            let s = stage.id.index();
             if let Some(split) = stage.channels.filter(|_| worth_channels(ir, stage.id)) {
                 let shares = strips_from_weights(split.count, &weights);
-                let group = Group::new(stage.id.index(), stage.id.index());
-                channel_specs.push(
-                    sample_channels(shares[d].len(), split.count)
-                        .into_iter()
-                        .map(|n| {
-                            let start = shares[d].start.min(split.count - n);
-                            (n, channel_tile(ir, group, Rows::new(start, start + n)))
-                        })
-                        .collect(),
-                );
+                let group = Group::new(s, s);
+                for n in sample_channels(shares[d].len(), split.count) {
+                    let start = shares[d].start.min(split.count - n);
+                    channels.push((
+                        s,
+                        true,
+                        n,
+                        channel_tile(ir, group, Rows::new(start, start + n)),
+                    ));
+                }
             }
-            let specs = match (&stage.split, stage.output.height()) {
+            match (&stage.split, stage.output.height()) {
                 (Split::Rows, Some(height)) => {
                     let strips = strips_from_weights(height, &weights);
-                    sample_rows(strips[d].len(), height)
-                        .into_iter()
-                        .map(|n| Ok((n, single_stage_spec(ir, stage.id, strips[d].start, n)?)))
-                        .collect::<Result<Vec<_>>>()
-                        .with_context(|| format!("stage {} ({})", stage.id, stage.name))?
+                    for n in sample_rows(strips[d].len(), height) {
+                        let spec = single_stage_spec(ir, stage.id, strips[d].start, n)
+                            .with_context(|| format!("stage {} ({})", stage.id, stage.name))?;
+                        rows.push((s, false, n, spec));
+                    }
                 }
-                _ => vec![(
+                _ => rows.push((
+                    s,
+                    false,
                     stage.output.height().unwrap_or(0),
                     whole_stage(ir, stage.id),
-                )],
-            };
-            per_device.push(specs);
+                )),
+            }
         }
-        plan.push(per_device);
-        channel_plan.push(channel_specs);
+        rows.extend(channels);
+        measures.push(rows);
     }
-    let cases: usize = plan.iter().flatten().map(Vec::len).sum::<usize>()
-        + channel_plan.iter().flatten().map(Vec::len).sum::<usize>();
+    let cases: usize = measures.iter().map(Vec::len).sum();
     let total = cases * (opts.runs as usize + 1) + devices * PROBE_BYTES.len();
     let bar = progress_bar(opts, total as u64, "profiling");
     // Devices measure in parallel on a real cluster; every device's time counts once.
     let mut device_us = vec![0u64; devices];
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![vec![]; devices]; ir.stages.len()];
-    let mut channel_samples: Vec<Vec<Vec<Sample>>> = channel_plan
+    let mut channel_samples: Vec<Vec<Vec<Sample>>> = ir
+        .stages
         .iter()
-        .map(|per_device| vec![vec![]; per_device.len()])
+        .map(|stage| {
+            let by_channels = stage.channels.filter(|_| worth_channels(ir, stage.id));
+            match by_channels {
+                Some(_) => vec![vec![]; devices],
+                None => vec![],
+            }
+        })
         .collect();
-    for d in 0..devices {
-        let name = profile.devices[d].name.clone();
-        // Every measurement of the device: (stage, by channels, rows or channels, tile),
-        // in stage order, rows first.
-        let rows = plan
+    for (set, measures) in sets.iter().zip(&measures) {
+        let costs: Vec<f64> = measures
             .iter()
-            .enumerate()
-            .flat_map(|(s, p)| p[d].iter().map(move |(n, spec)| (s, false, *n, spec)));
-        let channels = channel_plan
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| !p.is_empty())
-            .flat_map(|(s, p)| p[d].iter().map(move |(n, spec)| (s, true, *n, spec)));
-        let measures: Vec<(usize, bool, usize, &TileSpec)> = rows.chain(channels).collect();
+            .map(|&(s, by_channels, n, _)| estimated_flops(ir, s, by_channels, n))
+            .collect();
         let mut times: Vec<Vec<u64>> = vec![vec![]; measures.len()];
-        for round in Round::all(opts.runs) {
-            for (k, &(s, by_channels, n, spec)) in measures.iter().enumerate() {
-                let unit = if by_channels { "channels" } else { "rows" };
-                bar.set_message(format!("{name}: {round}, stage {s}, {unit}"));
-                let (warmup, got, host) = bed
-                    .profile_tile(DeviceId(d), spec, round)
-                    .await
-                    .with_context(|| format!("profiling stage {s} on {n} {unit} ({round})"))?;
-                profile.host_gflops = HostRates::union(profile.host_gflops, host);
-                device_us[d] += warmup + got.iter().sum::<u64>();
-                times[k].extend(got);
-                bar.inc(1);
+        for (&d, part) in set.iter().zip(share_out(&costs, set.len())) {
+            let name = &profile.devices[d].name;
+            for round in Round::all(opts.runs) {
+                for &k in &part {
+                    let (s, by_channels, n, ref spec) = measures[k];
+                    let unit = if by_channels { "channels" } else { "rows" };
+                    bar.set_message(format!("{name}: {round}, stage {s}, {unit}"));
+                    let (warmup, got, host) = bed
+                        .profile_tile(DeviceId(d), spec, round)
+                        .await
+                        .with_context(|| {
+                            format!("profiling stage {s} on {n} {unit} ({round}) on {name}")
+                        })?;
+                    profile.host_gflops = HostRates::union(profile.host_gflops, host);
+                    device_us[d] += warmup + got.iter().sum::<u64>();
+                    times[k].extend(got);
+                    bar.inc(1);
+                }
             }
         }
         for (&(s, by_channels, n, _), times) in measures.iter().zip(times) {
+            let measured = sample(n, times);
             let kept = if by_channels {
-                &mut channel_samples[s][d]
+                &mut channel_samples[s]
             } else {
-                &mut samples[s][d]
+                &mut samples[s]
             };
-            kept.push(sample(n, times));
+            for &d in set {
+                kept[d].push(measured);
+            }
         }
+        for &d in set {
+            profile.devices[d].profiled_with = set
+                .iter()
+                .filter(|&&other| other != d)
+                .map(|&other| profile.devices[other].name.clone())
+                .collect();
+        }
+    }
+    for (d, device_us) in device_us.iter_mut().enumerate() {
         for &bytes in &PROBE_BYTES {
             let probe = bed.probe(DeviceId(d), bytes).await?;
-            device_us[d] += probe.in_us + probe.out_us;
+            *device_us += probe.in_us + probe.out_us;
             profile.devices[d].probes.push(probe);
             bar.inc(1);
         }

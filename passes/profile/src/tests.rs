@@ -30,9 +30,11 @@ enum Call {
     },
 }
 
-/// Two devices, the first twice as fast; every call recorded.
+/// Devices of given rates and classes (by default two of no class, the first twice as
+/// fast); every call recorded.
 struct Fake {
     model: String,
+    devices: Vec<(f64, Option<&'static str>)>,
     calls: RefCell<Vec<Call>>,
 }
 
@@ -40,16 +42,21 @@ const RATES: [f64; 2] = [20.0, 10.0];
 
 impl Fake {
     fn new(ir: &Ir) -> Fake {
+        Fake::with_devices(ir, RATES.iter().map(|&r| (r, None)).collect())
+    }
+
+    fn with_devices(ir: &Ir, devices: Vec<(f64, Option<&'static str>)>) -> Fake {
         Fake {
             model: ir.sha256.clone(),
+            devices,
             calls: RefCell::default(),
         }
     }
 
     /// A tile's time in timed round `k`: 100 µs per row at rate 10, then +2 and +1 µs
     /// in the next rounds.
-    fn tile_time(device: DeviceId, rows: usize, k: u32) -> u64 {
-        let base = (rows as f64 * 1000.0 / RATES[device.index()]) as u64 + 1;
+    fn tile_time(&self, device: DeviceId, rows: usize, k: u32) -> u64 {
+        let base = (rows as f64 * 1000.0 / self.devices[device.index()].0) as u64 + 1;
         base + [0, 2, 1][(k as usize - 1) % 3]
     }
 
@@ -78,18 +85,19 @@ impl Fake {
 
 impl Testbed for Fake {
     fn devices(&self) -> Vec<DeviceProfile> {
-        RATES
+        self.devices
             .iter()
             .enumerate()
-            .map(|(d, &gflops)| DeviceProfile {
+            .map(|(d, &(gflops, class))| DeviceProfile {
                 name: format!("board-{d}"),
-                class: None,
+                class: class.map(str::to_string),
                 gflops,
                 link: Link {
                     mbps: 100.0,
                     latency_ms: 0.2,
                 },
                 probes: vec![],
+                profiled_with: vec![],
             })
             .collect()
     }
@@ -122,7 +130,7 @@ impl Testbed for Fake {
         });
         Ok(match round {
             Round::WarmUp => (7, vec![], None),
-            Round::Timed(k) => (0, vec![Fake::tile_time(d, rows, k)], None),
+            Round::Timed(k) => (0, vec![self.tile_time(d, rows, k)], None),
         })
     }
 
@@ -195,39 +203,45 @@ fn samples_reach_from_below_the_share_to_the_whole_stage() {
     assert_eq!(sample_channels(0, 1), [1]);
 }
 
+/// Device `d`'s measurements at its shares among devices of `rates`, in stage order:
+/// (stage, rows the fake sees, rows or channels sampled, by channels).
+fn measures_of(ir: &Ir, rates: &[f64], d: usize) -> Vec<(StageId, usize, usize, bool)> {
+    let mut measures = vec![];
+    for stage in &ir.stages {
+        let rows = match (&stage.split, stage.output.height()) {
+            (Split::Rows, Some(height)) => {
+                let strips = strips_from_weights(height, rates);
+                sample_rows(strips[d].len(), height)
+            }
+            _ => vec![stage.output.height().unwrap_or(0)],
+        };
+        measures.extend(rows.into_iter().map(|n| (stage.id, n, n, false)));
+    }
+    // Then the channel tiles of the stages worth them (tiny-head's FC layer), at the
+    // device's share of the channels; the fake sees their rows (none: the FC output has
+    // no row axis).
+    for stage in ir.stages.iter().filter(|s| worth_channels(ir, s.id)) {
+        let count = stage.channels.unwrap().count;
+        let shares = strips_from_weights(count, rates);
+        let rows = stage.output.height().unwrap_or(0);
+        for n in sample_channels(shares[d].len(), count) {
+            measures.push((stage.id, rows, n, true));
+        }
+    }
+    measures
+}
+
 #[test]
-fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() {
+fn legion_mode_measures_every_stage_in_rounds_device_by_device_then_the_links() {
     let ir = tiny_head();
     let fake = Fake::new(&ir);
     let p = run(&fake, &ir, &ProfileOptions::default()).unwrap();
 
     let mut want = vec![];
+    let mut probes = vec![];
     let mut device_us = [0u64; 2];
-    for d in 0..2 {
-        // The device's measurements, in stage order: (stage, rows the fake sees, rows or
-        // channels sampled, by channels).
-        let mut measures: Vec<(StageId, usize, usize, bool)> = vec![];
-        for stage in &ir.stages {
-            let rows = match (&stage.split, stage.output.height()) {
-                (Split::Rows, Some(height)) => {
-                    let strips = strips_from_weights(height, &RATES);
-                    sample_rows(strips[d].len(), height)
-                }
-                _ => vec![stage.output.height().unwrap_or(0)],
-            };
-            measures.extend(rows.into_iter().map(|n| (stage.id, n, n, false)));
-        }
-        // Then the channel tiles of the stages worth them (tiny-head's FC layer), at
-        // the device's share of the channels; the fake sees their rows (none: the FC
-        // output has no row axis).
-        for stage in ir.stages.iter().filter(|s| worth_channels(&ir, s.id)) {
-            let count = stage.channels.unwrap().count;
-            let shares = strips_from_weights(count, &RATES);
-            let rows = stage.output.height().unwrap_or(0);
-            for n in sample_channels(shares[d].len(), count) {
-                measures.push((stage.id, rows, n, true));
-            }
-        }
+    for (d, device_us) in device_us.iter_mut().enumerate() {
+        let measures = measures_of(&ir, &RATES, d);
         // A warm-up round, then 3 timed rounds, each over every measurement: none runs
         // right after itself.
         for round in Round::all(3) {
@@ -243,9 +257,9 @@ fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() 
         let mut k_of: std::collections::HashMap<(StageId, bool), usize> = Default::default();
         for &(stage, rows, n, by_channels) in &measures {
             let times: Vec<u64> = (1..=3)
-                .map(|k| Fake::tile_time(DeviceId(d), rows, k))
+                .map(|k| fake.tile_time(DeviceId(d), rows, k))
                 .collect();
-            device_us[d] += 7 + times.iter().sum::<u64>();
+            *device_us += 7 + times.iter().sum::<u64>();
             let k = k_of.entry((stage, by_channels)).or_default();
             let s = &p.stages[stage.index()];
             let sample = match by_channels {
@@ -258,18 +272,21 @@ fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() 
             assert_eq!((sample.median_us, sample.min_us), (times[0] + 1, times[0]));
         }
         for bytes in PROBE_BYTES {
-            want.push(Call::Probe {
+            probes.push(Call::Probe {
                 device: DeviceId(d),
                 bytes,
             });
             let probe = Fake::probe_of(DeviceId(d), bytes);
-            device_us[d] += probe.in_us + probe.out_us;
+            *device_us += probe.in_us + probe.out_us;
         }
         assert_eq!(
             p.devices[d].probes,
             PROBE_BYTES.map(|b| Fake::probe_of(DeviceId(d), b)).to_vec()
         );
+        // Devices of no class measure their own samples.
+        assert!(p.devices[d].profiled_with.is_empty());
     }
+    want.extend(probes);
     assert_eq!(*fake.calls.borrow(), want);
     // Devices profile in parallel: the slower device's total.
     assert_eq!(p.profiling_us, device_us[0].max(device_us[1]));
@@ -281,6 +298,123 @@ fn legion_mode_measures_every_stage_in_rounds_then_the_links_device_by_device() 
     assert!(worth_channels(&ir, StageId(3)), "tiny-head's FC layer");
     assert!(p.groups.is_empty());
     assert_eq!((p.mode, p.clock), (ProfileMode::Legion, Clock::Emulated));
+}
+
+/// Devices of one class with rates within the tolerance share out one set of samples
+/// (at the first one's shares), each measured once a round on one of them, and all hold
+/// every sample; a device of the class whose rate is off, and a device of another
+/// class, measure their own. `each_board` turns sharing off.
+#[test]
+fn legion_mode_profiles_a_class_as_one() {
+    let ir = tiny_head();
+    let devices = vec![
+        (10.0, Some("firefly")),
+        (10.3, Some("firefly")),
+        (20.0, Some("odroid")),
+        (11.0, Some("firefly")),
+    ];
+    let fake = Fake::with_devices(&ir, devices.clone());
+    let p = run(&fake, &ir, &ProfileOptions::default()).unwrap();
+    assert_eq!(
+        profiling_sets(&p.devices, true),
+        [vec![0, 1], vec![2], vec![3]]
+    );
+    assert_eq!(profiling_sets(&p.devices, false), [[0], [1], [2], [3]]);
+    let names = |ds: &[&str]| ds.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+    assert_eq!(p.devices[0].profiled_with, names(&["board-1"]));
+    assert_eq!(p.devices[1].profiled_with, names(&["board-0"]));
+    assert!(p.devices[2].profiled_with.is_empty() && p.devices[3].profiled_with.is_empty());
+
+    // The timed calls of round 1 per device: (stage, rows the fake sees).
+    let calls = fake.calls.borrow();
+    let round1 = |d: usize| -> Vec<(StageId, usize)> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Tile {
+                    device,
+                    stage,
+                    rows,
+                    round: Round::Timed(1),
+                } if device.index() == d => Some((*stage, *rows)),
+                _ => None,
+            })
+            .collect()
+    };
+    let (first, second) = (round1(0), round1(1));
+    assert!(
+        !first.is_empty() && !second.is_empty(),
+        "both share the work"
+    );
+    let mut shared: Vec<_> = first.iter().chain(&second).copied().collect();
+    shared.sort();
+    // Together, once each, what board 0 would measure alone at its shares.
+    let rates: Vec<f64> = devices.iter().map(|d| d.0).collect();
+    let mut want: Vec<_> = measures_of(&ir, &rates, 0)
+        .into_iter()
+        .map(|(stage, rows, _, _)| (stage, rows))
+        .collect();
+    want.sort();
+    assert_eq!(shared, want);
+    let mut alone = round1(3);
+    alone.sort();
+    let mut want: Vec<_> = measures_of(&ir, &rates, 3)
+        .into_iter()
+        .map(|(stage, rows, _, _)| (stage, rows))
+        .collect();
+    want.sort();
+    assert_eq!(alone, want);
+    for (stage, s) in ir.stages.iter().zip(&p.stages) {
+        assert_eq!(s.samples[0], s.samples[1], "{}", stage.name);
+        if !s.channel_samples.is_empty() {
+            assert_eq!(s.channel_samples[0], s.channel_samples[1], "{}", stage.name);
+        }
+    }
+    // Sharing halves the pair's work: the slowest device is board 3, measuring alone.
+    let spent = |d: usize| {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Tile {
+                    device,
+                    rows,
+                    round,
+                    ..
+                } if device.index() == d => Some(match round {
+                    Round::WarmUp => 7,
+                    Round::Timed(k) => fake.tile_time(*device, *rows, *k),
+                }),
+                _ => None,
+            })
+            .sum::<u64>()
+            + PROBE_BYTES
+                .iter()
+                .map(|&b| {
+                    let probe = Fake::probe_of(DeviceId(d), b);
+                    probe.in_us + probe.out_us
+                })
+                .sum::<u64>()
+    };
+    assert!(spent(0) < spent(3) && spent(1) < spent(3));
+    assert_eq!(p.profiling_us, (0..4).map(spent).max().unwrap());
+    drop(calls);
+
+    let each = Fake::with_devices(&ir, devices);
+    let opts = ProfileOptions {
+        each_board: true,
+        ..ProfileOptions::default()
+    };
+    let p = run(&each, &ir, &opts).unwrap();
+    assert!(p.devices.iter().all(|d| d.profiled_with.is_empty()));
+    let calls = each.calls.borrow();
+    let timed = |d: usize| {
+        calls
+            .iter()
+            .filter(|c| matches!(c, Call::Tile { device, round: Round::Timed(1), .. } if device.index() == d))
+            .count()
+    };
+    assert_eq!(timed(0), shared.len());
+    assert_eq!(timed(1), measures_of(&ir, &rates, 1).len());
 }
 
 #[test]
@@ -333,7 +467,7 @@ fn fss_mode_measures_each_choice_given_once_a_round() {
         runs,
         max_group_len: Some(6),
         choices: choices.clone(),
-        progress: false,
+        ..ProfileOptions::default()
     };
     let p = run(&fake, &ir, &opts).unwrap();
 
@@ -414,7 +548,7 @@ fn a_cluster_holding_another_model_is_refused() {
     let ir = tiny_head();
     let fake = Fake {
         model: "0".repeat(64),
-        calls: RefCell::default(),
+        ..Fake::new(&ir)
     };
     let e = run(&fake, &ir, &ProfileOptions::default()).unwrap_err();
     assert!(e.to_string().contains("the cluster runs model 0000"), "{e}");

@@ -57,6 +57,7 @@ fn serve_block(arch: Arch, bin: &std::path::Path) -> Result<(u64, u64, Duration)
             name: arch.board().into(),
             address: worker.addr.clone(),
             emulate: Some(Emulation::class(arch.board())?),
+            class: None,
             link_mbps: 100.0,
             latency_ms: 0.2,
             memory_mb: None,
