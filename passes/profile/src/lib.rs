@@ -2,9 +2,10 @@
 //! measure a model on a cluster.
 //!
 //! - [`ProfileMode::Legion`] measures what the cost model needs and no more: every
-//!   stage alone on each device at the device's expected share of rows and at
-//!   neighbouring row counts (fused groups compute a few halo rows more), barrier
-//!   stages whole, and transfer probes of a few sizes per link.
+//!   stage alone on each device at the device's expected share of rows, at
+//!   neighbouring row counts (fused groups compute a few halo rows more) and whole,
+//!   barrier stages whole, and transfer probes of a few sizes per link. Devices of one
+//!   board class share one set of samples out among themselves ([`profiling_sets`]).
 //! - [`ProfileMode::Fss`] measures the choices it is given directly on the cluster (the
 //!   Full Searching Scheme the paper compares against): every entry of the cost table
 //!   Legion searches, each group under each device option at the strips a plan would

@@ -449,9 +449,10 @@ const PROFILED: [&str; 3] = ["firefly-x6", "odroid-x3", "3f3o"];
 
 /// The legion-mode profile of `cluster`: kept or measured for it, or, when `reuse` is
 /// set and it is not kept, the kept profile of a cluster in [`PROFILED`] holding all its
-/// boards (same names, emulation and links), cut down to them. A legion profile
-/// measures each board on its own (single stages and its link), so a board's part does
-/// not depend on the other boards; profiling all 42 setups would take hours here.
+/// boards (same names, emulation and links), cut down to them. A legion profile holds
+/// each board's own samples (single stages, measured on it or on boards of its class)
+/// and its link, so a board's part does not depend on the other boards; profiling all
+/// 42 setups would take hours here.
 pub(super) fn legion_profile(
     name: &str,
     cluster: &Cluster,
@@ -545,7 +546,7 @@ fn report(opts: &Options, results: &Results) -> Result<String> {
          stages one group (DeepThings). Both split over the most devices the legality \
          rules allow. Profiling times are emulated. Where a cluster was not profiled \
          itself, its boards' part of the profile of a larger cluster holding them is \
-         used (*cut from*): a legion profile measures each board alone. *host \
+         used (*cut from*): a legion profile holds each board's own samples. *host \
          GFLOP/s*: the range of the host's rate the emulated boards scaled with over the \
          row's runs (**moved** past 5%; \"-\": measured before the emulator followed the \
          host).\n",
