@@ -350,20 +350,18 @@ fn legion_mode_profiles_a_class_as_one() {
     shared.sort();
     // Together, once each, what board 0 would measure alone at its shares.
     let rates: Vec<f64> = devices.iter().map(|d| d.0).collect();
-    let mut want: Vec<_> = measures_of(&ir, &rates, 0)
-        .into_iter()
-        .map(|(stage, rows, _, _)| (stage, rows))
-        .collect();
-    want.sort();
-    assert_eq!(shared, want);
+    let alone_at_shares = |d: usize| {
+        let mut want: Vec<_> = measures_of(&ir, &rates, d)
+            .into_iter()
+            .map(|(stage, rows, _, _)| (stage, rows))
+            .collect();
+        want.sort();
+        want
+    };
+    assert_eq!(shared, alone_at_shares(0));
     let mut alone = round1(3);
     alone.sort();
-    let mut want: Vec<_> = measures_of(&ir, &rates, 3)
-        .into_iter()
-        .map(|(stage, rows, _, _)| (stage, rows))
-        .collect();
-    want.sort();
-    assert_eq!(alone, want);
+    assert_eq!(alone, alone_at_shares(3));
     for (stage, s) in ir.stages.iter().zip(&p.stages) {
         assert_eq!(s.samples[0], s.samples[1], "{}", stage.name);
         if !s.channel_samples.is_empty() {
