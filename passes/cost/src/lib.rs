@@ -132,6 +132,34 @@ fn points(samples: &[Vec<legion_plan::Sample>]) -> Vec<Vec<(f64, f64)>> {
         .collect()
 }
 
+/// Per device, stage `s`'s channel points: its channel samples and, where the device
+/// measured the stage whole (`rows` holds a sample at the stage's height, or at 0 rows
+/// for an output without rows), that time at all its channels. It is the same work, so a channel share over fewer boards is
+/// interpolated up to it rather than extrapolated from the share (docs/profile.md).
+fn channel_points(
+    ir: &Ir,
+    s: StageId,
+    mut channels: Vec<Vec<(f64, f64)>>,
+    rows: &[Vec<(f64, f64)>],
+) -> Vec<Vec<(f64, f64)>> {
+    let stage = ir.stage(s);
+    let Some(split) = stage.channels else {
+        return channels;
+    };
+    let height = stage.output.height().unwrap_or(0) as f64;
+    let all = split.count as f64;
+    for (points, rows) in channels.iter_mut().zip(rows) {
+        let whole = rows.iter().find(|&&(r, _)| r == height);
+        if let Some(&(_, us)) = whole
+            && !points.is_empty()
+            && points.iter().all(|&(c, _)| c < all)
+        {
+            points.push((all, us));
+        }
+    }
+    channels
+}
+
 impl Prediction {
     /// The prediction of `group` made of its devices' parts: the slowest one's total.
     fn of(predictor: Predictor, group: Group, devices: Vec<DevicePrediction>) -> Prediction {
@@ -259,8 +287,9 @@ pub struct CostModel<'a> {
     samples: Vec<Vec<Vec<(f64, f64)>>>,
     /// Per stage, per device: (intercept µs, µs per row) of the line through them.
     lines: Vec<Vec<(f64, f64)>>,
-    /// Per stage, per device: the profile's (channels, median µs) channel samples;
-    /// empty for a stage without them.
+    /// Per stage, per device: the profile's (channels, median µs) channel samples and
+    /// the whole stage as all its channels ([`channel_points`]); empty for a stage
+    /// without them.
     channel_samples: Vec<Vec<Vec<(f64, f64)>>>,
     shares: Mutex<HashMap<SharesKey, Vec<(DeviceId, Rows)>>>,
 }
@@ -317,7 +346,8 @@ impl<'a> CostModel<'a> {
         let channel_samples = profile
             .stages
             .iter()
-            .map(|s| points(&s.channel_samples))
+            .zip(&samples)
+            .map(|(s, rows)| channel_points(ir, s.stage, points(&s.channel_samples), rows))
             .collect();
         let mut order: Vec<usize> = (0..profile.devices.len()).collect();
         order.sort_by(|&a, &b| {

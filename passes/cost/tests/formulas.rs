@@ -165,6 +165,38 @@ fn legion_costs_the_rows_computed_within_the_samples_and_alpha_past_them() {
     close(conv1(24), 25.0 / 24.0 * 3400.0);
 }
 
+/// A channel share is interpolated between the channel samples and the whole stage, which
+/// legion mode measures among the row samples: all its channels are the same work.
+/// conv2 (16 channels, 24 rows, 300 µs a row) sampled at 4 channels in 1200 µs and
+/// whole in 7200 µs: 8 channels cost 1200 + 6000 * 4/12 = 3200 µs, not 2 x 1200.
+#[test]
+fn channel_shares_are_interpolated_up_to_the_whole_stage() {
+    let ir = tiny("tiny-cnn");
+    let mut profile = linear_profile(&ir, 2, |l| [100, 300, 50, 50, 10, 40, 10][l]);
+    let four = Sample {
+        rows: 4,
+        median_us: 1200,
+        min_us: 1200,
+        runs: 1,
+    };
+    profile.stages[1].channel_samples = vec![vec![four]; 2];
+    let model = CostModel::new(&ir, &profile, Transport::Hub).unwrap();
+    let conv2 = |shares: &[(DeviceId, Rows)]| {
+        let p = model.predict_channels(Predictor::Legion, Group::new(1, 1), shares, None);
+        p.devices
+            .iter()
+            .map(|d| d.compute_us[0].1)
+            .collect::<Vec<_>>()
+    };
+    let halves = [
+        (DeviceId(0), Rows::new(0, 8)),
+        (DeviceId(1), Rows::new(8, 16)),
+    ];
+    assert_eq!(conv2(&halves), [3200.0, 3200.0]);
+    assert_eq!(conv2(&[(DeviceId(0), Rows::new(0, 16))]), [7200.0]);
+    assert_eq!(conv2(&[(DeviceId(1), Rows::new(0, 2))]), [600.0]);
+}
+
 /// When boards run their programs a tile receives only the rows it lacks: its input
 /// rows outside its own share of the input (its strip scaled to the input's height),
 /// as if the group before had the same devices at the same shares. The model's input

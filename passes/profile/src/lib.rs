@@ -253,37 +253,37 @@ fn weights(profile: &Profile) -> Vec<f64> {
     profile.devices.iter().map(|d| d.gflops).collect()
 }
 
-/// Row counts measured for a device whose share of a stage is `n` of `height` rows:
-/// [`sample_channels`]'s counts around the share, and the whole stage (a group whole on
+/// Row counts measured for a device whose share of a stage is `n` of `height` rows: the
+/// share, two steps above it (halo rows of deeper groups; `step = n/4`), one step
+/// above when the share is under half the stage, and the whole stage (a group whole on
 /// one board, and the shares over fewer boards, are interpolated up to it rather than
-/// extrapolated past the share). A device with no share samples 1 and 2 rows only.
+/// extrapolated past the share); clamped to `1..=height`. At half the stage or more,
+/// every larger count is within two steps of a sample. A device with no share samples
+/// 1 and 2 rows only (docs/profile.md, "What legion mode measures").
 pub fn sample_rows(n: usize, height: usize) -> Vec<usize> {
-    let mut rows = sample_channels(n, height);
-    if n > 0 && !rows.contains(&height) {
-        rows.push(height);
-    }
+    let step = n.div_ceil(4);
+    let mut rows = match n {
+        0 => vec![1, 2],
+        _ if 2 * n < height => vec![n, n + step, n + 2 * step, height],
+        _ => vec![n, n + 2 * step, height],
+    };
+    rows.retain_mut(|r| {
+        *r = (*r).min(height);
+        *r > 0
+    });
+    rows.dedup();
     rows
 }
 
-/// Counts measured for a device whose share of a stage is `n` of `count` (rows or
-/// channels): the share, one step below and two above (halo rows of deeper groups),
-/// `step = n/4`, clamped to `1..=count`; 1 and 2 for a share of 0.
+/// Channel counts measured for a device whose share of a stage is `n` of `count`: the
+/// share alone (at least 1). Counts above it are interpolated up to the whole stage,
+/// which [`sample_rows`] measures: the same work as all its channels.
 pub fn sample_channels(n: usize, count: usize) -> Vec<usize> {
-    let step = n.div_ceil(4).max(1);
-    let around = if n == 0 {
-        vec![1, 2]
+    if count == 0 {
+        vec![]
     } else {
-        vec![n.saturating_sub(step), n, n + step, n + 2 * step]
-    };
-    // Clamped to 1..=count (none when count is 0).
-    let mut rows: Vec<usize> = around
-        .into_iter()
-        .map(|r| r.min(count).max(1))
-        .filter(|&r| r <= count)
-        .collect();
-    rows.sort_unstable();
-    rows.dedup();
-    rows
+        vec![n.clamp(1, count)]
+    }
 }
 
 /// The tile of stage `s` alone computing `n` rows, placed at `start` (moved up when it

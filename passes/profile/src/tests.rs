@@ -190,17 +190,21 @@ fn run(fake: &Fake, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
         .block_on(profile(fake, ir, opts))
 }
 
-/// A share's neighbourhood, then the whole stage; channels only the neighbourhood.
+/// The share, the steps above it, then the whole stage; channels only the share.
 #[test]
-fn samples_reach_from_below_the_share_to_the_whole_stage() {
-    assert_eq!(sample_rows(3, 13), [2, 3, 4, 5, 13]);
-    assert_eq!(sample_rows(7, 13), [5, 7, 9, 11, 13]);
-    assert_eq!(sample_rows(10, 13), [7, 10, 13]);
-    assert_eq!(sample_rows(104, 416), [78, 104, 130, 156, 416]);
+fn samples_reach_from_the_share_to_the_whole_stage() {
+    assert_eq!(sample_rows(3, 13), [3, 4, 5, 13]);
+    assert_eq!(sample_rows(104, 416), [104, 130, 156, 416]);
+    // half the stage or more: no step between the share and two steps above it
+    assert_eq!(sample_rows(7, 13), [7, 11, 13]);
+    assert_eq!(sample_rows(208, 416), [208, 312, 416]);
+    assert_eq!(sample_rows(10, 13), [10, 13]);
     assert_eq!(sample_rows(0, 13), [1, 2]);
+    assert_eq!(sample_rows(0, 1), [1]);
     assert_eq!(sample_rows(1, 1), [1]);
-    assert_eq!(sample_channels(3, 13), [2, 3, 4, 5]);
+    assert_eq!(sample_channels(3, 13), [3]);
     assert_eq!(sample_channels(0, 1), [1]);
+    assert!(sample_channels(0, 0).is_empty());
 }
 
 /// Device `d`'s measurements at its shares among devices of `rates`, in stage order:
