@@ -254,18 +254,18 @@ fn weights(profile: &Profile) -> Vec<f64> {
 }
 
 /// Row counts measured for a device whose share of a stage is `n` of `height` rows: the
-/// share, two steps above it (halo rows of deeper groups; `step = n/4`), one step
-/// above when the share is under half the stage, and the whole stage (a group whole on
-/// one board, and the shares over fewer boards, are interpolated up to it rather than
-/// extrapolated past the share); clamped to `1..=height`. At half the stage or more,
-/// every larger count is within two steps of a sample. A device with no share samples
-/// 1 and 2 rows only (docs/profile.md, "What legion mode measures").
+/// share, one and two steps above it (halo rows of deeper groups; `step = n/4`), and
+/// the whole stage (a group whole on one board, and the shares over fewer boards, are
+/// interpolated up to it rather than extrapolated past the share); clamped to
+/// `1..=height`. A share of half the stage or more is measured with the whole stage
+/// alone: every larger count lies between the two. A device with no share samples 1
+/// and 2 rows only (docs/profile.md, "What each mode measures").
 pub fn sample_rows(n: usize, height: usize) -> Vec<usize> {
     let step = n.div_ceil(4);
     let mut rows = match n {
         0 => vec![1, 2],
         _ if 2 * n < height => vec![n, n + step, n + 2 * step, height],
-        _ => vec![n, n + 2 * step, height],
+        _ => vec![n, height],
     };
     rows.retain_mut(|r| {
         *r = (*r).min(height);

@@ -195,10 +195,10 @@ fn run(fake: &Fake, ir: &Ir, opts: &ProfileOptions) -> Result<Profile> {
 fn samples_reach_from_the_share_to_the_whole_stage() {
     assert_eq!(sample_rows(3, 13), [3, 4, 5, 13]);
     assert_eq!(sample_rows(104, 416), [104, 130, 156, 416]);
-    // half the stage or more: no step between the share and two steps above it
-    assert_eq!(sample_rows(7, 13), [7, 11, 13]);
-    assert_eq!(sample_rows(208, 416), [208, 312, 416]);
-    assert_eq!(sample_rows(10, 13), [10, 13]);
+    // half the stage or more: the share and the whole stage
+    assert_eq!(sample_rows(7, 13), [7, 13]);
+    assert_eq!(sample_rows(208, 416), [208, 416]);
+    assert_eq!(sample_rows(6, 13), [6, 8, 10, 13]);
     assert_eq!(sample_rows(0, 13), [1, 2]);
     assert_eq!(sample_rows(0, 1), [1]);
     assert_eq!(sample_rows(1, 1), [1]);
