@@ -134,8 +134,9 @@ fn points(samples: &[Vec<legion_plan::Sample>]) -> Vec<Vec<(f64, f64)>> {
 
 /// Per device, stage `s`'s channel points: its channel samples and, where the device
 /// measured the stage whole (`rows` holds a sample at the stage's height, or at 0 rows
-/// for an output without rows), that time at all its channels. It is the same work, so a channel share over fewer boards is
-/// interpolated up to it rather than extrapolated from the share (docs/profile.md).
+/// for an output without rows), that time at all its channels. It is the same work, so
+/// a channel share over fewer boards is interpolated up to it rather than extrapolated
+/// from the share (docs/profile.md).
 fn channel_points(
     ir: &Ir,
     s: StageId,
