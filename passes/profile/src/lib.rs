@@ -257,9 +257,9 @@ fn weights(profile: &Profile) -> Vec<f64> {
 /// share, one and two steps above it (halo rows of deeper groups; `step = n/4`), and
 /// the whole stage (a group whole on one board, and the shares over fewer boards, are
 /// interpolated up to it rather than extrapolated past the share); clamped to
-/// `1..=height`. A share of half the stage or more is measured with the whole stage
-/// alone: every larger count lies between the two. A device with no share samples 1
-/// and 2 rows only (docs/profile.md, "What each mode measures").
+/// `1..=height`. A share of half the stage or more is measured at the share and the
+/// whole stage only: every larger count lies between the two. A device with no share
+/// samples 1 and 2 rows only (docs/profile.md, "What each mode measures").
 pub fn sample_rows(n: usize, height: usize) -> Vec<usize> {
     let step = n.div_ceil(4);
     let mut rows = match n {
