@@ -66,7 +66,7 @@ pub struct Args {
     stop_after: Option<Pass>,
     /// latency: one plan over the boards, for the fastest inference; throughput: the
     /// cluster cut into sub-clusters with a plan each, each on its own frames with up
-    /// to 3 in flight, for the most frames per second within --latency-budget (a
+    /// to 4 in flight, for the most frames per second within --latency-budget (a
     /// serving plan, for `legion serve`; plans by prediction).
     #[arg(long, value_enum, default_value_t = Objective::Latency)]
     objective: Objective,
@@ -75,6 +75,11 @@ pub struct Args {
     /// a multiple of the best plan over every board (1.5x).
     #[arg(long, default_value = "2x")]
     latency_budget: legion_pipeline::LatencyBudget,
+    /// With --objective throughput: rounds of the search for FLCs that suit a stream
+    /// (the busiest board's work, not the latency); each subset's plan carries the
+    /// distinct FLCs found as candidates. 0 keeps the latency's candidates alone.
+    #[arg(long, default_value_t = legion_pipeline::STREAM_ROUNDS)]
+    stream_rounds: usize,
     /// Where to write the plan.
     #[arg(short, long, required_unless_present = "stop_after")]
     output: Option<PathBuf>,
@@ -180,6 +185,7 @@ pub fn run(args: &Args) -> Result<()> {
         transport: args.transport,
         sub_strips: !args.no_sub_strips,
         rows_only: args.rows_only,
+        stream_rounds: if throughput { args.stream_rounds } else { 0 },
     };
     if throughput {
         let output = args.output.as_ref().expect("required without --stop-after");

@@ -225,8 +225,11 @@ pub fn describe(plan: &ServingPlan) -> String {
     for sub in &plan.sub_clusters {
         let _ = writeln!(
             out,
-            "sub-cluster {}: {:.1} ms per frame alone, {} in flight: {:.1} ms, {:.2} frames/s",
+            "sub-cluster {}: {} ({} groups), {:.1} ms per frame alone, {} in flight: {:.1} ms, \
+             {:.2} frames/s",
             sub.boards.join(","),
+            sub.plan.chosen().name,
+            sub.plan.chosen().groups.len(),
             ms(sub.plan.chosen().predicted_us),
             sub.depth,
             ms(sub.predicted_latency_us),

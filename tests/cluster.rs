@@ -1245,7 +1245,10 @@ impl Streaming {
     }
 
     fn compile() -> legion_pipeline::CompileOptions {
-        legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json")
+        legion_pipeline::CompileOptions {
+            stream_rounds: legion_pipeline::STREAM_ROUNDS,
+            ..legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json")
+        }
     }
 
     fn port(&self) -> u16 {

@@ -7,8 +7,8 @@ use anyhow::{Context, Result, ensure};
 use legion_codegen::{Chosen, candidate, plan, predict_programs};
 use legion_cost::{CostModel, Predictor, Producers};
 use legion_fusion::{
-    CostTable, EggStats, Flc, FlcGroup, GroupCosts, Legality, Placement, WildCard, search_egg,
-    wild_card,
+    CostTable, EggStats, Flc, FlcGroup, GroupCosts, Legality, Placement, WildCard, balanced_flcs,
+    search_egg, wild_card,
 };
 use legion_ir::Ir;
 use legion_partition::Group;
@@ -71,6 +71,11 @@ pub struct CompileOptions {
     /// Split groups by rows only, as the paper does (no channel splits, no reductions
     /// combined across boards).
     pub rows_only: bool,
+    /// Rounds of the search for a stream of frames (`legion_fusion::balanced_flcs`,
+    /// programs on predicted costs only); the distinct FLCs it finds become candidates
+    /// (`balanced-k`), chosen like the others. 0 for none (`legion compile
+    /// --objective latency`).
+    pub stream_rounds: usize,
 }
 
 impl CompileOptions {
@@ -90,6 +95,7 @@ impl CompileOptions {
             transport: Transport::default(),
             sub_strips: true,
             rows_only: false,
+            stream_rounds: 0,
         }
     }
 }
@@ -397,6 +403,16 @@ pub fn compile(
     let wild = (options.wildcard && options.search == Search::Egg)
         .then(|| wild_card(&table, &flc))
         .flatten();
+    let streamed = match predicted_programs {
+        true => times.time("fusion", || balanced_flcs(&table, options.stream_rounds))?,
+        false => vec![],
+    };
+    let streamed: Vec<Flc> = streamed
+        .into_iter()
+        .filter(|b| {
+            b.groups != flc.groups && wild.as_ref().is_none_or(|w| w.flc.groups != b.groups)
+        })
+        .collect();
     if options.dump_after.contains(&Pass::Fusion) {
         dumps.push(dump_fusion(&flc, stats.as_ref(), wild.as_ref()));
     }
@@ -416,6 +432,9 @@ pub fn compile(
                 other.producers.to_string().replace(' ', "-")
             );
             c.push(build(&other.table, &other.flc, &name)?);
+        }
+        for (k, b) in streamed.iter().enumerate() {
+            c.push(build(&table, b, &format!("balanced-{}", k + 1))?);
         }
         Ok::<_, anyhow::Error>(c)
     })?;

@@ -41,8 +41,8 @@ pub use serve::{
     serve, serving_plan_of,
 };
 pub use serving::{
-    DEPTH_GAIN, LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, Streamed, best_within,
-    compile_serving, predict_depths,
+    DEPTH_GAIN, LatencyBudget, MAX_DEPTH, MAX_SERVING_BOARDS, STREAM_ROUNDS, Streamed, best_within,
+    compile_serving, predict_candidates,
 };
 pub use session::{boards_of, connect, profile, profile_fss};
 

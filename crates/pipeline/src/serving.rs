@@ -1,14 +1,17 @@
 //! Compiling for throughput (docs/architecture.md, "Serving a stream"): the cluster is
 //! cut into sub-clusters, each running its own plan on its own frames. Every subset of
-//! the boards gets a plan compiled by prediction; every cut of the boards into subsets
-//! (and boards left idle) is scored by the frames per second its plans predict
-//! together, at most what the coordinator's link carries, and the best cut whose every
-//! plan meets the latency budget is kept.
+//! the boards gets a plan compiled by prediction, with candidates searched for a stream
+//! beside the one for latency; every cut of the boards into subsets (and boards left
+//! idle) is scored by the frames per second its plans predict together, at most what
+//! the coordinator's link carries, and the best cut whose every plan meets the latency
+//! budget is kept.
 
 use crate::{BadInput, CompileOptions, PassTimes, boards_of, compile};
 use anyhow::{Context, Result};
 use legion_ir::Ir;
-use legion_plan::{Cluster, Plan, Profile, SERVING_VERSION, ServingPlan, SubCluster, Transport};
+use legion_plan::{
+    Candidate, Cluster, Plan, Profile, SERVING_VERSION, ServingPlan, SubCluster, Transport,
+};
 
 /// The most boards a cluster may have for a throughput compile: every subset is
 /// compiled (2^n - 1 plans) and every cut scored (the Bell number of n + 1).
@@ -46,16 +49,19 @@ impl std::str::FromStr for LatencyBudget {
 /// A subset of the boards (bit i: the cluster's device i) and its plan.
 struct Compiled {
     plan: Plan,
-    /// Per depth (frames in flight, from 1), the predicted stream.
+    /// Per candidate of the plan, the chosen one first, and per depth (frames in
+    /// flight, from 1), the predicted stream.
     streams: Vec<Streamed>,
     /// Seconds of the coordinator's link one frame takes (its input and outputs, or
     /// through the hub every strip).
     coordinator_s: f64,
 }
 
-/// A plan's predicted stream at one depth ([`predict_depths`]).
+/// A candidate's predicted stream at one depth ([`predict_candidates`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Streamed {
+    /// The plan's candidate streamed (index into its candidates).
+    pub candidate: usize,
     /// Frames in flight.
     pub depth: usize,
     /// The longest frame latency in the stream, µs.
@@ -65,10 +71,21 @@ pub struct Streamed {
 }
 
 impl Compiled {
-    /// The depth with the most frames per second whose latency is within `budget_us`
-    /// (the shallower of equals).
+    /// The candidate and depth with the most frames per second whose latency is within
+    /// `budget_us` (the chosen candidate and the shallower depth of equals).
     fn within(&self, budget_us: u64) -> Option<Streamed> {
         best_within(&self.streams, budget_us)
+    }
+
+    /// Of `candidate`'s depths, the one [`Compiled::within`] would choose.
+    fn within_candidate(&self, candidate: usize, budget_us: u64) -> Option<Streamed> {
+        let streams: Vec<Streamed> = self
+            .streams
+            .iter()
+            .filter(|s| s.candidate == candidate)
+            .copied()
+            .collect();
+        best_within(&streams, budget_us)
     }
 
     /// One frame after the other: the plan's predicted latency.
@@ -77,9 +94,10 @@ impl Compiled {
     }
 }
 
-/// Of `streams` (by depth), the one with the most frames per second whose latency is
-/// within `budget_us`, where a deeper one must be [`DEPTH_GAIN`] faster than the
-/// shallower to be kept (each frame in flight costs latency and the boards' memory).
+/// Of `streams` (by candidate, then depth), the one with the most frames per second
+/// whose latency is within `budget_us`, where a later one must be [`DEPTH_GAIN`]
+/// faster than the earlier to be kept (each frame in flight costs latency and the
+/// boards' memory; a candidate after the first gives up latency).
 pub fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
     streams
         .iter()
@@ -90,8 +108,14 @@ pub fn best_within(streams: &[Streamed], budget_us: u64) -> Option<Streamed> {
         })
 }
 
-/// How much faster a deeper pipeline must be than a shallower one to be chosen.
+/// How much faster a deeper pipeline, or another candidate, must be than the one before
+/// to be chosen.
 pub const DEPTH_GAIN: f64 = 1.02;
+
+/// Rounds of the search for a stream ([`legion_fusion::balanced_flcs`]) a throughput
+/// compile runs per subset of the boards unless told otherwise
+/// ([`CompileOptions::stream_rounds`]).
+pub const STREAM_ROUNDS: usize = 6;
 
 /// Frames in flight a throughput compile tries per sub-cluster (1 to this): VGG-16's
 /// plan over 6 Fireflies predicts its most frames per second from depth 4 on (5.52 at
@@ -104,8 +128,9 @@ pub const MAX_DEPTH: usize = 4;
 const PREDICTED_FRAMES: usize = 16;
 
 /// Cuts `cluster` into sub-clusters for the most predicted frames per second within
-/// `budget`, each with a plan compiled by prediction from `profile` with `options` and
-/// the number of frames it keeps in flight (up to [`MAX_DEPTH`] when its boards run
+/// `budget`, each with a plan compiled by prediction from `profile` with `options`
+/// (its `stream_rounds` of the search for a stream), the candidate it runs and the
+/// number of frames it keeps in flight (up to [`MAX_DEPTH`] when its boards run
 /// their programs, so frames overlap on them; the budget bounds a frame's latency in
 /// the stream).
 /// `progress` is called after each subset's plan with (done, total).
@@ -155,7 +180,7 @@ pub fn compile_serving(
             Transport::Programs => traffic.coordinator,
             Transport::Hub => traffic.hub,
         };
-        let streams = predict_depths(ir, &cut, &plan, options.transport)
+        let streams = predict_candidates(ir, &cut, &plan, options.transport)
             .with_context(|| format!("predicting a stream on {}", names.join(",")))?;
         plans[mask] = Some(Compiled {
             streams,
@@ -203,8 +228,20 @@ pub fn compile_serving(
     let predicted_latency_us = best.blocks.iter().map(|&m| latency(m)).max().unwrap_or(0);
     let mut sub_clusters = vec![];
     for &mask in &best.blocks {
-        let compiled = plans[mask].take().expect("compiled once");
+        let mut compiled = plans[mask].take().expect("compiled once");
         let stream = chosen[mask].expect("within the budget");
+        if stream.candidate != compiled.plan.chosen {
+            let fastest = &compiled.plan.chosen().name;
+            let its_fps = compiled.within_candidate(compiled.plan.chosen, budget_us);
+            compiled.plan.reason = format!(
+                "the most frames per second within the budget: {:.2} predicted at {} in \
+                 flight, against {:.2} for {fastest}, the fastest one frame at a time",
+                stream.fps,
+                stream.depth,
+                its_fps.map_or(0.0, |s| s.fps),
+            );
+            compiled.plan.chosen = stream.candidate;
+        }
         sub_clusters.push(SubCluster {
             boards: names(mask),
             predicted_fps: stream.fps,
@@ -234,32 +271,49 @@ pub fn compile_serving(
     })
 }
 
-/// `plan`'s predicted streams at depths 1 to [`MAX_DEPTH`] (through the hub, where
-/// frames do not overlap, depth 1 alone): the plan's own prediction one frame after
-/// the other, the programs' stream timeline beyond.
-pub fn predict_depths(
+/// Every candidate of `plan`'s predicted streams at depths 1 to [`MAX_DEPTH`], the chosen
+/// candidate's first so that it wins ties ([`best_within`]).
+pub fn predict_candidates(
     ir: &Ir,
     profile: &Profile,
     plan: &Plan,
     transport: Transport,
 ) -> Result<Vec<Streamed>> {
-    let latency_us = plan.chosen().predicted_us.max(1);
+    let order = std::iter::once(plan.chosen)
+        .chain((0..plan.candidates.len()).filter(|&c| c != plan.chosen));
+    let mut streams = vec![];
+    for c in order {
+        let mut each = predict_depths(ir, profile, &plan.candidates[c], transport)
+            .with_context(|| format!("candidate {}", plan.candidates[c].name))?;
+        each.iter_mut().for_each(|s| s.candidate = c);
+        streams.extend(each);
+    }
+    Ok(streams)
+}
+
+/// `candidate`'s predicted streams at depths 1 to [`MAX_DEPTH`] (through the hub, where
+/// frames do not overlap, depth 1 alone): its own prediction one frame after the
+/// other, the programs' stream timeline beyond. Each is marked candidate 0.
+fn predict_depths(
+    ir: &Ir,
+    profile: &Profile,
+    candidate: &Candidate,
+    transport: Transport,
+) -> Result<Vec<Streamed>> {
+    let latency_us = candidate.predicted_us.max(1);
     let mut streams = vec![Streamed {
+        candidate: 0,
         depth: 1,
         latency_us,
         fps: 1e6 / latency_us as f64,
     }];
     if transport == Transport::Programs {
         for depth in 2..=MAX_DEPTH {
-            let times = crate::compile::predict_stream(
-                ir,
-                profile,
-                plan.chosen(),
-                PREDICTED_FRAMES,
-                depth,
-            )?;
+            let times =
+                crate::compile::predict_stream(ir, profile, candidate, PREDICTED_FRAMES, depth)?;
             let latency = times.latencies_us().into_iter().fold(0.0f64, f64::max);
             streams.push(Streamed {
+                candidate: 0,
                 depth,
                 latency_us: latency.round() as u64,
                 fps: times.fps().unwrap_or(0.0),
@@ -384,6 +438,7 @@ mod tests {
     #[test]
     fn the_deepest_pipeline_within_the_budget_wins() {
         let stream = |depth, latency_us, fps| Streamed {
+            candidate: 0,
             depth,
             latency_us,
             fps,
@@ -400,6 +455,34 @@ mod tests {
         assert_eq!(best_within(&streams, 1600).unwrap().depth, 2);
         assert_eq!(best_within(&streams, u64::MAX).unwrap().depth, 2);
         assert!(best_within(&streams, 999).is_none());
+    }
+
+    #[test]
+    fn another_candidate_must_be_faster_by_the_depth_gain() {
+        let stream = |candidate, depth, latency_us, fps| Streamed {
+            candidate,
+            depth,
+            latency_us,
+            fps,
+        };
+        // The latency's candidate (1) first, then a candidate for a stream (0): 1% more
+        // frames per second at depth 2 does not pay for its latency, 5% does.
+        let mut streams = vec![
+            stream(1, 1, 1000, 1000.0),
+            stream(1, 2, 1800, 1200.0),
+            stream(0, 1, 1100, 909.0),
+            stream(0, 2, 1700, 1212.0),
+        ];
+        let best = best_within(&streams, u64::MAX).unwrap();
+        assert_eq!((best.candidate, best.depth), (1, 2));
+        streams[3].fps = 1260.0;
+        let best = best_within(&streams, u64::MAX).unwrap();
+        assert_eq!((best.candidate, best.depth), (0, 2));
+        // Within 1.75 ms only the candidate for a stream reaches depth 2.
+        let best = best_within(&streams, 1750).unwrap();
+        assert_eq!((best.candidate, best.depth), (0, 2));
+        let best = best_within(&streams, 1650).unwrap();
+        assert_eq!((best.candidate, best.depth), (1, 1));
     }
 
     #[test]

@@ -31,7 +31,9 @@ pub struct Plan {
     /// What costed the groups: a predictor (`legion`, `affine`, `aofl`) or `fss`
     /// (measured group times).
     pub costed_by: String,
-    /// The candidate FLCs: the extracted one first, then its Wild Card if any.
+    /// The candidate FLCs: the extracted one first, then its Wild Card if any, the
+    /// search under the other producers assumption if it differs, and in a throughput
+    /// compile the FLCs searched for a stream (`balanced-k`).
     pub candidates: Vec<Candidate>,
     /// Index of the candidate to run.
     pub chosen: usize,
@@ -42,7 +44,8 @@ pub struct Plan {
 /// One fused-layer configuration, ready to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
-    /// `extracted` or `wild-card`.
+    /// `extracted` (or the baseline's name), `wild-card`, `extracted-...` (the other
+    /// producers assumption) or `balanced-k`.
     pub name: String,
     /// The sum of the groups' predicted times, µs.
     pub predicted_us: u64,

@@ -14,8 +14,10 @@
 //! both reach the same optimum. [`wild_card`] merges the adjacent pair of groups that
 //! raises the cost least. [`Flc::no_fusion`] and [`Flc::one_block`] build the paper's
 //! baselines on the same table. [`Placement`] makes an FLC concrete: the strips each
-//! group runs, cut again in order when boards run their programs.
+//! group runs, cut again in order when boards run their programs. [`balanced_flcs`]
+//! searches FLCs for a stream of frames, where the busiest board bounds the rate.
 
+mod balance;
 mod baselines;
 mod cost;
 mod dp;
@@ -24,6 +26,7 @@ mod rules;
 mod table;
 mod wildcard;
 
+pub use balance::{balanced_flcs, board_loads};
 pub use cost::Cost;
 pub use dp::search_dp;
 pub use place::Placement;

@@ -17,8 +17,8 @@ use super::{host, load};
 use anyhow::{Context, Result, ensure};
 use legion_ir::Ir;
 use legion_pipeline::{
-    CompileOptions, LatencyBudget, MAX_DEPTH, ServeOptions, best_within, compile_serving, connect,
-    predict_depths, serve,
+    CompileOptions, LatencyBudget, MAX_DEPTH, STREAM_ROUNDS, ServeOptions, Streamed, best_within,
+    compile_serving, connect, predict_candidates, serve,
 };
 use legion_plan::network::StreamTimes;
 use legion_plan::{Cluster, HostRates, ServingPlan, Transport};
@@ -116,19 +116,23 @@ pub fn run(opts: &Options) -> Result<String> {
     report(&setups, opts)
 }
 
-/// `plan` served alone at its best depth above one frame at a time, as the throughput
-/// compile picks depths (`legion_pipeline::best_within`, no budget).
+/// `plan` served alone at its best candidate and depth above one frame at a time, as
+/// the throughput compile picks them (`legion_pipeline::best_within`, no budget).
 fn pipelined(
     ir: &Ir,
     profile: &legion_plan::Profile,
     mut plan: ServingPlan,
 ) -> Result<ServingPlan> {
     let sub = &plan.sub_clusters[0];
-    let streams = predict_depths(ir, profile, &sub.plan, Transport::Programs)?;
-    let best = best_within(&streams[1..], u64::MAX).context("no depth above 1")?;
+    let streams: Vec<Streamed> = predict_candidates(ir, profile, &sub.plan, Transport::Programs)?
+        .into_iter()
+        .filter(|s| s.depth > 1)
+        .collect();
+    let best = best_within(&streams, u64::MAX).context("no depth above 1")?;
     let sub = &mut plan.sub_clusters[0];
     (sub.depth, sub.predicted_fps, sub.predicted_latency_us) =
         (best.depth, best.fps, best.latency_us);
+    sub.plan.chosen = best.candidate;
     (plan.predicted_fps, plan.predicted_latency_us) = (best.fps, best.latency_us);
     Ok(plan)
 }
@@ -143,30 +147,41 @@ fn measure(ir: &Ir, onnx: &[u8], model: &str, cluster_name: &str, opts: &Options
     let local = LocalCluster::start(&cluster, default_cache_dir())?;
     let rt = tokio::runtime::Runtime::new()?;
     let coord = rt.block_on(connect(local.cluster(), cluster_name, onnx, model, ir))?;
-    let options = CompileOptions::legion("the legion profile");
+    let options = CompileOptions {
+        stream_rounds: STREAM_ROUNDS,
+        ..CompileOptions::legion("the legion profile")
+    };
     let reference = Reference::run(ir, test_input(&ir.input.shape))?;
     let compiled = |budget: LatencyBudget| {
         compile_serving(ir, &profile, local.cluster(), &options, budget, |_, _| {})
     };
     let everyone = compiled(LatencyBudget::Relative(1e9))?;
-    // One plan over every board, as `legion compile` makes it by prediction.
-    let single = legion_pipeline::compile(
-        ir,
-        &profile,
-        local.cluster(),
-        &options,
-        None,
-        &mut legion_pipeline::PassTimes::default(),
-    )?
-    .plan
-    .context("compile made no plan")?;
-    let mut single = ServingPlan::one(single);
-    single.data_parallel_fps = everyone.data_parallel_fps;
+    // One plan over every board, as `legion compile` makes it by prediction; pipelined,
+    // with the candidates searched for a stream beside it.
+    let single = |stream_rounds| -> Result<ServingPlan> {
+        let options = CompileOptions {
+            stream_rounds,
+            ..options.clone()
+        };
+        let plan = legion_pipeline::compile(
+            ir,
+            &profile,
+            local.cluster(),
+            &options,
+            None,
+            &mut legion_pipeline::PassTimes::default(),
+        )?
+        .plan
+        .context("compile made no plan")?;
+        let mut single = ServingPlan::one(plan);
+        single.data_parallel_fps = everyone.data_parallel_fps;
+        Ok(single)
+    };
     let mut plans = vec![
-        ("one plan, one at a time".to_string(), single.clone()),
+        ("one plan, one at a time".to_string(), single(0)?),
         (
             "one plan, pipelined".to_string(),
-            pipelined(ir, &profile, single)?,
+            pipelined(ir, &profile, single(STREAM_ROUNDS)?)?,
         ),
     ];
     for factor in [1.0, 1.5, 2.0] {
@@ -445,8 +460,10 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
         "Measured by `cargo xtask bench serve --runs {}{}` on {}. Per setup, from the \
          setup's legion profile: one plan over every board (`legion compile` by \
          prediction) served one frame at a time (as `legion run --repeat`) and pipelined \
-         (at the depth predicted fastest, up to {MAX_DEPTH}: each board works on every frame \
-         in flight, the oldest frame's ready tile first); serving plans compiled by \
+         (at the candidate and depth predicted fastest, up to {MAX_DEPTH} frames in flight: \
+         each board works on every frame in flight, the oldest frame's ready tile first; \
+         the candidates are the latency's and {STREAM_ROUNDS} rounds of the search for a \
+         stream, `legion_fusion::balanced_flcs`); serving plans compiled by \
          prediction (`legion compile --objective throughput`) within 1.0x, 1.5x and 2x \
          that plan's predicted latency, and with no budget. Each serves {} frames per \
          sub-cluster through `legion serve` (in process, every output checked against one \
@@ -502,8 +519,10 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
     }
     writeln!(
         md,
-        "\nPipelining one plan, measured frames/s over one frame at a time (the same \
-         plan, the same setup):\n"
+        "\nPipelining one plan, measured frames/s over one frame at a time (the plan \
+         over every board searched for latency, as `legion run --repeat` runs it; the \
+         pipelined plan is the same compile's candidate and depth predicted fastest in a \
+         stream, which may be an FLC searched for a stream):\n"
     )?;
     for s in setups {
         let rate = |name: &str| {
@@ -551,7 +570,12 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
             o.sent - (o.answered + o.refused + o.failed).min(o.sent)
         )?;
     }
-    writeln!(md, "\nThe sub-clusters (boards, depth, frames run):\n")?;
+    writeln!(
+        md,
+        "\nThe sub-clusters (boards, depth, frames run, candidate: `extracted` the FLC \
+         searched for latency, `wild-card` its Wild Card, `extracted-...` the search under \
+         the other producers assumption, `balanced-k` the k-th FLC searched for a stream):\n"
+    )?;
     for s in setups {
         writeln!(
             md,
@@ -559,10 +583,17 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
             s.model, s.cluster, s.wall_s
         )?;
         for st in &s.streams {
+            let candidate = |boards: &str| {
+                st.plan
+                    .sub_clusters
+                    .iter()
+                    .find(|c| c.boards.join(",") == boards)
+                    .map_or("?", |c| c.plan.chosen().name.as_str())
+            };
             let runs: Vec<String> = st
                 .subs
                 .iter()
-                .map(|(b, (depth, n, _))| format!("{b} (depth {depth}, {n})"))
+                .map(|(b, (depth, n, _))| format!("{b} (depth {depth}, {n}, {})", candidate(b)))
                 .collect();
             writeln!(
                 md,
