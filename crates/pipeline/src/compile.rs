@@ -403,7 +403,7 @@ pub fn compile(
     let wild = (options.wildcard && options.search == Search::Egg)
         .then(|| wild_card(&table, &flc))
         .flatten();
-    let streamed = match predicted_programs {
+    let streamed = match predicted_programs && options.stream_rounds > 0 {
         true => times.time("fusion", || balanced_flcs(&table, options.stream_rounds))?,
         false => vec![],
     };
