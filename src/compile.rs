@@ -4,7 +4,7 @@
 use crate::{BadInput, ModelArgs, predict::load_profile};
 use anyhow::{Context, Result};
 use legion_cost::Predictor;
-use legion_pipeline::{CompileOptions, Pass, PassTimes, Search};
+use legion_pipeline::{CompileOptions, Pass, PassTimes, Search, StreamFlcs};
 use legion_plan::{Cluster, Profile, ProfileMode, Transport};
 use legion_profile::ProfileOptions;
 use std::path::PathBuf;
@@ -75,9 +75,11 @@ pub struct Args {
     /// a multiple of the best plan over every board (1.5x).
     #[arg(long, default_value = "2x")]
     latency_budget: legion_pipeline::LatencyBudget,
-    /// With --objective throughput: rounds of the search for FLCs that suit a stream
-    /// (the busiest board's work, not the latency); each subset's plan carries the
-    /// distinct FLCs found as candidates. 0 keeps the latency's candidates alone.
+    /// Rounds of the search for FLCs that suit a stream (the busiest board's work, not
+    /// the sum of the groups' latencies), boards running their programs. With
+    /// --objective throughput each subset's plan carries the distinct FLCs found as
+    /// candidates; with latency, the one predicted fastest joins the candidates when it
+    /// beats them. 0 keeps the latency search's candidates alone.
     #[arg(long, default_value_t = legion_pipeline::STREAM_ROUNDS)]
     stream_rounds: usize,
     /// Where to write the plan.
@@ -185,7 +187,11 @@ pub fn run(args: &Args) -> Result<()> {
         transport: args.transport,
         sub_strips: !args.no_sub_strips,
         rows_only: args.rows_only,
-        stream_rounds: if throughput { args.stream_rounds } else { 0 },
+        stream_flcs: match (args.stream_rounds, throughput) {
+            (0, _) => StreamFlcs::Off,
+            (rounds, true) => StreamFlcs::All(rounds),
+            (rounds, false) => StreamFlcs::Faster(rounds),
+        },
     };
     if throughput {
         let output = args.output.as_ref().expect("required without --stop-after");

@@ -1246,7 +1246,7 @@ impl Streaming {
 
     fn compile() -> legion_pipeline::CompileOptions {
         legion_pipeline::CompileOptions {
-            stream_rounds: legion_pipeline::STREAM_ROUNDS,
+            stream_flcs: legion_pipeline::StreamFlcs::All(legion_pipeline::STREAM_ROUNDS),
             ..legion_pipeline::CompileOptions::legion("tiny-cnn-2f2o.json")
         }
     }

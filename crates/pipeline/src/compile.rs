@@ -71,16 +71,42 @@ pub struct CompileOptions {
     /// Split groups by rows only, as the paper does (no channel splits, no reductions
     /// combined across boards).
     pub rows_only: bool,
-    /// Rounds of the search for a stream of frames (`legion_fusion::balanced_flcs`,
-    /// programs on predicted costs only); the distinct FLCs it finds become candidates
-    /// (`balanced-k`), chosen like the others. 0 for none (`legion compile
-    /// --objective latency`).
-    pub stream_rounds: usize,
+    /// Which FLCs of the search for a stream of frames join the candidates (programs
+    /// on predicted costs, [`Search::Egg`] only).
+    pub stream_flcs: StreamFlcs,
+}
+
+/// The FLCs searched for a stream of frames (`legion_fusion::balanced_flcs`) that join
+/// a compile's candidates, as `balanced-k` (the k-th distinct one found). The latency
+/// search costs a group as a step on its own, while boards running their programs start
+/// a group's rows as their inputs arrive; an FLC that spreads the boards' work more
+/// evenly can be faster on that timeline (docs/architecture.md, "FLCs for a stream").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamFlcs {
+    /// The search does not run.
+    Off,
+    /// From this many rounds, the one predicted fastest one frame at a time when it is
+    /// faster than every other candidate (a latency compile).
+    Faster(usize),
+    /// Every distinct one from this many rounds (a throughput compile predicts each in
+    /// a stream).
+    All(usize),
+}
+
+impl StreamFlcs {
+    /// Rounds of the search (0 when off).
+    pub fn rounds(self) -> usize {
+        match self {
+            StreamFlcs::Off => 0,
+            StreamFlcs::Faster(rounds) | StreamFlcs::All(rounds) => rounds,
+        }
+    }
 }
 
 impl CompileOptions {
     /// Legion's defaults: the paper's predictor, the egg search with its Wild Card, 3
-    /// runs per candidate, no dumps.
+    /// runs per candidate, no dumps; with programs, the FLC searched for a stream when
+    /// it is predicted faster.
     pub fn legion(profile_name: &str) -> CompileOptions {
         CompileOptions {
             predictor: Predictor::Legion,
@@ -95,7 +121,7 @@ impl CompileOptions {
             transport: Transport::default(),
             sub_strips: true,
             rows_only: false,
-            stream_rounds: 0,
+            stream_flcs: StreamFlcs::Faster(crate::STREAM_ROUNDS),
         }
     }
 }
@@ -403,8 +429,13 @@ pub fn compile(
     let wild = (options.wildcard && options.search == Search::Egg)
         .then(|| wild_card(&table, &flc))
         .flatten();
-    let streamed = match predicted_programs && options.stream_rounds > 0 {
-        true => times.time("fusion", || balanced_flcs(&table, options.stream_rounds))?,
+    // A baseline stays the paper's: its FLC alone.
+    let rounds = match options.search {
+        Search::Egg => options.stream_flcs.rounds(),
+        Search::NoFusion | Search::OneBlock => 0,
+    };
+    let streamed = match predicted_programs && rounds > 0 {
+        true => times.time("fusion", || balanced_flcs(&table, rounds))?,
         false => vec![],
     };
     let streamed: Vec<Flc> = streamed
@@ -433,9 +464,17 @@ pub fn compile(
             );
             c.push(build(&other.table, &other.flc, &name)?);
         }
+        let fastest_before = c.iter().map(|c| c.predicted_us).min();
+        let mut balanced = vec![];
         for (k, b) in streamed.iter().enumerate() {
-            c.push(build(&table, b, &format!("balanced-{}", k + 1))?);
+            balanced.push(build(&table, b, &format!("balanced-{}", k + 1))?);
         }
+        if let StreamFlcs::Faster(_) = options.stream_flcs {
+            balanced.sort_by_key(|b| b.predicted_us);
+            balanced.truncate(1);
+            balanced.retain(|b| fastest_before.is_none_or(|f| b.predicted_us < f));
+        }
+        c.extend(balanced);
         Ok::<_, anyhow::Error>(c)
     })?;
     if options.dump_after.contains(&Pass::Codegen) {

@@ -26,7 +26,7 @@ mod serve;
 mod serving;
 mod session;
 
-pub use compile::{CompileOptions, Compiled, Search, compile, cost_table, fss_choices};
+pub use compile::{CompileOptions, Compiled, Search, StreamFlcs, compile, cost_table, fss_choices};
 pub use passes::{Dump, Pass, PassTimes};
 pub use recover::{
     ATTEMPTS, HEALTH_TIMEOUT, PROBE_EVERY, Recovery, Resilient, STRAGGLER_RATIO, STRAGGLER_RUNS,

@@ -114,7 +114,8 @@ pub const DEPTH_GAIN: f64 = 1.02;
 
 /// Rounds of the search for a stream ([`legion_fusion::balanced_flcs`]) a throughput
 /// compile runs per subset of the boards unless told otherwise
-/// ([`CompileOptions::stream_rounds`]).
+/// ([`crate::StreamFlcs::All`]), and a latency compile by default
+/// ([`crate::StreamFlcs::Faster`]).
 pub const STREAM_ROUNDS: usize = 6;
 
 /// Frames in flight a throughput compile tries per sub-cluster (1 to this): VGG-16's
@@ -129,7 +130,8 @@ const PREDICTED_FRAMES: usize = 16;
 
 /// Cuts `cluster` into sub-clusters for the most predicted frames per second within
 /// `budget`, each with a plan compiled by prediction from `profile` with `options`
-/// (its `stream_rounds` of the search for a stream), the candidate it runs and the
+/// (with [`crate::StreamFlcs::All`], every FLC searched for a stream is predicted in a
+/// stream), the candidate it runs and the
 /// number of frames it keeps in flight (up to [`MAX_DEPTH`] when its boards run
 /// their programs, so frames overlap on them; the budget bounds a frame's latency in
 /// the stream).
