@@ -65,6 +65,8 @@ struct Case {
     option: Ran,
     /// The boards it ran on, with "by channels" when split so.
     boards: String,
+    /// How many boards it ran on.
+    strips: usize,
     measured_us: f64,
     predicted_us: [f64; 3],
     /// A board computes some stage at more rows than it was sampled at
@@ -74,13 +76,14 @@ struct Case {
 
 struct Timing {
     setup: String,
+    /// [`twin_spreads`] of the setup's fss profile.
+    twins: Vec<f64>,
     legion_us: u64,
     fss_us: u64,
     legion_wall_us: u64,
     fss_wall_us: u64,
     /// The legion profile's boards of one class shared their samples out.
     by_class: bool,
-    groups: usize,
     /// The host's rates over both profiles (emulated clock).
     host: Option<HostRates>,
 }
@@ -152,6 +155,52 @@ fn beyond_samples(
     })
 }
 
+/// Shortest compute time of a strip [`twin_spreads`] compares, µs: below it a few µs
+/// of timer and scheduling are a large part of the time.
+const TWIN_MIN_US: u64 = 2000;
+
+/// The same work measured twice in one step: for every single stage FSS split by rows,
+/// every pair of boards of one class given as many rows, how much longer the slower
+/// one computed than the faster, % (strips under [`TWIN_MIN_US`] left out). A stage's
+/// rows cost alike wherever they lie (padding is computed like any row), so this is the
+/// emulated clock's own spread on one piece of work, below which no prediction of a
+/// row split can be checked.
+fn twin_spreads(fss: &Profile) -> Vec<f64> {
+    let class = |name: &str| {
+        fss.devices
+            .iter()
+            .find(|d| d.name == name)
+            .and_then(|d| d.class.clone())
+    };
+    let mut spreads = vec![];
+    for g in fss
+        .groups
+        .iter()
+        .filter(|g| g.first == g.last && !g.channels)
+    {
+        let computed = |name: &str| {
+            g.devices
+                .iter()
+                .find(|t| t.device == name)
+                .map(|t| t.compute_us)
+        };
+        for (i, (a, rows_a)) in g.strips.iter().enumerate() {
+            for (b, rows_b) in &g.strips[i + 1..] {
+                let twins =
+                    rows_a.len() == rows_b.len() && class(a).is_some() && class(a) == class(b);
+                let (Some(ta), Some(tb)) = (computed(a), computed(b)) else {
+                    continue;
+                };
+                let (fast, slow) = (ta.min(tb), ta.max(tb));
+                if twins && fast >= TWIN_MIN_US {
+                    spreads.push((slow as f64 / fast as f64 - 1.0) * 100.0);
+                }
+            }
+        }
+    }
+    spreads
+}
+
 /// Absolute percentage error of predictor `p` on one case, %.
 fn ape(c: &Case, p: usize) -> f64 {
     (c.predicted_us[p] - c.measured_us).abs() / c.measured_us * 100.0
@@ -167,15 +216,54 @@ fn mean_ape(cases: &[&Case], p: usize) -> f64 {
     cases.iter().map(|c| ape(c, p)).sum::<f64>() / cases.len().max(1) as f64
 }
 
-/// A row of MAPE by predictor: its label, how many cases, each predictor's MAPE.
-fn mape_row(md: &mut String, label: &str, cases: &[&Case]) -> Result<()> {
+/// Legion's mean signed error over `cases`, %: positive when it predicts too slow.
+fn legion_bias(cases: &[&Case]) -> f64 {
+    let signed = |c: &&Case| (c.predicted_us[0] - c.measured_us) / c.measured_us * 100.0;
+    cases.iter().map(signed).sum::<f64>() / cases.len().max(1) as f64
+}
+
+/// The header of [`mape_row`]'s table, its first column named `what`.
+fn mape_header(md: &mut String, what: &str, count: &str) -> Result<()> {
     writeln!(
         md,
-        "| {label} | {} | {:.2} | {:.2} | {:.2} |",
+        "| {what} | {count} | legion | legion bias | legion p90 | affine | aofl |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    Ok(())
+}
+
+/// A row of errors by predictor: its label, how many cases, legion's MAPE, mean signed
+/// error and p90, then the other predictors' MAPE.
+fn mape_row(md: &mut String, label: &str, cases: &[&Case]) -> Result<()> {
+    let mut e: Vec<f64> = cases.iter().map(|c| ape(c, 0)).collect();
+    e.sort_by(f64::total_cmp);
+    writeln!(
+        md,
+        "| {label} | {} | {:.2} | {:+.2} | {:.2} | {:.2} | {:.2} |",
         cases.len(),
         mean_ape(cases, 0),
+        legion_bias(cases),
+        quantile(&e, 0.9),
         mean_ape(cases, 1),
         mean_ape(cases, 2)
+    )?;
+    Ok(())
+}
+
+/// A row of [`twin_spreads`]: label, pairs, median, p90 and max.
+fn twin_row(md: &mut String, label: &str, spreads: &[f64]) -> Result<()> {
+    if spreads.is_empty() {
+        return Ok(());
+    }
+    let mut sorted = spreads.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    writeln!(
+        md,
+        "| {label} | {} | {:.1} | {:.1} | {:.1} |",
+        sorted.len(),
+        quantile(&sorted, 0.5),
+        quantile(&sorted, 0.9),
+        sorted.last().copied().unwrap_or(f64::NAN)
     )?;
     Ok(())
 }
@@ -200,7 +288,6 @@ pub fn run(opts: &Options) -> Result<String> {
             };
             // FSS measured each choice as one hub step: predict the hub's transfers.
             let cost = CostModel::new(&ir, &legion, Transport::Hub)?;
-            let mut groups = 0;
             for g in &fss.groups {
                 let group = Group::new(g.first.index(), g.last.index());
                 let strips = g
@@ -234,20 +321,20 @@ pub fn run(opts: &Options) -> Result<String> {
                         Ran::Channels => format!("{} by channels", strips.len()),
                         _ => strips.len().to_string(),
                     },
+                    strips: strips.len(),
                     measured_us: g.median_us as f64,
                     predicted_us,
                     beyond: beyond_samples(&ir, &legion, group, &strips, option),
                 });
-                groups += 1;
             }
             timings.push(Timing {
+                twins: twin_spreads(&fss),
                 setup,
                 legion_us: legion.profiling_us,
                 fss_us: fss.profiling_us,
                 legion_wall_us: legion.wall_us,
                 fss_wall_us: fss.wall_us,
                 by_class: legion.devices.iter().any(|d| !d.profiled_with.is_empty()),
-                groups,
                 host: HostRates::union(legion.host_gflops, fss.host_gflops),
             });
         }
@@ -302,7 +389,7 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
             e.last().copied().unwrap_or(f64::NAN)
         )?;
     }
-    writeln!(md, "\n## Per setup (MAPE %)\n")?;
+    writeln!(md, "\n## Per setup (%)\n")?;
     writeln!(
         md,
         "*host GFLOP/s*: the range of the host's rates the emulated times of both \
@@ -311,32 +398,30 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
     )?;
     writeln!(
         md,
-        "| setup | choices | legion | affine | aofl | host GFLOP/s |"
+        "| setup | choices | legion | legion bias | legion p90 | affine | aofl | host GFLOP/s |"
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---|")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|")?;
     for t in timings {
         let mine: Vec<&Case> = cases.iter().filter(|c| c.setup == t.setup).collect();
-        let mape = |i: usize| mean_ape(&mine, i);
+        let mut row = String::new();
+        mape_row(&mut row, &t.setup, &mine)?;
         writeln!(
             md,
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {} |",
-            t.setup,
-            t.groups,
-            mape(0),
-            mape(1),
-            mape(2),
+            "{} {} |",
+            row.trim_end(),
             super::paper::host_label(t.host)
         )?;
     }
-    writeln!(md, "\n## By group length (MAPE %)\n")?;
+    writeln!(md, "\n## By group length (%)\n")?;
     writeln!(
         md,
         "Single-stage groups involve no fusion: legion predicts them from the samples of \
          that very stage, so its error there is the repeatability of two measurements of \
-         the same work on this host.\n"
+         the same work on this host. *legion bias*: the mean of (predicted - measured) / \
+         measured, positive where legion predicts too slow; near zero where its errors \
+         are noise rather than a missing term.\n"
     )?;
-    writeln!(md, "| stages | groups | legion | affine | aofl |")?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    mape_header(&mut md, "stages", "groups")?;
     for (label, lo, hi) in LENGTHS {
         let mine: Vec<&Case> = cases
             .iter()
@@ -347,9 +432,8 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
         }
         mape_row(&mut md, label, &mine)?;
     }
-    writeln!(md, "\n## By device option (MAPE %)\n")?;
-    writeln!(md, "| option | choices | legion | affine | aofl |")?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    writeln!(md, "\n## By device option (%)\n")?;
+    mape_header(&mut md, "option", "choices")?;
     for (label, ran) in [
         ("whole on one board", Ran::Whole),
         ("split by rows", Ran::Rows),
@@ -360,6 +444,15 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
             continue;
         }
         mape_row(&mut md, label, &mine)?;
+        if ran == Ran::Rows {
+            let most = mine.iter().map(|c| c.strips).max().unwrap_or(0);
+            for k in 2..=most {
+                let over: Vec<&Case> = mine.iter().copied().filter(|c| c.strips == k).collect();
+                if !over.is_empty() {
+                    mape_row(&mut md, &format!("split by rows, {k} boards"), &over)?;
+                }
+            }
+        }
     }
     writeln!(md, "\n## Within and beyond the sampled rows\n")?;
     writeln!(
@@ -397,6 +490,25 @@ fn report(opts: &Options, cases: &[Case], timings: &[Timing]) -> Result<String> 
             mean_ape(&mine, 2)
         )?;
     }
+    writeln!(md, "\n## The same work measured twice\n")?;
+    writeln!(
+        md,
+        "In FSS's steps that split one stage by rows, every pair of boards of one class \
+         given as many rows: how much longer the slower of the two computed, on the \
+         emulated clock (strips under {:.0} ms left out). The rows of a stage cost alike \
+         wherever they lie, so this is the emulated clock's own spread on one piece of \
+         work measured at one time, a floor under the errors of predicted row splits \
+         (a step's time is its slowest board's).\n",
+        TWIN_MIN_US as f64 / 1e3
+    )?;
+    writeln!(md, "| setup | pairs | median % | p90 % | max % |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    let mut all = vec![];
+    for t in timings {
+        twin_row(&mut md, &t.setup, &t.twins)?;
+        all.extend(&t.twins);
+    }
+    twin_row(&mut md, "all", &all)?;
     for (i, p) in Predictor::ALL.iter().enumerate() {
         writeln!(md, "\n## Ten worst choices, {p}\n")?;
         writeln!(
