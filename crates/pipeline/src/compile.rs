@@ -435,7 +435,14 @@ pub fn compile(
         Search::NoFusion | Search::OneBlock => 0,
     };
     let streamed = match predicted_programs && rounds > 0 {
-        true => times.time("fusion", || balanced_flcs(&table, rounds))?,
+        true => {
+            let found = times.time("fusion", || balanced_flcs(&table, rounds))?;
+            times.note(format!(
+                "search for a stream: {} distinct FLCs in {rounds} rounds",
+                found.len()
+            ));
+            found
+        }
         false => vec![],
     };
     let streamed: Vec<Flc> = streamed
