@@ -677,3 +677,63 @@ fn baselines_compile_through_the_same_passes() {
         }
     }
 }
+
+/// A latency compile with boards running their programs adds the FLC searched for a
+/// stream only when it is predicted faster than the latency search's candidates:
+/// VGG-16 on firefly-0, firefly-1 and odroid-2 of the 3F+3O profile, where one is
+/// (docs/architecture.md, "FLCs for a stream"), and on all six boards, where none is.
+#[test]
+fn a_latency_compile_adds_the_flc_for_a_stream_only_when_predicted_faster() {
+    use legion_pipeline::{CompileOptions, PassTimes, StreamFlcs, boards_of};
+    let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
+    let text = std::fs::read_to_string("testdata/profiles/vgg16-3f3o.json").unwrap();
+    let profile = legion_plan::Profile::from_json(&text).unwrap();
+    let all =
+        legion_plan::Cluster::load(std::path::Path::new("testdata/clusters/3f3o.toml")).unwrap();
+    let mut three = all.clone();
+    three
+        .devices
+        .retain(|d| ["firefly-0", "firefly-1", "odroid-2"].contains(&d.name.as_str()));
+    for (cluster, faster) in [(&three, true), (&all, false)] {
+        let cut = boards_of(&profile, cluster).unwrap();
+        let candidates = |stream_flcs| {
+            let options = CompileOptions {
+                stream_flcs,
+                ..CompileOptions::legion("vgg16-3f3o.json")
+            };
+            let compiled = legion_pipeline::compile(
+                &ir,
+                &cut,
+                cluster,
+                &options,
+                None,
+                &mut PassTimes::default(),
+            )
+            .unwrap();
+            compiled.plan.unwrap()
+        };
+        let off = candidates(StreamFlcs::Off);
+        let on = candidates(StreamFlcs::Faster(legion_pipeline::STREAM_ROUNDS));
+        assert!(
+            off.candidates
+                .iter()
+                .all(|c| !c.name.starts_with("balanced-"))
+        );
+        let balanced: Vec<_> = on
+            .candidates
+            .iter()
+            .filter(|c| c.name.starts_with("balanced-"))
+            .collect();
+        let fastest_off = off.candidates.iter().map(|c| c.predicted_us).min().unwrap();
+        if faster {
+            assert_eq!(balanced.len(), 1, "one FLC for a stream joins");
+            assert!(balanced[0].predicted_us < fastest_off);
+            assert_eq!(on.chosen().name, balanced[0].name);
+        } else {
+            assert!(balanced.is_empty(), "none is predicted faster");
+            assert_eq!(on.chosen().name, off.chosen().name);
+        }
+        // The latency search's candidates are the same either way.
+        assert_eq!(on.candidates.len() - balanced.len(), off.candidates.len());
+    }
+}
