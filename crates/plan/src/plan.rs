@@ -32,8 +32,9 @@ pub struct Plan {
     /// (measured group times).
     pub costed_by: String,
     /// The candidate FLCs: the extracted one first, then its Wild Card if any, the
-    /// search under the other producers assumption if it differs, and in a throughput
-    /// compile the FLCs searched for a stream (`balanced-k`).
+    /// search under the other producers assumption if it differs, and the FLCs searched
+    /// for a stream (`balanced-k`): every one in a throughput compile, in a latency
+    /// compile the fastest when it is predicted faster than the others.
     pub candidates: Vec<Candidate>,
     /// Index of the candidate to run.
     pub chosen: usize,

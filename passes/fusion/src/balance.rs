@@ -5,8 +5,14 @@
 //! group is weighed by how loaded the last FLC left that board, and the weights move
 //! toward the busiest boards round after round (multiplicative weights).
 
+use crate::table::DeviceCost;
 use crate::{Cost, CostTable, Flc, FlcGroup, GroupCosts, search_dp};
 use anyhow::Result;
+
+/// A device's time in a group, µs: input, compute and output.
+fn busy_us(d: &DeviceCost) -> f64 {
+    d.in_us + d.compute_us + d.out_us
+}
 
 /// Per device of `table` (profile order), its time in every group of `flc`, µs: input,
 /// compute and output, as the table has them.
@@ -14,7 +20,7 @@ pub fn board_loads(table: &CostTable, flc: &Flc) -> Vec<f64> {
     let mut loads = vec![0.0; table.device_order().len()];
     for entry in flc.groups.iter().filter_map(|g| table.entry(*g)) {
         for d in &entry.devices {
-            loads[d.device.index()] += d.in_us + d.compute_us + d.out_us;
+            loads[d.device.index()] += busy_us(d);
         }
     }
     loads
@@ -71,7 +77,7 @@ impl GroupCosts for Weighed<'_> {
                 entry
                     .devices
                     .iter()
-                    .map(|d| self.weights[d.device.index()] * (d.in_us + d.compute_us + d.out_us))
+                    .map(|d| self.weights[d.device.index()] * busy_us(d))
                     .sum(),
             ),
             _ => Cost::INFINITY,
