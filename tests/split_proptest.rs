@@ -997,3 +997,23 @@ fn regression_space_to_depth_twice() {
         &[1, 1],
     );
 }
+
+/// Two branches leave the group at different heights (ShuffleNetV2's downsampling unit):
+/// a one-row strip of the 16-row branch owns no row of the 8-row one, so it neither
+/// computes nor sends any of it, nor receives what only that branch reads (its tile
+/// once sent an empty strip of a stage it left out).
+#[test]
+fn regression_a_thin_strip_owns_no_row_of_a_shorter_branch() {
+    check_model(
+        [1, 2, 16, 8],
+        |b, x| {
+            let p = b.conv("p", &x, Conv::new(2, 3));
+            let short = b.conv("short", &p, Conv::new(2, 3).stride(2));
+            let tall = b.conv("tall", &x, Conv::new(2, 1).pads([0; 4]));
+            let down = b.conv("down", &tall, Conv::new(2, 3).stride(2));
+            b.concat("cat", &[&short, &down])
+        },
+        (1, 2),
+        &[1, 15],
+    );
+}

@@ -16,7 +16,8 @@ pub struct TileSpec {
     pub inputs: Vec<TileInput>,
     /// Stages run, in topological order (stages with nothing to compute are left out).
     pub stages: Vec<TileStage>,
-    /// Strips sent, one per tensor leaving the group, in this order.
+    /// Strips sent, one per tensor leaving the group of which the tile computes rows,
+    /// in this order.
     pub outputs: Vec<TileOutput>,
     /// For a channel tile that flattens a tensor with rows into a matrix product (an FC
     /// head after its last pool): that tensor's rows in parts, in the order the device

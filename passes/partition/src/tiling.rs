@@ -484,15 +484,18 @@ impl<'a> GroupTiler<'a> {
     }
 }
 
-/// The tensors entering the group made of `stages` (consecutive, in order) and the
-/// strips of them the tiles read, in the group's input order ([`boundary`]).
+/// The tensors entering the group made of `stages` (consecutive, in order) that the
+/// tile's stages with rows to compute read, and the strips of them they read, in the
+/// group's input order ([`boundary`]).
 fn received(ir: &Ir, stages: &[StageInTile]) -> Vec<Received> {
     let Some(first) = stages.first().map(|t| t.stage) else {
         return vec![];
     };
     // (tensor, rows read, rows its readers would read alone)
     let mut entering: SmallVec<[(TensorRef, Rows, Rows); 4]> = SmallVec::new();
-    for t in stages {
+    // A thin strip may leave a branch of the group with nothing to compute: what only
+    // that branch reads is not received.
+    for t in stages.iter().filter(|t| !t.computed.is_empty()) {
         let stage = ir.stage(t.stage);
         for (i, r) in stage.inputs.iter().enumerate() {
             let outside = match r {
@@ -576,9 +579,12 @@ impl TileView<'_> {
                     summed: false,
                 })
                 .collect(),
+            // A short tensor leaving the group besides its last stage may have none of
+            // its rows scaled to a thin strip: the tile sends nothing of it.
             outputs: self
                 .sent
                 .iter()
+                .filter(|(_, rows)| !rows.is_empty())
                 .map(|(stage, rows)| TileOutput {
                     stage: *stage,
                     rows: *rows,
