@@ -737,3 +737,103 @@ fn a_latency_compile_adds_the_flc_for_a_stream_only_when_predicted_faster() {
         assert_eq!(on.candidates.len() - balanced.len(), off.candidates.len());
     }
 }
+
+/// A throughput compile spreads each FLC for a stream over alike boards
+/// (docs/architecture.md, "Spreading a stream over alike boards"): VGG-16 on the
+/// 4-Firefly profile with its boards made alike (device 0's samples for all, profiled
+/// as one). Each `balanced-k-spread` runs its twin `balanced-k`'s groups, each on as
+/// many boards, and its busiest board works less; where the boards are not alike, no
+/// FLC is spread.
+#[test]
+fn a_throughput_compile_spreads_the_flcs_for_a_stream_over_alike_boards() {
+    use legion_pipeline::{CompileOptions, PassTimes, STREAM_ROUNDS, StreamFlcs};
+    use std::collections::{BTreeSet, HashMap};
+    let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
+    let text = std::fs::read_to_string("testdata/profiles/vgg16-firefly-x4.json").unwrap();
+    let measured = legion_plan::Profile::from_json(&text).unwrap();
+    let cluster =
+        legion_plan::Cluster::load(std::path::Path::new("testdata/clusters/firefly-x4.toml"))
+            .unwrap();
+    let mut alike = measured.clone();
+    let names: Vec<String> = alike.devices.iter().map(|d| d.name.clone()).collect();
+    let first = alike.devices[0].clone();
+    for d in &mut alike.devices {
+        d.gflops = first.gflops;
+        d.link = first.link;
+        d.probes = first.probes.clone();
+        d.profiled_with = names.iter().filter(|n| **n != d.name).cloned().collect();
+    }
+    for st in &mut alike.stages {
+        for samples in [&mut st.samples, &mut st.channel_samples] {
+            if let Some(own) = samples.first().cloned() {
+                samples.iter_mut().for_each(|s| *s = own.clone());
+            }
+        }
+    }
+    let compiled = |profile: &legion_plan::Profile| {
+        let options = CompileOptions {
+            stream_flcs: StreamFlcs::All(STREAM_ROUNDS),
+            ..CompileOptions::legion("vgg16-firefly-x4.json")
+        };
+        legion_pipeline::compile(
+            &ir,
+            profile,
+            &cluster,
+            &options,
+            None,
+            &mut PassTimes::default(),
+        )
+        .unwrap()
+        .plan
+        .unwrap()
+    };
+    // Per board, its time in every group (input, compute, output), µs.
+    let busiest = |c: &legion_plan::Candidate| {
+        let mut loads: HashMap<&str, u64> = HashMap::new();
+        for t in c.groups.iter().flat_map(|g| &g.tiles) {
+            *loads.entry(t.device.as_str()).or_default() += t.in_us + t.compute_us + t.out_us;
+        }
+        loads.into_values().max().unwrap()
+    };
+    let boards = |g: &legion_plan::PlanGroup| -> BTreeSet<String> {
+        g.tiles.iter().map(|t| t.device.clone()).collect()
+    };
+    let plan = compiled(&alike);
+    let spread: Vec<_> = plan
+        .candidates
+        .iter()
+        .filter(|c| c.name.ends_with("-spread"))
+        .collect();
+    assert!(!spread.is_empty(), "some FLC for a stream is spread");
+    for s in spread {
+        let twin_name = s.name.trim_end_matches("-spread");
+        let twin = plan
+            .candidates
+            .iter()
+            .find(|c| c.name == twin_name)
+            .unwrap();
+        assert_eq!(s.groups.len(), twin.groups.len(), "{}", s.name);
+        for (a, b) in s.groups.iter().zip(&twin.groups) {
+            assert_eq!((a.first, a.last), (b.first, b.last), "{}", s.name);
+            assert_eq!(boards(a).len(), boards(b).len(), "{}", s.name);
+        }
+        assert!(
+            s.groups
+                .iter()
+                .zip(&twin.groups)
+                .any(|(a, b)| boards(a) != boards(b)),
+            "{} moves a group",
+            s.name
+        );
+        assert!(
+            busiest(s) < busiest(twin),
+            "{}: busiest board {} µs against {} under {twin_name}",
+            s.name,
+            busiest(s),
+            busiest(twin)
+        );
+    }
+    // Boards profiled each on their own are not alike: nothing is spread.
+    let plan = compiled(&measured);
+    assert!(plan.candidates.iter().all(|c| !c.name.ends_with("-spread")));
+}

@@ -7,8 +7,8 @@ use anyhow::{Context, Result, ensure};
 use legion_codegen::{Chosen, candidate, plan, predict_programs};
 use legion_cost::{CostModel, Predictor, Producers};
 use legion_fusion::{
-    CostTable, EggStats, Flc, FlcGroup, GroupCosts, Legality, Placement, WildCard, balanced_flcs,
-    search_egg, wild_card,
+    Boards, CostTable, EggStats, Flc, FlcGroup, GroupCosts, Legality, Placement, WildCard, alike,
+    balanced_flcs, search_egg, spread, wild_card,
 };
 use legion_ir::Ir;
 use legion_partition::Group;
@@ -88,8 +88,9 @@ pub enum StreamFlcs {
     /// From this many rounds, the one predicted fastest one frame at a time when it is
     /// faster than every other candidate (a latency compile).
     Faster(usize),
-    /// Every distinct one from this many rounds (a throughput compile predicts each in
-    /// a stream).
+    /// Every distinct one from this many rounds, each also spread over alike boards
+    /// as `balanced-k-spread` where that moves a group (`legion_fusion::spread`; a
+    /// throughput compile predicts each in a stream).
     All(usize),
 }
 
@@ -374,9 +375,11 @@ pub fn compile(
         rows_only: options.rows_only,
         ..Legality::of_cluster(cluster)
     };
-    let build = |table: &CostTable, flc: &Flc, name: &str| -> Result<Candidate> {
+    let build_on = |table: &CostTable, flc: &Flc, boards: Option<&Boards>, name: &str| {
         let placed = match &programs {
-            Some(model) => Placement::holding(ir, model, options.predictor, &legality, table, flc)?,
+            Some(model) => {
+                Placement::holding(ir, model, options.predictor, &legality, table, flc, boards)?
+            }
             None => Placement::from_table(table, flc)?,
         };
         let mut c = candidate(ir, &placed, &names, name, sub_strips)?;
@@ -384,8 +387,9 @@ pub fn compile(
             let links = program_links(model, profile, &c)?;
             predict_programs(ir, &mut c, &links)?;
         }
-        Ok(c)
+        Ok::<_, anyhow::Error>(c)
     };
+    let build = |table: &CostTable, flc: &Flc, name: &str| build_on(table, flc, None, name);
 
     let mut searched = vec![];
     for (producers, table, costed_by) in tables {
@@ -473,8 +477,15 @@ pub fn compile(
         }
         let fastest_before = c.iter().map(|c| c.predicted_us).min();
         let mut balanced = vec![];
+        let alike = alike(profile);
         for (k, b) in streamed.iter().enumerate() {
             balanced.push(build(&table, b, &format!("balanced-{}", k + 1))?);
+            if let (StreamFlcs::All(_), Some(boards)) =
+                (options.stream_flcs, spread(&table, b, &alike))
+            {
+                let name = format!("balanced-{}-spread", k + 1);
+                balanced.push(build_on(&table, b, Some(&boards), &name)?);
+            }
         }
         if let StreamFlcs::Faster(_) = options.stream_flcs {
             balanced.sort_by_key(|b| b.predicted_us);

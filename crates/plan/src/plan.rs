@@ -33,7 +33,8 @@ pub struct Plan {
     pub costed_by: String,
     /// The candidate FLCs: the extracted one first, then its Wild Card if any, the
     /// search under the other producers assumption if it differs, and the FLCs searched
-    /// for a stream (`balanced-k`): every one in a throughput compile, in a latency
+    /// for a stream (`balanced-k`): every one in a throughput compile, with each spread
+    /// over alike boards (`balanced-k-spread`) where that moves a group; in a latency
     /// compile the fastest when it is predicted faster than the others.
     pub candidates: Vec<Candidate>,
     /// Index of the candidate to run.
@@ -46,7 +47,7 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// `extracted` (or the baseline's name), `wild-card`, `extracted-...` (the other
-    /// producers assumption) or `balanced-k`.
+    /// producers assumption), `balanced-k` or `balanced-k-spread`.
     pub name: String,
     /// The sum of the groups' predicted times, µs.
     pub predicted_us: u64,

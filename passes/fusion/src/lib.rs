@@ -15,7 +15,8 @@
 //! raises the cost least. [`Flc::no_fusion`] and [`Flc::one_block`] build the paper's
 //! baselines on the same table. [`Placement`] makes an FLC concrete: the strips each
 //! group runs, cut again in order when boards run their programs. [`balanced_flcs`]
-//! searches FLCs for a stream of frames, where the busiest board bounds the rate.
+//! searches FLCs for a stream of frames, where the busiest board bounds the rate, and
+//! [`spread`] moves their groups onto alike boards so that every board works.
 
 mod balance;
 mod baselines;
@@ -26,7 +27,7 @@ mod rules;
 mod table;
 mod wildcard;
 
-pub use balance::{balanced_flcs, board_loads};
+pub use balance::{Boards, alike, balanced_flcs, board_loads, spread};
 pub use cost::Cost;
 pub use dp::search_dp;
 pub use place::Placement;

@@ -8,7 +8,7 @@
 //! tracking the rows every device holds, and cuts each split group again so that its
 //! strips line up with them; its predictions are the plan's.
 
-use crate::{Cost, CostTable, DeviceCost, Entry, Flc, FlcGroup, Legality};
+use crate::{Boards, Cost, CostTable, DeviceCost, Entry, Flc, FlcGroup, Legality};
 use anyhow::{Context, Result};
 use legion_cost::{CostModel, Holdings, Predictor};
 use legion_ir::{Ir, Rows, TensorRef};
@@ -45,7 +45,8 @@ impl Placement {
     /// rows every device holds after the groups before it; each whole group on the
     /// table's device, receiving what that device lacks. A split group keeps the
     /// table's strips when they are predicted no slower given what the devices hold, or
-    /// when the new tiles would not fit `legality`.
+    /// when the new tiles would not fit `legality`. With `boards`, each group runs on
+    /// the boards it gives in place of the table's devices ([`crate::spread`]).
     pub fn holding(
         ir: &Ir,
         model: &CostModel,
@@ -53,10 +54,24 @@ impl Placement {
         legality: &Legality,
         table: &CostTable,
         flc: &Flc,
+        boards: Option<&Boards>,
     ) -> Result<Placement> {
         let mut held = Holdings::default();
         let mut groups = vec![];
-        for (choice, entry) in Placement::from_table(table, flc)?.groups {
+        for (g, (choice, mut entry)) in Placement::from_table(table, flc)?
+            .groups
+            .into_iter()
+            .enumerate()
+        {
+            let on = |d: DeviceId| boards.map_or(d, |b| b.board(g, d));
+            entry
+                .devices
+                .iter_mut()
+                .for_each(|d| d.device = on(d.device));
+            let devices: Vec<DeviceId> = table.device_order()[..choice.devices]
+                .iter()
+                .map(|&d| on(d))
+                .collect();
             let group = Group::new(choice.first, choice.last);
             if entry.whole {
                 let d = entry.devices[0].device;
@@ -82,15 +97,14 @@ impl Placement {
                 groups.push((
                     choice,
                     place_channels(
-                        ir, model, predictor, legality, table, &mut held, choice, &entry,
+                        ir, model, predictor, legality, &devices, &mut held, choice, &entry,
                     )?,
                 ));
                 continue;
             }
-            let devices = &table.device_order()[..choice.devices];
             let table_strips: Vec<_> = entry.devices.iter().map(|d| (d.device, d.strip)).collect();
             let shares = model
-                .shares_holding(predictor, group, devices, &held)
+                .shares_holding(predictor, group, &devices, &held)
                 .with_context(|| format!("placing group {choice}"))?;
             let cut =
                 |strips: &[(DeviceId, Rows)]| strips.iter().map(|(_, r)| *r).collect::<Vec<_>>();
@@ -137,21 +151,20 @@ impl Placement {
 }
 
 /// A group split by channels placed given what the devices hold (`held`, updated with
-/// what they hold after it): min-max channel shares over its option's devices, or the
-/// table's when those are predicted no slower or the new tiles would not fit.
+/// what they hold after it): min-max channel shares over its option's `devices`, or
+/// the table's when those are predicted no slower or the new tiles would not fit.
 #[allow(clippy::too_many_arguments)]
 fn place_channels(
     ir: &Ir,
     model: &CostModel,
     predictor: Predictor,
     legality: &Legality,
-    table: &CostTable,
+    devices: &[DeviceId],
     held: &mut Holdings,
     choice: FlcGroup,
     entry: &Entry,
 ) -> Result<Entry> {
     let group = Group::new(choice.first, choice.last);
-    let devices = &table.device_order()[..choice.devices];
     let table_shares: Vec<(DeviceId, Rows)> =
         entry.devices.iter().map(|d| (d.device, d.strip)).collect();
     let shares = model

@@ -265,8 +265,16 @@ fn placement_lines_strips_up_with_the_rows_the_devices_hold() {
         ],
     );
     assert!(flc.is_valid(&table), "{flc}");
-    let placed =
-        Placement::holding(&ir, &model, Predictor::Legion, &legality, &table, &flc).unwrap();
+    let placed = Placement::holding(
+        &ir,
+        &model,
+        Predictor::Legion,
+        &legality,
+        &table,
+        &flc,
+        None,
+    )
+    .unwrap();
     assert_eq!(
         placed.groups.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
         flc.groups

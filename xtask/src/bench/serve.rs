@@ -581,7 +581,8 @@ fn report(setups: &[Setup], opts: &Options) -> Result<String> {
         md,
         "\nThe sub-clusters (boards, depth, frames run, candidate: `extracted` the FLC \
          searched for latency, `wild-card` its Wild Card, `extracted-...` the search under \
-         the other producers assumption, `balanced-k` the k-th FLC searched for a stream):\n"
+         the other producers assumption, `balanced-k` the k-th FLC searched for a stream, \
+         `balanced-k-spread` it on other boards of the same class):\n"
     )?;
     for s in setups {
         writeln!(
