@@ -678,6 +678,21 @@ fn baselines_compile_through_the_same_passes() {
     }
 }
 
+/// `model` imported, with the committed profile and cluster file of `cluster`
+/// (testdata/profiles/MODEL-CLUSTER.json, testdata/clusters/CLUSTER.toml), for
+/// compiling in process.
+fn committed_setup(
+    model_name: &str,
+    cluster: &str,
+) -> (legion_ir::Ir, legion_plan::Profile, legion_plan::Cluster) {
+    let ir = legion_ir::import(std::path::Path::new(&model(model_name)), None).unwrap();
+    let path = format!("testdata/profiles/{model_name}-{cluster}.json");
+    let profile = legion_plan::Profile::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let file = format!("testdata/clusters/{cluster}.toml");
+    let cluster = legion_plan::Cluster::load(std::path::Path::new(&file)).unwrap();
+    (ir, profile, cluster)
+}
+
 /// A latency compile with boards running their programs adds the FLC searched for a
 /// stream only when it is predicted faster than the latency search's candidates:
 /// VGG-16 on firefly-0, firefly-1 and odroid-2 of the 3F+3O profile, where one is
@@ -685,11 +700,7 @@ fn baselines_compile_through_the_same_passes() {
 #[test]
 fn a_latency_compile_adds_the_flc_for_a_stream_only_when_predicted_faster() {
     use legion_pipeline::{CompileOptions, PassTimes, StreamFlcs, boards_of};
-    let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
-    let text = std::fs::read_to_string("testdata/profiles/vgg16-3f3o.json").unwrap();
-    let profile = legion_plan::Profile::from_json(&text).unwrap();
-    let all =
-        legion_plan::Cluster::load(std::path::Path::new("testdata/clusters/3f3o.toml")).unwrap();
+    let (ir, profile, all) = committed_setup("vgg16", "3f3o");
     let mut three = all.clone();
     three
         .devices
@@ -748,12 +759,7 @@ fn a_latency_compile_adds_the_flc_for_a_stream_only_when_predicted_faster() {
 fn a_throughput_compile_spreads_the_flcs_for_a_stream_over_alike_boards() {
     use legion_pipeline::{CompileOptions, PassTimes, STREAM_ROUNDS, StreamFlcs};
     use std::collections::{BTreeSet, HashMap};
-    let ir = legion_ir::import(std::path::Path::new(&model("vgg16")), None).unwrap();
-    let text = std::fs::read_to_string("testdata/profiles/vgg16-firefly-x4.json").unwrap();
-    let measured = legion_plan::Profile::from_json(&text).unwrap();
-    let cluster =
-        legion_plan::Cluster::load(std::path::Path::new("testdata/clusters/firefly-x4.toml"))
-            .unwrap();
+    let (ir, measured, cluster) = committed_setup("vgg16", "firefly-x4");
     let mut alike = measured.clone();
     let names: Vec<String> = alike.devices.iter().map(|d| d.name.clone()).collect();
     let first = alike.devices[0].clone();
